@@ -1,0 +1,30 @@
+// Causal depthwise conv1d (+ optional bias and SiLU): forward, backward, single-token update.
+// Channel-last: x, y: (B, L, D); weight: (D, K) (the checkpoint's (D, 1, K) reshaped);
+// bias: (D) optional.  y[b,t,d] = act(bias[d] + sum_k weight[d,k] * x[b, t-K+1+k, d]),
+// with x = 0 before t = 0 (or taken from an initial conv_state).
+// conv_state: (B, D, K), mamba_ssm's layout: the last K inputs, oldest first.
+#pragma once
+#include "mamba/tensor.h"
+
+namespace mamba::ops {
+
+Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu);
+struct Conv1dGrads {
+  Tensor dx, dweight, dbias;  // dbias undefined when bias is
+};
+// Gradients of sum(y * dy), fresh tensors.
+Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                              const Tensor& dy);
+// Naive references (plain loops, double accumulation).
+Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu);
+Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                  bool silu, const Tensor& dy);
+
+// One decode step: shifts conv_state (B, D, K) left, appends x (B, D), returns y (B, D).
+Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& weight,
+                            const Tensor& bias, bool silu);
+// The conv_state a prefill over x (B, L, D) leaves: the last K inputs, zero-padded on the left
+// when L < K. Writes conv_state (B, D, K).
+void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state);
+
+}  // namespace mamba::ops

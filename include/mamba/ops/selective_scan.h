@@ -1,0 +1,48 @@
+// Selective scan (Mamba-1): forward, backward, single-token step and the naive reference.
+// Semantics of mamba_ssm's selective_scan_ref / selective_state_update_ref; memory layout is
+// channel-last (see docs/ARCHITECTURE.md: the layer never transposes and the kernel
+// vectorises across D).
+//
+//   u, delta, z, out : (B, L, D)
+//   A                : (D, N)
+//   B, C             : (D, N) "const" | (B, L, N) "var" | (B, L, G, N) "group"
+//                      (group g serves channels [g*D/G, (g+1)*D/G))
+//   D (skip), delta_bias : (D)
+//   initial_state, last_state : (B, D, N)
+//
+//   dt    = softplus?(delta + delta_bias)                 (B, L, D)
+//   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     (B, D, N)
+//   out_t = <h_t, C_t> + D * u_t;   out_t *= silu(z_t) if z
+#pragma once
+#include "mamba/tensor.h"
+
+namespace mamba::ops {
+
+struct ScanArgs {
+  Tensor u, delta, A, B, C;
+  Tensor D, z, delta_bias, initial_state;  // optional: leave undefined when absent
+  bool delta_softplus = false;
+};
+
+struct ScanGrads {  // each defined iff the matching input is defined
+  Tensor du, ddelta, dA, dB, dC, dD, dz, ddelta_bias, dinitial_state;
+};
+
+// Validates shapes (throws mamba::Error naming the tensor) and returns out (B, L, D).
+// If last_state is not null it receives the state after the last step, (B, D, N).
+Tensor selective_scan_fwd(const ScanArgs& a, Tensor* last_state = nullptr);
+// Gradients of sum(out * dout), fresh tensors (nothing accumulated).
+ScanGrads selective_scan_bwd(const ScanArgs& a, const Tensor& dout);
+
+// Naive references: plain loops, accumulating in double. The readable spec and test oracle.
+Tensor selective_scan_ref(const ScanArgs& a, Tensor* last_state = nullptr);
+ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout);
+
+// One decode step (selective_state_update): state (B, D, N) is updated in place.
+//   x, dt, z: (B, D); A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D) optional.
+// Returns y (B, D).
+Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                              const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
+                              const Tensor& dt_bias, bool dt_softplus);
+
+}  // namespace mamba::ops

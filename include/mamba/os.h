@@ -1,0 +1,21 @@
+// The only place that touches the operating system's file APIs, so the rest stays portable.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace mamba::os {
+
+// Reads a whole file; throws mamba::Error naming the path on failure or when it exceeds max_bytes.
+std::vector<uint8_t> read_file(const std::string& path, uint64_t max_bytes = (1ull << 40));
+uint64_t file_size(const std::string& path);  // throws if missing
+bool exists(const std::string& path);
+// Writes atomically: a temporary file in the same folder, flushed to disk (fsync), then
+// renamed over `path`. A crash leaves either the old file or the new one, never half of one.
+void write_file_atomic(const std::string& path, const void* data, size_t size);
+void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts);
+// Peak resident memory of this process in bytes (0 where unknown).
+uint64_t peak_rss_bytes();
+uint64_t current_rss_bytes();
+
+}  // namespace mamba::os

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs the Debian packages mamba.cpp needs, only those that are missing.
+# Needs root (or sudo). Safe to run again: it does nothing when all are present.
+set -euo pipefail
+PKGS=(g++ cmake make libopenblas-dev libopenblas0-openmp libhwy-dev nlohmann-json3-dev
+      libcli11-dev libgtest-dev libutf8proc-dev)
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  echo "install-deps: all ${#PKGS[@]} packages present"
+  exit 0
+fi
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+echo "install-deps: installing ${missing[*]}"
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -1,0 +1,20 @@
+// mambacpp info: what this build uses (BLAS, threads, SIMD target).
+#include <cstdio>
+
+#include "cli/commands.h"
+#include "mamba/gemm.h"
+#include "mamba/parallel.h"
+#include "mamba/simd.h"
+
+namespace mamba::cli {
+
+Command add_info(CLI::App& app) {
+  auto* sub = app.add_subcommand("info", "Print the build's GEMM, SIMD target and thread count");
+  return {sub, [] {
+            std::printf("mamba.cpp 0.1.0\nGEMM: %s\nSIMD: %s\nthreads: %d\n", blas_name(),
+                        simd_target_name(), num_threads());
+            return 0;
+          }};
+}
+
+}  // namespace mamba::cli

@@ -1,0 +1,20 @@
+// Each `mambacpp <command>` lives in its own file and registers itself here.
+// The CLI holds no math: it parses flags (CLI11, declared once) and calls the library.
+#pragma once
+#include <CLI/CLI.hpp>
+#include <functional>
+
+namespace mamba::cli {
+
+// Adds the subcommand to `app`; the returned callback runs it (after parsing) and returns
+// the process exit code.
+using Runner = std::function<int()>;
+struct Command {
+  CLI::App* sub;
+  Runner run;
+};
+
+Command add_info(CLI::App& app);
+Command add_shapes(CLI::App& app);
+
+}  // namespace mamba::cli

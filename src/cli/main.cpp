@@ -1,0 +1,33 @@
+// mambacpp: one executable, one subcommand per file (see commands.h).
+#include <cstdio>
+#include <exception>
+#include <vector>
+
+#include "cli/commands.h"
+#include "mamba/error.h"
+
+int main(int argc, char** argv) {
+  CLI::App app{"mambacpp: Mamba selective state-space models (Mamba-1, Mamba-2) on the CPU"};
+  app.require_subcommand(1);
+  app.set_version_flag("--version", "mamba.cpp 0.1.0");
+  std::vector<mamba::cli::Command> cmds{
+      mamba::cli::add_info(app),
+      mamba::cli::add_shapes(app),
+  };
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  try {
+    for (auto& c : cmds)
+      if (c.sub->parsed()) return c.run();
+  } catch (const mamba::Error& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "error: %s\n", e.what());
+    return 1;
+  }
+  return 0;
+}

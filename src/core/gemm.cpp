@@ -1,0 +1,73 @@
+#include "mamba/gemm.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "mamba/error.h"
+#include "mamba/parallel.h"
+
+#ifdef MAMBA_HAVE_CBLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+#endif
+
+namespace mamba {
+
+const char* blas_name() { return MAMBA_BLAS_KIND; }
+
+namespace detail {
+void set_blas_threads(int n) {
+#ifdef MAMBA_HAVE_CBLAS
+  if (openblas_set_num_threads) openblas_set_num_threads(n);
+#else
+  (void)n;
+#endif
+}
+}  // namespace detail
+
+#ifndef MAMBA_HAVE_CBLAS
+namespace {
+// Fallback: C = alpha*op(A)op(B) + beta*C with rows of C split across threads.
+void gemm_builtin(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                  int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  parallel_for(M, 4, [&](int64_t m0, int64_t m1) {
+    std::vector<float> acc(static_cast<size_t>(N));
+    for (int64_t m = m0; m < m1; ++m) {
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t k = 0; k < K; ++k) {
+        float a = ta ? A[k * lda + m] : A[m * lda + k];
+        if (a == 0.f) continue;
+        if (!tb) {
+          const float* b = B + k * ldb;
+          for (int64_t n = 0; n < N; ++n) acc[n] += a * b[n];
+        } else {
+          for (int64_t n = 0; n < N; ++n) acc[n] += a * B[n * ldb + k];
+        }
+      }
+      float* c = C + m * ldc;
+      for (int64_t n = 0; n < N; ++n) c[n] = alpha * acc[n] + (beta == 0.f ? 0.f : beta * c[n]);
+    }
+  });
+}
+}  // namespace
+#endif
+
+void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+          int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm: negative size M=", M, " N=", N, " K=", K);
+  if (M == 0 || N == 0) return;
+  if (K == 0) {
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = beta == 0.f ? 0.f : beta * C[m * ldc + n];
+    return;
+  }
+#ifdef MAMBA_HAVE_CBLAS
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
+              static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+#else
+  gemm_builtin(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+#endif
+}
+
+}  // namespace mamba

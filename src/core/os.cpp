@@ -1,0 +1,121 @@
+#include "mamba/os.h"
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "mamba/error.h"
+
+#if defined(_WIN32)
+#include <io.h>
+#include <windows.h>
+#include <psapi.h>
+#else
+#include <fcntl.h>
+#include <sys/resource.h>
+#include <unistd.h>
+#endif
+
+namespace mamba::os {
+
+bool exists(const std::string& path) { return std::filesystem::exists(path); }
+
+uint64_t file_size(const std::string& path) {
+  std::error_code ec;
+  auto n = std::filesystem::file_size(path, ec);
+  MAMBA_CHECK(!ec, "cannot read '", path, "': ", ec.message());
+  return n;
+}
+
+std::vector<uint8_t> read_file(const std::string& path, uint64_t max_bytes) {
+  std::error_code ec;
+  MAMBA_CHECK(!std::filesystem::is_directory(path, ec), "'", path, "' is a directory, not a file");
+  uint64_t n = file_size(path);
+  MAMBA_CHECK(n <= max_bytes, "'", path, "' is ", n, " bytes, more than the limit of ", max_bytes);
+  std::ifstream f(path, std::ios::binary);
+  MAMBA_CHECK(f.good(), "cannot open '", path, "': ", std::strerror(errno));
+  std::vector<uint8_t> buf(static_cast<size_t>(n));
+  if (n) f.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(n));
+  MAMBA_CHECK(f.gcount() == static_cast<std::streamsize>(n), "short read from '", path, "'");
+  return buf;
+}
+
+void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
+  std::filesystem::path p(path);
+  std::string tmp = path + ".tmp";
+#if defined(_WIN32)
+  {
+    std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
+    MAMBA_CHECK(f.good(), "cannot write '", tmp, "'");
+    for (auto& [d, n] : parts) f.write(static_cast<const char*>(d), static_cast<std::streamsize>(n));
+    f.flush();
+    MAMBA_CHECK(f.good(), "write to '", tmp, "' failed");
+  }
+  MAMBA_CHECK(MoveFileExA(tmp.c_str(), path.c_str(), MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH),
+              "cannot rename '", tmp, "' to '", path, "'");
+#else
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  MAMBA_CHECK(fd >= 0, "cannot write '", tmp, "': ", std::strerror(errno));
+  for (auto& [d, n] : parts) {
+    const char* c = static_cast<const char*>(d);
+    size_t left = n;
+    while (left > 0) {
+      ssize_t w = ::write(fd, c, left);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) {
+        int e = errno;
+        ::close(fd);
+        std::remove(tmp.c_str());
+        throw Error(str("write to '", tmp, "' failed: ", std::strerror(e)));
+      }
+      c += w, left -= static_cast<size_t>(w);
+    }
+  }
+  if (::fsync(fd) != 0 || ::close(fd) != 0) {
+    std::remove(tmp.c_str());
+    throw Error(str("cannot flush '", tmp, "': ", std::strerror(errno)));
+  }
+  MAMBA_CHECK(std::rename(tmp.c_str(), path.c_str()) == 0, "cannot rename '", tmp, "' to '", path,
+              "': ", std::strerror(errno));
+  // Make the rename itself durable.
+  std::string dir = p.has_parent_path() ? p.parent_path().string() : std::string(".");
+  int dfd = ::open(dir.c_str(), O_RDONLY);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+#endif
+}
+
+void write_file_atomic(const std::string& path, const void* data, size_t size) {
+  write_file_atomic(path, {{data, size}});
+}
+
+uint64_t peak_rss_bytes() {
+#if defined(_WIN32)
+  PROCESS_MEMORY_COUNTERS pmc;
+  if (GetProcessMemoryInfo(GetCurrentProcess(), &pmc, sizeof(pmc))) return pmc.PeakWorkingSetSize;
+  return 0;
+#else
+  struct rusage ru;
+  if (getrusage(RUSAGE_SELF, &ru) != 0) return 0;
+#if defined(__APPLE__)
+  return static_cast<uint64_t>(ru.ru_maxrss);
+#else
+  return static_cast<uint64_t>(ru.ru_maxrss) * 1024;
+#endif
+#endif
+}
+
+uint64_t current_rss_bytes() {
+#if defined(__linux__)
+  std::ifstream f("/proc/self/statm");
+  uint64_t pages = 0, resident = 0;
+  if (f >> pages >> resident) return resident * static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+#endif
+  return 0;
+}
+
+}  // namespace mamba::os

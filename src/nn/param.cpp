@@ -1,0 +1,70 @@
+#include "mamba/nn/param.h"
+
+#include "mamba/safetensors.h"
+
+namespace mamba {
+
+Tensor ParamList::add(const std::string& name, Shape shape, bool no_weight_decay) {
+  MAMBA_CHECK(!has(name), "parameter '", name, "' declared twice");
+  Param p;
+  p.name = name;
+  p.value = Tensor(shape);
+  p.grad = Tensor(std::move(shape));
+  p.no_weight_decay = no_weight_decay;
+  params_.push_back(p);
+  return p.value;
+}
+
+bool ParamList::has(const std::string& name) const {
+  for (const auto& p : params_)
+    if (p.name == name) return true;
+  return false;
+}
+
+Param& ParamList::get(const std::string& name) {
+  for (auto& p : params_)
+    if (p.name == name) return p;
+  throw Error(str("no parameter named '", name, "'"));
+}
+
+const Param& ParamList::get(const std::string& name) const {
+  return const_cast<ParamList*>(this)->get(name);
+}
+
+int64_t ParamList::count() const {
+  int64_t n = 0;
+  for (const auto& p : params_) n += p.value.numel();
+  return n;
+}
+
+void ParamList::zero_grad() {
+  for (auto& p : params_) p.grad.zero();
+}
+
+void ParamList::load(const SafetensorsFile& f, const std::string& prefix) {
+  for (auto& p : params_) p.value.copy_from(f.tensor(prefix + p.name, p.value.shape()));
+}
+
+void ParamList::load(const std::map<std::string, Tensor>& tensors, const std::string& prefix) {
+  for (auto& p : params_) {
+    auto it = tensors.find(prefix + p.name);
+    MAMBA_CHECK(it != tensors.end(), "missing tensor '", prefix + p.name, "'");
+    MAMBA_CHECK(it->second.shape() == p.value.shape(), "tensor '", prefix + p.name, "' has shape ",
+                it->second.shape_str(), ", expected ", p.value.shape_str());
+    p.value.copy_from(it->second);
+  }
+}
+
+std::vector<std::pair<std::string, Tensor>> ParamList::named(const std::string& prefix) const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& p : params_) out.emplace_back(prefix + p.name, p.value);
+  return out;
+}
+
+std::vector<std::pair<std::string, Tensor>> ParamList::named_grads(const std::string& prefix) const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& p : params_) out.emplace_back(prefix + p.name, p.grad);
+  return out;
+}
+
+}  // namespace mamba

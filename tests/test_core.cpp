@@ -1,0 +1,179 @@
+// Core: tensor views and shape checks, GEMM against a naive loop, parallel_for coverage,
+// safetensors round trip and hostile files, atomic writes.
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+
+#include "mamba/gemm.h"
+#include "mamba/parallel.h"
+#include "test_util.h"
+
+using namespace mamba;
+
+TEST(Tensor, ViewsShareStorageAndCheckBounds) {
+  Tensor t = Tensor::from({2, 3}, {1, 2, 3, 4, 5, 6});
+  Tensor r = t.select(1);
+  EXPECT_EQ(r.shape(), (Shape{3}));
+  EXPECT_EQ(r[0], 4.f);
+  r[0] = 40.f;
+  EXPECT_EQ(t[3], 40.f);
+  EXPECT_EQ(t.reshape({3, -1}).shape(), (Shape{3, 2}));
+  EXPECT_THROW(t.reshape({4, -1}), Error);
+  EXPECT_THROW(t.select(2), Error);
+  EXPECT_THROW(t.narrow(1, 2), Error);
+  Tensor c = t.clone();
+  c[0] = -1;
+  EXPECT_EQ(t[0], 1.f);
+}
+
+TEST(Tensor, ShapeCheckMessageNamesTensorAndShapes) {
+  Tensor t({2, 4, 7});
+  EXPECT_NO_THROW(check_shape(t, "x", {2, -1, 7}));
+  try {
+    check_shape(t, "selective_scan: delta", {2, 4, 8});
+    FAIL() << "no throw";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    EXPECT_NE(m.find("delta"), std::string::npos) << m;
+    EXPECT_NE(m.find("(2,4,8)"), std::string::npos) << m;
+    EXPECT_NE(m.find("(2,4,7)"), std::string::npos) << m;
+  }
+  EXPECT_THROW(check_shape(Tensor(), "absent", {1}), Error);
+  Tensor n = Tensor::from({2}, {1.f, NAN});
+  EXPECT_THROW(check_finite(n, "n"), Error);
+}
+
+TEST(Gemm, MatchesNaiveLoopAllTransposes) {
+  Rng rng(1);
+  for (bool ta : {false, true})
+    for (bool tb : {false, true}) {
+      int64_t M = 17, N = 33, K = 15;
+      Tensor A = test::randn(ta ? Shape{K, M} : Shape{M, K}, rng);
+      Tensor B = test::randn(tb ? Shape{N, K} : Shape{K, N}, rng);
+      Tensor C = test::randn({M, N}, rng), C0 = C.clone();
+      gemm(ta, tb, M, N, K, 0.5f, A.data(), ta ? M : K, B.data(), tb ? K : N, 2.f, C.data(), N);
+      Tensor E({M, N});
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t n = 0; n < N; ++n) {
+          double s = 0;
+          for (int64_t k = 0; k < K; ++k)
+            s += (double)(ta ? A[k * M + m] : A[m * K + k]) * (tb ? B[n * K + k] : B[k * N + n]);
+          E[m * N + n] = (float)(0.5 * s + 2.0 * C0[m * N + n]);
+        }
+      EXPECT_TRUE(test::all_close(C, E, {1e-5, 1e-5}, "gemm"));
+    }
+}
+
+TEST(Parallel, CoversRangeExactlyOnce) {
+  for (int64_t n : {0, 1, 7, 1000}) {
+    std::vector<int> hits(n, 0);
+    parallel_for(n, 3, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+    for (int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[i], 1);
+  }
+}
+
+namespace {
+std::string tmp_path(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("mamba_test_" + name)).string();
+}
+std::vector<uint8_t> read_all(const std::string& p) { return os::read_file(p); }
+void write_all(const std::string& p, const std::vector<uint8_t>& b) {
+  std::ofstream f(p, std::ios::binary);
+  f.write(reinterpret_cast<const char*>(b.data()), (std::streamsize)b.size());
+}
+std::vector<uint8_t> with_header(const std::string& json, size_t data_bytes) {
+  std::vector<uint8_t> b;
+  uint64_t n = json.size();
+  for (int i = 0; i < 8; ++i) b.push_back((uint8_t)(n >> (8 * i)));
+  for (char c : json) b.push_back((uint8_t)c);
+  for (size_t i = 0; i < data_bytes; ++i) b.push_back(0);
+  return b;
+}
+}  // namespace
+
+TEST(Safetensors, RoundTripKeepsValuesOrderAndMetadata) {
+  Rng rng(2);
+  Tensor a = test::randn({3, 4}, rng), b = test::randn({5}, rng);
+  std::string p = tmp_path("rt.safetensors");
+  save_safetensors(p, {{"w.b", b}, {"w.a", a}}, {{"format", "pt"}});
+  auto f = SafetensorsFile::open(p);
+  EXPECT_EQ(f.names(), (std::vector<std::string>{"w.b", "w.a"}));
+  EXPECT_EQ(f.meta("format"), "pt");
+  EXPECT_TRUE(test::all_close(f.tensor("w.a"), a, {0, 0}));
+  EXPECT_TRUE(test::all_close(f.tensor("w.b", {5}), b, {0, 0}));
+  EXPECT_THROW(f.tensor("w.b", {6}), Error);
+  EXPECT_THROW(f.tensor("missing"), Error);
+  EXPECT_FALSE(os::exists(p + ".tmp"));
+  std::remove(p.c_str());
+}
+
+TEST(Safetensors, ReadsGoldenFile) {
+  auto f = SafetensorsFile::open(test::golden_path("mamba1_d16_n64.safetensors"));
+  EXPECT_EQ(f.meta("param_count"), "7968");
+  EXPECT_EQ(f.info("params.x_proj.weight").shape, (Shape{129, 32}));
+  Tensor x = f.tensor("x");
+  EXPECT_EQ(x.shape(), (Shape{2, 33, 16}));
+}
+
+TEST(Safetensors, HostileFilesGiveClearErrors) {
+  std::string p = tmp_path("bad.safetensors");
+  auto expect_error = [&](const std::vector<uint8_t>& bytes, const std::string& needle) {
+    write_all(p, bytes);
+    try {
+      SafetensorsFile::open(p);
+      ADD_FAILURE() << "no error for case expecting '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  expect_error({1, 2, 3}, "not a safetensors file");
+  expect_error({255, 255, 255, 255, 255, 255, 255, 127}, "exceeds the limit");
+  {
+    auto b = with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 8);
+    b.resize(b.size() - 4);  // truncated data
+    expect_error(b, "outside");
+  }
+  {
+    auto b = with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}})", 0);
+    b.resize(12);  // truncated header
+    expect_error(b, "truncated");
+  }
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "need 12");
+  expect_error(with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8), "unknown dtype");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "bad dimension");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8), "outside");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "overlap");
+  expect_error(with_header(R"({"a":)", 8), "not valid JSON");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8), "too large");
+  {
+    auto b = with_header(R"({"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", 8);
+    write_all(p, b);
+    auto f = SafetensorsFile::open(p);
+    EXPECT_THROW(f.tensor("a"), Error);  // not a float tensor
+    EXPECT_EQ(f.tensor_i64("a").size(), 1u);
+  }
+  std::remove(p.c_str());
+}
+
+TEST(Safetensors, HalfConversionsRoundTrip) {
+  for (float v : {0.f, 1.f, -2.5f, 65504.f, 6.1035156e-05f, 5.9604645e-08f, 0.333251953125f}) {
+    EXPECT_EQ(f16_to_f32(f32_to_f16(v)), v) << v;
+  }
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(1.5f)), 1.5f);
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(3.140625f)), 3.140625f);
+  EXPECT_TRUE(std::isinf(f16_to_f32(f32_to_f16(1e6f))));
+}
+
+TEST(Os, AtomicWriteReplacesWholeFile) {
+  std::string p = tmp_path("atomic.bin");
+  std::string a(1000, 'a'), b = "short";
+  os::write_file_atomic(p, a.data(), a.size());
+  os::write_file_atomic(p, b.data(), b.size());
+  auto got = read_all(p);
+  EXPECT_EQ(std::string(got.begin(), got.end()), b);
+  EXPECT_THROW(os::read_file(p + ".does-not-exist"), Error);
+  std::remove(p.c_str());
+}

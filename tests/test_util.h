@@ -1,0 +1,83 @@
+// Test helpers: golden-file lookup, tensor comparison with a stated tolerance, random tensors.
+#pragma once
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <string>
+
+#include "mamba/os.h"
+#include "mamba/rng.h"
+#include "mamba/safetensors.h"
+#include "mamba/tensor.h"
+#include "tolerances.h"
+
+namespace mamba::test {
+
+inline std::string golden_path(const std::string& file) {
+  return std::string(MAMBA_TEST_DATA) + "/golden/" + file;
+}
+inline std::string data_path(const std::string& file) {
+  return std::string(MAMBA_TEST_DATA) + "/" + file;
+}
+// Files in ../shared (e.g. the tokenizer) that are never committed; "" if absent.
+inline std::string shared_path(const std::string& rel) {
+  std::string p = std::string(MAMBA_SHARED_DIR) + "/" + rel;
+  return os::exists(p) ? p : std::string();
+}
+
+// Compares element-wise; on failure reports the worst element, its index and values.
+inline ::testing::AssertionResult all_close(const Tensor& actual, const Tensor& expected,
+                                            tol::Tol t, const std::string& what = "") {
+  if (!actual.defined() || !expected.defined())
+    return ::testing::AssertionFailure() << what << ": undefined tensor";
+  if (actual.shape() != expected.shape())
+    return ::testing::AssertionFailure() << what << ": shape " << actual.shape_str() << " vs expected "
+                                         << expected.shape_str();
+  double worst = 0, max_abs = 0;
+  int64_t wi = -1;
+  for (int64_t i = 0; i < actual.numel(); ++i) {
+    double a = actual[i], e = expected[i];
+    if (std::isnan(a) != std::isnan(e))
+      return ::testing::AssertionFailure() << what << ": NaN mismatch at " << i << " (" << a << " vs " << e << ")";
+    if (std::isnan(a)) continue;
+    double err = std::fabs(a - e);
+    max_abs = std::max(max_abs, err);
+    double ratio = err / (t.atol + t.rtol * std::fabs(e));
+    if (ratio > worst) worst = ratio, wi = i;
+  }
+  if (worst > 1.0)
+    return ::testing::AssertionFailure()
+           << what << ": element " << wi << " = " << actual[wi] << ", expected " << expected[wi]
+           << " (|err| exceeds atol " << t.atol << " + rtol " << t.rtol << " * |e| by " << worst
+           << "x; max abs err " << max_abs << ")";
+  return ::testing::AssertionSuccess() << what << ": max abs err " << max_abs;
+}
+
+inline double max_abs_diff(const Tensor& a, const Tensor& b) {
+  double m = 0;
+  for (int64_t i = 0; i < a.numel(); ++i) m = std::max(m, (double)std::fabs(a[i] - b[i]));
+  return m;
+}
+
+inline Tensor randn(Shape shape, Rng& rng, double std = 1.0) {
+  Tensor t(std::move(shape));
+  rng.fill_normal(t, 0, std);
+  return t;
+}
+inline Tensor rand_uniform(Shape shape, Rng& rng, double lo, double hi) {
+  Tensor t(std::move(shape));
+  rng.fill_uniform(t, lo, hi);
+  return t;
+}
+
+// (B, X, Y) -> (B, Y, X): converts between the reference's (B, D, L) and our (B, L, D).
+inline Tensor transpose12(const Tensor& t) {
+  int64_t B = t.dim(0), X = t.dim(1), Y = t.dim(2);
+  Tensor o = Tensor::empty({B, Y, X});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t x = 0; x < X; ++x)
+      for (int64_t y = 0; y < Y; ++y) o[(b * Y + y) * X + x] = t[(b * X + x) * Y + y];
+  return o;
+}
+
+}  // namespace mamba::test
