@@ -24,4 +24,40 @@ constexpr Tol kStepVsFull{1e-5, 1e-4};
 // truncation error O(eps^2 * f''') ~ 1e-6 relative plus fp32 rounding of the inputs.
 constexpr Tol kFiniteDiff{1e-4, 1e-3};
 
+// SSD chunked (fp32 GEMMs, decay from fp32 differences of double cumsums) vs the sequential
+// double reference, for gradients: each gradient is a sum over up to B*L*P*N fp32 products, so
+// atol is this value times max(1, max |expected|) of the tensor; rtol as kFastVsRef's scaled
+// by the longer sums (a few x 1e-4).
+constexpr Tol kSsdChunkedVsRef{2e-5, 3e-4};
+
+}  // namespace mamba::tol
+
+namespace mamba::tol {
+// LM logits vs golden: logits reach |10| and sum 3 layers plus a 64-wide head; mamba_ssm's own
+// cached-vs-uncached difference is 2.4e-6..7e-6 (golden README), so 1e-4 abs + 1e-4 rel.
+constexpr Tol kGoldenLogits{1e-4, 1e-4};
+// Whole-LM finite differences in fp32 (eps 1e-2, loss over B*L*V terms): fp32 rounding of the
+// loss (~1e-7 * sum|terms| ~ 1e-5) divided by 2 eps gives ~1e-3 absolute noise.
+constexpr Tol kLMFiniteDiff{3e-3, 2e-2};
+// Layer backward vs a directional central difference of the fp32 layer forward (eps 2e-3 along
+// a random N(0,1) direction): truncation O(eps^2) ~ 1e-5 relative, fp32 rounding of the loss
+// (~1e-6 * |loss| / eps) gives the absolute part.
+constexpr Tol kLayerDirFD{2e-3, 2e-3};
+
+}  // namespace mamba::tol
+
+namespace mamba::tol {
+// Selective scan: fast fp32 backward vs the double reference. Gradients of B/C (var, group)
+// and of A, D, delta_bias are sums over up to L*D fp32 products of O(1) terms, so the
+// absolute floor is larger than for the forward (1e-4 for sums of ~1e2..1e3 terms of O(1)).
+constexpr Tol kFastVsRefGrad{1e-4, 1e-4};
+}  // namespace mamba::tol
+
+namespace mamba::tol {
+// Mamba-1 layer backward vs element-wise central differences of the fp32 layer forward
+// (eps 3e-3, tiny config, loss sum(y*g) over 40 terms of O(0.3) summed in double): the fp32
+// rounding of the outputs (~6e-8 * |y| each, ~3e-7 over the sum) divided by 2 eps is ~5e-5
+// absolute; truncation O(eps^2 * f''') ~ 1e-5 relative. 5e-4 abs + 5e-3 rel leaves a 10x margin
+// and still catches any wrong term (those are O(1e-2) or more).
+constexpr Tol kLayerFiniteDiffF32{5e-4, 5e-3};
 }  // namespace mamba::tol

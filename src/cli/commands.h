@@ -15,6 +15,7 @@ struct Command {
 };
 
 Command add_info(CLI::App& app);
-Command add_shapes(CLI::App& app);
+Command add_tokenize(CLI::App& app);
+Command add_detokenize(CLI::App& app);
 
 }  // namespace mamba::cli

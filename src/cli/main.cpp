@@ -12,7 +12,8 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", "mamba.cpp 0.1.0");
   std::vector<mamba::cli::Command> cmds{
       mamba::cli::add_info(app),
-      mamba::cli::add_shapes(app),
+      mamba::cli::add_tokenize(app),
+      mamba::cli::add_detokenize(app),
   };
   try {
     app.parse(argc, argv);

@@ -4,6 +4,8 @@
 // with x = 0 before t = 0 (or taken from an initial conv_state).
 // conv_state: (B, D, K), mamba_ssm's layout: the last K inputs, oldest first.
 #pragma once
+#include <vector>
+
 #include "mamba/tensor.h"
 
 namespace mamba::ops {
@@ -17,6 +19,10 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
                               const Tensor& dy);
 // Naive references (plain loops, double accumulation).
 Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu);
+// The reference forward evaluated and returned in double (B*L*D values, (B, L, D) order), for
+// finite-difference tests.
+std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                          bool silu);
 Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                   bool silu, const Tensor& dy);
 

@@ -5,6 +5,8 @@
 //   mean taken over groups of group_size consecutive channels.
 //   (norm_before_gate=true):         y = rms_norm_groups(x) * weight * silu(z)
 #pragma once
+#include <vector>
+
 #include "mamba/tensor.h"
 
 namespace mamba::ops {
@@ -16,6 +18,8 @@ struct RmsNormGrads {
 };
 RmsNormGrads rms_norm_bwd(const Tensor& x, const Tensor& weight, float eps, const Tensor& dy);
 Tensor rms_norm_ref(const Tensor& x, const Tensor& weight, float eps);
+// The references evaluated and returned in double (x's element order), for finite differences.
+std::vector<double> rms_norm_ref_f64(const Tensor& x, const Tensor& weight, float eps);
 
 // Fused residual add + norm (mamba_ssm Block with fused_add_norm order):
 //   residual = residual + x (in place; residual may be undefined -> becomes a copy of x)
@@ -33,5 +37,8 @@ GatedRmsNormGrads gated_rms_norm_bwd(const Tensor& x, const Tensor& z, const Ten
                                      const Tensor& dy);
 Tensor gated_rms_norm_ref(const Tensor& x, const Tensor& z, const Tensor& weight, float eps,
                           int64_t group_size, bool norm_before_gate);
+// z may be undefined in the gated functions: then the norm is only grouped, with no gate.
+std::vector<double> gated_rms_norm_ref_f64(const Tensor& x, const Tensor& z, const Tensor& weight,
+                                           float eps, int64_t group_size, bool norm_before_gate);
 
 }  // namespace mamba::ops

@@ -14,6 +14,9 @@
 //   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     (B, D, N)
 //   out_t = <h_t, C_t> + D * u_t;   out_t *= silu(z_t) if z
 #pragma once
+#include <cstdint>
+#include <vector>
+
 #include "mamba/tensor.h"
 
 namespace mamba::ops {
@@ -44,5 +47,25 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout);
 Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
                               const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
                               const Tensor& dt_bias, bool dt_softplus);
+
+// ---- additions (scan engineer) ------------------------------------------------------------
+
+// How B or C is laid out (see the table at the top of this file).
+enum class ScanBCKind { Const, Var, Group };
+
+// The dimensions selective_scan_fwd/bwd read from their arguments.
+struct ScanDims {
+  int64_t batch = 0, L = 0, D = 0, N = 0;
+  ScanBCKind b_kind = ScanBCKind::Const, c_kind = ScanBCKind::Const;
+  int64_t b_groups = 1, c_groups = 1;  // G for the group kind, 1 otherwise
+};
+// Validates every tensor of `a` (ranks, shapes, G dividing D); throws mamba::Error naming the
+// tensor, the expected and the actual shape. `what` prefixes messages ("selective_scan").
+ScanDims selective_scan_check(const ScanArgs& a, const char* what = "selective_scan");
+
+// The reference computed and returned in double, for finite-difference tests:
+// out (B*L*D values, (B, L, D) order); last_state (B*D*N) if not null.
+std::vector<double> selective_scan_ref_f64(const ScanArgs& a,
+                                           std::vector<double>* last_state = nullptr);
 
 }  // namespace mamba::ops

@@ -1,0 +1,110 @@
+// The language-model configuration: mamba_ssm's config.json (MambaConfig dataclass, with
+// ssm_cfg / attn_cfg holding the mixer's keyword arguments) and the transformers
+// MambaConfig / Mamba2Config keys of the *-hf folders, parsed into one validated struct.
+// Unknown keys, contradictory keys, wrong types and out-of-range values throw mamba::Error
+// naming the key. to_json() writes mamba_ssm's format back (what MambaLMHeadModel reads).
+#pragma once
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace mamba {
+
+// The mixer's keyword arguments (mamba_ssm ssm_cfg). Defaults are those of the mamba_ssm
+// module named by `layer` (Mamba1: mamba_simple.Mamba, Mamba2: mamba2.Mamba2); call
+// ModelConfig::parse* or SsmConfig::defaults(layer) to get them, not the member initialisers.
+struct SsmConfig {
+  std::string layer = "Mamba1";  // "Mamba1" | "Mamba2"
+  int64_t d_state = 16;          // N (Mamba1 default 16, Mamba2 default 128)
+  int64_t d_conv = 4;            // K
+  double expand = 2;             // D = int(expand * d_model)
+  // Mamba1
+  int64_t dt_rank = 0;           // R; when dt_rank_auto, resolved to ceil(d_model / 16) at parse
+  bool dt_rank_auto = true;
+  double dt_scale = 1.0;         // initialisation only (Mamba1)
+  std::string dt_init = "random";  // initialisation only (Mamba1): "random" | "constant"
+  // Mamba2
+  int64_t headdim = 64;          // P
+  int64_t ngroups = 1;           // G
+  int64_t chunk_size = 256;
+  int64_t d_ssm = 0;             // 0 = None: the SSM covers all of d_inner
+  bool rmsnorm = true;           // gated RMSNorm before out_proj
+  bool norm_before_gate = false;
+  bool D_has_hdim = false;       // D is (H*P) instead of (H)
+  double A_init_lo = 1, A_init_hi = 16;  // A_init_range, initialisation only
+  double dt_limit_lo = 0, dt_limit_hi = std::numeric_limits<double>::infinity();
+  // both
+  double dt_min = 0.001, dt_max = 0.1, dt_init_floor = 1e-4;  // initialisation only
+  bool bias = false;             // in_proj / out_proj bias
+  bool conv_bias = true;
+
+  static SsmConfig defaults(const std::string& layer);  // throws for an unknown layer
+  bool is_mamba2() const { return layer == "Mamba2"; }
+  int64_t d_inner(int64_t d_model) const { return static_cast<int64_t>(expand * static_cast<double>(d_model)); }
+  int64_t ssm_dim(int64_t d_model) const { return d_ssm > 0 ? d_ssm : d_inner(d_model); }
+  int64_t nheads(int64_t d_model) const { return ssm_dim(d_model) / headdim; }  // H (Mamba2)
+  bool operator==(const SsmConfig&) const = default;
+};
+
+// mamba_ssm MHA keyword arguments (attn_cfg), used for the layers in attn_layer_idx.
+struct AttnConfig {
+  int64_t num_heads = 0;
+  int64_t num_heads_kv = 0;      // 0 = None: num_heads
+  int64_t head_dim = 0;          // 0 = None: d_model / num_heads
+  int64_t mlp_dim = 0;
+  bool qkv_proj_bias = true;
+  bool out_proj_bias = true;
+  double softmax_scale = 0;      // 0 = None: 1/sqrt(head_dim)
+  bool causal = false;
+  int64_t rotary_emb_dim = 0;
+  double rotary_emb_base = 10000.0;
+  bool rotary_emb_interleaved = false;
+  int64_t d_conv = 0;
+  bool operator==(const AttnConfig&) const = default;
+};
+
+struct ModelConfig {
+  int64_t d_model = 0;
+  int64_t d_intermediate = 0;    // GatedMLP hidden size after each mixer; 0 = no MLP
+  int64_t n_layer = 0;
+  int64_t vocab_size = 0;        // as given; the embedding has padded_vocab() rows
+  SsmConfig ssm_cfg;
+  std::vector<int64_t> attn_layer_idx;  // layers that are MHA instead of the SSM mixer
+  AttnConfig attn_cfg;
+  bool rms_norm = true;          // RMSNorm (true) or LayerNorm (false) for block norms and norm_f
+  bool residual_in_fp32 = true;
+  bool fused_add_norm = true;    // a kernel choice in mamba_ssm; same math either way
+  int64_t pad_vocab_size_multiple = 8;
+  bool tie_embeddings = true;
+  double norm_epsilon = 1e-5;    // mamba_ssm's fixed default; HF layer_norm_epsilon
+  // Token ids from an HF config (-1 when absent; mamba_ssm configs carry none).
+  int64_t bos_token_id = -1, eos_token_id = -1, pad_token_id = -1;
+  // "mamba_ssm" or "hf": which key set the file used (decides the tensor names).
+  std::string source_format = "mamba_ssm";
+
+  int64_t padded_vocab() const;  // vocab_size rounded up to pad_vocab_size_multiple
+  int64_t d_inner() const { return ssm_cfg.d_inner(d_model); }
+  bool is_attn_layer(int64_t i) const;
+
+  // Parses config.json text (either key set; detected from the keys). `origin` names the
+  // file in error messages.
+  static ModelConfig parse(const std::string& json_text, const std::string& origin = "config.json");
+  static ModelConfig load(const std::string& path);  // reads and parses a file
+  // Checks ranges and consistency; parse() calls it. Throws mamba::Error naming the key.
+  void validate() const;
+  // mamba_ssm's config.json (MambaLMHeadModel / MambaConfig(**json) reads it back).
+  std::string to_json() const;
+  void save(const std::string& path) const;  // to_json(), written atomically
+  bool operator==(const ModelConfig&) const = default;
+};
+
+// transformers tensor names (MambaForCausalLM / Mamba2ForCausalLM) -> mamba_ssm names:
+// backbone.embeddings.weight -> backbone.embedding.weight; backbone.layers.N.{norm,mixer}.*,
+// backbone.norm_f.weight and lm_head.weight are the same in both. Throws mamba::Error for a
+// name that belongs to neither layout.
+std::string hf_to_mamba_ssm_name(const std::string& hf_name);
+// The reverse, for writing a folder transformers can read.
+std::string mamba_ssm_to_hf_name(const std::string& name);
+
+}  // namespace mamba

@@ -1,0 +1,85 @@
+// The language model, mamba_ssm's MambaLMHeadModel:
+//   ids (B, L) -> backbone.embedding (V_pad, d_model) -> n_layer x Block -> norm_f -> lm_head
+//   Block i (mamba_ssm's add-then-norm order):
+//     residual = hidden + residual  (residual = hidden for i = 0), kept in fp32
+//     hidden   = mixer(rms_norm(residual) * layers.i.norm.weight)
+//   final: hidden = rms_norm(hidden + residual) * norm_f.weight; logits = hidden @ lm_head^T
+// lm_head.weight is the embedding when tie_embeddings. Parameter names are mamba_ssm's
+// state_dict keys, so checkpoints map 1:1.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "mamba/config.h"
+#include "mamba/nn/mamba1.h"
+#include "mamba/nn/mamba2.h"
+#include "mamba/nn/param.h"
+#include "mamba/tensor.h"
+
+namespace mamba {
+
+// Decode state of the whole model: one conv/ssm state per layer. Its size does not depend on
+// how many tokens were seen (constant memory per token).
+struct LMState {
+  std::vector<Mamba1State> m1;  // per layer, Mamba1 models
+  std::vector<Mamba2State> m2;  // per layer, Mamba2 models
+  int64_t batch = 0;
+};
+
+struct LMSaved;  // activations kept by forward for backward (opaque)
+
+class MambaLM {
+ public:
+  explicit MambaLM(const ModelConfig& cfg, uint64_t seed = 0);
+  ~MambaLM();
+  MambaLM(MambaLM&&) noexcept;
+  MambaLM& operator=(MambaLM&&) noexcept;
+
+  // Loads a model folder: config.json plus model.safetensors or pytorch_model.bin (mamba_ssm
+  // or transformers names). Throws mamba::Error naming a missing, extra or mis-shaped tensor.
+  static MambaLM load(const std::string& dir);
+  // Loads weights from a state dict (mamba_ssm or transformers names) into this model.
+  void load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin);
+  // Writes config.json + model.safetensors (mamba_ssm names, tied head stored twice as
+  // save_pretrained does), each file atomically.
+  void save(const std::string& dir) const;
+
+  const ModelConfig& config() const { return cfg_; }
+  int64_t vocab() const { return cfg_.padded_vocab(); }  // logits' last dimension
+  // Every parameter with its full name (tied lm_head counted once, as the embedding).
+  std::vector<std::pair<std::string, Param*>> named_parameters();
+  int64_t num_parameters() const;
+  void zero_grad();
+
+  // ids: (B, L) token ids in [0, vocab). Returns logits (B, L, V_pad).
+  // saved != nullptr keeps what backward needs; state != nullptr receives the decode state
+  // after the last token (prefill).
+  Tensor forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved = nullptr,
+                 LMState* state = nullptr);
+  // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Frees `saved`.
+  void backward(LMSaved* saved, const Tensor& dlogits);
+  static void free_saved(LMSaved* saved);
+
+  LMState new_state(int64_t batch) const;  // zeros
+  // One token per sequence: ids (B) -> logits (B, V_pad), advancing state.
+  Tensor step(const std::vector<int32_t>& ids, LMState& state);
+
+ private:
+  Tensor embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const;  // (B, L, d_model)
+  Tensor head(const Tensor& hidden) const;                                     // (M, V_pad)
+
+  ModelConfig cfg_;
+  ParamList own_;  // embedding, per-layer norms, norm_f, (untied) lm_head
+  std::vector<std::unique_ptr<Mamba1>> m1_;
+  std::vector<std::unique_ptr<Mamba2>> m2_;
+  Tensor emb_, norm_f_, lm_head_;
+  std::vector<Tensor> norms_;
+};
+
+// Mixer configs from the model config (SsmConfig uses mamba_ssm's keys).
+Mamba1Config mamba1_config(const ModelConfig& cfg);
+Mamba2Config mamba2_config(const ModelConfig& cfg);
+
+}  // namespace mamba

@@ -1,0 +1,79 @@
+// The Mamba-1 mixer layer (mamba_ssm.modules.mamba_simple.Mamba, slow-path semantics):
+//   in_proj -> split x | z -> causal conv1d + SiLU -> x_proj -> split dt | B | C
+//   -> dt_proj.weight (bias applied inside the scan as delta_bias, with softplus)
+//   -> selective_scan(x, dt, A = -exp(A_log), B, C, D, z) -> out_proj
+// Three paths over the same parameters: forward (whole sequence, optionally saving what
+// backward needs and/or returning the decode state), backward, and step (one token).
+// Everything is channel-last: activations are (B, L, ·).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "mamba/nn/param.h"
+#include "mamba/tensor.h"
+
+namespace mamba {
+
+struct Mamba1Config {
+  int64_t d_model = 0;
+  int64_t d_state = 16;
+  int64_t d_conv = 4;
+  double expand = 2;
+  int64_t dt_rank = -1;  // -1 = "auto" = ceil(d_model / 16)
+  double dt_min = 0.001, dt_max = 0.1;
+  std::string dt_init = "random";  // "random" | "constant"
+  double dt_scale = 1.0, dt_init_floor = 1e-4;
+  bool conv_bias = true, bias = false;
+
+  void validate() const;    // throws mamba::Error naming the field
+  int64_t d_inner() const;  // D = int(expand * d_model)
+  int64_t rank() const;     // R = dt_rank, resolved when "auto"
+};
+
+// Decode state: conv_state (B, D, K) (the last K conv inputs, oldest first), ssm_state (B, D, N).
+struct Mamba1State {
+  Tensor conv_state;  // (B, D, K)
+  Tensor ssm_state;   // (B, D, N)
+};
+
+// Activations forward keeps for backward.
+struct Mamba1Saved {
+  Tensor hidden;  // (B, L, d_model) the layer input
+  Tensor x;       // (B, L, D) conv input (the x half of in_proj's output)
+  Tensor z;       // (B, L, D) gate (the z half of in_proj's output)
+  Tensor xc;      // (B, L, D) silu(conv1d(x)): the scan input u
+  Tensor x_dbl;   // (B, L, R + 2N) x_proj output [dt_low | B | C]
+  Tensor delta;   // (B, L, D) dt_proj.weight applied to dt_low (bias not yet added)
+  Tensor Bm, Cm;  // (B, L, N) input-dependent B and C of the scan
+  Tensor y;       // (B, L, D) scan output (gated), the out_proj input
+};
+
+class Mamba1 {
+ public:
+  explicit Mamba1(const Mamba1Config& cfg, uint64_t seed = 0);
+
+  const Mamba1Config& config() const { return cfg_; }
+  ParamList& params() { return params_; }
+  const ParamList& params() const { return params_; }
+
+  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs;
+  // state != nullptr receives the conv/ssm states after the last token (prefill).
+  Tensor forward(const Tensor& hidden, Mamba1Saved* saved = nullptr, Mamba1State* state = nullptr);
+  // dy: (B, L, d_model) -> dx (B, L, d_model); parameter gradients accumulate (+=) into params().
+  Tensor backward(const Mamba1Saved& saved, const Tensor& dy);
+  Mamba1State new_state(int64_t batch) const;  // zeros
+  // x: (B, d_model) -> (B, d_model); advances state by one token.
+  Tensor step(const Tensor& x, Mamba1State& state);
+
+ private:
+  Tensor A() const;  // (D, N) = -exp(A_log)
+  void check_state(const Mamba1State& s, int64_t batch) const;
+
+  Mamba1Config cfg_;
+  int64_t D_, N_, K_, R_;
+  ParamList params_;
+  // Views sharing storage with params_ (bias tensors undefined when absent).
+  Tensor in_w_, in_b_, conv_w_, conv_b_, xproj_w_, dt_w_, dt_b_, A_log_, Dp_, out_w_, out_b_;
+};
+
+}  // namespace mamba

@@ -1,0 +1,102 @@
+// The Mamba-2 mixer layer: mamba_ssm.modules.mamba2.Mamba2 (the use_mem_eff_path=False path).
+//
+//   hidden (B, L, d_model)
+//     in_proj              -> zxbcdt (B, L, d_in_proj), split [z0, x0, z, xBC, dt]
+//                             (d_mlp, d_mlp, d_ssm, d_ssm + 2GN, H), d_mlp = d_inner - d_ssm
+//     conv1d + SiLU (xBC)  -> x (B, L, H, P), B, C (B, L, G, N)
+//     ssd(x, dt, A = -exp(A_log), B, C, D, dt_bias, softplus, dt_limit) -> y (B, L, d_ssm)
+//     norm(y, z)           -> gated RMSNorm (group_size d_ssm / G, norm_before_gate=false)
+//                             (without rmsnorm, z gates the scan output: y * silu(z))
+//     [silu(z0) * x0, y]   -> out_proj -> (B, L, d_model)
+// Parameters (mamba_ssm's state_dict keys): dt_bias (H), A_log (H), D (H or d_ssm),
+// in_proj.weight (d_in_proj, d_model) [+ in_proj.bias], conv1d.weight (d_ssm+2GN, 1, K),
+// conv1d.bias, norm.weight (d_ssm), out_proj.weight (d_model, d_inner) [+ out_proj.bias].
+// Three paths over the same parameters: forward (sequence), backward (from Mamba2Saved) and
+// step (one token with Mamba2State), as for Mamba1 (include/mamba/nn/mamba1.h).
+#pragma once
+#include <cstdint>
+#include <limits>
+#include <utility>
+
+#include "mamba/nn/param.h"
+#include "mamba/ops/ssd.h"
+#include "mamba/tensor.h"
+
+namespace mamba {
+
+struct Mamba2Config {
+  int64_t d_model = 0;
+  int64_t d_state = 128;        // N
+  int64_t d_conv = 4;           // K
+  double expand = 2;            // d_inner = int(expand * d_model)
+  int64_t headdim = 64;         // P
+  int64_t d_ssm = -1;           // -1: the SSM covers all of d_inner
+  int64_t ngroups = 1;          // G
+  std::pair<double, double> A_init_range{1.0, 16.0};
+  bool D_has_hdim = false;      // D is (d_ssm) instead of (H)
+  bool rmsnorm = true;
+  bool norm_before_gate = false;
+  double dt_min = 0.001, dt_max = 0.1, dt_init_floor = 1e-4;  // initialisation only
+  std::pair<double, double> dt_limit{0.0, std::numeric_limits<double>::infinity()};
+  bool bias = false;            // in_proj / out_proj bias
+  bool conv_bias = true;
+  int64_t chunk_size = 256;
+
+  // Throws mamba::Error naming the offending field.
+  void validate() const;
+  int64_t d_inner() const { return static_cast<int64_t>(expand * static_cast<double>(d_model)); }
+  int64_t ssm_dim() const { return d_ssm > 0 ? d_ssm : d_inner(); }  // d_ssm resolved
+  int64_t nheads() const { return ssm_dim() / headdim; }               // H
+  int64_t d_mlp() const { return d_inner() - ssm_dim(); }
+  int64_t conv_dim() const { return ssm_dim() + 2 * ngroups * d_state; }  // d_ssm + 2GN
+  int64_t d_in_proj() const { return 2 * d_inner() + 2 * ngroups * d_state + nheads(); }
+};
+
+// Decode state (mamba_ssm's inference cache for one layer).
+struct Mamba2State {
+  Tensor conv_state;  // (B, d_ssm + 2GN, K): the last K conv inputs, oldest first
+  Tensor ssm_state;   // (B, H, P, N)
+};
+
+// What forward keeps for backward.
+struct Mamba2Saved {
+  Tensor hidden;     // (B, L, d_model) layer input
+  Tensor xbc_raw;    // (B, L, d_ssm + 2GN) conv input
+  Tensor z0, x0;     // (B, L, d_mlp) (only when d_mlp > 0)
+  Tensor z;          // (B, L, d_ssm)
+  ops::SsdArgs ssd;  // x (B, L, H, P), dt (B, L, H), B, C (B, L, G, N), A, D, z, dt_bias
+  Tensor y;          // (B, L, d_ssm) scan output (norm input)
+  Tensor y_out;      // (B, L, d_inner) out_proj input
+};
+
+class Mamba2 {
+ public:
+  explicit Mamba2(const Mamba2Config& cfg, uint64_t seed = 0);
+  Mamba2(const Mamba2&) = delete;
+  Mamba2& operator=(const Mamba2&) = delete;
+
+  const Mamba2Config& config() const { return cfg_; }
+  ParamList& params() { return params_; }
+  const ParamList& params() const { return params_; }
+
+  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs;
+  // state != nullptr receives the decode state after the last token (prefill).
+  Tensor forward(const Tensor& hidden, Mamba2Saved* saved = nullptr, Mamba2State* state = nullptr);
+  // dy: (B, L, d_model). Returns dhidden (B, L, d_model); accumulates parameter grads (+=).
+  Tensor backward(const Mamba2Saved& saved, const Tensor& dy);
+
+  Mamba2State new_state(int64_t batch) const;  // zeros
+  // x: (B, d_model) one token -> (B, d_model); advances state.
+  Tensor step(const Tensor& x, Mamba2State& state);
+
+ private:
+  Tensor A() const;  // -exp(A_log): (H)
+  ops::SsdArgs ssd_args(const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
+                        const Tensor& z) const;
+
+  Mamba2Config cfg_;
+  ParamList params_;
+  Tensor dt_bias_, A_log_, D_, in_w_, in_b_, conv_w_, conv_b_, norm_w_, out_w_, out_b_;
+};
+
+}  // namespace mamba

@@ -1,0 +1,280 @@
+#include "mamba/lm.h"
+
+#include <cmath>
+#include <filesystem>
+
+#include "mamba/gemm.h"
+#include "mamba/ops/norm.h"
+#include "mamba/os.h"
+#include "mamba/parallel.h"
+#include "mamba/rng.h"
+#include "mamba/safetensors.h"
+#include "mamba/torch_bin.h"
+#include "mamba/trace.h"
+
+namespace mamba {
+
+struct LMSaved {
+  std::vector<int32_t> ids;
+  int64_t B = 0, L = 0;
+  std::vector<Tensor> residual;     // per layer: the residual stream entering its norm (B, L, d)
+  std::vector<Mamba1Saved> m1;      // per layer
+  std::vector<Mamba2Saved> m2;
+  Tensor residual_final;            // (B, L, d) entering norm_f
+  Tensor hidden_final;              // (B, L, d) norm_f output (input of the head)
+};
+
+Mamba1Config mamba1_config(const ModelConfig& cfg) {
+  const SsmConfig& s = cfg.ssm_cfg;
+  Mamba1Config c;
+  c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
+  c.dt_rank = s.dt_rank_auto ? -1 : s.dt_rank;
+  c.dt_min = s.dt_min, c.dt_max = s.dt_max, c.dt_init = s.dt_init, c.dt_scale = s.dt_scale;
+  c.dt_init_floor = s.dt_init_floor, c.conv_bias = s.conv_bias, c.bias = s.bias;
+  return c;
+}
+
+Mamba2Config mamba2_config(const ModelConfig& cfg) {
+  const SsmConfig& s = cfg.ssm_cfg;
+  Mamba2Config c;
+  c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
+  c.headdim = s.headdim, c.ngroups = s.ngroups, c.chunk_size = s.chunk_size;
+  c.d_ssm = s.d_ssm > 0 ? s.d_ssm : -1;
+  c.rmsnorm = s.rmsnorm, c.norm_before_gate = s.norm_before_gate, c.D_has_hdim = s.D_has_hdim;
+  c.A_init_range = {s.A_init_lo, s.A_init_hi};
+  c.dt_limit = {s.dt_limit_lo, s.dt_limit_hi};
+  c.dt_min = s.dt_min, c.dt_max = s.dt_max, c.dt_init_floor = s.dt_init_floor;
+  c.bias = s.bias, c.conv_bias = s.conv_bias;
+  return c;
+}
+
+MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed) : cfg_(cfg) {
+  cfg_.validate();
+  MAMBA_CHECK(cfg_.attn_layer_idx.empty(), "config: attn_layer_idx (hybrid attention layers) is not supported yet");
+  MAMBA_CHECK(cfg_.d_intermediate == 0, "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
+  MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
+  const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
+  emb_ = own_.add("backbone.embedding.weight", {V, d});
+  Rng rng(seed);
+  rng.fill_normal(emb_, 0, 0.02);  // mamba_ssm's _init_weights: normal(std=0.02)
+  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+    norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
+    norms_.back().fill(1.f);
+    uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
+    if (cfg_.ssm_cfg.is_mamba2())
+      m2_.push_back(std::make_unique<Mamba2>(mamba2_config(cfg_), layer_seed));
+    else
+      m1_.push_back(std::make_unique<Mamba1>(mamba1_config(cfg_), layer_seed));
+  }
+  norm_f_ = own_.add("backbone.norm_f.weight", {d}, true);
+  norm_f_.fill(1.f);
+  if (cfg_.tie_embeddings) {
+    lm_head_ = emb_;
+  } else {
+    lm_head_ = own_.add("lm_head.weight", {V, d});
+    rng.fill_normal(lm_head_, 0, 0.02);
+  }
+}
+
+MambaLM::~MambaLM() = default;
+MambaLM::MambaLM(MambaLM&&) noexcept = default;
+MambaLM& MambaLM::operator=(MambaLM&&) noexcept = default;
+
+std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
+  std::vector<std::pair<std::string, Param*>> out;
+  for (auto& p : own_.all()) out.emplace_back(p.name, &p);
+  for (size_t i = 0; i < m1_.size(); ++i)
+    for (auto& p : m1_[i]->params().all()) out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), &p);
+  for (size_t i = 0; i < m2_.size(); ++i)
+    for (auto& p : m2_[i]->params().all()) out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), &p);
+  return out;
+}
+
+int64_t MambaLM::num_parameters() const {
+  int64_t n = own_.count();
+  for (auto& m : m1_) n += m->params().count();
+  for (auto& m : m2_) n += m->params().count();
+  return n;
+}
+
+void MambaLM::zero_grad() {
+  for (auto& [name, p] : named_parameters()) p->grad.zero();
+}
+
+void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd_in, const std::string& origin) {
+  std::map<std::string, Tensor> sd;
+  for (const auto& [k, v] : sd_in) {
+    std::string name = cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k;
+    sd[name] = v;
+  }
+  std::map<std::string, bool> used;
+  for (auto& [name, p] : named_parameters()) {
+    auto it = sd.find(name);
+    MAMBA_CHECK(it != sd.end(), origin, ": missing tensor '", name, "'");
+    MAMBA_CHECK(it->second.shape() == p->value.shape(), origin, ": tensor '", name, "' has shape ",
+                it->second.shape_str(), ", expected ", p->value.shape_str());
+    p->value.copy_from(it->second);
+    used[name] = true;
+  }
+  for (const auto& [k, v] : sd) {
+    if (used.count(k)) continue;
+    if (k == "lm_head.weight" && cfg_.tie_embeddings) {
+      // Stored twice by save_pretrained; must equal the embedding it is tied to.
+      MAMBA_CHECK(v.shape() == emb_.shape(), origin, ": lm_head.weight has shape ", v.shape_str(),
+                  ", expected ", emb_.shape_str(), " (tied to the embedding)");
+      continue;
+    }
+    throw Error(str(origin, ": unexpected tensor '", k, "' (not a parameter of this config)"));
+  }
+}
+
+MambaLM MambaLM::load(const std::string& dir) {
+  namespace fs = std::filesystem;
+  MAMBA_CHECK(fs::is_directory(dir), "model folder '", dir, "' does not exist");
+  ModelConfig cfg = ModelConfig::load((fs::path(dir) / "config.json").string());
+  MambaLM lm(cfg, 0);
+  std::string st = (fs::path(dir) / "model.safetensors").string();
+  std::string bin = (fs::path(dir) / "pytorch_model.bin").string();
+  std::map<std::string, Tensor> sd;
+  if (os::exists(st)) {
+    auto f = SafetensorsFile::open(st);
+    for (const auto& n : f.names()) sd[n] = f.tensor(n);
+    lm.load_state_dict(sd, st);
+  } else if (os::exists(bin)) {
+    lm.load_state_dict(load_torch_state_dict(bin), bin);
+  } else {
+    throw Error(str("model folder '", dir, "' has neither model.safetensors nor pytorch_model.bin"));
+  }
+  return lm;
+}
+
+void MambaLM::save(const std::string& dir) const {
+  namespace fs = std::filesystem;
+  fs::create_directories(dir);
+  std::vector<std::pair<std::string, Tensor>> tensors;
+  auto* self = const_cast<MambaLM*>(this);
+  for (auto& [name, p] : self->named_parameters()) tensors.emplace_back(name, p->value);
+  if (cfg_.tie_embeddings) tensors.emplace_back("lm_head.weight", emb_);
+  save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
+  cfg_.save((fs::path(dir) / "config.json").string());
+}
+
+Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const {
+  MAMBA_CHECK(static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ", B, "x", L, " = ",
+              B * L, " ids, got ", ids.size());
+  const int64_t d = cfg_.d_model, V = vocab();
+  Tensor h = Tensor::empty({B, L, d});
+  for (int64_t i = 0; i < B * L; ++i) {
+    MAMBA_CHECK(ids[i] >= 0 && ids[i] < V, "input ids: id ", ids[i], " at position ", i,
+                " is outside the vocabulary [0, ", V, ")");
+    std::copy(emb_.data() + ids[i] * d, emb_.data() + (ids[i] + 1) * d, h.data() + i * d);
+  }
+  trace::op("embedding", {{B, L}}, {{B, L, d}});
+  return h;
+}
+
+Tensor MambaLM::head(const Tensor& hidden) const {
+  const int64_t d = cfg_.d_model, V = vocab(), M = hidden.numel() / d;
+  Tensor logits = Tensor::empty({M, V});
+  gemm(false, true, M, V, d, 1.f, hidden.data(), d, lm_head_.data(), d, 0.f, logits.data(), V);
+  return logits;
+}
+
+Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
+                        LMState* state) {
+  const int64_t d = cfg_.d_model;
+  const float eps = static_cast<float>(cfg_.norm_epsilon);
+  Tensor hidden = embed(ids, B, L);
+  Tensor residual;
+  LMSaved* sv = saved ? new LMSaved : nullptr;
+  if (sv) sv->ids = ids, sv->B = B, sv->L = L;
+  if (state) *state = new_state(B);
+  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+    trace::Scope scope(str("layers.", i, "."));
+    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);  // residual += hidden
+    trace::op("add+norm", {hidden.shape()}, {normed.shape()});
+    if (sv) sv->residual.push_back(residual.clone());
+    trace::Scope mixer("mixer.");
+    if (!m1_.empty()) {
+      Mamba1Saved* ms = nullptr;
+      if (sv) sv->m1.emplace_back(), ms = &sv->m1.back();
+      hidden = m1_[i]->forward(normed, ms, state ? &state->m1[i] : nullptr);
+    } else {
+      Mamba2Saved* ms = nullptr;
+      if (sv) sv->m2.emplace_back(), ms = &sv->m2.back();
+      hidden = m2_[i]->forward(normed, ms, state ? &state->m2[i] : nullptr);
+    }
+  }
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
+  Tensor logits = head(out).reshape({B, L, vocab()});
+  trace::op("lm_head", {out.shape()}, {logits.shape()});
+  if (sv) {
+    sv->residual_final = residual;
+    sv->hidden_final = out;
+    *saved = sv;
+  }
+  (void)d;
+  return logits;
+}
+
+void MambaLM::free_saved(LMSaved* saved) { delete saved; }
+
+void MambaLM::backward(LMSaved* sv, const Tensor& dlogits) {
+  MAMBA_CHECK(sv != nullptr, "MambaLM::backward: no saved activations (call forward with saved)");
+  std::unique_ptr<LMSaved> guard(sv);
+  const int64_t B = sv->B, L = sv->L, d = cfg_.d_model, V = vocab(), M = B * L;
+  check_shape(dlogits, "MambaLM::backward: dlogits", {B, L, V});
+  const float eps = static_cast<float>(cfg_.norm_epsilon);
+  // Head: logits = hidden_final @ W^T.
+  Tensor dhid = Tensor::empty({B, L, d});
+  gemm(false, false, M, d, V, 1.f, dlogits.data(), V, lm_head_.data(), d, 0.f, dhid.data(), d);
+  Param& head_p = cfg_.tie_embeddings ? own_.get("backbone.embedding.weight") : own_.get("lm_head.weight");
+  gemm(true, false, V, d, M, 1.f, dlogits.data(), V, sv->hidden_final.data(), d, 1.f, head_p.grad.data(), d);
+  // norm_f.
+  auto gf = ops::rms_norm_bwd(sv->residual_final, norm_f_, eps, dhid);
+  Param& nf = own_.get("backbone.norm_f.weight");
+  for (int64_t j = 0; j < d; ++j) nf.grad[j] += gf.dweight[j];
+  Tensor dres = gf.dx;  // gradient w.r.t. the residual stream; also w.r.t. the last mixer output
+  for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) {
+    // residual_i = hidden_{i-1} + residual_{i-1}; hidden_i = mixer(norm(residual_i)).
+    Tensor dnormed = !m1_.empty() ? m1_[i]->backward(sv->m1[i], dres) : m2_[i]->backward(sv->m2[i], dres);
+    auto gn = ops::rms_norm_bwd(sv->residual[i], norms_[i], eps, dnormed);
+    Param& np = own_.get(str("backbone.layers.", i, ".norm.weight"));
+    for (int64_t j = 0; j < d; ++j) np.grad[j] += gn.dweight[j];
+    for (int64_t k = 0; k < dres.numel(); ++k) dres[k] += gn.dx[k];
+  }
+  // Embedding: scatter-add the residual gradient into the rows of the ids.
+  Param& ep = own_.get("backbone.embedding.weight");
+  for (int64_t t = 0; t < M; ++t) {
+    float* row = ep.grad.data() + static_cast<int64_t>(sv->ids[t]) * d;
+    const float* g = dres.data() + t * d;
+    for (int64_t j = 0; j < d; ++j) row[j] += g[j];
+  }
+}
+
+LMState MambaLM::new_state(int64_t batch) const {
+  LMState s;
+  s.batch = batch;
+  for (auto& m : m1_) s.m1.push_back(m->new_state(batch));
+  for (auto& m : m2_) s.m2.push_back(m->new_state(batch));
+  return s;
+}
+
+Tensor MambaLM::step(const std::vector<int32_t>& ids, LMState& state) {
+  const int64_t B = static_cast<int64_t>(ids.size());
+  MAMBA_CHECK(state.batch == B, "MambaLM::step: state is for batch ", state.batch, ", got ", B, " ids");
+  const float eps = static_cast<float>(cfg_.norm_epsilon);
+  Tensor hidden = embed(ids, B, 1).reshape({B, cfg_.d_model});
+  Tensor residual;
+  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+    trace::Scope scope(str("layers.", i, "."));
+    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);
+    trace::Scope mixer("mixer.");
+    hidden = !m1_.empty() ? m1_[i]->step(normed, state.m1[i]) : m2_[i]->step(normed, state.m2[i]);
+  }
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  return head(out);
+}
+
+}  // namespace mamba

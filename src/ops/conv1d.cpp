@@ -1,0 +1,302 @@
+// Causal depthwise conv1d, channel-last: forward, backward, decode update, prefill final state,
+// and the naive references. The fast kernels vectorise across D with Highway: every tap is a
+// contiguous multiply-add of a weight row wT[k, :] (the weight transposed to (K, D)) with an
+// input row x[b, t-K+1+k, :].
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/conv1d.cpp"
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/highway.h>
+
+#include "mamba/ops/conv1d.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// out[d] = (bias ? bias[d] : 0) + sum_k wT[k*ld + d] * src[k][d], skipping taps whose src is null.
+// src: K row pointers; wT: (K, ld) rows; d in [0, n).
+void TapsKernel(const float* const* src, const float* wT, int64_t ld, int64_t K,
+                const float* bias, float* out, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    auto acc = bias ? hn::LoadU(d, bias + i) : hn::Zero(d);
+    for (int64_t k = 0; k < K; ++k)
+      if (src[k]) acc = hn::MulAdd(hn::LoadU(d, wT + k * ld + i), hn::LoadU(d, src[k] + i), acc);
+    hn::StoreU(acc, d, out + i);
+  }
+  for (; i < n; ++i) {
+    float acc = bias ? bias[i] : 0.f;
+    for (int64_t k = 0; k < K; ++k)
+      if (src[k]) acc += wT[k * ld + i] * src[k][i];
+    out[i] = acc;
+  }
+}
+
+// acc[i] += a[i] * b[i]
+void MulAccKernel(float* acc, const float* a, const float* b, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(hn::MulAdd(hn::LoadU(d, a + i), hn::LoadU(d, b + i), hn::LoadU(d, acc + i)), d,
+               acc + i);
+  for (; i < n; ++i) acc[i] += a[i] * b[i];
+}
+
+// acc[i] += a[i]
+void AddKernel(float* acc, const float* a, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(hn::Add(hn::LoadU(d, a + i), hn::LoadU(d, acc + i)), d, acc + i);
+  for (; i < n; ++i) acc[i] += a[i];
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "mamba/ops/act.h"
+#include "mamba/parallel.h"
+
+namespace mamba::ops {
+HWY_EXPORT(TapsKernel);
+HWY_EXPORT(MulAccKernel);
+HWY_EXPORT(AddKernel);
+
+namespace {
+
+struct ConvDims {
+  int64_t B, L, D, K;
+};
+
+// Validates x (B, L, D), weight (D, K), bias (D) optional; names the offending tensor.
+ConvDims check_conv(const char* what, const Tensor& x, const Tensor& weight, const Tensor& bias) {
+  check_defined(x, str(what, ": x").c_str());
+  check_defined(weight, str(what, ": weight").c_str());
+  MAMBA_CHECK(x.ndim() == 3, what, ": x must be (B, L, D), got ", x.shape_str());
+  MAMBA_CHECK(weight.ndim() == 2, what, ": weight must be (D, K), got ", weight.shape_str());
+  ConvDims c{x.dim(0), x.dim(1), x.dim(2), weight.dim(1)};
+  MAMBA_CHECK(c.K >= 1, what, ": d_conv K must be >= 1, got weight ", weight.shape_str());
+  check_shape(weight, str(what, ": weight").c_str(), {c.D, c.K});
+  if (bias.defined()) check_shape(bias, str(what, ": bias").c_str(), {c.D});
+  return c;
+}
+
+// weight (D, K) -> wT (K, D)
+std::vector<float> transpose_weight(const Tensor& weight, int64_t D, int64_t K) {
+  std::vector<float> wT(static_cast<size_t>(D * K));
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t k = 0; k < K; ++k) wT[k * D + d] = weight[d * K + k];
+  return wT;
+}
+
+// pre-activation forward (no SiLU): y (B, L, D)
+void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* bias, float* y) {
+  const int64_t rows = c.B * c.L;
+  parallel_for(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 std::vector<const float*> src(static_cast<size_t>(c.K));
+                 for (int64_t r = r0; r < r1; ++r) {
+                   const int64_t t = r % c.L;
+                   for (int64_t k = 0; k < c.K; ++k) {
+                     const int64_t s = t - c.K + 1 + k;  // source time of tap k
+                     src[k] = s >= 0 ? x + (r - t + s) * c.D : nullptr;
+                   }
+                   HWY_DYNAMIC_DISPATCH(TapsKernel)(src.data(), wT, c.D, c.K, bias,
+                                                    y + r * c.D, c.D);
+                 }
+               });
+}
+
+}  // namespace
+
+Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu) {
+  const ConvDims c = check_conv("causal_conv1d_fwd", x, weight, bias);
+  Tensor y = Tensor::empty({c.B, c.L, c.D});
+  const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
+  conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data());
+  if (silu) ops::silu(y.data(), y.data(), y.numel());
+  return y;
+}
+
+Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                              const Tensor& dy) {
+  const ConvDims c = check_conv("causal_conv1d_bwd", x, weight, bias);
+  check_shape(dy, "causal_conv1d_bwd: dy", {c.B, c.L, c.D});
+  const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
+  // dpre = dy * act'(pre): (B, L, D)
+  Tensor dpre;
+  if (silu) {
+    dpre = Tensor::empty({c.B, c.L, c.D});
+    conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, dpre.data());
+    ops::silu_bwd(dpre.data(), dy.data(), dpre.data(), dpre.numel());
+  } else {
+    dpre = dy;
+  }
+  const float* g = dpre.data();
+  const float* xp = x.data();
+  Conv1dGrads out;
+  // dx[b, s, :] = sum_k wT[k, :] * dpre[b, s+K-1-k, :]   (taps past the end are absent)
+  out.dx = Tensor::empty({c.B, c.L, c.D});
+  float* dx = out.dx.data();
+  parallel_for(c.B * c.L, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 std::vector<const float*> src(static_cast<size_t>(c.K));
+                 for (int64_t r = r0; r < r1; ++r) {
+                   const int64_t s = r % c.L;
+                   for (int64_t k = 0; k < c.K; ++k) {
+                     const int64_t t = s + c.K - 1 - k;
+                     src[k] = t < c.L ? g + (r - s + t) * c.D : nullptr;
+                   }
+                   HWY_DYNAMIC_DISPATCH(TapsKernel)(src.data(), wT.data(), c.D, c.K, nullptr,
+                                                    dx + r * c.D, c.D);
+                 }
+               });
+  // dwT[k, :] = sum_{b,t} dpre[b,t,:] * x[b, t-K+1+k, :]; dbias = sum dpre. Split over
+  // channel blocks so each thread owns its outputs (no reduction, deterministic).
+  std::vector<float> dwT(static_cast<size_t>(c.K * c.D), 0.f);
+  std::vector<float> db(static_cast<size_t>(c.D), 0.f);
+  const int64_t blk = 64;
+  const int64_t nblk = (c.D + blk - 1) / blk;
+  parallel_for(nblk, 1, [&](int64_t q0, int64_t q1) {
+    const int64_t d0 = q0 * blk, n = std::min(c.D, q1 * blk) - d0;
+    for (int64_t b = 0; b < c.B; ++b)
+      for (int64_t t = 0; t < c.L; ++t) {
+        const float* gr = g + (b * c.L + t) * c.D + d0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t s = t - c.K + 1 + k;
+          if (s >= 0)
+            HWY_DYNAMIC_DISPATCH(MulAccKernel)(dwT.data() + k * c.D + d0, gr,
+                                               xp + (b * c.L + s) * c.D + d0, n);
+        }
+        HWY_DYNAMIC_DISPATCH(AddKernel)(db.data() + d0, gr, n);
+      }
+  });
+  out.dweight = Tensor::empty({c.D, c.K});
+  for (int64_t d = 0; d < c.D; ++d)
+    for (int64_t k = 0; k < c.K; ++k) out.dweight[d * c.K + k] = dwT[k * c.D + d];
+  if (bias.defined()) out.dbias = Tensor::from({c.D}, db);
+  return out;
+}
+
+std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                          bool silu) {
+  const ConvDims c = check_conv("causal_conv1d_ref", x, weight, bias);
+  std::vector<double> y(static_cast<size_t>(c.B * c.L * c.D));
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.L; ++t)
+      for (int64_t d = 0; d < c.D; ++d) {
+        double acc = bias.defined() ? bias[d] : 0.0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t s = t - c.K + 1 + k;
+          if (s >= 0) acc += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+        }
+        if (silu) acc = acc / (1.0 + std::exp(-acc));
+        y[(b * c.L + t) * c.D + d] = acc;
+      }
+  return y;
+}
+
+Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu) {
+  const std::vector<double> y = causal_conv1d_ref_f64(x, weight, bias, silu);
+  Tensor out = Tensor::empty({x.dim(0), x.dim(1), x.dim(2)});
+  for (int64_t i = 0; i < out.numel(); ++i) out[i] = static_cast<float>(y[i]);
+  return out;
+}
+
+Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
+                                  bool silu, const Tensor& dy) {
+  const ConvDims c = check_conv("causal_conv1d_bwd_ref", x, weight, bias);
+  check_shape(dy, "causal_conv1d_bwd_ref: dy", {c.B, c.L, c.D});
+  std::vector<double> dx(x.numel(), 0.0), dw(weight.numel(), 0.0), db(c.D, 0.0);
+  for (int64_t b = 0; b < c.B; ++b)
+    for (int64_t t = 0; t < c.L; ++t)
+      for (int64_t d = 0; d < c.D; ++d) {
+        double pre = bias.defined() ? bias[d] : 0.0;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t s = t - c.K + 1 + k;
+          if (s >= 0) pre += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+        }
+        double g = dy[(b * c.L + t) * c.D + d];
+        if (silu) {
+          const double sg = 1.0 / (1.0 + std::exp(-pre));
+          g *= sg * (1.0 + pre * (1.0 - sg));
+        }
+        db[d] += g;
+        for (int64_t k = 0; k < c.K; ++k) {
+          const int64_t s = t - c.K + 1 + k;
+          if (s < 0) continue;
+          dw[d * c.K + k] += g * x[(b * c.L + s) * c.D + d];
+          dx[(b * c.L + s) * c.D + d] += g * weight[d * c.K + k];
+        }
+      }
+  auto to_f = [](const std::vector<double>& v, Shape s) {
+    Tensor t = Tensor::empty(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<float>(v[i]);
+    return t;
+  };
+  Conv1dGrads out;
+  out.dx = to_f(dx, x.shape());
+  out.dweight = to_f(dw, weight.shape());
+  if (bias.defined()) out.dbias = to_f(db, {c.D});
+  return out;
+}
+
+Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& weight,
+                            const Tensor& bias, bool silu) {
+  check_defined(x, "causal_conv1d_update: x");
+  check_defined(weight, "causal_conv1d_update: weight");
+  MAMBA_CHECK(x.ndim() == 2, "causal_conv1d_update: x must be (B, D), got ", x.shape_str());
+  MAMBA_CHECK(weight.ndim() == 2, "causal_conv1d_update: weight must be (D, K), got ",
+              weight.shape_str());
+  const int64_t B = x.dim(0), D = x.dim(1), K = weight.dim(1);
+  MAMBA_CHECK(K >= 1, "causal_conv1d_update: d_conv K must be >= 1, got weight ",
+              weight.shape_str());
+  check_shape(weight, "causal_conv1d_update: weight", {D, K});
+  check_shape(conv_state, "causal_conv1d_update: conv_state", {B, D, K});
+  if (bias.defined()) check_shape(bias, "causal_conv1d_update: bias", {D});
+  Tensor y = Tensor::empty({B, D});
+  float* st = conv_state.data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d) {
+      float* s = st + (b * D + d) * K;
+      for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
+      s[K - 1] = x[b * D + d];
+      float acc = bias.defined() ? bias[d] : 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += weight[d * K + k] * s[k];
+      y[b * D + d] = acc;
+    }
+  if (silu) ops::silu(y.data(), y.data(), y.numel());
+  return y;
+}
+
+void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state) {
+  check_defined(x, "causal_conv1d_final_state: x");
+  MAMBA_CHECK(x.ndim() == 3, "causal_conv1d_final_state: x must be (B, L, D), got ", x.shape_str());
+  const int64_t B = x.dim(0), L = x.dim(1), D = x.dim(2);
+  check_defined(conv_state, "causal_conv1d_final_state: conv_state");
+  MAMBA_CHECK(conv_state.ndim() == 3 && conv_state.dim(2) >= 1,
+              "causal_conv1d_final_state: conv_state must be (B, D, K) with K >= 1, got ",
+              conv_state.shape_str());
+  const int64_t K = conv_state.dim(2);
+  check_shape(conv_state, "causal_conv1d_final_state: conv_state", {B, D, K});
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t t = L - K + k;
+        conv_state[(b * D + d) * K + k] = t >= 0 ? x[(b * L + t) * D + d] : 0.f;
+      }
+}
+
+}  // namespace mamba::ops
+#endif  // HWY_ONCE

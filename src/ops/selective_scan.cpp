@@ -1,0 +1,618 @@
+// Selective scan (Mamba-1): the fast CPU forward and backward, vectorised with Highway ACROSS
+// CHANNELS (D) and dispatched at run time. The naive reference, the argument checks and the
+// single-token step are in selective_scan_ref.cpp.
+//
+// Work item = (batch b, block of `lanes` consecutive channels d0..d0+lanes). The state of a
+// block, h (N x lanes), stays in L1; per time step
+//   dt = softplus?(delta + bias),  dA_n = exp(dt * A[:, n]),  h_n = dA_n h_n + dt u B_n,
+//   y = sum_n h_n C_n + D u,  out = y * silu(z)
+// all as vectors over the block's channels. A and const B/C are staged per block as (N, lanes)
+// (the pre-transposed (N, D) slice); var/group B/C are broadcast per (t, n) (a block that
+// straddles two groups gathers per lane). A partial last block (D not a multiple of lanes) is
+// staged through zero-padded buffers.
+//
+// Backward: a forward pass keeps h every kChunk steps (checkpoints); then chunk by chunk from
+// the end, the chunk's states and exp values are recomputed into a per-thread buffer and the
+// reverse recurrence runs over them. dA, dD, ddelta_bias and const dB/dC are per channel and
+// accumulated per block; var/group dB/dC (sums over channels per (b, t, n)) are accumulated
+// as vectors into one buffer per thread part, then reduced over parts and lanes: no races,
+// and the result does not depend on scheduling.
+//
+// NaN: propagated as in the reference (exp and softplus of NaN give NaN here too).
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/selective_scan.cpp"
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/highway.h>
+#include <hwy/contrib/math/math-inl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "mamba/ops/selective_scan.h"
+#include "mamba/parallel.h"
+
+#ifndef MAMBA_SELECTIVE_SCAN_PLAN_ONCE
+#define MAMBA_SELECTIVE_SCAN_PLAN_ONCE
+namespace mamba::ops::scan_detail {
+
+constexpr int64_t kChunk = 64;  // backward checkpoint interval (time steps)
+// Below this many state updates (L * N * channels) per thread, threads cost more than they
+// save: small problems run on the calling thread.
+constexpr int64_t kMinWorkPerThread = 1 << 16;
+
+// Raw pointers and dimensions shared by every SIMD target's kernels.
+struct Plan {
+  ScanDims s;
+  bool softplus = false;
+  const float *u = nullptr, *delta = nullptr, *A = nullptr, *B = nullptr, *C = nullptr;
+  const float *Dskip = nullptr, *z = nullptr, *bias = nullptr, *h0 = nullptr;
+  float *out = nullptr, *last = nullptr;
+  // backward
+  const float* dout = nullptr;
+  float *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dA = nullptr, *dB = nullptr, *dC = nullptr;
+  float *dD = nullptr, *dbias = nullptr, *dh0 = nullptr;
+
+  // Offset of the N values of B (or C) for (b, t) and group g.
+  int64_t bc_row(ScanBCKind kind, int64_t G, int64_t b, int64_t t, int64_t g) const {
+    return kind == ScanBCKind::Var ? (b * s.L + t) * s.N : ((b * s.L + t) * G + g) * s.N;
+  }
+};
+
+}  // namespace mamba::ops::scan_detail
+#endif
+
+HWY_BEFORE_NAMESPACE();
+namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+using scan_detail::Plan;
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+// Loads nl <= lanes floats (the rest zero) / stores the first nl lanes.
+HWY_INLINE VF LoadPart(DF d, const float* p, size_t nl, float* tmp) {
+  if (nl == hn::Lanes(d)) return hn::LoadU(d, p);
+  std::memset(tmp, 0, hn::Lanes(d) * sizeof(float));
+  std::memcpy(tmp, p, nl * sizeof(float));
+  return hn::LoadU(d, tmp);
+}
+HWY_INLINE void StorePart(DF d, VF v, float* p, size_t nl, float* tmp) {
+  if (nl == hn::Lanes(d)) return hn::StoreU(v, d, p);
+  hn::StoreU(v, d, tmp);
+  std::memcpy(p, tmp, nl * sizeof(float));
+}
+
+// exp(x) that keeps NaN (hn::Exp maps NaN to 0) and gives inf past fp32 overflow like expf;
+// hn::Exp is valid up to 104.
+HWY_INLINE VF ExpNaN(DF d, VF x) {
+  const VF e = hn::Exp(d, hn::Min(hn::Set(d, 100.0f), x));
+  return hn::IfThenElse(hn::IsNaN(x), x, e);
+}
+// torch's softplus (threshold 20): x for x > 20 (and NaN for NaN), else log1p(exp(x)).
+HWY_INLINE VF Softplus(DF d, VF x) {
+  const VF thr = hn::Set(d, 20.0f);
+  const VF sp = hn::Log1p(d, hn::Exp(d, hn::Min(thr, x)));
+  return hn::IfThenElse(hn::Le(x, thr), sp, x);
+}
+// d softplus / dx = sigmoid(x), 1 past the threshold.
+HWY_INLINE VF SoftplusGrad(DF d, VF x) {
+  const VF one = hn::Set(d, 1.0f);
+  const VF sg = hn::Div(one, hn::Add(one, hn::Exp(d, hn::Min(hn::Set(d, 88.0f), hn::Neg(x)))));
+  return hn::IfThenElse(hn::Gt(x, hn::Set(d, 20.0f)), one, sg);
+}
+HWY_INLINE VF Sigmoid(DF d, VF x) {
+  const VF one = hn::Set(d, 1.0f);
+  return hn::Div(one, hn::Add(one, hn::Exp(d, hn::Min(hn::Set(d, 88.0f), hn::Neg(x)))));
+}
+
+// Per-thread scratch for one block of channels.
+struct Block {
+  int64_t b = 0, d0 = 0;
+  size_t nl = 0;            // valid lanes
+  size_t lanes = 0;
+  std::vector<float> A;     // (N, lanes)
+  std::vector<float> Bs, Cs;  // (N, lanes): B and C for the current step (const: staged once)
+  std::vector<float> tmp;   // lanes
+  // The groups the block's channels fall in, for B and C: [g_first, g_last].
+  int64_t gb0 = 0, gb1 = 0, gc0 = 0, gc1 = 0;
+};
+
+void BlockInit(const Plan& p, Block& k, int64_t b, int64_t d0, size_t lanes) {
+  const int64_t N = p.s.N, D = p.s.D;
+  k.b = b, k.d0 = d0, k.lanes = lanes;
+  k.nl = static_cast<size_t>(std::min<int64_t>(static_cast<int64_t>(lanes), D - d0));
+  k.A.assign(N * lanes, 0.f);
+  k.Bs.assign(N * lanes, 0.f);
+  k.Cs.assign(N * lanes, 0.f);
+  k.tmp.assign(lanes, 0.f);
+  for (size_t l = 0; l < k.nl; ++l)
+    for (int64_t n = 0; n < N; ++n) k.A[n * lanes + l] = p.A[(d0 + l) * N + n];
+  if (p.s.b_kind == ScanBCKind::Const)
+    for (size_t l = 0; l < k.nl; ++l)
+      for (int64_t n = 0; n < N; ++n) k.Bs[n * lanes + l] = p.B[(d0 + l) * N + n];
+  if (p.s.c_kind == ScanBCKind::Const)
+    for (size_t l = 0; l < k.nl; ++l)
+      for (int64_t n = 0; n < N; ++n) k.Cs[n * lanes + l] = p.C[(d0 + l) * N + n];
+  const int64_t last = d0 + static_cast<int64_t>(k.nl) - 1;
+  k.gb0 = d0 / (D / p.s.b_groups), k.gb1 = last / (D / p.s.b_groups);
+  k.gc0 = d0 / (D / p.s.c_groups), k.gc1 = last / (D / p.s.c_groups);
+}
+
+// Fills dst (N, lanes) with B (or C) at step t for the block's channels (var/group kinds).
+HWY_INLINE void StageBC(DF d, const Plan& p, const Block& k, ScanBCKind kind, const float* src,
+                        int64_t G, int64_t g0, int64_t g1, int64_t t, float* dst) {
+  const int64_t N = p.s.N;
+  const size_t lanes = k.lanes;
+  if (kind == ScanBCKind::Const) return;
+  if (g0 == g1) {  // every channel of the block reads the same row: broadcast
+    const float* row = src + p.bc_row(kind, G, k.b, t, g0);
+    for (int64_t n = 0; n < N; ++n) hn::StoreU(hn::Set(d, row[n]), d, dst + n * lanes);
+    return;
+  }
+  const int64_t per = p.s.D / G;
+  for (size_t l = 0; l < k.nl; ++l) {
+    const float* row = src + p.bc_row(kind, G, k.b, t, (k.d0 + static_cast<int64_t>(l)) / per);
+    for (int64_t n = 0; n < N; ++n) dst[n * lanes + l] = row[n];
+  }
+}
+
+// ---- forward ----------------------------------------------------------------------------------
+
+// One time step for the block: h_n = exp(dt A_n) h_n + dtu B_n, returns sum_n h_n C_n.
+// kBB / kCB: B / C is one row broadcast to every lane (var kind, or a group covering the
+// block) read from Bp[n]; otherwise Bp is staged (N, lanes). kSafe: dt*A may be NaN or
+// positive (clamped, NaN kept); otherwise dt >= 0 finite and A <= 0 finite were checked.
+template <bool kBB, bool kCB, bool kSafe>
+HWY_INLINE VF FwdStep(DF d, int64_t N, size_t lanes, const float* HWY_RESTRICT As,
+                      float* HWY_RESTRICT h, const float* Bp, const float* Cp, VF dt, VF dtu) {
+  VF y0 = hn::Zero(d), y1 = hn::Zero(d);
+  auto bval = [&](int64_t n) { return kBB ? hn::Set(d, Bp[n]) : hn::LoadU(d, Bp + n * lanes); };
+  auto cval = [&](int64_t n) { return kCB ? hn::Set(d, Cp[n]) : hn::LoadU(d, Cp + n * lanes); };
+  auto expo = [&](VF x) { return kSafe ? ExpNaN(d, x) : hn::Exp(d, x); };
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2) {
+    const VF e0 = expo(hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+    const VF e1 = expo(hn::Mul(dt, hn::LoadU(d, As + (n + 1) * lanes)));
+    const VF h0 = hn::MulAdd(e0, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, bval(n)));
+    const VF h1 = hn::MulAdd(e1, hn::LoadU(d, h + (n + 1) * lanes), hn::Mul(dtu, bval(n + 1)));
+    hn::StoreU(h0, d, h + n * lanes);
+    hn::StoreU(h1, d, h + (n + 1) * lanes);
+    y0 = hn::MulAdd(h0, cval(n), y0);
+    y1 = hn::MulAdd(h1, cval(n + 1), y1);
+  }
+  for (; n < N; ++n) {
+    const VF e0 = expo(hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+    const VF h0 = hn::MulAdd(e0, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, bval(n)));
+    hn::StoreU(h0, d, h + n * lanes);
+    y0 = hn::MulAdd(h0, cval(n), y0);
+  }
+  return hn::Add(y0, y1);
+}
+
+// True when every staged A is finite and <= 0 (then dt*A <= 0 for finite dt >= 0).
+bool ANonPositive(const Block& k, int64_t N) {
+  for (int64_t i = 0; i < N * static_cast<int64_t>(k.lanes); ++i)
+    if (!(k.A[i] <= 0.f) || std::isinf(k.A[i])) return false;
+  return true;
+}
+
+template <bool kBB, bool kCB>
+void FwdBlockT(const Plan& p, Block& k, float* h) {
+  const DF d;
+  const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0;
+  const size_t lanes = k.lanes, nl = k.nl;
+  float* tmp = k.tmp.data();
+  for (int64_t n = 0; n < N; ++n) {
+    for (size_t l = 0; l < lanes; ++l)
+      h[n * lanes + l] = (p.h0 && l < nl) ? p.h0[(b * D + d0 + l) * N + n] : 0.f;
+  }
+  const VF Dv = p.Dskip ? LoadPart(d, p.Dskip + d0, nl, tmp) : hn::Zero(d);
+  const VF bias = p.bias ? LoadPart(d, p.bias + d0, nl, tmp) : hn::Zero(d);
+  const VF inf = hn::Set(d, HUGE_VALF);
+  const bool a_ok = ANonPositive(k, N);
+  const float* As = k.A.data();
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t off = (b * L + t) * D + d0;
+    VF dt = hn::Add(LoadPart(d, p.delta + off, nl, tmp), bias);
+    if (p.softplus) dt = Softplus(d, dt);
+    const VF u = LoadPart(d, p.u + off, nl, tmp);
+    const VF dtu = hn::Mul(dt, u);
+    const float* Bp = k.Bs.data();
+    const float* Cp = k.Cs.data();
+    if (kBB) Bp = p.B + p.bc_row(p.s.b_kind, p.s.b_groups, b, t, k.gb0);
+    else StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
+    if (kCB) Cp = p.C + p.bc_row(p.s.c_kind, p.s.c_groups, b, t, k.gc0);
+    else StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, k.Cs.data());
+    const bool fast = a_ok && hn::AllTrue(d, hn::And(hn::Ge(dt, hn::Zero(d)), hn::Lt(dt, inf)));
+    VF y = fast ? FwdStep<kBB, kCB, false>(d, N, lanes, As, h, Bp, Cp, dt, dtu)
+                : FwdStep<kBB, kCB, true>(d, N, lanes, As, h, Bp, Cp, dt, dtu);
+    y = hn::MulAdd(Dv, u, y);
+    if (p.z) {
+      const VF z = LoadPart(d, p.z + off, nl, tmp);
+      y = hn::Mul(y, hn::Mul(z, Sigmoid(d, z)));
+    }
+    StorePart(d, y, p.out + off, nl, tmp);
+  }
+  if (p.last)
+    for (size_t l = 0; l < nl; ++l)
+      for (int64_t n = 0; n < N; ++n) p.last[(b * D + d0 + l) * N + n] = h[n * lanes + l];
+}
+
+// B (or C) is one broadcast row for the whole block: var kind, or group kind with the block
+// inside one group.
+bool Broadcast(ScanBCKind kind, int64_t g0, int64_t g1) {
+  return kind == ScanBCKind::Var || (kind == ScanBCKind::Group && g0 == g1);
+}
+
+void ScanFwdKernel(const Plan& p) {
+  const DF d;
+  const size_t lanes = hn::Lanes(d);
+  const int64_t nblk = (p.s.D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
+  const int64_t items = p.s.batch * nblk;
+  const int64_t work = std::max<int64_t>(1, p.s.L * p.s.N * static_cast<int64_t>(lanes));
+  parallel_for(items, (scan_detail::kMinWorkPerThread + work - 1) / work, [&](int64_t i0, int64_t i1) {
+    Block k;
+    std::vector<float> h(p.s.N * lanes);
+    for (int64_t i = i0; i < i1; ++i) {
+      BlockInit(p, k, i / nblk, (i % nblk) * static_cast<int64_t>(lanes), lanes);
+      const bool bb = Broadcast(p.s.b_kind, k.gb0, k.gb1), cb = Broadcast(p.s.c_kind, k.gc0, k.gc1);
+      if (bb && cb) FwdBlockT<true, true>(p, k, h.data());
+      else if (bb) FwdBlockT<true, false>(p, k, h.data());
+      else if (cb) FwdBlockT<false, true>(p, k, h.data());
+      else FwdBlockT<false, false>(p, k, h.data());
+    }
+  });
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+//
+// Part q (one per thread) owns a contiguous range of channel blocks. For each batch b:
+//   pass 1, per block: run the recurrence, saving h at the start of every chunk;
+//   then chunks from the last to the first; per chunk, per block: recompute the chunk's
+//   states and exp values, run the reverse recurrence (carry = dL/dh kept per block), and
+//   add the var/group dB/dC contributions (vectors over the block's lanes) into a chunk
+//   buffer (T, G, N, lanes) shared by the part's blocks; at the end of the chunk that buffer
+//   is summed over lanes into the part's rows (L, G, N). The parts' rows are then summed.
+
+struct PartScratch {
+  int64_t nbk = 0;
+  std::vector<Block> blocks;
+  std::vector<float> ckpt, carry, dAacc, dBacc, dCacc, dDacc, dbacc;  // per block
+  std::vector<float> H, E, Y, dtv, spg, dBstep, dCstep, mask, chunkB, chunkC;
+  void init(const Plan& p, size_t lanes, int64_t nblocks) {
+    const int64_t N = p.s.N, C = scan_detail::kChunk, NL = N * static_cast<int64_t>(lanes);
+    const int64_t nchunks = (p.s.L + C - 1) / C;
+    nbk = nblocks;
+    blocks.resize(nblocks);
+    ckpt.resize(nblocks * nchunks * NL);
+    for (auto* v : {&carry, &dAacc, &dBacc, &dCacc}) v->resize(nblocks * NL);
+    dDacc.resize(nblocks * lanes);
+    dbacc.resize(nblocks * lanes);
+    H.resize((C + 1) * NL);
+    E.resize(C * NL);
+    for (auto* v : {&Y, &dtv, &spg}) v->resize(C * lanes);
+    dBstep.resize(NL);
+    dCstep.resize(NL);
+    mask.resize(lanes);
+    if (p.s.b_kind != ScanBCKind::Const) chunkB.resize(C * p.s.b_groups * NL);
+    if (p.s.c_kind != ScanBCKind::Const) chunkC.resize(C * p.s.c_groups * NL);
+  }
+};
+
+// chunk (T, G, N, lanes) row (j, g) += step (N, lanes) for the lanes of the block in group g
+// (a block may straddle groups).
+void AddToChunk(DF d, const Plan& p, const Block& k, int64_t G, int64_t g0, int64_t g1, int64_t j,
+                const float* step, float* chunk, float* mask) {
+  const int64_t N = p.s.N;
+  const size_t lanes = k.lanes;
+  if (g0 == g1 && k.nl == lanes) {
+    float* row = chunk + (j * G + g0) * N * static_cast<int64_t>(lanes);
+    for (int64_t n = 0; n < N; ++n)
+      hn::StoreU(hn::Add(hn::LoadU(d, row + n * lanes), hn::LoadU(d, step + n * lanes)), d, row + n * lanes);
+    return;
+  }
+  const int64_t per = p.s.D / G;
+  for (int64_t g = g0; g <= g1; ++g) {
+    for (size_t l = 0; l < lanes; ++l) {
+      const int64_t ch = k.d0 + static_cast<int64_t>(l);
+      mask[l] = (l < k.nl && ch / per == g) ? 1.f : 0.f;
+    }
+    const VF m = hn::LoadU(d, mask);
+    float* row = chunk + (j * G + g) * N * static_cast<int64_t>(lanes);
+    for (int64_t n = 0; n < N; ++n)
+      hn::StoreU(hn::MulAdd(m, hn::LoadU(d, step + n * lanes), hn::LoadU(d, row + n * lanes)), d,
+                 row + n * lanes);
+  }
+}
+
+// dt (and softplus') for the block at step t.
+HWY_INLINE VF DeltaT(DF d, const Plan& p, const Block& k, int64_t off, VF bias, VF* spg) {
+  const VF v = hn::Add(LoadPart(d, p.delta + off, k.nl, const_cast<float*>(k.tmp.data())), bias);
+  if (!p.softplus) {
+    if (spg) *spg = hn::Set(d, 1.f);
+    return v;
+  }
+  if (spg) *spg = SoftplusGrad(d, v);
+  return Softplus(d, v);
+}
+
+// Pass 1: the state at the start of every chunk, into ckpt (nchunks, N, lanes).
+void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h) {
+  const DF d;
+  const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0, C = scan_detail::kChunk;
+  const size_t lanes = k.lanes, nl = k.nl;
+  const int64_t NL = N * static_cast<int64_t>(lanes);
+  float* tmp = k.tmp.data();
+  const VF bias = p.bias ? LoadPart(d, p.bias + d0, nl, tmp) : hn::Zero(d);
+  for (int64_t n = 0; n < N; ++n)
+    for (size_t l = 0; l < lanes; ++l)
+      h[n * lanes + l] = (p.h0 && l < nl) ? p.h0[(b * D + d0 + l) * N + n] : 0.f;
+  const float* As = k.A.data();
+  for (int64_t t = 0; t < L; ++t) {
+    if (t % C == 0) std::memcpy(ckpt + (t / C) * NL, h, NL * sizeof(float));
+    if (t + 1 == L) break;  // the last state is not needed
+    const int64_t off = (b * L + t) * D + d0;
+    const VF dt = DeltaT(d, p, k, off, bias, nullptr);
+    const VF dtu = hn::Mul(dt, LoadPart(d, p.u + off, nl, tmp));
+    StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
+    const float* Bs = k.Bs.data();
+    for (int64_t n = 0; n < N; ++n) {
+      const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+      hn::StoreU(hn::MulAdd(e, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes))), d,
+                 h + n * lanes);
+    }
+  }
+}
+
+// Chunk c of block i of the part: recompute, then the reverse recurrence.
+void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
+  const DF d;
+  Block& k = w.blocks[i];
+  const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0, C = scan_detail::kChunk;
+  const size_t lanes = k.lanes, nl = k.nl;
+  const int64_t NL = N * static_cast<int64_t>(lanes);
+  const int64_t nchunks = (L + C - 1) / C;
+  const int64_t t0 = c * C, T = std::min(L, t0 + C) - t0;
+  float* tmp = k.tmp.data();
+  const float* As = k.A.data();
+  float* Bs = k.Bs.data();
+  float* Cs = k.Cs.data();
+  const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
+  const VF Dv = p.Dskip ? LoadPart(d, p.Dskip + d0, nl, tmp) : hn::Zero(d);
+  const VF bias = p.bias ? LoadPart(d, p.bias + d0, nl, tmp) : hn::Zero(d);
+  float* H = w.H.data();
+  float* E = w.E.data();
+  float* carry = w.carry.data() + i * NL;
+  float* dAacc = w.dAacc.data() + i * NL;
+  float* dBacc = w.dBacc.data() + i * NL;
+  float* dCacc = w.dCacc.data() + i * NL;
+  std::memcpy(H, w.ckpt.data() + (i * nchunks + c) * NL, NL * sizeof(float));
+  // Recompute: H[j+1] = h after step t0+j, E[j] = exp(dt A), Y[j] = y + D u.
+  for (int64_t j = 0; j < T; ++j) {
+    const int64_t t = t0 + j, off = (b * L + t) * D + d0;
+    VF spg;
+    const VF dt = DeltaT(d, p, k, off, bias, &spg);
+    hn::StoreU(dt, d, w.dtv.data() + j * lanes);
+    hn::StoreU(spg, d, w.spg.data() + j * lanes);
+    const VF u = LoadPart(d, p.u + off, nl, tmp);
+    const VF dtu = hn::Mul(dt, u);
+    StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, Bs);
+    StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, Cs);
+    const float* hp = H + j * NL;
+    float* hc = H + (j + 1) * NL;
+    float* ej = E + j * NL;
+    VF y = hn::Zero(d);
+    for (int64_t n = 0; n < N; ++n) {
+      const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+      hn::StoreU(e, d, ej + n * lanes);
+      const VF hv = hn::MulAdd(e, hn::LoadU(d, hp + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes)));
+      hn::StoreU(hv, d, hc + n * lanes);
+      y = hn::MulAdd(hv, hn::LoadU(d, Cs + n * lanes), y);
+    }
+    hn::StoreU(hn::MulAdd(Dv, u, y), d, w.Y.data() + j * lanes);
+  }
+  // Reverse.
+  VF dDacc = hn::LoadU(d, w.dDacc.data() + i * lanes), dbacc = hn::LoadU(d, w.dbacc.data() + i * lanes);
+  for (int64_t j = T - 1; j >= 0; --j) {
+    const int64_t t = t0 + j, off = (b * L + t) * D + d0;
+    const VF dt = hn::LoadU(d, w.dtv.data() + j * lanes);
+    const VF u = LoadPart(d, p.u + off, nl, tmp);
+    const VF dtu = hn::Mul(dt, u);
+    VF dy = LoadPart(d, p.dout + off, nl, tmp);
+    if (p.z) {
+      const VF z = LoadPart(d, p.z + off, nl, tmp);
+      const VF sg = Sigmoid(d, z);
+      const VF one = hn::Set(d, 1.f);
+      // d silu / dz = sg (1 + z (1 - sg))
+      const VF dsilu = hn::Mul(sg, hn::MulAdd(z, hn::Sub(one, sg), one));
+      StorePart(d, hn::Mul(hn::Mul(dy, hn::LoadU(d, w.Y.data() + j * lanes)), dsilu), p.dz + off, nl, tmp);
+      dy = hn::Mul(dy, hn::Mul(z, sg));
+    }
+    dDacc = hn::MulAdd(dy, u, dDacc);
+    StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, Bs);
+    StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, Cs);
+    const float* hp = H + j * NL;
+    const float* hc = H + (j + 1) * NL;
+    const float* ej = E + j * NL;
+    float* dBdst = bvar ? w.dBstep.data() : dBacc;
+    float* dCdst = cvar ? w.dCstep.data() : dCacc;
+    VF gB = hn::Zero(d), ddt = hn::Zero(d);
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t o = n * static_cast<int64_t>(lanes);
+      const VF e = hn::LoadU(d, ej + o);
+      const VF g = hn::MulAdd(dy, hn::LoadU(d, Cs + o), hn::LoadU(d, carry + o));  // dL/dh_t
+      const VF dC = hn::Mul(dy, hn::LoadU(d, hc + o));
+      const VF dB = hn::Mul(g, dtu);
+      hn::StoreU(cvar ? dC : hn::Add(dC, hn::LoadU(d, dCdst + o)), d, dCdst + o);
+      hn::StoreU(bvar ? dB : hn::Add(dB, hn::LoadU(d, dBdst + o)), d, dBdst + o);
+      gB = hn::MulAdd(g, hn::LoadU(d, Bs + o), gB);
+      const VF ghe = hn::Mul(hn::Mul(g, hn::LoadU(d, hp + o)), e);
+      ddt = hn::MulAdd(ghe, hn::LoadU(d, As + o), ddt);
+      hn::StoreU(hn::MulAdd(ghe, dt, hn::LoadU(d, dAacc + o)), d, dAacc + o);
+      hn::StoreU(hn::Mul(e, g), d, carry + o);
+    }
+    if (bvar) AddToChunk(d, p, k, p.s.b_groups, k.gb0, k.gb1, j, w.dBstep.data(), w.chunkB.data(), w.mask.data());
+    if (cvar) AddToChunk(d, p, k, p.s.c_groups, k.gc0, k.gc1, j, w.dCstep.data(), w.chunkC.data(), w.mask.data());
+    const VF du = hn::MulAdd(dt, gB, hn::Mul(dy, Dv));
+    ddt = hn::MulAdd(u, gB, ddt);
+    const VF dd = hn::Mul(ddt, hn::LoadU(d, w.spg.data() + j * lanes));
+    StorePart(d, du, p.du + off, nl, tmp);
+    StorePart(d, dd, p.ddelta + off, nl, tmp);
+    dbacc = hn::Add(dbacc, dd);
+  }
+  hn::StoreU(dDacc, d, w.dDacc.data() + i * lanes);
+  hn::StoreU(dbacc, d, w.dbacc.data() + i * lanes);
+}
+
+// rows[r] = sum over lanes of chunk[r] (lanes floats each), r < nrows.
+void SumLanes(const float* chunk, int64_t nrows, size_t lanes, float* rows) {
+  for (int64_t r = 0; r < nrows; ++r) {
+    double s = 0;
+    for (size_t l = 0; l < lanes; ++l) s += chunk[r * static_cast<int64_t>(lanes) + l];
+    rows[r] = static_cast<float>(s);
+  }
+}
+
+void BwdPart(const Plan& p, PartScratch& w, int64_t b, int64_t blk0, size_t lanes, float* rowsB,
+             float* rowsC) {
+  const int64_t N = p.s.N, L = p.s.L, D = p.s.D, C = scan_detail::kChunk;
+  const int64_t NL = N * static_cast<int64_t>(lanes), nchunks = (L + C - 1) / C;
+  const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
+  for (int64_t i = 0; i < w.nbk; ++i) {
+    BlockInit(p, w.blocks[i], b, (blk0 + i) * static_cast<int64_t>(lanes), lanes);
+    BwdCheckpoints(p, w.blocks[i], w.ckpt.data() + i * nchunks * NL, w.H.data());
+  }
+  for (auto* v : {&w.carry, &w.dAacc, &w.dBacc, &w.dCacc, &w.dDacc, &w.dbacc})
+    std::fill(v->begin(), v->end(), 0.f);
+  for (int64_t c = nchunks - 1; c >= 0; --c) {
+    const int64_t t0 = c * C, T = std::min(L, t0 + C) - t0;
+    if (bvar) std::fill(w.chunkB.begin(), w.chunkB.end(), 0.f);
+    if (cvar) std::fill(w.chunkC.begin(), w.chunkC.end(), 0.f);
+    for (int64_t i = 0; i < w.nbk; ++i) BwdChunk(p, w, i, c);
+    if (bvar) SumLanes(w.chunkB.data(), T * p.s.b_groups * N, lanes, rowsB + t0 * p.s.b_groups * N);
+    if (cvar) SumLanes(w.chunkC.data(), T * p.s.c_groups * N, lanes, rowsC + t0 * p.s.c_groups * N);
+  }
+  // Per-channel results: the part owns its channels, batches run one after another.
+  for (int64_t i = 0; i < w.nbk; ++i) {
+    const Block& k = w.blocks[i];
+    for (size_t l = 0; l < k.nl; ++l) {
+      const int64_t ch = k.d0 + static_cast<int64_t>(l);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t o = i * NL + n * static_cast<int64_t>(lanes) + static_cast<int64_t>(l);
+        p.dA[ch * N + n] += w.dAacc[o];
+        if (!bvar) p.dB[ch * N + n] += w.dBacc[o];
+        if (!cvar) p.dC[ch * N + n] += w.dCacc[o];
+        if (p.dh0) p.dh0[(b * D + ch) * N + n] = w.carry[o];
+      }
+      if (p.dD) p.dD[ch] += w.dDacc[i * lanes + l];
+      if (p.dbias) p.dbias[ch] += w.dbacc[i * lanes + l];
+    }
+  }
+}
+
+void ScanBwdKernel(const Plan& p) {
+  const DF d;
+  const size_t lanes = hn::Lanes(d);
+  const int64_t nblk = (p.s.D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
+  const int64_t work = p.s.L * p.s.N * p.s.D;  // per batch
+  const int64_t nparts = std::max<int64_t>(
+      1, std::min({static_cast<int64_t>(num_threads()), nblk, work / scan_detail::kMinWorkPerThread}));
+  const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
+  const int64_t rowsB = p.s.L * p.s.b_groups * p.s.N, rowsC = p.s.L * p.s.c_groups * p.s.N;
+  std::vector<float> partB(bvar ? nparts * rowsB : 0), partC(cvar ? nparts * rowsC : 0);
+  std::vector<PartScratch> scratch(nparts);
+  for (int64_t b = 0; b < p.s.batch; ++b) {
+    parallel_for(nparts, 1, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const int64_t blk0 = nblk * q / nparts, blk1 = nblk * (q + 1) / nparts;
+        if (scratch[q].nbk != blk1 - blk0) scratch[q].init(p, lanes, blk1 - blk0);
+        BwdPart(p, scratch[q], b, blk0, lanes, bvar ? partB.data() + q * rowsB : nullptr,
+                cvar ? partC.data() + q * rowsC : nullptr);
+      }
+    });
+    auto reduce = [&](const std::vector<float>& part, int64_t rows, float* dst) {
+      parallel_for(rows, 1 << 15, [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          double s = 0;
+          for (int64_t q = 0; q < nparts; ++q) s += part[q * rows + r];
+          dst[r] = static_cast<float>(s);
+        }
+      });
+    };
+    if (bvar) reduce(partB, rowsB, p.dB + b * rowsB);
+    if (cvar) reduce(partC, rowsC, p.dC + b * rowsC);
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mamba::ops {
+HWY_EXPORT(ScanFwdKernel);
+HWY_EXPORT(ScanBwdKernel);
+
+namespace {
+scan_detail::Plan make_plan(const ScanArgs& a, const ScanDims& s) {
+  scan_detail::Plan p;
+  p.s = s;
+  p.softplus = a.delta_softplus;
+  p.u = a.u.data(), p.delta = a.delta.data(), p.A = a.A.data(), p.B = a.B.data(), p.C = a.C.data();
+  p.Dskip = a.D.defined() ? a.D.data() : nullptr;
+  p.z = a.z.defined() ? a.z.data() : nullptr;
+  p.bias = a.delta_bias.defined() ? a.delta_bias.data() : nullptr;
+  p.h0 = a.initial_state.defined() ? a.initial_state.data() : nullptr;
+  return p;
+}
+}  // namespace
+
+// u, delta: (B, L, D) -> out (B, L, D); last_state (B, D, N)
+Tensor selective_scan_fwd(const ScanArgs& a, Tensor* last_state) {
+  const ScanDims s = selective_scan_check(a, "selective_scan_fwd");
+  Tensor out = Tensor::empty({s.batch, s.L, s.D});
+  scan_detail::Plan p = make_plan(a, s);
+  p.out = out.data();
+  if (last_state) {
+    *last_state = Tensor::zeros({s.batch, s.D, s.N});
+    p.last = last_state->data();
+  }
+  if (s.L > 0 && s.D > 0) {
+    HWY_DYNAMIC_DISPATCH(ScanFwdKernel)(p);
+  } else if (last_state && a.initial_state.defined()) {
+    last_state->copy_from(a.initial_state);  // no steps: the state is unchanged
+  }
+  return out;
+}
+
+// Gradients of sum(out * dout); dout: (B, L, D). Fresh tensors.
+ScanGrads selective_scan_bwd(const ScanArgs& a, const Tensor& dout) {
+  const ScanDims s = selective_scan_check(a, "selective_scan_bwd");
+  check_shape(dout, "selective_scan_bwd: dout", {s.batch, s.L, s.D});
+  ScanGrads r;
+  r.du = Tensor::zeros(a.u.shape());
+  r.ddelta = Tensor::zeros(a.delta.shape());
+  r.dA = Tensor::zeros(a.A.shape());
+  r.dB = Tensor::zeros(a.B.shape());
+  r.dC = Tensor::zeros(a.C.shape());
+  if (a.D.defined()) r.dD = Tensor::zeros(a.D.shape());
+  if (a.z.defined()) r.dz = Tensor::zeros(a.z.shape());
+  if (a.delta_bias.defined()) r.ddelta_bias = Tensor::zeros(a.delta_bias.shape());
+  if (a.initial_state.defined()) r.dinitial_state = Tensor::zeros(a.initial_state.shape());
+  if (s.L == 0 || s.D == 0) return r;
+  scan_detail::Plan p = make_plan(a, s);
+  p.dout = dout.data();
+  p.du = r.du.data(), p.ddelta = r.ddelta.data(), p.dA = r.dA.data(), p.dB = r.dB.data();
+  p.dC = r.dC.data();
+  p.dD = a.D.defined() ? r.dD.data() : nullptr;
+  p.dz = a.z.defined() ? r.dz.data() : nullptr;
+  p.dbias = a.delta_bias.defined() ? r.ddelta_bias.data() : nullptr;
+  p.dh0 = a.initial_state.defined() ? r.dinitial_state.data() : nullptr;
+  HWY_DYNAMIC_DISPATCH(ScanBwdKernel)(p);
+  return r;
+}
+
+}  // namespace mamba::ops
+#endif  // HWY_ONCE

@@ -1,0 +1,696 @@
+// SSD (Mamba-2 scan): the sequential reference, the chunked CPU algorithm (forward and backward
+// side by side) and the single-token state update. See include/mamba/ops/ssd.h for the math.
+//
+// Chunked algorithm, per (batch b, head h), chunk c of Q positions starting at t0, with the
+// local cumulative log-decay cs_i = sum_{k<=i} dt_k A (i = 0..Q-1) and the entering state S:
+//   y_i   = exp(cs_i) C_i S^T  +  sum_{j<=i} (C_i . B_j) exp(cs_i - cs_j) dt_j x_j
+//         = diag(exp(cs)) C S^T + M X,     M = (C B^T) o E o dt^T,  E_ij = exp(cs_i - cs_j), j <= i
+//   S'    = exp(cs_last) S + X^T diag(w) B,  w_j = exp(cs_last - cs_j) dt_j
+// C B^T is shared by the heads of one group and computed once per (b, g, chunk).
+#include "mamba/ops/ssd.h"
+
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+#include <vector>
+
+#include "mamba/gemm.h"
+#include "mamba/ops/act.h"
+#include "mamba/parallel.h"
+
+namespace mamba::ops {
+namespace {
+
+struct Dims {
+  int64_t B, L, H, P, G, N, hpg;  // hpg: heads per group
+  bool d_hdim = false;            // D is (H, P)
+};
+
+Dims dims_of(const SsdArgs& a) {
+  check_defined(a.x, "ssd: x");
+  MAMBA_CHECK(a.x.ndim() == 4, "ssd: x must be (B, L, H, P), got ", a.x.shape_str());
+  Dims d;
+  d.B = a.x.dim(0), d.L = a.x.dim(1), d.H = a.x.dim(2), d.P = a.x.dim(3);
+  check_defined(a.B, "ssd: B");
+  MAMBA_CHECK(a.B.ndim() == 4, "ssd: B must be (B, L, G, N), got ", a.B.shape_str());
+  d.G = a.B.dim(2), d.N = a.B.dim(3);
+  MAMBA_CHECK(d.G > 0 && d.H % d.G == 0, "ssd: ngroups G=", d.G, " (from B ", a.B.shape_str(),
+              ") must divide the number of heads H=", d.H);
+  d.hpg = d.H / d.G;
+  return d;
+}
+
+// parallel_for grain for tasks of `work` multiply-adds each: at least ~32K per task, so tiny
+// problems run inline instead of paying for a thread wake-up.
+int64_t grain_for(int64_t work) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(work, 1)); }
+
+bool has_limit(const SsdArgs& a) {
+  return !(a.dt_min == 0.f && a.dt_max == std::numeric_limits<float>::infinity());
+}
+
+template <class T>
+T softplus_t(T v) {
+  return v > T(20) ? v : std::log1p(std::exp(v));
+}
+
+// dt' = clamp(softplus?(dt + bias)); also the factor d dt' / d dt (0 where clamped).
+template <class T>
+T process_dt(T v, T bias, bool sp, bool limit, T lo, T hi, T* deriv) {
+  v += bias;
+  T dv = 1;
+  if (sp) {
+    dv = v > T(20) ? T(1) : T(1) / (T(1) + std::exp(-v));
+    v = softplus_t(v);
+  }
+  if (limit) {
+    if (v < lo) v = lo, dv = 0;
+    else if (v > hi) v = hi, dv = 0;
+  }
+  if (deriv) *deriv = dv;
+  return v;
+}
+
+// Sigmoid and silu' in type T.
+template <class T>
+T sigmoid_t(T v) {
+  return T(1) / (T(1) + std::exp(-v));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reference: the sequential recurrence, accumulating in T (double for the spec).
+// out: (B, L, H, P) after gating; fin: (B, H, P, N); ypre: (B, L, H, P) before gating.
+template <class T>
+void ref_forward(const SsdArgs& a, const Dims& d, std::vector<T>& out, std::vector<T>* fin,
+                 std::vector<T>* ypre) {
+  const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
+  out.assign(B * L * H * P, T(0));
+  if (fin) fin->assign(B * H * P * N, T(0));
+  if (ypre) ypre->assign(B * L * H * P, T(0));
+  const bool limit = has_limit(a);
+  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+    std::vector<T> h(P * N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+      for (int64_t i = 0; i < P * N; ++i)
+        h[i] = a.initial_states.defined() ? T(a.initial_states[bh * P * N + i]) : T(0);
+      const T A = a.A[hd];
+      const T bias = a.dt_bias.defined() ? T(a.dt_bias[hd]) : T(0);
+      for (int64_t t = 0; t < L; ++t) {
+        const T dt = process_dt<T>(a.dt[(b * L + t) * H + hd], bias, a.dt_softplus, limit,
+                                   a.dt_min, a.dt_max, nullptr);
+        const T dA = std::exp(dt * A);
+        const float* x = a.x.data() + ((b * L + t) * H + hd) * P;
+        const float* Bt = a.B.data() + ((b * L + t) * G + g) * N;
+        const float* Ct = a.C.data() + ((b * L + t) * G + g) * N;
+        for (int64_t p = 0; p < P; ++p) {
+          T y = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            T& s = h[p * N + n];
+            s = dA * s + dt * T(x[p]) * T(Bt[n]);
+            y += s * T(Ct[n]);
+          }
+          if (a.D.defined()) y += T(a.D[d.d_hdim ? hd * P + p : hd]) * T(x[p]);
+          const int64_t o = ((b * L + t) * H + hd) * P + p;
+          if (ypre) (*ypre)[o] = y;
+          if (a.z.defined()) {
+            const T zz = a.z[o];
+            y *= zz * sigmoid_t(zz);
+          }
+          out[o] = y;
+        }
+      }
+      if (fin)
+        for (int64_t i = 0; i < P * N; ++i) (*fin)[bh * P * N + i] = h[i];
+    }
+  });
+}
+
+Tensor to_tensor(const std::vector<double>& v, const Shape& s) {
+  Tensor t = Tensor::empty(s);
+  for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<float>(v[i]);
+  return t;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chunked forward. Writes ypre (B, L, H, P) (before gating, D term included), optionally the
+// states entering every chunk plus the final one, states (B, H, nc + 1, P, N), and returns the
+// C B^T blocks cb (B, G, nc, Q, Q) for reuse by the backward. dtp: processed dt (B, L, H).
+struct ChunkFwd {
+  Tensor cb;      // (B, G, nc, Q, Q), uninitialised beyond each ragged chunk's Qc x Qc
+  Tensor states;  // (B, H, nc + 1, P, N) if requested
+};
+
+// Cumulative log-decay of one chunk in double, and the decay matrix E (Qc, Qc) lower triangle
+// (exp(cs_i - cs_j), j <= i; zero above), through the vectorised exp.
+void chunk_decay(const float* dtp, int64_t stride, int64_t Qc, float A, std::vector<double>& cs,
+                 float* E, int64_t Q) {
+  double acc = 0;
+  for (int64_t i = 0; i < Qc; ++i) acc += double(dtp[i * stride]) * A, cs[i] = acc;
+  for (int64_t i = 0; i < Qc; ++i) {
+    float* row = E + i * Q;
+    for (int64_t j = 0; j <= i; ++j) row[j] = static_cast<float>(std::min(cs[i] - cs[j], 88.0));
+    exp_inplace(row, i + 1);
+    for (int64_t j = i + 1; j < Qc; ++j) row[j] = 0.f;
+  }
+}
+
+void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& cb) {
+  const int64_t G = d.G, N = d.N, L = d.L;
+  cb = Tensor::empty({d.B * G * nc * Q * Q});
+  parallel_for(d.B * G * nc, grain_for(Q * Q * N), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t c = i % nc, g = (i / nc) % G, b = i / (nc * G);
+      const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+      const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+      const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+      gemm(false, true, Qc, Qc, N, 1.f, Cp, G * N, Bp, G * N, 0.f, cb.data() + i * Q * Q, Q);
+    }
+  });
+}
+
+void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& dtp, float* ypre,
+                     float* fin, ChunkFwd& cf, bool keep_states) {
+  const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
+  const int64_t Q = std::max<int64_t>(1, std::min(a.chunk_size, L));
+  const int64_t nc = (L + Q - 1) / Q;
+  compute_cb(a, d, Q, nc, cf.cb);
+  if (keep_states) cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
+  const int64_t HP = H * P, GN = G * N;
+  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(Q);
+    std::vector<float> E(Q * Q), M(Q * Q), Bw(Q * N), hs(P * N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+      const float A = a.A[hd];
+      if (a.initial_states.defined())
+        std::copy_n(a.initial_states.data() + bh * P * N, P * N, hs.data());
+      else
+        std::fill(hs.begin(), hs.end(), 0.f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+        if (keep_states)
+          std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
+        const float* dtc = dtp.data() + (b * L + t0) * H + hd;
+        chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
+        const float* cbp = cf.cb.data() + ((b * G + g) * nc + c) * Q * Q;
+        for (int64_t i = 0; i < Qc; ++i)
+          for (int64_t j = 0; j < Qc; ++j)
+            M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
+        const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
+        const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+        const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+        float* yp = ypre + ((b * L + t0) * H + hd) * P;
+        // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
+        const bool zero_state = c == 0 && !a.initial_states.defined();
+        if (!zero_state) {
+          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs.data(), N, 0.f, yp, HP);
+          for (int64_t i = 0; i < Qc; ++i) {
+            const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
+            for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
+          }
+        }
+        // intra-chunk: y += M X
+        gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
+        // state: S = exp(cs_last) S + X^T diag(w) B
+        const double last = cs[Qc - 1];
+        for (int64_t j = 0; j < Qc; ++j) {
+          const float w = static_cast<float>(std::exp(std::min(last - cs[j], 88.0))) * dtc[j * H];
+          for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
+        }
+        const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
+        for (auto& v : hs) v *= el;
+        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs.data(), N);
+      }
+      if (keep_states) std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
+      if (fin) std::copy_n(hs.data(), P * N, fin + bh * P * N);
+      if (a.D.defined()) {
+        for (int64_t t = 0; t < L; ++t) {
+          const float* xp = a.x.data() + ((b * L + t) * H + hd) * P;
+          float* yp = ypre + ((b * L + t) * H + hd) * P;
+          for (int64_t p = 0; p < P; ++p) yp[p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[p];
+        }
+      }
+    }
+  });
+}
+
+// dtp (B, L, H) and optionally the derivative factor d dtp / d dt.
+void process_all_dt(const SsdArgs& a, const Dims& d, std::vector<float>& dtp,
+                    std::vector<float>* dfac) {
+  const int64_t n = d.B * d.L * d.H;
+  dtp.resize(n);
+  if (dfac) dfac->resize(n);
+  const bool limit = has_limit(a);
+  for (int64_t i = 0; i < n; ++i) {
+    const float bias = a.dt_bias.defined() ? a.dt_bias[i % d.H] : 0.f;
+    float f;
+    dtp[i] = process_dt<float>(a.dt[i], bias, a.dt_softplus, limit, a.dt_min, a.dt_max, &f);
+    if (dfac) (*dfac)[i] = f;
+  }
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------------------------
+void ssd_check(const SsdArgs& a) {
+  Dims d = dims_of(a);
+  const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
+  MAMBA_CHECK(L >= 1 && H >= 1 && P >= 1 && N >= 1, "ssd: empty dimension in x ",
+              a.x.shape_str(), " or B ", a.B.shape_str());
+  check_shape(a.dt, "ssd: dt", {B, L, H});
+  check_shape(a.A, "ssd: A", {H});
+  check_shape(a.B, "ssd: B", {B, L, G, N});
+  check_shape(a.C, "ssd: C", {B, L, G, N});
+  if (a.D.defined()) {
+    MAMBA_CHECK(a.D.shape() == Shape({H}) || a.D.shape() == Shape({H, P}), "ssd: D must be (",
+                H, ") or (", H, ",", P, "), got ", a.D.shape_str());
+  }
+  if (a.z.defined()) check_shape(a.z, "ssd: z", {B, L, H, P});
+  if (a.dt_bias.defined()) check_shape(a.dt_bias, "ssd: dt_bias", {H});
+  if (a.initial_states.defined())
+    check_shape(a.initial_states, "ssd: initial_states", {B, H, P, N});
+  MAMBA_CHECK(a.chunk_size >= 1, "ssd: chunk_size must be >= 1, got ", a.chunk_size);
+  MAMBA_CHECK(a.dt_min <= a.dt_max, "ssd: dt_limit (", a.dt_min, ", ", a.dt_max,
+              ") must have min <= max");
+}
+
+static Dims checked_dims(const SsdArgs& a) {
+  ssd_check(a);
+  Dims d = dims_of(a);
+  d.d_hdim = a.D.defined() && a.D.ndim() == 2;
+  return d;
+}
+
+Tensor ssd_ref(const SsdArgs& a, Tensor* final_states) {
+  Dims d = checked_dims(a);
+  std::vector<double> out, fin;
+  ref_forward<double>(a, d, out, final_states ? &fin : nullptr, nullptr);
+  if (final_states) *final_states = to_tensor(fin, {d.B, d.H, d.P, d.N});
+  return to_tensor(out, a.x.shape());
+}
+
+Tensor ssd_sequential_f32(const SsdArgs& a, Tensor* final_states) {
+  Dims d = checked_dims(a);
+  std::vector<float> out, fin;
+  ref_forward<float>(a, d, out, final_states ? &fin : nullptr, nullptr);
+  if (final_states) {
+    *final_states = Tensor::empty({d.B, d.H, d.P, d.N});
+    std::copy(fin.begin(), fin.end(), final_states->data());
+  }
+  Tensor o = Tensor::empty(a.x.shape());
+  std::copy(out.begin(), out.end(), o.data());
+  return o;
+}
+
+double ssd_ref_loss(const SsdArgs& a, const Tensor& g, const Tensor& g_final) {
+  Dims d = checked_dims(a);
+  check_shape(g, "ssd_ref_loss: g", a.x.shape());
+  std::vector<double> out, fin;
+  ref_forward<double>(a, d, out, g_final.defined() ? &fin : nullptr, nullptr);
+  double s = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) s += out[i] * double(g[i]);
+  if (g_final.defined()) {
+    check_shape(g_final, "ssd_ref_loss: g_final", {d.B, d.H, d.P, d.N});
+    for (int64_t i = 0; i < g_final.numel(); ++i) s += fin[i] * double(g_final[i]);
+  }
+  return s;
+}
+
+SsdGrads ssd_bwd_ref(const SsdArgs& a, const Tensor& dout, const Tensor& dfinal) {
+  Dims d = checked_dims(a);
+  const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
+  check_shape(dout, "ssd_bwd_ref: dout", a.x.shape());
+  if (dfinal.defined()) check_shape(dfinal, "ssd_bwd_ref: dfinal_states", {B, H, P, N});
+  const bool limit = has_limit(a);
+  // Everything in double; per-(b, h) partials for the shared gradients.
+  std::vector<double> dx(B * L * H * P, 0), ddt(B * L * H, 0), dBh(B * L * H * N, 0),
+      dCh(B * L * H * N, 0), dz(a.z.defined() ? B * L * H * P : 0, 0), dinit(B * H * P * N, 0),
+      dAp(B * H, 0), dDp(B * H * P, 0), dbias(B * L * H, 0);
+  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+    std::vector<double> hs((L + 1) * P * N), dtv(L), dfac(L), dh(P * N), dy(L * P);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+      const double A = a.A[hd];
+      const double bias = a.dt_bias.defined() ? double(a.dt_bias[hd]) : 0.0;
+      for (int64_t i = 0; i < P * N; ++i)
+        hs[i] = a.initial_states.defined() ? double(a.initial_states[bh * P * N + i]) : 0.0;
+      auto xat = [&](int64_t t, int64_t p) { return double(a.x[((b * L + t) * H + hd) * P + p]); };
+      auto Bat = [&](int64_t t, int64_t n) { return double(a.B[((b * L + t) * G + g) * N + n]); };
+      auto Cat = [&](int64_t t, int64_t n) { return double(a.C[((b * L + t) * G + g) * N + n]); };
+      auto Dat = [&](int64_t p) { return double(a.D[d.d_hdim ? hd * P + p : hd]); };
+      // forward, keeping every state
+      for (int64_t t = 0; t < L; ++t) {
+        double f;
+        dtv[t] = process_dt<double>(a.dt[(b * L + t) * H + hd], bias, a.dt_softplus, limit,
+                                    a.dt_min, a.dt_max, &f);
+        dfac[t] = f;
+        const double e = std::exp(dtv[t] * A);
+        const double* hp = &hs[t * P * N];
+        double* hn = &hs[(t + 1) * P * N];
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t n = 0; n < N; ++n)
+            hn[p * N + n] = e * hp[p * N + n] + dtv[t] * xat(t, p) * Bat(t, n);
+      }
+      // gate: dy = dout * silu(z); dz = dout * y * silu'(z)
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t p = 0; p < P; ++p) {
+          const int64_t o = ((b * L + t) * H + hd) * P + p;
+          double go = dout[o];
+          if (a.z.defined()) {
+            double y = 0;
+            for (int64_t n = 0; n < N; ++n) y += hs[(t + 1) * P * N + p * N + n] * Cat(t, n);
+            if (a.D.defined()) y += Dat(p) * xat(t, p);
+            const double zz = a.z[o], s = sigmoid_t(zz);
+            dz[o] = go * y * s * (1 + zz * (1 - s));
+            go *= zz * s;
+          }
+          dy[t * P + p] = go;
+        }
+      for (int64_t i = 0; i < P * N; ++i) dh[i] = dfinal.defined() ? double(dfinal[bh * P * N + i]) : 0.0;
+      double dA = 0;
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const double* hcur = &hs[(t + 1) * P * N];
+        const double* hprev = &hs[t * P * N];
+        double ddt_t = 0, de = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          const double g_ = dy[t * P + p];
+          const int64_t o = ((b * L + t) * H + hd) * P + p;
+          if (a.D.defined()) {
+            dx[o] += Dat(p) * g_;
+            dDp[bh * P + (d.d_hdim ? p : 0)] += g_ * xat(t, p);
+          }
+          double dxp = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            double& s = dh[p * N + n];
+            s += g_ * Cat(t, n);
+            dCh[((b * L + t) * H + hd) * N + n] += g_ * hcur[p * N + n];
+            dxp += s * Bat(t, n);
+            dBh[((b * L + t) * H + hd) * N + n] += dtv[t] * s * xat(t, p);
+            ddt_t += s * xat(t, p) * Bat(t, n);
+            de += s * hprev[p * N + n];
+          }
+          dx[o] += dtv[t] * dxp;
+        }
+        const double e = std::exp(dtv[t] * A);
+        const double da = de * e;
+        ddt_t += da * A;
+        dA += da * dtv[t];
+        for (auto& s : dh) s *= e;
+        ddt[(b * L + t) * H + hd] = ddt_t * dfac[t];
+      }
+      dAp[bh] = dA;
+      for (int64_t i = 0; i < P * N; ++i) dinit[bh * P * N + i] = dh[i];
+    }
+  });
+  SsdGrads gr;
+  gr.dx = to_tensor(dx, a.x.shape());
+  gr.ddt = to_tensor(ddt, a.dt.shape());
+  std::vector<double> dA(H, 0), dB(B * L * G * N, 0), dC(B * L * G * N, 0);
+  for (int64_t bh = 0; bh < B * H; ++bh) dA[bh % H] += dAp[bh];
+  for (int64_t bl = 0; bl < B * L; ++bl)
+    for (int64_t hd = 0; hd < H; ++hd)
+      for (int64_t n = 0; n < N; ++n) {
+        dB[(bl * G + hd / d.hpg) * N + n] += dBh[(bl * H + hd) * N + n];
+        dC[(bl * G + hd / d.hpg) * N + n] += dCh[(bl * H + hd) * N + n];
+      }
+  gr.dA = to_tensor(dA, a.A.shape());
+  gr.dB = to_tensor(dB, a.B.shape());
+  gr.dC = to_tensor(dC, a.C.shape());
+  if (a.D.defined()) {
+    std::vector<double> dD(a.D.numel(), 0);
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t p = 0; p < (d.d_hdim ? P : 1); ++p)
+        dD[d.d_hdim ? (bh % H) * P + p : bh % H] += dDp[bh * P + p];
+    gr.dD = to_tensor(dD, a.D.shape());
+  }
+  if (a.z.defined()) gr.dz = to_tensor(dz, a.z.shape());
+  if (a.dt_bias.defined()) {
+    std::vector<double> db(H, 0);
+    for (int64_t i = 0; i < B * L * H; ++i) db[i % H] += gr.ddt[i];
+    gr.ddt_bias = to_tensor(db, a.dt_bias.shape());
+  }
+  if (a.initial_states.defined()) gr.dinitial_states = to_tensor(dinit, a.initial_states.shape());
+  return gr;
+}
+
+// ---------------------------------------------------------------------------------------------
+Tensor ssd_chunked(const SsdArgs& a, Tensor* final_states) {
+  Dims d = checked_dims(a);
+  std::vector<float> dtp;
+  process_all_dt(a, d, dtp, nullptr);
+  Tensor out = Tensor::empty(a.x.shape());
+  if (final_states) *final_states = Tensor::empty({d.B, d.H, d.P, d.N});
+  ChunkFwd cf;
+  chunked_forward(a, d, dtp, out.data(), final_states ? final_states->data() : nullptr, cf, false);
+  if (a.z.defined()) {
+    const int64_t n = out.numel();
+    Tensor sz = Tensor::empty(a.z.shape());
+    silu(a.z.data(), sz.data(), n);
+    for (int64_t i = 0; i < n; ++i) out[i] *= sz[i];
+  }
+  return out;
+}
+
+SsdGrads ssd_chunked_bwd(const SsdArgs& a, const Tensor& dout, const Tensor& dfinal) {
+  Dims d = checked_dims(a);
+  const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
+  check_shape(dout, "ssd_chunked_bwd: dout", a.x.shape());
+  if (dfinal.defined()) check_shape(dfinal, "ssd_chunked_bwd: dfinal_states", {B, H, P, N});
+  const int64_t Q = std::max<int64_t>(1, std::min(a.chunk_size, L));
+  const int64_t nc = (L + Q - 1) / Q;
+  const int64_t HP = H * P, GN = G * N;
+
+  std::vector<float> dtp, dfac;
+  process_all_dt(a, d, dtp, &dfac);
+  // Recompute the forward: pre-gate y (for dz), the states entering each chunk, C B^T.
+  Tensor ypre = Tensor::empty(a.x.shape());
+  ChunkFwd cf;
+  chunked_forward(a, d, dtp, ypre.data(), nullptr, cf, true);
+
+  SsdGrads gr;
+  // dy = dout * silu(z); dz = dout * y * silu'(z)
+  Tensor dy = dout;
+  if (a.z.defined()) {
+    const int64_t n = dout.numel();
+    dy = Tensor::empty(dout.shape());
+    silu(a.z.data(), dy.data(), n);
+    Tensor gy = Tensor::empty(dout.shape());
+    for (int64_t i = 0; i < n; ++i) gy[i] = dout[i] * ypre[i], dy[i] *= dout[i];
+    gr.dz = Tensor::empty(a.z.shape());
+    silu_bwd(a.z.data(), gy.data(), gr.dz.data(), n);
+  }
+  gr.dx = Tensor::empty(a.x.shape());
+  Tensor ddtp = Tensor::empty(a.dt.shape());
+  // dB, dC accumulate over the heads of a group: each thread sums its heads into its own
+  // (B, L, G, N) buffers (GEMMs with beta = 1), reduced under a lock at the end.
+  gr.dB = Tensor::zeros(a.B.shape());
+  gr.dC = Tensor::zeros(a.C.shape());
+  std::mutex reduce_mu;
+  std::vector<float> dDp(B * H * P, 0.f);
+  std::vector<double> dAp(B * H, 0.0);
+  if (a.initial_states.defined()) gr.dinitial_states = Tensor::empty(a.initial_states.shape());
+
+  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(Q), dcs(Q);
+    std::vector<float> E(Q * Q), M(Q * Q), Gm(Q * Q), dCB(Q * Q), tmp(Q * N), tqp(Q * P),
+        dh(P * N), ecs(Q), w(Q), ddt(Q);
+    const int64_t b_lo = begin / H, b_hi = (end - 1) / H + 1;  // batches this range touches
+    std::vector<float> dBacc((b_hi - b_lo) * L * GN, 0.f), dCacc((b_hi - b_lo) * L * GN, 0.f);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+      const float A = a.A[hd];
+      double dA = 0;
+      // skip term: dx = D dy, dD += sum dy x
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t o = ((b * L + t) * H + hd) * P;
+        for (int64_t p = 0; p < P; ++p) {
+          if (a.D.defined()) {
+            gr.dx[o + p] = a.D[d.d_hdim ? hd * P + p : hd] * dy[o + p];
+            dDp[bh * P + (d.d_hdim ? p : 0)] += dy[o + p] * a.x[o + p];
+          } else {
+            gr.dx[o + p] = 0.f;
+          }
+        }
+      }
+      if (dfinal.defined())
+        std::copy_n(dfinal.data() + bh * P * N, P * N, dh.data());
+      else
+        std::fill(dh.begin(), dh.end(), 0.f);
+      for (int64_t c = nc - 1; c >= 0; --c) {
+        const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+        const float* dtc = dtp.data() + (b * L + t0) * H + hd;
+        chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
+        const float* cbp = cf.cb.data() + ((b * G + g) * nc + c) * Q * Q;
+        const float* hprev = cf.states.data() + (bh * (nc + 1) + c) * P * N;
+        const float* hend = cf.states.data() + (bh * (nc + 1) + c + 1) * P * N;
+        const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
+        const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+        const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+        const float* dyp = dy.data() + ((b * L + t0) * H + hd) * P;
+        float* dxp = gr.dx.data() + ((b * L + t0) * H + hd) * P;
+        float* dBp = dBacc.data() + (((b - b_lo) * L + t0) * G + g) * N;
+        float* dCp = dCacc.data() + (((b - b_lo) * L + t0) * G + g) * N;
+        const double last = cs[Qc - 1];
+        const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
+        for (int64_t i = 0; i < Qc; ++i) {
+          ecs[i] = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
+          w[i] = static_cast<float>(std::exp(std::min(last - cs[i], 88.0))) * dtc[i * H];
+          dcs[i] = 0, ddt[i] = 0;
+        }
+        // G = dY X^T (Qc, Qc)
+        gemm(false, true, Qc, Qc, P, 1.f, dyp, HP, xp, HP, 0.f, Gm.data(), Q);
+        // M, dCB = G o E o dt^T, and the decay / dt gradients of the intra-chunk term
+        for (int64_t i = 0; i < Qc; ++i) {
+          double rowT = 0;
+          for (int64_t j = 0; j < Qc; ++j) {
+            const int64_t ij = i * Q + j;
+            if (j > i) {
+              M[ij] = 0.f, dCB[ij] = 0.f;
+              continue;
+            }
+            const float ge = Gm[ij] * E[ij];
+            M[ij] = cbp[ij] * E[ij] * dtc[j * H];
+            dCB[ij] = ge * dtc[j * H];
+            const float S = ge * cbp[ij];  // d/d dt_j of this term
+            ddt[j] += S;
+            const float T = S * dtc[j * H];  // d/d cs_i (and -d/d cs_j)
+            rowT += T;
+            dcs[j] -= T;
+          }
+          dcs[i] += rowT;
+        }
+        // dX += M^T dY
+        gemm(true, false, Qc, P, Qc, 1.f, M.data(), Q, dyp, HP, 1.f, dxp, HP);
+        // dC = dCB B + diag(exp(cs)) dY S^T...: dC_i += exp(cs_i) (dY_i S)
+        gemm(false, false, Qc, N, Qc, 1.f, dCB.data(), Q, Bp, GN, 1.f, dCp, GN);
+        gemm(false, false, Qc, N, P, 1.f, dyp, HP, hprev, N, 0.f, tmp.data(), N);
+        for (int64_t i = 0; i < Qc; ++i) {
+          double s = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            const float v = ecs[i] * tmp[i * N + n];
+            s += double(v) * Cp[i * GN + n];
+            dCp[i * GN + n] += v;
+          }
+          dcs[i] += s;
+        }
+        // dB = dCB^T C + diag(w) X dh
+        gemm(true, false, Qc, N, Qc, 1.f, dCB.data(), Q, Cp, GN, 1.f, dBp, GN);
+        gemm(false, false, Qc, N, P, 1.f, xp, HP, dh.data(), N, 0.f, tmp.data(), N);
+        for (int64_t j = 0; j < Qc; ++j) {
+          double r = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            r += double(tmp[j * N + n]) * Bp[j * GN + n];
+            dBp[j * GN + n] += w[j] * tmp[j * N + n];
+          }
+          ddt[j] += static_cast<float>(r * std::exp(std::min(last - cs[j], 88.0)));
+          dcs[j] -= w[j] * r;
+        }
+        {
+          double s = 0;
+          for (int64_t i = 0; i < P * N; ++i) s += double(dh[i]) * hend[i];
+          dcs[Qc - 1] += s;
+        }
+        // dX += diag(w) B dh^T
+        gemm(false, true, Qc, P, N, 1.f, Bp, GN, dh.data(), N, 0.f, tqp.data(), P);
+        for (int64_t j = 0; j < Qc; ++j)
+          for (int64_t p = 0; p < P; ++p) dxp[j * HP + p] += w[j] * tqp[j * P + p];
+        // dS_prev = exp(cs_last) dh + dY^T diag(exp(cs)) C
+        for (int64_t i = 0; i < Qc; ++i)
+          for (int64_t n = 0; n < N; ++n) tmp[i * N + n] = ecs[i] * Cp[i * GN + n];
+        for (auto& v : dh) v *= el;
+        gemm(true, false, P, N, Qc, 1.f, dyp, HP, tmp.data(), N, 1.f, dh.data(), N);
+        // cs = cumsum(dt A): da_k = sum_{i >= k} dcs_i
+        double acc = 0;
+        for (int64_t k = Qc - 1; k >= 0; --k) {
+          acc += dcs[k];
+          ddtp[(b * L + t0 + k) * H + hd] = static_cast<float>(ddt[k] + acc * A);
+          dA += acc * dtc[k * H];
+        }
+      }
+      dAp[bh] = dA;
+      if (a.initial_states.defined())
+        std::copy_n(dh.data(), P * N, gr.dinitial_states.data() + bh * P * N);
+    }
+    std::lock_guard<std::mutex> lock(reduce_mu);
+    float* db = gr.dB.data() + b_lo * L * GN;
+    float* dc = gr.dC.data() + b_lo * L * GN;
+    for (size_t i = 0; i < dBacc.size(); ++i) db[i] += dBacc[i], dc[i] += dCacc[i];
+  });
+
+  // Reductions over heads of a group, batch, and the dt chain rule.
+  gr.ddt = Tensor::empty(a.dt.shape());
+  for (int64_t i = 0; i < B * L * H; ++i) gr.ddt[i] = ddtp[i] * dfac[i];
+  gr.dA = Tensor::zeros({H});
+  {
+    std::vector<double> s(H, 0.0);
+    for (int64_t bh = 0; bh < B * H; ++bh) s[bh % H] += dAp[bh];
+    for (int64_t hd = 0; hd < H; ++hd) gr.dA[hd] = static_cast<float>(s[hd]);
+  }
+  if (a.D.defined()) {
+    gr.dD = Tensor::zeros(a.D.shape());
+    for (int64_t bh = 0; bh < B * H; ++bh)
+      for (int64_t p = 0; p < (d.d_hdim ? P : 1); ++p)
+        gr.dD[d.d_hdim ? (bh % H) * P + p : bh % H] += dDp[bh * P + p];
+  }
+  if (a.dt_bias.defined()) {
+    std::vector<double> s(H, 0.0);
+    for (int64_t i = 0; i < B * L * H; ++i) s[i % H] += gr.ddt[i];
+    gr.ddt_bias = Tensor::empty({H});
+    for (int64_t hd = 0; hd < H; ++hd) gr.ddt_bias[hd] = static_cast<float>(s[hd]);
+  }
+  return gr;
+}
+
+// ---------------------------------------------------------------------------------------------
+Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                        const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
+                        const Tensor& dt_bias, bool dt_softplus, float dt_min, float dt_max) {
+  check_defined(state, "ssd_state_update: state");
+  MAMBA_CHECK(state.ndim() == 4, "ssd_state_update: state must be (B, H, P, N), got ",
+              state.shape_str());
+  const int64_t Bn = state.dim(0), H = state.dim(1), P = state.dim(2), N = state.dim(3);
+  check_shape(x, "ssd_state_update: x", {Bn, H, P});
+  check_shape(dt, "ssd_state_update: dt", {Bn, H});
+  check_shape(A, "ssd_state_update: A", {H});
+  check_defined(B, "ssd_state_update: B");
+  MAMBA_CHECK(B.ndim() == 3, "ssd_state_update: B must be (B, G, N), got ", B.shape_str());
+  const int64_t G = B.dim(1);
+  MAMBA_CHECK(G > 0 && H % G == 0, "ssd_state_update: ngroups G=", G, " must divide H=", H);
+  check_shape(B, "ssd_state_update: B", {Bn, G, N});
+  check_shape(C, "ssd_state_update: C", {Bn, G, N});
+  const bool d_hdim = D.defined() && D.ndim() == 2;
+  if (D.defined())
+    MAMBA_CHECK(D.shape() == Shape({H}) || D.shape() == Shape({H, P}),
+                "ssd_state_update: D must be (", H, ") or (", H, ",", P, "), got ", D.shape_str());
+  if (z.defined()) check_shape(z, "ssd_state_update: z", {Bn, H, P});
+  if (dt_bias.defined()) check_shape(dt_bias, "ssd_state_update: dt_bias", {H});
+  const bool limit = !(dt_min == 0.f && dt_max == std::numeric_limits<float>::infinity());
+  const int64_t hpg = H / G;
+  Tensor y = Tensor::empty({Bn, H, P});
+  // grain: at least ~32K multiply-adds per task, so that tiny decode steps run inline
+  parallel_for(Bn * H, std::max<int64_t>(1, 32768 / (P * N)), [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / hpg;
+      const float dtv = process_dt<float>(dt[bh], dt_bias.defined() ? dt_bias[hd] : 0.f,
+                                          dt_softplus, limit, dt_min, dt_max, nullptr);
+      const float dA = std::exp(dtv * A[hd]);
+      const float* Bp = B.data() + (b * G + g) * N;
+      const float* Cp = C.data() + (b * G + g) * N;
+      for (int64_t p = 0; p < P; ++p) {
+        float* s = state.data() + (bh * P + p) * N;
+        const float xv = x[bh * P + p], dx = dtv * xv;
+        float acc = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          s[n] = s[n] * dA + dx * Bp[n];
+          acc += s[n] * Cp[n];
+        }
+        if (D.defined()) acc += D[d_hdim ? hd * P + p : hd] * xv;
+        if (z.defined()) acc *= silu_ref(z[bh * P + p]);
+        y[bh * P + p] = acc;
+      }
+    }
+  });
+  return y;
+}
+
+}  // namespace mamba::ops

@@ -1,0 +1,150 @@
+// Causal depthwise conv1d (channel-last): fast vs reference on awkward sizes, finite
+// differences of every backward in double, decode update vs full forward, the prefill final
+// state (zero left pad when L < K), and shape errors.
+#include <functional>
+
+#include "mamba/ops/conv1d.h"
+#include "test_util.h"
+
+using namespace mamba;
+
+namespace {
+
+// Central differences of loss() w.r.t. every element of p, using the actually representable
+// step (x+) - (x-) of the float input.
+Tensor finite_diff(Tensor& p, const std::function<double()>& loss, double eps = 1e-3) {
+  Tensor fd = Tensor::empty(p.shape());
+  for (int64_t i = 0; i < p.numel(); ++i) {
+    const float orig = p[i];
+    p[i] = static_cast<float>(orig + eps);
+    const double hi = p[i], lp = loss();
+    p[i] = static_cast<float>(orig - eps);
+    const double lo = p[i], lm = loss();
+    p[i] = orig;
+    fd[i] = static_cast<float>((lp - lm) / (hi - lo));
+  }
+  return fd;
+}
+
+double dot(const std::vector<double>& a, const Tensor& g) {
+  double s = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) s += a[i] * g[i];
+  return s;
+}
+
+}  // namespace
+
+TEST(Conv1d, FastMatchesReferenceOnAwkwardSizes) {
+  Rng rng(1);
+  // D = 130 spans three 64-channel blocks of the weight-gradient split (the last one ragged).
+  for (int64_t D : {1, 15, 16, 17, 33, 130})
+    for (int64_t K : {1, 2, 3, 4})
+      for (int64_t L : {1, 2, 5, 19})
+        for (bool has_bias : {false, true})
+          for (bool silu : {false, true}) {
+            const int64_t B = 2;
+            Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+            Tensor b = has_bias ? test::randn({D}, rng) : Tensor();
+            Tensor dy = test::randn({B, L, D}, rng);
+            std::string what = str("D=", D, " K=", K, " L=", L, " bias=", has_bias, " silu=", silu);
+            EXPECT_TRUE(test::all_close(ops::causal_conv1d_fwd(x, w, b, silu),
+                                        ops::causal_conv1d_ref(x, w, b, silu), tol::kFastVsRef,
+                                        "y " + what));
+            auto g = ops::causal_conv1d_bwd(x, w, b, silu, dy);
+            auto r = ops::causal_conv1d_bwd_ref(x, w, b, silu, dy);
+            EXPECT_TRUE(test::all_close(g.dx, r.dx, tol::kFastVsRef, "dx " + what));
+            EXPECT_TRUE(test::all_close(g.dweight, r.dweight, tol::kFastVsRef, "dw " + what));
+            EXPECT_EQ(g.dbias.defined(), has_bias);
+            if (has_bias) {
+              EXPECT_TRUE(test::all_close(g.dbias, r.dbias, tol::kFastVsRef, "db " + what));
+            }
+          }
+}
+
+TEST(Conv1d, KnownValues) {
+  // One channel, K = 3, weights (1, 2, 3), x = 1, 2, 3, 4: y_t = x_{t-2} + 2 x_{t-1} + 3 x_t.
+  Tensor x = Tensor::from({1, 4, 1}, {1, 2, 3, 4}), w = Tensor::from({1, 3}, {1, 2, 3});
+  Tensor y = ops::causal_conv1d_fwd(x, w, Tensor::from({1}, {0.5f}), false);
+  EXPECT_FLOAT_EQ(y[0], 3.5f);
+  EXPECT_FLOAT_EQ(y[1], 2 + 6 + 0.5f);
+  EXPECT_FLOAT_EQ(y[2], 1 + 4 + 9 + 0.5f);
+  EXPECT_FLOAT_EQ(y[3], 2 + 6 + 12 + 0.5f);
+}
+
+TEST(Conv1d, BackwardFiniteDifferencesDouble) {
+  Rng rng(2);
+  for (int64_t K : {1, 3, 4})
+    for (int64_t L : {2, 6})
+      for (bool silu : {false, true}) {
+        const int64_t B = 2, D = 5;
+        Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+        Tensor b = test::randn({D}, rng), g = test::randn({B, L, D}, rng);
+        auto loss = [&] { return dot(ops::causal_conv1d_ref_f64(x, w, b, silu), g); };
+        auto grads = ops::causal_conv1d_bwd(x, w, b, silu, g);
+        std::string what = str("K=", K, " L=", L, " silu=", silu);
+        EXPECT_TRUE(test::all_close(grads.dx, finite_diff(x, loss), tol::kFiniteDiff, "dx " + what));
+        EXPECT_TRUE(test::all_close(grads.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
+        EXPECT_TRUE(test::all_close(grads.dbias, finite_diff(b, loss), tol::kFiniteDiff, "db " + what));
+      }
+}
+
+TEST(Conv1d, UpdateMatchesFullForwardAndFinalState) {
+  Rng rng(3);
+  for (int64_t D : {15, 17})
+    for (int64_t K : {1, 2, 4})
+      for (int64_t L : {1, 3, 9})
+        for (bool silu : {false, true}) {
+          const int64_t B = 2;
+          Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+          Tensor b = test::randn({D}, rng);
+          Tensor y = ops::causal_conv1d_fwd(x, w, b, silu);
+          Tensor state({B, D, K});
+          Tensor ys({B, L, D});
+          for (int64_t t = 0; t < L; ++t) {
+            Tensor xt({B, D});
+            for (int64_t bb = 0; bb < B; ++bb)
+              for (int64_t d = 0; d < D; ++d) xt[bb * D + d] = x[(bb * L + t) * D + d];
+            Tensor yt = ops::causal_conv1d_update(state, xt, w, b, silu);
+            for (int64_t bb = 0; bb < B; ++bb)
+              for (int64_t d = 0; d < D; ++d) ys[(bb * L + t) * D + d] = yt[bb * D + d];
+          }
+          std::string what = str("D=", D, " K=", K, " L=", L);
+          EXPECT_TRUE(test::all_close(ys, y, tol::kStepVsFull, "step " + what));
+          // The prefill's final state is exactly the state stepping leaves (zero left pad).
+          Tensor fin = Tensor::full({B, D, K}, 7.f);
+          ops::causal_conv1d_final_state(x, fin);
+          EXPECT_TRUE(test::all_close(fin, state, {0, 0}, "final_state " + what));
+        }
+}
+
+TEST(Conv1d, FinalStateZeroPadsShortInput) {
+  Tensor x = Tensor::from({1, 2, 1}, {5, 6});
+  Tensor st = Tensor::full({1, 1, 4}, 9.f);
+  ops::causal_conv1d_final_state(x, st);
+  EXPECT_EQ(st[0], 0.f);
+  EXPECT_EQ(st[1], 0.f);
+  EXPECT_EQ(st[2], 5.f);
+  EXPECT_EQ(st[3], 6.f);
+}
+
+TEST(Conv1d, ShapeErrors) {
+  Tensor x({2, 5, 4}), w({4, 3}), b({4});
+  EXPECT_THROW(ops::causal_conv1d_fwd(Tensor({2, 5}), w, b, true), Error);
+  EXPECT_THROW(ops::causal_conv1d_fwd(x, Tensor({5, 3}), b, true), Error);
+  EXPECT_THROW(ops::causal_conv1d_fwd(x, Tensor({4, 3, 1}), b, true), Error);
+  EXPECT_THROW(ops::causal_conv1d_fwd(x, w, Tensor({3}), true), Error);
+  EXPECT_THROW(ops::causal_conv1d_fwd(x, Tensor(), b, true), Error);
+  EXPECT_THROW(ops::causal_conv1d_bwd(x, w, b, true, Tensor({2, 4, 4})), Error);
+  try {
+    ops::causal_conv1d_fwd(x, Tensor({4, 0}), b, true);
+    FAIL() << "K = 0 accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("K must be >= 1"), std::string::npos) << e.what();
+  }
+  Tensor st({2, 4, 3});
+  EXPECT_THROW(ops::causal_conv1d_update(st, Tensor({2, 5}), w, b, true), Error);
+  Tensor bad_state({2, 4, 2});
+  EXPECT_THROW(ops::causal_conv1d_update(bad_state, Tensor({2, 4}), w, b, true), Error);
+  Tensor bad_state2({3, 4, 3});
+  EXPECT_THROW(ops::causal_conv1d_final_state(x, bad_state2), Error);
+}

@@ -1,0 +1,174 @@
+// The language model against mamba_ssm's MambaLMHeadModel (golden files, random weights,
+// Mamba1 and Mamba2 mixers): checkpoint loading, logits, greedy generation token for token,
+// prefill + step == full forward, save/load round trip, bad checkpoints, gradient checks.
+#include <filesystem>
+
+#include "mamba/generate.h"
+#include "mamba/lm.h"
+#include "test_util.h"
+
+using namespace mamba;
+
+namespace {
+struct LMCase {
+  const char* name;
+  int64_t params;
+};
+const LMCase kCases[] = {{"lm_mamba1", 104832}, {"lm_mamba2", 91176}};
+
+std::vector<int32_t> to_i32(const std::vector<int64_t>& v) { return {v.begin(), v.end()}; }
+}  // namespace
+
+class LMGolden : public ::testing::TestWithParam<LMCase> {};
+
+TEST_P(LMGolden, LoadsCheckpointAndReproducesLogits) {
+  const LMCase c = GetParam();
+  MambaLM lm = MambaLM::load(test::golden_path(std::string(c.name) + "_ckpt"));
+  EXPECT_EQ(lm.num_parameters(), c.params);
+  EXPECT_EQ(lm.vocab(), 104);
+  auto f = SafetensorsFile::open(test::golden_path(std::string(c.name) + ".safetensors"));
+  Shape s;
+  auto ids = to_i32(f.tensor_i64("input_ids", &s));
+  Tensor logits = lm.forward(ids, s[0], s[1]);
+  EXPECT_TRUE(test::all_close(logits, f.tensor("logits"), tol::kGoldenLogits, "logits"));
+}
+
+TEST_P(LMGolden, GreedyGenerationMatchesTokenForToken) {
+  const LMCase c = GetParam();
+  MambaLM lm = MambaLM::load(test::golden_path(std::string(c.name) + "_ckpt"));
+  auto f = SafetensorsFile::open(test::golden_path(std::string(c.name) + ".safetensors"));
+  Shape s, gs;
+  auto ids = to_i32(f.tensor_i64("input_ids", &s));
+  auto gen = f.tensor_i64("generated_ids", &gs);
+  Tensor scores = f.tensor("gen_scores");  // (B, 8, 101)
+  std::vector<std::vector<int32_t>> prompts;
+  for (int64_t b = 0; b < s[0]; ++b) prompts.emplace_back(ids.begin() + b * s[1], ids.begin() + (b + 1) * s[1]);
+  GenerateOptions opt;
+  opt.max_new_tokens = gs[1];
+  opt.sampling.greedy = true;
+  opt.vocab_limit = 101;
+  opt.keep_scores = true;
+  GenerateResult r = generate(lm, prompts, opt);
+  for (int64_t b = 0; b < s[0]; ++b) {
+    ASSERT_EQ((int64_t)r.tokens[b].size(), gs[1]);
+    for (int64_t i = 0; i < gs[1]; ++i) {
+      EXPECT_EQ(r.tokens[b][i], gen[b * gs[1] + i]) << "sequence " << b << " token " << i;
+      Tensor got = Tensor::from({101}, r.scores[b][i]);
+      Tensor want = Tensor::from({101}, std::vector<float>(scores.data() + (b * gs[1] + i) * 101,
+                                                           scores.data() + (b * gs[1] + i + 1) * 101));
+      EXPECT_TRUE(test::all_close(got, want, tol::kGoldenLogits, "gen_scores"));
+    }
+  }
+}
+
+TEST_P(LMGolden, PrefillThenStepEqualsFullForward) {
+  const LMCase c = GetParam();
+  MambaLM lm = MambaLM::load(test::golden_path(std::string(c.name) + "_ckpt"));
+  Rng rng(3);
+  const int64_t B = 2, L = 11, P = 4;
+  std::vector<int32_t> ids(B * L);
+  for (auto& v : ids) v = (int32_t)rng.below(101);
+  Tensor full = lm.forward(ids, B, L);
+  std::vector<int32_t> pre;
+  for (int64_t b = 0; b < B; ++b) pre.insert(pre.end(), ids.begin() + b * L, ids.begin() + b * L + P);
+  LMState st;
+  Tensor lp = lm.forward(pre, B, P, nullptr, &st);
+  const int64_t V = lm.vocab();
+  for (int64_t t = P; t < L; ++t) {
+    std::vector<int32_t> tok = {ids[t], ids[L + t]};
+    Tensor lt = lm.step(tok, st);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t v = 0; v < V; ++v)
+        ASSERT_NEAR(lt[b * V + v], full[(b * L + t) * V + v], 1e-4) << "t=" << t << " b=" << b;
+  }
+  (void)lp;
+}
+
+TEST_P(LMGolden, SaveLoadRoundTrip) {
+  const LMCase c = GetParam();
+  MambaLM lm = MambaLM::load(test::golden_path(std::string(c.name) + "_ckpt"));
+  auto dir = std::filesystem::temp_directory_path() / (std::string("mamba_lm_rt_") + c.name);
+  lm.save(dir.string());
+  MambaLM back = MambaLM::load(dir.string());
+  std::vector<int32_t> ids = {1, 5, 9, 100, 3};
+  EXPECT_TRUE(test::all_close(back.forward(ids, 1, 5), lm.forward(ids, 1, 5), {0, 0}, "logits after reload"));
+  auto f = SafetensorsFile::open((dir / "model.safetensors").string());
+  EXPECT_TRUE(f.has("lm_head.weight"));  // tied head stored twice, as save_pretrained does
+  std::filesystem::remove_all(dir);
+}
+
+INSTANTIATE_TEST_SUITE_P(Golden, LMGolden, ::testing::ValuesIn(kCases),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(LM, BadCheckpointsGiveClearErrors) {
+  MambaLM lm = MambaLM::load(test::golden_path("lm_mamba1_ckpt"));
+  auto f = SafetensorsFile::open(test::golden_path("lm_mamba1_ckpt/model.safetensors"));
+  std::map<std::string, Tensor> sd;
+  for (auto& n : f.names()) sd[n] = f.tensor(n);
+  auto expect_msg = [&](std::map<std::string, Tensor> m, const std::string& needle) {
+    try {
+      lm.load_state_dict(m, "test");
+      ADD_FAILURE() << "no error, expected '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  auto missing = sd;
+  missing.erase("backbone.layers.1.mixer.A_log");
+  expect_msg(missing, "missing tensor 'backbone.layers.1.mixer.A_log'");
+  auto wrong = sd;
+  wrong["backbone.norm_f.weight"] = Tensor({63});
+  expect_msg(wrong, "backbone.norm_f.weight");
+  auto extra = sd;
+  extra["backbone.layers.9.mixer.D"] = Tensor({128});
+  expect_msg(extra, "unexpected tensor");
+  EXPECT_THROW(lm.forward({1, 2, 104}, 1, 3), Error);  // id outside the vocabulary
+  EXPECT_THROW(lm.forward({1, 2}, 1, 3), Error);       // wrong count
+  EXPECT_THROW(MambaLM::load("/nonexistent/model"), Error);
+}
+
+// Whole-LM gradient check: every parameter tensor, central differences on sampled elements.
+TEST(LM, BackwardMatchesFiniteDifferences) {
+  for (const char* layer : {"Mamba1", "Mamba2"}) {
+    ModelConfig cfg = ModelConfig::parse(
+        std::string(R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,"ssm_cfg":{"layer":")") +
+        layer + R"(","d_state":4,"d_conv":3,"expand":2)" +
+        (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
+    MambaLM lm(cfg, 1);
+    Rng rng(5);
+    for (auto& [n, p] : lm.named_parameters())
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += 0.1f * (float)rng.normal();
+    const int64_t B = 2, L = 7, V = lm.vocab();
+    std::vector<int32_t> ids(B * L);
+    for (auto& v : ids) v = (int32_t)rng.below(11);
+    Tensor g({B, L, V});
+    rng.fill_normal(g);
+    auto loss = [&] {
+      Tensor y = lm.forward(ids, B, L);
+      double s = 0;
+      for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
+      return s;
+    };
+    lm.zero_grad();
+    LMSaved* sv = nullptr;
+    lm.forward(ids, B, L, &sv);
+    lm.backward(sv, g);
+    for (auto& [name, p] : lm.named_parameters()) {
+      for (int k = 0; k < 3; ++k) {
+        int64_t i = (int64_t)rng.below((uint64_t)p->value.numel());
+        float orig = p->value[i];
+        const float eps = 1e-2f;
+        p->value[i] = orig + eps;
+        double lp = loss();
+        float hi = p->value[i];
+        p->value[i] = orig - eps;
+        double lm_ = loss();
+        float lo = p->value[i];
+        p->value[i] = orig;
+        double fd = (lp - lm_) / ((double)hi - lo);
+        EXPECT_NEAR(p->grad[i], fd, tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
+            << layer << " " << name << "[" << i << "]";
+      }
+    }
+  }
+}

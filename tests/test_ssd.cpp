@@ -1,0 +1,295 @@
+// SSD (Mamba-2 scan): chunked == sequential reference (forward, final states, every gradient)
+// over awkward sizes and ragged chunks; finite differences of the reference backward in double;
+// the single-token update == the full forward; shape errors.
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "mamba/ops/ssd.h"
+#include "mamba/parallel.h"
+#include "test_util.h"
+
+using namespace mamba;
+using ops::SsdArgs;
+using ops::SsdGrads;
+
+namespace {
+
+struct Case {
+  int64_t B, L, H, P, G, N, chunk;
+  int dkind;  // 0 none, 1 (H), 2 (H, P)
+  bool z, init, softplus_bias, limit;
+};
+
+std::string name_of(const Case& c) {
+  return str("B", c.B, " L", c.L, " H", c.H, " P", c.P, " G", c.G, " N", c.N, " chunk", c.chunk,
+             " D", c.dkind, " z", c.z, " init", c.init, " sp", c.softplus_bias, " lim", c.limit);
+}
+
+SsdArgs make_args(const Case& c, Rng& rng) {
+  SsdArgs a;
+  a.x = test::randn({c.B, c.L, c.H, c.P}, rng);
+  a.A = test::rand_uniform({c.H}, rng, -3.0, -0.3);
+  a.B = test::randn({c.B, c.L, c.G, c.N}, rng, 0.5);
+  a.C = test::randn({c.B, c.L, c.G, c.N}, rng, 0.5);
+  if (c.softplus_bias) {
+    a.dt = test::randn({c.B, c.L, c.H}, rng, 1.0);
+    a.dt_bias = test::rand_uniform({c.H}, rng, -3.0, -1.0);
+    a.dt_softplus = true;
+  } else {
+    a.dt = test::rand_uniform({c.B, c.L, c.H}, rng, 0.01, 0.5);
+  }
+  if (c.limit) a.dt_min = 0.05f, a.dt_max = 0.3f;
+  if (c.dkind == 1) a.D = test::randn({c.H}, rng);
+  if (c.dkind == 2) a.D = test::randn({c.H, c.P}, rng);
+  if (c.z) a.z = test::randn({c.B, c.L, c.H, c.P}, rng);
+  if (c.init) a.initial_states = test::randn({c.B, c.H, c.P, c.N}, rng, 0.5);
+  a.chunk_size = c.chunk;
+  return a;
+}
+
+// Gradients are sums over B*L*P*N terms: the absolute tolerance scales with the tensor's size
+// (max |expected|), the relative part is kSsdChunkedVsRef's.
+::testing::AssertionResult grad_close(const Tensor& a, const Tensor& e, const std::string& what) {
+  double m = 0;
+  for (int64_t i = 0; i < e.numel(); ++i) m = std::max(m, (double)std::fabs(e[i]));
+  return test::all_close(a, e, {tol::kSsdChunkedVsRef.atol * std::max(1.0, m), tol::kSsdChunkedVsRef.rtol},
+                         what);
+}
+
+void compare_grads(const SsdGrads& g, const SsdGrads& r, const std::string& n) {
+  EXPECT_TRUE(grad_close(g.dx, r.dx, n + " dx"));
+  EXPECT_TRUE(grad_close(g.ddt, r.ddt, n + " ddt"));
+  EXPECT_TRUE(grad_close(g.dA, r.dA, n + " dA"));
+  EXPECT_TRUE(grad_close(g.dB, r.dB, n + " dB"));
+  EXPECT_TRUE(grad_close(g.dC, r.dC, n + " dC"));
+  EXPECT_EQ(g.dD.defined(), r.dD.defined()) << n;
+  if (r.dD.defined()) {
+    EXPECT_TRUE(grad_close(g.dD, r.dD, n + " dD"));
+  }
+  EXPECT_EQ(g.dz.defined(), r.dz.defined()) << n;
+  if (r.dz.defined()) {
+    EXPECT_TRUE(grad_close(g.dz, r.dz, n + " dz"));
+  }
+  EXPECT_EQ(g.ddt_bias.defined(), r.ddt_bias.defined()) << n;
+  if (r.ddt_bias.defined()) {
+    EXPECT_TRUE(grad_close(g.ddt_bias, r.ddt_bias, n + " ddt_bias"));
+  }
+  EXPECT_EQ(g.dinitial_states.defined(), r.dinitial_states.defined()) << n;
+  if (r.dinitial_states.defined()) {
+    EXPECT_TRUE(grad_close(g.dinitial_states, r.dinitial_states, n + " dinitial_states"));
+  }
+}
+
+const Case kCases[] = {
+    // B  L   H  P   G  N   chunk D  z      init   sp     limit
+    {1, 1, 2, 4, 1, 4, 8, 1, false, false, true, false},     // L = 1
+    {2, 5, 2, 3, 1, 4, 8, 0, false, true, true, false},      // L < chunk
+    {1, 16, 4, 16, 2, 16, 8, 1, true, false, true, false},   // chunks divide L
+    {2, 21, 4, 15, 2, 17, 8, 2, false, true, true, false},   // ragged 8+8+5, D (H,P)
+    {1, 33, 2, 17, 1, 1, 16, 1, true, true, false, false},   // N = 1, no softplus
+    {2, 31, 6, 5, 3, 16, 4, 2, true, true, true, true},      // G = 3, dt_limit
+    {1, 32, 2, 33, 2, 8, 32, 0, false, false, true, false},  // one full chunk
+    {1, 19, 2, 4, 1, 4, 1, 1, true, true, true, false},      // chunk 1
+    {1, 40, 2, 8, 1, 8, 7, 1, false, true, true, true},      // chunk 7 (prime), limit
+    {3, 13, 2, 5, 1, 6, 4, 1, true, true, true, false},      // B = 3: thread ranges split batches
+};
+
+}  // namespace
+
+TEST(Ssd, ChunkedForwardMatchesSequentialReference) {
+  Rng rng(11);
+  for (const Case& c : kCases) {
+    SsdArgs a = make_args(c, rng);
+    Tensor fr, fc, fs;
+    Tensor yr = ops::ssd_ref(a, &fr);
+    Tensor yc = ops::ssd_chunked(a, &fc);
+    Tensor ys = ops::ssd_sequential_f32(a, &fs);
+    EXPECT_TRUE(test::all_close(yc, yr, tol::kFastVsRef, name_of(c) + " y"));
+    EXPECT_TRUE(test::all_close(fc, fr, tol::kFastVsRef, name_of(c) + " final_states"));
+    EXPECT_TRUE(test::all_close(ys, yr, tol::kFastVsRef, name_of(c) + " y (seq f32)"));
+    EXPECT_TRUE(test::all_close(fs, fr, tol::kFastVsRef, name_of(c) + " final (seq f32)"));
+  }
+}
+
+TEST(Ssd, ChunkSizeDoesNotChangeTheResult) {
+  Rng rng(12);
+  Case c{2, 23, 4, 8, 2, 8, 8, 1, true, true, true, false};
+  SsdArgs a = make_args(c, rng);
+  Tensor fr;
+  Tensor yr = ops::ssd_ref(a, &fr);
+  for (int64_t cs : {1, 2, 5, 8, 22, 23, 24, 256}) {
+    a.chunk_size = cs;
+    Tensor fc;
+    Tensor yc = ops::ssd_chunked(a, &fc);
+    EXPECT_TRUE(test::all_close(yc, yr, tol::kFastVsRef, str("chunk ", cs, " y")));
+    EXPECT_TRUE(test::all_close(fc, fr, tol::kFastVsRef, str("chunk ", cs, " final")));
+  }
+}
+
+TEST(Ssd, ChunkedBackwardMatchesReferenceBackward) {
+  Rng rng(13);
+  for (const Case& c : kCases) {
+    SsdArgs a = make_args(c, rng);
+    Tensor dout = test::randn(a.x.shape(), rng);
+    Tensor dfin = test::randn({c.B, c.H, c.P, c.N}, rng);
+    compare_grads(ops::ssd_chunked_bwd(a, dout), ops::ssd_bwd_ref(a, dout), name_of(c));
+    compare_grads(ops::ssd_chunked_bwd(a, dout, dfin), ops::ssd_bwd_ref(a, dout, dfin),
+                  name_of(c) + " +dfinal");
+  }
+}
+
+// Central differences of the double reference loss against the reference backward.
+TEST(Ssd, ReferenceBackwardMatchesFiniteDifferences) {
+  Rng rng(14);
+  const Case cases[] = {
+      {2, 7, 4, 3, 2, 3, 4, 1, true, true, true, false},
+      {1, 6, 2, 2, 1, 5, 4, 2, false, true, true, true},
+      {1, 5, 2, 3, 2, 2, 2, 1, false, false, false, false},
+  };
+  for (const Case& c : cases) {
+    SsdArgs a = make_args(c, rng);
+    if (c.limit) a.dt_min = 0.2f, a.dt_max = 0.6f;  // some steps clamp, some do not
+    Tensor g = test::randn(a.x.shape(), rng);
+    Tensor gf = test::randn({c.B, c.H, c.P, c.N}, rng);
+    SsdGrads gr = ops::ssd_bwd_ref(a, g, gf);
+    auto check = [&](Tensor& in, const Tensor& grad, const char* nm) {
+      if (!in.defined()) return;
+      // every element of small tensors, about 24 spread-out elements of the larger ones
+      const int64_t stride = std::max<int64_t>(1, in.numel() / 24);
+      for (int64_t i = (in.numel() - 1) % stride; i < in.numel(); i += stride) {
+        const float orig = in[i];
+        const float eps = 1e-3f * std::max(1.f, std::fabs(orig));
+        in[i] = orig + eps;
+        const double hi = in[i];
+        const double lp = ops::ssd_ref_loss(a, g, gf);
+        in[i] = orig - eps;
+        const double lo = in[i];
+        const double lm = ops::ssd_ref_loss(a, g, gf);
+        in[i] = orig;
+        const double fd = (lp - lm) / (hi - lo);
+        const double an = grad[i];
+        EXPECT_LE(std::fabs(fd - an), tol::kFiniteDiff.atol + tol::kFiniteDiff.rtol * std::fabs(fd))
+            << name_of(c) << " " << nm << "[" << i << "] fd " << fd << " analytic " << an;
+      }
+    };
+    check(a.x, gr.dx, "x");
+    check(a.dt, gr.ddt, "dt");
+    check(a.A, gr.dA, "A");
+    check(a.B, gr.dB, "B");
+    check(a.C, gr.dC, "C");
+    check(a.D, gr.dD, "D");
+    check(a.z, gr.dz, "z");
+    check(a.dt_bias, gr.ddt_bias, "dt_bias");
+    check(a.initial_states, gr.dinitial_states, "initial_states");
+  }
+}
+
+TEST(Ssd, StateUpdateMatchesFullForward) {
+  Rng rng(15);
+  for (const Case& c : kCases) {
+    SsdArgs a = make_args(c, rng);
+    Tensor fr;
+    Tensor yr = ops::ssd_ref(a, &fr);
+    Tensor state = a.initial_states.defined() ? a.initial_states.clone()
+                                              : Tensor::zeros({c.B, c.H, c.P, c.N});
+    Tensor ys = Tensor::empty(a.x.shape());
+    for (int64_t t = 0; t < c.L; ++t) {
+      Tensor xt({c.B, c.H, c.P}), zt, dtt({c.B, c.H}), Bt({c.B, c.G, c.N}), Ct({c.B, c.G, c.N});
+      if (a.z.defined()) zt = Tensor({c.B, c.H, c.P});
+      for (int64_t b = 0; b < c.B; ++b) {
+        for (int64_t i = 0; i < c.H * c.P; ++i) {
+          xt[b * c.H * c.P + i] = a.x[(b * c.L + t) * c.H * c.P + i];
+          if (zt.defined()) zt[b * c.H * c.P + i] = a.z[(b * c.L + t) * c.H * c.P + i];
+        }
+        for (int64_t h = 0; h < c.H; ++h) dtt[b * c.H + h] = a.dt[(b * c.L + t) * c.H + h];
+        for (int64_t i = 0; i < c.G * c.N; ++i) {
+          Bt[b * c.G * c.N + i] = a.B[(b * c.L + t) * c.G * c.N + i];
+          Ct[b * c.G * c.N + i] = a.C[(b * c.L + t) * c.G * c.N + i];
+        }
+      }
+      Tensor yt = ops::ssd_state_update(state, xt, dtt, a.A, Bt, Ct, a.D, zt, a.dt_bias,
+                                        a.dt_softplus, a.dt_min, a.dt_max);
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t i = 0; i < c.H * c.P; ++i)
+          ys[(b * c.L + t) * c.H * c.P + i] = yt[b * c.H * c.P + i];
+    }
+    EXPECT_TRUE(test::all_close(ys, yr, tol::kStepVsFull, name_of(c) + " step y"));
+    EXPECT_TRUE(test::all_close(state, fr, tol::kStepVsFull, name_of(c) + " step state"));
+  }
+}
+
+TEST(Ssd, ShapeErrorsNameTheTensor) {
+  Rng rng(16);
+  Case c{1, 5, 4, 3, 2, 4, 4, 1, false, false, true, false};
+  auto expect_msg = [](const SsdArgs& a, const char* needle) {
+    try {
+      ops::ssd_chunked(a);
+      ADD_FAILURE() << "no throw for " << needle;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  {
+    SsdArgs a = make_args(c, rng);
+    a.dt = Tensor({1, 5, 3});
+    expect_msg(a, "dt");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    a.B = Tensor({1, 5, 3, 4});  // 3 groups do not divide 4 heads
+    expect_msg(a, "ngroups");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    a.C = Tensor({1, 5, 2, 5});
+    expect_msg(a, "ssd: C");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    a.D = Tensor({3});
+    expect_msg(a, "ssd: D");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    a.initial_states = Tensor({1, 4, 3, 5});
+    expect_msg(a, "initial_states");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    a.chunk_size = 0;
+    expect_msg(a, "chunk_size");
+  }
+  {
+    SsdArgs a = make_args(c, rng);
+    EXPECT_THROW(ops::ssd_chunked_bwd(a, Tensor({1, 5, 4, 2})), Error);
+    Tensor st({1, 4, 3, 4});
+    EXPECT_THROW(ops::ssd_state_update(st, Tensor({1, 4, 3}), Tensor({1, 4}), a.A,
+                                       Tensor({1, 3, 4}), Tensor({1, 3, 4}), Tensor(), Tensor(),
+                                       Tensor(), true),
+                 Error);
+  }
+}
+
+// The per-thread accumulation of dB / dC over heads must not depend on how the (batch, head)
+// range is split: 1 thread vs 5 threads (12 (batch, head) pairs: ranges that cut through a
+// batch). L * P * N = 32768 makes the grain 1, so the work really is split.
+TEST(Ssd, ThreadCountDoesNotChangeTheResult) {
+  Rng rng(17);
+  Case c{3, 64, 4, 16, 2, 32, 16, 2, true, true, true, false};
+  SsdArgs a = make_args(c, rng);
+  Tensor dout = test::randn(a.x.shape(), rng);
+  const int saved = num_threads();
+  set_num_threads(1);
+  Tensor f1;
+  Tensor y1 = ops::ssd_chunked(a, &f1);
+  SsdGrads g1 = ops::ssd_chunked_bwd(a, dout);
+  set_num_threads(5);
+  Tensor f3;
+  Tensor y3 = ops::ssd_chunked(a, &f3);
+  SsdGrads g3 = ops::ssd_chunked_bwd(a, dout);
+  set_num_threads(saved);
+  EXPECT_TRUE(test::all_close(y3, y1, {0, 0}, "y"));
+  EXPECT_TRUE(test::all_close(f3, f1, {0, 0}, "final"));
+  compare_grads(g3, g1, "threads 5 vs 1");
+}
