@@ -1,6 +1,7 @@
 // The language model against mamba_ssm's MambaLMHeadModel (golden files, random weights,
 // Mamba1 and Mamba2 mixers): checkpoint loading, logits, greedy generation token for token,
 // prefill + step == full forward, save/load round trip, bad checkpoints, gradient checks.
+#include <algorithm>
 #include <filesystem>
 
 #include "mamba/generate.h"
@@ -42,7 +43,10 @@ TEST_P(LMGolden, GreedyGenerationMatchesTokenForToken) {
   auto gen = f.tensor_i64("generated_ids", &gs);
   Tensor scores = f.tensor("gen_scores");  // (B, 8, 101)
   std::vector<std::vector<int32_t>> prompts;
-  for (int64_t b = 0; b < s[0]; ++b) prompts.emplace_back(ids.begin() + b * s[1], ids.begin() + (b + 1) * s[1]);
+  for (int64_t b = 0; b < s[0]; ++b) {
+    prompts.emplace_back();
+    for (int64_t t = 0; t < s[1]; ++t) prompts.back().push_back(ids[b * s[1] + t]);
+  }
   GenerateOptions opt;
   opt.max_new_tokens = gs[1];
   opt.sampling.greedy = true;
@@ -70,7 +74,8 @@ TEST_P(LMGolden, PrefillThenStepEqualsFullForward) {
   for (auto& v : ids) v = (int32_t)rng.below(101);
   Tensor full = lm.forward(ids, B, L);
   std::vector<int32_t> pre;
-  for (int64_t b = 0; b < B; ++b) pre.insert(pre.end(), ids.begin() + b * L, ids.begin() + b * L + P);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < P; ++t) pre.push_back(ids[b * L + t]);
   LMState st;
   Tensor lp = lm.forward(pre, B, P, nullptr, &st);
   const int64_t V = lm.vocab();
@@ -171,4 +176,46 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
       }
     }
   }
+}
+
+// A transformers-format folder (MambaForCausalLM names and config keys) of the same weights
+// loads to the same model: the golden checkpoint rewritten with HF names and an HF config.
+TEST(LM, TransformersFolderLoadsToSameLogits) {
+  auto dir = std::filesystem::temp_directory_path() / "mamba_lm_hf";
+  std::filesystem::create_directories(dir);
+  auto f = SafetensorsFile::open(test::golden_path("lm_mamba1_ckpt/model.safetensors"));
+  std::vector<std::pair<std::string, Tensor>> hf;
+  for (auto& n : f.names()) hf.emplace_back(mamba_ssm_to_hf_name(n), f.tensor(n));
+  save_safetensors((dir / "model.safetensors").string(), hf, {{"format", "pt"}});
+  std::string cfg = R"({"architectures":["MambaForCausalLM"],"model_type":"mamba","hidden_size":64,
+    "num_hidden_layers":3,"vocab_size":104,"pad_vocab_size_multiple":8,"state_size":16,"conv_kernel":4,
+    "expand":2,"time_step_rank":4,"use_bias":false,"use_conv_bias":true,"residual_in_fp32":true,
+    "tie_word_embeddings":true,"layer_norm_epsilon":1e-5,"torch_dtype":"float32"})";
+  os::write_file_atomic((dir / "config.json").string(), cfg.data(), cfg.size());
+  MambaLM a = MambaLM::load(test::golden_path("lm_mamba1_ckpt"));
+  MambaLM b = MambaLM::load(dir.string());
+  std::vector<int32_t> ids = {3, 1, 4, 1, 5, 9, 2, 6};
+  EXPECT_TRUE(test::all_close(b.forward(ids, 2, 4), a.forward(ids, 2, 4), {0, 0}, "hf vs mamba_ssm folder"));
+  std::filesystem::remove_all(dir);
+}
+
+// Decode memory is constant per token: RSS after 5000 steps is that after 100 (no growth
+// beyond allocator noise), because the state (conv + ssm per layer) has a fixed size.
+TEST(LM, DecodeMemoryDoesNotGrowWithTokens) {
+  if (os::current_rss_bytes() == 0) GTEST_SKIP() << "RSS is not measurable on this platform";
+  MambaLM lm = MambaLM::load(test::golden_path("lm_mamba2_ckpt"));
+  LMState st = lm.new_state(1);
+  std::vector<int32_t> tok = {7};
+  auto run = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      Tensor l = lm.step(tok, st);
+      tok[0] = (int32_t)(std::max_element(l.data(), l.data() + 101) - l.data());
+    }
+  };
+  run(100);
+  const uint64_t after100 = os::current_rss_bytes();
+  run(4900);
+  const uint64_t after5000 = os::current_rss_bytes();
+  std::printf("RSS after 100 tokens: %.2f MiB, after 5000: %.2f MiB\n", after100 / 1048576.0, after5000 / 1048576.0);
+  EXPECT_LT(after5000, after100 + 512 * 1024) << "decode memory grew with the number of tokens";
 }

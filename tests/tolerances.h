@@ -61,3 +61,15 @@ namespace mamba::tol {
 // and still catches any wrong term (those are O(1e-2) or more).
 constexpr Tol kLayerFiniteDiffF32{5e-4, 5e-3};
 }  // namespace mamba::tol
+
+namespace mamba::tol {
+// Cross-entropy dlogits vs a central difference of the loss (computed in double from fp32
+// logits, eps 1e-3 on O(1) logits): truncation O(eps^2 * f''') ~ 1e-7, plus the fp32 rounding
+// of dlogits (~6e-8 relative); 2e-6 abs + 1e-4 rel is far below any wrong term (~1e-2).
+constexpr Tol kCrossEntropyFD{2e-6, 1e-4};
+// AdamW's fp32 update vs the same formula in double: a few fp32 roundings per element.
+constexpr Tol kAdamWVsDouble{1e-7, 1e-5};
+// Gradient accumulation (2 micro-batches of 4) vs one batch of 8: the same sums in another
+// order (GEMM blocking over M differs), so fp32 reassociation only: ~1e-6 relative.
+constexpr Tol kAccumVsBatch{1e-6, 1e-4};
+}  // namespace mamba::tol

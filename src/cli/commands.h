@@ -15,7 +15,15 @@ struct Command {
 };
 
 Command add_info(CLI::App& app);
+Command add_shapes(CLI::App& app);
+Command add_demo(CLI::App& app);
+Command add_generate(CLI::App& app);
+Command add_score(CLI::App& app);
+Command add_perplexity(CLI::App& app);
+Command add_bench(CLI::App& app);
 Command add_tokenize(CLI::App& app);
 Command add_detokenize(CLI::App& app);
+Command add_train(CLI::App& app);
+Command add_eval_task(CLI::App& app);
 
 }  // namespace mamba::cli

@@ -18,7 +18,7 @@ using nlohmann::json;
 
 namespace {
 
-constexpr int64_t kMaxId = int64_t(1) << 24;          // ids beyond this are refused (memory)
+constexpr int64_t kMaxId = int64_t(1) << 21;          // ids beyond 2M are refused (tables are per id)
 constexpr uint64_t kMaxFileBytes = uint64_t(1) << 30;  // 1 GiB
 constexpr size_t kCacheLimit = 1 << 18;                // words kept in the BPE cache
 constexpr size_t kCacheMaxWord = 256;                  // longer words are not cached

@@ -23,6 +23,7 @@
 #define HWY_TARGET_INCLUDE "ops/selective_scan.cpp"
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
+#include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
 
 #include <algorithm>
@@ -41,6 +42,13 @@ constexpr int64_t kChunk = 64;  // backward checkpoint interval (time steps)
 // Below this many state updates (L * N * channels) per thread, threads cost more than they
 // save: small problems run on the calling thread.
 constexpr int64_t kMinWorkPerThread = 1 << 16;
+// Steps ahead to prefetch: consecutive steps of a block are D floats apart, a stride the
+// hardware prefetcher does not follow across pages.
+constexpr int64_t kPrefetch = 8;
+// Time tile: a thread runs all its channel blocks over kTile steps before the next tile, so
+// the pages of those steps' rows (one per step and tensor: rows are D floats apart) stay in
+// the TLB instead of every block walking all L pages alone.
+constexpr int64_t kTile = 32;
 
 // Raw pointers and dimensions shared by every SIMD target's kernels.
 struct Plan {
@@ -60,6 +68,16 @@ struct Plan {
   }
 };
 
+// Arguments of one decode step (selective_state_update).
+struct StepPlan {
+  StepDims s;
+  bool softplus = false;
+  float* state = nullptr;
+  const float *x = nullptr, *dt = nullptr, *A = nullptr, *B = nullptr, *C = nullptr;
+  const float *Dskip = nullptr, *z = nullptr, *bias = nullptr;
+  float* y = nullptr;
+};
+
 }  // namespace mamba::ops::scan_detail
 #endif
 
@@ -68,6 +86,7 @@ namespace mamba::ops {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
 using scan_detail::Plan;
+using scan_detail::StepPlan;
 using DF = hn::ScalableTag<float>;
 using VF = hn::Vec<DF>;
 
@@ -82,6 +101,16 @@ HWY_INLINE void StorePart(DF d, VF v, float* p, size_t nl, float* tmp) {
   if (nl == hn::Lanes(d)) return hn::StoreU(v, d, p);
   hn::StoreU(v, d, tmp);
   std::memcpy(p, tmp, nl * sizeof(float));
+}
+
+// Prefetches the rows of step t + kPrefetch (offset off of step t) of the (B, L, D) inputs.
+HWY_INLINE void PrefetchAhead(const Plan& p, int64_t t, int64_t off, bool with_out) {
+  if (t + scan_detail::kPrefetch >= p.s.L) return;
+  const int64_t o = off + scan_detail::kPrefetch * p.s.D;
+  hwy::Prefetch(p.u + o);
+  hwy::Prefetch(p.delta + o);
+  if (p.z) hwy::Prefetch(p.z + o);
+  if (with_out) hwy::Prefetch(p.out + o);
 }
 
 // exp(x) that keeps NaN (hn::Exp maps NaN to 0) and gives inf past fp32 overflow like expf;
@@ -117,7 +146,16 @@ struct Block {
   std::vector<float> tmp;   // lanes
   // The groups the block's channels fall in, for B and C: [g_first, g_last].
   int64_t gb0 = 0, gb1 = 0, gc0 = 0, gc1 = 0;
+  bool a_nonpos = false;  // every A of the block finite and <= 0
 };
+
+// h (N, lanes) = the block's initial state (zero without one, and in padding lanes).
+void InitState(const Plan& p, const Block& k, float* h) {
+  const int64_t N = p.s.N, D = p.s.D;
+  for (int64_t n = 0; n < N; ++n)
+    for (size_t l = 0; l < k.lanes; ++l)
+      h[n * k.lanes + l] = (p.h0 && l < k.nl) ? p.h0[(k.b * D + k.d0 + l) * N + n] : 0.f;
+}
 
 void BlockInit(const Plan& p, Block& k, int64_t b, int64_t d0, size_t lanes) {
   const int64_t N = p.s.N, D = p.s.D;
@@ -138,6 +176,9 @@ void BlockInit(const Plan& p, Block& k, int64_t b, int64_t d0, size_t lanes) {
   const int64_t last = d0 + static_cast<int64_t>(k.nl) - 1;
   k.gb0 = d0 / (D / p.s.b_groups), k.gb1 = last / (D / p.s.b_groups);
   k.gc0 = d0 / (D / p.s.c_groups), k.gc1 = last / (D / p.s.c_groups);
+  k.a_nonpos = true;
+  for (float v : k.A)
+    if (!(v <= 0.f) || std::isinf(v)) k.a_nonpos = false;
 }
 
 // Fills dst (N, lanes) with B (or C) at step t for the block's channels (var/group kinds).
@@ -191,30 +232,20 @@ HWY_INLINE VF FwdStep(DF d, int64_t N, size_t lanes, const float* HWY_RESTRICT A
   return hn::Add(y0, y1);
 }
 
-// True when every staged A is finite and <= 0 (then dt*A <= 0 for finite dt >= 0).
-bool ANonPositive(const Block& k, int64_t N) {
-  for (int64_t i = 0; i < N * static_cast<int64_t>(k.lanes); ++i)
-    if (!(k.A[i] <= 0.f) || std::isinf(k.A[i])) return false;
-  return true;
-}
-
+// Steps [t0, t1) of one block; h (N, lanes) is its running state.
 template <bool kBB, bool kCB>
-void FwdBlockT(const Plan& p, Block& k, float* h) {
+void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
   const DF d;
   const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0;
   const size_t lanes = k.lanes, nl = k.nl;
   float* tmp = k.tmp.data();
-  for (int64_t n = 0; n < N; ++n) {
-    for (size_t l = 0; l < lanes; ++l)
-      h[n * lanes + l] = (p.h0 && l < nl) ? p.h0[(b * D + d0 + l) * N + n] : 0.f;
-  }
   const VF Dv = p.Dskip ? LoadPart(d, p.Dskip + d0, nl, tmp) : hn::Zero(d);
   const VF bias = p.bias ? LoadPart(d, p.bias + d0, nl, tmp) : hn::Zero(d);
   const VF inf = hn::Set(d, HUGE_VALF);
-  const bool a_ok = ANonPositive(k, N);
   const float* As = k.A.data();
-  for (int64_t t = 0; t < L; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     const int64_t off = (b * L + t) * D + d0;
+    PrefetchAhead(p, t, off, true);
     VF dt = hn::Add(LoadPart(d, p.delta + off, nl, tmp), bias);
     if (p.softplus) dt = Softplus(d, dt);
     const VF u = LoadPart(d, p.u + off, nl, tmp);
@@ -225,7 +256,7 @@ void FwdBlockT(const Plan& p, Block& k, float* h) {
     else StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
     if (kCB) Cp = p.C + p.bc_row(p.s.c_kind, p.s.c_groups, b, t, k.gc0);
     else StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, k.Cs.data());
-    const bool fast = a_ok && hn::AllTrue(d, hn::And(hn::Ge(dt, hn::Zero(d)), hn::Lt(dt, inf)));
+    const bool fast = k.a_nonpos && hn::AllTrue(d, hn::And(hn::Ge(dt, hn::Zero(d)), hn::Lt(dt, inf)));
     VF y = fast ? FwdStep<kBB, kCB, false>(d, N, lanes, As, h, Bp, Cp, dt, dtu)
                 : FwdStep<kBB, kCB, true>(d, N, lanes, As, h, Bp, Cp, dt, dtu);
     y = hn::MulAdd(Dv, u, y);
@@ -235,9 +266,6 @@ void FwdBlockT(const Plan& p, Block& k, float* h) {
     }
     StorePart(d, y, p.out + off, nl, tmp);
   }
-  if (p.last)
-    for (size_t l = 0; l < nl; ++l)
-      for (int64_t n = 0; n < N; ++n) p.last[(b * D + d0 + l) * N + n] = h[n * lanes + l];
 }
 
 // B (or C) is one broadcast row for the whole block: var kind, or group kind with the block
@@ -249,19 +277,41 @@ bool Broadcast(ScanBCKind kind, int64_t g0, int64_t g1) {
 void ScanFwdKernel(const Plan& p) {
   const DF d;
   const size_t lanes = hn::Lanes(d);
-  const int64_t nblk = (p.s.D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
+  const int64_t N = p.s.N, D = p.s.D, L = p.s.L, NL = N * static_cast<int64_t>(lanes);
+  const int64_t nblk = (D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
   const int64_t items = p.s.batch * nblk;
-  const int64_t work = std::max<int64_t>(1, p.s.L * p.s.N * static_cast<int64_t>(lanes));
+  const int64_t work = std::max<int64_t>(1, L * NL);
   parallel_for(items, (scan_detail::kMinWorkPerThread + work - 1) / work, [&](int64_t i0, int64_t i1) {
-    Block k;
-    std::vector<float> h(p.s.N * lanes);
-    for (int64_t i = i0; i < i1; ++i) {
-      BlockInit(p, k, i / nblk, (i % nblk) * static_cast<int64_t>(lanes), lanes);
-      const bool bb = Broadcast(p.s.b_kind, k.gb0, k.gb1), cb = Broadcast(p.s.c_kind, k.gc0, k.gc1);
-      if (bb && cb) FwdBlockT<true, true>(p, k, h.data());
-      else if (bb) FwdBlockT<true, false>(p, k, h.data());
-      else if (cb) FwdBlockT<false, true>(p, k, h.data());
-      else FwdBlockT<false, false>(p, k, h.data());
+    static thread_local std::vector<Block> blocks;
+    static thread_local std::vector<float> h;
+    for (int64_t s0 = i0; s0 < i1;) {  // runs of items of one batch
+      const int64_t b = s0 / nblk, s1 = std::min(i1, (b + 1) * nblk), nb = s1 - s0;
+      if (static_cast<int64_t>(blocks.size()) < nb) blocks.resize(nb);
+      if (static_cast<int64_t>(h.size()) < nb * NL) h.resize(nb * NL);
+      for (int64_t i = 0; i < nb; ++i) {
+        BlockInit(p, blocks[i], b, ((s0 + i) % nblk) * static_cast<int64_t>(lanes), lanes);
+        InitState(p, blocks[i], h.data() + i * NL);
+      }
+      for (int64_t t0 = 0; t0 < L; t0 += scan_detail::kTile) {
+        const int64_t t1 = std::min(L, t0 + scan_detail::kTile);
+        for (int64_t i = 0; i < nb; ++i) {
+          Block& k = blocks[i];
+          float* hk = h.data() + i * NL;
+          const bool bb = Broadcast(p.s.b_kind, k.gb0, k.gb1), cb = Broadcast(p.s.c_kind, k.gc0, k.gc1);
+          if (bb && cb) FwdSteps<true, true>(p, k, hk, t0, t1);
+          else if (bb) FwdSteps<true, false>(p, k, hk, t0, t1);
+          else if (cb) FwdSteps<false, true>(p, k, hk, t0, t1);
+          else FwdSteps<false, false>(p, k, hk, t0, t1);
+        }
+      }
+      if (p.last)
+        for (int64_t i = 0; i < nb; ++i) {
+          const Block& k = blocks[i];
+          for (size_t l = 0; l < k.nl; ++l)
+            for (int64_t n = 0; n < N; ++n)
+              p.last[(b * D + k.d0 + l) * N + n] = h[i * NL + n * lanes + l];
+        }
+      s0 = s1;
     }
   });
 }
@@ -338,22 +388,21 @@ HWY_INLINE VF DeltaT(DF d, const Plan& p, const Block& k, int64_t off, VF bias, 
   return Softplus(d, v);
 }
 
-// Pass 1: the state at the start of every chunk, into ckpt (nchunks, N, lanes).
-void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h) {
+// Pass 1, steps [t0, t1) of one block: h (N, lanes) is its running state; the state at the
+// start of every chunk goes to ckpt (nchunks, N, lanes).
+void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h, int64_t t0, int64_t t1) {
   const DF d;
   const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0, C = scan_detail::kChunk;
   const size_t lanes = k.lanes, nl = k.nl;
   const int64_t NL = N * static_cast<int64_t>(lanes);
   float* tmp = k.tmp.data();
   const VF bias = p.bias ? LoadPart(d, p.bias + d0, nl, tmp) : hn::Zero(d);
-  for (int64_t n = 0; n < N; ++n)
-    for (size_t l = 0; l < lanes; ++l)
-      h[n * lanes + l] = (p.h0 && l < nl) ? p.h0[(b * D + d0 + l) * N + n] : 0.f;
   const float* As = k.A.data();
-  for (int64_t t = 0; t < L; ++t) {
+  for (int64_t t = t0; t < t1; ++t) {
     if (t % C == 0) std::memcpy(ckpt + (t / C) * NL, h, NL * sizeof(float));
     if (t + 1 == L) break;  // the last state is not needed
     const int64_t off = (b * L + t) * D + d0;
+    PrefetchAhead(p, t, off, false);
     const VF dt = DeltaT(d, p, k, off, bias, nullptr);
     const VF dtu = hn::Mul(dt, LoadPart(d, p.u + off, nl, tmp));
     StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
@@ -392,6 +441,8 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
   // Recompute: H[j+1] = h after step t0+j, E[j] = exp(dt A), Y[j] = y + D u.
   for (int64_t j = 0; j < T; ++j) {
     const int64_t t = t0 + j, off = (b * L + t) * D + d0;
+    PrefetchAhead(p, t, off, false);
+    if (t + scan_detail::kPrefetch < L) hwy::Prefetch(p.dout + off + scan_detail::kPrefetch * D);
     VF spg;
     const VF dt = DeltaT(d, p, k, off, bias, &spg);
     hn::StoreU(dt, d, w.dtv.data() + j * lanes);
@@ -480,10 +531,15 @@ void BwdPart(const Plan& p, PartScratch& w, int64_t b, int64_t blk0, size_t lane
   const int64_t N = p.s.N, L = p.s.L, D = p.s.D, C = scan_detail::kChunk;
   const int64_t NL = N * static_cast<int64_t>(lanes), nchunks = (L + C - 1) / C;
   const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
+  // Pass 1 in time tiles over all the part's blocks (carry holds the running states).
   for (int64_t i = 0; i < w.nbk; ++i) {
     BlockInit(p, w.blocks[i], b, (blk0 + i) * static_cast<int64_t>(lanes), lanes);
-    BwdCheckpoints(p, w.blocks[i], w.ckpt.data() + i * nchunks * NL, w.H.data());
+    InitState(p, w.blocks[i], w.carry.data() + i * NL);
   }
+  for (int64_t t0 = 0; t0 < L; t0 += scan_detail::kTile)
+    for (int64_t i = 0; i < w.nbk; ++i)
+      BwdCheckpoints(p, w.blocks[i], w.ckpt.data() + i * nchunks * NL, w.carry.data() + i * NL, t0,
+                     std::min(L, t0 + scan_detail::kTile));
   for (auto* v : {&w.carry, &w.dAacc, &w.dBacc, &w.dCacc, &w.dDacc, &w.dbacc})
     std::fill(v->begin(), v->end(), 0.f);
   for (int64_t c = nchunks - 1; c >= 0; --c) {
@@ -522,13 +578,15 @@ void ScanBwdKernel(const Plan& p) {
   const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
   const int64_t rowsB = p.s.L * p.s.b_groups * p.s.N, rowsC = p.s.L * p.s.c_groups * p.s.N;
   std::vector<float> partB(bvar ? nparts * rowsB : 0), partC(cvar ? nparts * rowsC : 0);
-  std::vector<PartScratch> scratch(nparts);
   for (int64_t b = 0; b < p.s.batch; ++b) {
     parallel_for(nparts, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q) {
         const int64_t blk0 = nblk * q / nparts, blk1 = nblk * (q + 1) / nparts;
-        if (scratch[q].nbk != blk1 - blk0) scratch[q].init(p, lanes, blk1 - blk0);
-        BwdPart(p, scratch[q], b, blk0, lanes, bvar ? partB.data() + q * rowsB : nullptr,
+        // Per OS thread, kept between calls: the buffers are sized by the largest problem seen
+        // (no allocation and no page faults in steady state).
+        static thread_local PartScratch w;
+        w.init(p, lanes, blk1 - blk0);
+        BwdPart(p, w, b, blk0, lanes, bvar ? partB.data() + q * rowsB : nullptr,
                 cvar ? partC.data() + q * rowsC : nullptr);
       }
     });
@@ -546,6 +604,48 @@ void ScanBwdKernel(const Plan& p) {
   }
 }
 
+// ---- decode step ------------------------------------------------------------------------------
+// One token: the state row of a channel, (N), is contiguous, so this one is vectorised across
+// N (lanes of the state row), channels in parallel.
+
+void StateUpdateKernel(const StepPlan& p) {
+  const DF d;
+  const int64_t N = p.s.N, Dd = p.s.D, GB = p.s.b_groups, GC = p.s.c_groups;
+  const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  // A step is tiny (B*D*N state updates): threads only pay off for large batches.
+  parallel_for(p.s.batch * Dd, std::max<int64_t>(1, 4 * scan_detail::kMinWorkPerThread / std::max<int64_t>(N, 1)),
+               [&](int64_t i0, int64_t i1) {
+                 for (int64_t i = i0; i < i1; ++i) {
+                   const int64_t b = i / Dd, dd = i % Dd;
+                   float v = p.dt[i];
+                   if (p.bias) v += p.bias[dd];
+                   if (p.softplus) v = v > 20.f ? v : std::log1p(std::exp(v));
+                   const float xv = p.x[i];
+                   const float* Bp = p.B + (b * GB + dd / (Dd / GB)) * N;
+                   const float* Cp = p.C + (b * GC + dd / (Dd / GC)) * N;
+                   const float* Ap = p.A + dd * N;
+                   float* h = p.state + i * N;
+                   const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
+                   VF acc = hn::Zero(d);
+                   int64_t n = 0;
+                   for (; n + lanes <= N; n += lanes) {
+                     const VF e = ExpNaN(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
+                     const VF hv = hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
+                     hn::StoreU(hv, d, h + n);
+                     acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
+                   }
+                   float yv = hn::GetLane(hn::SumOfLanes(d, acc));
+                   for (; n < N; ++n) {
+                     h[n] = std::exp(v * Ap[n]) * h[n] + v * xv * Bp[n];
+                     yv += h[n] * Cp[n];
+                   }
+                   if (p.Dskip) yv += xv * p.Dskip[dd];
+                   if (p.z) yv *= p.z[i] / (1.f + std::exp(-p.z[i]));
+                   p.y[i] = yv;
+                 }
+               });
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
 HWY_AFTER_NAMESPACE();
@@ -554,6 +654,7 @@ HWY_AFTER_NAMESPACE();
 namespace mamba::ops {
 HWY_EXPORT(ScanFwdKernel);
 HWY_EXPORT(ScanBwdKernel);
+HWY_EXPORT(StateUpdateKernel);
 
 namespace {
 scan_detail::Plan make_plan(const ScanArgs& a, const ScanDims& s) {
@@ -592,16 +693,28 @@ ScanGrads selective_scan_bwd(const ScanArgs& a, const Tensor& dout) {
   const ScanDims s = selective_scan_check(a, "selective_scan_bwd");
   check_shape(dout, "selective_scan_bwd: dout", {s.batch, s.L, s.D});
   ScanGrads r;
-  r.du = Tensor::zeros(a.u.shape());
-  r.ddelta = Tensor::zeros(a.delta.shape());
+  if (s.L == 0 || s.D == 0) {  // nothing flows: all zero
+    r.du = Tensor::zeros(a.u.shape());
+    r.ddelta = Tensor::zeros(a.delta.shape());
+    r.dA = Tensor::zeros(a.A.shape());
+    r.dB = Tensor::zeros(a.B.shape());
+    r.dC = Tensor::zeros(a.C.shape());
+    if (a.D.defined()) r.dD = Tensor::zeros(a.D.shape());
+    if (a.z.defined()) r.dz = Tensor::zeros(a.z.shape());
+    if (a.delta_bias.defined()) r.ddelta_bias = Tensor::zeros(a.delta_bias.shape());
+    if (a.initial_state.defined()) r.dinitial_state = Tensor::zeros(a.initial_state.shape());
+    return r;
+  }
+  // Written element by element by the kernel: empty; summed into (+=): zeros.
+  r.du = Tensor::empty(a.u.shape());
+  r.ddelta = Tensor::empty(a.delta.shape());
   r.dA = Tensor::zeros(a.A.shape());
-  r.dB = Tensor::zeros(a.B.shape());
-  r.dC = Tensor::zeros(a.C.shape());
+  r.dB = s.b_kind == ScanBCKind::Const ? Tensor::zeros(a.B.shape()) : Tensor::empty(a.B.shape());
+  r.dC = s.c_kind == ScanBCKind::Const ? Tensor::zeros(a.C.shape()) : Tensor::empty(a.C.shape());
   if (a.D.defined()) r.dD = Tensor::zeros(a.D.shape());
-  if (a.z.defined()) r.dz = Tensor::zeros(a.z.shape());
+  if (a.z.defined()) r.dz = Tensor::empty(a.z.shape());
   if (a.delta_bias.defined()) r.ddelta_bias = Tensor::zeros(a.delta_bias.shape());
-  if (a.initial_state.defined()) r.dinitial_state = Tensor::zeros(a.initial_state.shape());
-  if (s.L == 0 || s.D == 0) return r;
+  if (a.initial_state.defined()) r.dinitial_state = Tensor::empty(a.initial_state.shape());
   scan_detail::Plan p = make_plan(a, s);
   p.dout = dout.data();
   p.du = r.du.data(), p.ddelta = r.ddelta.data(), p.dA = r.dA.data(), p.dB = r.dB.data();
@@ -612,6 +725,25 @@ ScanGrads selective_scan_bwd(const ScanArgs& a, const Tensor& dout) {
   p.dh0 = a.initial_state.defined() ? r.dinitial_state.data() : nullptr;
   HWY_DYNAMIC_DISPATCH(ScanBwdKernel)(p);
   return r;
+}
+
+// One decode step (vectorised over N). state: (B, D, N) in place; x, dt, z: (B, D);
+// A: (D, N); B, C: (B, N) or (B, G, N); D, dt_bias: (D). Returns y: (B, D).
+Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                              const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
+                              const Tensor& dt_bias, bool dt_softplus) {
+  scan_detail::StepPlan p;
+  p.s = selective_state_update_check(state, x, dt, A, B, C, D, z, dt_bias);
+  Tensor y = Tensor::empty({p.s.batch, p.s.D});
+  p.softplus = dt_softplus;
+  p.state = state.data();
+  p.x = x.data(), p.dt = dt.data(), p.A = A.data(), p.B = B.data(), p.C = C.data();
+  p.Dskip = D.defined() ? D.data() : nullptr;
+  p.z = z.defined() ? z.data() : nullptr;
+  p.bias = dt_bias.defined() ? dt_bias.data() : nullptr;
+  p.y = y.data();
+  if (y.numel() > 0) HWY_DYNAMIC_DISPATCH(StateUpdateKernel)(p);
+  return y;
 }
 
 }  // namespace mamba::ops

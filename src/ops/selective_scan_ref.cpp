@@ -238,44 +238,52 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout) {
   return r;
 }
 
-// One decode step. state: (B, D, N) in place; x, dt, z: (B, D); A: (D, N);
-// B, C: (B, N) or (B, G, N); D, dt_bias: (D). Returns y: (B, D).
-Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
-                              const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
-                              const Tensor& dt_bias, bool dt_softplus) {
+// Checks of a decode step's arguments. state: (B, D, N); x, dt, z: (B, D); A: (D, N);
+// B, C: (B, N) or (B, G, N); D, dt_bias: (D).
+StepDims selective_state_update_check(const Tensor& state, const Tensor& x, const Tensor& dt,
+                                      const Tensor& A, const Tensor& B, const Tensor& C,
+                                      const Tensor& D, const Tensor& z, const Tensor& dt_bias) {
   const char* w = "selective_state_update";
+  StepDims s;
   check_defined(x, "selective_state_update: x");
   MAMBA_CHECK(x.ndim() == 2, w, ": x: expected (B, D), got shape ", x.shape_str());
-  const int64_t Bn = x.dim(0), Dd = x.dim(1);
+  s.batch = x.dim(0), s.D = x.dim(1);
   check_defined(A, "selective_state_update: A");
   MAMBA_CHECK(A.ndim() == 2, w, ": A: expected (D, N), got shape ", A.shape_str());
-  const int64_t N = A.dim(1);
-  check_shape(A, "selective_state_update: A", {Dd, N});
-  check_shape(state, "selective_state_update: state", {Bn, Dd, N});
-  check_shape(dt, "selective_state_update: dt", {Bn, Dd});
-  int64_t GB = 1, GC = 1;
+  s.N = A.dim(1);
+  check_shape(A, "selective_state_update: A", {s.D, s.N});
+  check_shape(state, "selective_state_update: state", {s.batch, s.D, s.N});
+  check_shape(dt, "selective_state_update: dt", {s.batch, s.D});
   auto check_bc_step = [&](const Tensor& t, const char* name, int64_t* G) {
     std::string nm = str(w, ": ", name);
     check_defined(t, nm.c_str());
     if (t.ndim() == 2) {
-      check_shape(t, nm.c_str(), {Bn, N});
+      check_shape(t, nm.c_str(), {s.batch, s.N});
     } else {
-      MAMBA_CHECK(t.ndim() == 3, nm, ": expected (B, N)=(", Bn, ",", N, ") or (B, G, N), got shape ",
+      MAMBA_CHECK(t.ndim() == 3, nm, ": expected (B, N)=(", s.batch, ",", s.N, ") or (B, G, N), got shape ",
                   t.shape_str());
-      check_shape(t, nm.c_str(), {Bn, -1, N});
+      check_shape(t, nm.c_str(), {s.batch, -1, s.N});
       *G = t.dim(1);
-      MAMBA_CHECK(*G >= 1 && Dd % *G == 0, nm, ": groups G=", *G, " must divide D=", Dd);
+      MAMBA_CHECK(*G >= 1 && s.D % *G == 0, nm, ": groups G=", *G, " must divide D=", s.D);
     }
   };
-  check_bc_step(B, "B", &GB);
-  check_bc_step(C, "C", &GC);
-  if (D.defined()) check_shape(D, "selective_state_update: D", {Dd});
-  if (z.defined()) check_shape(z, "selective_state_update: z", {Bn, Dd});
-  if (dt_bias.defined()) check_shape(dt_bias, "selective_state_update: dt_bias", {Dd});
+  check_bc_step(B, "B", &s.b_groups);
+  check_bc_step(C, "C", &s.c_groups);
+  if (D.defined()) check_shape(D, "selective_state_update: D", {s.D});
+  if (z.defined()) check_shape(z, "selective_state_update: z", {s.batch, s.D});
+  if (dt_bias.defined()) check_shape(dt_bias, "selective_state_update: dt_bias", {s.D});
+  return s;
+}
 
-  Tensor y = Tensor::empty({Bn, Dd});
+// One decode step, plain loops. state: (B, D, N) in place; returns y: (B, D).
+Tensor selective_state_update_ref(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                                  const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
+                                  const Tensor& dt_bias, bool dt_softplus) {
+  const StepDims s = selective_state_update_check(state, x, dt, A, B, C, D, z, dt_bias);
+  const int64_t N = s.N, Dd = s.D, GB = s.b_groups, GC = s.c_groups;
+  Tensor y = Tensor::empty({s.batch, Dd});
   float* st = state.data();
-  for (int64_t b = 0; b < Bn; ++b)
+  for (int64_t b = 0; b < s.batch; ++b)
     for (int64_t d = 0; d < Dd; ++d) {
       const int64_t i = b * Dd + d;
       float v = dt[i];

@@ -68,4 +68,19 @@ ScanDims selective_scan_check(const ScanArgs& a, const char* what = "selective_s
 std::vector<double> selective_scan_ref_f64(const ScanArgs& a,
                                            std::vector<double>* last_state = nullptr);
 
+// Naive reference of selective_state_update (scalar loops, double sum over N): the oracle
+// for the vectorised step above. Same arguments and semantics.
+Tensor selective_state_update_ref(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
+                                  const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
+                                  const Tensor& dt_bias, bool dt_softplus);
+
+// Dimensions of a selective_state_update call, validated (throws mamba::Error naming the
+// tensor). b_groups / c_groups: G of a (B, G, N) B or C, 1 for (B, N).
+struct StepDims {
+  int64_t batch = 0, D = 0, N = 0, b_groups = 1, c_groups = 1;
+};
+StepDims selective_state_update_check(const Tensor& state, const Tensor& x, const Tensor& dt,
+                                      const Tensor& A, const Tensor& B, const Tensor& C,
+                                      const Tensor& D, const Tensor& z, const Tensor& dt_bias);
+
 }  // namespace mamba::ops

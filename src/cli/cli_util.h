@@ -1,0 +1,39 @@
+// Small helpers shared by the CLI commands (no math here).
+#pragma once
+#include <string>
+#include <vector>
+
+#include "mamba/npy.h"
+
+namespace mamba::cli {
+
+// Token ids (B, L) from an int .npy file (int64 or int32; a 1-D array is one sequence).
+inline std::vector<std::vector<int32_t>> read_npy_ids(const std::string& path) {
+  NpyArray a = read_npy(path);
+  std::vector<int64_t> v = npy_to_i64(a, path);
+  MAMBA_CHECK(a.shape.size() == 1 || a.shape.size() == 2, path, ": token ids must be (L) or (B, L), got shape ",
+              shape_str(a.shape));
+  const int64_t B = a.shape.size() == 2 ? a.shape[0] : 1, L = a.shape.back();
+  MAMBA_CHECK(B > 0 && L > 0, path, ": empty token ids ", shape_str(a.shape));
+  std::vector<std::vector<int32_t>> out(B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t t = 0; t < L; ++t) {
+      int64_t id = v[b * L + t];
+      MAMBA_CHECK(id >= 0 && id <= INT32_MAX, path, ": token id ", id, " at (", b, ", ", t, ") is out of range");
+      out[b].push_back(static_cast<int32_t>(id));
+    }
+  return out;
+}
+
+// Writes equal-length id lists as an int64 (B, L) .npy; shorter rows (stopped at EOS) are
+// padded with -1.
+inline void write_npy_ids(const std::string& path, const std::vector<std::vector<int32_t>>& ids) {
+  size_t L = 0;
+  for (auto& r : ids) L = std::max(L, r.size());
+  std::vector<int64_t> flat;
+  for (auto& r : ids)
+    for (size_t t = 0; t < L; ++t) flat.push_back(t < r.size() ? r[t] : -1);
+  write_npy_i64(path, {static_cast<int64_t>(ids.size()), static_cast<int64_t>(L)}, flat);
+}
+
+}  // namespace mamba::cli

@@ -1,0 +1,119 @@
+// mambacpp bench: prefill and decode tokens/s (median and spread over reps) and peak memory,
+// for a model folder or for random weights of a config (no download needed to measure).
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+
+#include "cli/commands.h"
+#include "mamba/lm.h"
+#include "mamba/os.h"
+#include "mamba/parallel.h"
+#include "mamba/rng.h"
+
+namespace mamba::cli {
+
+namespace {
+// Random-weight configs with the exact shapes of the state-spaces checkpoints.
+std::string preset_json(const std::string& name) {
+  if (name == "mamba-130m")
+    return R"({"d_model":768,"n_layer":24,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba1"},"pad_vocab_size_multiple":8})";
+  if (name == "mamba2-130m")
+    return R"({"d_model":768,"n_layer":24,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba2"},"pad_vocab_size_multiple":16})";
+  if (name == "tiny")
+    return R"({"d_model":64,"n_layer":2,"vocab_size":256,"ssm_cfg":{"layer":"Mamba1"}})";
+  throw Error(str("unknown --preset '", name, "' (mamba-130m, mamba2-130m, tiny)"));
+}
+
+struct Stats {
+  double median, min, max;
+};
+Stats stats(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return {v[v.size() / 2], v.front(), v.back()};
+}
+double seconds(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+}  // namespace
+
+Command add_bench(CLI::App& app) {
+  struct Opts {
+    std::string model, config, preset;
+    int64_t prompt = 512, gen = 128, batch = 1;
+    int threads = 0, reps = 3;
+    bool json = false;
+  };
+  auto o = std::make_shared<Opts>();
+  auto* sub = app.add_subcommand("bench", "Prefill and decode tokens/s and peak memory of a model");
+  auto* src = sub->add_option_group("model", "what to measure (one of)");
+  src->add_option("--model", o->model, "model folder (config.json + weights)");
+  src->add_option("--config", o->config, "config.json file (random weights)");
+  src->add_option("--preset", o->preset, "random weights with the exact shapes of: mamba-130m, mamba2-130m, tiny");
+  src->require_option(1);
+  sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--gen", o->gen, "tokens to decode")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--batch", o->batch, "sequences decoded together")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
+  sub->add_option("--reps", o->reps, "repetitions (median and spread are reported)")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_flag("--json", o->json, "one JSON object instead of the table");
+  return {sub, [o] {
+            set_num_threads(o->threads);
+            std::unique_ptr<MambaLM> lm;
+            std::string what;
+            if (!o->model.empty()) {
+              lm = std::make_unique<MambaLM>(MambaLM::load(o->model));
+              what = o->model;
+            } else {
+              ModelConfig cfg = !o->config.empty() ? ModelConfig::load(o->config) : ModelConfig::parse(preset_json(o->preset), o->preset);
+              lm = std::make_unique<MambaLM>(cfg, 0);
+              what = o->config.empty() ? o->preset + " (random weights)" : o->config + " (random weights)";
+            }
+            const int64_t V = lm->config().vocab_size, B = o->batch;
+            Rng rng(0);
+            std::vector<int32_t> ids(static_cast<size_t>(B * o->prompt));
+            for (auto& v : ids) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
+            std::vector<double> pre, dec;
+            for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
+              LMState st;
+              auto t0 = std::chrono::steady_clock::now();
+              lm->forward(ids, B, o->prompt, nullptr, &st);
+              double tp = seconds(t0);
+              std::vector<int32_t> tok(static_cast<size_t>(B));
+              for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
+              t0 = std::chrono::steady_clock::now();
+              for (int64_t i = 0; i < o->gen; ++i) {
+                Tensor logits = lm->step(tok, st);
+                for (int64_t b = 0; b < B; ++b) {  // greedy feedback, as a real decode loop
+                  const float* l = logits.data() + b * lm->vocab();
+                  tok[b] = static_cast<int32_t>(std::max_element(l, l + V) - l);
+                }
+              }
+              double td = seconds(t0);
+              if (r > 0) pre.push_back(B * o->prompt / tp), dec.push_back(B * o->gen / td);
+              if (!o->json)
+                std::fprintf(stderr, "rep %d/%d: prefill %.1f tok/s, decode %.1f tok/s%s\n", r, o->reps,
+                             B * o->prompt / tp, B * o->gen / td, r == 0 ? " (warm-up)" : "");
+            }
+            Stats p = stats(pre), d = stats(dec);
+            double rss = os::peak_rss_bytes() / 1048576.0;
+            if (o->json) {
+              std::printf("{\"model\":\"%s\",\"params\":%lld,\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
+                          "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
+                          "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f}\n",
+                          what.c_str(), (long long)lm->num_parameters(), num_threads(), (long long)B,
+                          (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max, d.median,
+                          d.min, d.max, rss);
+            } else {
+              std::printf("model: %s, %lld parameters, fp32, %d threads, batch %lld\n", what.c_str(),
+                          (long long)lm->num_parameters(), num_threads(), (long long)B);
+              std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
+              std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median, p.min, p.max);
+              std::printf("| decode %lld | %.1f | %.1f | %.1f |\n", (long long)o->gen, d.median, d.min, d.max);
+              std::printf("peak RSS: %.1f MiB\n", rss);
+            }
+            return 0;
+          }};
+}
+
+}  // namespace mamba::cli

@@ -1,0 +1,286 @@
+// The training loop: micro-batches -> forward -> cross-entropy -> backward -> clip -> AdamW,
+// with exact checkpoints (weights, moments, step, data stream, history) written atomically.
+#include <chrono>
+#include <cmath>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+
+#include "mamba/os.h"
+#include "mamba/safetensors.h"
+#include "mamba/train.h"
+
+namespace mamba::train {
+
+namespace {
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+constexpr const char* kStateFile = "trainer_state.json";
+constexpr const char* kOptimFile = "optimizer.safetensors";
+constexpr const char* kStateFormat = "mambacpp-train-1";
+constexpr uint64_t kDataSalt = 0xD1B54A32D192ED03ull;  // the data stream's seed is seed ^ salt
+
+// The ablation switch lives in SsmConfig::selective when this build has it (detected at
+// compile time, so this file builds against configs with or without the field).
+template <class S>
+bool set_sel(S& s, bool v) {
+  if constexpr (requires { s.selective = v; }) {
+    s.selective = v;
+    return true;
+  } else {
+    return v;  // no switch: only the selective model exists
+  }
+}
+template <class S>
+bool get_sel(const S& s) {
+  if constexpr (requires { static_cast<bool>(s.selective); })
+    return s.selective;
+  else
+    return true;
+}
+
+template <class T>
+T get_or(const json& j, const char* key, T def) {
+  auto it = j.find(key);
+  if (it == j.end()) return def;
+  try {
+    return it->get<T>();
+  } catch (const std::exception& e) {
+    throw Error(str("train config: key '", key, "' has the wrong type: ", e.what()));
+  }
+}
+
+MambaLM make_model(const TrainConfig& cfg) {
+  cfg.validate();
+  ModelConfig m = cfg.model;
+  MAMBA_CHECK(set_selective(m, cfg.selective),
+              "--no-selective: this build's ModelConfig has no ssm_cfg.selective switch (the ablation "
+              "needs SsmConfig::selective passed to the Mamba-1 layer)");
+  return MambaLM(m, cfg.seed);
+}
+}  // namespace
+
+bool set_selective(ModelConfig& cfg, bool selective) {
+  if (!selective && cfg.ssm_cfg.is_mamba2()) return false;  // the ablation is Mamba-1 only
+  return set_sel(cfg.ssm_cfg, selective);
+}
+bool get_selective(const ModelConfig& cfg) { return get_sel(cfg.ssm_cfg); }
+
+// ---- config ---------------------------------------------------------------------------------------
+
+void TrainConfig::validate() const {
+  task.validate();
+  MAMBA_CHECK(batch >= 1, "train: batch must be >= 1, got ", batch);
+  MAMBA_CHECK(accum >= 1, "train: accum must be >= 1, got ", accum);
+  MAMBA_CHECK(steps >= 0, "train: steps must be >= 0, got ", steps);
+  MAMBA_CHECK(warmup >= 0, "train: warmup must be >= 0, got ", warmup);
+  MAMBA_CHECK(std::isfinite(lr) && lr > 0, "train: lr must be > 0, got ", lr);
+  MAMBA_CHECK(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, "train: min_lr must be in [0, lr], got ", min_lr);
+  MAMBA_CHECK(std::isfinite(clip) && clip >= 0, "train: clip must be >= 0 (0 = off), got ", clip);
+  MAMBA_CHECK(save_every >= 0, "train: save_every must be >= 0, got ", save_every);
+  if (task.kind != TaskKind::Text)
+    MAMBA_CHECK(model.padded_vocab() >= task.vocab, "train: the model's vocabulary (", model.padded_vocab(),
+                ") is smaller than the task's (", task.vocab, ")");
+}
+
+std::string TrainConfig::to_json() const {
+  json j;
+  j["task"] = {{"kind", task_name(task.kind)}, {"seqlen", task.seqlen},     {"vocab", task.vocab},
+               {"n_copy", task.n_copy},        {"text", task.text_path},   {"tokenizer", task.tokenizer_path}};
+  j["selective"] = selective;
+  j["batch"] = batch, j["accum"] = accum, j["steps"] = steps, j["warmup"] = warmup;
+  j["lr"] = lr, j["min_lr"] = min_lr, j["clip"] = clip;
+  j["beta1"] = adamw.beta1, j["beta2"] = adamw.beta2, j["eps"] = adamw.eps, j["weight_decay"] = adamw.weight_decay;
+  j["seed"] = seed, j["save_every"] = save_every;
+  return j.dump(2);
+}
+
+TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& model) {
+  json j;
+  try {
+    j = json::parse(text);
+  } catch (const std::exception& e) {
+    throw Error(str("train config: invalid JSON: ", e.what()));
+  }
+  MAMBA_CHECK(j.is_object() && j.contains("task") && j["task"].is_object(), "train config: missing 'task' object");
+  TrainConfig c;
+  c.model = model;
+  const json& t = j["task"];
+  c.task.kind = parse_task(get_or<std::string>(t, "kind", "selective-copy"));
+  c.task.seqlen = get_or<int64_t>(t, "seqlen", c.task.seqlen);
+  c.task.vocab = get_or<int64_t>(t, "vocab", c.task.vocab);
+  c.task.n_copy = get_or<int64_t>(t, "n_copy", c.task.n_copy);
+  c.task.text_path = get_or<std::string>(t, "text", "");
+  c.task.tokenizer_path = get_or<std::string>(t, "tokenizer", "");
+  c.selective = get_or<bool>(j, "selective", true);
+  c.batch = get_or<int64_t>(j, "batch", c.batch);
+  c.accum = get_or<int64_t>(j, "accum", c.accum);
+  c.steps = get_or<int64_t>(j, "steps", c.steps);
+  c.warmup = get_or<int64_t>(j, "warmup", c.warmup);
+  c.lr = get_or<double>(j, "lr", c.lr);
+  c.min_lr = get_or<double>(j, "min_lr", c.min_lr);
+  c.clip = get_or<double>(j, "clip", c.clip);
+  c.adamw.beta1 = get_or<double>(j, "beta1", c.adamw.beta1);
+  c.adamw.beta2 = get_or<double>(j, "beta2", c.adamw.beta2);
+  c.adamw.eps = get_or<double>(j, "eps", c.adamw.eps);
+  c.adamw.weight_decay = get_or<double>(j, "weight_decay", c.adamw.weight_decay);
+  c.seed = get_or<uint64_t>(j, "seed", 0);
+  c.save_every = get_or<int64_t>(j, "save_every", 0);
+  return c;
+}
+
+// ---- trainer --------------------------------------------------------------------------------------
+
+Trainer::Trainer(const TrainConfig& cfg) : Trainer(cfg, make_model(cfg)) {}
+
+Trainer::Trainer(const TrainConfig& cfg, MambaLM lm)
+    : cfg_(cfg), lm_(std::move(lm)), params_(lm_.named_parameters()), opt_(params_, cfg.adamw),
+      data_rng_(cfg.seed ^ kDataSalt) {
+  cfg_.validate();
+  cfg_.model = lm_.config();
+  if (cfg_.task.kind == TaskKind::Text) {
+    text_ = std::make_unique<TextData>(TextData::load(cfg_.task.text_path, cfg_.task.tokenizer_path));
+    MAMBA_CHECK(lm_.vocab() >= text_->vocab(), "train: the model's vocabulary (", lm_.vocab(),
+                ") is smaller than the text's tokenizer (", text_->vocab(), ")");
+  }
+}
+
+Trainer::Trainer(Trainer&&) noexcept = default;
+Trainer::~Trainer() = default;
+
+StepLog Trainer::train_step() {
+  const auto t0 = std::chrono::steady_clock::now();
+  const int64_t s = opt_.steps();
+  // Draw every micro-batch first, so the loss is the exact mean over the whole update.
+  std::vector<Batch> mbs;
+  int64_t total = 0;
+  for (int64_t a = 0; a < cfg_.accum; ++a) {
+    mbs.push_back(make_batch(cfg_.task, cfg_.batch, data_rng_, text_.get()));
+    total += mbs.back().counted();
+  }
+  MAMBA_CHECK(total > 0, "train: a batch has no counted target positions");
+  lm_.zero_grad();
+  double sum_nll = 0;
+  int64_t correct = 0, tokens = 0;
+  Tensor dlogits;
+  for (const Batch& mb : mbs) {
+    LMSaved* raw = nullptr;
+    Tensor logits = lm_.forward(mb.ids, mb.B, mb.L, &raw);
+    std::unique_ptr<LMSaved, void (*)(LMSaved*)> saved(raw, &MambaLM::free_saved);
+    LossResult r = cross_entropy(logits, mb.targets, &dlogits, static_cast<double>(total));
+    lm_.backward(saved.release(), dlogits);
+    sum_nll += r.sum_nll;
+    correct += r.correct;
+    tokens += mb.B * mb.L;
+  }
+  StepLog log;
+  log.loss = sum_nll / static_cast<double>(total);
+  MAMBA_CHECK(std::isfinite(log.loss), "train: the loss became ", log.loss, " at step ", s + 1,
+              " (try a lower --lr or --clip)");
+  log.grad_norm = clip_grad_norm(params_, cfg_.clip);
+  log.lr = lr_at(s, cfg_.warmup, cfg_.steps, cfg_.lr, cfg_.min_lr);
+  opt_.step(log.lr);
+  log.step = opt_.steps();
+  log.accuracy = static_cast<double>(correct) / static_cast<double>(total);
+  log.tokens = tokens;
+  log.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  history_.push_back(log);
+  return log;
+}
+
+void Trainer::save(const std::string& dir) const {
+  fs::create_directories(dir);
+  lm_.save(dir);
+  save_safetensors((fs::path(dir) / kOptimFile).string(), opt_.state_tensors(),
+                   {{"step", std::to_string(opt_.steps())}, {"format", kStateFormat}});
+  json j;
+  j["format"] = kStateFormat;
+  j["step"] = opt_.steps();
+  uint64_t rs[4];
+  data_rng_.get_state(rs);
+  j["data_rng"] = {rs[0], rs[1], rs[2], rs[3]};
+  j["train"] = json::parse(cfg_.to_json());
+  json h = json::array();
+  for (const StepLog& l : history_)
+    h.push_back({l.step, l.loss, l.lr, l.grad_norm, l.accuracy, l.tokens, l.seconds});
+  j["history"] = std::move(h);
+  const std::string text = j.dump(1);
+  os::write_file_atomic((fs::path(dir) / kStateFile).string(), text.data(), text.size());
+}
+
+Trainer Trainer::resume(const std::string& dir) {
+  const std::string sp = (fs::path(dir) / kStateFile).string();
+  MAMBA_CHECK(os::exists(sp), "resume: '", dir, "' has no ", kStateFile, " (not a training checkpoint)");
+  std::vector<uint8_t> bytes = os::read_file(sp, 1ull << 30);
+  json j;
+  try {
+    j = json::parse(bytes.begin(), bytes.end());
+  } catch (const std::exception& e) {
+    throw Error(str(sp, ": invalid JSON: ", e.what()));
+  }
+  MAMBA_CHECK(j.is_object() && j.value("format", "") == kStateFormat, sp, ": not a ", kStateFormat, " file");
+  MAMBA_CHECK(j.contains("step") && j["step"].is_number_integer(), sp, ": missing integer 'step'");
+  const int64_t step = j["step"].get<int64_t>();
+  MambaLM lm = MambaLM::load(dir);
+  TrainConfig cfg = TrainConfig::from_json(j.at("train").dump(), lm.config());
+  MAMBA_CHECK(cfg.selective == get_selective(lm.config()), sp, ": selective = ", cfg.selective,
+              " but the model's config.json says ", get_selective(lm.config()));
+  Trainer tr(cfg, std::move(lm));
+  auto of = SafetensorsFile::open((fs::path(dir) / kOptimFile).string());
+  MAMBA_CHECK(of.metadata().count("step") && of.meta("step") == std::to_string(step), dir, ": ", kOptimFile,
+              " is for step ", of.metadata().count("step") ? of.meta("step") : "?", " but ", kStateFile,
+              " for step ", step, " (an interrupted save?)");
+  std::vector<std::pair<std::string, Tensor>> st;
+  for (const auto& n : of.names()) st.emplace_back(n, of.tensor(n));
+  tr.opt_.load_state(st, step);
+  MAMBA_CHECK(j.contains("data_rng") && j["data_rng"].is_array() && j["data_rng"].size() == 4, sp,
+              ": 'data_rng' must be 4 integers");
+  uint64_t rs[4];
+  for (int i = 0; i < 4; ++i) rs[i] = j["data_rng"][i].get<uint64_t>();
+  tr.data_rng_.set_state(rs);
+  if (j.contains("history"))
+    for (const auto& e : j["history"]) {
+      MAMBA_CHECK(e.is_array() && e.size() == 7, sp, ": a history entry must have 7 fields");
+      StepLog l;
+      l.step = e[0].get<int64_t>(), l.loss = e[1].get<double>(), l.lr = e[2].get<double>();
+      l.grad_norm = e[3].get<double>(), l.accuracy = e[4].get<double>(), l.tokens = e[5].get<int64_t>();
+      l.seconds = e[6].get<double>();
+      tr.history_.push_back(l);
+    }
+  return tr;
+}
+
+// ---- evaluation -----------------------------------------------------------------------------------
+
+EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch, uint64_t seed,
+                    const TextData* text) {
+  task.validate();
+  MAMBA_CHECK(n_batches >= 1 && batch >= 1, "evaluate: batches and batch must be >= 1, got ", n_batches, " and ", batch);
+  Rng rng(seed);
+  EvalResult r;
+  double sum_nll = 0;
+  for (int64_t i = 0; i < n_batches; ++i) {
+    Batch bt = make_batch(task, batch, rng, text);
+    Tensor logits = lm.forward(bt.ids, bt.B, bt.L);
+    LossResult lr = cross_entropy(logits, bt.targets);
+    sum_nll += lr.sum_nll;
+    r.counted += lr.counted;
+    r.correct += lr.correct;
+    const int64_t V = logits.dim(-1);
+    for (int64_t b = 0; b < bt.B; ++b) {
+      bool all = true, any = false;
+      for (int64_t t = 0; t < bt.L; ++t) {
+        const int32_t tg = bt.targets[b * bt.L + t];
+        if (tg == kIgnoreIndex) continue;
+        any = true;
+        const float* row = logits.data() + (b * bt.L + t) * V;
+        all = all && (std::max_element(row, row + V) - row) == tg;
+      }
+      if (any) r.seq_total += 1, r.seq_correct += all;
+    }
+  }
+  r.loss = r.counted ? sum_nll / static_cast<double>(r.counted) : 0;
+  return r;
+}
+
+}  // namespace mamba::train

@@ -1,0 +1,94 @@
+// The mambacpp executable, run as a user would: --help everywhere, shapes, score and
+// generate against the golden LM, and clear errors with a non-zero exit status.
+#include <array>
+#include <cstdio>
+#include <filesystem>
+
+#include "mamba/npy.h"
+#include "test_util.h"
+
+using namespace mamba;
+
+namespace {
+struct CliRun {
+  int status;
+  std::string out;  // stdout and stderr together
+};
+CliRun run(const std::string& args) {
+  std::string cmd = std::string(MAMBA_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return {-1, ""};
+  std::string out;
+  std::array<char, 4096> buf;
+  size_t n;
+  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
+  int st = pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
+std::string tmp(const std::string& name) {
+  return (std::filesystem::temp_directory_path() / ("mamba_cli_" + name)).string();
+}
+}  // namespace
+
+TEST(Cli, HelpOnEveryCommand) {
+  CliRun r = run("--help");
+  ASSERT_EQ(r.status, 0) << r.out;
+  for (const char* c : {"demo", "info", "shapes", "generate", "score", "perplexity", "bench", "tokenize", "detokenize"}) {
+    EXPECT_NE(r.out.find(c), std::string::npos) << c << " missing from --help";
+    CliRun h = run(std::string(c) + " --help");
+    EXPECT_EQ(h.status, 0) << c << ": " << h.out;
+    EXPECT_NE(h.out.find("Usage"), std::string::npos) << c;
+  }
+}
+
+TEST(Cli, ShapesTracesEveryOpAndCountsParameters) {
+  CliRun r = run("shapes --d_model 16 --d_state 64 --batch 2 --seqlen 32");
+  ASSERT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("7968 parameters"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("in_proj (2,32,16) -> (2,32,64)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("out_proj (2,32,32) -> (2,32,16)"), std::string::npos) << r.out;
+  CliRun r2 = run("shapes --layer mamba2 --d_model 1024 --d_state 64 --batch 1 --seqlen 4");
+  ASSERT_EQ(r2.status, 0) << r2.out;
+  EXPECT_NE(r2.out.find("6468320 parameters"), std::string::npos) << r2.out;
+  CliRun bad = run("shapes --d_model 16 --d_conv 0");
+  EXPECT_NE(bad.status, 0);
+  EXPECT_NE(bad.out.find("d_conv"), std::string::npos) << bad.out;
+}
+
+TEST(Cli, ScoreAndGenerateReproduceGoldenLM) {
+  for (const char* name : {"lm_mamba1", "lm_mamba2"}) {
+    auto f = SafetensorsFile::open(test::golden_path(std::string(name) + ".safetensors"));
+    Shape s, gs;
+    auto ids = f.tensor_i64("input_ids", &s);
+    auto gen = f.tensor_i64("generated_ids", &gs);
+    std::string ids_path = tmp("ids.npy"), out = tmp("logits.npy"), out_ids = tmp("gen.npy");
+    write_npy_i64(ids_path, s, ids);
+    std::string model = test::golden_path(std::string(name) + "_ckpt");
+    CliRun r = run("score --model " + model + " --ids " + ids_path + " --out " + out);
+    ASSERT_EQ(r.status, 0) << r.out;
+    EXPECT_TRUE(test::all_close(npy_to_tensor(read_npy(out)), f.tensor("logits"), tol::kGoldenLogits, "score"));
+    CliRun g = run("generate --model " + model + " --ids " + ids_path + " --greedy -n 8 --out-ids " + out_ids);
+    ASSERT_EQ(g.status, 0) << g.out;
+    EXPECT_NE(g.out.find("decode:"), std::string::npos) << g.out;  // the timing line
+    NpyArray a = read_npy(out_ids);
+    EXPECT_EQ(a.shape, gs);
+    EXPECT_EQ(npy_to_i64(a), gen) << name;
+    std::remove(ids_path.c_str()), std::remove(out.c_str()), std::remove(out_ids.c_str());
+  }
+}
+
+TEST(Cli, ErrorsAreClearAndExitNonZero) {
+  CliRun r = run("generate --model /nonexistent --prompt hi");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.out.find("error: model folder '/nonexistent' does not exist"), std::string::npos) << r.out;
+  CliRun u = run("generate --unknown-flag");
+  EXPECT_NE(u.status, 0);
+  CliRun n = run("");
+  EXPECT_NE(n.status, 0);
+  std::string bad = tmp("bad_ids.npy");
+  write_npy_i64(bad, {1, 3}, {1, 2, 999});
+  CliRun v = run("score --model " + test::golden_path("lm_mamba1_ckpt") + " --ids " + bad + " --out " + tmp("x.npy"));
+  EXPECT_EQ(v.status, 1);
+  EXPECT_NE(v.out.find("outside the vocabulary"), std::string::npos) << v.out;
+  std::remove(bad.c_str());
+}

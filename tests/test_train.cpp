@@ -1,0 +1,441 @@
+// Training: cross-entropy (vs finite differences), AdamW (vs a hand-computed update), clipping,
+// the LR schedule, the synthetic-task generators' invariants, loss going down on each task and
+// on a text, gradient accumulation == one big batch, resume == uninterrupted (bitwise),
+// atomic checkpoints, the curves and the CLI.
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <set>
+
+#include "mamba/parallel.h"
+#include "mamba/train.h"
+#include "test_util.h"
+
+using namespace mamba;
+using namespace mamba::train;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string temp_dir(const std::string& name) {
+  fs::path p = fs::temp_directory_path() / ("mamba_test_train_" + name + "_" + std::to_string(::getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p.string();
+}
+
+ModelConfig tiny_model(int64_t vocab, const std::string& layer = "Mamba1", int64_t d_model = 32) {
+  std::string ssm = layer == "Mamba2" ? R"({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})"
+                                      : R"({"layer": "Mamba1", "d_state": 8})";
+  return ModelConfig::parse(str(R"({"d_model": )", d_model, R"(, "n_layer": 2, "vocab_size": )", vocab,
+                                R"(, "ssm_cfg": )", ssm, R"(, "pad_vocab_size_multiple": 8})"));
+}
+
+TrainConfig tiny_train(TaskKind kind) {
+  TrainConfig c;
+  c.task.kind = kind;
+  c.task.vocab = 8;
+  c.task.seqlen = kind == TaskKind::SelectiveCopy ? 24 : 16;
+  c.task.n_copy = 4;
+  c.model = tiny_model(8);
+  c.batch = 8;
+  c.steps = 40;
+  c.warmup = 4;
+  c.lr = 3e-3;
+  c.seed = 3;
+  return c;
+}
+
+double mean_loss(const std::vector<StepLog>& h, size_t from, size_t to) {
+  double s = 0;
+  for (size_t i = from; i < to; ++i) s += h[i].loss;
+  return s / static_cast<double>(to - from);
+}
+
+}  // namespace
+
+// ---- loss ---------------------------------------------------------------------------------------
+
+TEST(CrossEntropy, LossIsTheMeanOverCountedPositionsAndGradMatchesFiniteDifferences) {
+  Rng rng(1);
+  Tensor logits = test::randn({2, 3, 7}, rng, 1.5);
+  std::vector<int32_t> tg = {3, kIgnoreIndex, 0, 6, 2, kIgnoreIndex};
+  Tensor dl;
+  LossResult r = cross_entropy(logits, tg, &dl);
+  EXPECT_EQ(r.counted, 4);
+  // By hand in double.
+  double want = 0;
+  int64_t correct = 0;
+  for (int64_t i = 0; i < 6; ++i) {
+    if (tg[i] == kIgnoreIndex) continue;
+    double mx = -1e30, s = 0;
+    int64_t am = 0;
+    for (int64_t j = 0; j < 7; ++j)
+      if (logits[i * 7 + j] > mx) mx = logits[i * 7 + j], am = j;
+    for (int64_t j = 0; j < 7; ++j) s += std::exp((double)logits[i * 7 + j] - mx);
+    want += mx + std::log(s) - logits[i * 7 + tg[i]];
+    correct += am == tg[i];
+  }
+  EXPECT_NEAR(r.loss, want / 4, 1e-12);
+  EXPECT_EQ(r.correct, correct);
+  // Ignored rows get zero gradient; the rest match a central difference of the loss.
+  for (int64_t j = 0; j < 7; ++j) EXPECT_EQ(dl[1 * 7 + j], 0.f);
+  for (int64_t i = 0; i < logits.numel(); ++i) {
+    const float orig = logits[i], eps = 1e-3f;
+    logits[i] = orig + eps;
+    const float hi = logits[i];
+    const double lp = cross_entropy(logits, tg).loss;
+    logits[i] = orig - eps;
+    const float lo = logits[i];
+    const double lm = cross_entropy(logits, tg).loss;
+    logits[i] = orig;
+    const double fd = (lp - lm) / ((double)hi - lo);
+    EXPECT_NEAR(dl[i], fd, tol::kCrossEntropyFD.atol + tol::kCrossEntropyFD.rtol * std::fabs(fd)) << "logit " << i;
+  }
+  // An explicit denominator scales loss and gradient (the mean over an accumulated batch).
+  Tensor dl2;
+  LossResult r2 = cross_entropy(logits, tg, &dl2, 8.0);
+  EXPECT_NEAR(r2.loss, want / 8, 1e-12);
+  for (int64_t i = 0; i < dl.numel(); ++i) EXPECT_NEAR(dl2[i], dl[i] / 2, 1e-7);
+}
+
+TEST(CrossEntropy, RejectsBadTargets) {
+  Tensor logits({1, 2, 4});
+  EXPECT_THROW(cross_entropy(logits, {0, 4}), Error);
+  EXPECT_THROW(cross_entropy(logits, {0, -1}), Error);
+  EXPECT_THROW(cross_entropy(logits, {0}), Error);
+  LossResult r = cross_entropy(logits, {kIgnoreIndex, kIgnoreIndex});
+  EXPECT_EQ(r.counted, 0);
+  EXPECT_EQ(r.loss, 0);
+}
+
+// ---- optimiser ----------------------------------------------------------------------------------
+
+TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
+  Param w{"mixer.in_proj.weight", Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f}), Tensor({2, 2}), false};
+  Param d{"mixer.D", Tensor::from({2}, {1.f, -0.5f}), Tensor({2}), true};
+  std::vector<std::pair<std::string, Param*>> ps = {{w.name, &w}, {d.name, &d}};
+  AdamWConfig cfg;
+  cfg.beta1 = 0.9, cfg.beta2 = 0.95, cfg.eps = 1e-8, cfg.weight_decay = 0.1;
+  AdamW opt(ps, cfg);
+  EXPECT_TRUE(opt.decays(0));
+  EXPECT_FALSE(opt.decays(1));
+  std::vector<double> pw(w.value.data(), w.value.data() + 4), pd(d.value.data(), d.value.data() + 2);
+  std::vector<double> mw(4, 0), vw(4, 0), md(2, 0), vd(2, 0);
+  const double grads_w[2][4] = {{0.1, -0.2, 0.3, 0.0}, {-0.05, 0.4, 0.1, 1.0}};
+  const double grads_d[2][2] = {{1.0, -2.0}, {0.5, 0.5}};
+  const double lrs[2] = {1e-2, 5e-3};
+  for (int t = 1; t <= 2; ++t) {
+    for (int i = 0; i < 4; ++i) w.grad[i] = (float)grads_w[t - 1][i];
+    for (int i = 0; i < 2; ++i) d.grad[i] = (float)grads_d[t - 1][i];
+    opt.step(lrs[t - 1]);
+    const double lr = lrs[t - 1], bc1 = 1 - std::pow(0.9, t), bc2 = 1 - std::pow(0.95, t);
+    auto upd = [&](double& p, double& m, double& v, double g, bool decay) {
+      if (decay) p *= 1 - lr * 0.1;
+      m = 0.9 * m + 0.1 * g;
+      v = 0.95 * v + 0.05 * g * g;
+      p -= lr / bc1 * m / (std::sqrt(v) / std::sqrt(bc2) + 1e-8);
+    };
+    for (int i = 0; i < 4; ++i) upd(pw[i], mw[i], vw[i], (float)grads_w[t - 1][i], true);
+    for (int i = 0; i < 2; ++i) upd(pd[i], md[i], vd[i], (float)grads_d[t - 1][i], false);
+    for (int i = 0; i < 4; ++i)
+      EXPECT_NEAR(w.value[i], pw[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pw[i]));
+    for (int i = 0; i < 2; ++i)
+      EXPECT_NEAR(d.value[i], pd[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pd[i]));
+  }
+  EXPECT_EQ(opt.steps(), 2);
+  // A zero-gradient element with decay only shrinks: w[3] had g = 0 at step 1.
+  EXPECT_EQ(opt.state_tensors().size(), 4u);
+}
+
+TEST(AdamW, WeightDecayGroupsFollowTheParamMarks) {
+  MambaLM lm(tiny_model(8), 0);
+  std::set<std::string> decayed;
+  for (auto& [n, p] : lm.named_parameters())
+    if (uses_weight_decay(n, *p)) decayed.insert(n.substr(n.rfind("mixer.") == std::string::npos ? 0 : n.rfind("mixer.") + 6));
+  EXPECT_TRUE(decayed.count("in_proj.weight"));
+  EXPECT_TRUE(decayed.count("x_proj.weight"));
+  EXPECT_TRUE(decayed.count("dt_proj.weight"));
+  EXPECT_TRUE(decayed.count("out_proj.weight"));
+  EXPECT_TRUE(decayed.count("conv1d.weight"));
+  for (const char* n : {"A_log", "D", "dt_proj.bias", "conv1d.bias", "backbone.embedding.weight",
+                        "backbone.norm_f.weight", "backbone.layers.0.norm.weight"})
+    EXPECT_FALSE(decayed.count(n)) << n;
+}
+
+TEST(ClipGradNorm, ScalesToMaxNormOnlyAboveIt) {
+  Param a{"a", Tensor({3}), Tensor::from({3}, {3.f, 0.f, 4.f}), false};
+  Param b{"b", Tensor({1}), Tensor::from({1}, {12.f}), false};
+  std::vector<std::pair<std::string, Param*>> ps = {{"a", &a}, {"b", &b}};
+  EXPECT_NEAR(clip_grad_norm(ps, 100.0), 13.0, 1e-12);
+  EXPECT_EQ(a.grad[0], 3.f);  // below: untouched
+  EXPECT_NEAR(clip_grad_norm(ps, 1.3), 13.0, 1e-12);
+  EXPECT_NEAR(a.grad[0], 0.3, 1e-6);
+  EXPECT_NEAR(b.grad[0], 1.2, 1e-6);
+  EXPECT_NEAR(clip_grad_norm(ps, 0.0), 1.3, 1e-6);  // 0 = off: only measures
+  EXPECT_NEAR(b.grad[0], 1.2, 1e-6);
+}
+
+TEST(LRSchedule, LinearWarmupThenCosineToMin) {
+  EXPECT_NEAR(lr_at(0, 10, 110, 1e-3, 1e-5), 1e-4, 1e-15);
+  EXPECT_NEAR(lr_at(4, 10, 110, 1e-3, 1e-5), 5e-4, 1e-15);
+  EXPECT_NEAR(lr_at(9, 10, 110, 1e-3, 1e-5), 1e-3, 1e-15);
+  EXPECT_NEAR(lr_at(10, 10, 110, 1e-3, 1e-5), 1e-3, 1e-15);
+  EXPECT_NEAR(lr_at(60, 10, 110, 1e-3, 1e-5), (1e-3 + 1e-5) / 2, 1e-15);
+  EXPECT_NEAR(lr_at(35, 10, 110, 1e-3, 1e-5), 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + std::cos(M_PI * 0.25)), 1e-15);
+  EXPECT_NEAR(lr_at(110, 10, 110, 1e-3, 1e-5), 1e-5, 1e-15);
+  EXPECT_NEAR(lr_at(500, 10, 110, 1e-3, 1e-5), 1e-5, 1e-15);
+  EXPECT_NEAR(lr_at(7, 0, 0, 2e-3, 0), 2e-3, 1e-15);  // no schedule span: constant
+}
+
+// ---- data ---------------------------------------------------------------------------------------
+
+TEST(Data, SelectiveCopyInvariants) {
+  const int64_t B = 16, L = 40, V = 10, M = 6;
+  Rng rng(5);
+  Batch b = selective_copy_batch(B, L, V, M, rng);
+  ASSERT_EQ((int64_t)b.ids.size(), B * L);
+  EXPECT_EQ(b.counted(), B * M);
+  for (int64_t s = 0; s < B; ++s) {
+    std::vector<int32_t> data;
+    for (int64_t t = 0; t < L - M; ++t) {
+      const int32_t x = b.ids[s * L + t];
+      EXPECT_TRUE(x >= 0 && x <= V - 2);
+      if (x != 0) data.push_back(x);
+      EXPECT_EQ(b.targets[s * L + t], kIgnoreIndex);
+    }
+    ASSERT_EQ((int64_t)data.size(), M) << "sequence " << s;
+    for (int64_t j = 0; j < M; ++j) {
+      EXPECT_EQ(b.ids[s * L + L - M + j], V - 1);  // markers
+      EXPECT_EQ(b.targets[s * L + L - M + j], data[j]);  // the data tokens, in order
+    }
+  }
+  Rng r1(9), r2(9), r3(10);
+  Batch x = selective_copy_batch(4, L, V, M, r1), y = selective_copy_batch(4, L, V, M, r2),
+        z = selective_copy_batch(4, L, V, M, r3);
+  EXPECT_EQ(x.ids, y.ids);
+  EXPECT_EQ(x.targets, y.targets);
+  EXPECT_NE(x.ids, z.ids);
+  Rng r4(1);
+  EXPECT_THROW(selective_copy_batch(1, 10, V, 6, r4), Error);  // L < 2M
+}
+
+TEST(Data, InductionInvariants) {
+  const int64_t B = 32, L = 20, V = 6;
+  Rng rng(2);
+  Batch b = induction_batch(B, L, V, rng);
+  EXPECT_EQ(b.counted(), B);
+  for (int64_t s = 0; s < B; ++s) {
+    const int32_t* ids = b.ids.data() + s * L;
+    std::vector<int64_t> sp;
+    for (int64_t t = 0; t < L; ++t) {
+      EXPECT_TRUE(ids[t] >= 0 && ids[t] < V);
+      if (ids[t] == V - 1) sp.push_back(t);
+      if (t < L - 1) EXPECT_EQ(b.targets[s * L + t], kIgnoreIndex);
+    }
+    ASSERT_EQ(sp.size(), 2u) << "the special token appears at p and at the end";
+    EXPECT_EQ(sp[1], L - 1);
+    EXPECT_EQ(b.targets[s * L + L - 1], ids[sp[0] + 1]);  // the key that followed it
+  }
+  Rng r1(4), r2(4);
+  EXPECT_EQ(induction_batch(3, L, V, r1).ids, induction_batch(3, L, V, r2).ids);
+}
+
+TEST(Data, TextWindowsAreShiftedByOne) {
+  std::vector<int32_t> toks;
+  for (int i = 0; i < 100; ++i) toks.push_back(i % 50);
+  TextData d = TextData::from_tokens(toks, 50);
+  Rng rng(0);
+  Batch b = d.sample(5, 12, rng);
+  EXPECT_EQ(b.counted(), 60);
+  for (int64_t s = 0; s < 5; ++s)
+    for (int64_t t = 0; t < 12; ++t) EXPECT_EQ(b.targets[s * 12 + t], (b.ids[s * 12 + t] + 1) % 50);
+  EXPECT_THROW(d.sample(1, 100, rng), Error);
+  EXPECT_THROW(TextData::from_tokens({1, 60}, 50), Error);
+}
+
+// ---- training -----------------------------------------------------------------------------------
+
+class LossGoesDown : public ::testing::TestWithParam<TaskKind> {};
+
+TEST_P(LossGoesDown, WithinAFewDozenSteps) {
+  set_num_threads(2);
+  TrainConfig c = tiny_train(GetParam());
+  std::string dir;
+  if (GetParam() == TaskKind::Text) {
+    dir = temp_dir("text");
+    std::ofstream(dir + "/t.txt") << std::string(40, ' ') + "the quick brown fox jumps over the lazy dog. " +
+                                         "the quick brown fox jumps over the lazy dog. the lazy dog sleeps. ";
+    c.task.text_path = dir + "/t.txt";
+    c.model = tiny_model(256);
+    c.task.seqlen = 24;
+  }
+  Trainer tr(c);
+  for (int i = 0; i < 40; ++i) tr.train_step();
+  const auto& h = tr.history();
+  const double first = mean_loss(h, 0, 3), last = mean_loss(h, 35, 40);
+  EXPECT_LT(last, 0.8 * first) << task_name(GetParam()) << ": first " << first << ", last " << last;
+  for (const auto& l : h) EXPECT_TRUE(std::isfinite(l.loss));
+  if (!dir.empty()) fs::remove_all(dir);
+}
+INSTANTIATE_TEST_SUITE_P(Tasks, LossGoesDown,
+                         ::testing::Values(TaskKind::SelectiveCopy, TaskKind::Induction, TaskKind::Text),
+                         [](const auto& info) {
+                           std::string n = task_name(info.param);
+                           for (auto& ch : n)
+                             if (ch == '-') ch = '_';
+                           return n;
+                         });
+
+TEST(Train, Mamba2LossGoesDown) {
+  set_num_threads(2);
+  TrainConfig c = tiny_train(TaskKind::SelectiveCopy);
+  c.model = tiny_model(8, "Mamba2");
+  Trainer tr(c);
+  for (int i = 0; i < 40; ++i) tr.train_step();
+  EXPECT_LT(mean_loss(tr.history(), 35, 40), 0.8 * mean_loss(tr.history(), 0, 3));
+}
+
+TEST(Train, AccumulationEqualsOneBigBatch) {
+  set_num_threads(2);
+  TrainConfig a = tiny_train(TaskKind::SelectiveCopy), b = a;
+  a.batch = 4, a.accum = 2;
+  b.batch = 8, b.accum = 1;
+  Trainer ta(a), tb(b);
+  for (int i = 0; i < 3; ++i) {
+    StepLog la = ta.train_step(), lb = tb.train_step();
+    EXPECT_NEAR(la.loss, lb.loss, 1e-6 * std::fabs(lb.loss)) << "step " << i;
+    EXPECT_NEAR(la.grad_norm, lb.grad_norm, 1e-4 * lb.grad_norm) << "step " << i;
+  }
+  auto pa = ta.model().named_parameters(), pb = tb.model().named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_TRUE(test::all_close(pa[i].second->value, pb[i].second->value, tol::kAccumVsBatch, pa[i].first));
+}
+
+TEST(Train, ResumeEqualsUninterruptedBitForBit) {
+  // With a fixed thread count every kernel splits work the same way (parallel_for is static),
+  // so the comparison is exact (EXPECT_EQ on floats), not within a tolerance.
+  set_num_threads(2);
+  const std::string dir = temp_dir("resume");
+  TrainConfig c = tiny_train(TaskKind::Induction);
+  c.accum = 2, c.steps = 8;
+  Trainer full(c);
+  for (int i = 0; i < 8; ++i) full.train_step();
+
+  Trainer first(c);
+  for (int i = 0; i < 4; ++i) first.train_step();
+  first.save(dir);
+  for (const auto& e : fs::directory_iterator(dir)) {  // only the finished files, no temporaries
+    const std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "config.json" || n == "model.safetensors" || n == "optimizer.safetensors" ||
+                n == "trainer_state.json")
+        << "unexpected file " << n;
+  }
+  Trainer resumed = Trainer::resume(dir);
+  EXPECT_EQ(resumed.step(), 4);
+  for (int i = 0; i < 4; ++i) resumed.train_step();
+  ASSERT_EQ(resumed.history().size(), full.history().size());
+  for (size_t i = 0; i < full.history().size(); ++i) {
+    EXPECT_EQ(resumed.history()[i].loss, full.history()[i].loss) << "step " << i + 1;
+    EXPECT_EQ(resumed.history()[i].grad_norm, full.history()[i].grad_norm) << "step " << i + 1;
+  }
+  auto pa = full.model().named_parameters(), pb = resumed.model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  for (size_t i = 0; i < pa.size(); ++i)
+    for (int64_t j = 0; j < pa[i].second->value.numel(); ++j)
+      ASSERT_EQ(pa[i].second->value[j], pb[i].second->value[j]) << pa[i].first << "[" << j << "]";
+  fs::remove_all(dir);
+}
+
+TEST(Train, TornCheckpointIsDetected) {
+  set_num_threads(2);
+  const std::string dir = temp_dir("torn");
+  Trainer tr(tiny_train(TaskKind::Induction));
+  tr.train_step();
+  tr.save(dir);
+  const std::string opt = dir + "/optimizer.safetensors";
+  const auto saved_opt = os::read_file(opt);
+  tr.train_step();
+  tr.save(dir);
+  os::write_file_atomic(opt, saved_opt.data(), saved_opt.size());  // as if the save stopped half-way
+  try {
+    Trainer::resume(dir);
+    ADD_FAILURE() << "resume accepted an optimizer file from another step";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("step"), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(Trainer::resume(dir + "/nope"), Error);
+  fs::remove_all(dir);
+}
+
+TEST(Train, EvaluateCountsAnswerPositionsOnly) {
+  set_num_threads(2);
+  MambaLM lm(tiny_model(8), 1);
+  TaskConfig t;
+  t.kind = TaskKind::SelectiveCopy, t.seqlen = 24, t.vocab = 8, t.n_copy = 4;
+  EvalResult r = evaluate(lm, t, 2, 3, 7);
+  EXPECT_EQ(r.counted, 2 * 3 * 4);
+  EXPECT_EQ(r.seq_total, 6);
+  EXPECT_GE(r.accuracy(), 0.0);
+  EXPECT_LE(r.accuracy(), 1.0);
+}
+
+TEST(Train, NonSelectiveAblationTrains) {
+  ModelConfig m = tiny_model(8);
+  if (!set_selective(m, false)) GTEST_SKIP() << "this build's ModelConfig has no ssm_cfg.selective switch";
+  set_num_threads(2);
+  TrainConfig c = tiny_train(TaskKind::SelectiveCopy);
+  c.selective = false;
+  Trainer tr(c);
+  for (int i = 0; i < 10; ++i) tr.train_step();
+  for (const auto& l : tr.history()) EXPECT_TRUE(std::isfinite(l.loss));
+  EXPECT_FALSE(get_selective(tr.model().config()));
+}
+
+TEST(Train, ConfigRoundTripsThroughJson) {
+  TrainConfig c = tiny_train(TaskKind::SelectiveCopy);
+  c.accum = 3, c.clip = 0.5, c.adamw.weight_decay = 0.02, c.seed = 12345678901234ull;
+  TrainConfig d = TrainConfig::from_json(c.to_json(), c.model);
+  EXPECT_EQ(d.to_json(), c.to_json());
+  EXPECT_EQ(d.seed, c.seed);
+  EXPECT_THROW(TrainConfig::from_json("{", c.model), Error);
+  TrainConfig bad = c;
+  bad.task.vocab = 100;  // more tokens than the model's vocabulary
+  EXPECT_THROW(bad.validate(), Error);
+}
+
+// ---- curves and CLI -----------------------------------------------------------------------------
+
+TEST(Curves, CsvAndSvg) {
+  std::vector<StepLog> h(3);
+  for (int i = 0; i < 3; ++i) h[i].step = i + 1, h[i].loss = 2.0 / (i + 1);
+  std::string csv = history_csv(h);
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 4);
+  EXPECT_EQ(csv.rfind("step,loss,", 0), 0u);
+  std::string svg = svg_line_plot({{"a<b", {1, 2, 3}, {2, 1, 0.5}}}, "t", "step", "loss", true);
+  EXPECT_EQ(svg.rfind("<svg", 0), 0u);
+  EXPECT_NE(svg.find("<polyline"), std::string::npos);
+  EXPECT_NE(svg.find("a&lt;b"), std::string::npos);
+  EXPECT_NE(svg.find("</svg>"), std::string::npos);
+}
+
+TEST(CLI, TrainThenEvalTask) {
+  const std::string dir = temp_dir("cli");
+  const std::string cli = MAMBA_CLI_PATH;
+  std::string cmd = cli + " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 1 --d_state 4 "
+                          "--batch 4 --steps 6 --save-every 3 --threads 2 --eval-batches 1 --eval-batch 4 --save " +
+                    dir + " > " + dir + "/log.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "loss.csv",
+                        "loss.svg"})
+    EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
+  cmd = cli + " eval-task --model " + dir + " --seqlen 64 --batches 1 --batch 2 --threads 2 > " + dir + "/eval.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  std::ifstream in(dir + "/eval.txt");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(all.find("seqlen 64: token accuracy"), std::string::npos) << all;
+  cmd = cli + " train --task nope --save " + dir + " > /dev/null 2>&1";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  fs::remove_all(dir);
+}
