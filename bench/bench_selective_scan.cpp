@@ -30,9 +30,11 @@ struct Opts {
 void usage(const char* prog) {
   std::printf(
       "usage: %s [--threads n] [--B n] [--L n] [--D n] [--N n] [--reps n] [--no-ref]\n"
-      "  Times selective_scan_fwd/bwd (fast) against selective_scan_ref/bwd_ref (naive, timed once)\n"
+      "  Times selective_scan_fwd/bwd (fast) against selective_scan_ref/bwd_ref (naive, timed "
+      "once)\n"
       "  at (B, L, D, N) = (1, 2048, 1536, 16) by default: var B/C, z, D, delta_bias, softplus.\n"
-      "  Prints JSON lines {op, impl, shape, threads, ms, elems_per_s, speedup_vs_ref}, elems = B*L*D*N.\n"
+      "  Prints JSON lines {op, impl, shape, threads, ms, elems_per_s, speedup_vs_ref}, elems = "
+      "B*L*D*N.\n"
       "  Also one decode step (selective_state_update, L=1) at the same B, D, N, ms per step.\n",
       prog);
 }
@@ -152,17 +154,24 @@ int main(int argc, char** argv) {
   // One decode step (selective_state_update) at the same B, D, N; elems = B*D*N, L = 1.
   Opts so = o;
   so.L = 1;
-  Tensor state = randn({o.B, o.D, o.N}, 1.0), x = randn({o.B, o.D}, 1.0), dt = randn({o.B, o.D}, 0.5);
+  Tensor state = randn({o.B, o.D, o.N}, 1.0), x = randn({o.B, o.D}, 1.0),
+         dt = randn({o.B, o.D}, 0.5);
   Tensor Bs = randn({o.B, o.N}, 1.0), Cs = randn({o.B, o.N}, 1.0), zs = randn({o.B, o.D}, 1.0);
   const int step_reps = 200;
   auto steps = [&](auto&& fn) {
-    return time_median(o.reps, [&] {
-             for (int i = 0; i < step_reps; ++i) fn();
-           }) / step_reps;
+    return time_median(o.reps,
+                       [&] {
+                         for (int i = 0; i < step_reps; ++i) fn();
+                       }) /
+           step_reps;
   };
-  double ref_step = o.ref ? steps([&] { selective_state_update_ref(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true); }) : 0;
+  double ref_step = o.ref ? steps([&] {
+    selective_state_update_ref(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true);
+  })
+                          : 0;
   if (o.ref) print("selective_state_update", "ref", so, ref_step, 0);
-  double step = steps([&] { selective_state_update(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true); });
+  double step = steps(
+      [&] { selective_state_update(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true); });
   print("selective_state_update", "fast", so, step, ref_step);
   return 0;
 }

@@ -51,26 +51,31 @@ double max_diff(const Tensor& a, const Tensor& b) {
   return m;
 }
 
-std::string shape_json(int64_t B, int64_t L, int64_t H, int64_t P, int64_t G, int64_t N, int64_t Q) {
+std::string shape_json(int64_t B, int64_t L, int64_t H, int64_t P, int64_t G, int64_t N,
+                       int64_t Q) {
   char s[200];
-  std::snprintf(s, sizeof s, "{\"B\":%lld,\"L\":%lld,\"H\":%lld,\"P\":%lld,\"G\":%lld,\"N\":%lld,\"chunk\":%lld}",
-                (long long)B, (long long)L, (long long)H, (long long)P, (long long)G, (long long)N,
-                (long long)Q);
+  std::snprintf(
+      s, sizeof s,
+      "{\"B\":%lld,\"L\":%lld,\"H\":%lld,\"P\":%lld,\"G\":%lld,\"N\":%lld,\"chunk\":%lld}",
+      (long long)B, (long long)L, (long long)H, (long long)P, (long long)G, (long long)N,
+      (long long)Q);
   return s;
 }
 
-void emit(const char* bench, const char* pass, const char* impl, const std::string& shape, int threads,
-          double sec, double tokens, const std::string& extra = "") {
-  std::printf("{\"bench\":\"%s\",\"pass\":\"%s\",\"impl\":\"%s\",\"shape\":%s,\"threads\":%d,"
-              "\"ms\":%.3f,\"tokens_per_s\":%.1f%s}\n",
-              bench, pass, impl, shape.c_str(), threads, sec * 1e3, tokens / sec, extra.c_str());
+void emit(const char* bench, const char* pass, const char* impl, const std::string& shape,
+          int threads, double sec, double tokens, const std::string& extra = "") {
+  std::printf(
+      "{\"bench\":\"%s\",\"pass\":\"%s\",\"impl\":\"%s\",\"shape\":%s,\"threads\":%d,"
+      "\"ms\":%.3f,\"tokens_per_s\":%.1f%s}\n",
+      bench, pass, impl, shape.c_str(), threads, sec * 1e3, tokens / sec, extra.c_str());
   std::fflush(stdout);
 }
 }  // namespace
 
 int main(int argc, char** argv) {
   bench::Args args(argc, argv, kUsage);
-  const int64_t L = args.get("seqlen", 2048), H = args.get("heads", 24), P = args.get("headdim", 64);
+  const int64_t L = args.get("seqlen", 2048), H = args.get("heads", 24),
+                P = args.get("headdim", 64);
   const int64_t N = args.get("d_state", 128), G = args.get("ngroups", 1), B = args.get("batch", 1);
   const int64_t Q = args.get("chunk", 256);
   const int reps = static_cast<int>(args.get("reps", 3));
@@ -93,19 +98,23 @@ int main(int argc, char** argv) {
     if (args.get("ref", 1)) {
       double tr = bench::median_seconds(1, [&] { yr = ops::ssd_ref(a); });
       char ex[160];
-      std::snprintf(ex, sizeof ex, ",\"chunked_speedup\":%.1f,\"max_abs_diff_chunked_vs_ref\":%.3g,\"max_abs_y\":%.3g",
-                    tr / tc, max_diff(yc, yr), max_diff(yr, Tensor::zeros(yr.shape())));
+      std::snprintf(
+          ex, sizeof ex,
+          ",\"chunked_speedup\":%.1f,\"max_abs_diff_chunked_vs_ref\":%.3g,\"max_abs_y\":%.3g",
+          tr / tc, max_diff(yc, yr), max_diff(yr, Tensor::zeros(yr.shape())));
       emit("ssd", "forward", "sequential_ref_f64", sh, threads, tr, tokens, ex);
     }
     Tensor dout(a.x.shape());
     rng.fill_normal(dout);
     ops::SsdGrads gc, gr;
     double tb = bench::median_seconds(reps, [&] { gc = ops::ssd_chunked_bwd(a, dout); });
-    emit("ssd", "backward", "chunked", sh, threads, tb, tokens, ",\"includes_forward_recompute\":true");
+    emit("ssd", "backward", "chunked", sh, threads, tb, tokens,
+         ",\"includes_forward_recompute\":true");
     if (args.get("ref", 1)) {
       double tr = bench::median_seconds(1, [&] { gr = ops::ssd_bwd_ref(a, dout); });
       char ex[200];
-      std::snprintf(ex, sizeof ex, ",\"chunked_speedup\":%.1f,\"max_abs_diff_dx\":%.3g,\"max_abs_dx\":%.3g",
+      std::snprintf(ex, sizeof ex,
+                    ",\"chunked_speedup\":%.1f,\"max_abs_diff_dx\":%.3g,\"max_abs_dx\":%.3g",
                     tr / tb, max_diff(gc.dx, gr.dx), max_diff(gr.dx, Tensor::zeros(gr.dx.shape())));
       emit("ssd", "backward", "sequential_ref_f64", sh, threads, tr, tokens, ex);
     }
@@ -154,7 +163,8 @@ int main(int argc, char** argv) {
     Tensor x({B, L, cfg.d_model});
     rng.fill_normal(x);
     char sh[200];
-    std::snprintf(sh, sizeof sh, "{\"d_model\":%lld,\"H\":%lld,\"P\":%lld,\"N\":%lld,\"B\":%lld,\"L\":%lld}",
+    std::snprintf(sh, sizeof sh,
+                  "{\"d_model\":%lld,\"H\":%lld,\"P\":%lld,\"N\":%lld,\"B\":%lld,\"L\":%lld}",
                   (long long)cfg.d_model, (long long)cfg.nheads(), (long long)P, (long long)N,
                   (long long)B, (long long)L);
     double tf = bench::median_seconds(reps, [&] { layer.forward(x); });

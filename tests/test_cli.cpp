@@ -4,7 +4,11 @@
 #include <cstdio>
 #include <filesystem>
 
+#include <nlohmann/json.hpp>
+
+#include "mamba/lm.h"
 #include "mamba/npy.h"
+#include "mamba/tokenizer.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -91,4 +95,44 @@ TEST(Cli, ErrorsAreClearAndExitNonZero) {
   EXPECT_EQ(v.status, 1);
   EXPECT_NE(v.out.find("outside the vocabulary"), std::string::npos) << v.out;
   std::remove(bad.c_str());
+}
+
+// perplexity: with one window it must equal exp(mean NLL) of a full forward computed here;
+// with overlapping windows every token after the first is still scored exactly once.
+TEST(Cli, PerplexityMatchesInProcessNll) {
+  ModelConfig cfg = ModelConfig::parse(R"({"d_model":32,"n_layer":2,"vocab_size":267,"ssm_cfg":{"layer":"Mamba1","d_state":8}})");
+  MambaLM lm(cfg, 3);
+  std::string dir = tmp("ppl_model");
+  lm.save(dir);
+  std::string tokp = test::data_path("tokenizer/tiny_bpe_tokenizer.json");
+  std::string text = "the cat sat on the mat and the dog sat on the log. ";
+  std::string textp = tmp("ppl.txt");
+  os::write_file_atomic(textp, text.data(), text.size());
+  Tokenizer tok = Tokenizer::from_file(tokp);
+  std::vector<int32_t> ids = tok.encode(text);
+  const int64_t n = (int64_t)ids.size(), V = lm.vocab();
+  ASSERT_GT(n, 8);
+  Tensor logits = lm.forward(ids, 1, n);
+  double nll = 0;
+  for (int64_t t = 1; t < n; ++t) {
+    const float* l = logits.data() + (t - 1) * V;
+    double mx = *std::max_element(l, l + V), s = 0;
+    for (int64_t v = 0; v < V; ++v) s += std::exp(l[v] - mx);
+    nll += std::log(s) + mx - l[ids[t]];
+  }
+  CliRun r = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 4096");
+  ASSERT_EQ(r.status, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_EQ(j["tokens"].get<int64_t>(), n - 1);
+  EXPECT_NEAR(j["nll_per_token"].get<double>(), nll / (n - 1), 1e-5);
+  CliRun w = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 8 --stride 3");
+  ASSERT_EQ(w.status, 0) << w.out;
+  auto jw = nlohmann::json::parse(w.out.substr(w.out.find('{')));
+  EXPECT_EQ(jw["tokens"].get<int64_t>(), n - 1);
+  EXPECT_TRUE(std::isfinite(jw["perplexity"].get<double>()));
+  CliRun bad = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 4 --stride 5");
+  EXPECT_EQ(bad.status, 1);
+  EXPECT_NE(bad.out.find("--stride"), std::string::npos) << bad.out;
+  std::filesystem::remove_all(dir);
+  std::remove(textp.c_str());
 }

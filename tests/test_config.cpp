@@ -83,11 +83,16 @@ const char* kMamba2_130m = R"({"d_model": 768, "d_intermediate": 0, "n_layer": 2
   "residual_in_fp32": true, "fused_add_norm": true, "pad_vocab_size_multiple": 16, "tie_embeddings": true})";
 
 // Edits one key of a JSON text (null removes it) and re-serialises.
-std::string with(const std::string& text, const std::string& key, const nlohmann::json& v) {
-  nlohmann::json j = nlohmann::json::parse(text);
+// (Python's Infinity, which nlohmann cannot read, is carried through as a placeholder.)
+std::string with(std::string text, const std::string& key, const nlohmann::json& v) {
+  auto swap = [](std::string t, const std::string& from, const std::string& to) {
+    for (size_t p; (p = t.find(from)) != std::string::npos;) t.replace(p, from.size(), to);
+    return t;
+  };
+  nlohmann::json j = nlohmann::json::parse(swap(text, "Infinity", "\"@INF@\""));
   if (v.is_null()) j.erase(key);
   else j[key] = v;
-  return j.dump();
+  return swap(j.dump(), "\"@INF@\"", "Infinity");
 }
 
 }  // namespace

@@ -65,8 +65,10 @@ void run_golden(int64_t ngroups, const std::string& file, int64_t params) {
   Mamba2State st = m.new_state(x.dim(0));
   Tensor ys = decode(m, x, st);
   EXPECT_TRUE(test::all_close(ys, f.tensor("y_step"), tol::kGoldenF32, file + " y_step"));
-  EXPECT_TRUE(test::all_close(st.conv_state, f.tensor("conv_state"), tol::kGoldenF32, file + " conv_state"));
-  EXPECT_TRUE(test::all_close(st.ssm_state, f.tensor("ssm_state"), tol::kGoldenF32, file + " ssm_state"));
+  EXPECT_TRUE(test::all_close(st.conv_state, f.tensor("conv_state"), tol::kGoldenF32,
+                              file + " conv_state"));
+  EXPECT_TRUE(
+      test::all_close(st.ssm_state, f.tensor("ssm_state"), tol::kGoldenF32, file + " ssm_state"));
   // prefill over P tokens, then decode
   const int64_t P = std::stoll(f.meta("prefill_len"));
   Mamba2State ps;
@@ -80,14 +82,16 @@ void run_golden(int64_t ngroups, const std::string& file, int64_t params) {
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < P; ++t)
       for (int64_t i = 0; i < d; ++i) yd[(b * L + t) * d + i] = yp[(b * P + t) * d + i];
-  EXPECT_TRUE(test::all_close(yd, f.tensor("y_prefill_decode"), tol::kGoldenF32, file + " y_prefill_decode"));
+  EXPECT_TRUE(test::all_close(yd, f.tensor("y_prefill_decode"), tol::kGoldenF32,
+                              file + " y_prefill_decode"));
 }
 
 // Perturbs every parameter to hide nothing behind D = 1 and norm weight = 1 (as the golden
 // files do).
 void perturb(Mamba2& m, Rng& rng) {
   for (Param& p : m.params().all())
-    for (int64_t i = 0; i < p.value.numel(); ++i) p.value[i] += static_cast<float>(0.1 * rng.normal());
+    for (int64_t i = 0; i < p.value.numel(); ++i)
+      p.value[i] += static_cast<float>(0.1 * rng.normal());
 }
 
 struct Variant {
@@ -218,7 +222,8 @@ TEST(Mamba2, BackwardMatchesDirectionalFiniteDifferences) {
     x.copy_from(x0);
     double an = 0;
     for (int64_t i = 0; i < x.numel(); ++i) an += double(dx[i]) * dir[i];
-    EXPECT_NEAR((lp - lm) / (2 * eps), an, tol::kLayerDirFD.atol + tol::kLayerDirFD.rtol * std::fabs(an))
+    EXPECT_NEAR((lp - lm) / (2 * eps), an,
+                tol::kLayerDirFD.atol + tol::kLayerDirFD.rtol * std::fabs(an))
         << v.name << " x";
   }
 }
@@ -283,10 +288,16 @@ TEST(Mamba2, TraceListsEveryOpInOrder) {
   trace::set_enabled(false);
   trace::set_stream(nullptr);
   const std::string s = os.str();
-  const char* order[] = {"in_proj (2,5,64) -> (2,5,328)", "conv1d_silu (2,5,192) -> (2,5,192)",
-                         "ssd (2,5,8,16)", "norm (2,5,128), (2,5,128) -> (2,5,128)",
-                         "out_proj (2,5,128) -> (2,5,64)", "in_proj (2,64) -> (2,328)",
-                         "conv1d_update_silu", "ssd_update", "norm (2,128)", "out_proj (2,128) -> (2,64)"};
+  const char* order[] = {"in_proj (2,5,64) -> (2,5,328)",
+                         "conv1d_silu (2,5,192) -> (2,5,192)",
+                         "ssd (2,5,8,16)",
+                         "norm (2,5,128), (2,5,128) -> (2,5,128)",
+                         "out_proj (2,5,128) -> (2,5,64)",
+                         "in_proj (2,64) -> (2,328)",
+                         "conv1d_update_silu",
+                         "ssd_update",
+                         "norm (2,128)",
+                         "out_proj (2,128) -> (2,64)"};
   size_t pos = 0;
   for (const char* o : order) {
     size_t p = s.find(o, pos);

@@ -62,9 +62,10 @@ GoldenCase load_golden(int i) {
 
 void expect_grads_match_golden(const ScanGrads& r, const GoldenCase& c, const std::string& tag) {
   const std::pair<const char*, const Tensor*> table[] = {
-      {"grad_u", &r.du},     {"grad_delta", &r.ddelta}, {"grad_A", &r.dA},
-      {"grad_B", &r.dB},     {"grad_C", &r.dC},         {"grad_D", &r.dD},
-      {"grad_z", &r.dz},     {"grad_delta_bias", &r.ddelta_bias}};
+      {"grad_u", &r.du}, {"grad_delta", &r.ddelta},
+      {"grad_A", &r.dA}, {"grad_B", &r.dB},
+      {"grad_C", &r.dC}, {"grad_D", &r.dD},
+      {"grad_z", &r.dz}, {"grad_delta_bias", &r.ddelta_bias}};
   for (auto& [name, t] : table) {
     auto it = c.grads.find(name);
     if (it == c.grads.end()) {
@@ -124,16 +125,20 @@ std::string describe(const Cfg& c) {
            : k == ScanBCKind::Var ? std::string("var")
                                   : "group" + std::to_string(g);
   };
-  return str("B=", c.B, " L=", c.L, " D=", c.D, " N=", c.N, " Bk=", kind(c.bk, c.bg), " Ck=", kind(c.ck, c.cg),
-             " D?", c.has_D, " z?", c.has_z, " bias?", c.has_bias, " softplus?", c.softplus, " init?", c.has_init,
-             " delta~U(", c.delta_lo, ",", c.delta_hi, ")");
+  return str("B=", c.B, " L=", c.L, " D=", c.D, " N=", c.N, " Bk=", kind(c.bk, c.bg),
+             " Ck=", kind(c.ck, c.cg), " D?", c.has_D, " z?", c.has_z, " bias?", c.has_bias,
+             " softplus?", c.softplus, " init?", c.has_init, " delta~U(", c.delta_lo, ",",
+             c.delta_hi, ")");
 }
 
 Tensor make_bc(ScanBCKind k, int64_t G, const Cfg& c, Rng& rng) {
   switch (k) {
-    case ScanBCKind::Const: return test::randn({c.D, c.N}, rng);
-    case ScanBCKind::Var: return test::randn({c.B, c.L, c.N}, rng);
-    default: return test::randn({c.B, c.L, G, c.N}, rng);
+    case ScanBCKind::Const:
+      return test::randn({c.D, c.N}, rng);
+    case ScanBCKind::Var:
+      return test::randn({c.B, c.L, c.N}, rng);
+    default:
+      return test::randn({c.B, c.L, G, c.N}, rng);
   }
 }
 
@@ -155,9 +160,14 @@ ScanArgs make_args(const Cfg& c, Rng& rng) {
 
 void expect_same_grads(const ScanGrads& g, const ScanGrads& r, tol::Tol t, const std::string& tag) {
   const std::tuple<const char*, const Tensor*, const Tensor*> table[] = {
-      {"du", &g.du, &r.du},       {"ddelta", &g.ddelta, &r.ddelta}, {"dA", &g.dA, &r.dA},
-      {"dB", &g.dB, &r.dB},       {"dC", &g.dC, &r.dC},             {"dD", &g.dD, &r.dD},
-      {"dz", &g.dz, &r.dz},       {"ddelta_bias", &g.ddelta_bias, &r.ddelta_bias},
+      {"du", &g.du, &r.du},
+      {"ddelta", &g.ddelta, &r.ddelta},
+      {"dA", &g.dA, &r.dA},
+      {"dB", &g.dB, &r.dB},
+      {"dC", &g.dC, &r.dC},
+      {"dD", &g.dD, &r.dD},
+      {"dz", &g.dz, &r.dz},
+      {"ddelta_bias", &g.ddelta_bias, &r.ddelta_bias},
       {"dinitial_state", &g.dinitial_state, &r.dinitial_state}};
   for (auto& [name, a, e] : table) {
     ASSERT_EQ(a->defined(), e->defined()) << tag << " " << name;
@@ -178,8 +188,8 @@ void check_fast_vs_ref(const Cfg& c, uint64_t seed) {
   EXPECT_TRUE(test::all_close(out_f, out_r, tol::kFastVsRef, tag + " out"));
   EXPECT_TRUE(test::all_close(last_f, last_r, tol::kFastVsRef, tag + " last_state"));
   Tensor dout = test::randn({c.B, c.L, c.D}, rng);
-  expect_same_grads(selective_scan_bwd(a, dout), selective_scan_bwd_ref(a, dout), tol::kFastVsRefGrad,
-                    tag);
+  expect_same_grads(selective_scan_bwd(a, dout), selective_scan_bwd_ref(a, dout),
+                    tol::kFastVsRefGrad, tag);
 }
 
 }  // namespace
@@ -189,7 +199,8 @@ TEST(SelectiveScanFast, AwkwardChannelCountsAllKinds) {
   // align with the lanes (a block straddling two groups).
   uint64_t seed = 100;
   for (int64_t D : {1, 15, 16, 17, 31, 33}) {
-    std::vector<std::tuple<ScanBCKind, int64_t>> kinds = {{ScanBCKind::Const, 1}, {ScanBCKind::Var, 1}};
+    std::vector<std::tuple<ScanBCKind, int64_t>> kinds = {{ScanBCKind::Const, 1},
+                                                          {ScanBCKind::Var, 1}};
     for (int64_t G : {2, 3, 5, 11, 17, 33})
       if (D % G == 0) kinds.push_back({ScanBCKind::Group, G});
     if (D == 1) kinds.push_back({ScanBCKind::Group, 1});
@@ -305,8 +316,10 @@ void check_finite_differences(const Cfg& c, uint64_t seed) {
       fd[i] = static_cast<float>((fp - fm) / (static_cast<double>(xp) - static_cast<double>(xm)));
       ++checked;
     }
-    EXPECT_TRUE(test::all_close(*dref, fd, tol::kFiniteDiff, tag + " ref d" + name + " vs finite diff"));
-    EXPECT_TRUE(test::all_close(*dfast, fd, tol::kFiniteDiff, tag + " fast d" + name + " vs finite diff"));
+    EXPECT_TRUE(
+        test::all_close(*dref, fd, tol::kFiniteDiff, tag + " ref d" + name + " vs finite diff"));
+    EXPECT_TRUE(
+        test::all_close(*dfast, fd, tol::kFiniteDiff, tag + " fast d" + name + " vs finite diff"));
   }
   EXPECT_GT(checked, 50);
 }
@@ -318,8 +331,10 @@ TEST(SelectiveScanGrad, FiniteDifferencesEveryInputEveryKind) {
     ScanBCKind bk, ck;
     int64_t g;
   };
-  const K kinds[] = {{ScanBCKind::Const, ScanBCKind::Const, 1}, {ScanBCKind::Var, ScanBCKind::Var, 1},
-                     {ScanBCKind::Group, ScanBCKind::Group, 3}, {ScanBCKind::Const, ScanBCKind::Var, 1},
+  const K kinds[] = {{ScanBCKind::Const, ScanBCKind::Const, 1},
+                     {ScanBCKind::Var, ScanBCKind::Var, 1},
+                     {ScanBCKind::Group, ScanBCKind::Group, 3},
+                     {ScanBCKind::Const, ScanBCKind::Var, 1},
                      {ScanBCKind::Group, ScanBCKind::Const, 3}};
   uint64_t seed = 3000;
   for (const K& k : kinds)
@@ -372,9 +387,10 @@ TEST(SelectiveScanStep, RepeatedStateUpdateEqualsFullSequence) {
       for (int64_t t = 0; t < L; ++t) {
         Tensor y = selective_state_update(state, step_slice(a.u, t), step_slice(a.delta, t), a.A,
                                           step_slice(a.B, t), step_slice(a.C, t), a.D,
-                                          a.z.defined() ? step_slice(a.z, t) : Tensor(), a.delta_bias,
-                                          a.delta_softplus);
-        ASSERT_TRUE(test::all_close(y, step_slice(out, t), tol::kStepVsFull, tag + " y at t=" + std::to_string(t)));
+                                          a.z.defined() ? step_slice(a.z, t) : Tensor(),
+                                          a.delta_bias, a.delta_softplus);
+        ASSERT_TRUE(test::all_close(y, step_slice(out, t), tol::kStepVsFull,
+                                    tag + " y at t=" + std::to_string(t)));
       }
       EXPECT_TRUE(test::all_close(state, last, tol::kStepVsFull, tag + " final state"));
     }
@@ -411,18 +427,21 @@ TEST(SelectiveScanStep, SplitSequenceWithInitialStateEqualsFull) {
   EXPECT_TRUE(test::all_close(last2, last, tol::kStepVsFull, "last state"));
 }
 
-// ---- bad inputs ----------------------------------------------------------------------------------
+// ---- bad inputs
+// ----------------------------------------------------------------------------------
 
 namespace {
 
 // Expects fn to throw mamba::Error whose message contains every one of `parts`.
-void expect_error(const std::function<void()>& fn, std::vector<std::string> parts, const std::string& what) {
+void expect_error(const std::function<void()>& fn, std::vector<std::string> parts,
+                  const std::string& what) {
   try {
     fn();
     ADD_FAILURE() << what << ": no exception";
   } catch (const Error& e) {
     const std::string m = e.what();
-    for (const auto& p : parts) EXPECT_NE(m.find(p), std::string::npos) << what << ": '" << p << "' not in: " << m;
+    for (const auto& p : parts)
+      EXPECT_NE(m.find(p), std::string::npos) << what << ": '" << p << "' not in: " << m;
   }
 }
 
@@ -440,18 +459,57 @@ TEST(SelectiveScanErrors, BadShapesNameTheTensor) {
     std::vector<std::string> parts;
   };
   const std::vector<Case> cases = {
-      {"delta shape", [](ScanArgs& a) { a.delta = Tensor({2, 5, 7}); }, {"delta", "(2,5,6)", "(2,5,7)"}},
-      {"u rank", [](ScanArgs& a) { a.u = Tensor({5, 6}); }, {"u", "(5,6)"}},
-      {"A shape", [](ScanArgs& a) { a.A = Tensor({7, 4}); }, {"A", "(6,4)", "(7,4)"}},
+      {"delta shape",
+       [](ScanArgs& a) {
+         a.delta = Tensor({2, 5, 7});
+       },
+       {"delta", "(2,5,6)", "(2,5,7)"}},
+      {"u rank",
+       [](ScanArgs& a) {
+         a.u = Tensor({5, 6});
+       },
+       {"u", "(5,6)"}},
+      {"A shape",
+       [](ScanArgs& a) {
+         a.A = Tensor({7, 4});
+       },
+       {"A", "(6,4)", "(7,4)"}},
       {"A rank", [](ScanArgs& a) { a.A = Tensor({6}); }, {"A", "(6)"}},
-      {"B var length", [](ScanArgs& a) { a.B = Tensor({2, 4, 4}); }, {"B", "(2,5,4)", "(2,4,4)"}},
-      {"C const N", [](ScanArgs& a) { a.C = Tensor({6, 3}); }, {"C", "(6,4)", "(6,3)"}},
-      {"B rank 5", [](ScanArgs& a) { a.B = Tensor({2, 5, 1, 1, 4}); }, {"B", "rank 5"}},
-      {"C groups", [](ScanArgs& a) { a.C = Tensor({2, 5, 4, 4}); }, {"C", "G=4", "D=6"}},
+      {"B var length",
+       [](ScanArgs& a) {
+         a.B = Tensor({2, 4, 4});
+       },
+       {"B", "(2,5,4)", "(2,4,4)"}},
+      {"C const N",
+       [](ScanArgs& a) {
+         a.C = Tensor({6, 3});
+       },
+       {"C", "(6,4)", "(6,3)"}},
+      {"B rank 5",
+       [](ScanArgs& a) {
+         a.B = Tensor({2, 5, 1, 1, 4});
+       },
+       {"B", "rank 5"}},
+      {"C groups",
+       [](ScanArgs& a) {
+         a.C = Tensor({2, 5, 4, 4});
+       },
+       {"C", "G=4", "D=6"}},
       {"D skip", [](ScanArgs& a) { a.D = Tensor({5}); }, {"D", "(6)", "(5)"}},
-      {"z", [](ScanArgs& a) { a.z = Tensor({2, 5, 5}); }, {"z", "(2,5,6)"}},
-      {"delta_bias", [](ScanArgs& a) { a.delta_bias = Tensor({2, 6}); }, {"delta_bias", "(6)", "(2,6)"}},
-      {"initial_state", [](ScanArgs& a) { a.initial_state = Tensor({2, 6, 5}); },
+      {"z",
+       [](ScanArgs& a) {
+         a.z = Tensor({2, 5, 5});
+       },
+       {"z", "(2,5,6)"}},
+      {"delta_bias",
+       [](ScanArgs& a) {
+         a.delta_bias = Tensor({2, 6});
+       },
+       {"delta_bias", "(6)", "(2,6)"}},
+      {"initial_state",
+       [](ScanArgs& a) {
+         a.initial_state = Tensor({2, 6, 5});
+       },
        {"initial_state", "(2,6,4)", "(2,6,5)"}},
       {"missing B", [](ScanArgs& a) { a.B = Tensor(); }, {"B"}},
   };
@@ -462,28 +520,58 @@ TEST(SelectiveScanErrors, BadShapesNameTheTensor) {
     expect_error([&] { selective_scan_ref(a); }, k.parts, std::string("ref ") + k.what);
     Tensor dout({2, 5, 6});
     expect_error([&] { selective_scan_bwd(a, dout); }, k.parts, std::string("bwd ") + k.what);
-    expect_error([&] { selective_scan_bwd_ref(a, dout); }, k.parts, std::string("bwd_ref ") + k.what);
+    expect_error([&] { selective_scan_bwd_ref(a, dout); }, k.parts,
+                 std::string("bwd_ref ") + k.what);
   }
-  expect_error([&] { selective_scan_bwd(good, Tensor({2, 5, 5})); }, {"dout", "(2,5,6)", "(2,5,5)"}, "bwd dout");
-  expect_error([&] { selective_scan_bwd_ref(good, Tensor({2, 5, 5})); }, {"dout", "(2,5,6)"}, "bwd_ref dout");
+  expect_error(
+      [&] {
+        selective_scan_bwd(good, Tensor({2, 5, 5}));
+      },
+      {"dout", "(2,5,6)", "(2,5,5)"}, "bwd dout");
+  expect_error(
+      [&] {
+        selective_scan_bwd_ref(good, Tensor({2, 5, 5}));
+      },
+      {"dout", "(2,5,6)"}, "bwd_ref dout");
 
   // selective_state_update
   Tensor st({2, 6, 4}), x({2, 6}), dt({2, 6}), Bv({2, 4}), Cv({2, 4});
-  EXPECT_NO_THROW(selective_state_update(st, x, dt, good.A, Bv, Cv, good.D, x, good.delta_bias, true));
+  EXPECT_NO_THROW(
+      selective_state_update(st, x, dt, good.A, Bv, Cv, good.D, x, good.delta_bias, true));
   Tensor bad_state({2, 6, 3});
-  expect_error([&] { selective_state_update(bad_state, x, dt, good.A, Bv, Cv, Tensor(), Tensor(), Tensor(), true); },
-               {"state", "(2,6,4)", "(2,6,3)"}, "step state");
-  expect_error([&] { selective_state_update(st, x, Tensor({2, 5}), good.A, Bv, Cv, Tensor(), Tensor(), Tensor(), true); },
-               {"dt", "(2,6)", "(2,5)"}, "step dt");
-  expect_error([&] { selective_state_update(st, x, dt, good.A, Tensor({2, 4, 4}), Cv, Tensor(), Tensor(), Tensor(), true); },
-               {"B", "G=4", "D=6"}, "step B groups");
-  expect_error([&] { selective_state_update(st, x, dt, good.A, Bv, Tensor({2, 1, 1, 4}), Tensor(), Tensor(), Tensor(), true); },
-               {"C", "(2,1,1,4)"}, "step C rank");
-  expect_error([&] { selective_state_update(st, x, dt, good.A, Bv, Cv, Tensor(), Tensor({2, 7}), Tensor(), true); },
-               {"z", "(2,6)", "(2,7)"}, "step z");
+  expect_error(
+      [&] {
+        selective_state_update(bad_state, x, dt, good.A, Bv, Cv, Tensor(), Tensor(), Tensor(),
+                               true);
+      },
+      {"state", "(2,6,4)", "(2,6,3)"}, "step state");
+  expect_error(
+      [&] {
+        selective_state_update(st, x, Tensor({2, 5}), good.A, Bv, Cv, Tensor(), Tensor(), Tensor(),
+                               true);
+      },
+      {"dt", "(2,6)", "(2,5)"}, "step dt");
+  expect_error(
+      [&] {
+        selective_state_update(st, x, dt, good.A, Tensor({2, 4, 4}), Cv, Tensor(), Tensor(),
+                               Tensor(), true);
+      },
+      {"B", "G=4", "D=6"}, "step B groups");
+  expect_error(
+      [&] {
+        selective_state_update(st, x, dt, good.A, Bv, Tensor({2, 1, 1, 4}), Tensor(), Tensor(),
+                               Tensor(), true);
+      },
+      {"C", "(2,1,1,4)"}, "step C rank");
+  expect_error(
+      [&] {
+        selective_state_update(st, x, dt, good.A, Bv, Cv, Tensor(), Tensor({2, 7}), Tensor(), true);
+      },
+      {"z", "(2,6)", "(2,7)"}, "step z");
 }
 
-// ---- NaN ------------------------------------------------------------------------------------------
+// ---- NaN
+// ------------------------------------------------------------------------------------------
 
 // Decision: NaN propagates exactly as in the reference (no checks, no clamping to finite):
 // a NaN in u/delta/z of channel d poisons that channel from that step on; a NaN in var B/C
@@ -516,11 +604,13 @@ TEST(SelectiveScanNaN, PropagatesLikeTheReference) {
     for (int64_t i = 0; i < out_r.numel(); ++i) nans += std::isnan(out_r[i]);
     EXPECT_GT(nans, 0) << p.what;
     EXPECT_LT(nans, out_r.numel()) << p.what;
-    EXPECT_TRUE(test::all_close(out_f, out_r, tol::kFastVsRef, std::string("NaN in ") + p.what + " out"));
-    EXPECT_TRUE(test::all_close(last_f, last_r, tol::kFastVsRef, std::string("NaN in ") + p.what + " last"));
+    EXPECT_TRUE(
+        test::all_close(out_f, out_r, tol::kFastVsRef, std::string("NaN in ") + p.what + " out"));
+    EXPECT_TRUE(test::all_close(last_f, last_r, tol::kFastVsRef,
+                                std::string("NaN in ") + p.what + " last"));
     Tensor dout = test::randn({c.B, c.L, c.D}, rng);
-    expect_same_grads(selective_scan_bwd(a, dout), selective_scan_bwd_ref(a, dout), tol::kFastVsRefGrad,
-                      std::string("NaN in ") + p.what);
+    expect_same_grads(selective_scan_bwd(a, dout), selective_scan_bwd_ref(a, dout),
+                      tol::kFastVsRefGrad, std::string("NaN in ") + p.what);
   }
   // The channel pattern for u: channel 1 of batch 0 from step 2 on, nothing else.
   Rng rng(6000);
@@ -530,7 +620,8 @@ TEST(SelectiveScanNaN, PropagatesLikeTheReference) {
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t t = 0; t < c.L; ++t)
       for (int64_t d = 0; d < c.D; ++d)
-        EXPECT_EQ(std::isnan(out[(b * c.L + t) * c.D + d]), b == 0 && d == 1 && t >= 2) << b << " " << t << " " << d;
+        EXPECT_EQ(std::isnan(out[(b * c.L + t) * c.D + d]), b == 0 && d == 1 && t >= 2)
+            << b << " " << t << " " << d;
 }
 
 TEST(SelectiveScanStep, FastStepMatchesReferenceStep) {

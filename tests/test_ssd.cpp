@@ -53,8 +53,8 @@ SsdArgs make_args(const Case& c, Rng& rng) {
 ::testing::AssertionResult grad_close(const Tensor& a, const Tensor& e, const std::string& what) {
   double m = 0;
   for (int64_t i = 0; i < e.numel(); ++i) m = std::max(m, (double)std::fabs(e[i]));
-  return test::all_close(a, e, {tol::kSsdChunkedVsRef.atol * std::max(1.0, m), tol::kSsdChunkedVsRef.rtol},
-                         what);
+  return test::all_close(
+      a, e, {tol::kSsdChunkedVsRef.atol * std::max(1.0, m), tol::kSsdChunkedVsRef.rtol}, what);
 }
 
 void compare_grads(const SsdGrads& g, const SsdGrads& r, const std::string& n) {
@@ -81,6 +81,7 @@ void compare_grads(const SsdGrads& g, const SsdGrads& r, const std::string& n) {
   }
 }
 
+// clang-format off
 const Case kCases[] = {
     // B  L   H  P   G  N   chunk D  z      init   sp     limit
     {1, 1, 2, 4, 1, 4, 8, 1, false, false, true, false},     // L = 1
@@ -94,6 +95,7 @@ const Case kCases[] = {
     {1, 40, 2, 8, 1, 8, 7, 1, false, true, true, true},      // chunk 7 (prime), limit
     {3, 13, 2, 5, 1, 6, 4, 1, true, true, true, false},      // B = 3: thread ranges split batches
 };
+// clang-format on
 
 }  // namespace
 
@@ -191,8 +193,8 @@ TEST(Ssd, StateUpdateMatchesFullForward) {
     SsdArgs a = make_args(c, rng);
     Tensor fr;
     Tensor yr = ops::ssd_ref(a, &fr);
-    Tensor state = a.initial_states.defined() ? a.initial_states.clone()
-                                              : Tensor::zeros({c.B, c.H, c.P, c.N});
+    Tensor state =
+        a.initial_states.defined() ? a.initial_states.clone() : Tensor::zeros({c.B, c.H, c.P, c.N});
     Tensor ys = Tensor::empty(a.x.shape());
     for (int64_t t = 0; t < c.L; ++t) {
       Tensor xt({c.B, c.H, c.P}), zt, dtt({c.B, c.H}), Bt({c.B, c.G, c.N}), Ct({c.B, c.G, c.N});
@@ -264,10 +266,10 @@ TEST(Ssd, ShapeErrorsNameTheTensor) {
     SsdArgs a = make_args(c, rng);
     EXPECT_THROW(ops::ssd_chunked_bwd(a, Tensor({1, 5, 4, 2})), Error);
     Tensor st({1, 4, 3, 4});
-    EXPECT_THROW(ops::ssd_state_update(st, Tensor({1, 4, 3}), Tensor({1, 4}), a.A,
-                                       Tensor({1, 3, 4}), Tensor({1, 3, 4}), Tensor(), Tensor(),
-                                       Tensor(), true),
-                 Error);
+    EXPECT_THROW(
+        ops::ssd_state_update(st, Tensor({1, 4, 3}), Tensor({1, 4}), a.A, Tensor({1, 3, 4}),
+                              Tensor({1, 3, 4}), Tensor(), Tensor(), Tensor(), true),
+        Error);
   }
 }
 

@@ -42,24 +42,40 @@ void put(std::vector<uint8_t>& o, uint64_t v, int n) {
 }
 
 // A minimal stored-entry zip writer, independent of the reader under test.
+// With zip64, sizes and offsets go in the zip64 extra field and end record, as for
+// checkpoints over 4 GiB (mamba-2.8b's pytorch_model.bin is 11 GB).
 std::vector<uint8_t> make_zip(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& entries,
-                              uint16_t method = 0) {
+                              bool zip64 = false) {
   std::vector<uint8_t> out, cd;
+  const uint64_t big = 0xFFFFFFFFu;
   for (const auto& [name, data] : entries) {
-    uint32_t crc = crc32_bitwise(data), off = static_cast<uint32_t>(out.size());
-    put(out, 0x04034b50u, 4), put(out, 20, 2), put(out, 0, 2), put(out, method, 2), put(out, 0, 4);
+    uint32_t crc = crc32_bitwise(data);
+    uint64_t off = out.size();
+    put(out, 0x04034b50u, 4), put(out, 20, 2), put(out, 0, 2), put(out, 0, 2), put(out, 0, 4);
     put(out, crc, 4), put(out, data.size(), 4), put(out, data.size(), 4), put(out, name.size(), 2), put(out, 0, 2);
     out.insert(out.end(), name.begin(), name.end());
     out.insert(out.end(), data.begin(), data.end());
-    put(cd, 0x02014b50u, 4), put(cd, 20, 2), put(cd, 20, 2), put(cd, 0, 2), put(cd, method, 2), put(cd, 0, 4);
-    put(cd, crc, 4), put(cd, data.size(), 4), put(cd, data.size(), 4), put(cd, name.size(), 2);
-    put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 4), put(cd, off, 4);
+    put(cd, 0x02014b50u, 4), put(cd, 45, 2), put(cd, 45, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 4);
+    put(cd, crc, 4), put(cd, zip64 ? big : data.size(), 4), put(cd, zip64 ? big : data.size(), 4);
+    put(cd, name.size(), 2), put(cd, zip64 ? 28 : 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 4);
+    put(cd, zip64 ? big : off, 4);
     cd.insert(cd.end(), name.begin(), name.end());
+    if (zip64) {
+      put(cd, 0x0001, 2), put(cd, 24, 2);
+      put(cd, data.size(), 8), put(cd, data.size(), 8), put(cd, off, 8);
+    }
   }
-  uint32_t cd_off = static_cast<uint32_t>(out.size());
+  const uint64_t cd_off = out.size();
   out.insert(out.end(), cd.begin(), cd.end());
-  put(out, 0x06054b50u, 4), put(out, 0, 2), put(out, 0, 2), put(out, entries.size(), 2);
-  put(out, entries.size(), 2), put(out, cd.size(), 4), put(out, cd_off, 4), put(out, 0, 2);
+  if (zip64) {
+    const uint64_t z = out.size();
+    put(out, 0x06064b50u, 4), put(out, 44, 8), put(out, 45, 2), put(out, 45, 2), put(out, 0, 4), put(out, 0, 4);
+    put(out, entries.size(), 8), put(out, entries.size(), 8), put(out, cd.size(), 8), put(out, cd_off, 8);
+    put(out, 0x07064b50u, 4), put(out, 0, 4), put(out, z, 8), put(out, 1, 4);
+  }
+  put(out, 0x06054b50u, 4), put(out, 0, 2), put(out, 0, 2), put(out, zip64 ? 0xFFFF : entries.size(), 2);
+  put(out, zip64 ? 0xFFFF : entries.size(), 2), put(out, zip64 ? big : cd.size(), 4);
+  put(out, zip64 ? big : cd_off, 4), put(out, 0, 2);
   return out;
 }
 
@@ -111,8 +127,10 @@ std::vector<uint8_t> floats_le(int n, float start = 0.5f) {
   return o;
 }
 
-std::vector<uint8_t> archive(const std::vector<uint8_t>& pkl, const std::vector<uint8_t>& storage) {
-  return make_zip({{"archive/data.pkl", pkl}, {"archive/data/0", storage}, {"archive/version", {'3', '\n'}}});
+std::vector<uint8_t> archive(const std::vector<uint8_t>& pkl, const std::vector<uint8_t>& storage,
+                             bool zip64 = false) {
+  return make_zip({{"archive/data.pkl", pkl}, {"archive/data/0", storage}, {"archive/version", {'3', '\n'}}},
+                  zip64);
 }
 
 bool same_bits(const Tensor& a, const Tensor& b) {
@@ -188,6 +206,22 @@ TEST(TorchBin, HandBuiltPickleLoadsAndHonoursOffsetAndStride) {
   ASSERT_EQ(w.shape(), (Shape{2, 3}));
   for (int i = 0; i < 2; ++i)
     for (int j = 0; j < 3; ++j) EXPECT_EQ(w[i * 3 + j], 0.5f + static_cast<float>(1 + i + 2 * j));
+}
+
+TEST(TorchBin, ReadsZip64Archives) {
+  auto zip = archive(state_dict_pickle("w", 6, 0, {3, 2}, {2, 1}), floats_le(6), /*zip64=*/true);
+  auto sd = parse_torch_state_dict(zip, "zip64");
+  const Tensor& w = sd.tensors.at("w");
+  ASSERT_EQ(w.shape(), (Shape{3, 2}));
+  for (int k = 0; k < 6; ++k) EXPECT_EQ(w[k], 0.5f + static_cast<float>(k));
+  // The zip64 end record pointing past the locator, and a short zip64 extra field.
+  auto bad = zip;
+  const size_t loc = bad.size() - 22 - 20;
+  bad[loc + 8] = 0xF0, bad[loc + 9] = 0xFF;
+  expect_error([&] { parse_torch_state_dict(bad, "z"); }, {"zip64 end record"});
+  for (size_t n = 0; n + 1 < zip.size(); n += 3)
+    EXPECT_THROW(parse_torch_state_dict(std::vector<uint8_t>(zip.begin(), zip.begin() + static_cast<std::ptrdiff_t>(n)), "cut"),
+                 Error);
 }
 
 TEST(TorchBin, RefusesArbitraryGlobals) {

@@ -58,6 +58,9 @@ class MambaLM {
   // after the last token (prefill).
   Tensor forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved = nullptr,
                  LMState* state = nullptr);
+  // The same, but the head only for the last position: logits (B, V_pad). For prefill,
+  // where the other positions' logits are not needed (saves a (L-1) x V x d_model GEMM).
+  Tensor forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMState* state = nullptr);
   // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Frees `saved`.
   void backward(LMSaved* saved, const Tensor& dlogits);
   static void free_saved(LMSaved* saved);
@@ -69,6 +72,8 @@ class MambaLM {
  private:
   Tensor embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const;  // (B, L, d_model)
   Tensor head(const Tensor& hidden) const;                                     // (M, V_pad)
+  // Embedding, blocks and norm_f: the normed hidden state (B, L, d_model).
+  Tensor backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved* sv, LMState* state);
 
   ModelConfig cfg_;
   ParamList own_;  // embedding, per-layer norms, norm_f, (untied) lm_head

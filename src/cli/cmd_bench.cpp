@@ -77,7 +77,7 @@ Command add_bench(CLI::App& app) {
             for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
               LMState st;
               auto t0 = std::chrono::steady_clock::now();
-              lm->forward(ids, B, o->prompt, nullptr, &st);
+              lm->forward_last(ids, B, o->prompt, &st);  // prefill: logits of the last position only
               double tp = seconds(t0);
               std::vector<int32_t> tok(static_cast<size_t>(B));
               for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));

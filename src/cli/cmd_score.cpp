@@ -61,7 +61,7 @@ Command add_perplexity(CLI::App& app) {
             set_num_threads(o->threads);
             MAMBA_CHECK(o->stride <= o->context, "--stride (", o->stride, ") must be <= --context (", o->context, ")");
             MambaLM lm = MambaLM::load(o->model);
-            Tokenizer tok = Tokenizer::from_file(o->tokenizer.empty() ? o->model + "/tokenizer.json" : o->tokenizer);
+            Tokenizer tok = o->tokenizer.empty() ? Tokenizer::from_model_dir(o->model) : Tokenizer::from_file(o->tokenizer);
             std::ifstream f(o->text, std::ios::binary);
             std::stringstream ss;
             ss << f.rdbuf();

@@ -7,6 +7,9 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 
 #include "cli/commands.h"
 #include "mamba/os.h"
@@ -33,6 +36,16 @@ struct TrainOpts {
   int threads = 0;
   int64_t eval_batches = 8, eval_batch = 16;
 };
+
+// Training allocates and frees the same activation buffers every step. glibc returns large
+// blocks to the OS (munmap / heap trim) and page-faults them back in next step, which cost
+// about half the time of a small-model step here; keeping freed memory in the process avoids it.
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+#endif
+}
 
 std::string hms(double s) {
   char buf[64];
@@ -137,6 +150,7 @@ Command add_train(CLI::App& app) {
   sub->add_option("--eval-batch", o->eval_batch, "sequences per eval batch")->capture_default_str()->group(g);
   return {sub, [o, sub] {
             set_num_threads(o->threads);
+            keep_freed_memory();
             std::unique_ptr<train::Trainer> tr;
             std::string save = o->save;
             if (!o->resume.empty()) {
@@ -243,6 +257,7 @@ Command add_eval_task(CLI::App& app) {
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   return {sub, [o] {
             set_num_threads(o->threads);
+            keep_freed_memory();
             MambaLM lm = MambaLM::load(o->model);
             TaskConfig t;
             const std::string sp = (fs::path(o->model) / "trainer_state.json").string();

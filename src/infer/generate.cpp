@@ -112,9 +112,9 @@ GenerateResult generate(MambaLM& lm, const std::vector<std::vector<int32_t>>& pr
     const auto& p = prompts[b];
     MAMBA_CHECK(!p.empty(), "generate: prompt ", b, " is empty");
     LMState s1;
-    Tensor logits = lm.forward(p, 1, static_cast<int64_t>(p.size()), nullptr, &s1);
+    Tensor logits = lm.forward_last(p, 1, static_cast<int64_t>(p.size()), &s1);  // (1, V_pad)
     copy_state_row(s1, 0, state, b);
-    choose(b, logits.data() + (static_cast<int64_t>(p.size()) - 1) * lm.vocab());
+    choose(b, logits.data());
     res.prefill_tokens += static_cast<int64_t>(p.size());
   }
   res.prefill_seconds = since(t0);

@@ -180,13 +180,11 @@ Tensor MambaLM::head(const Tensor& hidden) const {
   return logits;
 }
 
-Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
-                        LMState* state) {
-  const int64_t d = cfg_.d_model;
+Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved* sv,
+                         LMState* state) {
   const float eps = static_cast<float>(cfg_.norm_epsilon);
   Tensor hidden = embed(ids, B, L);
   Tensor residual;
-  LMSaved* sv = saved ? new LMSaved : nullptr;
   if (sv) sv->ids = ids, sv->B = B, sv->L = L;
   if (state) *state = new_state(B);
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
@@ -207,14 +205,34 @@ Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, L
   }
   Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
   trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
+  if (sv) sv->residual_final = residual, sv->hidden_final = out;
+  return out;  // (B, L, d_model)
+}
+
+Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
+                        LMState* state) {
+  LMSaved* sv = saved ? new LMSaved : nullptr;
+  Tensor out;
+  try {
+    out = backbone(ids, B, L, sv, state);
+  } catch (...) {
+    delete sv;
+    throw;
+  }
   Tensor logits = head(out).reshape({B, L, vocab()});
   trace::op("lm_head", {out.shape()}, {logits.shape()});
-  if (sv) {
-    sv->residual_final = residual;
-    sv->hidden_final = out;
-    *saved = sv;
-  }
-  (void)d;
+  if (saved) *saved = sv;
+  return logits;
+}
+
+Tensor MambaLM::forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMState* state) {
+  Tensor out = backbone(ids, B, L, nullptr, state);
+  const int64_t d = cfg_.d_model;
+  Tensor last = Tensor::empty({B, d});
+  for (int64_t b = 0; b < B; ++b)
+    std::copy(out.data() + ((b + 1) * L - 1) * d, out.data() + (b + 1) * L * d, last.data() + b * d);
+  Tensor logits = head(last);
+  trace::op("lm_head", {last.shape()}, {logits.shape()});
   return logits;
 }
 

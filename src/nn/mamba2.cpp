@@ -47,26 +47,30 @@ void Mamba2Config::validate() const {
   MAMBA_CHECK(d_model > 0, "Mamba2Config: d_model must be > 0, got ", d_model);
   MAMBA_CHECK(d_state > 0, "Mamba2Config: d_state must be > 0, got ", d_state);
   MAMBA_CHECK(d_conv > 0, "Mamba2Config: d_conv must be > 0, got ", d_conv);
-  MAMBA_CHECK(expand > 0 && d_inner() > 0, "Mamba2Config: expand must give d_inner = int(expand * d_model) > 0, got expand ",
+  MAMBA_CHECK(expand > 0 && d_inner() > 0,
+              "Mamba2Config: expand must give d_inner = int(expand * d_model) > 0, got expand ",
               expand);
   MAMBA_CHECK(headdim > 0, "Mamba2Config: headdim must be > 0, got ", headdim);
   MAMBA_CHECK(ngroups > 0, "Mamba2Config: ngroups must be > 0, got ", ngroups);
   MAMBA_CHECK(chunk_size > 0, "Mamba2Config: chunk_size must be > 0, got ", chunk_size);
-  MAMBA_CHECK(d_ssm == -1 || d_ssm > 0, "Mamba2Config: d_ssm must be -1 (= d_inner) or > 0, got ", d_ssm);
-  MAMBA_CHECK(ssm_dim() <= d_inner(), "Mamba2Config: d_ssm (", ssm_dim(), ") must not exceed d_inner (",
-              d_inner(), ")");
+  MAMBA_CHECK(d_ssm == -1 || d_ssm > 0, "Mamba2Config: d_ssm must be -1 (= d_inner) or > 0, got ",
+              d_ssm);
+  MAMBA_CHECK(ssm_dim() <= d_inner(), "Mamba2Config: d_ssm (", ssm_dim(),
+              ") must not exceed d_inner (", d_inner(), ")");
   MAMBA_CHECK(ssm_dim() % headdim == 0, "Mamba2Config: d_ssm (", ssm_dim(),
               d_ssm > 0 ? "" : " = d_inner", ") is not divisible by headdim (", headdim, ")");
   MAMBA_CHECK(nheads() % ngroups == 0, "Mamba2Config: ngroups (", ngroups,
               ") must divide the number of heads nheads = d_ssm / headdim (", nheads(), ")");
   MAMBA_CHECK(A_init_range.first > 0 && A_init_range.first <= A_init_range.second,
-              "Mamba2Config: A_init_range must satisfy 0 < lo <= hi, got (", A_init_range.first, ", ",
-              A_init_range.second, ")");
-  MAMBA_CHECK(dt_min > 0 && dt_min <= dt_max, "Mamba2Config: dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got (",
-              dt_min, ", ", dt_max, ")");
+              "Mamba2Config: A_init_range must satisfy 0 < lo <= hi, got (", A_init_range.first,
+              ", ", A_init_range.second, ")");
+  MAMBA_CHECK(dt_min > 0 && dt_min <= dt_max,
+              "Mamba2Config: dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got (", dt_min, ", ",
+              dt_max, ")");
   MAMBA_CHECK(dt_init_floor >= 0, "Mamba2Config: dt_init_floor must be >= 0, got ", dt_init_floor);
-  MAMBA_CHECK(dt_limit.first <= dt_limit.second, "Mamba2Config: dt_limit must satisfy min <= max, got (",
-              dt_limit.first, ", ", dt_limit.second, ")");
+  MAMBA_CHECK(dt_limit.first <= dt_limit.second,
+              "Mamba2Config: dt_limit must satisfy min <= max, got (", dt_limit.first, ", ",
+              dt_limit.second, ")");
 }
 
 Mamba2::Mamba2(const Mamba2Config& cfg, uint64_t seed) : cfg_(cfg) {
@@ -100,7 +104,8 @@ Mamba2::Mamba2(const Mamba2Config& cfg, uint64_t seed) : cfg_(cfg) {
     dt_bias_[h] = static_cast<float>(dt + std::log(-std::expm1(-dt)));  // inverse softplus
   }
   for (int64_t h = 0; h < H; ++h)
-    A_log_[h] = static_cast<float>(std::log(rng.uniform(cfg_.A_init_range.first, cfg_.A_init_range.second)));
+    A_log_[h] = static_cast<float>(
+        std::log(rng.uniform(cfg_.A_init_range.first, cfg_.A_init_range.second)));
   D_.fill(1.f);
   if (norm_w_.defined()) norm_w_.fill(1.f);
   const double bout = 1.0 / std::sqrt(static_cast<double>(din));
@@ -138,19 +143,22 @@ Mamba2State Mamba2::new_state(int64_t batch) const {
 
 Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* state) {
   check_defined(hidden, "Mamba2::forward: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "Mamba2::forward: hidden must be (B, L, d_model), got ", hidden.shape_str());
+  MAMBA_CHECK(hidden.ndim() == 3, "Mamba2::forward: hidden must be (B, L, d_model), got ",
+              hidden.shape_str());
   const int64_t Bn = hidden.dim(0), L = hidden.dim(1);
   check_shape(hidden, "Mamba2::forward: hidden", {Bn, L, cfg_.d_model});
   MAMBA_CHECK(Bn > 0 && L > 0, "Mamba2::forward: empty input ", hidden.shape_str());
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
-  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(), din = cfg_.d_inner();
+  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(),
+                din = cfg_.d_inner();
   const bool tr = trace::enabled();
 
   // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt]
   Tensor zxbcdt = ops::linear_fwd(hidden, in_w_, in_b_);
   if (tr) trace::op("in_proj", {hidden.shape()}, {zxbcdt.shape()});
   Tensor z0, x0;
-  if (dmlp > 0) z0 = cols(zxbcdt, 0, dmlp, {Bn, L, dmlp}), x0 = cols(zxbcdt, dmlp, dmlp, {Bn, L, dmlp});
+  if (dmlp > 0)
+    z0 = cols(zxbcdt, 0, dmlp, {Bn, L, dmlp}), x0 = cols(zxbcdt, dmlp, dmlp, {Bn, L, dmlp});
   Tensor z = cols(zxbcdt, 2 * dmlp, dssm, {Bn, L, dssm});
   Tensor xbc_raw = cols(zxbcdt, 2 * dmlp + dssm, cd, {Bn, L, cd});
   Tensor dt = cols(zxbcdt, 2 * dmlp + dssm + cd, H, {Bn, L, H});
@@ -270,7 +278,8 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
   const int64_t Bn = xin.dim(0);
   check_shape(xin, "Mamba2::step: x", {Bn, cfg_.d_model});
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
-  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(), din = cfg_.d_inner();
+  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(),
+                din = cfg_.d_inner();
   check_shape(state.conv_state, "Mamba2::step: conv_state", {Bn, cd, cfg_.d_conv});
   check_shape(state.ssm_state, "Mamba2::step: ssm_state", {Bn, H, P, N});
   const bool tr = trace::enabled();
@@ -283,9 +292,10 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
   Tensor xbc_raw = cols(zxbcdt, 2 * dmlp + dssm, cd, {Bn, cd});
   Tensor dt = cols(zxbcdt, 2 * dmlp + dssm + cd, H, {Bn, H});
   if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
-  Tensor xbc = ops::causal_conv1d_update(state.conv_state, xbc_raw, conv_w_.reshape({cd, cfg_.d_conv}),
-                                         conv_b_, true);
-  if (tr) trace::op("conv1d_update_silu", {xbc_raw.shape(), state.conv_state.shape()}, {xbc.shape()});
+  Tensor xbc = ops::causal_conv1d_update(state.conv_state, xbc_raw,
+                                         conv_w_.reshape({cd, cfg_.d_conv}), conv_b_, true);
+  if (tr)
+    trace::op("conv1d_update_silu", {xbc_raw.shape(), state.conv_state.shape()}, {xbc.shape()});
   Tensor x = cols(xbc, 0, dssm, {Bn, H, P});
   Tensor Bm = cols(xbc, dssm, G * N, {Bn, G, N});
   Tensor Cm = cols(xbc, dssm + G * N, G * N, {Bn, G, N});
@@ -294,8 +304,10 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
                                    cfg_.rmsnorm ? Tensor() : z.reshape({Bn, H, P}), dt_bias_, true,
                                    a.dt_min, a.dt_max)
                  .reshape({Bn, dssm});
-  if (tr) trace::op("ssd_update", {x.shape(), dt.shape(), Bm.shape(), Cm.shape(), state.ssm_state.shape()},
-                    {y.shape()});
+  if (tr)
+    trace::op("ssd_update",
+              {x.shape(), dt.shape(), Bm.shape(), Cm.shape(), state.ssm_state.shape()},
+              {y.shape()});
   Tensor yn = y;
   if (cfg_.rmsnorm) {
     yn = ops::gated_rms_norm_fwd(y, z, norm_w_, kNormEps, dssm / G, cfg_.norm_before_gate);

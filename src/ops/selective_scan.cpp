@@ -1,30 +1,37 @@
-// Selective scan (Mamba-1): the fast CPU forward and backward, vectorised with Highway ACROSS
-// CHANNELS (D) and dispatched at run time. The naive reference, the argument checks and the
-// single-token step are in selective_scan_ref.cpp.
+// Selective scan (Mamba-1): the fast CPU forward, backward and decode step, vectorised with
+// Highway and dispatched at run time. The naive references and the argument checks are in
+// selective_scan_ref.cpp.
 //
-// Work item = (batch b, block of `lanes` consecutive channels d0..d0+lanes). The state of a
-// block, h (N x lanes), stays in L1; per time step
+// Forward, vectorised ACROSS CHANNELS (D): work item = (batch b, block of `lanes` consecutive
+// channels d0..d0+lanes). The state of a block, h (N x lanes), stays in L1; per time step
 //   dt = softplus?(delta + bias),  dA_n = exp(dt * A[:, n]),  h_n = dA_n h_n + dt u B_n,
 //   y = sum_n h_n C_n + D u,  out = y * silu(z)
 // all as vectors over the block's channels. A and const B/C are staged per block as (N, lanes)
 // (the pre-transposed (N, D) slice); var/group B/C are broadcast per (t, n) (a block that
 // straddles two groups gathers per lane). A partial last block (D not a multiple of lanes) is
-// staged through zero-padded buffers.
+// staged through zero-padded buffers. A thread runs all its blocks over a tile of kTile steps
+// before the next tile: consecutive steps of a block are D floats apart, and walking all L
+// pages block by block thrashed the TLB (3x slower at D=1536, L=2048).
 //
-// Backward: a forward pass keeps h every kChunk steps (checkpoints); then chunk by chunk from
-// the end, the chunk's states and exp values are recomputed into a per-thread buffer and the
+// Backward: pass 1 keeps h every kChunk steps (checkpoints); then chunk by chunk from the end,
+// each block's chunk states and exp values are recomputed into a per-thread buffer and the
 // reverse recurrence runs over them. dA, dD, ddelta_bias and const dB/dC are per channel and
-// accumulated per block; var/group dB/dC (sums over channels per (b, t, n)) are accumulated
-// as vectors into one buffer per thread part, then reduced over parts and lanes: no races,
-// and the result does not depend on scheduling.
+// accumulated per block; var/group dB/dC (sums over channels per (b, t, n)) are accumulated as
+// vectors into a per-thread chunk buffer, summed over lanes into per-thread rows, and those
+// are summed over threads: no races, and run-to-run deterministic for a given thread count.
+//
+// Decode step (selective_state_update): one token, the state row (N) of a channel is
+// contiguous, so it is vectorised across N instead.
 //
 // NaN: propagated as in the reference (exp and softplus of NaN give NaN here too).
+// clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/selective_scan.cpp"
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 #include <hwy/cache_control.h>
 #include <hwy/contrib/math/math-inl.h>
+// clang-format on
 
 #include <algorithm>
 #include <cmath>
@@ -59,7 +66,8 @@ struct Plan {
   float *out = nullptr, *last = nullptr;
   // backward
   const float* dout = nullptr;
-  float *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dA = nullptr, *dB = nullptr, *dC = nullptr;
+  float *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dA = nullptr, *dB = nullptr,
+        *dC = nullptr;
   float *dD = nullptr, *dbias = nullptr, *dh0 = nullptr;
 
   // Offset of the N values of B (or C) for (b, t) and group g.
@@ -139,11 +147,11 @@ HWY_INLINE VF Sigmoid(DF d, VF x) {
 // Per-thread scratch for one block of channels.
 struct Block {
   int64_t b = 0, d0 = 0;
-  size_t nl = 0;            // valid lanes
+  size_t nl = 0;  // valid lanes
   size_t lanes = 0;
-  std::vector<float> A;     // (N, lanes)
+  std::vector<float> A;       // (N, lanes)
   std::vector<float> Bs, Cs;  // (N, lanes): B and C for the current step (const: staged once)
-  std::vector<float> tmp;   // lanes
+  std::vector<float> tmp;     // lanes
   // The groups the block's channels fall in, for B and C: [g_first, g_last].
   int64_t gb0 = 0, gb1 = 0, gc0 = 0, gc1 = 0;
   bool a_nonpos = false;  // every A of the block finite and <= 0
@@ -252,11 +260,16 @@ void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
     const VF dtu = hn::Mul(dt, u);
     const float* Bp = k.Bs.data();
     const float* Cp = k.Cs.data();
-    if (kBB) Bp = p.B + p.bc_row(p.s.b_kind, p.s.b_groups, b, t, k.gb0);
-    else StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
-    if (kCB) Cp = p.C + p.bc_row(p.s.c_kind, p.s.c_groups, b, t, k.gc0);
-    else StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, k.Cs.data());
-    const bool fast = k.a_nonpos && hn::AllTrue(d, hn::And(hn::Ge(dt, hn::Zero(d)), hn::Lt(dt, inf)));
+    if (kBB)
+      Bp = p.B + p.bc_row(p.s.b_kind, p.s.b_groups, b, t, k.gb0);
+    else
+      StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
+    if (kCB)
+      Cp = p.C + p.bc_row(p.s.c_kind, p.s.c_groups, b, t, k.gc0);
+    else
+      StageBC(d, p, k, p.s.c_kind, p.C, p.s.c_groups, k.gc0, k.gc1, t, k.Cs.data());
+    const bool fast =
+        k.a_nonpos && hn::AllTrue(d, hn::And(hn::Ge(dt, hn::Zero(d)), hn::Lt(dt, inf)));
     VF y = fast ? FwdStep<kBB, kCB, false>(d, N, lanes, As, h, Bp, Cp, dt, dtu)
                 : FwdStep<kBB, kCB, true>(d, N, lanes, As, h, Bp, Cp, dt, dtu);
     y = hn::MulAdd(Dv, u, y);
@@ -281,39 +294,45 @@ void ScanFwdKernel(const Plan& p) {
   const int64_t nblk = (D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
   const int64_t items = p.s.batch * nblk;
   const int64_t work = std::max<int64_t>(1, L * NL);
-  parallel_for(items, (scan_detail::kMinWorkPerThread + work - 1) / work, [&](int64_t i0, int64_t i1) {
-    static thread_local std::vector<Block> blocks;
-    static thread_local std::vector<float> h;
-    for (int64_t s0 = i0; s0 < i1;) {  // runs of items of one batch
-      const int64_t b = s0 / nblk, s1 = std::min(i1, (b + 1) * nblk), nb = s1 - s0;
-      if (static_cast<int64_t>(blocks.size()) < nb) blocks.resize(nb);
-      if (static_cast<int64_t>(h.size()) < nb * NL) h.resize(nb * NL);
-      for (int64_t i = 0; i < nb; ++i) {
-        BlockInit(p, blocks[i], b, ((s0 + i) % nblk) * static_cast<int64_t>(lanes), lanes);
-        InitState(p, blocks[i], h.data() + i * NL);
-      }
-      for (int64_t t0 = 0; t0 < L; t0 += scan_detail::kTile) {
-        const int64_t t1 = std::min(L, t0 + scan_detail::kTile);
-        for (int64_t i = 0; i < nb; ++i) {
-          Block& k = blocks[i];
-          float* hk = h.data() + i * NL;
-          const bool bb = Broadcast(p.s.b_kind, k.gb0, k.gb1), cb = Broadcast(p.s.c_kind, k.gc0, k.gc1);
-          if (bb && cb) FwdSteps<true, true>(p, k, hk, t0, t1);
-          else if (bb) FwdSteps<true, false>(p, k, hk, t0, t1);
-          else if (cb) FwdSteps<false, true>(p, k, hk, t0, t1);
-          else FwdSteps<false, false>(p, k, hk, t0, t1);
+  parallel_for(
+      items, (scan_detail::kMinWorkPerThread + work - 1) / work, [&](int64_t i0, int64_t i1) {
+        static thread_local std::vector<Block> blocks;
+        static thread_local std::vector<float> h;
+        for (int64_t s0 = i0; s0 < i1;) {  // runs of items of one batch
+          const int64_t b = s0 / nblk, s1 = std::min(i1, (b + 1) * nblk), nb = s1 - s0;
+          if (static_cast<int64_t>(blocks.size()) < nb) blocks.resize(nb);
+          if (static_cast<int64_t>(h.size()) < nb * NL) h.resize(nb * NL);
+          for (int64_t i = 0; i < nb; ++i) {
+            BlockInit(p, blocks[i], b, ((s0 + i) % nblk) * static_cast<int64_t>(lanes), lanes);
+            InitState(p, blocks[i], h.data() + i * NL);
+          }
+          for (int64_t t0 = 0; t0 < L; t0 += scan_detail::kTile) {
+            const int64_t t1 = std::min(L, t0 + scan_detail::kTile);
+            for (int64_t i = 0; i < nb; ++i) {
+              Block& k = blocks[i];
+              float* hk = h.data() + i * NL;
+              const bool bb = Broadcast(p.s.b_kind, k.gb0, k.gb1),
+                         cb = Broadcast(p.s.c_kind, k.gc0, k.gc1);
+              if (bb && cb)
+                FwdSteps<true, true>(p, k, hk, t0, t1);
+              else if (bb)
+                FwdSteps<true, false>(p, k, hk, t0, t1);
+              else if (cb)
+                FwdSteps<false, true>(p, k, hk, t0, t1);
+              else
+                FwdSteps<false, false>(p, k, hk, t0, t1);
+            }
+          }
+          if (p.last)
+            for (int64_t i = 0; i < nb; ++i) {
+              const Block& k = blocks[i];
+              for (size_t l = 0; l < k.nl; ++l)
+                for (int64_t n = 0; n < N; ++n)
+                  p.last[(b * D + k.d0 + l) * N + n] = h[i * NL + n * lanes + l];
+            }
+          s0 = s1;
         }
-      }
-      if (p.last)
-        for (int64_t i = 0; i < nb; ++i) {
-          const Block& k = blocks[i];
-          for (size_t l = 0; l < k.nl; ++l)
-            for (int64_t n = 0; n < N; ++n)
-              p.last[(b * D + k.d0 + l) * N + n] = h[i * NL + n * lanes + l];
-        }
-      s0 = s1;
-    }
-  });
+      });
 }
 
 // ---- backward ---------------------------------------------------------------------------------
@@ -360,7 +379,8 @@ void AddToChunk(DF d, const Plan& p, const Block& k, int64_t G, int64_t g0, int6
   if (g0 == g1 && k.nl == lanes) {
     float* row = chunk + (j * G + g0) * N * static_cast<int64_t>(lanes);
     for (int64_t n = 0; n < N; ++n)
-      hn::StoreU(hn::Add(hn::LoadU(d, row + n * lanes), hn::LoadU(d, step + n * lanes)), d, row + n * lanes);
+      hn::StoreU(hn::Add(hn::LoadU(d, row + n * lanes), hn::LoadU(d, step + n * lanes)), d,
+                 row + n * lanes);
     return;
   }
   const int64_t per = p.s.D / G;
@@ -409,8 +429,9 @@ void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h, int64_t t0, 
     const float* Bs = k.Bs.data();
     for (int64_t n = 0; n < N; ++n) {
       const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
-      hn::StoreU(hn::MulAdd(e, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes))), d,
-                 h + n * lanes);
+      hn::StoreU(
+          hn::MulAdd(e, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes))), d,
+          h + n * lanes);
     }
   }
 }
@@ -458,14 +479,16 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
     for (int64_t n = 0; n < N; ++n) {
       const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
       hn::StoreU(e, d, ej + n * lanes);
-      const VF hv = hn::MulAdd(e, hn::LoadU(d, hp + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes)));
+      const VF hv =
+          hn::MulAdd(e, hn::LoadU(d, hp + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes)));
       hn::StoreU(hv, d, hc + n * lanes);
       y = hn::MulAdd(hv, hn::LoadU(d, Cs + n * lanes), y);
     }
     hn::StoreU(hn::MulAdd(Dv, u, y), d, w.Y.data() + j * lanes);
   }
   // Reverse.
-  VF dDacc = hn::LoadU(d, w.dDacc.data() + i * lanes), dbacc = hn::LoadU(d, w.dbacc.data() + i * lanes);
+  VF dDacc = hn::LoadU(d, w.dDacc.data() + i * lanes),
+     dbacc = hn::LoadU(d, w.dbacc.data() + i * lanes);
   for (int64_t j = T - 1; j >= 0; --j) {
     const int64_t t = t0 + j, off = (b * L + t) * D + d0;
     const VF dt = hn::LoadU(d, w.dtv.data() + j * lanes);
@@ -478,7 +501,8 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
       const VF one = hn::Set(d, 1.f);
       // d silu / dz = sg (1 + z (1 - sg))
       const VF dsilu = hn::Mul(sg, hn::MulAdd(z, hn::Sub(one, sg), one));
-      StorePart(d, hn::Mul(hn::Mul(dy, hn::LoadU(d, w.Y.data() + j * lanes)), dsilu), p.dz + off, nl, tmp);
+      StorePart(d, hn::Mul(hn::Mul(dy, hn::LoadU(d, w.Y.data() + j * lanes)), dsilu), p.dz + off,
+                nl, tmp);
       dy = hn::Mul(dy, hn::Mul(z, sg));
     }
     dDacc = hn::MulAdd(dy, u, dDacc);
@@ -487,8 +511,17 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
     const float* hp = H + j * NL;
     const float* hc = H + (j + 1) * NL;
     const float* ej = E + j * NL;
-    float* dBdst = bvar ? w.dBstep.data() : dBacc;
-    float* dCdst = cvar ? w.dCstep.data() : dCacc;
+    // Where dB/dC of this step go: const kinds accumulate per channel; var/group kinds go
+    // straight into the chunk row when the whole block is in one group, else via AddToChunk.
+    const bool bdirect = bvar && k.gb0 == k.gb1 && nl == lanes;
+    const bool cdirect = cvar && k.gc0 == k.gc1 && nl == lanes;
+    float* dBdst = !bvar     ? dBacc
+                   : bdirect ? w.chunkB.data() + (j * p.s.b_groups + k.gb0) * NL
+                             : w.dBstep.data();
+    float* dCdst = !cvar     ? dCacc
+                   : cdirect ? w.chunkC.data() + (j * p.s.c_groups + k.gc0) * NL
+                             : w.dCstep.data();
+    const bool badd = !bvar || bdirect, cadd = !cvar || cdirect;
     VF gB = hn::Zero(d), ddt = hn::Zero(d);
     for (int64_t n = 0; n < N; ++n) {
       const int64_t o = n * static_cast<int64_t>(lanes);
@@ -496,16 +529,20 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
       const VF g = hn::MulAdd(dy, hn::LoadU(d, Cs + o), hn::LoadU(d, carry + o));  // dL/dh_t
       const VF dC = hn::Mul(dy, hn::LoadU(d, hc + o));
       const VF dB = hn::Mul(g, dtu);
-      hn::StoreU(cvar ? dC : hn::Add(dC, hn::LoadU(d, dCdst + o)), d, dCdst + o);
-      hn::StoreU(bvar ? dB : hn::Add(dB, hn::LoadU(d, dBdst + o)), d, dBdst + o);
+      hn::StoreU(cadd ? hn::Add(dC, hn::LoadU(d, dCdst + o)) : dC, d, dCdst + o);
+      hn::StoreU(badd ? hn::Add(dB, hn::LoadU(d, dBdst + o)) : dB, d, dBdst + o);
       gB = hn::MulAdd(g, hn::LoadU(d, Bs + o), gB);
       const VF ghe = hn::Mul(hn::Mul(g, hn::LoadU(d, hp + o)), e);
       ddt = hn::MulAdd(ghe, hn::LoadU(d, As + o), ddt);
       hn::StoreU(hn::MulAdd(ghe, dt, hn::LoadU(d, dAacc + o)), d, dAacc + o);
       hn::StoreU(hn::Mul(e, g), d, carry + o);
     }
-    if (bvar) AddToChunk(d, p, k, p.s.b_groups, k.gb0, k.gb1, j, w.dBstep.data(), w.chunkB.data(), w.mask.data());
-    if (cvar) AddToChunk(d, p, k, p.s.c_groups, k.gc0, k.gc1, j, w.dCstep.data(), w.chunkC.data(), w.mask.data());
+    if (bvar && !bdirect)
+      AddToChunk(d, p, k, p.s.b_groups, k.gb0, k.gb1, j, w.dBstep.data(), w.chunkB.data(),
+                 w.mask.data());
+    if (cvar && !cdirect)
+      AddToChunk(d, p, k, p.s.c_groups, k.gc0, k.gc1, j, w.dCstep.data(), w.chunkC.data(),
+                 w.mask.data());
     const VF du = hn::MulAdd(dt, gB, hn::Mul(dy, Dv));
     ddt = hn::MulAdd(u, gB, ddt);
     const VF dd = hn::Mul(ddt, hn::LoadU(d, w.spg.data() + j * lanes));
@@ -573,8 +610,8 @@ void ScanBwdKernel(const Plan& p) {
   const size_t lanes = hn::Lanes(d);
   const int64_t nblk = (p.s.D + static_cast<int64_t>(lanes) - 1) / static_cast<int64_t>(lanes);
   const int64_t work = p.s.L * p.s.N * p.s.D;  // per batch
-  const int64_t nparts = std::max<int64_t>(
-      1, std::min({static_cast<int64_t>(num_threads()), nblk, work / scan_detail::kMinWorkPerThread}));
+  const int64_t nparts = std::max<int64_t>(1, std::min({static_cast<int64_t>(num_threads()), nblk,
+                                                        work / scan_detail::kMinWorkPerThread}));
   const bool bvar = p.s.b_kind != ScanBCKind::Const, cvar = p.s.c_kind != ScanBCKind::Const;
   const int64_t rowsB = p.s.L * p.s.b_groups * p.s.N, rowsC = p.s.L * p.s.c_groups * p.s.N;
   std::vector<float> partB(bvar ? nparts * rowsB : 0), partC(cvar ? nparts * rowsC : 0);
@@ -613,7 +650,8 @@ void StateUpdateKernel(const StepPlan& p) {
   const int64_t N = p.s.N, Dd = p.s.D, GB = p.s.b_groups, GC = p.s.c_groups;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
   // A step is tiny (B*D*N state updates): threads only pay off for large batches.
-  parallel_for(p.s.batch * Dd, std::max<int64_t>(1, 4 * scan_detail::kMinWorkPerThread / std::max<int64_t>(N, 1)),
+  parallel_for(p.s.batch * Dd,
+               std::max<int64_t>(1, 4 * scan_detail::kMinWorkPerThread / std::max<int64_t>(N, 1)),
                [&](int64_t i0, int64_t i1) {
                  for (int64_t i = i0; i < i1; ++i) {
                    const int64_t b = i / Dd, dd = i % Dd;
@@ -630,7 +668,8 @@ void StateUpdateKernel(const StepPlan& p) {
                    int64_t n = 0;
                    for (; n + lanes <= N; n += lanes) {
                      const VF e = ExpNaN(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
-                     const VF hv = hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
+                     const VF hv =
+                         hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
                      hn::StoreU(hv, d, h + n);
                      acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
                    }

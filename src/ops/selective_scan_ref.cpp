@@ -18,9 +18,12 @@ struct BCView {
   int64_t L = 0, D = 0, N = 0, G = 1;
   int64_t offset(int64_t b, int64_t t, int64_t d) const {
     switch (kind) {
-      case ScanBCKind::Const: return d * N;
-      case ScanBCKind::Var: return (b * L + t) * N;
-      default: return ((b * L + t) * G + d / (D / G)) * N;
+      case ScanBCKind::Const:
+        return d * N;
+      case ScanBCKind::Var:
+        return (b * L + t) * N;
+      default:
+        return ((b * L + t) * G + d / (D / G)) * N;
     }
   }
   const float* at(int64_t b, int64_t t, int64_t d) const { return p + offset(b, t, d); }
@@ -44,11 +47,11 @@ void check_bc(const Tensor& t, const char* name, const char* what, const ScanDim
     *kind = ScanBCKind::Group;
     *G = t.dim(2);
     check_shape(t, nm.c_str(), {s.batch, s.L, -1, s.N});
-    MAMBA_CHECK(*G >= 1 && s.D % *G == 0, nm, ": groups G=", *G, " must divide D=", s.D,
-                " (shape ", t.shape_str(), ")");
+    MAMBA_CHECK(*G >= 1 && s.D % *G == 0, nm, ": groups G=", *G, " must divide D=", s.D, " (shape ",
+                t.shape_str(), ")");
   } else {
-    throw Error(str(nm, ": expected (D, N)=(", s.D, ",", s.N, "), (B, L, N) or (B, L, G, N), got rank ",
-                    t.ndim(), " shape ", t.shape_str()));
+    throw Error(str(nm, ": expected (D, N)=(", s.D, ",", s.N,
+                    "), (B, L, N) or (B, L, G, N), got rank ", t.ndim(), " shape ", t.shape_str()));
   }
 }
 
@@ -121,7 +124,8 @@ ScanDims selective_scan_check(const ScanArgs& a, const char* what) {
   MAMBA_CHECK(a.u.ndim() == 3, w, ": u: expected (B, L, D), got shape ", a.u.shape_str());
   s.batch = a.u.dim(0), s.L = a.u.dim(1), s.D = a.u.dim(2);
   check_defined(a.A, (w + ": A").c_str());
-  MAMBA_CHECK(a.A.ndim() == 2, w, ": A: expected (D, N)=(", s.D, ",N), got shape ", a.A.shape_str());
+  MAMBA_CHECK(a.A.ndim() == 2, w, ": A: expected (D, N)=(", s.D, ",N), got shape ",
+              a.A.shape_str());
   s.N = a.A.dim(1);
   check_shape(a.A, (w + ": A").c_str(), {s.D, s.N});
   check_defined(a.delta, (w + ": delta").c_str());
@@ -164,7 +168,8 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout) {
   check_shape(dout, "selective_scan_bwd_ref: dout", {Bn, L, D});
   BCView Bv = bc_view(a.B, s.b_kind, s.b_groups, s), Cv = bc_view(a.C, s.c_kind, s.c_groups, s);
 
-  std::vector<double> du(Bn * L * D, 0), ddelta(Bn * L * D, 0), dz(a.z.defined() ? Bn * L * D : 0, 0);
+  std::vector<double> du(Bn * L * D, 0), ddelta(Bn * L * D, 0),
+      dz(a.z.defined() ? Bn * L * D : 0, 0);
   std::vector<double> dA(D * N, 0), dB(a.B.numel(), 0), dC(a.C.numel(), 0), dD(D, 0), dbias(D, 0);
   std::vector<double> dinit(a.initial_state.defined() ? Bn * D * N : 0, 0);
   std::vector<double> H((L + 1) * N), dts(L), dsp(L), dys(L), g(N);
@@ -260,8 +265,8 @@ StepDims selective_state_update_check(const Tensor& state, const Tensor& x, cons
     if (t.ndim() == 2) {
       check_shape(t, nm.c_str(), {s.batch, s.N});
     } else {
-      MAMBA_CHECK(t.ndim() == 3, nm, ": expected (B, N)=(", s.batch, ",", s.N, ") or (B, G, N), got shape ",
-                  t.shape_str());
+      MAMBA_CHECK(t.ndim() == 3, nm, ": expected (B, N)=(", s.batch, ",", s.N,
+                  ") or (B, G, N), got shape ", t.shape_str());
       check_shape(t, nm.c_str(), {s.batch, -1, s.N});
       *G = t.dim(1);
       MAMBA_CHECK(*G >= 1 && s.D % *G == 0, nm, ": groups G=", *G, " must divide D=", s.D);
@@ -277,8 +282,8 @@ StepDims selective_state_update_check(const Tensor& state, const Tensor& x, cons
 
 // One decode step, plain loops. state: (B, D, N) in place; returns y: (B, D).
 Tensor selective_state_update_ref(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
-                                  const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
-                                  const Tensor& dt_bias, bool dt_softplus) {
+                                  const Tensor& B, const Tensor& C, const Tensor& D,
+                                  const Tensor& z, const Tensor& dt_bias, bool dt_softplus) {
   const StepDims s = selective_state_update_check(state, x, dt, A, B, C, D, z, dt_bias);
   const int64_t N = s.N, Dd = s.D, GB = s.b_groups, GC = s.c_groups;
   Tensor y = Tensor::empty({s.batch, Dd});

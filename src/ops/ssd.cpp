@@ -63,8 +63,10 @@ T process_dt(T v, T bias, bool sp, bool limit, T lo, T hi, T* deriv) {
     v = softplus_t(v);
   }
   if (limit) {
-    if (v < lo) v = lo, dv = 0;
-    else if (v > hi) v = hi, dv = 0;
+    if (v < lo)
+      v = lo, dv = 0;
+    else if (v > hi)
+      v = hi, dv = 0;
   }
   if (deriv) *deriv = dv;
   return v;
@@ -96,8 +98,8 @@ void ref_forward(const SsdArgs& a, const Dims& d, std::vector<T>& out, std::vect
       const T A = a.A[hd];
       const T bias = a.dt_bias.defined() ? T(a.dt_bias[hd]) : T(0);
       for (int64_t t = 0; t < L; ++t) {
-        const T dt = process_dt<T>(a.dt[(b * L + t) * H + hd], bias, a.dt_softplus, limit,
-                                   a.dt_min, a.dt_max, nullptr);
+        const T dt = process_dt<T>(a.dt[(b * L + t) * H + hd], bias, a.dt_softplus, limit, a.dt_min,
+                                   a.dt_max, nullptr);
         const T dA = std::exp(dt * A);
         const float* x = a.x.data() + ((b * L + t) * H + hd) * P;
         const float* Bt = a.B.data() + ((b * L + t) * G + g) * N;
@@ -221,7 +223,8 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
         for (auto& v : hs) v *= el;
         gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs.data(), N);
       }
-      if (keep_states) std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
+      if (keep_states)
+        std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
       if (fin) std::copy_n(hs.data(), P * N, fin + bh * P * N);
       if (a.D.defined()) {
         for (int64_t t = 0; t < L; ++t) {
@@ -255,15 +258,15 @@ void process_all_dt(const SsdArgs& a, const Dims& d, std::vector<float>& dtp,
 void ssd_check(const SsdArgs& a) {
   Dims d = dims_of(a);
   const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
-  MAMBA_CHECK(L >= 1 && H >= 1 && P >= 1 && N >= 1, "ssd: empty dimension in x ",
-              a.x.shape_str(), " or B ", a.B.shape_str());
+  MAMBA_CHECK(L >= 1 && H >= 1 && P >= 1 && N >= 1, "ssd: empty dimension in x ", a.x.shape_str(),
+              " or B ", a.B.shape_str());
   check_shape(a.dt, "ssd: dt", {B, L, H});
   check_shape(a.A, "ssd: A", {H});
   check_shape(a.B, "ssd: B", {B, L, G, N});
   check_shape(a.C, "ssd: C", {B, L, G, N});
   if (a.D.defined()) {
-    MAMBA_CHECK(a.D.shape() == Shape({H}) || a.D.shape() == Shape({H, P}), "ssd: D must be (",
-                H, ") or (", H, ",", P, "), got ", a.D.shape_str());
+    MAMBA_CHECK(a.D.shape() == Shape({H}) || a.D.shape() == Shape({H, P}), "ssd: D must be (", H,
+                ") or (", H, ",", P, "), got ", a.D.shape_str());
   }
   if (a.z.defined()) check_shape(a.z, "ssd: z", {B, L, H, P});
   if (a.dt_bias.defined()) check_shape(a.dt_bias, "ssd: dt_bias", {H});
@@ -366,7 +369,8 @@ SsdGrads ssd_bwd_ref(const SsdArgs& a, const Tensor& dout, const Tensor& dfinal)
           }
           dy[t * P + p] = go;
         }
-      for (int64_t i = 0; i < P * N; ++i) dh[i] = dfinal.defined() ? double(dfinal[bh * P * N + i]) : 0.0;
+      for (int64_t i = 0; i < P * N; ++i)
+        dh[i] = dfinal.defined() ? double(dfinal[bh * P * N + i]) : 0.0;
       double dA = 0;
       for (int64_t t = L - 1; t >= 0; --t) {
         const double* hcur = &hs[(t + 1) * P * N];
@@ -492,8 +496,8 @@ SsdGrads ssd_chunked_bwd(const SsdArgs& a, const Tensor& dout, const Tensor& dfi
 
   parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
     std::vector<double> cs(Q), dcs(Q);
-    std::vector<float> E(Q * Q), M(Q * Q), Gm(Q * Q), dCB(Q * Q), tmp(Q * N), tqp(Q * P),
-        dh(P * N), ecs(Q), w(Q), ddt(Q);
+    std::vector<float> E(Q * Q), M(Q * Q), Gm(Q * Q), dCB(Q * Q), tmp(Q * N), tqp(Q * P), dh(P * N),
+        ecs(Q), w(Q), ddt(Q);
     const int64_t b_lo = begin / H, b_hi = (end - 1) / H + 1;  // batches this range touches
     std::vector<float> dBacc((b_hi - b_lo) * L * GN, 0.f), dCacc((b_hi - b_lo) * L * GN, 0.f);
     for (int64_t bh = begin; bh < end; ++bh) {

@@ -90,8 +90,21 @@ std::string svg_line_plot(const std::vector<Series>& series, const std::string& 
                   px(x), mt, px(x), mt + ph, px(x), mt + ph + 16, fmt(x).c_str());
     o += buf;
   }
-  const double ys = log_y && y1 - y0 > 2 ? std::max(1.0, std::round(nice_step(y0, y1, 6))) : nice_step(y0, y1, 6);
-  for (double y = std::ceil(y0 / ys) * ys; y <= y1 + 1e-9 * ys; y += ys) {
+  // y ticks: round values; on a log axis 1-2-5 per decade (only powers of ten past 3 decades).
+  std::vector<double> yt;  // positions in plot units (log10 when log_y)
+  if (log_y) {
+    const bool dense = y1 - y0 <= 3;
+    for (int e = static_cast<int>(std::floor(y0)); e <= static_cast<int>(std::ceil(y1)); ++e)
+      for (double m : {1.0, 2.0, 5.0}) {
+        if (!dense && m != 1.0) continue;
+        const double v = std::log10(m) + e;
+        if (v >= y0 && v <= y1) yt.push_back(v);
+      }
+  } else {
+    const double ys = nice_step(y0, y1, 6);
+    for (double y = std::ceil(y0 / ys) * ys; y <= y1 + 1e-9 * ys; y += ys) yt.push_back(y);
+  }
+  for (double y : yt) {
     std::snprintf(buf, sizeof buf,
                   "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/>\n"
                   "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",

@@ -26,19 +26,19 @@ namespace mamba {
 
 struct Mamba2Config {
   int64_t d_model = 0;
-  int64_t d_state = 128;        // N
-  int64_t d_conv = 4;           // K
-  double expand = 2;            // d_inner = int(expand * d_model)
-  int64_t headdim = 64;         // P
-  int64_t d_ssm = -1;           // -1: the SSM covers all of d_inner
-  int64_t ngroups = 1;          // G
+  int64_t d_state = 128;  // N
+  int64_t d_conv = 4;     // K
+  double expand = 2;      // d_inner = int(expand * d_model)
+  int64_t headdim = 64;   // P
+  int64_t d_ssm = -1;     // -1: the SSM covers all of d_inner
+  int64_t ngroups = 1;    // G
   std::pair<double, double> A_init_range{1.0, 16.0};
-  bool D_has_hdim = false;      // D is (d_ssm) instead of (H)
+  bool D_has_hdim = false;  // D is (d_ssm) instead of (H)
   bool rmsnorm = true;
   bool norm_before_gate = false;
   double dt_min = 0.001, dt_max = 0.1, dt_init_floor = 1e-4;  // initialisation only
   std::pair<double, double> dt_limit{0.0, std::numeric_limits<double>::infinity()};
-  bool bias = false;            // in_proj / out_proj bias
+  bool bias = false;  // in_proj / out_proj bias
   bool conv_bias = true;
   int64_t chunk_size = 256;
 
@@ -46,7 +46,7 @@ struct Mamba2Config {
   void validate() const;
   int64_t d_inner() const { return static_cast<int64_t>(expand * static_cast<double>(d_model)); }
   int64_t ssm_dim() const { return d_ssm > 0 ? d_ssm : d_inner(); }  // d_ssm resolved
-  int64_t nheads() const { return ssm_dim() / headdim; }               // H
+  int64_t nheads() const { return ssm_dim() / headdim; }             // H
   int64_t d_mlp() const { return d_inner() - ssm_dim(); }
   int64_t conv_dim() const { return ssm_dim() + 2 * ngroups * d_state; }  // d_ssm + 2GN
   int64_t d_in_proj() const { return 2 * d_inner() + 2 * ngroups * d_state + nheads(); }

@@ -26,12 +26,12 @@
 namespace mamba::ops {
 
 struct SsdArgs {
-  Tensor x, dt, A, B, C;                    // required
-  Tensor D, z, dt_bias, initial_states;     // optional: leave undefined when absent
+  Tensor x, dt, A, B, C;                 // required
+  Tensor D, z, dt_bias, initial_states;  // optional: leave undefined when absent
   bool dt_softplus = false;
-  float dt_min = 0.f;                       // dt_limit (dt_min, dt_max); (0, inf) = no clamp
+  float dt_min = 0.f;  // dt_limit (dt_min, dt_max); (0, inf) = no clamp
   float dt_max = std::numeric_limits<float>::infinity();
-  int64_t chunk_size = 256;                 // ssd_chunked only
+  int64_t chunk_size = 256;  // ssd_chunked only
 };
 
 struct SsdGrads {  // each defined iff the matching input is defined
