@@ -7,6 +7,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <ctime>
+#include <fstream>
 #include <string>
 #include <vector>
 
@@ -44,31 +46,57 @@ double now_ms() {
   return duration<double, std::milli>(steady_clock::now().time_since_epoch()).count();
 }
 
+// CPU time of the whole process (all threads), ms.
+double cpu_ms() {
+  timespec ts;
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
+  return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+// The 1-minute load average: on a shared machine, wall times above ~1 per core are inflated.
+double load_avg() {
+  std::ifstream f("/proc/loadavg");
+  double l = -1;
+  f >> l;
+  return l;
+}
+
+struct Timing {
+  double ms = 0, ms_min = 0, cpu_ms = 0;  // wall median, wall min, CPU (all threads) median
+};
+
 template <class F>
-double time_once(F&& f) {
-  double t0 = now_ms();
+Timing time_once(F&& f) {
+  double t0 = now_ms(), c0 = cpu_ms();
   f();
-  return now_ms() - t0;
+  double t = now_ms() - t0;
+  return {t, t, cpu_ms() - c0};
 }
 
 template <class F>
-double time_median(int reps, F&& f) {
-  std::vector<double> v;
+Timing time_median(int reps, F&& f) {
+  std::vector<double> w, c;
   f();  // warm-up
-  for (int i = 0; i < reps; ++i) v.push_back(time_once(f));
-  std::sort(v.begin(), v.end());
-  return v[v.size() / 2];
+  for (int i = 0; i < reps; ++i) {
+    Timing t = time_once(f);
+    w.push_back(t.ms);
+    c.push_back(t.cpu_ms);
+  }
+  std::sort(w.begin(), w.end());
+  std::sort(c.begin(), c.end());
+  return {w[w.size() / 2], w[0], c[c.size() / 2]};
 }
 
-void print(const char* op, const char* impl, const Opts& o, double ms, double ref_ms) {
+void print(const char* op, const char* impl, const Opts& o, Timing t, double ref_ms) {
   const double elems = static_cast<double>(o.B) * o.L * o.D * o.N;
   std::printf(
       "{\"op\":\"%s\",\"impl\":\"%s\",\"shape\":{\"B\":%lld,\"L\":%lld,\"D\":%lld,\"N\":%lld},"
-      "\"threads\":%d,\"simd\":\"%s\",\"ms\":%.3f,\"elems_per_s\":%.4g",
+      "\"threads\":%d,\"simd\":\"%s\",\"ms\":%.3f,\"ms_min\":%.3f,\"cpu_ms\":%.3f,"
+      "\"elems_per_s\":%.4g",
       op, impl, (long long)o.B, (long long)o.L, (long long)o.D, (long long)o.N, num_threads(),
-      simd_target_name(), ms, elems / (ms * 1e-3));
-  if (ref_ms > 0) std::printf(",\"speedup_vs_ref\":%.2f", ref_ms / ms);
-  std::printf("}\n");
+      simd_target_name(), t.ms, t.ms_min, t.cpu_ms, elems / (t.ms * 1e-3));
+  if (ref_ms > 0) std::printf(",\"speedup_vs_ref\":%.2f", ref_ms / t.ms);
+  std::printf(",\"load_avg\":%.2f}\n", load_avg());
   std::fflush(stdout);
 }
 
@@ -138,18 +166,20 @@ int main(int argc, char** argv) {
 
   double ref_fwd = 0, ref_bwd = 0;
   if (o.ref) {
-    ref_fwd = time_once([&] { selective_scan_ref(a); });
-    print("selective_scan_fwd", "ref", o, ref_fwd, 0);
+    Timing t = time_once([&] { selective_scan_ref(a); });
+    ref_fwd = t.ms;
+    print("selective_scan_fwd", "ref", o, t, 0);
   }
   Tensor last;
-  double fwd = time_median(o.reps, [&] { selective_scan_fwd(a, &last); });
-  print("selective_scan_fwd", "fast", o, fwd, ref_fwd);
+  print("selective_scan_fwd", "fast", o, time_median(o.reps, [&] { selective_scan_fwd(a, &last); }),
+        ref_fwd);
   if (o.ref) {
-    ref_bwd = time_once([&] { selective_scan_bwd_ref(a, dout); });
-    print("selective_scan_bwd", "ref", o, ref_bwd, 0);
+    Timing t = time_once([&] { selective_scan_bwd_ref(a, dout); });
+    ref_bwd = t.ms;
+    print("selective_scan_bwd", "ref", o, t, 0);
   }
-  double bwd = time_median(o.reps, [&] { selective_scan_bwd(a, dout); });
-  print("selective_scan_bwd", "fast", o, bwd, ref_bwd);
+  print("selective_scan_bwd", "fast", o, time_median(o.reps, [&] { selective_scan_bwd(a, dout); }),
+        ref_bwd);
 
   // One decode step (selective_state_update) at the same B, D, N; elems = B*D*N, L = 1.
   Opts so = o;
@@ -159,19 +189,22 @@ int main(int argc, char** argv) {
   Tensor Bs = randn({o.B, o.N}, 1.0), Cs = randn({o.B, o.N}, 1.0), zs = randn({o.B, o.D}, 1.0);
   const int step_reps = 200;
   auto steps = [&](auto&& fn) {
-    return time_median(o.reps,
-                       [&] {
-                         for (int i = 0; i < step_reps; ++i) fn();
-                       }) /
-           step_reps;
+    Timing t = time_median(o.reps, [&] {
+      for (int i = 0; i < step_reps; ++i) fn();
+    });
+    t.ms /= step_reps, t.ms_min /= step_reps, t.cpu_ms /= step_reps;
+    return t;
   };
-  double ref_step = o.ref ? steps([&] {
-    selective_state_update_ref(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true);
-  })
-                          : 0;
-  if (o.ref) print("selective_state_update", "ref", so, ref_step, 0);
-  double step = steps(
+  double ref_step_ms = 0;
+  if (o.ref) {
+    Timing t = steps([&] {
+      selective_state_update_ref(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true);
+    });
+    ref_step_ms = t.ms;
+    print("selective_state_update", "ref", so, t, 0);
+  }
+  Timing step = steps(
       [&] { selective_state_update(state, x, dt, a.A, Bs, Cs, a.D, zs, a.delta_bias, true); });
-  print("selective_state_update", "fast", so, step, ref_step);
+  print("selective_state_update", "fast", so, step, ref_step_ms);
   return 0;
 }
