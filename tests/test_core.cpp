@@ -48,7 +48,8 @@ TEST(Gemm, MatchesNaiveLoopAllTransposes) {
   Rng rng(1);
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
-      int64_t M = 17, N = 33, K = 15;
+      for (int64_t M : {17, 1}) {
+      const int64_t N = 33, K = 15;
       Tensor A = test::randn(ta ? Shape{K, M} : Shape{M, K}, rng);
       Tensor B = test::randn(tb ? Shape{N, K} : Shape{K, N}, rng);
       Tensor C = test::randn({M, N}, rng), C0 = C.clone();
@@ -62,6 +63,7 @@ TEST(Gemm, MatchesNaiveLoopAllTransposes) {
           E[m * N + n] = (float)(0.5 * s + 2.0 * C0[m * N + n]);
         }
       EXPECT_TRUE(test::all_close(C, E, {1e-5, 1e-5}, "gemm"));
+      }  // M = 1 takes the GEMV path
     }
 }
 

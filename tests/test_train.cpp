@@ -281,7 +281,9 @@ TEST_P(LossGoesDown, WithinAFewDozenSteps) {
   const double first = mean_loss(h, 0, 3), last = mean_loss(h, 55, 60);
   EXPECT_LT(last, 0.8 * first) << task_name(GetParam()) << ": first " << first << ", last " << last;
   // Selective copying: below the loss of guessing among the V-2 data tokens, i.e. it copies.
-  if (GetParam() == TaskKind::SelectiveCopy) EXPECT_LT(last, std::log(4.0) - 0.1);
+  if (GetParam() == TaskKind::SelectiveCopy) {
+    EXPECT_LT(last, std::log(4.0) - 0.1);
+  }
   for (const auto& l : h) EXPECT_TRUE(std::isfinite(l.loss));
   if (!dir.empty()) fs::remove_all(dir);
 }
@@ -372,6 +374,28 @@ TEST(Train, TornCheckpointIsDetected) {
     EXPECT_NE(std::string(e.what()).find("step"), std::string::npos) << e.what();
   }
   EXPECT_THROW(Trainer::resume(dir + "/nope"), Error);
+  fs::remove_all(dir);
+}
+
+TEST(Train, InitWeightsFromACheckpoint) {
+  set_num_threads(1);
+  const std::string dir = temp_dir("init");
+  Trainer a(tiny_train(TaskKind::Induction));
+  a.train_step();
+  a.save(dir);
+  TrainConfig c = tiny_train(TaskKind::Induction);
+  c.task.seqlen = 32, c.seed = 99;  // a longer task, another seed: only the weights come over
+  Trainer b(c);
+  b.init_weights_from(dir);
+  auto pa = a.model().named_parameters(), pb = b.model().named_parameters();
+  for (size_t i = 0; i < pa.size(); ++i)
+    EXPECT_EQ(test::max_abs_diff(pa[i].second->value, pb[i].second->value), 0.0) << pa[i].first;
+  b.train_step();
+  EXPECT_THROW(b.init_weights_from(dir), Error);  // only before the first step
+  TrainConfig other = c;
+  other.model = tiny_model(8, "Mamba1", 16);
+  Trainer d(other);
+  EXPECT_THROW(d.init_weights_from(dir), Error);  // a different config
   fs::remove_all(dir);
 }
 

@@ -192,6 +192,9 @@ class Trainer {
   ~Trainer();
 
   StepLog train_step();  // one optimiser update (accum micro-batches)
+  // Starts from the weights of a saved model folder (same config; e.g. a curriculum: train
+  // short, continue at a longer length). Only before the first step; moments start at zero.
+  void init_weights_from(const std::string& dir);
   // Writes config.json + model.safetensors (MambaLM::save), optimizer.safetensors and
   // trainer_state.json, each atomically (temporary file, fsync, rename); the state file is
   // written last and names the step, which the optimiser file must match on resume.

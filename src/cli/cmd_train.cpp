@@ -32,7 +32,7 @@ struct TrainOpts {
   int64_t batch = 8, steps = 1000, warmup = 50, accum = 1, save_every = 0, log_every = 0;
   double lr = 1e-3, min_lr = 1e-5, weight_decay = 0.1, clip = 1.0, beta1 = 0.9, beta2 = 0.95;
   uint64_t seed = 0;
-  std::string save = "train-out", resume;
+  std::string save = "train-out", resume, init;
   int threads = 0;
   int64_t eval_batches = 8, eval_batch = 16;
 };
@@ -142,6 +142,7 @@ Command add_train(CLI::App& app) {
   sub->add_option("--save-every", o->save_every, "checkpoint every N steps (0 = only at the end)")
       ->capture_default_str()->group(g);
   sub->add_option("--resume", o->resume, "continue the run saved in this folder exactly (its options win)")->group(g);
+  sub->add_option("--init", o->init, "start from the weights of this model folder (same model options)")->group(g);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str()->group(g);
   sub->add_option("--log-every", o->log_every, "progress line every N steps (0 = about every 2 s)")
       ->capture_default_str()->group(g);
@@ -179,6 +180,10 @@ Command add_train(CLI::App& app) {
               c.adamw.beta1 = o->beta1, c.adamw.beta2 = o->beta2, c.adamw.weight_decay = o->weight_decay;
               c.seed = o->seed, c.save_every = o->save_every;
               tr = std::make_unique<train::Trainer>(c);
+              if (!o->init.empty()) {
+                tr->init_weights_from(o->init);
+                std::printf("initialised from %s\n", o->init.c_str());
+              }
             }
             const train::TrainConfig& c = tr->config();
             const ModelConfig& mc = tr->model().config();

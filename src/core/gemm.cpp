@@ -62,6 +62,18 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
     return;
   }
 #ifdef MAMBA_HAVE_CBLAS
+  if (M == 1) {
+    // One row (decode): a GEMV. sgemm would pack the whole of B for a single row, which
+    // costs more than the multiply; sgemv streams B once.
+    const int incx = ta ? static_cast<int>(lda) : 1;
+    if (tb)  // C (1, N) = a (1, K) . B^T, B stored (N, K): y = B a
+      cblas_sgemv(CblasRowMajor, CblasNoTrans, static_cast<int>(N), static_cast<int>(K), alpha, B,
+                  static_cast<int>(ldb), A, incx, beta, C, 1);
+    else  // B stored (K, N): y = B^T a
+      cblas_sgemv(CblasRowMajor, CblasTrans, static_cast<int>(K), static_cast<int>(N), alpha, B,
+                  static_cast<int>(ldb), A, incx, beta, C, 1);
+    return;
+  }
   cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
               static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
               static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));

@@ -6,6 +6,7 @@
 #include <cmath>
 
 #include "mamba/gemm.h"
+#include "mamba/ops/act.h"
 #include "mamba/ops/conv1d.h"
 #include "mamba/ops/linear.h"
 #include "mamba/ops/selective_scan.h"
@@ -93,8 +94,9 @@ Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
 }
 
 Tensor Mamba1::A() const {
-  Tensor a = Tensor::empty({D_, N_});
-  for (int64_t i = 0; i < a.numel(); ++i) a[i] = -std::exp(A_log_[i]);
+  Tensor a = A_log_.clone();
+  ops::exp_inplace(a.data(), a.numel());  // vectorised: this runs once per step of decode
+  for (int64_t i = 0; i < a.numel(); ++i) a[i] = -a[i];
   return a;
 }
 

@@ -188,6 +188,21 @@ StepLog Trainer::train_step() {
   return log;
 }
 
+void Trainer::init_weights_from(const std::string& dir) {
+  MAMBA_CHECK(opt_.steps() == 0, "init_weights_from: only before the first step (this run is at step ",
+              opt_.steps(), ")");
+  MambaLM src = MambaLM::load(dir);
+  auto from = src.named_parameters();
+  MAMBA_CHECK(from.size() == params_.size(), dir, ": the model has ", from.size(), " parameter tensors, this run's has ",
+              params_.size(), " (a different config)");
+  for (size_t i = 0; i < params_.size(); ++i) {
+    MAMBA_CHECK(from[i].first == params_[i].first && from[i].second->value.shape() == params_[i].second->value.shape(),
+                dir, ": parameter '", from[i].first, "' ", from[i].second->value.shape_str(), " does not match '",
+                params_[i].first, "' ", params_[i].second->value.shape_str());
+    params_[i].second->value.copy_from(from[i].second->value);
+  }
+}
+
 void Trainer::save(const std::string& dir) const {
   fs::create_directories(dir);
   lm_.save(dir);
