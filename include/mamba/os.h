@@ -14,6 +14,24 @@ bool exists(const std::string& path);
 // renamed over `path`. A crash leaves either the old file or the new one, never half of one.
 void write_file_atomic(const std::string& path, const void* data, size_t size);
 void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts);
+// A read-only view of a whole file, memory-mapped where the platform allows (so a checkpoint
+// of several GB is not read into memory twice); falls back to reading the file.
+class MappedFile {
+ public:
+  explicit MappedFile(const std::string& path);
+  ~MappedFile();
+  MappedFile(const MappedFile&) = delete;
+  MappedFile& operator=(const MappedFile&) = delete;
+  const uint8_t* data() const { return data_; }
+  uint64_t size() const { return size_; }
+
+ private:
+  const uint8_t* data_ = nullptr;
+  uint64_t size_ = 0;
+  void* handle_ = nullptr;         // platform mapping handle
+  std::vector<uint8_t> fallback_;  // when mapping is not available
+};
+
 // Peak resident memory of this process in bytes (0 where unknown).
 uint64_t peak_rss_bytes();
 uint64_t current_rss_bytes();

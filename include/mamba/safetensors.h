@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -19,6 +20,7 @@ struct SafetensorInfo {
 
 class SafetensorsFile {
  public:
+  // Memory-maps the file (os::MappedFile): tensors are converted from the map on demand.
   static SafetensorsFile open(const std::string& path);
   static SafetensorsFile parse(std::vector<uint8_t> bytes, const std::string& origin);
 
@@ -35,7 +37,11 @@ class SafetensorsFile {
   const std::string& origin() const { return origin_; }
 
  private:
-  std::vector<uint8_t> bytes_;
+  static SafetensorsFile parse_view(std::shared_ptr<const void> keep, const uint8_t* data, uint64_t size,
+                                    const std::string& origin);
+  std::shared_ptr<const void> keep_;  // owns the bytes: a memory map or a vector
+  const uint8_t* base_ = nullptr;
+  uint64_t size_ = 0;
   uint64_t data_start_ = 0;
   std::string origin_;
   std::map<std::string, SafetensorInfo> info_;

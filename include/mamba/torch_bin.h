@@ -34,6 +34,7 @@ struct TorchStateDict {
 // Reads a torch.save'd state dict (the file, or its bytes; `origin` names it in errors).
 TorchStateDict read_torch_state_dict(const std::string& path);
 TorchStateDict parse_torch_state_dict(const std::vector<uint8_t>& bytes, const std::string& origin);
+TorchStateDict parse_torch_state_dict(const uint8_t* bytes, size_t size, const std::string& origin);
 // Only the float tensors, as fp32 (integer tensors are left out).
 std::map<std::string, Tensor> load_torch_state_dict(const std::string& path);
 

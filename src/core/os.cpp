@@ -14,7 +14,9 @@
 #include <psapi.h>
 #else
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 #include <unistd.h>
 #endif
 
@@ -91,6 +93,45 @@ void write_file_atomic(const std::string& path, const std::vector<std::pair<cons
 
 void write_file_atomic(const std::string& path, const void* data, size_t size) {
   write_file_atomic(path, {{data, size}});
+}
+
+MappedFile::MappedFile(const std::string& path) {
+  std::error_code ec;
+  MAMBA_CHECK(!std::filesystem::is_directory(path, ec), "'", path, "' is a directory, not a file");
+#if defined(_WIN32)
+  fallback_ = read_file(path);
+  data_ = fallback_.data();
+  size_ = fallback_.size();
+#else
+  int fd = ::open(path.c_str(), O_RDONLY);
+  MAMBA_CHECK(fd >= 0, "cannot open '", path, "': ", std::strerror(errno));
+  struct stat st;
+  if (::fstat(fd, &st) != 0) {
+    int e = errno;
+    ::close(fd);
+    throw Error(str("cannot stat '", path, "': ", std::strerror(e)));
+  }
+  size_ = static_cast<uint64_t>(st.st_size);
+  if (size_ > 0) {
+    void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {  // e.g. a pipe or a file system without mmap: read it instead
+      ::close(fd);
+      fallback_ = read_file(path);
+      data_ = fallback_.data();
+      size_ = fallback_.size();
+      return;
+    }
+    handle_ = p;
+    data_ = static_cast<const uint8_t*>(p);
+  }
+  ::close(fd);
+#endif
+}
+
+MappedFile::~MappedFile() {
+#if !defined(_WIN32)
+  if (handle_) ::munmap(handle_, size_);
+#endif
 }
 
 uint64_t peak_rss_bytes() {

@@ -84,22 +84,32 @@ uint16_t f32_to_f16(float f) {
 }
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
-  return parse(os::read_file(path), path);
+  auto m = std::make_shared<os::MappedFile>(path);
+  return parse_view(m, m->data(), m->size(), path);
 }
 
 SafetensorsFile SafetensorsFile::parse(std::vector<uint8_t> bytes, const std::string& origin) {
+  auto v = std::make_shared<std::vector<uint8_t>>(std::move(bytes));
+  return parse_view(v, v->data(), v->size(), origin);
+}
+
+SafetensorsFile SafetensorsFile::parse_view(std::shared_ptr<const void> keep, const uint8_t* data,
+                                            uint64_t size, const std::string& origin) {
   SafetensorsFile f;
   f.origin_ = origin;
-  const uint64_t size = bytes.size();
+  f.keep_ = std::move(keep);
+  f.base_ = data;
+  f.size_ = size;
+  const uint8_t* bytes = data;
   MAMBA_CHECK(size >= 8, origin, ": not a safetensors file (", size, " bytes, need at least 8)");
-  uint64_t hlen = read_le64(bytes.data());
+  uint64_t hlen = read_le64(bytes);
   MAMBA_CHECK(hlen <= kMaxHeader, origin, ": header length ", hlen, " exceeds the limit of ",
               kMaxHeader, " bytes (corrupt or not a safetensors file)");
   MAMBA_CHECK(hlen <= size - 8, origin, ": truncated: header says ", hlen,
               " bytes but the file has only ", size - 8, " after the length field");
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes.begin() + 8, bytes.begin() + 8 + static_cast<int64_t>(hlen));
+    header = nlohmann::json::parse(bytes + 8, bytes + 8 + hlen);
   } catch (const std::exception& e) {
     throw Error(str(origin, ": header is not valid JSON: ", e.what()));
   }
@@ -163,7 +173,6 @@ SafetensorsFile SafetensorsFile::parse(std::vector<uint8_t> bytes, const std::st
   std::sort(f.order_.begin(), f.order_.end(), [&](const std::string& a, const std::string& b) {
     return f.info_[a].begin < f.info_[b].begin;
   });
-  f.bytes_ = std::move(bytes);
   return f;
 }
 
@@ -184,7 +193,7 @@ std::string SafetensorsFile::meta(const std::string& key) const {
 Tensor SafetensorsFile::tensor(const std::string& name) const {
   const SafetensorInfo& in = info(name);
   Tensor t = Tensor::empty(in.shape);
-  const uint8_t* p = bytes_.data() + data_start_ + in.begin;
+  const uint8_t* p = base_ + data_start_ + in.begin;
   float* out = t.data();
   const int64_t n = t.numel();
   if (in.dtype == "F32") {
@@ -218,7 +227,7 @@ Tensor SafetensorsFile::tensor(const std::string& name, const Shape& expected) c
 
 std::vector<int64_t> SafetensorsFile::tensor_i64(const std::string& name, Shape* shape) const {
   const SafetensorInfo& in = info(name);
-  const uint8_t* p = bytes_.data() + data_start_ + in.begin;
+  const uint8_t* p = base_ + data_start_ + in.begin;
   int64_t n = shape_numel(in.shape);
   std::vector<int64_t> out(static_cast<size_t>(n));
   if (in.dtype == "I64") {

@@ -79,8 +79,8 @@ struct ZipEntry {
 
 class Zip {
  public:
-  Zip(const std::vector<uint8_t>& bytes, const std::string& origin)
-      : b_{bytes.data(), bytes.size(), origin}, origin_(origin) {
+  Zip(const uint8_t* data, size_t size, const std::string& origin)
+      : b_{data, size, origin}, origin_(origin) {
     parse();
   }
   bool has(const std::string& name) const { return entries_.count(name) != 0; }
@@ -618,13 +618,17 @@ int64_t load_int(const uint8_t* p, const StorageType& st, uint64_t k) {
 }  // namespace
 
 TorchStateDict parse_torch_state_dict(const std::vector<uint8_t>& bytes, const std::string& origin) {
+  return parse_torch_state_dict(bytes.data(), bytes.size(), origin);
+}
+
+TorchStateDict parse_torch_state_dict(const uint8_t* bytes, size_t size, const std::string& origin) {
   static const uint8_t kLegacyMagic[] = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20};
-  if (bytes.size() >= sizeof kLegacyMagic && std::memcmp(bytes.data(), kLegacyMagic, sizeof kLegacyMagic) == 0)
+  if (size >= sizeof kLegacyMagic && std::memcmp(bytes, kLegacyMagic, sizeof kLegacyMagic) == 0)
     throw Error(str(origin, ": this is the legacy (torch < 1.6) torch.save format, which is not supported; "
                             "re-save it with a newer torch"));
-  MAMBA_CHECK(bytes.size() >= 4 && bytes[0] == 'P' && bytes[1] == 'K', origin,
+  MAMBA_CHECK(size >= 4 && bytes[0] == 'P' && bytes[1] == 'K', origin,
               ": not a torch.save zip archive (does not start with 'PK')");
-  Zip zip(bytes, origin);
+  Zip zip(bytes, size, origin);
   // torch.save puts everything under one folder: <name>/data.pkl, <name>/data/<key>, ...
   std::string prefix;
   int found = 0;
@@ -733,7 +737,8 @@ TorchStateDict parse_torch_state_dict(const std::vector<uint8_t>& bytes, const s
 }
 
 TorchStateDict read_torch_state_dict(const std::string& path) {
-  return parse_torch_state_dict(os::read_file(path), path);
+  os::MappedFile m(path);  // memory-mapped: an 11 GB checkpoint is not read into memory twice
+  return parse_torch_state_dict(m.data(), static_cast<size_t>(m.size()), path);
 }
 
 std::map<std::string, Tensor> load_torch_state_dict(const std::string& path) {

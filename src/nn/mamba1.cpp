@@ -57,8 +57,13 @@ Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
   if (cfg_.bias) in_b_ = params_.add("in_proj.bias", {2 * D_}, true);
   conv_w_ = params_.add("conv1d.weight", {D_, 1, K_});
   if (cfg_.conv_bias) conv_b_ = params_.add("conv1d.bias", {D_}, true);
-  xproj_w_ = params_.add("x_proj.weight", {R_ + 2 * N_, D_});
-  dt_w_ = params_.add("dt_proj.weight", {D_, R_});
+  if (cfg_.selective) {
+    xproj_w_ = params_.add("x_proj.weight", {R_ + 2 * N_, D_});
+    dt_w_ = params_.add("dt_proj.weight", {D_, R_});
+  } else {
+    B_ssm_ = params_.add("B_ssm", {D_, N_}, true);
+    C_ssm_ = params_.add("C_ssm", {D_, N_}, true);
+  }
   dt_b_ = params_.add("dt_proj.bias", {D_}, true);
   out_w_ = params_.add("out_proj.weight", {dm, D_});
   if (cfg_.bias) out_b_ = params_.add("out_proj.bias", {dm}, true);
@@ -74,12 +79,14 @@ Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
   if (in_b_.defined()) uni(in_b_, static_cast<double>(dm));
   uni(conv_w_, static_cast<double>(K_));
   if (conv_b_.defined()) uni(conv_b_, static_cast<double>(K_));
-  uni(xproj_w_, static_cast<double>(D_));
-  const double dt_std = std::pow(static_cast<double>(R_), -0.5) * cfg_.dt_scale;
-  if (cfg_.dt_init == "constant")
-    dt_w_.fill(static_cast<float>(dt_std));
-  else
-    rng.fill_uniform(dt_w_, -dt_std, dt_std);
+  if (cfg_.selective) {
+    uni(xproj_w_, static_cast<double>(D_));
+    const double dt_std = std::pow(static_cast<double>(R_), -0.5) * cfg_.dt_scale;
+    if (cfg_.dt_init == "constant")
+      dt_w_.fill(static_cast<float>(dt_std));
+    else
+      rng.fill_uniform(dt_w_, -dt_std, dt_std);
+  }
   // dt ~ exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor; bias = softplus^-1(dt).
   const double lmin = std::log(cfg_.dt_min), lmax = std::log(cfg_.dt_max);
   for (int64_t d = 0; d < D_; ++d) {
@@ -91,6 +98,11 @@ Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
   Dp_.fill(1.f);
   uni(out_w_, static_cast<double>(D_));
   if (out_b_.defined()) uni(out_b_, static_cast<double>(D_));
+  if (!cfg_.selective) {
+    // The ablation's constant B and C, O(1) as S4D's (B = 1, C ~ N(0, 1)): uniform(-1, 1).
+    rng.fill_uniform(B_ssm_, -1.0, 1.0);
+    rng.fill_uniform(C_ssm_, -1.0, 1.0);
+  }
 }
 
 Tensor Mamba1::A() const {
@@ -166,17 +178,20 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
   Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, conv_b_, true);  // (B, L, D)
   if (tr) trace::op("conv1d", {x.shape()}, {xc.shape()});
 
-  // x_proj -> [dt_low | B | C]
-  Tensor x_dbl = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, L, R + 2N)
-  if (tr) trace::op("x_proj", {xc.shape()}, {x_dbl.shape()});
+  Tensor x_dbl, Bm, Cm;                    // selective only
+  Tensor delta = Tensor::zeros({Bsz, L, D_});  // (B, L, D); stays 0 when not selective
+  if (cfg_.selective) {
+    // x_proj -> [dt_low | B | C]
+    x_dbl = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, L, R + 2N)
+    if (tr) trace::op("x_proj", {xc.shape()}, {x_dbl.shape()});
 
-  // dt_proj.weight on the dt_low columns (leading dimension R + 2N, no copy); bias goes to the scan.
-  Tensor delta = Tensor::empty({Bsz, L, D_});  // (B, L, D)
-  gemm(false, true, M, D_, R_, 1.f, x_dbl.data(), E, dt_w_.data(), R_, 0.f, delta.data(), D_);
-  if (tr) trace::op("dt_proj", {{Bsz, L, R_}}, {delta.shape()});
+    // dt_proj.weight on the dt_low columns (leading dimension R + 2N, no copy); bias goes to the scan.
+    gemm(false, true, M, D_, R_, 1.f, x_dbl.data(), E, dt_w_.data(), R_, 0.f, delta.data(), D_);
+    if (tr) trace::op("dt_proj", {{Bsz, L, R_}}, {delta.shape()});
 
-  Tensor Bm = take_cols(x_dbl, M, E, R_, N_, {Bsz, L, N_});       // (B, L, N)
-  Tensor Cm = take_cols(x_dbl, M, E, R_ + N_, N_, {Bsz, L, N_});  // (B, L, N)
+    Bm = take_cols(x_dbl, M, E, R_, N_, {Bsz, L, N_});       // (B, L, N)
+    Cm = take_cols(x_dbl, M, E, R_ + N_, N_, {Bsz, L, N_});  // (B, L, N)
+  }
 
   ops::ScanArgs args;
   args.u = xc;
@@ -188,10 +203,11 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
   args.z = z;
   args.delta_bias = dt_b_;
   args.delta_softplus = true;
+  if (!cfg_.selective) args.B = B_ssm_, args.C = C_ssm_;  // const (D, N): time-invariant
   Tensor last;
   Tensor y = ops::selective_scan_fwd(args, state ? &last : nullptr);  // (B, L, D)
   if (tr)
-    trace::op("selective_scan", {xc.shape(), delta.shape(), args.A.shape(), Bm.shape(), Cm.shape(), z.shape()},
+    trace::op("selective_scan", {xc.shape(), delta.shape(), args.A.shape(), args.B.shape(), args.C.shape(), z.shape()},
               {y.shape()});
 
   Tensor out = ops::linear_fwd(y, out_w_, out_b_);  // (B, L, d_model)
@@ -225,7 +241,7 @@ Tensor Mamba1::backward(const Mamba1Saved& s, const Tensor& dy) {
   const int64_t E = R_ + 2 * N_;
   check_shape(dy, "Mamba1::backward: dy", {Bsz, L, dm});
   check_shape(s.x, "Mamba1::backward: saved.x", {Bsz, L, D_});
-  check_shape(s.x_dbl, "Mamba1::backward: saved.x_dbl", {Bsz, L, E});
+  if (cfg_.selective) check_shape(s.x_dbl, "Mamba1::backward: saved.x_dbl", {Bsz, L, E});
 
   auto grad = [&](const char* name) -> Tensor& { return params_.get(name).grad; };
 
@@ -238,8 +254,8 @@ Tensor Mamba1::backward(const Mamba1Saved& s, const Tensor& dy) {
   args.u = s.xc;
   args.delta = s.delta;
   args.A = A();
-  args.B = s.Bm;
-  args.C = s.Cm;
+  args.B = cfg_.selective ? s.Bm : B_ssm_;
+  args.C = cfg_.selective ? s.Cm : C_ssm_;
   args.D = Dp_;
   args.z = s.z;
   args.delta_bias = dt_b_;
@@ -255,20 +271,29 @@ Tensor Mamba1::backward(const Mamba1Saved& s, const Tensor& dy) {
     for (int64_t i = 0; i < gb.numel(); ++i) gb[i] += sg.ddelta_bias[i];
   }
 
-  // dt_proj.weight: delta = dt_low W^T with dt_low the first R columns of x_dbl.
-  Tensor dx_dbl = Tensor::empty({Bsz, L, E});  // (B, L, R + 2N)
-  gemm(false, false, M, R_, D_, 1.f, sg.ddelta.data(), D_, dt_w_.data(), R_, 0.f, dx_dbl.data(), E);
-  gemm(true, false, D_, R_, M, 1.f, sg.ddelta.data(), D_, s.x_dbl.data(), E, 1.f,
-       grad("dt_proj.weight").data(), R_);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N_; ++n) {
-      dx_dbl[m * E + R_ + n] = sg.dB[m * N_ + n];
-      dx_dbl[m * E + R_ + N_ + n] = sg.dC[m * N_ + n];
-    }
+  Tensor dxc;  // (B, L, D) gradient of the conv output xc
+  if (cfg_.selective) {
+    // dt_proj.weight: delta = dt_low W^T with dt_low the first R columns of x_dbl.
+    Tensor dx_dbl = Tensor::empty({Bsz, L, E});  // (B, L, R + 2N)
+    gemm(false, false, M, R_, D_, 1.f, sg.ddelta.data(), D_, dt_w_.data(), R_, 0.f, dx_dbl.data(), E);
+    gemm(true, false, D_, R_, M, 1.f, sg.ddelta.data(), D_, s.x_dbl.data(), E, 1.f,
+         grad("dt_proj.weight").data(), R_);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N_; ++n) {
+        dx_dbl[m * E + R_ + n] = sg.dB[m * N_ + n];
+        dx_dbl[m * E + R_ + N_ + n] = sg.dC[m * N_ + n];
+      }
 
-  // x_proj; the scan input u is also xc
-  Tensor dxc = ops::linear_bwd(s.xc, xproj_w_, dx_dbl, &grad("x_proj.weight"), nullptr);  // (B, L, D)
-  for (int64_t i = 0; i < dxc.numel(); ++i) dxc[i] += sg.du[i];
+    // x_proj; the scan input u is also xc
+    dxc = ops::linear_bwd(s.xc, xproj_w_, dx_dbl, &grad("x_proj.weight"), nullptr);  // (B, L, D)
+    for (int64_t i = 0; i < dxc.numel(); ++i) dxc[i] += sg.du[i];
+  } else {
+    // Time-invariant B and C: their (D, N) gradients; xc reaches the output only through u.
+    Tensor& gB = grad("B_ssm");
+    Tensor& gC = grad("C_ssm");
+    for (int64_t i = 0; i < gB.numel(); ++i) gB[i] += sg.dB[i], gC[i] += sg.dC[i];
+    dxc = sg.du;
+  }
 
   // conv1d + SiLU
   ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.x, conv_w_.reshape({D_, K_}), conv_b_, true, dxc);
@@ -325,15 +350,28 @@ Tensor Mamba1::step(const Tensor& hidden, Mamba1State& state) {
   Tensor xc = ops::causal_conv1d_update(state.conv_state, x, conv_w_.reshape({D_, K_}), conv_b_, true);
   if (tr) trace::op("conv1d_update", {x.shape(), state.conv_state.shape()}, {xc.shape()});
 
-  Tensor x_db = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, R + 2N)
-  if (tr) trace::op("x_proj", {xc.shape()}, {x_db.shape()});
+  Tensor dt, Bt, Ct;
+  if (cfg_.selective) {
+    Tensor x_db = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, R + 2N)
+    if (tr) trace::op("x_proj", {xc.shape()}, {x_db.shape()});
 
-  Tensor dt = Tensor::empty({Bsz, D_});  // (B, D)
-  gemm(false, true, Bsz, D_, R_, 1.f, x_db.data(), E, dt_w_.data(), R_, 0.f, dt.data(), D_);
-  if (tr) trace::op("dt_proj", {{Bsz, R_}}, {dt.shape()});
+    dt = Tensor::empty({Bsz, D_});  // (B, D)
+    gemm(false, true, Bsz, D_, R_, 1.f, x_db.data(), E, dt_w_.data(), R_, 0.f, dt.data(), D_);
+    if (tr) trace::op("dt_proj", {{Bsz, R_}}, {dt.shape()});
 
-  Tensor Bt = take_cols(x_db, Bsz, E, R_, N_, {Bsz, N_});       // (B, N)
-  Tensor Ct = take_cols(x_db, Bsz, E, R_ + N_, N_, {Bsz, N_});  // (B, N)
+    Bt = take_cols(x_db, Bsz, E, R_, N_, {Bsz, N_});       // (B, N)
+    Ct = take_cols(x_db, Bsz, E, R_ + N_, N_, {Bsz, N_});  // (B, N)
+  } else {
+    // Time-invariant: delta = softplus(0 + dt_proj.bias); the (D, N) B and C passed as D groups of
+    // one channel each, (B, G = D, N), the layout selective_state_update takes.
+    dt = Tensor::zeros({Bsz, D_});  // (B, D)
+    Bt = Tensor::empty({Bsz, D_, N_});
+    Ct = Tensor::empty({Bsz, D_, N_});
+    for (int64_t b = 0; b < Bsz; ++b) {
+      std::copy(B_ssm_.data(), B_ssm_.data() + D_ * N_, Bt.data() + b * D_ * N_);
+      std::copy(C_ssm_.data(), C_ssm_.data() + D_ * N_, Ct.data() + b * D_ * N_);
+    }
+  }
   Tensor y = ops::selective_state_update(state.ssm_state, xc, dt, A(), Bt, Ct, Dp_, z, dt_b_, true);
   if (tr)
     trace::op("selective_state_update", {xc.shape(), dt.shape(), Bt.shape(), Ct.shape(), z.shape()},

@@ -24,6 +24,10 @@ struct Mamba1Config {
   std::string dt_init = "random";  // "random" | "constant"
   double dt_scale = 1.0, dt_init_floor = 1e-4;
   bool conv_bias = true, bias = false;
+  // false: the non-selective ablation of the Mamba paper (the LTI, S4-like case): delta, B and C
+  // do not depend on the input. x_proj and dt_proj.weight are dropped; B and C are learned (D, N)
+  // parameters "B_ssm" and "C_ssm", and delta = softplus(dt_proj.bias) per channel.
+  bool selective = true;
 
   void validate() const;    // throws mamba::Error naming the field
   int64_t d_inner() const;  // D = int(expand * d_model)
@@ -44,7 +48,7 @@ struct Mamba1Saved {
   Tensor xc;      // (B, L, D) silu(conv1d(x)): the scan input u
   Tensor x_dbl;   // (B, L, R + 2N) x_proj output [dt_low | B | C]
   Tensor delta;   // (B, L, D) dt_proj.weight applied to dt_low (bias not yet added)
-  Tensor Bm, Cm;  // (B, L, N) input-dependent B and C of the scan
+  Tensor Bm, Cm;  // (B, L, N) input-dependent B and C of the scan (undefined when not selective)
   Tensor y;       // (B, L, D) scan output (gated), the out_proj input
 };
 
@@ -74,6 +78,7 @@ class Mamba1 {
   ParamList params_;
   // Views sharing storage with params_ (bias tensors undefined when absent).
   Tensor in_w_, in_b_, conv_w_, conv_b_, xproj_w_, dt_w_, dt_b_, A_log_, Dp_, out_w_, out_b_;
+  Tensor B_ssm_, C_ssm_;  // (D, N), only when !cfg_.selective (x_proj_w_, dt_w_ undefined then)
 };
 
 }  // namespace mamba
