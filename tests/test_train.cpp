@@ -421,6 +421,16 @@ TEST(Train, NonSelectiveAblationTrains) {
   for (int i = 0; i < 10; ++i) tr.train_step();
   for (const auto& l : tr.history()) EXPECT_TRUE(std::isfinite(l.loss));
   EXPECT_FALSE(get_selective(tr.model().config()));
+  for (auto& [name, p] : tr.model().named_parameters())
+    EXPECT_EQ(name.find("x_proj"), std::string::npos) << name;  // delta, B, C take no input
+  // The switch survives a checkpoint (config.json) and the run resumes.
+  const std::string dir = temp_dir("lti");
+  tr.save(dir);
+  Trainer back = Trainer::resume(dir);
+  EXPECT_FALSE(back.config().selective);
+  EXPECT_FALSE(get_selective(back.model().config()));
+  back.train_step();
+  fs::remove_all(dir);
 }
 
 TEST(Train, ConfigRoundTripsThroughJson) {
@@ -467,6 +477,20 @@ TEST(CLI, TrainThenEvalTask) {
   EXPECT_NE(all.find("seqlen 64: token accuracy"), std::string::npos) << all;
   cmd = cli + " train --task nope --save " + dir + " > /dev/null 2>&1";
   EXPECT_NE(std::system(cmd.c_str()), 0);
+  fs::remove_all(dir);
+}
+
+TEST(CLI, DemoQuickRunsEndToEnd) {
+  const std::string dir = temp_dir("demo");
+  const std::string cmd = std::string(MAMBA_CLI_PATH) + " demo --quick --threads 1 --out " + dir + " > " + dir +
+                          "/log.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  std::ifstream in(dir + "/log.txt");
+  std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_NE(all.find("decoded"), std::string::npos) << all;
+  EXPECT_NE(all.find("(mamba_ssm: 7968)"), std::string::npos) << all;
+  EXPECT_TRUE(fs::exists(dir + "/loss.svg"));
+  EXPECT_TRUE(fs::exists(dir + "/selective/model.safetensors"));
   fs::remove_all(dir);
 }
 

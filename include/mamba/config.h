@@ -24,6 +24,9 @@ struct SsmConfig {
   bool dt_rank_auto = true;
   double dt_scale = 1.0;         // initialisation only (Mamba1)
   std::string dt_init = "random";  // initialisation only (Mamba1): "random" | "constant"
+  // Mamba1, a mamba.cpp extension (not a mamba_ssm key; written only when false): false = the
+  // paper's non-selective (LTI, S4-like) ablation, see Mamba1Config::selective.
+  bool selective = true;
   // Mamba2
   int64_t headdim = 64;          // P
   int64_t ngroups = 1;           // G

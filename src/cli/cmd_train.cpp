@@ -228,9 +228,11 @@ Command add_train(CLI::App& app) {
             write_curves(save, tr->history(),
                          str(mc.ssm_cfg.layer, c.selective ? "" : " (non-selective)", " on ",
                              train::task_name(c.task.kind), ", L=", c.task.seqlen));
-            std::printf("trained %lld steps in %.1f s (%.0f tok/s); checkpoint, loss.csv and loss.svg in %s\n",
+            std::printf("trained %lld steps in %.1f s (%.0f tok/s, peak memory %.0f MiB); checkpoint, loss.csv and "
+                        "loss.svg in %s\n",
                         static_cast<long long>(tr->step() - first), secs,
-                        secs > 0 ? static_cast<double>(tokens) / secs : 0.0, save.c_str());
+                        secs > 0 ? static_cast<double>(tokens) / secs : 0.0,
+                        static_cast<double>(os::peak_rss_bytes()) / (1024.0 * 1024.0), save.c_str());
             if (o->eval_batches > 0) {
               train::EvalResult r =
                   train::evaluate(tr->model(), c.task, o->eval_batches, o->eval_batch, c.seed + 1000003, tr->text());

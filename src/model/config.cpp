@@ -180,6 +180,7 @@ SsmConfig parse_ssm_cfg(const json& j, int64_t d_model) {
     }
     s.dt_scale = r.number("dt_scale", s.dt_scale);
     s.dt_init = r.string("dt_init", s.dt_init);
+    s.selective = r.boolean("selective", s.selective);
     MAMBA_CHECK(s.dt_init == "random" || s.dt_init == "constant", "'ssm_cfg.dt_init' = \"", s.dt_init,
                 "\" (expected \"random\" or \"constant\")");
     r.ignore({"use_fast_path"});
@@ -203,7 +204,7 @@ SsmConfig parse_ssm_cfg(const json& j, int64_t d_model) {
     r.finish(str("a ", layer, " ssm_cfg"));
   } catch (const Error& e) {
     // Name the other layer when the key belongs to it.
-    static const std::set<std::string> m1 = {"dt_rank", "dt_scale", "dt_init", "use_fast_path"};
+    static const std::set<std::string> m1 = {"dt_rank", "dt_scale", "dt_init", "use_fast_path", "selective"};
     static const std::set<std::string> m2 = {"headdim", "ngroups", "chunk_size", "d_ssm", "rmsnorm",
                                              "norm_before_gate", "D_has_hdim", "A_init_range", "dt_limit",
                                              "use_mem_eff_path", "sequence_parallel", "conv_init"};
@@ -473,6 +474,7 @@ std::string ModelConfig::to_json() const {
     ssm["dt_init"] = s.dt_init;
     ssm["dt_scale"] = s.dt_scale;
     ssm["dt_init_floor"] = s.dt_init_floor;
+    if (!s.selective) ssm["selective"] = false;
   } else {
     ssm["headdim"] = s.headdim;
     ssm["d_ssm"] = s.d_ssm ? ojson(s.d_ssm) : ojson(nullptr);

@@ -31,6 +31,7 @@ Mamba1Config mamba1_config(const ModelConfig& cfg) {
   c.dt_rank = s.dt_rank_auto ? -1 : s.dt_rank;
   c.dt_min = s.dt_min, c.dt_max = s.dt_max, c.dt_init = s.dt_init, c.dt_scale = s.dt_scale;
   c.dt_init_floor = s.dt_init_floor, c.conv_bias = s.conv_bias, c.bias = s.bias;
+  c.selective = s.selective;
   return c;
 }
 
