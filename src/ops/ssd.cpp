@@ -178,35 +178,34 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
   compute_cb(a, d, Q, nc, cf.cb);
   if (keep_states) cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
   const int64_t HP = H * P, GN = G * N;
-  // Running state of every (batch, head): (B*H, P, N).
-  std::vector<float> state(static_cast<size_t>(B * H * P * N), 0.f);
-  if (a.initial_states.defined()) std::copy_n(a.initial_states.data(), B * H * P * N, state.data());
-  // Chunk-major: all heads of one chunk before the next, so the chunk's rows of x, B, C and y
-  // (Q x H*P) stay in cache while every head uses them. Head-major order streamed the whole
-  // of x once per head, which made long sequences memory-bound (2x cost per token at L=8192).
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
-    const bool zero_state = c == 0 && !a.initial_states.defined();
-    parallel_for(B * H, grain_for(Qc * P * N), [&](int64_t begin, int64_t end) {
-      std::vector<double> cs(Q);
-      std::vector<float> E(Q * Q), M(Q * Q), Bw(Q * N);
-      for (int64_t bh = begin; bh < end; ++bh) {
-        const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
-        const float A = a.A[hd];
-        float* hs = state.data() + bh * P * N;
-        if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
+  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+    std::vector<double> cs(Q);
+    std::vector<float> E(Q * Q), M(Q * Q), Bw(Q * N), hs(P * N);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+      const float A = a.A[hd];
+      if (a.initial_states.defined())
+        std::copy_n(a.initial_states.data() + bh * P * N, P * N, hs.data());
+      else
+        std::fill(hs.begin(), hs.end(), 0.f);
+      for (int64_t c = 0; c < nc; ++c) {
+        const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+        if (keep_states)
+          std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
         const float* dtc = dtp.data() + (b * L + t0) * H + hd;
         chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
         const float* cbp = cf.cb.data() + ((b * G + g) * nc + c) * Q * Q;
         for (int64_t i = 0; i < Qc; ++i)
-          for (int64_t j = 0; j < Qc; ++j) M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
+          for (int64_t j = 0; j < Qc; ++j)
+            M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
         const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
         const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
         const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
         float* yp = ypre + ((b * L + t0) * H + hd) * P;
         // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
+        const bool zero_state = c == 0 && !a.initial_states.defined();
         if (!zero_state) {
-          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs, N, 0.f, yp, HP);
+          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs.data(), N, 0.f, yp, HP);
           for (int64_t i = 0; i < Qc; ++i) {
             const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
             for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
@@ -221,23 +220,21 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
           for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
         }
         const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
-        for (int64_t k = 0; k < P * N; ++k) hs[k] *= el;
-        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs, N);
-        if (a.D.defined()) {
-          for (int64_t t = 0; t < Qc; ++t) {
-            const float* xr = xp + t * HP;
-            float* yr = yp + t * HP;
-            for (int64_t p = 0; p < P; ++p) yr[p] += a.D[d.d_hdim ? hd * P + p : hd] * xr[p];
-          }
+        for (auto& v : hs) v *= el;
+        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs.data(), N);
+      }
+      if (keep_states)
+        std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
+      if (fin) std::copy_n(hs.data(), P * N, fin + bh * P * N);
+      if (a.D.defined()) {
+        for (int64_t t = 0; t < L; ++t) {
+          const float* xp = a.x.data() + ((b * L + t) * H + hd) * P;
+          float* yp = ypre + ((b * L + t) * H + hd) * P;
+          for (int64_t p = 0; p < P; ++p) yp[p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[p];
         }
       }
-    });
-  }
-  for (int64_t bh = 0; bh < B * H; ++bh) {
-    const float* hs = state.data() + bh * P * N;
-    if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
-    if (fin) std::copy_n(hs, P * N, fin + bh * P * N);
-  }
+    }
+  });
 }
 
 // dtp (B, L, H) and optionally the derivative factor d dtp / d dt.
