@@ -11,17 +11,7 @@ using namespace mamba;
 
 namespace {
 
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no mamba::Error thrown";
-  } catch (const Error& e) {
-    std::string m = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
-  }
-}
+using test::expect_error;
 
 // The fields that decide the network and its tensors (not the file's bookkeeping).
 void expect_same_model(const ModelConfig& a, const ModelConfig& b) {

@@ -9,25 +9,11 @@ using namespace mamba;
 
 namespace {
 
+// Finite differences use test::finite_diff (eps 1e-3) and test::dot from test_util.h.
 Tensor finite_diff(Tensor& p, const std::function<double()>& loss, double eps = 1e-3) {
-  Tensor fd = Tensor::empty(p.shape());
-  for (int64_t i = 0; i < p.numel(); ++i) {
-    const float orig = p[i];
-    p[i] = static_cast<float>(orig + eps);
-    const double hi = p[i], lp = loss();
-    p[i] = static_cast<float>(orig - eps);
-    const double lo = p[i], lm = loss();
-    p[i] = orig;
-    fd[i] = static_cast<float>((lp - lm) / (hi - lo));
-  }
-  return fd;
+  return test::finite_diff(p, loss, eps);
 }
-
-double dot(const std::vector<double>& a, const Tensor& g) {
-  double s = 0;
-  for (int64_t i = 0; i < g.numel(); ++i) s += a[i] * g[i];
-  return s;
-}
+using test::dot;
 
 }  // namespace
 

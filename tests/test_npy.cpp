@@ -34,17 +34,7 @@ std::vector<uint8_t> npy_with_header(std::string header, const std::vector<uint8
   return bytes_of(s);
 }
 
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no mamba::Error thrown";
-  } catch (const Error& e) {
-    std::string m = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
-  }
-}
+using test::expect_error;
 
 }  // namespace
 

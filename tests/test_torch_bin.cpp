@@ -16,17 +16,7 @@ namespace {
 std::string torch_path(const std::string& f) { return test::data_path("torch/" + f); }
 
 // Expects parse/read to throw mamba::Error whose message contains every fragment.
-template <class F>
-void expect_error(F&& f, std::initializer_list<const char*> fragments) {
-  try {
-    f();
-    ADD_FAILURE() << "no mamba::Error thrown";
-  } catch (const Error& e) {
-    std::string m = e.what();
-    for (const char* frag : fragments)
-      EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
-  }
-}
+using test::expect_error;
 
 uint32_t crc32_bitwise(const std::vector<uint8_t>& d) {
   uint32_t c = 0xFFFFFFFFu;

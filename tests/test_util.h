@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <functional>
+#include <initializer_list>
 #include <string>
 
 #include "mamba/os.h"
@@ -78,6 +80,43 @@ inline Tensor transpose12(const Tensor& t) {
     for (int64_t x = 0; x < X; ++x)
       for (int64_t y = 0; y < Y; ++y) o[(b * Y + y) * X + x] = t[(b * X + x) * Y + y];
   return o;
+}
+
+
+// Central differences of loss() w.r.t. every element of p, dividing by the actually
+// representable step (x+) - (x-) of the float input.
+inline Tensor finite_diff(Tensor& p, const std::function<double()>& loss, double eps = 1e-3) {
+  Tensor fd = Tensor::empty(p.shape());
+  for (int64_t i = 0; i < p.numel(); ++i) {
+    const float orig = p[i];
+    p[i] = static_cast<float>(orig + eps);
+    const double hi = p[i], lp = loss();
+    p[i] = static_cast<float>(orig - eps);
+    const double lo = p[i], lm = loss();
+    p[i] = orig;
+    fd[i] = static_cast<float>((lp - lm) / (hi - lo));
+  }
+  return fd;
+}
+
+// sum_i a[i] * g[i]: the loss sum(out * g) from a double-precision reference output.
+inline double dot(const std::vector<double>& a, const Tensor& g) {
+  double s = 0;
+  for (int64_t i = 0; i < g.numel(); ++i) s += a[i] * g[i];
+  return s;
+}
+
+// Expects f() to throw mamba::Error whose message contains every fragment.
+template <class F>
+void expect_error(F&& f, std::initializer_list<const char*> fragments) {
+  try {
+    f();
+    ADD_FAILURE() << "no mamba::Error thrown";
+  } catch (const Error& e) {
+    std::string m = e.what();
+    for (const char* frag : fragments)
+      EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
+  }
 }
 
 }  // namespace mamba::test
