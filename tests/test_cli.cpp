@@ -37,7 +37,7 @@ std::string tmp(const std::string& name) {
 TEST(Cli, HelpOnEveryCommand) {
   CliRun r = run("--help");
   ASSERT_EQ(r.status, 0) << r.out;
-  for (const char* c : {"demo", "info", "shapes", "generate", "score", "perplexity", "bench", "tokenize", "detokenize"}) {
+  for (const char* c : {"demo", "info", "shapes", "generate", "score", "perplexity", "bench", "tokenize", "detokenize", "convert", "train", "eval-task"}) {
     EXPECT_NE(r.out.find(c), std::string::npos) << c << " missing from --help";
     CliRun h = run(std::string(c) + " --help");
     EXPECT_EQ(h.status, 0) << c << ": " << h.out;
@@ -135,4 +135,20 @@ TEST(Cli, PerplexityMatchesInProcessNll) {
   EXPECT_NE(bad.out.find("--stride"), std::string::npos) << bad.out;
   std::filesystem::remove_all(dir);
   std::remove(textp.c_str());
+}
+
+// convert: a torch .bin folder -> transformers layout -> back to mamba_ssm's: same logits.
+TEST(Cli, ConvertRoundTripsLayouts) {
+  std::string hf = tmp("conv_hf"), back = tmp("conv_back");
+  CliRun a = run("convert --model " + test::golden_path("lm_mamba2_ckpt") + " --out " + hf + " --format hf");
+  ASSERT_EQ(a.status, 0) << a.out;
+  CliRun b = run("convert --model " + hf + " --out " + back);
+  ASSERT_EQ(b.status, 0) << b.out;
+  MambaLM ref = MambaLM::load(test::golden_path("lm_mamba2_ckpt")), got = MambaLM::load(back);
+  std::vector<int32_t> ids = {1, 2, 3, 50, 7};
+  EXPECT_TRUE(test::all_close(got.forward(ids, 1, 5), ref.forward(ids, 1, 5), {0, 0}, "convert round trip"));
+  CliRun bad = run("convert --model " + hf + " --out " + back + " --format onnx");
+  EXPECT_NE(bad.status, 0);
+  std::filesystem::remove_all(hf);
+  std::filesystem::remove_all(back);
 }

@@ -219,3 +219,22 @@ TEST(LM, DecodeMemoryDoesNotGrowWithTokens) {
   std::printf("RSS after 100 tokens: %.2f MiB, after 5000: %.2f MiB\n", after100 / 1048576.0, after5000 / 1048576.0);
   EXPECT_LT(after5000, after100 + 512 * 1024) << "decode memory grew with the number of tokens";
 }
+
+// Writing a transformers-layout folder: our HF reader (built from transformers' config keys)
+// loads it to the same logits, for both mixers; the names are transformers'.
+TEST(LM, SavesTransformersLayoutThatLoadsBack) {
+  for (const char* name : {"lm_mamba1_ckpt", "lm_mamba2_ckpt"}) {
+    MambaLM lm = MambaLM::load(test::golden_path(name));
+    auto dir = std::filesystem::temp_directory_path() / (std::string("mamba_lm_hf_out_") + name);
+    lm.save(dir.string(), /*hf=*/true);
+    auto f = SafetensorsFile::open((dir / "model.safetensors").string());
+    EXPECT_TRUE(f.has("backbone.embeddings.weight"));
+    EXPECT_FALSE(f.has("backbone.embedding.weight"));
+    MambaLM back = MambaLM::load(dir.string());
+    EXPECT_EQ(back.config().source_format, "hf");
+    EXPECT_EQ(back.vocab(), lm.vocab());
+    std::vector<int32_t> ids = {3, 1, 4, 1, 5, 9, 2, 6};
+    EXPECT_TRUE(test::all_close(back.forward(ids, 2, 4), lm.forward(ids, 2, 4), {0, 0}, name));
+    std::filesystem::remove_all(dir);
+  }
+}

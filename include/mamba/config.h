@@ -98,6 +98,9 @@ struct ModelConfig {
   void validate() const;
   // mamba_ssm's config.json (MambaLMHeadModel / MambaConfig(**json) reads it back).
   std::string to_json() const;
+  // transformers' MambaConfig / Mamba2Config keys (a *-hf folder). Throws for what those
+  // classes cannot express (attention layers, MLPs, d_ssm < d_inner, the ablation).
+  std::string to_hf_json() const;
   void save(const std::string& path) const;  // to_json(), written atomically
   bool operator==(const ModelConfig&) const = default;
 };

@@ -44,7 +44,9 @@ class MambaLM {
   void load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin);
   // Writes config.json + model.safetensors (mamba_ssm names, tied head stored twice as
   // save_pretrained does), each file atomically.
-  void save(const std::string& dir) const;
+  // With hf = true: transformers' layout instead (config keys of MambaConfig / Mamba2Config,
+  // backbone.embeddings.weight; the tied head stored once, as save_pretrained does).
+  void save(const std::string& dir, bool hf = false) const;
 
   const ModelConfig& config() const { return cfg_; }
   int64_t vocab() const { return cfg_.padded_vocab(); }  // logits' last dimension

@@ -21,6 +21,7 @@ Command add_generate(CLI::App& app);
 Command add_score(CLI::App& app);
 Command add_perplexity(CLI::App& app);
 Command add_bench(CLI::App& app);
+Command add_convert(CLI::App& app);
 Command add_tokenize(CLI::App& app);
 Command add_detokenize(CLI::App& app);
 Command add_train(CLI::App& app);

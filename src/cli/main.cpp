@@ -18,6 +18,7 @@ int main(int argc, char** argv) {
       mamba::cli::add_score(app),
       mamba::cli::add_perplexity(app),
       mamba::cli::add_bench(app),
+      mamba::cli::add_convert(app),
       mamba::cli::add_tokenize(app),
       mamba::cli::add_detokenize(app),
       mamba::cli::add_train(app),

@@ -529,6 +529,62 @@ std::string ModelConfig::to_json() const {
   return out;
 }
 
+std::string ModelConfig::to_hf_json() const {
+  validate();
+  const SsmConfig& s = ssm_cfg;
+  const bool m2 = s.is_mamba2();
+  MAMBA_CHECK(attn_layer_idx.empty() && d_intermediate == 0,
+              "to_hf_json: attention layers and MLPs have no transformers MambaConfig keys");
+  MAMBA_CHECK(s.selective, "to_hf_json: the non-selective ablation is a mamba.cpp extension transformers cannot load");
+  MAMBA_CHECK(!m2 || (s.ssm_dim(d_model) == s.d_inner(d_model) && !s.D_has_hdim),
+              "to_hf_json: d_ssm < d_inner or D_has_hdim have no transformers Mamba2Config keys");
+  auto num = [](double v) -> ojson {
+    if (std::isinf(v)) return v > 0 ? kInf : kNegInf;
+    if (v == std::floor(v) && std::fabs(v) < 9e15) return static_cast<int64_t>(v);
+    return v;
+  };
+  ojson j;
+  j["architectures"] = {m2 ? "Mamba2ForCausalLM" : "MambaForCausalLM"};
+  j["model_type"] = m2 ? "mamba2" : "mamba";
+  j["hidden_size"] = d_model;
+  j["num_hidden_layers"] = n_layer;
+  j["vocab_size"] = padded_vocab();  // a transformers embedding has exactly vocab_size rows
+  j["pad_vocab_size_multiple"] = pad_vocab_size_multiple;
+  j["state_size"] = s.d_state;
+  j["conv_kernel"] = s.d_conv;
+  j["expand"] = num(s.expand);
+  j["use_bias"] = s.bias;
+  j["use_conv_bias"] = s.conv_bias;
+  j["residual_in_fp32"] = residual_in_fp32;
+  j["tie_word_embeddings"] = tie_embeddings;
+  j["layer_norm_epsilon"] = norm_epsilon;
+  j["hidden_act"] = "silu";
+  j["time_step_min"] = s.dt_min;
+  j["time_step_max"] = s.dt_max;
+  j["time_step_floor"] = s.dt_init_floor;
+  if (!m2) {
+    j["time_step_rank"] = s.dt_rank;
+    j["time_step_scale"] = s.dt_scale;
+    j["time_step_init_scheme"] = s.dt_init;
+  } else {
+    j["num_heads"] = s.nheads(d_model);
+    j["head_dim"] = s.headdim;
+    j["n_groups"] = s.ngroups;
+    j["chunk_size"] = s.chunk_size;
+    j["rms_norm"] = s.rmsnorm;
+    j["norm_before_gate"] = s.norm_before_gate;
+    j["time_step_limit"] = {num(s.dt_limit_lo), num(s.dt_limit_hi)};
+  }
+  if (bos_token_id >= 0) j["bos_token_id"] = bos_token_id;
+  if (eos_token_id >= 0) j["eos_token_id"] = eos_token_id;
+  if (pad_token_id >= 0) j["pad_token_id"] = pad_token_id;
+  std::string out = j.dump(2);
+  for (auto [from, to] : {std::pair<std::string, std::string>{str('"', kInf, '"'), "Infinity"},
+                          {str('"', kNegInf, '"'), "-Infinity"}})
+    for (size_t p; (p = out.find(from)) != std::string::npos;) out.replace(p, from.size(), to);
+  return out;
+}
+
 void ModelConfig::save(const std::string& path) const {
   std::string s = to_json();
   os::write_file_atomic(path, s.data(), s.size());

@@ -149,15 +149,17 @@ MambaLM MambaLM::load(const std::string& dir) {
   return lm;
 }
 
-void MambaLM::save(const std::string& dir) const {
+void MambaLM::save(const std::string& dir, bool hf) const {
   namespace fs = std::filesystem;
   fs::create_directories(dir);
   std::vector<std::pair<std::string, Tensor>> tensors;
   auto* self = const_cast<MambaLM*>(this);
-  for (auto& [name, p] : self->named_parameters()) tensors.emplace_back(name, p->value);
-  if (cfg_.tie_embeddings) tensors.emplace_back("lm_head.weight", emb_);
+  for (auto& [name, p] : self->named_parameters())
+    tensors.emplace_back(hf ? mamba_ssm_to_hf_name(name) : name, p->value);
+  if (cfg_.tie_embeddings && !hf) tensors.emplace_back("lm_head.weight", emb_);  // as save_pretrained
+  std::string cfg = hf ? cfg_.to_hf_json() : cfg_.to_json();  // validate before writing anything
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
-  cfg_.save((fs::path(dir) / "config.json").string());
+  os::write_file_atomic((fs::path(dir) / "config.json").string(), cfg.data(), cfg.size());
 }
 
 Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const {
