@@ -9,11 +9,8 @@ using namespace mamba;
 
 namespace {
 
-// Finite differences use test::finite_diff (eps 1e-3) and test::dot from test_util.h.
-Tensor finite_diff(Tensor& p, const std::function<double()>& loss, double eps = 1e-3) {
-  return test::finite_diff(p, loss, eps);
-}
 using test::dot;
+using test::finite_diff;  // eps 1e-3
 
 }  // namespace
 

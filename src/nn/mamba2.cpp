@@ -141,6 +141,21 @@ Mamba2State Mamba2::new_state(int64_t batch) const {
   return s;
 }
 
+// out_proj input when d_mlp > 0: [silu(z0) * x0 | yn] along the channels.
+//   yn: (..., d_ssm), z0, x0: (..., d_mlp) -> (..., d_inner). Shared by forward and step.
+Tensor Mamba2::mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0) const {
+  Shape shape = yn.shape();
+  const int64_t dmlp = z0.dim(-1);
+  shape.back() += dmlp;
+  Tensor y_out = Tensor::empty(shape);
+  Tensor g = ops::silu(z0);
+  for (int64_t i = 0; i < g.numel(); ++i) g[i] *= x0[i];
+  put_cols(y_out, 0, g);
+  put_cols(y_out, dmlp, yn);
+  trace::op("mlp_gate_cat", {z0.shape(), x0.shape(), yn.shape()}, {y_out.shape()});
+  return y_out;
+}
+
 Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* state) {
   check_defined(hidden, "Mamba2::forward: hidden");
   MAMBA_CHECK(hidden.ndim() == 3, "Mamba2::forward: hidden must be (B, L, d_model), got ",
@@ -149,8 +164,7 @@ Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* st
   check_shape(hidden, "Mamba2::forward: hidden", {Bn, L, cfg_.d_model});
   MAMBA_CHECK(Bn > 0 && L > 0, "Mamba2::forward: empty input ", hidden.shape_str());
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
-  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(),
-                din = cfg_.d_inner();
+  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
 
   // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt]
@@ -184,15 +198,7 @@ Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* st
     yn = ops::gated_rms_norm_fwd(y, z, norm_w_, kNormEps, dssm / G, cfg_.norm_before_gate);
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
-  Tensor y_out = yn;
-  if (dmlp > 0) {
-    y_out = Tensor::empty({Bn, L, din});
-    Tensor g = ops::silu(z0);
-    for (int64_t i = 0; i < g.numel(); ++i) g[i] *= x0[i];
-    put_cols(y_out, 0, g);
-    put_cols(y_out, dmlp, yn);
-    if (tr) trace::op("mlp_gate_cat", {z0.shape(), x0.shape(), yn.shape()}, {y_out.shape()});
-  }
+  Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
   Tensor out = ops::linear_fwd(y_out, out_w_, out_b_);
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   if (saved) {
@@ -278,8 +284,7 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
   const int64_t Bn = xin.dim(0);
   check_shape(xin, "Mamba2::step: x", {Bn, cfg_.d_model});
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
-  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim(),
-                din = cfg_.d_inner();
+  const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   check_shape(state.conv_state, "Mamba2::step: conv_state", {Bn, cd, cfg_.d_conv});
   check_shape(state.ssm_state, "Mamba2::step: ssm_state", {Bn, H, P, N});
   const bool tr = trace::enabled();
@@ -313,15 +318,7 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
     yn = ops::gated_rms_norm_fwd(y, z, norm_w_, kNormEps, dssm / G, cfg_.norm_before_gate);
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
-  Tensor y_out = yn;
-  if (dmlp > 0) {
-    y_out = Tensor::empty({Bn, din});
-    Tensor g = ops::silu(z0);
-    for (int64_t i = 0; i < g.numel(); ++i) g[i] *= x0[i];
-    put_cols(y_out, 0, g);
-    put_cols(y_out, dmlp, yn);
-    if (tr) trace::op("mlp_gate_cat", {z0.shape(), x0.shape(), yn.shape()}, {y_out.shape()});
-  }
+  Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
   Tensor out = ops::linear_fwd(y_out, out_w_, out_b_);
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   return out;

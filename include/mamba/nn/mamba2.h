@@ -91,6 +91,7 @@ class Mamba2 {
 
  private:
   Tensor A() const;  // -exp(A_log): (H)
+  Tensor mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0) const;
   ops::SsdArgs ssd_args(const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
                         const Tensor& z) const;
 
