@@ -170,31 +170,55 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
   });
 }
 
+// Chunk-major: for each chunk, C B^T of its (b, g) blocks, then every (b, h) in parallel. One
+// chunk's C B^T, B, C and X stay in cache for all heads, so the cost per token does not grow
+// with L (a head-major loop re-reads the whole sequence's C B^T once per head). The forward
+// alone keeps one chunk's C B^T; the backward (keep_states) keeps all of them and the states.
 void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& dtp, float* ypre,
                      float* fin, ChunkFwd& cf, bool keep_states) {
   const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
   const int64_t Q = std::max<int64_t>(1, std::min(a.chunk_size, L));
   const int64_t nc = (L + Q - 1) / Q;
-  compute_cb(a, d, Q, nc, cf.cb);
-  if (keep_states) cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
   const int64_t HP = H * P, GN = G * N;
-  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
-    std::vector<double> cs(Q);
-    std::vector<float> E(Q * Q), M(Q * Q), Bw(Q * N), hs(P * N);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
-      const float A = a.A[hd];
-      if (a.initial_states.defined())
-        std::copy_n(a.initial_states.data() + bh * P * N, P * N, hs.data());
-      else
-        std::fill(hs.begin(), hs.end(), 0.f);
-      for (int64_t c = 0; c < nc; ++c) {
-        const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
-        if (keep_states)
-          std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
+  Tensor cb_chunk;  // (B, G, Q, Q): the current chunk's C B^T when not keeping all of them
+  if (keep_states) {
+    compute_cb(a, d, Q, nc, cf.cb);
+    cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
+  } else {
+    cb_chunk = Tensor::empty({B * G * Q * Q});
+  }
+  Tensor hs_all = Tensor::empty({B * H * P * N});  // running state of every (b, h): (B, H, P, N)
+  if (a.initial_states.defined())
+    std::copy_n(a.initial_states.data(), B * H * P * N, hs_all.data());
+  else
+    std::fill_n(hs_all.data(), B * H * P * N, 0.f);
+
+  for (int64_t c = 0; c < nc; ++c) {
+    const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+    if (!keep_states) {
+      parallel_for(B * G, grain_for(Q * Q * N), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t b = i / G, g = i % G;
+          const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+          const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+          gemm(false, true, Qc, Qc, N, 1.f, Cp, GN, Bp, GN, 0.f, cb_chunk.data() + i * Q * Q, Q);
+        }
+      });
+    }
+    parallel_for(B * H, grain_for(Q * P * N), [&](int64_t begin, int64_t end) {
+      // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
+      thread_local std::vector<double> cs;
+      thread_local std::vector<float> E, M, Bw;
+      cs.resize(Q), E.resize(Q * Q), M.resize(Q * Q), Bw.resize(Q * N);
+      for (int64_t bh = begin; bh < end; ++bh) {
+        const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
+        const float A = a.A[hd];
+        float* hs = hs_all.data() + bh * P * N;
+        if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
         const float* dtc = dtp.data() + (b * L + t0) * H + hd;
         chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
-        const float* cbp = cf.cb.data() + ((b * G + g) * nc + c) * Q * Q;
+        const float* cbp = keep_states ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
+                                       : cb_chunk.data() + (b * G + g) * Q * Q;
         for (int64_t i = 0; i < Qc; ++i)
           for (int64_t j = 0; j < Qc; ++j)
             M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
@@ -205,7 +229,7 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
         // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
         const bool zero_state = c == 0 && !a.initial_states.defined();
         if (!zero_state) {
-          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs.data(), N, 0.f, yp, HP);
+          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs, N, 0.f, yp, HP);
           for (int64_t i = 0; i < Qc; ++i) {
             const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
             for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
@@ -213,6 +237,12 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
         }
         // intra-chunk: y += M X
         gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
+        // skip connection: y += D x
+        if (a.D.defined()) {
+          for (int64_t i = 0; i < Qc; ++i)
+            for (int64_t p = 0; p < P; ++p)
+              yp[i * HP + p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[i * HP + p];
+        }
         // state: S = exp(cs_last) S + X^T diag(w) B
         const double last = cs[Qc - 1];
         for (int64_t j = 0; j < Qc; ++j) {
@@ -220,21 +250,15 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
           for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
         }
         const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
-        for (auto& v : hs) v *= el;
-        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs.data(), N);
-      }
-      if (keep_states)
-        std::copy_n(hs.data(), P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
-      if (fin) std::copy_n(hs.data(), P * N, fin + bh * P * N);
-      if (a.D.defined()) {
-        for (int64_t t = 0; t < L; ++t) {
-          const float* xp = a.x.data() + ((b * L + t) * H + hd) * P;
-          float* yp = ypre + ((b * L + t) * H + hd) * P;
-          for (int64_t p = 0; p < P; ++p) yp[p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[p];
+        for (int64_t i = 0; i < P * N; ++i) hs[i] *= el;
+        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs, N);
+        if (c == nc - 1) {
+          if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
+          if (fin) std::copy_n(hs, P * N, fin + bh * P * N);
         }
       }
-    }
-  });
+    });
+  }
 }
 
 // dtp (B, L, H) and optionally the derivative factor d dtp / d dt.
@@ -446,11 +470,17 @@ Tensor ssd_chunked(const SsdArgs& a, Tensor* final_states) {
   if (final_states) *final_states = Tensor::empty({d.B, d.H, d.P, d.N});
   ChunkFwd cf;
   chunked_forward(a, d, dtp, out.data(), final_states ? final_states->data() : nullptr, cf, false);
-  if (a.z.defined()) {
-    const int64_t n = out.numel();
-    Tensor sz = Tensor::empty(a.z.shape());
-    silu(a.z.data(), sz.data(), n);
-    for (int64_t i = 0; i < n; ++i) out[i] *= sz[i];
+  if (a.z.defined()) {  // out *= silu(z), in cache-sized blocks (no (B, L, H, P) temporary)
+    const int64_t n = out.numel(), blk = 4096;
+    parallel_for((n + blk - 1) / blk, 16, [&](int64_t begin, int64_t end) {
+      float sz[blk];
+      for (int64_t k = begin; k < end; ++k) {
+        const int64_t o = k * blk, m = std::min(blk, n - o);
+        silu(a.z.data() + o, sz, m);
+        float* op = out.data() + o;
+        for (int64_t i = 0; i < m; ++i) op[i] *= sz[i];
+      }
+    });
   }
   return out;
 }
