@@ -32,6 +32,14 @@ class MappedFile {
   std::vector<uint8_t> fallback_;  // when mapping is not available
 };
 
+// Programs that allocate and free the same large buffers over and over (every training step,
+// every prefill, every benchmark repetition) call this once at start: freed memory stays in
+// the process instead of going back to the OS. Without it glibc unmaps blocks >= 128 KiB (up to
+// 32 MiB) on free and the next call page-faults them back in zeroed, which cost half of a small
+// training step and 40% of an SSD forward at L = 8192 here (docs/PERFORMANCE.md). A no-op
+// outside glibc. A library never calls it by itself: it changes the process's allocator.
+void keep_freed_memory();
+
 // Peak resident memory of this process in bytes (0 where unknown).
 uint64_t peak_rss_bytes();
 uint64_t current_rss_bytes();

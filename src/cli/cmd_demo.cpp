@@ -12,7 +12,6 @@
 #include <cstdio>
 #include <filesystem>
 #if defined(__GLIBC__)
-#include <malloc.h>
 #endif
 
 #include "cli/commands.h"
@@ -76,10 +75,6 @@ Command add_demo(CLI::App& app) {
   sub->add_flag("--quick", o->quick, "a few steps only (a smoke test; the accuracies stay low)");
   return {sub, [o] {
             set_num_threads(o->threads);
-#if defined(__GLIBC__)
-            mallopt(M_MMAP_THRESHOLD, 1 << 30);  // keep freed activation buffers (see cmd_train.cpp)
-            mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
             const auto t_all = std::chrono::steady_clock::now();
             train::TrainConfig c;
             c.task.kind = train::TaskKind::SelectiveCopy;

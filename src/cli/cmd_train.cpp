@@ -8,7 +8,6 @@
 #include <memory>
 #include <nlohmann/json.hpp>
 #if defined(__GLIBC__)
-#include <malloc.h>
 #endif
 
 #include "cli/commands.h"
@@ -25,7 +24,7 @@ using train::TaskConfig;
 struct TrainOpts {
   std::string layer = "mamba1";
   int64_t d_model = 64, n_layer = 2, d_state = 16, d_conv = 4, headdim = 32, chunk = 64, vocab = 0;
-  double expand = 2;
+  double expand = 2, dt_min = 0.001, dt_max = 0.1;
   bool no_selective = false;
   std::string task = "selective-copy", text, tokenizer;
   int64_t seqlen = 256, task_vocab = 16, n_copy = 16;
@@ -37,15 +36,6 @@ struct TrainOpts {
   int64_t eval_batches = 8, eval_batch = 16;
 };
 
-// Training allocates and frees the same activation buffers every step. glibc returns large
-// blocks to the OS (munmap / heap trim) and page-faults them back in next step, which cost
-// about half the time of a small-model step here; keeping freed memory in the process avoids it.
-void keep_freed_memory() {
-#if defined(__GLIBC__)
-  mallopt(M_MMAP_THRESHOLD, 1 << 30);
-  mallopt(M_TRIM_THRESHOLD, 1 << 30);
-#endif
-}
 
 std::string hms(double s) {
   char buf[64];
@@ -68,6 +58,7 @@ ModelConfig model_config(const TrainOpts& o, int64_t vocab) {
                         {"d_conv", o.d_conv},
                         {"expand", o.expand}};
   if (o.layer == "mamba2") ssm["headdim"] = o.headdim, ssm["chunk_size"] = o.chunk;
+  if (o.dt_min != 0.001 || o.dt_max != 0.1) ssm["dt_min"] = o.dt_min, ssm["dt_max"] = o.dt_max;
   nlohmann::json j = {{"d_model", o.d_model},   {"n_layer", o.n_layer}, {"vocab_size", vocab},
                       {"ssm_cfg", ssm},         {"rms_norm", true},     {"residual_in_fp32", true},
                       {"fused_add_norm", true}, {"pad_vocab_size_multiple", 8}, {"tie_embeddings", true}};
@@ -112,9 +103,13 @@ Command add_train(CLI::App& app) {
   sub->add_option("--d_conv,--d-conv", o->d_conv, "conv width K")->capture_default_str()->group(g);
   sub->add_option("--expand", o->expand, "d_inner = expand * d_model")->capture_default_str()->group(g);
   sub->add_option("--headdim", o->headdim, "Mamba-2 head dimension P")->capture_default_str()->group(g);
-  sub->add_option("--chunk", o->chunk, "Mamba-2 SSD chunk size")->capture_default_str()->group(g);
+  sub->add_option("--chunk", o->chunk, "Mamba-2 SSD chunk size (the CPU kernel uses min(chunk, 64); same result up to rounding)")->capture_default_str()->group(g);
   sub->add_option("--vocab", o->vocab, "model vocabulary (0 = the task's or the tokenizer's)")
       ->capture_default_str()->group(g);
+  sub->add_option("--dt-min", o->dt_min, "initial delta range, low end (mamba_ssm's dt_min)")
+      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
+  sub->add_option("--dt-max", o->dt_max, "initial delta range, high end (mamba_ssm's dt_max)")
+      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
   sub->add_flag("--no-selective", o->no_selective,
                 "ablation: delta, B and C do not depend on the input (LTI, S4-like; Mamba-1)")->group(g);
   g = "Data";
@@ -151,7 +146,7 @@ Command add_train(CLI::App& app) {
   sub->add_option("--eval-batch", o->eval_batch, "sequences per eval batch")->capture_default_str()->group(g);
   return {sub, [o, sub] {
             set_num_threads(o->threads);
-            keep_freed_memory();
+            os::keep_freed_memory();
             std::unique_ptr<train::Trainer> tr;
             std::string save = o->save;
             if (!o->resume.empty()) {
@@ -264,7 +259,7 @@ Command add_eval_task(CLI::App& app) {
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   return {sub, [o] {
             set_num_threads(o->threads);
-            keep_freed_memory();
+            os::keep_freed_memory();
             MambaLM lm = MambaLM::load(o->model);
             TaskConfig t;
             const std::string sp = (fs::path(o->model) / "trainer_state.json").string();

@@ -5,6 +5,7 @@
 
 #include "cli/commands.h"
 #include "mamba/error.h"
+#include "mamba/os.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"mambacpp: Mamba selective state-space models (Mamba-1, Mamba-2) on the CPU"};
@@ -29,6 +30,8 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // every command allocates and frees large buffers repeatedly (os.h)
+  mamba::os::keep_freed_memory();
   try {
     for (auto& c : cmds)
       if (c.sub->parsed()) return c.run();

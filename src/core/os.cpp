@@ -18,6 +18,9 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
 #endif
 
 namespace mamba::os {
@@ -131,6 +134,13 @@ MappedFile::MappedFile(const std::string& path) {
 MappedFile::~MappedFile() {
 #if !defined(_WIN32)
   if (handle_) ::munmap(handle_, size_);
+#endif
+}
+
+void keep_freed_memory() {
+#if defined(__GLIBC__)
+  mallopt(M_MMAP_THRESHOLD, 1 << 30);  // blocks below 1 GiB come from the heap...
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);  // ...and the heap is not trimmed below 1 GiB free
 #endif
 }
 
