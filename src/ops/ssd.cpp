@@ -7,7 +7,10 @@
 //         = diag(exp(cs)) C S^T + M X,     M = (C B^T) o E o dt^T,  E_ij = exp(cs_i - cs_j), j <= i
 //   S'    = exp(cs_last) S + X^T diag(w) B,  w_j = exp(cs_last - cs_j) dt_j
 // C B^T is shared by the heads of one group and computed once per (b, g, chunk).
-#include "mamba/ops/ssd.h"
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/ssd.cpp"
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/highway.h>
 
 #include <algorithm>
 #include <cmath>
@@ -16,9 +19,49 @@
 
 #include "mamba/gemm.h"
 #include "mamba/ops/act.h"
+#include "mamba/ops/ssd.h"
 #include "mamba/parallel.h"
 
+// The decode kernel (compiled once per SIMD target): for each of the P rows of one head's
+// state, s = s * dA + (dt x_p) B and y_p = s . C, in one pass over the row.
+HWY_BEFORE_NAMESPACE();
 namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// state: (P, N) rows; x: (P); y: (P) receives s . C (fp32 lanes, summed at the end)
+void StateRowsKernel(float* state, const float* x, const float* Bv, const float* Cv, float dA,
+                     float dt, int64_t P, int64_t N, float* y) {
+  const hn::ScalableTag<float> d;
+  const int64_t V = static_cast<int64_t>(hn::Lanes(d));
+  const auto vdA = hn::Set(d, dA);
+  for (int64_t p = 0; p < P; ++p) {
+    float* s = state + p * N;
+    const float dx = dt * x[p];
+    const auto vdx = hn::Set(d, dx);
+    auto acc = hn::Zero(d);
+    int64_t n = 0;
+    for (; n + V <= N; n += V) {
+      const auto sv = hn::MulAdd(hn::LoadU(d, s + n), vdA, hn::Mul(vdx, hn::LoadU(d, Bv + n)));
+      hn::StoreU(sv, d, s + n);
+      acc = hn::MulAdd(sv, hn::LoadU(d, Cv + n), acc);
+    }
+    float tail = 0.f;
+    for (; n < N; ++n) {
+      s[n] = s[n] * dA + dx * Bv[n];
+      tail += s[n] * Cv[n];
+    }
+    y[p] = hn::GetLane(hn::SumOfLanes(d, acc)) + tail;
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mamba::ops {
+HWY_EXPORT(StateRowsKernel);
 namespace {
 
 struct Dims {
@@ -701,6 +744,8 @@ Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const 
   const bool limit = !(dt_min == 0.f && dt_max == std::numeric_limits<float>::infinity());
   const int64_t hpg = H / G;
   Tensor y = Tensor::empty({Bn, H, P});
+  const float* Dp = D.defined() ? D.data() : nullptr;
+  const float* zp = z.defined() ? z.data() : nullptr;
   // grain: at least ~32K multiply-adds per task, so that tiny decode steps run inline
   parallel_for(Bn * H, std::max<int64_t>(1, 32768 / (P * N)), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
@@ -710,17 +755,14 @@ Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const 
       const float dA = std::exp(dtv * A[hd]);
       const float* Bp = B.data() + (b * G + g) * N;
       const float* Cp = C.data() + (b * G + g) * N;
+      const float* xp = x.data() + bh * P;
+      float* yp = y.data() + bh * P;
+      HWY_DYNAMIC_DISPATCH(StateRowsKernel)(state.data() + bh * P * N, xp, Bp, Cp, dA, dtv, P, N, yp);
       for (int64_t p = 0; p < P; ++p) {
-        float* s = state.data() + (bh * P + p) * N;
-        const float xv = x[bh * P + p], dx = dtv * xv;
-        float acc = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          s[n] = s[n] * dA + dx * Bp[n];
-          acc += s[n] * Cp[n];
-        }
-        if (D.defined()) acc += D[d_hdim ? hd * P + p : hd] * xv;
-        if (z.defined()) acc *= silu_ref(z[bh * P + p]);
-        y[bh * P + p] = acc;
+        float acc = yp[p];
+        if (D.defined()) acc += Dp[d_hdim ? hd * P + p : hd] * xp[p];
+        if (z.defined()) acc *= silu_ref(zp[bh * P + p]);
+        yp[p] = acc;
       }
     }
   });
@@ -728,3 +770,4 @@ Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const 
 }
 
 }  // namespace mamba::ops
+#endif  // HWY_ONCE
