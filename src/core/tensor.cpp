@@ -62,10 +62,7 @@ Tensor Tensor::from(Shape shape, const std::vector<float>& values) {
   return t;
 }
 
-float* Tensor::ptr() const {
-  MAMBA_CHECK(storage_ != nullptr, "access to an undefined tensor");
-  return storage_.get() + offset_;
-}
+void Tensor::throw_undefined() { throw Error("access to an undefined tensor"); }
 
 int64_t Tensor::dim(int i) const {
   int n = ndim();
