@@ -58,7 +58,11 @@ ModelConfig model_config(const TrainOpts& o, int64_t vocab) {
                         {"d_conv", o.d_conv},
                         {"expand", o.expand}};
   if (o.layer == "mamba2") ssm["headdim"] = o.headdim, ssm["chunk_size"] = o.chunk;
-  if (o.dt_min != 0.001 || o.dt_max != 0.1) ssm["dt_min"] = o.dt_min, ssm["dt_max"] = o.dt_max;
+  if (o.dt_min != 0.001 || o.dt_max != 0.1) {
+    ssm["dt_min"] = o.dt_min, ssm["dt_max"] = o.dt_max;
+    // mamba_ssm clamps the initial delta to dt_init_floor (1e-4); a lower --dt-min lowers it too
+    if (o.dt_min < 1e-4) ssm["dt_init_floor"] = o.dt_min;
+  }
   nlohmann::json j = {{"d_model", o.d_model},   {"n_layer", o.n_layer}, {"vocab_size", vocab},
                       {"ssm_cfg", ssm},         {"rms_norm", true},     {"residual_in_fp32", true},
                       {"fused_add_norm", true}, {"pad_vocab_size_multiple", 8}, {"tie_embeddings", true}};
@@ -106,7 +110,7 @@ Command add_train(CLI::App& app) {
   sub->add_option("--chunk", o->chunk, "Mamba-2 SSD chunk size (the CPU kernel uses min(chunk, 64); same result up to rounding)")->capture_default_str()->group(g);
   sub->add_option("--vocab", o->vocab, "model vocabulary (0 = the task's or the tokenizer's)")
       ->capture_default_str()->group(g);
-  sub->add_option("--dt-min", o->dt_min, "initial delta range, low end (mamba_ssm's dt_min)")
+  sub->add_option("--dt-min", o->dt_min, "initial delta range, low end (mamba_ssm's dt_min; below 1e-4 it also lowers dt_init_floor)")
       ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
   sub->add_option("--dt-max", o->dt_max, "initial delta range, high end (mamba_ssm's dt_max)")
       ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
