@@ -436,13 +436,40 @@ TEST(Train, NonSelectiveAblationTrains) {
 TEST(Train, ConfigRoundTripsThroughJson) {
   TrainConfig c = tiny_train(TaskKind::SelectiveCopy);
   c.accum = 3, c.clip = 0.5, c.adamw.weight_decay = 0.02, c.seed = 12345678901234ull;
+  c.A_init_scale = 0.25;
   TrainConfig d = TrainConfig::from_json(c.to_json(), c.model);
   EXPECT_EQ(d.to_json(), c.to_json());
   EXPECT_EQ(d.seed, c.seed);
+  EXPECT_EQ(d.A_init_scale, 0.25);
   EXPECT_THROW(TrainConfig::from_json("{", c.model), Error);
   TrainConfig bad = c;
   bad.task.vocab = 100;  // more tokens than the model's vocabulary
   EXPECT_THROW(bad.validate(), Error);
+  bad = c;
+  bad.A_init_scale = 0;
+  EXPECT_THROW(bad.validate(), Error);
+}
+
+TEST(Train, AInitScaleMultipliesTheInitialA) {
+  TrainConfig c = tiny_train(TaskKind::Induction);
+  Trainer base(c);
+  c.A_init_scale = 0.1;
+  Trainer scaled(c);
+  auto pa = base.model().named_parameters(), pb = scaled.model().named_parameters();
+  ASSERT_EQ(pa.size(), pb.size());
+  int n_alog = 0;
+  for (size_t i = 0; i < pa.size(); ++i) {
+    const Tensor &a = pa[i].second->value, &b = pb[i].second->value;
+    const bool is_alog = pa[i].first.find("A_log") != std::string::npos;
+    n_alog += is_alog;
+    for (int64_t k = 0; k < a.numel(); ++k) {
+      if (is_alog)  // A = -exp(A_log) is 0.1x the default one
+        ASSERT_NEAR(std::exp(b[k]) / std::exp(a[k]), 0.1, 1e-6) << pa[i].first;
+      else  // everything else is initialised identically
+        ASSERT_EQ(a[k], b[k]) << pa[i].first;
+    }
+  }
+  EXPECT_EQ(n_alog, c.model.n_layer);
 }
 
 // ---- curves and CLI -----------------------------------------------------------------------------

@@ -151,6 +151,10 @@ struct TrainConfig {
   double lr = 1e-3, min_lr = 1e-5, clip = 1.0;
   AdamWConfig adamw;
   uint64_t seed = 0;
+  // Multiplies every layer's initial A = -exp(A_log) by this factor (A_log += ln s) after the
+  // standard initialisation; 1 = mamba_ssm's. A training choice, not part of config.json (the
+  // trained A_log is in the checkpoint). Smaller |A| means slower state decay at the same delta.
+  double A_init_scale = 1.0;
   std::string save_dir;     // "" = no checkpoints
   int64_t save_every = 0;   // 0 = only at the end
   void validate() const;

@@ -24,7 +24,7 @@ using train::TaskConfig;
 struct TrainOpts {
   std::string layer = "mamba1";
   int64_t d_model = 64, n_layer = 2, d_state = 16, d_conv = 4, headdim = 32, chunk = 64, vocab = 0;
-  double expand = 2, dt_min = 0.001, dt_max = 0.1;
+  double expand = 2, dt_min = 0.001, dt_max = 0.1, A_init_scale = 1.0;
   bool no_selective = false;
   std::string task = "selective-copy", text, tokenizer;
   int64_t seqlen = 256, task_vocab = 16, n_copy = 16;
@@ -114,6 +114,9 @@ Command add_train(CLI::App& app) {
       ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
   sub->add_option("--dt-max", o->dt_max, "initial delta range, high end (mamba_ssm's dt_max)")
       ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
+  sub->add_option("--A-init-scale", o->A_init_scale,
+                  "multiply the initial A = -exp(A_log) of every layer by this (1 = mamba_ssm's init)")
+      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
   sub->add_flag("--no-selective", o->no_selective,
                 "ablation: delta, B and C do not depend on the input (LTI, S4-like; Mamba-1)")->group(g);
   g = "Data";
@@ -174,6 +177,7 @@ Command add_train(CLI::App& app) {
               if (vocab < 0) vocab = static_cast<int64_t>(train::TextData::load(o->text, o->tokenizer).vocab());
               c.model = model_config(*o, vocab);
               c.selective = !o->no_selective;
+              c.A_init_scale = o->A_init_scale;
               c.batch = o->batch, c.accum = o->accum, c.steps = o->steps, c.warmup = o->warmup;
               c.lr = o->lr, c.min_lr = std::min(o->min_lr, o->lr), c.clip = o->clip;
               c.adamw.beta1 = o->beta1, c.adamw.beta2 = o->beta2, c.adamw.weight_decay = o->weight_decay;

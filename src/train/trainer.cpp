@@ -56,7 +56,14 @@ MambaLM make_model(const TrainConfig& cfg) {
   MAMBA_CHECK(set_selective(m, cfg.selective),
               "--no-selective: this build's ModelConfig has no ssm_cfg.selective switch (the ablation "
               "needs SsmConfig::selective passed to the Mamba-1 layer)");
-  return MambaLM(m, cfg.seed);
+  MambaLM lm(m, cfg.seed);
+  if (cfg.A_init_scale != 1.0) {
+    const float shift = static_cast<float>(std::log(cfg.A_init_scale));
+    for (auto& [name, p] : lm.named_parameters())
+      if (name.size() >= 5 && name.compare(name.size() - 5, 5, "A_log") == 0)
+        for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += shift;
+  }
+  return lm;
 }
 }  // namespace
 
@@ -74,6 +81,8 @@ void TrainConfig::validate() const {
   MAMBA_CHECK(accum >= 1, "train: accum must be >= 1, got ", accum);
   MAMBA_CHECK(steps >= 0, "train: steps must be >= 0, got ", steps);
   MAMBA_CHECK(warmup >= 0, "train: warmup must be >= 0, got ", warmup);
+  MAMBA_CHECK(A_init_scale > 0 && std::isfinite(A_init_scale), "train: A_init_scale must be > 0, got ",
+              A_init_scale);
   MAMBA_CHECK(std::isfinite(lr) && lr > 0, "train: lr must be > 0, got ", lr);
   MAMBA_CHECK(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, "train: min_lr must be in [0, lr], got ", min_lr);
   MAMBA_CHECK(std::isfinite(clip) && clip >= 0, "train: clip must be >= 0 (0 = off), got ", clip);
@@ -91,7 +100,7 @@ std::string TrainConfig::to_json() const {
   j["batch"] = batch, j["accum"] = accum, j["steps"] = steps, j["warmup"] = warmup;
   j["lr"] = lr, j["min_lr"] = min_lr, j["clip"] = clip;
   j["beta1"] = adamw.beta1, j["beta2"] = adamw.beta2, j["eps"] = adamw.eps, j["weight_decay"] = adamw.weight_decay;
-  j["seed"] = seed, j["save_every"] = save_every;
+  j["seed"] = seed, j["save_every"] = save_every, j["A_init_scale"] = A_init_scale;
   return j.dump(2);
 }
 
@@ -125,6 +134,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& m
   c.adamw.eps = get_or<double>(j, "eps", c.adamw.eps);
   c.adamw.weight_decay = get_or<double>(j, "weight_decay", c.adamw.weight_decay);
   c.seed = get_or<uint64_t>(j, "seed", 0);
+  c.A_init_scale = get_or<double>(j, "A_init_scale", 1.0);
   c.save_every = get_or<int64_t>(j, "save_every", 0);
   return c;
 }
