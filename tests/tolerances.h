@@ -73,3 +73,20 @@ constexpr Tol kAdamWVsDouble{1e-7, 1e-5};
 // order (GEMM blocking over M differs), so fp32 reassociation only: ~1e-6 relative.
 constexpr Tol kAccumVsBatch{1e-6, 1e-4};
 }  // namespace mamba::tol
+
+namespace mamba::tol {
+// 16-bit weights (test_half_weights.cpp). A bf16 / f16 model against the fp32 model holding the
+// SAME rounded weights: only the order of the fp32 sums differs (the 16-bit streaming kernel or
+// convert + GEMM vs the BLAS), through 2 layers and a head of 40..80-term dots, logits O(1):
+// a few fp32 ulps, as kStepVsFull.
+constexpr Tol kHalfVsRoundedF32{1e-5, 1e-4};
+// A bf16 model against the ORIGINAL fp32 model: each weight moves by up to 2^-8 relative (8
+// significant bits), so each dot product by up to 2^-8 * sum |x_k w_k| (errors aligned), and
+// sums that cancel make that a large fraction of |logit|. Measured in the tiny test models
+// (logits up to 2): max |err| 5.5e-3 (Mamba1), 8.2e-3 (Mamba2); 3e-2 abs + 1e-2 rel leaves a
+// 3-4x margin and is still far below the effect of a wrong or transposed weight (O(1)).
+constexpr Tol kBf16VsF32Logits{3e-2, 1e-2};
+// The same for f16 (11 significant bits, 2^-11 relative per weight, 8x finer than bf16):
+// measured 8.4e-4 (Mamba1), 1.0e-3 (Mamba2).
+constexpr Tol kF16VsF32Logits{4e-3, 1.5e-3};
+}  // namespace mamba::tol

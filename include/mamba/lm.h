@@ -7,6 +7,7 @@
 // lm_head.weight is the embedding when tie_embeddings. Parameter names are mamba_ssm's
 // state_dict keys, so checkpoints map 1:1.
 #pragma once
+#include <functional>
 #include <map>
 #include <memory>
 #include <string>
@@ -16,6 +17,7 @@
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/nn/param.h"
+#include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
@@ -32,7 +34,8 @@ struct LMSaved;  // activations kept by forward for backward (opaque)
 
 class MambaLM {
  public:
-  explicit MambaLM(const ModelConfig& cfg, uint64_t seed = 0);
+  // dtype != f32: the large weights are converted as they are initialised (see set_weight_dtype).
+  explicit MambaLM(const ModelConfig& cfg, uint64_t seed = 0, WeightDType dtype = WeightDType::f32);
   ~MambaLM();
   MambaLM(MambaLM&&) noexcept;
   MambaLM& operator=(MambaLM&&) noexcept;
@@ -40,17 +43,34 @@ class MambaLM {
   // Loads a model folder: config.json plus model.safetensors or pytorch_model.bin (mamba_ssm
   // or transformers names). Throws mamba::Error naming a missing, extra or mis-shaped tensor.
   static MambaLM load(const std::string& dir);
-  // Loads weights from a state dict (mamba_ssm or transformers names) into this model.
+  // The same with the large weights stored as `dtype` (set_weight_dtype), converted tensor by
+  // tensor as they are read, so the fp32 copy of the whole model never exists. Checkpoints stored
+  // as BF16 / F16 load exactly (fp32 holds their values), so loading one as its own dtype keeps
+  // it bit for bit.
+  static MambaLM load(const std::string& dir, WeightDType dtype);
+  // Loads weights from a state dict (mamba_ssm or transformers names) into this model (16-bit
+  // weights are rounded into their storage).
   void load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin);
   // Writes config.json + model.safetensors (mamba_ssm names, tied head stored twice as
   // save_pretrained does), each file atomically.
   // With hf = true: transformers' layout instead (config keys of MambaConfig / Mamba2Config,
   // backbone.embeddings.weight; the tied head stored once, as save_pretrained does).
+  // A 16-bit model is saved as F32 tensors holding its rounded values exactly.
   void save(const std::string& dir, bool hf = false) const;
+
+  // Storage of the large weights for inference: every mixer's projections (in_proj, x_proj,
+  // dt_proj, out_proj) and the embedding / lm_head. bf16 / f16 convert them (round to nearest
+  // even), RELEASE the fp32 copies and gradients (those Params' value and grad become undefined
+  // tensors) and compute with fp32 accumulation; forward with saved and backward then throw
+  // ("inference only; load in f32 to train"). Norms, conv, A_log, D and biases stay fp32.
+  // f32 converts back exactly (the values stay the rounded ones).
+  void set_weight_dtype(WeightDType t);
+  WeightDType weight_dtype() const { return wdtype_; }
 
   const ModelConfig& config() const { return cfg_; }
   int64_t vocab() const { return cfg_.padded_vocab(); }  // logits' last dimension
   // Every parameter with its full name (tied lm_head counted once, as the embedding).
+  // With 16-bit weights the converted ones have undefined value and grad (see set_weight_dtype).
   std::vector<std::pair<std::string, Param*>> named_parameters();
   int64_t num_parameters() const;
   void zero_grad();
@@ -83,6 +103,15 @@ class MambaLM {
   std::vector<std::unique_ptr<Mamba2>> m2_;
   Tensor emb_, norm_f_, lm_head_;
   std::vector<Tensor> norms_;
+  // 16-bit embedding / head when wdtype_ != f32 (then emb_, lm_head_ are undefined); a tied head
+  // shares the embedding's storage.
+  WeightDType wdtype_ = WeightDType::f32;
+  ops::HalfWeight emb_h_, head_h_;
+  // Every parameter as fp32 (16-bit ones converted back exactly), in named_parameters() order.
+  std::vector<std::pair<std::string, Tensor>> state_f32() const;
+  // load_state_dict over any source: names, their shapes, and each fp32 tensor on demand.
+  void load_tensors(const std::vector<std::string>& names, const std::function<Shape(const std::string&)>& shape_of,
+                    const std::function<Tensor(const std::string&)>& get, const std::string& origin);
 };
 
 // Mixer configs from the model config (SsmConfig uses mamba_ssm's keys).

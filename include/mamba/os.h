@@ -39,6 +39,9 @@ class MappedFile {
 // training step and 40% of an SSD forward at L = 8192 here (docs/PERFORMANCE.md). A no-op
 // outside glibc. A library never calls it by itself: it changes the process's allocator.
 void keep_freed_memory();
+// Hands memory freed so far back to the OS once (e.g. after a model's fp32 weights were
+// converted to 16 bits and released, which keep_freed_memory would otherwise keep resident).
+void release_freed_memory();
 
 // Peak resident memory of this process in bytes (0 where unknown).
 uint64_t peak_rss_bytes();

@@ -1,9 +1,12 @@
 // Small helpers shared by the CLI commands (no math here).
 #pragma once
+#include <CLI/CLI.hpp>
 #include <string>
 #include <vector>
 
+#include "mamba/lm.h"
 #include "mamba/npy.h"
+#include "mamba/os.h"
 
 namespace mamba::cli {
 
@@ -34,6 +37,23 @@ inline void write_npy_ids(const std::string& path, const std::vector<std::vector
   for (auto& r : ids)
     for (size_t t = 0; t < L; ++t) flat.push_back(t < r.size() ? r[t] : -1);
   write_npy_i64(path, {static_cast<int64_t>(ids.size()), static_cast<int64_t>(L)}, flat);
+}
+
+// --dtype: the storage of the large weights for inference (commands that run a model).
+inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
+  return sub
+      ->add_option("--dtype", dtype,
+                   "weight storage: f32, or bf16 / f16 (16-bit projections and embedding/lm_head, "
+                   "converted on load, fp32 accumulation; about half the memory traffic of decode)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+}
+
+// Loads a model folder with the given --dtype and releases the fp32 copies' memory.
+inline MambaLM load_model(const std::string& dir, const std::string& dtype) {
+  MambaLM lm = MambaLM::load(dir, parse_weight_dtype(dtype));
+  if (lm.weight_dtype() != WeightDType::f32) os::release_freed_memory();  // the fp32 copies' pages
+  return lm;
 }
 
 }  // namespace mamba::cli

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <memory>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "mamba/lm.h"
 #include "mamba/os.h"
@@ -39,7 +40,7 @@ double seconds(std::chrono::steady_clock::time_point t0) {
 
 Command add_bench(CLI::App& app) {
   struct Opts {
-    std::string model, config, preset;
+    std::string model, config, preset, dtype = "f32";
     int64_t prompt = 512, gen = 128, batch = 1;
     int threads = 0, reps = 3;
     bool json = false;
@@ -53,22 +54,26 @@ Command add_bench(CLI::App& app) {
   src->require_option(1);
   sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_option("--gen", o->gen, "tokens to decode")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--batch", o->batch, "sequences decoded together")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--batch", o->batch, "sequences decoded together (tokens/s count all of them)")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   sub->add_option("--reps", o->reps, "repetitions (median and spread are reported)")->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_flag("--json", o->json, "one JSON object instead of the table");
+  add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
+            const WeightDType wdt = parse_weight_dtype(o->dtype);
             std::unique_ptr<MambaLM> lm;
             std::string what;
             if (!o->model.empty()) {
-              lm = std::make_unique<MambaLM>(MambaLM::load(o->model));
+              lm = std::make_unique<MambaLM>(MambaLM::load(o->model, wdt));  // converted tensor by tensor
               what = o->model;
             } else {
               ModelConfig cfg = !o->config.empty() ? ModelConfig::load(o->config) : ModelConfig::parse(preset_json(o->preset), o->preset);
-              lm = std::make_unique<MambaLM>(cfg, 0);
+              lm = std::make_unique<MambaLM>(cfg, 0, wdt);  // converted layer by layer
               what = o->config.empty() ? o->preset + " (random weights)" : o->config + " (random weights)";
             }
+            if (wdt != WeightDType::f32) os::release_freed_memory();  // the fp32 copies' pages
+            const double rss_loaded = os::current_rss_bytes() / 1048576.0;
             const int64_t V = lm->config().vocab_size, B = o->batch;
             Rng rng(0);
             std::vector<int32_t> ids(static_cast<size_t>(B * o->prompt));
@@ -96,21 +101,24 @@ Command add_bench(CLI::App& app) {
                              B * o->prompt / tp, B * o->gen / td, r == 0 ? " (warm-up)" : "");
             }
             Stats p = stats(pre), d = stats(dec);
-            double rss = os::peak_rss_bytes() / 1048576.0;
+            double rss = os::peak_rss_bytes() / 1048576.0, rss_end = os::current_rss_bytes() / 1048576.0;
             if (o->json) {
-              std::printf("{\"model\":\"%s\",\"params\":%lld,\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
+              std::printf("{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
                           "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
-                          "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f}\n",
-                          what.c_str(), (long long)lm->num_parameters(), num_threads(), (long long)B,
-                          (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max, d.median,
-                          d.min, d.max, rss);
+                          "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
+                          "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
+                          what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(),
+                          (long long)B, (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max,
+                          d.median, d.min, d.max, rss, rss_loaded, rss_end);
             } else {
-              std::printf("model: %s, %lld parameters, fp32, %d threads, batch %lld\n", what.c_str(),
-                          (long long)lm->num_parameters(), num_threads(), (long long)B);
+              std::printf("model: %s, %lld parameters, %s weights, %d threads, batch %lld\n", what.c_str(),
+                          (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(), (long long)B);
               std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
               std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median, p.min, p.max);
-              std::printf("| decode %lld | %.1f | %.1f | %.1f |\n", (long long)o->gen, d.median, d.min, d.max);
-              std::printf("peak RSS: %.1f MiB\n", rss);
+              // With --batch B both rates count the tokens of all B sequences (aggregate).
+              std::printf("| decode %lld%s | %.1f | %.1f | %.1f |\n", (long long)o->gen,
+                          B > 1 ? str(" x ", B, " sequences").c_str() : "", d.median, d.min, d.max);
+              std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss, rss_loaded, rss_end);
             }
             return 0;
           }};

@@ -16,7 +16,7 @@ namespace mamba::cli {
 
 namespace {
 struct GenOpts {
-  std::string model, tokenizer, ids_file, out_ids;
+  std::string model, tokenizer, ids_file, out_ids, dtype = "f32";
   std::vector<std::string> prompts;
   int64_t max_new_tokens = 64;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
@@ -47,10 +47,11 @@ Command add_generate(CLI::App& app) {
   sub->add_flag("--no-eos", o->no_eos, "do not stop at the end-of-text token");
   sub->add_flag("-q,--quiet", o->quiet, "no streaming; print only the final texts and timings");
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
+  add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
             MAMBA_CHECK(o->prompts.empty() != o->ids_file.empty(), "give either --prompt or --ids (one of them)");
-            MambaLM lm = MambaLM::load(o->model);
+            MambaLM lm = load_model(o->model, o->dtype);
             std::unique_ptr<Tokenizer> tok;
             std::string tok_path = o->tokenizer.empty() ? o->model + "/tokenizer.json" : o->tokenizer;
             if (os::exists(tok_path)) tok = std::make_unique<Tokenizer>(Tokenizer::from_file(tok_path));

@@ -19,7 +19,7 @@ namespace mamba::cli {
 
 Command add_score(CLI::App& app) {
   struct Opts {
-    std::string model, ids, out;
+    std::string model, ids, out, dtype = "f32";
     int threads = 0;
   };
   auto o = std::make_shared<Opts>();
@@ -28,9 +28,10 @@ Command add_score(CLI::App& app) {
   sub->add_option("--ids", o->ids, "int64/int32 token ids (B, L) or (L), .npy")->required()->check(CLI::ExistingFile);
   sub->add_option("--out", o->out, "output .npy, float32 (B, L, V_pad)")->required();
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
+  add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
-            MambaLM lm = MambaLM::load(o->model);
+            MambaLM lm = load_model(o->model, o->dtype);
             auto rows = read_npy_ids(o->ids);
             const int64_t B = static_cast<int64_t>(rows.size()), L = static_cast<int64_t>(rows[0].size());
             std::vector<int32_t> flat;
@@ -44,7 +45,7 @@ Command add_score(CLI::App& app) {
 
 Command add_perplexity(CLI::App& app) {
   struct Opts {
-    std::string model, text, tokenizer;
+    std::string model, text, tokenizer, dtype = "f32";
     int64_t context = 1024, stride = 512;
     int threads = 0;
   };
@@ -57,10 +58,11 @@ Command add_perplexity(CLI::App& app) {
   sub->add_option("--stride", o->stride, "window advance; only new tokens are scored")
       ->capture_default_str()->check(CLI::PositiveNumber);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
+  add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
             MAMBA_CHECK(o->stride <= o->context, "--stride (", o->stride, ") must be <= --context (", o->context, ")");
-            MambaLM lm = MambaLM::load(o->model);
+            MambaLM lm = load_model(o->model, o->dtype);
             Tokenizer tok = o->tokenizer.empty() ? Tokenizer::from_model_dir(o->model) : Tokenizer::from_file(o->tokenizer);
             std::ifstream f(o->text, std::ios::binary);
             std::stringstream ss;

@@ -144,6 +144,12 @@ void keep_freed_memory() {
 #endif
 }
 
+void release_freed_memory() {
+#if defined(__GLIBC__)
+  malloc_trim(0);
+#endif
+}
+
 uint64_t peak_rss_bytes() {
 #if defined(_WIN32)
   PROCESS_MEMORY_COUNTERS pmc;

@@ -1,5 +1,6 @@
 #include "mamba/lm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <filesystem>
 
@@ -39,7 +40,11 @@ Mamba2Config mamba2_config(const ModelConfig& cfg) {
   const SsmConfig& s = cfg.ssm_cfg;
   Mamba2Config c;
   c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
-  c.headdim = s.headdim, c.ngroups = s.ngroups, c.chunk_size = s.chunk_size;
+  c.headdim = s.headdim, c.ngroups = s.ngroups;
+  // The SSD gives the same result for any chunk size up to rounding; ssm_cfg.chunk_size (256 in
+  // mamba_ssm's configs) is the GPU kernel's tile. On the CPU 64 is 1.6x faster at L = 512
+  // (bench_ssd --sweep, docs/PERFORMANCE.md), so the layer uses min(chunk_size, 64).
+  c.chunk_size = std::min<int64_t>(s.chunk_size, 64);
   c.d_ssm = s.d_ssm > 0 ? s.d_ssm : -1;
   c.rmsnorm = s.rmsnorm, c.norm_before_gate = s.norm_before_gate, c.D_has_hdim = s.D_has_hdim;
   c.A_init_range = {s.A_init_lo, s.A_init_hi};
@@ -49,7 +54,7 @@ Mamba2Config mamba2_config(const ModelConfig& cfg) {
   return c;
 }
 
-MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed) : cfg_(cfg) {
+MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype) : cfg_(cfg) {
   cfg_.validate();
   MAMBA_CHECK(cfg_.attn_layer_idx.empty(), "config: attn_layer_idx (hybrid attention layers) is not supported yet");
   MAMBA_CHECK(cfg_.d_intermediate == 0, "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
@@ -58,6 +63,14 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed) : cfg_(cfg) {
   emb_ = own_.add("backbone.embedding.weight", {V, d});
   Rng rng(seed);
   rng.fill_normal(emb_, 0, 0.02);  // mamba_ssm's _init_weights: normal(std=0.02)
+  // A 16-bit model converts each weight as soon as it is initialised, so the fp32 copies (and
+  // their gradients) of the whole model never exist at once.
+  auto to_dtype = [&](const char* name, Tensor& f, ops::HalfWeight& h) {
+    if (dtype == WeightDType::f32) return;
+    Param& p = own_.get(name);
+    ops::move_weight_storage(p.value, p.grad, f, h, dtype);
+  };
+  to_dtype("backbone.embedding.weight", emb_, emb_h_);
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
     norms_.back().fill(1.f);
@@ -66,15 +79,19 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed) : cfg_(cfg) {
       m2_.push_back(std::make_unique<Mamba2>(mamba2_config(cfg_), layer_seed));
     else
       m1_.push_back(std::make_unique<Mamba1>(mamba1_config(cfg_), layer_seed));
+    if (!m2_.empty()) m2_.back()->set_weight_dtype(dtype);
+    if (!m1_.empty()) m1_.back()->set_weight_dtype(dtype);
   }
   norm_f_ = own_.add("backbone.norm_f.weight", {d}, true);
   norm_f_.fill(1.f);
   if (cfg_.tie_embeddings) {
-    lm_head_ = emb_;
+    lm_head_ = emb_, head_h_ = emb_h_;
   } else {
     lm_head_ = own_.add("lm_head.weight", {V, d});
     rng.fill_normal(lm_head_, 0, 0.02);
+    to_dtype("lm_head.weight", lm_head_, head_h_);
   }
+  wdtype_ = dtype;
 }
 
 MambaLM::~MambaLM() = default;
@@ -92,55 +109,122 @@ std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
 }
 
 int64_t MambaLM::num_parameters() const {
-  int64_t n = own_.count();
-  for (auto& m : m1_) n += m->params().count();
-  for (auto& m : m2_) n += m->params().count();
+  int64_t n = own_.count() + emb_h_.rows() * emb_h_.cols();
+  if (!cfg_.tie_embeddings) n += head_h_.rows() * head_h_.cols();
+  for (auto& m : m1_) n += m->num_parameters();
+  for (auto& m : m2_) n += m->num_parameters();
   return n;
+}
+
+void MambaLM::set_weight_dtype(WeightDType t) {
+  if (t == wdtype_) return;
+  for (auto& m : m1_) m->set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
+  for (auto& m : m2_) m->set_weight_dtype(t);
+  Param& ep = own_.get("backbone.embedding.weight");
+  ops::move_weight_storage(ep.value, ep.grad, emb_, emb_h_, t);
+  if (!cfg_.tie_embeddings) {
+    Param& hp = own_.get("lm_head.weight");
+    ops::move_weight_storage(hp.value, hp.grad, lm_head_, head_h_, t);
+  }
+  if (cfg_.tie_embeddings) lm_head_ = emb_, head_h_ = emb_h_;
+  wdtype_ = t;
+}
+
+std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
+  std::vector<std::pair<std::string, Tensor>> out;
+  for (const auto& p : own_.all()) {
+    Tensor v = p.value;
+    if (p.name == "backbone.embedding.weight" && emb_h_.defined()) v = emb_h_.to_f32();
+    if (p.name == "lm_head.weight" && head_h_.defined()) v = head_h_.to_f32();
+    out.emplace_back(p.name, v);
+  }
+  for (size_t i = 0; i < m1_.size(); ++i)
+    for (const auto& p : m1_[i]->params().all())
+      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m1_[i]->param_f32(p.name));
+  for (size_t i = 0; i < m2_.size(); ++i)
+    for (const auto& p : m2_[i]->params().all())
+      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m2_[i]->param_f32(p.name));
+  return out;
 }
 
 void MambaLM::zero_grad() {
   for (auto& [name, p] : named_parameters()) p->grad.zero();
 }
 
-void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd_in, const std::string& origin) {
-  std::map<std::string, Tensor> sd;
-  for (const auto& [k, v] : sd_in) {
-    std::string name = cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k;
-    sd[name] = v;
+void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin) {
+  std::vector<std::string> names;
+  for (const auto& kv : sd) names.push_back(kv.first);
+  load_tensors(
+      names, [&](const std::string& k) { return sd.at(k).shape(); },
+      [&](const std::string& k) { return sd.at(k); }, origin);
+}
+
+void MambaLM::load_tensors(const std::vector<std::string>& names,
+                           const std::function<Shape(const std::string&)>& shape_of,
+                           const std::function<Tensor(const std::string&)>& get, const std::string& origin) {
+  std::map<std::string, std::string> key;  // mamba_ssm name -> name in the source
+  for (const auto& k : names) key[cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k] = k;
+  // Every parameter with its 16-bit storage when it has one (then its fp32 value is undefined).
+  struct Entry {
+    std::string name;
+    Param* p;
+    ops::HalfWeight* h;
+  };
+  std::vector<Entry> entries;
+  for (auto& p : own_.all()) {
+    ops::HalfWeight* h = p.name == "backbone.embedding.weight" ? &emb_h_ : p.name == "lm_head.weight" ? &head_h_ : nullptr;
+    entries.push_back({p.name, &p, h && h->defined() ? h : nullptr});
   }
+  for (size_t i = 0; i < m1_.size(); ++i)
+    for (auto& p : m1_[i]->params().all())
+      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m1_[i]->half_weight(p.name)});
+  for (size_t i = 0; i < m2_.size(); ++i)
+    for (auto& p : m2_[i]->params().all())
+      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m2_[i]->half_weight(p.name)});
   std::map<std::string, bool> used;
-  for (auto& [name, p] : named_parameters()) {
-    auto it = sd.find(name);
-    MAMBA_CHECK(it != sd.end(), origin, ": missing tensor '", name, "'");
-    MAMBA_CHECK(it->second.shape() == p->value.shape(), origin, ": tensor '", name, "' has shape ",
-                it->second.shape_str(), ", expected ", p->value.shape_str());
-    p->value.copy_from(it->second);
-    used[name] = true;
+  for (const Entry& e : entries) {
+    auto it = key.find(e.name);
+    MAMBA_CHECK(it != key.end(), origin, ": missing tensor '", e.name, "'");
+    const Shape expected = e.h ? Shape{e.h->rows(), e.h->cols()} : e.p->value.shape();
+    const Shape got = shape_of(it->second);
+    MAMBA_CHECK(got == expected, origin, ": tensor '", e.name, "' has shape ", shape_str(got), ", expected ",
+                shape_str(expected));
+    // One tensor at a time: a 16-bit model never holds the whole fp32 state dict.
+    if (e.h)
+      *e.h = ops::HalfWeight(get(it->second), wdtype_);
+    else
+      e.p->value.copy_from(get(it->second));
+    used[e.name] = true;
   }
-  for (const auto& [k, v] : sd) {
+  if (cfg_.tie_embeddings) head_h_ = emb_h_;
+  const Shape emb_shape{cfg_.padded_vocab(), cfg_.d_model};
+  for (const auto& [k, src] : key) {
     if (used.count(k)) continue;
     if (k == "lm_head.weight" && cfg_.tie_embeddings) {
       // Stored twice by save_pretrained; must equal the embedding it is tied to.
-      MAMBA_CHECK(v.shape() == emb_.shape(), origin, ": lm_head.weight has shape ", v.shape_str(),
-                  ", expected ", emb_.shape_str(), " (tied to the embedding)");
+      const Shape got = shape_of(src);
+      MAMBA_CHECK(got == emb_shape, origin, ": lm_head.weight has shape ", shape_str(got), ", expected ",
+                  shape_str(emb_shape), " (tied to the embedding)");
       continue;
     }
     throw Error(str(origin, ": unexpected tensor '", k, "' (not a parameter of this config)"));
   }
 }
 
-MambaLM MambaLM::load(const std::string& dir) {
+MambaLM MambaLM::load(const std::string& dir) { return load(dir, WeightDType::f32); }
+
+MambaLM MambaLM::load(const std::string& dir, WeightDType dtype) {
   namespace fs = std::filesystem;
   MAMBA_CHECK(fs::is_directory(dir), "model folder '", dir, "' does not exist");
   ModelConfig cfg = ModelConfig::load((fs::path(dir) / "config.json").string());
-  MambaLM lm(cfg, 0);
+  MambaLM lm(cfg, 0, dtype);
   std::string st = (fs::path(dir) / "model.safetensors").string();
   std::string bin = (fs::path(dir) / "pytorch_model.bin").string();
-  std::map<std::string, Tensor> sd;
   if (os::exists(st)) {
-    auto f = SafetensorsFile::open(st);
-    for (const auto& n : f.names()) sd[n] = f.tensor(n);
-    lm.load_state_dict(sd, st);
+    auto f = SafetensorsFile::open(st);  // memory-mapped: tensors are converted one at a time
+    lm.load_tensors(
+        f.names(), [&](const std::string& n) { return f.info(n).shape; },
+        [&](const std::string& n) { return f.tensor(n); }, st);
   } else if (os::exists(bin)) {
     lm.load_state_dict(load_torch_state_dict(bin), bin);
   } else {
@@ -153,10 +237,12 @@ void MambaLM::save(const std::string& dir, bool hf) const {
   namespace fs = std::filesystem;
   fs::create_directories(dir);
   std::vector<std::pair<std::string, Tensor>> tensors;
-  auto* self = const_cast<MambaLM*>(this);
-  for (auto& [name, p] : self->named_parameters())
-    tensors.emplace_back(hf ? mamba_ssm_to_hf_name(name) : name, p->value);
-  if (cfg_.tie_embeddings && !hf) tensors.emplace_back("lm_head.weight", emb_);  // as save_pretrained
+  Tensor emb;
+  for (auto& [name, v] : state_f32()) {  // 16-bit weights as their exact fp32 values
+    if (name == "backbone.embedding.weight") emb = v;
+    tensors.emplace_back(hf ? mamba_ssm_to_hf_name(name) : name, v);
+  }
+  if (cfg_.tie_embeddings && !hf) tensors.emplace_back("lm_head.weight", emb);  // as save_pretrained
   std::string cfg = hf ? cfg_.to_hf_json() : cfg_.to_json();  // validate before writing anything
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   os::write_file_atomic((fs::path(dir) / "config.json").string(), cfg.data(), cfg.size());
@@ -170,7 +256,10 @@ Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) con
   for (int64_t i = 0; i < B * L; ++i) {
     MAMBA_CHECK(ids[i] >= 0 && ids[i] < V, "input ids: id ", ids[i], " at position ", i,
                 " is outside the vocabulary [0, ", V, ")");
-    std::copy(emb_.data() + ids[i] * d, emb_.data() + (ids[i] + 1) * d, h.data() + i * d);
+    if (emb_h_.defined())
+      emb_h_.row_to_f32(ids[i], h.data() + i * d);
+    else
+      std::copy(emb_.data() + ids[i] * d, emb_.data() + (ids[i] + 1) * d, h.data() + i * d);
   }
   trace::op("embedding", {{B, L}}, {{B, L, d}});
   return h;
@@ -179,7 +268,7 @@ Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) con
 Tensor MambaLM::head(const Tensor& hidden) const {
   const int64_t d = cfg_.d_model, V = vocab(), M = hidden.numel() / d;
   Tensor logits = Tensor::empty({M, V});
-  gemm(false, true, M, V, d, 1.f, hidden.data(), d, lm_head_.data(), d, 0.f, logits.data(), V);
+  ops::matmul_wt(hidden.data(), M, d, lm_head_, head_h_, 0, V, logits.data(), V);
   return logits;
 }
 
@@ -214,6 +303,8 @@ Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, 
 
 Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
                         LMState* state) {
+  MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "MambaLM::forward: weights are ",
+              weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
   LMSaved* sv = saved ? new LMSaved : nullptr;
   Tensor out;
   try {
@@ -244,6 +335,8 @@ void MambaLM::free_saved(LMSaved* saved) { delete saved; }
 void MambaLM::backward(LMSaved* sv, const Tensor& dlogits) {
   MAMBA_CHECK(sv != nullptr, "MambaLM::backward: no saved activations (call forward with saved)");
   std::unique_ptr<LMSaved> guard(sv);
+  MAMBA_CHECK(wdtype_ == WeightDType::f32, "MambaLM::backward: weights are ", weight_dtype_name(wdtype_),
+              ": inference only; load in f32 to train");
   const int64_t B = sv->B, L = sv->L, d = cfg_.d_model, V = vocab(), M = B * L;
   check_shape(dlogits, "MambaLM::backward: dlogits", {B, L, V});
   const float eps = static_cast<float>(cfg_.norm_epsilon);

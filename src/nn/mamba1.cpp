@@ -107,8 +107,9 @@ Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
 
 Tensor Mamba1::A() const {
   Tensor a = A_log_.clone();
-  ops::exp_inplace(a.data(), a.numel());  // vectorised: this runs once per step of decode
-  for (int64_t i = 0; i < a.numel(); ++i) a[i] = -a[i];
+  float* p = a.data();
+  ops::exp_inplace(p, a.numel());  // vectorised: this runs once per step of decode
+  for (int64_t i = 0; i < a.numel(); ++i) p[i] = -p[i];
   return a;
 }
 
@@ -148,6 +149,53 @@ void sum_rows_into(float* db, const float* g, int64_t M, int64_t n) {
 
 }  // namespace
 
+// ---- weight storage -----------------------------------------------------------------------------
+
+namespace {
+// The (name, fp32 member, 16-bit member) triples of the projection weights that may be 16-bit.
+struct HalfSlot {
+  const char* name;
+  Tensor* f;
+  ops::HalfWeight* h;
+};
+}  // namespace
+
+void Mamba1::set_weight_dtype(WeightDType t) {
+  if (t == wdtype_) return;
+  std::vector<HalfSlot> slots = {{"in_proj.weight", &in_w_, &in_h_}, {"out_proj.weight", &out_w_, &out_h_}};
+  if (cfg_.selective) {
+    slots.push_back({"x_proj.weight", &xproj_w_, &xproj_h_});
+    slots.push_back({"dt_proj.weight", &dt_w_, &dt_h_});
+  }
+  for (const HalfSlot& s : slots) {
+    Param& p = params_.get(s.name);
+    ops::move_weight_storage(p.value, p.grad, *s.f, *s.h, t);
+  }
+  wdtype_ = t;
+}
+
+int64_t Mamba1::num_parameters() const {
+  return params_.count() + in_h_.rows() * in_h_.cols() + out_h_.rows() * out_h_.cols() +
+         xproj_h_.rows() * xproj_h_.cols() + dt_h_.rows() * dt_h_.cols();
+}
+
+ops::HalfWeight* Mamba1::half_weight(const std::string& name) {
+  ops::HalfWeight* h = name == "in_proj.weight"    ? &in_h_
+                       : name == "out_proj.weight" ? &out_h_
+                       : name == "x_proj.weight"   ? &xproj_h_
+                       : name == "dt_proj.weight"  ? &dt_h_
+                                                   : nullptr;
+  return h && h->defined() ? h : nullptr;
+}
+
+Tensor Mamba1::param_f32(const std::string& name) const {
+  if (name == "in_proj.weight" && in_h_.defined()) return in_h_.to_f32();
+  if (name == "out_proj.weight" && out_h_.defined()) return out_h_.to_f32();
+  if (name == "x_proj.weight" && xproj_h_.defined()) return xproj_h_.to_f32();
+  if (name == "dt_proj.weight" && dt_h_.defined()) return dt_h_.to_f32();
+  return params_.get(name).value;
+}
+
 // ---- forward ------------------------------------------------------------------------------------
 
 Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* state) {
@@ -159,14 +207,16 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
   const int64_t Bsz = hidden.dim(0), L = hidden.dim(1), M = Bsz * L;
   MAMBA_CHECK(Bsz >= 1 && L >= 1, "Mamba1::forward: hidden needs B >= 1 and L >= 1, got ",
               hidden.shape_str());
+  MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "Mamba1::forward: weights are ",
+              weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
   const bool tr = trace::enabled();
   const int64_t E = R_ + 2 * N_;
 
   // in_proj, written straight into the x and z halves (the two row blocks of in_proj.weight).
   Tensor x = Tensor::empty({Bsz, L, D_});  // (B, L, D)
   Tensor z = Tensor::empty({Bsz, L, D_});  // (B, L, D)
-  gemm(false, true, M, D_, dm, 1.f, hidden.data(), dm, in_w_.data(), dm, 0.f, x.data(), D_);
-  gemm(false, true, M, D_, dm, 1.f, hidden.data(), dm, in_w_.data() + D_ * dm, dm, 0.f, z.data(), D_);
+  ops::matmul_wt(hidden.data(), M, dm, in_w_, in_h_, 0, D_, x.data(), D_);
+  ops::matmul_wt(hidden.data(), M, dm, in_w_, in_h_, D_, D_, z.data(), D_);
   if (in_b_.defined()) {
     add_bias(x.data(), in_b_.data(), M, D_);
     add_bias(z.data(), in_b_.data() + D_, M, D_);
@@ -182,11 +232,11 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
   Tensor delta = Tensor::zeros({Bsz, L, D_});  // (B, L, D); stays 0 when not selective
   if (cfg_.selective) {
     // x_proj -> [dt_low | B | C]
-    x_dbl = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, L, R + 2N)
+    x_dbl = ops::linear_any(xc, xproj_w_, xproj_h_, Tensor());  // (B, L, R + 2N)
     if (tr) trace::op("x_proj", {xc.shape()}, {x_dbl.shape()});
 
     // dt_proj.weight on the dt_low columns (leading dimension R + 2N, no copy); bias goes to the scan.
-    gemm(false, true, M, D_, R_, 1.f, x_dbl.data(), E, dt_w_.data(), R_, 0.f, delta.data(), D_);
+    ops::matmul_wt(x_dbl.data(), M, E, dt_w_, dt_h_, 0, D_, delta.data(), D_);
     if (tr) trace::op("dt_proj", {{Bsz, L, R_}}, {delta.shape()});
 
     Bm = take_cols(x_dbl, M, E, R_, N_, {Bsz, L, N_});       // (B, L, N)
@@ -210,7 +260,7 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
     trace::op("selective_scan", {xc.shape(), delta.shape(), args.A.shape(), args.B.shape(), args.C.shape(), z.shape()},
               {y.shape()});
 
-  Tensor out = ops::linear_fwd(y, out_w_, out_b_);  // (B, L, d_model)
+  Tensor out = ops::linear_any(y, out_w_, out_h_, out_b_);  // (B, L, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
 
   if (state) {
@@ -236,6 +286,8 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
 
 Tensor Mamba1::backward(const Mamba1Saved& s, const Tensor& dy) {
   const int64_t dm = cfg_.d_model;
+  MAMBA_CHECK(wdtype_ == WeightDType::f32, "Mamba1::backward: weights are ", weight_dtype_name(wdtype_),
+              ": inference only; load in f32 to train");
   check_defined(s.hidden, "Mamba1::backward: saved.hidden (forward called without saved?)");
   const int64_t Bsz = s.hidden.dim(0), L = s.hidden.dim(1), M = Bsz * L;
   const int64_t E = R_ + 2 * N_;
@@ -339,8 +391,8 @@ Tensor Mamba1::step(const Tensor& hidden, Mamba1State& state) {
 
   Tensor x = Tensor::empty({Bsz, D_});  // (B, D)
   Tensor z = Tensor::empty({Bsz, D_});  // (B, D)
-  gemm(false, true, Bsz, D_, dm, 1.f, hidden.data(), dm, in_w_.data(), dm, 0.f, x.data(), D_);
-  gemm(false, true, Bsz, D_, dm, 1.f, hidden.data(), dm, in_w_.data() + D_ * dm, dm, 0.f, z.data(), D_);
+  ops::matmul_wt(hidden.data(), Bsz, dm, in_w_, in_h_, 0, D_, x.data(), D_);
+  ops::matmul_wt(hidden.data(), Bsz, dm, in_w_, in_h_, D_, D_, z.data(), D_);
   if (in_b_.defined()) {
     add_bias(x.data(), in_b_.data(), Bsz, D_);
     add_bias(z.data(), in_b_.data() + D_, Bsz, D_);
@@ -352,11 +404,11 @@ Tensor Mamba1::step(const Tensor& hidden, Mamba1State& state) {
 
   Tensor dt, Bt, Ct;
   if (cfg_.selective) {
-    Tensor x_db = ops::linear_fwd(xc, xproj_w_, Tensor());  // (B, R + 2N)
+    Tensor x_db = ops::linear_any(xc, xproj_w_, xproj_h_, Tensor());  // (B, R + 2N)
     if (tr) trace::op("x_proj", {xc.shape()}, {x_db.shape()});
 
     dt = Tensor::empty({Bsz, D_});  // (B, D)
-    gemm(false, true, Bsz, D_, R_, 1.f, x_db.data(), E, dt_w_.data(), R_, 0.f, dt.data(), D_);
+    ops::matmul_wt(x_db.data(), Bsz, E, dt_w_, dt_h_, 0, D_, dt.data(), D_);
     if (tr) trace::op("dt_proj", {{Bsz, R_}}, {dt.shape()});
 
     Bt = take_cols(x_db, Bsz, E, R_, N_, {Bsz, N_});       // (B, N)
@@ -377,7 +429,7 @@ Tensor Mamba1::step(const Tensor& hidden, Mamba1State& state) {
     trace::op("selective_state_update", {xc.shape(), dt.shape(), Bt.shape(), Ct.shape(), z.shape()},
               {y.shape(), state.ssm_state.shape()});
 
-  Tensor out = ops::linear_fwd(y, out_w_, out_b_);  // (B, d_model)
+  Tensor out = ops::linear_any(y, out_w_, out_h_, out_b_);  // (B, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
   return out;
 }

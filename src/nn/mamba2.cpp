@@ -113,6 +113,35 @@ Mamba2::Mamba2(const Mamba2Config& cfg, uint64_t seed) : cfg_(cfg) {
   if (out_b_.defined()) rng.fill_uniform(out_b_, -bout, bout);
 }
 
+void Mamba2::set_weight_dtype(WeightDType t) {
+  if (t == wdtype_) return;
+  struct Slot {
+    const char* name;
+    Tensor* f;
+    ops::HalfWeight* h;
+  };
+  for (const Slot& s : {Slot{"in_proj.weight", &in_w_, &in_h_}, Slot{"out_proj.weight", &out_w_, &out_h_}}) {
+    Param& p = params_.get(s.name);
+    ops::move_weight_storage(p.value, p.grad, *s.f, *s.h, t);
+  }
+  wdtype_ = t;
+}
+
+int64_t Mamba2::num_parameters() const {
+  return params_.count() + in_h_.rows() * in_h_.cols() + out_h_.rows() * out_h_.cols();
+}
+
+ops::HalfWeight* Mamba2::half_weight(const std::string& name) {
+  ops::HalfWeight* h = name == "in_proj.weight" ? &in_h_ : name == "out_proj.weight" ? &out_h_ : nullptr;
+  return h && h->defined() ? h : nullptr;
+}
+
+Tensor Mamba2::param_f32(const std::string& name) const {
+  if (name == "in_proj.weight" && in_h_.defined()) return in_h_.to_f32();
+  if (name == "out_proj.weight" && out_h_.defined()) return out_h_.to_f32();
+  return params_.get(name).value;
+}
+
 Tensor Mamba2::A() const {
   Tensor a = Tensor::empty(A_log_.shape());
   for (int64_t h = 0; h < a.numel(); ++h) a[h] = -std::exp(A_log_[h]);
@@ -163,12 +192,14 @@ Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* st
   const int64_t Bn = hidden.dim(0), L = hidden.dim(1);
   check_shape(hidden, "Mamba2::forward: hidden", {Bn, L, cfg_.d_model});
   MAMBA_CHECK(Bn > 0 && L > 0, "Mamba2::forward: empty input ", hidden.shape_str());
+  MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "Mamba2::forward: weights are ",
+              weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
 
   // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt]
-  Tensor zxbcdt = ops::linear_fwd(hidden, in_w_, in_b_);
+  Tensor zxbcdt = ops::linear_any(hidden, in_w_, in_h_, in_b_);
   if (tr) trace::op("in_proj", {hidden.shape()}, {zxbcdt.shape()});
   Tensor z0, x0;
   if (dmlp > 0)
@@ -199,7 +230,7 @@ Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* st
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
   Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
-  Tensor out = ops::linear_fwd(y_out, out_w_, out_b_);
+  Tensor out = ops::linear_any(y_out, out_w_, out_h_, out_b_);
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   if (saved) {
     saved->hidden = hidden;
@@ -213,6 +244,8 @@ Tensor Mamba2::forward(const Tensor& hidden, Mamba2Saved* saved, Mamba2State* st
 }
 
 Tensor Mamba2::backward(const Mamba2Saved& s, const Tensor& dy) {
+  MAMBA_CHECK(wdtype_ == WeightDType::f32, "Mamba2::backward: weights are ", weight_dtype_name(wdtype_),
+              ": inference only; load in f32 to train");
   check_defined(s.hidden, "Mamba2::backward: saved (forward was not called with saved)");
   check_shape(dy, "Mamba2::backward: dy", s.hidden.shape());
   const int64_t Bn = s.hidden.dim(0), L = s.hidden.dim(1);
@@ -289,7 +322,7 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
   check_shape(state.ssm_state, "Mamba2::step: ssm_state", {Bn, H, P, N});
   const bool tr = trace::enabled();
 
-  Tensor zxbcdt = ops::linear_fwd(xin, in_w_, in_b_);
+  Tensor zxbcdt = ops::linear_any(xin, in_w_, in_h_, in_b_);
   if (tr) trace::op("in_proj", {xin.shape()}, {zxbcdt.shape()});
   Tensor z0, x0;
   if (dmlp > 0) z0 = cols(zxbcdt, 0, dmlp, {Bn, dmlp}), x0 = cols(zxbcdt, dmlp, dmlp, {Bn, dmlp});
@@ -319,7 +352,7 @@ Tensor Mamba2::step(const Tensor& xin, Mamba2State& state) {
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
   Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
-  Tensor out = ops::linear_fwd(y_out, out_w_, out_b_);
+  Tensor out = ops::linear_any(y_out, out_w_, out_h_, out_b_);
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   return out;
 }

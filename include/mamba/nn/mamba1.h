@@ -10,6 +10,7 @@
 #include <string>
 
 #include "mamba/nn/param.h"
+#include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
@@ -69,6 +70,18 @@ class Mamba1 {
   // x: (B, d_model) -> (B, d_model); advances state by one token.
   Tensor step(const Tensor& x, Mamba1State& state);
 
+  // Storage of in_proj, x_proj, dt_proj and out_proj weights. bf16 / f16: converted (round to
+  // nearest even) and the fp32 values and gradients RELEASED (their Params' tensors become
+  // undefined): inference only, forward with saved and backward throw. f32 converts back exactly.
+  void set_weight_dtype(WeightDType t);
+  WeightDType weight_dtype() const { return wdtype_; }
+  // Every parameter scalar, 16-bit ones included (params().count() skips released tensors).
+  int64_t num_parameters() const;
+  // The fp32 value of a parameter whichever the storage (a converted copy for 16-bit weights).
+  Tensor param_f32(const std::string& name) const;
+  // The 16-bit storage of a parameter when it has one (weight_dtype() != f32), else nullptr.
+  ops::HalfWeight* half_weight(const std::string& name);
+
  private:
   Tensor A() const;  // (D, N) = -exp(A_log)
   void check_state(const Mamba1State& s, int64_t batch) const;
@@ -79,6 +92,9 @@ class Mamba1 {
   // Views sharing storage with params_ (bias tensors undefined when absent).
   Tensor in_w_, in_b_, conv_w_, conv_b_, xproj_w_, dt_w_, dt_b_, A_log_, Dp_, out_w_, out_b_;
   Tensor B_ssm_, C_ssm_;  // (D, N), only when !cfg_.selective (x_proj_w_, dt_w_ undefined then)
+  // 16-bit copies when weight_dtype() != f32 (then in_w_, xproj_w_, dt_w_, out_w_ are undefined).
+  WeightDType wdtype_ = WeightDType::f32;
+  ops::HalfWeight in_h_, xproj_h_, dt_h_, out_h_;
 };
 
 }  // namespace mamba

@@ -19,6 +19,7 @@
 #include <utility>
 
 #include "mamba/nn/param.h"
+#include "mamba/ops/half_matmul.h"
 #include "mamba/ops/ssd.h"
 #include "mamba/tensor.h"
 
@@ -89,6 +90,18 @@ class Mamba2 {
   // x: (B, d_model) one token -> (B, d_model); advances state.
   Tensor step(const Tensor& x, Mamba2State& state);
 
+  // Storage of in_proj and out_proj weights. bf16 / f16: converted (round to nearest even) and
+  // the fp32 values and gradients RELEASED (their Params' tensors become undefined): inference
+  // only, forward with saved and backward throw. f32 converts back exactly.
+  void set_weight_dtype(WeightDType t);
+  WeightDType weight_dtype() const { return wdtype_; }
+  // Every parameter scalar, 16-bit ones included (params().count() skips released tensors).
+  int64_t num_parameters() const;
+  // The fp32 value of a parameter whichever the storage (a converted copy for 16-bit weights).
+  Tensor param_f32(const std::string& name) const;
+  // The 16-bit storage of a parameter when it has one (weight_dtype() != f32), else nullptr.
+  ops::HalfWeight* half_weight(const std::string& name);
+
  private:
   Tensor A() const;  // -exp(A_log): (H)
   Tensor mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0) const;
@@ -98,6 +111,9 @@ class Mamba2 {
   Mamba2Config cfg_;
   ParamList params_;
   Tensor dt_bias_, A_log_, D_, in_w_, in_b_, conv_w_, conv_b_, norm_w_, out_w_, out_b_;
+  // 16-bit copies when weight_dtype() != f32 (then in_w_, out_w_ are undefined).
+  WeightDType wdtype_ = WeightDType::f32;
+  ops::HalfWeight in_h_, out_h_;
 };
 
 }  // namespace mamba
