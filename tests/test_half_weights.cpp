@@ -199,6 +199,33 @@ TEST(HalfMatmul, LinearAndBadArguments) {
   test::expect_error([&] { ops::half_linear(test::randn({2, 7}, rng), Wh, Tensor()); }, {"half_linear", "(2,7)"});
 }
 
+// fp32 weights, small M (batched decode): linear_any / matmul_wt take the streaming kernel.
+TEST(HalfMatmul, F32StreamingPathMatchesReference) {
+  Rng rng(4);
+  for (int64_t cols : {1, 15, 16, 17, 33, 200})
+    for (int64_t M : {1, 2, 3, 5, 16, 17}) {
+      Tensor W = test::randn({13, cols}, rng), b = test::randn({13}, rng), x = test::randn({M, cols}, rng);
+      Tensor y = ops::linear_any(x, W, HalfWeight(), b);
+      Tensor yr = ops::linear_ref(x, W, b);
+      EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str("linear_any f32 M=", M, " cols=", cols)));
+      // a row range with leading dimensions, as the layers call it
+      std::vector<float> out(M * 8, -7.f);
+      ops::matmul_wt(x.data(), M, cols, W, HalfWeight(), 4, 6, out.data(), 8);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t j = 0; j < 8; ++j) {
+          if (j >= 6) {
+            EXPECT_EQ(out[m * 8 + j], -7.f);  // beyond n: untouched
+            continue;
+          }
+          double e = 0;
+          for (int64_t k = 0; k < cols; ++k) e += double(x[m * cols + k]) * W[(4 + j) * cols + k];
+          EXPECT_NEAR(out[m * 8 + j], e, tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::fabs(e));
+        }
+    }
+  test::expect_error([&] { ops::linear_any(test::randn({3, 7}, rng), test::randn({4, 6}, rng), HalfWeight(), Tensor()); },
+                     {"linear"});
+}
+
 // ---- whole models ------------------------------------------------------------------------------
 
 namespace {

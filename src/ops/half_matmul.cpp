@@ -78,8 +78,29 @@ constexpr bool kPairedBF16 = true;
 // half and w[2i+1] in its high half; the high one is already an fp32 with its low bits cleared
 // (And), the low one is shifted up: two fp32 vectors of even / odd k from one load, no shuffle,
 // multiplied with the regrouped inputs xd.
-template <bool kBF16, int MT, int RT>
-HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const uint16_t* w, float* y) {
+// Weight element types of the streaming kernel: 16-bit (f16 / bf16) or fp32 (batched decode).
+enum WKind : int { kF16 = 0, kBF16K = 1, kF32 = 2 };
+template <int K>
+using WElem = std::conditional_t<K == kF32, float, uint16_t>;
+
+template <int K, class DF>
+HWY_INLINE hn::Vec<DF> LoadW(DF df, const WElem<K>* p) {
+  if constexpr (K == kF32)
+    return hn::LoadU(df, p);
+  else
+    return LoadHalf<K == kBF16K>(df, p);
+}
+template <int K>
+HWY_INLINE float WToF32(WElem<K> h) {
+  if constexpr (K == kF32)
+    return h;
+  else
+    return K == kBF16K ? bf16_to_f32(h) : f16_to_f32(h);
+}
+
+template <int K, int MT, int RT>
+HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const WElem<K>* w, float* y) {
+  [[maybe_unused]] constexpr bool kBF16 = K == kBF16K;
   const hn::ScalableTag<float> df;
   using V = hn::Vec<decltype(df)>;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), cols = a.cols;
@@ -114,7 +135,7 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const u
     for (; k + NL <= cols; k += NL) {
       V wv[RT];
       for (int r = 0; r < RT; ++r) hwy::Prefetch(w + (RT + r) * cols + k);
-      for (int r = 0; r < RT; ++r) wv[r] = LoadHalf<kBF16>(df, w + r * cols + k);
+      for (int r = 0; r < RT; ++r) wv[r] = LoadW<K>(df, w + r * cols + k);
       for (int m = 0; m < MT; ++m) {
         const V xv = hn::LoadU(df, x + m * a.ldx + k);
         for (int r = 0; r < RT; ++r) acc[m][r] = hn::MulAdd(xv, wv[r], acc[m][r]);
@@ -125,18 +146,17 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const u
     for (int r = 0; r < RT; ++r) {
       float s = hn::GetLane(hn::SumOfLanes(df, acc[m][r]));
       for (int64_t j = k; j < cols; ++j) {
-        const uint16_t h = w[r * cols + j];
-        s += x[m * a.ldx + j] * (kBF16 ? bf16_to_f32(h) : f16_to_f32(h));
+        s += x[m * a.ldx + j] * WToF32<K>(w[r * cols + j]);
       }
       y[m * a.ldy + r] = s;
     }
 }
 
-template <bool kBF16, int RT>
-HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const uint16_t* w, float* y) {
+template <int K, int RT>
+HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float* y) {
   int64_t m = 0;
   auto tile = [&](auto mt) {
-    Tile<kBF16, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
+    Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
   };
   for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>());
   switch (M - m) {
@@ -148,11 +168,11 @@ HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const uint16_t* w, float*
 }
 
 // Output columns [rb, re) (W points at the range's first row, y at its first column).
-template <bool kBF16>
-void GemvRowsT(const GemvArgs& a, int64_t M, const uint16_t* W, int64_t rb, int64_t re) {
+template <int K>
+void GemvRowsT(const GemvArgs& a, int64_t M, const WElem<K>* W, int64_t rb, int64_t re) {
   int64_t r = rb;
-  for (; r + 4 <= re; r += 4) RowBlock<kBF16, 4>(a, M, W + r * a.cols, a.y + r);
-  for (; r < re; ++r) RowBlock<kBF16, 1>(a, M, W + r * a.cols, a.y + r);
+  for (; r + 4 <= re; r += 4) RowBlock<K, 4>(a, M, W + r * a.cols, a.y + r);
+  for (; r < re; ++r) RowBlock<K, 1>(a, M, W + r * a.cols, a.y + r);
 }
 
 // y (M, n) = x (M, cols) W (n, cols)^T for small M, rows split over threads (tasks of >= grain).
@@ -175,10 +195,18 @@ void GemvKernel(const float* x, int64_t M, int64_t ldx, const uint16_t* W, int64
   }
   parallel_for(n, grain, [&](int64_t b, int64_t e) {
     if (bf16)
-      GemvRowsT<true>(a, M, W, b, e);
+      GemvRowsT<kBF16K>(a, M, W, b, e);
     else
-      GemvRowsT<false>(a, M, W, b, e);
+      GemvRowsT<kF16>(a, M, W, b, e);
   });
+}
+
+// The same streaming kernel on fp32 weights: batched decode (small M), where a BLAS sgemm
+// packs the whole weight matrix for a handful of rows.
+void GemvF32Kernel(const float* x, int64_t M, int64_t ldx, const float* W, int64_t cols, int64_t n,
+                   float* y, int64_t ldy, int64_t grain) {
+  GemvArgs a{x, ldx, x, 0, cols, y, ldy};
+  parallel_for(n, grain, [&](int64_t b, int64_t e) { GemvRowsT<kF32>(a, M, W, b, e); });
 }
 
 }  // namespace HWY_NAMESPACE
@@ -207,6 +235,7 @@ WeightDType parse_weight_dtype(const std::string& s) {
 namespace ops {
 HWY_EXPORT(FromHalfKernel);
 HWY_EXPORT(GemvKernel);
+HWY_EXPORT(GemvF32Kernel);
 
 namespace {
 void check_kind(WeightDType kind, const char* what) {
@@ -372,11 +401,33 @@ void matmul_wt(const float* x, int64_t M, int64_t ldx, const Tensor& Wf, const H
   MAMBA_CHECK(Wf.ndim() == 2 && r0 >= 0 && n >= 0 && r0 + n <= Wf.dim(0), "matmul_wt: rows [", r0,
               ", ", r0 + n, ") out of range for W ", Wf.shape_str());
   const int64_t cols = Wf.dim(1);
+  if (M >= 2 && M <= kHalfGemvMaxM) {  // batched decode: stream the weights once for all M rows
+    MAMBA_CHECK(ldx >= cols && ldy >= n, "matmul_wt: ldx ", ldx, " < cols ", cols, " or ldy ", ldy, " < n ", n);
+    HWY_DYNAMIC_DISPATCH(GemvF32Kernel)(x, M, ldx, Wf.data() + r0 * cols, cols, n, y, ldy, gemv_grain(cols));
+    return;
+  }
   gemm(false, true, M, n, cols, 1.f, x, ldx, Wf.data() + r0 * cols, cols, 0.f, y, ldy);
 }
 
 Tensor linear_any(const Tensor& x, const Tensor& Wf, const HalfWeight& Wh, const Tensor& b) {
-  return Wh.defined() ? half_linear(x, Wh, b) : linear_fwd(x, Wf, b);
+  if (Wh.defined()) return half_linear(x, Wh, b);
+  const int64_t cols = Wf.defined() && Wf.ndim() == 2 ? Wf.dim(1) : 0;
+  const int64_t M = x.defined() && cols > 0 && x.ndim() >= 1 && x.dim(-1) == cols ? x.numel() / cols : 0;
+  if (M < 2 || M > kHalfGemvMaxM) return linear_fwd(x, Wf, b);  // checks every shape
+  // batched decode on fp32 weights: the streaming kernel (matmul_wt)
+  if (b.defined()) check_shape(b, "linear: b", {Wf.dim(0)});
+  Shape s = x.shape();
+  s.back() = Wf.dim(0);
+  Tensor y = Tensor::empty(s);
+  const int64_t n = Wf.dim(0);
+  matmul_wt(x.data(), M, cols, Wf, Wh, 0, n, y.data(), n);
+  if (b.defined()) {
+    float* yp = y.data();
+    const float* bp = b.data();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < n; ++j) yp[m * n + j] += bp[j];
+  }
+  return y;
 }
 
 }  // namespace ops
