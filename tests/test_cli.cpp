@@ -14,20 +14,9 @@
 using namespace mamba;
 
 namespace {
-struct CliRun {
-  int status;
-  std::string out;  // stdout and stderr together
-};
+using test::CliRun;
 CliRun run(const std::string& args) {
-  std::string cmd = std::string(MAMBA_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return {-1, ""};
-  std::string out;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) out.append(buf.data(), n);
-  int st = pclose(p);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+  return test::run_cli(args);
 }
 std::string tmp(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("mamba_cli_" + name)).string();

@@ -475,21 +475,8 @@ INSTANTIATE_TEST_SUITE_P(Mixers, HalfLM, ::testing::Values("Mamba1", "Mamba2"),
 // ---- the command line ---------------------------------------------------------------------------
 
 namespace {
-struct CliRun {
-  int status;
-  std::string out;  // stdout and stderr together
-};
-CliRun run_cli(const std::string& args) {
-  std::string cmd = std::string(MAMBA_CLI_PATH) + " " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return {-1, ""};
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  int st = pclose(p);
-  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
-}
+using test::CliRun;
+using test::run_cli;
 }  // namespace
 
 // --dtype on score, generate and bench: score's logits are those of the library's 16-bit model

@@ -373,15 +373,8 @@ TEST(TokenizerNeox, RoundTripRandomTextAndSpeed) {
 // ---- the CLI ---------------------------------------------------------------------------------
 
 std::pair<int, std::string> run_cli(const std::string& args) {
-  const std::string cmd = std::string("\"") + MAMBA_CLI_PATH + "\" " + args + " 2>&1";
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return {-1, ""};
-  std::string out;
-  char buf[4096];
-  size_t n;
-  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
-  const int rc = pclose(p);
-  return {WIFEXITED(rc) ? WEXITSTATUS(rc) : -1, out};
+  test::CliRun r = test::run_cli(args);
+  return {r.status, r.out};
 }
 
 TEST(TokenizerCli, TokenizeAndDetokenize) {

@@ -3,9 +3,11 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <functional>
 #include <initializer_list>
 #include <string>
+#include <sys/wait.h>
 
 #include "mamba/os.h"
 #include "mamba/rng.h"
@@ -118,5 +120,25 @@ void expect_error(F&& f, std::initializer_list<const char*> fragments) {
       EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
   }
 }
+
+// Runs the mambacpp binary built with the tests (MAMBA_CLI_PATH) with `args` appended (shell
+// syntax); returns its exit status (-1 if it did not exit normally) and stdout + stderr.
+struct CliRun {
+  int status;
+  std::string out;
+};
+#ifdef MAMBA_CLI_PATH
+inline CliRun run_cli(const std::string& args) {
+  const std::string cmd = std::string("\"") + MAMBA_CLI_PATH + "\" " + args + " 2>&1";
+  FILE* p = popen(cmd.c_str(), "r");
+  if (!p) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  const int st = pclose(p);
+  return {WIFEXITED(st) ? WEXITSTATUS(st) : -1, out};
+}
+#endif
 
 }  // namespace mamba::test
