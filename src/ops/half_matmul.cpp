@@ -368,6 +368,16 @@ void half_matmul_ref(const float* x, int64_t M, int64_t ldx, const HalfWeight& W
     }
 }
 
+namespace {
+// y (M, n) += b (n) on every row (b optional).
+void add_row_bias(float* y, const Tensor& b, int64_t M, int64_t n) {
+  if (!b.defined()) return;
+  const float* bp = b.data();
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t j = 0; j < n; ++j) y[m * n + j] += bp[j];
+}
+}  // namespace
+
 Tensor half_linear(const Tensor& x, const HalfWeight& W, const Tensor& b) {
   check_defined(x, "half_linear: x");
   MAMBA_CHECK(W.defined(), "half_linear: W is undefined");
@@ -383,11 +393,7 @@ Tensor half_linear(const Tensor& x, const HalfWeight& W, const Tensor& b) {
   } else {
     half_matmul(x.data(), M, W.cols(), W, 0, n, y.data(), n);
   }
-  if (b.defined()) {
-    float* yp = y.data();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < n; ++j) yp[m * n + j] += b[j];
-  }
+  add_row_bias(y.data(), b, M, n);
   return y;
 }
 
@@ -421,12 +427,7 @@ Tensor linear_any(const Tensor& x, const Tensor& Wf, const HalfWeight& Wh, const
   Tensor y = Tensor::empty(s);
   const int64_t n = Wf.dim(0);
   matmul_wt(x.data(), M, cols, Wf, Wh, 0, n, y.data(), n);
-  if (b.defined()) {
-    float* yp = y.data();
-    const float* bp = b.data();
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t j = 0; j < n; ++j) yp[m * n + j] += bp[j];
-  }
+  add_row_bias(y.data(), b, M, n);
   return y;
 }
 
