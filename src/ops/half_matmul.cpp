@@ -16,6 +16,7 @@
 #include "mamba/gemm.h"
 #include "mamba/ops/half_matmul.h"
 #include "mamba/ops/linear.h"
+#include "mamba/ops/xwt.h"
 #include "mamba/parallel.h"
 #include "mamba/safetensors.h"  // the scalar bf16 / f16 conversions (round to nearest even)
 
@@ -257,13 +258,6 @@ void check_args(const char* what, int64_t M, int64_t ldx, const HalfWeight& W, i
 // (dt_proj, x_proj) are not split into tasks costlier than their work.
 int64_t gemv_grain(int64_t cols) { return std::max<int64_t>(4, (16384 + cols - 1) / std::max<int64_t>(cols, 1)); }
 
-// Per-thread fp32 scratch for the convert-then-GEMM path (kept across calls).
-float* scratch(size_t n) {
-  thread_local std::vector<float> buf;
-  if (buf.size() < n) buf.resize(n);
-  return buf.data();
-}
-constexpr int64_t kScratchFloats = int64_t{1} << 20;  // 4 MiB per thread
 }  // namespace
 
 uint16_t f32_to_half(float v, WeightDType kind) {
@@ -341,18 +335,8 @@ void half_matmul(const float* x, int64_t M, int64_t ldx, const HalfWeight& W, in
     HWY_DYNAMIC_DISPATCH(GemvKernel)(x, M, ldx, W.row(r0), cols, n, y, ldy, bf, gemv_grain(cols));
     return;
   }
-  // Prefill: each thread converts blocks of its rows to fp32 and runs a single-threaded GEMM on
-  // them (OpenMP OpenBLAS inside a parallel region); compute bound, the conversion is O(n cols).
-  const int64_t block = std::max<int64_t>(16, kScratchFloats / std::max<int64_t>(cols, 1));
-  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), (n + 15) / 16));
-  parallel_for(n, (n + tasks - 1) / tasks, [&](int64_t b, int64_t e) {
-    float* s = scratch(static_cast<size_t>(std::min(block, e - b) * cols));
-    for (int64_t rb = b; rb < e; rb += block) {
-      const int64_t nb = std::min(block, e - rb);
-      from_half(W.row(r0 + rb), s, nb * cols, W.kind());
-      gemm(false, true, M, nb, cols, 1.f, x, ldx, s, cols, 0.f, y + rb, ldy);
-    }
-  });
+  // Prefill: compute bound; the packed kernel converts the rows as it packs them (ops/xwt.h).
+  xwt(x, M, ldx, WeightRows{W.row(r0), W.kind(), cols}, n, cols, y, ldy, false);
 }
 
 void half_matmul_ref(const float* x, int64_t M, int64_t ldx, const HalfWeight& W, int64_t r0,
@@ -410,6 +394,11 @@ void matmul_wt(const float* x, int64_t M, int64_t ldx, const Tensor& Wf, const H
   if (M >= 2 && M <= kHalfGemvMaxM) {  // batched decode: stream the weights once for all M rows
     MAMBA_CHECK(ldx >= cols && ldy >= n, "matmul_wt: ldx ", ldx, " < cols ", cols, " or ldy ", ldy, " < n ", n);
     HWY_DYNAMIC_DISPATCH(GemvF32Kernel)(x, M, ldx, Wf.data() + r0 * cols, cols, n, y, ldy, gemv_grain(cols));
+    return;
+  }
+  if (M > kHalfGemvMaxM) {  // prefill: the packed kernel (or the BLAS where it is not faster)
+    MAMBA_CHECK(ldx >= cols && ldy >= n, "matmul_wt: ldx ", ldx, " < cols ", cols, " or ldy ", ldy, " < n ", n);
+    xwt(x, M, ldx, WeightRows{Wf.data() + r0 * cols, WeightDType::f32, cols}, n, cols, y, ldy, false);
     return;
   }
   gemm(false, true, M, n, cols, 1.f, x, ldx, Wf.data() + r0 * cols, cols, 0.f, y, ldy);

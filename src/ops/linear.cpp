@@ -3,6 +3,7 @@
 #include "mamba/ops/linear.h"
 
 #include "mamba/gemm.h"
+#include "mamba/ops/xwt.h"
 
 namespace mamba::ops {
 namespace {
@@ -42,6 +43,11 @@ Tensor linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b) {
   }
   if (d.in == 0) {
     if (!b.defined()) y.zero();
+    return y;
+  }
+  if (d.M > kHalfGemvMaxM) {  // many rows (prefill, training): the packed kernel where it is faster
+    xwt(x.data(), d.M, d.in, WeightRows{W.data(), WeightDType::f32, d.in}, d.out, d.in, yp, d.out,
+        b.defined());
     return y;
   }
   gemm(false, true, d.M, d.out, d.in, 1.f, x.data(), d.in, W.data(), d.in,

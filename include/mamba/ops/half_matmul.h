@@ -4,7 +4,7 @@
 //   half_matmul: y (M, n) = x (M, cols) W[r0 : r0 + n, :]^T, every product and sum in fp32.
 // Small M (decode, batched decode): one pass over the weight rows, each row converted in registers
 // and multiplied with all M inputs (the weights are read once: decode is bound by their bytes).
-// Large M (prefill): blocks of rows converted to fp32 scratch, then mamba::gemm (compute bound).
+// Large M (prefill): ops::xwt (the packed kernel converts rows as it packs them; compute bound).
 // Inference only: there is no backward; layers holding 16-bit weights refuse to train.
 #pragma once
 #include <cstdint>
@@ -65,7 +65,7 @@ void half_matmul(const float* x, int64_t M, int64_t ldx, const HalfWeight& W, in
 // The reference: plain loops, double accumulation, same arguments.
 void half_matmul_ref(const float* x, int64_t M, int64_t ldx, const HalfWeight& W, int64_t r0,
                      int64_t n, float* y, int64_t ldy);
-// Largest M that takes the streaming (GEMV-like) kernel; larger M converts rows and calls gemm.
+// Largest M that takes the streaming (GEMV-like) kernel; larger M goes to ops::xwt.
 constexpr int64_t kHalfGemvMaxM = 16;
 
 // Moves one weight matrix between its fp32 storage (the parameter's value, its gradient and the

@@ -1,0 +1,260 @@
+// y = x W^T with fp32 / bf16 / f16 weights: the packed prefill kernel (see include/mamba/ops/xwt.h),
+// the dispatch between it and the BLAS, and the reference. Highway kernels follow the dispatch
+// pattern of src/ops/act.cpp.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/xwt.cpp"
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/aligned_allocator.h>
+#include <hwy/highway.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "mamba/error.h"
+#include "mamba/gemm.h"
+#include "mamba/ops/xwt.h"
+#include "mamba/parallel.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+constexpr int64_t kNB = 12;  // weight rows per tile (with 2 vectors of x rows: 24 accumulators)
+
+// Vector width in bytes of this target (the dispatcher enables the kernel for >= 64).
+int64_t VectorBytes() { return static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()) * sizeof(float)); }
+
+// acc[j] (2 vectors: x rows i = 0..2*lanes-1 of the panel) = sum_k xp[k][i] * wk[k][j]; stored
+// to T[j][i]. xp: (K, 2*lanes) packed x^T, wk: (K, kNB) packed W^T, both fp32 and aligned.
+HWY_INLINE void Tile(const float* HWY_RESTRICT xp, const float* HWY_RESTRICT wk, int64_t K,
+                     float* HWY_RESTRICT T) {
+  const hn::ScalableTag<float> df;
+  using V = hn::Vec<decltype(df)>;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
+  V a0[kNB], a1[kNB];
+  for (int j = 0; j < kNB; ++j) a0[j] = a1[j] = hn::Zero(df);
+  for (int64_t k = 0; k < K; ++k) {
+    const V x0 = hn::Load(df, xp + k * 2 * NL), x1 = hn::Load(df, xp + k * 2 * NL + NL);
+    for (int j = 0; j < kNB; ++j) {
+      const V w = hn::Set(df, wk[k * kNB + j]);
+      a0[j] = hn::MulAdd(x0, w, a0[j]);
+      a1[j] = hn::MulAdd(x1, w, a1[j]);
+    }
+  }
+  for (int j = 0; j < kNB; ++j) {
+    hn::Store(a0[j], df, T + j * 2 * NL);
+    hn::Store(a1[j], df, T + j * 2 * NL + NL);
+  }
+}
+
+// fp32 copy of `n` weights of one row (16-bit ones widened exactly).
+HWY_INLINE void RowToF32(const void* row, WeightDType t, int64_t n, float* dst) {
+  if (t == WeightDType::f32) {
+    std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
+    return;
+  }
+  const hn::ScalableTag<float> df;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
+  const uint16_t* h = static_cast<const uint16_t*>(row);
+  int64_t k = 0;
+  if (t == WeightDType::bf16) {
+    const hn::Rebind<hwy::bfloat16_t, decltype(df)> dh;
+    for (; k + NL <= n; k += NL)
+      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::bfloat16_t*>(h + k))), df, dst + k);
+  } else {
+    const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+    for (; k + NL <= n; k += NL)
+      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(h + k))), df, dst + k);
+  }
+  for (; k < n; ++k) dst[k] = half_to_f32(h[k], t);
+}
+
+template <class T>
+struct Aligned {  // a grow-only aligned buffer kept per thread across calls
+  hwy::AlignedFreeUniquePtr<T[]> p;
+  size_t n = 0;
+  T* get(size_t want) {
+    if (want > n) {
+      p = hwy::AllocateAligned<T>(want);
+      n = want;
+    }
+    return p.get();
+  }
+};
+
+void XwtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
+               int64_t ldy, bool accumulate) {
+  const hn::ScalableTag<float> df;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
+  const int64_t np = (M + MP - 1) / MP;  // panels of x rows
+  const int64_t wbytes = W.dtype == WeightDType::f32 ? 4 : 2;
+  const char* wbase = static_cast<const char*>(W.data);
+
+  // 1. x^T in panels: xp[p][k][i] = x[p*MP + i][k], rows past M zero. Blocks of 8 rows x 16 k
+  //    keep both sides in L1 (32 rows at once would alias in the cache when ldx is 4K-ish).
+  static thread_local Aligned<float> xp_buf;
+  float* xp = xp_buf.get(static_cast<size_t>(np * MP * K));
+  parallel_for(np, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p) {
+      float* d = xp + p * MP * K;
+      const int64_t mr = std::min(MP, M - p * MP);
+      for (int64_t i0 = 0; i0 < mr; i0 += 8)
+        for (int64_t k0 = 0; k0 < K; k0 += 16) {
+          const int64_t kn = std::min<int64_t>(16, K - k0);
+          for (int64_t i = i0; i < std::min(mr, i0 + 8); ++i) {
+            const float* xr = x + (p * MP + i) * ldx + k0;
+            for (int64_t kk = 0; kk < kn; ++kk) d[(k0 + kk) * MP + i] = xr[kk];
+          }
+        }
+      if (mr < MP)
+        for (int64_t k = 0; k < K; ++k) std::fill(d + k * MP + mr, d + (k + 1) * MP, 0.f);
+    }
+  });
+
+  // 2. Threads split the blocks of kNB weight rows. Per thread: a chunk of its blocks is
+  //    converted + transposed into wk (~2 MB), then x is swept in groups of panels (~384 KB, L2)
+  //    against every block of the chunk (kNB * K floats, L1 / L2).
+  const int64_t nb = (N + kNB - 1) / kNB;
+  const int64_t G = std::max<int64_t>(1, (384 << 10) / (K * MP * 4));
+  const int64_t chunk = std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
+  const int64_t T = std::max(1, num_threads());
+  parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
+    static thread_local Aligned<float> wk_buf, row_buf, tile_buf;
+    float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
+    float* row = row_buf.get(static_cast<size_t>(K));
+    for (int64_t c0 = bb; c0 < be; c0 += chunk) {
+      const int64_t c1 = std::min(be, c0 + chunk);
+      float* wk = wk_buf.get(static_cast<size_t>((c1 - c0) * kNB * K));
+      for (int64_t b = c0; b < c1; ++b) {
+        float* w = wk + (b - c0) * kNB * K;
+        for (int64_t j = 0; j < kNB; ++j) {
+          const int64_t n = b * kNB + j;
+          if (n < N) {
+            RowToF32(wbase + n * W.ld * wbytes, W.dtype, K, row);
+            for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = row[k];
+          } else {
+            for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = 0.f;
+          }
+        }
+      }
+      for (int64_t g0 = 0; g0 < np; g0 += G)
+        for (int64_t b = c0; b < c1; ++b) {
+          const int64_t n0 = b * kNB, nr = std::min(kNB, N - n0);
+          for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
+            Tile(xp + p * MP * K, wk + (b - c0) * kNB * K, K, tile);
+            const int64_t mr = std::min(MP, M - p * MP);
+            for (int64_t i = 0; i < mr; ++i) {
+              float* yr = y + (p * MP + i) * ldy + n0;
+              if (accumulate)
+                for (int64_t j = 0; j < nr; ++j) yr[j] += tile[j * MP + i];
+              else
+                for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
+            }
+          }
+        }
+    }
+  });
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mamba::ops {
+HWY_EXPORT(XwtKernel);
+HWY_EXPORT(VectorBytes);
+
+namespace {
+void check_xwt(const char* what, const float* x, int64_t M, int64_t ldx, const WeightRows& W,
+               int64_t N, int64_t K, const float* y, int64_t ldy) {
+  MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, what, ": negative size M=", M, " N=", N, " K=", K);
+  MAMBA_CHECK(ldx >= K && W.ld >= K && ldy >= N, what, ": leading dimensions ldx ", ldx, ", ldw ",
+              W.ld, ", ldy ", ldy, " must be >= K ", K, ", K, N ", N);
+  MAMBA_CHECK((x && y && W.data) || M == 0 || N == 0, what, ": null pointer");
+}
+
+const void* row_ptr(const WeightRows& W, int64_t r) {
+  const size_t bytes = W.dtype == WeightDType::f32 ? 4 : 2;
+  return static_cast<const char*>(W.data) + static_cast<size_t>(r * W.ld) * bytes;
+}
+
+void zero_or_keep(float* y, int64_t M, int64_t N, int64_t ldy, bool accumulate) {
+  if (accumulate) return;
+  for (int64_t m = 0; m < M; ++m) std::fill(y + m * ldy, y + m * ldy + N, 0.f);
+}
+}  // namespace
+
+bool xwt_packed_active() {
+  static const bool active = [] {
+    const char* e = std::getenv("MAMBA_GEMM");
+    if (e && std::string(e) == "blas") return false;
+    return HWY_DYNAMIC_DISPATCH(VectorBytes)() >= 64;
+  }();
+  return active;
+}
+
+void xwt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                float* y, int64_t ldy, bool accumulate) {
+  check_xwt("xwt_packed", x, M, ldx, W, N, K, y, ldy);
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
+  HWY_DYNAMIC_DISPATCH(XwtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+}
+
+void xwt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
+         int64_t ldy, bool accumulate) {
+  check_xwt("xwt", x, M, ldx, W, N, K, y, ldy);
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
+  if (xwt_packed_active()) {
+    HWY_DYNAMIC_DISPATCH(XwtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+    return;
+  }
+  if (W.dtype == WeightDType::f32) {
+    gemm(false, true, M, N, K, 1.f, x, ldx, static_cast<const float*>(W.data), W.ld,
+         accumulate ? 1.f : 0.f, y, ldy);
+    return;
+  }
+  // 16-bit weights on the BLAS: blocks of rows converted to fp32, one single-threaded GEMM each
+  // (OpenMP OpenBLAS inside a parallel region); the conversion is O(N K), the GEMM O(M N K).
+  const int64_t block = std::max<int64_t>(16, (int64_t{1} << 20) / K);
+  const int64_t tasks = std::max<int64_t>(1, std::min<int64_t>(num_threads(), (N + 15) / 16));
+  parallel_for(N, (N + tasks - 1) / tasks, [&](int64_t b, int64_t e) {
+    static thread_local std::vector<float> s;
+    s.resize(static_cast<size_t>(std::min(block, e - b) * K));
+    for (int64_t rb = b; rb < e; rb += block) {
+      const int64_t nb = std::min(block, e - rb);
+      if (W.ld == K)
+        from_half(static_cast<const uint16_t*>(row_ptr(W, rb)), s.data(), nb * K, W.dtype);
+      else
+        for (int64_t r = 0; r < nb; ++r)
+          from_half(static_cast<const uint16_t*>(row_ptr(W, rb + r)), s.data() + r * K, K, W.dtype);
+      gemm(false, true, M, nb, K, 1.f, x, ldx, s.data(), K, accumulate ? 1.f : 0.f, y + rb, ldy);
+    }
+  });
+}
+
+void xwt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
+             int64_t ldy, bool accumulate) {
+  check_xwt("xwt_ref", x, M, ldx, W, N, K, y, ldy);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = accumulate ? y[m * ldy + n] : 0.0;
+      const void* r = row_ptr(W, n);
+      for (int64_t k = 0; k < K; ++k) {
+        const double w = W.dtype == WeightDType::f32
+                             ? static_cast<const float*>(r)[k]
+                             : half_to_f32(static_cast<const uint16_t*>(r)[k], W.dtype);
+        acc += static_cast<double>(x[m * ldx + k]) * w;
+      }
+      y[m * ldy + n] = static_cast<float>(acc);
+    }
+}
+
+}  // namespace mamba::ops
+#endif  // HWY_ONCE
