@@ -267,16 +267,21 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   if (bias.defined()) check_shape(bias, "causal_conv1d_update: bias", {D});
   Tensor y = Tensor::empty({B, D});
   float* st = conv_state.data();
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t d = 0; d < D; ++d) {
-      float* s = st + (b * D + d) * K;
+  const float *xp = x.data(), *wp = weight.data(), *bp = bias.defined() ? bias.data() : nullptr;
+  float* yp = y.data();
+  // (batch, channel) rows are independent: threads only for batched decode's larger B * D.
+  parallel_for(B * D, 16384, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t d = i % D;
+      float* s = st + i * K;
       for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
-      s[K - 1] = x[b * D + d];
-      float acc = bias.defined() ? bias[d] : 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += weight[d * K + k] * s[k];
-      y[b * D + d] = acc;
+      s[K - 1] = xp[i];
+      float acc = bp ? bp[d] : 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += wp[d * K + k] * s[k];
+      yp[i] = acc;
     }
-  if (silu) ops::silu(y.data(), y.data(), y.numel());
+    if (silu) ops::silu(yp + i0, yp + i0, i1 - i0);
+  });
   return y;
 }
 

@@ -653,34 +653,61 @@ void StateUpdateKernel(const StepPlan& p) {
   parallel_for(p.s.batch * Dd,
                std::max<int64_t>(1, 4 * scan_detail::kMinWorkPerThread / std::max<int64_t>(N, 1)),
                [&](int64_t i0, int64_t i1) {
-                 for (int64_t i = i0; i < i1; ++i) {
-                   const int64_t b = i / Dd, dd = i % Dd;
-                   float v = p.dt[i];
-                   if (p.bias) v += p.bias[dd];
-                   if (p.softplus) v = v > 20.f ? v : std::log1p(std::exp(v));
-                   const float xv = p.x[i];
-                   const float* Bp = p.B + (b * GB + dd / (Dd / GB)) * N;
-                   const float* Cp = p.C + (b * GC + dd / (Dd / GC)) * N;
-                   const float* Ap = p.A + dd * N;
-                   float* h = p.state + i * N;
-                   const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
-                   VF acc = hn::Zero(d);
-                   int64_t n = 0;
-                   for (; n + lanes <= N; n += lanes) {
-                     const VF e = ExpNaN(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
-                     const VF hv =
-                         hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
-                     hn::StoreU(hv, d, h + n);
-                     acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
+                 // The per-channel scalars first, vectorised over channels: delta (bias +
+                 // softplus) and the gate silu(z); then one state row (N) per channel.
+                 constexpr int64_t kBlk = 512;
+                 alignas(64) float dtb[kBlk], gb[kBlk];
+                 for (int64_t c0 = i0; c0 < i1; c0 += kBlk) {
+                   const int64_t c1 = std::min(i1, c0 + kBlk);
+                   for (int64_t i = c0; i < c1;) {  // segments that do not cross a batch row
+                     const int64_t b = i / Dd, e = std::min(c1, (b + 1) * Dd);
+                     int64_t j = i;
+                     for (; j + lanes <= e; j += lanes) {
+                       VF v = hn::LoadU(d, p.dt + j);
+                       if (p.bias) v = hn::Add(v, hn::LoadU(d, p.bias + (j - b * Dd)));
+                       if (p.softplus) v = Softplus(d, v);
+                       hn::StoreU(v, d, dtb + (j - c0));
+                       if (p.z) {
+                         const VF zv = hn::LoadU(d, p.z + j);
+                         hn::StoreU(hn::Mul(zv, Sigmoid(d, zv)), d, gb + (j - c0));
+                       }
+                     }
+                     for (; j < e; ++j) {
+                       float v = p.dt[j];
+                       if (p.bias) v += p.bias[j - b * Dd];
+                       if (p.softplus) v = v > 20.f ? v : std::log1p(std::exp(v));
+                       dtb[j - c0] = v;
+                       if (p.z) gb[j - c0] = p.z[j] / (1.f + std::exp(-p.z[j]));
+                     }
+                     i = e;
                    }
-                   float yv = hn::GetLane(hn::SumOfLanes(d, acc));
-                   for (; n < N; ++n) {
-                     h[n] = std::exp(v * Ap[n]) * h[n] + v * xv * Bp[n];
-                     yv += h[n] * Cp[n];
+                   for (int64_t i = c0; i < c1; ++i) {
+                     const int64_t b = i / Dd, dd = i % Dd;
+                     const float v = dtb[i - c0];
+                     const float xv = p.x[i];
+                     const float* Bp = p.B + (b * GB + dd / (Dd / GB)) * N;
+                     const float* Cp = p.C + (b * GC + dd / (Dd / GC)) * N;
+                     const float* Ap = p.A + dd * N;
+                     float* h = p.state + i * N;
+                     const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
+                     VF acc = hn::Zero(d);
+                     int64_t n = 0;
+                     for (; n + lanes <= N; n += lanes) {
+                       const VF e = ExpNaN(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
+                       const VF hv =
+                           hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
+                       hn::StoreU(hv, d, h + n);
+                       acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
+                     }
+                     float yv = hn::GetLane(hn::SumOfLanes(d, acc));
+                     for (; n < N; ++n) {
+                       h[n] = std::exp(v * Ap[n]) * h[n] + v * xv * Bp[n];
+                       yv += h[n] * Cp[n];
+                     }
+                     if (p.Dskip) yv += xv * p.Dskip[dd];
+                     if (p.z) yv *= gb[i - c0];
+                     p.y[i] = yv;
                    }
-                   if (p.Dskip) yv += xv * p.Dskip[dd];
-                   if (p.z) yv *= p.z[i] / (1.f + std::exp(-p.z[i]));
-                   p.y[i] = yv;
                  }
                });
 }
