@@ -16,6 +16,11 @@ for m in mamba-130m mamba2-130m; do
         > "$O/lm_${m}_${dt}_t$t.json"
     done
   done
+  # baseline in the same run: the projections' GEMM on OpenBLAS instead of ops/xwt.h
+  for dt in f32 bf16; do
+    MAMBA_GEMM=blas build/mambacpp bench --preset $m --prompt 512 --gen 128 --reps 3 --threads 2 --dtype $dt --json \
+      > "$O/lm_${m}_${dt}_t2_blasgemm.json"
+  done
   for dt in f32 bf16; do
     for b in 1 4 16; do
       build/mambacpp bench --preset $m --prompt 64 --gen 64 --reps 3 --threads 2 --dtype $dt --batch $b --json \

@@ -271,8 +271,7 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   float* yp = y.data();
   // (batch, channel) rows are independent: threads only for batched decode's larger B * D.
   parallel_for(B * D, 16384, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t d = i % D;
+    for (int64_t i = i0, d = i0 % D; i < i1; ++i, d = d + 1 == D ? 0 : d + 1) {
       float* s = st + i * K;
       for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
       s[K - 1] = xp[i];

@@ -681,12 +681,16 @@ void StateUpdateKernel(const StepPlan& p) {
                      }
                      i = e;
                    }
-                   for (int64_t i = c0; i < c1; ++i) {
-                     const int64_t b = i / Dd, dd = i % Dd;
+                   // (batch, channel) of i advanced without divisions (they cost as much as
+                   // a channel's N = 16 state update)
+                   const int64_t per_gb = Dd / GB, per_gc = Dd / GC;
+                   int64_t b = c0 / Dd, dd = c0 % Dd;
+                   for (int64_t i = c0; i < c1; ++i, ++dd) {
+                     if (dd == Dd) dd = 0, ++b;
                      const float v = dtb[i - c0];
                      const float xv = p.x[i];
-                     const float* Bp = p.B + (b * GB + dd / (Dd / GB)) * N;
-                     const float* Cp = p.C + (b * GC + dd / (Dd / GC)) * N;
+                     const float* Bp = p.B + (b * GB + (GB == 1 ? 0 : dd / per_gb)) * N;
+                     const float* Cp = p.C + (b * GC + (GC == 1 ? 0 : dd / per_gc)) * N;
                      const float* Ap = p.A + dd * N;
                      float* h = p.state + i * N;
                      const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
