@@ -9,6 +9,8 @@ O=${1:-bench-out/$(date +%H%M)}
 mkdir -p "$O"
 uptime > "$O/uptime_start.txt"
 OMP_NUM_THREADS=2 build/bench_ssd --threads 2 --ref 0 --sweep 1 --layer 1 --reps 5 > "$O/ssd_t2.jsonl"
+build/bench_xwt --reps 7 > "$O/xwt_t2.jsonl"
+build/bench_xwt --reps 5 --threads 1 > "$O/xwt_t1.jsonl"
 for m in mamba-130m mamba2-130m; do
   for dt in f32 bf16 f16; do
     for t in 2 1; do
