@@ -245,6 +245,27 @@ TEST(Data, InductionInvariants) {
   EXPECT_EQ(induction_batch(3, L, V, r1).ids, induction_batch(3, L, V, r2).ids);
 }
 
+TEST(Data, InductionLossOnAllPositions) {
+  const int64_t B = 8, L = 20, V = 6;
+  Rng r1(9), r2(9);
+  Batch last = induction_batch(B, L, V, r1), all = induction_batch(B, L, V, r2, true);
+  EXPECT_EQ(all.ids, last.ids);  // the same sequences
+  EXPECT_EQ(all.counted(), B * L);
+  for (int64_t s = 0; s < B; ++s) {
+    for (int64_t t = 0; t + 1 < L; ++t)
+      EXPECT_EQ(all.targets[s * L + t], all.ids[s * L + t + 1]) << "next token at " << t;
+    EXPECT_EQ(all.targets[s * L + L - 1], last.targets[s * L + L - 1]);  // the answer
+  }
+  // The option only exists for induction; the evaluation counts the answer only.
+  TaskConfig sc;
+  sc.kind = TaskKind::SelectiveCopy, sc.all_positions = true;
+  EXPECT_THROW(sc.validate(), Error);
+  TrainConfig c = tiny_train(TaskKind::Induction);
+  c.task.all_positions = true;
+  Trainer tr(c);
+  EXPECT_EQ(evaluate(tr.model(), c.task, 2, 4, 7, nullptr).counted, 8);
+}
+
 TEST(Data, TextWindowsAreShiftedByOne) {
   std::vector<int32_t> toks;
   for (int i = 0; i < 100; ++i) toks.push_back(i % 50);
@@ -439,6 +460,9 @@ TEST(Train, ConfigRoundTripsThroughJson) {
   c.A_init_scale = 0.25;
   TrainConfig d = TrainConfig::from_json(c.to_json(), c.model);
   EXPECT_EQ(d.to_json(), c.to_json());
+  TrainConfig ih = tiny_train(TaskKind::Induction);
+  ih.task.all_positions = true;
+  EXPECT_TRUE(TrainConfig::from_json(ih.to_json(), ih.model).task.all_positions);
   EXPECT_EQ(d.seed, c.seed);
   EXPECT_EQ(d.A_init_scale, 0.25);
   EXPECT_THROW(TrainConfig::from_json("{", c.model), Error);

@@ -110,6 +110,9 @@ struct TaskConfig {
   int64_t seqlen = 256;  // L: the whole sequence the model sees
   int64_t vocab = 16;    // synthetic tasks: token alphabet (specials included)
   int64_t n_copy = 16;   // selective copying: data tokens to memorise and copy
+  // induction: train on the next-token loss at every position (how the H3 / safari code trains
+  // these tasks) instead of the answer only; evaluations always count the answer only.
+  bool all_positions = false;
   std::string text_path, tokenizer_path;  // text: a UTF-8 file; tokenizer.json ("" = bytes)
   void validate() const;  // throws mamba::Error naming the option
 };
@@ -120,8 +123,10 @@ struct TaskConfig {
 Batch selective_copy_batch(int64_t B, int64_t L, int64_t V, int64_t M, Rng& rng);
 // Induction Heads: tokens uniform in [0, V-2]; the special token V-1 appears at a random
 // position p in [0, L-3], followed by the key token; the last position is the special token
-// again and its target is the key. Only that position is counted.
-Batch induction_batch(int64_t B, int64_t L, int64_t V, Rng& rng);
+// again and its target is the key. Only that position is counted, unless all_positions: then
+// every position t < L-1 also has the next token ids[t+1] as its target (the same sequences:
+// the random draws do not change).
+Batch induction_batch(int64_t B, int64_t L, int64_t V, Rng& rng, bool all_positions = false);
 
 // A tokenised text sampled as random windows of L+1 tokens (ids = w[0..L), targets = w[1..L]).
 class TextData {

@@ -28,6 +28,7 @@ struct TrainOpts {
   bool no_selective = false;
   std::string task = "selective-copy", text, tokenizer;
   int64_t seqlen = 256, task_vocab = 16, n_copy = 16;
+  bool all_positions = false;
   int64_t batch = 8, steps = 1000, warmup = 50, accum = 1, save_every = 0, log_every = 0;
   double lr = 1e-3, min_lr = 1e-5, weight_decay = 0.1, clip = 1.0, beta1 = 0.9, beta2 = 0.95;
   uint64_t seed = 0;
@@ -125,6 +126,9 @@ Command add_train(CLI::App& app) {
   sub->add_option("--task-vocab", o->task_vocab, "synthetic tasks: alphabet size (specials included)")
       ->capture_default_str()->group(g);
   sub->add_option("--n-copy", o->n_copy, "selective-copy: data tokens to copy")->capture_default_str()->group(g);
+  sub->add_flag("--loss-all-positions", o->all_positions,
+                "induction: train on the next-token loss at every position, not only the answer (evals count the answer)")
+      ->group(g);
   sub->add_option("--text", o->text, "text task: a UTF-8 file")->group(g);
   sub->add_option("--tokenizer", o->tokenizer, "text task: tokenizer.json (default: bytes, vocab 256)")->group(g);
   g = "Optimisation";
@@ -166,6 +170,7 @@ Command add_train(CLI::App& app) {
               train::TrainConfig c;
               c.task.kind = train::parse_task(o->task);
               c.task.seqlen = o->seqlen, c.task.vocab = o->task_vocab, c.task.n_copy = o->n_copy;
+              c.task.all_positions = o->all_positions;
               c.task.text_path = o->text, c.task.tokenizer_path = o->tokenizer;
               int64_t vocab = o->vocab;
               if (vocab <= 0) {

@@ -33,6 +33,8 @@ std::string task_name(TaskKind k) {
 
 void TaskConfig::validate() const {
   MAMBA_CHECK(seqlen >= 1, "task: seqlen must be >= 1, got ", seqlen);
+  MAMBA_CHECK(!all_positions || kind == TaskKind::Induction,
+              "task: the loss on all positions (--loss-all-positions) applies to the induction task only");
   switch (kind) {
     case TaskKind::SelectiveCopy:
       MAMBA_CHECK(vocab >= 3, "selective-copy: vocab must be >= 3 (noise, marker and a data token), got ", vocab);
@@ -76,7 +78,7 @@ Batch selective_copy_batch(int64_t B, int64_t L, int64_t V, int64_t M, Rng& rng)
   return bt;
 }
 
-Batch induction_batch(int64_t B, int64_t L, int64_t V, Rng& rng) {
+Batch induction_batch(int64_t B, int64_t L, int64_t V, Rng& rng, bool all_positions) {
   MAMBA_CHECK(V >= 2 && L >= 3 && B >= 1, "induction_batch: need B >= 1, V >= 2 and L >= 3, got B ", B, ", V ", V, ", L ", L);
   Batch bt;
   bt.B = B, bt.L = L;
@@ -90,6 +92,8 @@ Batch induction_batch(int64_t B, int64_t L, int64_t V, Rng& rng) {
     ids[p] = special;
     const int32_t key = ids[p + 1] == special ? 0 : ids[p + 1];  // ids[p+1] < V-1 always
     ids[L - 1] = special;
+    if (all_positions)
+      for (int64_t t = 0; t + 1 < L; ++t) bt.targets[b * L + t] = ids[t + 1];
     bt.targets[b * L + L - 1] = key;
   }
   return bt;
@@ -137,7 +141,7 @@ Batch TextData::sample(int64_t B, int64_t L, Rng& rng) const {
 Batch make_batch(const TaskConfig& task, int64_t B, Rng& rng, const TextData* text) {
   switch (task.kind) {
     case TaskKind::SelectiveCopy: return selective_copy_batch(B, task.seqlen, task.vocab, task.n_copy, rng);
-    case TaskKind::Induction: return induction_batch(B, task.seqlen, task.vocab, rng);
+    case TaskKind::Induction: return induction_batch(B, task.seqlen, task.vocab, rng, task.all_positions);
     case TaskKind::Text:
       MAMBA_CHECK(text != nullptr, "make_batch: the text task needs loaded text data");
       return text->sample(B, task.seqlen, rng);

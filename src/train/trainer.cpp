@@ -95,7 +95,8 @@ void TrainConfig::validate() const {
 std::string TrainConfig::to_json() const {
   json j;
   j["task"] = {{"kind", task_name(task.kind)}, {"seqlen", task.seqlen},     {"vocab", task.vocab},
-               {"n_copy", task.n_copy},        {"text", task.text_path},   {"tokenizer", task.tokenizer_path}};
+               {"n_copy", task.n_copy},        {"text", task.text_path},   {"tokenizer", task.tokenizer_path},
+               {"all_positions", task.all_positions}};
   j["selective"] = selective;
   j["batch"] = batch, j["accum"] = accum, j["steps"] = steps, j["warmup"] = warmup;
   j["lr"] = lr, j["min_lr"] = min_lr, j["clip"] = clip;
@@ -119,6 +120,7 @@ TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& m
   c.task.seqlen = get_or<int64_t>(t, "seqlen", c.task.seqlen);
   c.task.vocab = get_or<int64_t>(t, "vocab", c.task.vocab);
   c.task.n_copy = get_or<int64_t>(t, "n_copy", c.task.n_copy);
+  c.task.all_positions = get_or<bool>(t, "all_positions", false);
   c.task.text_path = get_or<std::string>(t, "text", "");
   c.task.tokenizer_path = get_or<std::string>(t, "tokenizer", "");
   c.selective = get_or<bool>(j, "selective", true);
@@ -280,12 +282,14 @@ Trainer Trainer::resume(const std::string& dir) {
 EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch, uint64_t seed,
                     const TextData* text) {
   task.validate();
+  TaskConfig answer_only = task;  // an evaluation counts the task's answers only
+  answer_only.all_positions = false;
   MAMBA_CHECK(n_batches >= 1 && batch >= 1, "evaluate: batches and batch must be >= 1, got ", n_batches, " and ", batch);
   Rng rng(seed);
   EvalResult r;
   double sum_nll = 0;
   for (int64_t i = 0; i < n_batches; ++i) {
-    Batch bt = make_batch(task, batch, rng, text);
+    Batch bt = make_batch(answer_only, batch, rng, text);
     Tensor logits = lm.forward(bt.ids, bt.B, bt.L);
     LossResult lr = cross_entropy(logits, bt.targets);
     sum_nll += lr.sum_nll;
