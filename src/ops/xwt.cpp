@@ -51,26 +51,12 @@ HWY_INLINE void Tile(const float* HWY_RESTRICT xp, const float* HWY_RESTRICT wk,
   }
 }
 
-// fp32 copy of `n` weights of one row (16-bit ones widened exactly).
+// fp32 copy of `n` weights of one row (16-bit ones widened exactly by ops::from_half).
 HWY_INLINE void RowToF32(const void* row, WeightDType t, int64_t n, float* dst) {
-  if (t == WeightDType::f32) {
+  if (t == WeightDType::f32)
     std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
-    return;
-  }
-  const hn::ScalableTag<float> df;
-  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
-  const uint16_t* h = static_cast<const uint16_t*>(row);
-  int64_t k = 0;
-  if (t == WeightDType::bf16) {
-    const hn::Rebind<hwy::bfloat16_t, decltype(df)> dh;
-    for (; k + NL <= n; k += NL)
-      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::bfloat16_t*>(h + k))), df, dst + k);
-  } else {
-    const hn::Rebind<hwy::float16_t, decltype(df)> dh;
-    for (; k + NL <= n; k += NL)
-      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(h + k))), df, dst + k);
-  }
-  for (; k < n; ++k) dst[k] = half_to_f32(h[k], t);
+  else
+    from_half(static_cast<const uint16_t*>(row), dst, n, t);
 }
 
 template <class T>
