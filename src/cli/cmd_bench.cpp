@@ -8,6 +8,7 @@
 #include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "mamba/lm.h"
+#include "mamba/ops/xwt.h"
 #include "mamba/os.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
@@ -103,11 +104,12 @@ Command add_bench(CLI::App& app) {
             Stats p = stats(pre), d = stats(dec);
             double rss = os::peak_rss_bytes() / 1048576.0, rss_end = os::current_rss_bytes() / 1048576.0;
             if (o->json) {
-              std::printf("{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
+              std::printf("{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\",\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
                           "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
                           "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
                           "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
-                          what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(),
+                          what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
+                          ops::xwt_packed_active() ? "packed" : "blas", num_threads(),
                           (long long)B, (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max,
                           d.median, d.min, d.max, rss, rss_loaded, rss_end);
             } else {

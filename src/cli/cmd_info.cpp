@@ -3,6 +3,7 @@
 
 #include "cli/commands.h"
 #include "mamba/gemm.h"
+#include "mamba/ops/xwt.h"
 #include "mamba/parallel.h"
 #include "mamba/simd.h"
 
@@ -11,7 +12,9 @@ namespace mamba::cli {
 Command add_info(CLI::App& app) {
   auto* sub = app.add_subcommand("info", "Print the build's GEMM, SIMD target and thread count");
   return {sub, [] {
-            std::printf("mamba.cpp 0.1.0\nGEMM: %s\nSIMD: %s\nthreads: %d\n", blas_name(),
+            std::printf("mamba.cpp 0.1.0\nGEMM: %s\nprefill x W^T: %s\nSIMD: %s\nthreads: %d\n", blas_name(),
+                        ops::xwt_packed_active() ? "packed AVX-512 kernel (MAMBA_GEMM=blas to use the GEMM)"
+                                                 : "the GEMM",
                         simd_target_name(), num_threads());
             return 0;
           }};
