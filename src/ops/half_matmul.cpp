@@ -396,8 +396,7 @@ void matmul_wt(const float* x, int64_t M, int64_t ldx, const Tensor& Wf, const H
     HWY_DYNAMIC_DISPATCH(GemvF32Kernel)(x, M, ldx, Wf.data() + r0 * cols, cols, n, y, ldy, gemv_grain(cols));
     return;
   }
-  if (M > kHalfGemvMaxM) {  // prefill: the packed kernel (or the BLAS where it is not faster)
-    MAMBA_CHECK(ldx >= cols && ldy >= n, "matmul_wt: ldx ", ldx, " < cols ", cols, " or ldy ", ldy, " < n ", n);
+  if (M > kHalfGemvMaxM) {  // prefill: the packed kernel (or the BLAS where it is not faster); xwt checks ld
     xwt(x, M, ldx, WeightRows{Wf.data() + r0 * cols, WeightDType::f32, cols}, n, cols, y, ldy, false);
     return;
   }

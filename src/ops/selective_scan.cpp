@@ -38,6 +38,7 @@
 #include <cstring>
 #include <vector>
 
+#include "mamba/ops/act.h"
 #include "mamba/ops/selective_scan.h"
 #include "mamba/parallel.h"
 
@@ -654,7 +655,8 @@ void StateUpdateKernel(const StepPlan& p) {
                std::max<int64_t>(1, 4 * scan_detail::kMinWorkPerThread / std::max<int64_t>(N, 1)),
                [&](int64_t i0, int64_t i1) {
                  // The per-channel scalars first, vectorised over channels: delta (bias +
-                 // softplus) and the gate silu(z); then one state row (N) per channel.
+                 // softplus, NaN kept as in the scan) and the gate silu(z); then one state row
+                 // (N) per channel.
                  constexpr int64_t kBlk = 512;
                  alignas(64) float dtb[kBlk], gb[kBlk];
                  for (int64_t c0 = i0; c0 < i1; c0 += kBlk) {
@@ -667,20 +669,16 @@ void StateUpdateKernel(const StepPlan& p) {
                        if (p.bias) v = hn::Add(v, hn::LoadU(d, p.bias + (j - b * Dd)));
                        if (p.softplus) v = Softplus(d, v);
                        hn::StoreU(v, d, dtb + (j - c0));
-                       if (p.z) {
-                         const VF zv = hn::LoadU(d, p.z + j);
-                         hn::StoreU(hn::Mul(zv, Sigmoid(d, zv)), d, gb + (j - c0));
-                       }
                      }
                      for (; j < e; ++j) {
                        float v = p.dt[j];
                        if (p.bias) v += p.bias[j - b * Dd];
                        if (p.softplus) v = v > 20.f ? v : std::log1p(std::exp(v));
                        dtb[j - c0] = v;
-                       if (p.z) gb[j - c0] = p.z[j] / (1.f + std::exp(-p.z[j]));
                      }
                      i = e;
                    }
+                   if (p.z) ops::silu(p.z + c0, gb, c1 - c0);  // the gate (act.h)
                    // (batch, channel) of i advanced without divisions (they cost as much as
                    // a channel's N = 16 state update)
                    const int64_t per_gb = Dd / GB, per_gc = Dd / GC;
