@@ -8,6 +8,8 @@
 #include <fstream>
 #include <set>
 
+#include <nlohmann/json.hpp>
+
 #include "mamba/nn/mamba1.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
@@ -496,6 +498,52 @@ TEST(Train, AInitScaleMultipliesTheInitialA) {
   EXPECT_EQ(n_alog, c.model.n_layer);
 }
 
+// layer_init: each layer is initialised exactly as a whole model with that layer's delta range
+// and A scale would initialise it; nothing else changes.
+TEST(Train, LayerInitGivesEachLayerItsOwnDeltaRangeAndAScale) {
+  TrainConfig fast = tiny_train(TaskKind::Induction);  // mamba_ssm's dt 1e-3..1e-1, A x1
+  ASSERT_EQ(fast.model.n_layer, 2);
+  TrainConfig slow = fast;
+  slow.model.ssm_cfg.dt_min = 1e-4, slow.model.ssm_cfg.dt_max = 1e-2, slow.A_init_scale = 0.1;
+  TrainConfig split = fast;
+  split.layer_init = {{1e-3, 1e-1, 1.0}, {1e-4, 1e-2, 0.1}};
+  Trainer tf(fast), ts(slow), tsplit(split);
+  auto pf = tf.model().named_parameters(), ps = ts.model().named_parameters(), px = tsplit.model().named_parameters();
+  ASSERT_EQ(pf.size(), px.size());
+  int differs_from_fast = 0, differs_from_slow = 0;
+  for (size_t i = 0; i < px.size(); ++i) {
+    const std::string& name = px[i].first;
+    const bool layer1 = name.rfind("backbone.layers.1.", 0) == 0;
+    const Tensor& want = (layer1 ? ps : pf)[i].second->value;
+    const Tensor &got = px[i].second->value, &other = (layer1 ? pf : ps)[i].second->value;
+    ASSERT_EQ(want.numel(), got.numel()) << name;
+    bool diff_other = false;
+    for (int64_t k = 0; k < got.numel(); ++k) {
+      ASSERT_EQ(got[k], want[k]) << name << " [" << k << "]";
+      diff_other |= got[k] != other[k];
+    }
+    if (diff_other) (layer1 ? differs_from_fast : differs_from_slow)++;
+  }
+  // the two layers really got different inits: dt_proj.bias and A_log of each layer differ from
+  // the other recipe's
+  EXPECT_EQ(differs_from_fast, 2);
+  EXPECT_EQ(differs_from_slow, 2);
+  TrainConfig bad = split;
+  bad.layer_init.pop_back();
+  EXPECT_THROW(Trainer{bad}, Error);  // one entry per layer
+  bad = split, bad.A_init_scale = 0.5;
+  EXPECT_THROW(bad.validate(), Error);  // both a global and per-layer A scale
+  bad = split, bad.layer_init[1].dt_min = 0.1, bad.layer_init[1].dt_max = 0.01;
+  EXPECT_THROW(bad.validate(), Error);
+  bad = split, bad.layer_init[0].A_init_scale = 0;
+  EXPECT_THROW(bad.validate(), Error);
+  TrainConfig back = TrainConfig::from_json(split.to_json(), split.model);
+  ASSERT_EQ(back.layer_init.size(), 2u);
+  EXPECT_EQ(back.layer_init[1].dt_min, 1e-4);
+  EXPECT_EQ(back.layer_init[1].A_init_scale, 0.1);
+  EXPECT_EQ(back.to_json(), split.to_json());
+}
+
 // ---- curves and CLI -----------------------------------------------------------------------------
 
 TEST(Curves, CsvAndSvg) {
@@ -528,6 +576,36 @@ TEST(CLI, TrainThenEvalTask) {
   EXPECT_NE(all.find("seqlen 64: token accuracy"), std::string::npos) << all;
   cmd = cli + " train --task nope --save " + dir + " > /dev/null 2>&1";
   EXPECT_NE(std::system(cmd.c_str()), 0);
+  fs::remove_all(dir);
+}
+
+// Per-layer --dt-min/--dt-max/--A-init-scale lists reach TrainConfig::layer_init (one value is
+// repeated for every layer); a list of the wrong length is a clear error.
+TEST(CLI, TrainPerLayerInitLists) {
+  const std::string dir = temp_dir("layer_init");
+  const std::string cli = MAMBA_CLI_PATH;
+  std::string cmd = cli + " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 2 --d_state 4 "
+                          "--batch 2 --steps 1 --threads 1 --eval-batches 0 --dt-min 1e-3,1e-4 --dt-max 1e-1,1e-2 "
+                          "--A-init-scale 0.1 --save " + dir + " > " + dir + "/log.txt 2>&1";
+  ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
+  std::ifstream st(dir + "/trainer_state.json");
+  const nlohmann::json j = nlohmann::json::parse(st);
+  const nlohmann::json& li = j.at("train").at("layer_init");
+  ASSERT_EQ(li.size(), 2u) << j.dump();
+  EXPECT_EQ(li[0].at("dt_max").get<double>(), 1e-1);
+  EXPECT_EQ(li[1].at("dt_min").get<double>(), 1e-4);
+  EXPECT_EQ(li[0].at("A_init_scale").get<double>(), 0.1);
+  EXPECT_EQ(li[1].at("A_init_scale").get<double>(), 0.1);
+  std::ifstream lg(dir + "/log.txt");
+  std::string log((std::istreambuf_iterator<char>(lg)), std::istreambuf_iterator<char>());
+  EXPECT_NE(log.find("layer 1 delta 0.0001..0.01, A x0.1"), std::string::npos) << log;
+  cmd = cli + " train --task induction --n_layer 2 --dt-min 1e-3,1e-4,1e-5 --steps 1 --save " + dir + " > " + dir +
+        "/err.txt 2>&1";
+  EXPECT_NE(std::system(cmd.c_str()), 0);
+  std::ifstream er(dir + "/err.txt");
+  std::string err((std::istreambuf_iterator<char>(er)), std::istreambuf_iterator<char>());
+  EXPECT_NE(err.find("--dt-min: give one value for every layer or one per layer (n_layer = 2), got 3"),
+            std::string::npos) << err;
   fs::remove_all(dir);
 }
 

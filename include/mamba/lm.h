@@ -11,6 +11,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "mamba/config.h"
@@ -35,7 +36,11 @@ struct LMSaved;  // activations kept by forward for backward (opaque)
 class MambaLM {
  public:
   // dtype != f32: the large weights are converted as they are initialised (see set_weight_dtype).
-  explicit MambaLM(const ModelConfig& cfg, uint64_t seed = 0, WeightDType dtype = WeightDType::f32);
+  // dt_init: empty, or one initial delta range {dt_min, dt_max} per layer that replaces
+  // ssm_cfg.dt_min / dt_max for that layer's dt_proj.bias (a training choice; every other draw of
+  // the layer is unchanged, so a layer given ssm_cfg's range is initialised bit for bit the same).
+  explicit MambaLM(const ModelConfig& cfg, uint64_t seed = 0, WeightDType dtype = WeightDType::f32,
+                   const std::vector<std::pair<double, double>>& dt_init = {});
   ~MambaLM();
   MambaLM(MambaLM&&) noexcept;
   MambaLM& operator=(MambaLM&&) noexcept;

@@ -160,6 +160,14 @@ struct TrainConfig {
   // standard initialisation; 1 = mamba_ssm's. A training choice, not part of config.json (the
   // trained A_log is in the checkpoint). Smaller |A| means slower state decay at the same delta.
   double A_init_scale = 1.0;
+  // Per-layer initialisation (training choices like A_init_scale, not part of config.json):
+  // empty = every layer uses ssm_cfg.dt_min / dt_max and A_init_scale; otherwise one entry per
+  // layer, and A_init_scale must be 1 (each layer's scale is here). Lets a short-memory first
+  // layer sit under a long-memory second one (docs/REPRODUCTION.md, Induction Heads).
+  struct LayerInit {
+    double dt_min = 0.001, dt_max = 0.1, A_init_scale = 1.0;
+  };
+  std::vector<LayerInit> layer_init;
   std::string save_dir;     // "" = no checkpoints
   int64_t save_every = 0;   // 0 = only at the end
   void validate() const;

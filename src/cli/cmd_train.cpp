@@ -1,6 +1,7 @@
 // mambacpp train: train a Mamba LM on a synthetic task of the Mamba paper or a text file, with
 // a progress line, checkpoints, a loss curve (CSV + SVG) and a task-accuracy eval at the end.
 // mambacpp eval-task: the token accuracy of a trained checkpoint on a task at any length.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -24,7 +25,9 @@ using train::TaskConfig;
 struct TrainOpts {
   std::string layer = "mamba1";
   int64_t d_model = 64, n_layer = 2, d_state = 16, d_conv = 4, headdim = 32, chunk = 64, vocab = 0;
-  double expand = 2, dt_min = 0.001, dt_max = 0.1, A_init_scale = 1.0;
+  double expand = 2;
+  // one value for every layer, or one per layer (comma-separated)
+  std::vector<double> dt_min{0.001}, dt_max{0.1}, A_init_scale{1.0};
   bool no_selective = false;
   std::string task = "selective-copy", text, tokenizer;
   int64_t seqlen = 256, task_vocab = 16, n_copy = 16;
@@ -59,15 +62,38 @@ ModelConfig model_config(const TrainOpts& o, int64_t vocab) {
                         {"d_conv", o.d_conv},
                         {"expand", o.expand}};
   if (o.layer == "mamba2") ssm["headdim"] = o.headdim, ssm["chunk_size"] = o.chunk;
-  if (o.dt_min != 0.001 || o.dt_max != 0.1) {
-    ssm["dt_min"] = o.dt_min, ssm["dt_max"] = o.dt_max;
+  // With per-layer ranges config.json records the range over all layers (the per-layer values are
+  // in the train config); each layer's dt_proj.bias is drawn from its own range.
+  const double lo = *std::min_element(o.dt_min.begin(), o.dt_min.end());
+  const double hi = *std::max_element(o.dt_max.begin(), o.dt_max.end());
+  if (lo != 0.001 || hi != 0.1) {
+    ssm["dt_min"] = lo, ssm["dt_max"] = hi;
     // mamba_ssm clamps the initial delta to dt_init_floor (1e-4); a lower --dt-min lowers it too
-    if (o.dt_min < 1e-4) ssm["dt_init_floor"] = o.dt_min;
+    if (lo < 1e-4) ssm["dt_init_floor"] = lo;
   }
   nlohmann::json j = {{"d_model", o.d_model},   {"n_layer", o.n_layer}, {"vocab_size", vocab},
                       {"ssm_cfg", ssm},         {"rms_norm", true},     {"residual_in_fp32", true},
                       {"fused_add_norm", true}, {"pad_vocab_size_multiple", 8}, {"tie_embeddings", true}};
   return ModelConfig::parse(j.dump(), "train options");
+}
+
+// --dt-min / --dt-max / --A-init-scale: one value each = the same for every layer (A_init_scale);
+// otherwise one value per layer (a single value is repeated) = TrainConfig::layer_init.
+void set_layer_init(const TrainOpts& o, train::TrainConfig& c) {
+  const size_t n = static_cast<size_t>(o.n_layer);
+  auto check = [&](const char* opt, const std::vector<double>& v) {
+    MAMBA_CHECK(v.size() == 1 || v.size() == n, opt, ": give one value for every layer or one per layer (n_layer = ",
+                n, "), got ", v.size(), " values");
+  };
+  check("--dt-min", o.dt_min), check("--dt-max", o.dt_max), check("--A-init-scale", o.A_init_scale);
+  if (o.dt_min.size() == 1 && o.dt_max.size() == 1 && o.A_init_scale.size() == 1) {
+    c.A_init_scale = o.A_init_scale[0];
+    return;
+  }
+  auto at = [](const std::vector<double>& v, size_t i) { return v.size() == 1 ? v[0] : v[i]; };
+  c.A_init_scale = 1.0;
+  for (size_t i = 0; i < n; ++i)
+    c.layer_init.push_back({at(o.dt_min, i), at(o.dt_max, i), at(o.A_init_scale, i)});
 }
 
 // Writes loss.csv and loss.svg (raw loss and its 20-step running mean) into dir.
@@ -111,13 +137,15 @@ Command add_train(CLI::App& app) {
   sub->add_option("--chunk", o->chunk, "Mamba-2 SSD chunk size (the CPU kernel uses min(chunk, 64); same result up to rounding)")->capture_default_str()->group(g);
   sub->add_option("--vocab", o->vocab, "model vocabulary (0 = the task's or the tokenizer's)")
       ->capture_default_str()->group(g);
-  sub->add_option("--dt-min", o->dt_min, "initial delta range, low end (mamba_ssm's dt_min; below 1e-4 it also lowers dt_init_floor)")
-      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
-  sub->add_option("--dt-max", o->dt_max, "initial delta range, high end (mamba_ssm's dt_max)")
-      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
+  sub->add_option("--dt-min", o->dt_min,
+                  "initial delta range, low end (mamba_ssm's dt_min; below 1e-4 it also lowers dt_init_floor); "
+                  "one value, or one per layer: 1e-3,1e-4")
+      ->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber)->group(g);
+  sub->add_option("--dt-max", o->dt_max, "initial delta range, high end (mamba_ssm's dt_max); one value or one per layer")
+      ->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber)->group(g);
   sub->add_option("--A-init-scale", o->A_init_scale,
-                  "multiply the initial A = -exp(A_log) of every layer by this (1 = mamba_ssm's init)")
-      ->capture_default_str()->check(CLI::PositiveNumber)->group(g);
+                  "multiply the initial A = -exp(A_log) by this (1 = mamba_ssm's init); one value or one per layer")
+      ->capture_default_str()->delimiter(',')->check(CLI::PositiveNumber)->group(g);
   sub->add_flag("--no-selective", o->no_selective,
                 "ablation: delta, B and C do not depend on the input (LTI, S4-like; Mamba-1)")->group(g);
   g = "Data";
@@ -180,9 +208,9 @@ Command add_train(CLI::App& app) {
                   vocab = o->tokenizer.empty() ? 256 : -1;  // -1: from the tokenizer below
               }
               if (vocab < 0) vocab = static_cast<int64_t>(train::TextData::load(o->text, o->tokenizer).vocab());
+              set_layer_init(*o, c);  // checks the per-layer lists before model_config reads them
               c.model = model_config(*o, vocab);
               c.selective = !o->no_selective;
-              c.A_init_scale = o->A_init_scale;
               c.batch = o->batch, c.accum = o->accum, c.steps = o->steps, c.warmup = o->warmup;
               c.lr = o->lr, c.min_lr = std::min(o->min_lr, o->lr), c.clip = o->clip;
               c.adamw.beta1 = o->beta1, c.adamw.beta2 = o->beta2, c.adamw.weight_decay = o->weight_decay;
@@ -206,6 +234,13 @@ Command add_train(CLI::App& app) {
                         static_cast<long long>(c.batch), static_cast<long long>(c.accum),
                         static_cast<long long>(c.steps), c.lr, static_cast<long long>(c.warmup), c.min_lr,
                         c.adamw.weight_decay, c.clip, static_cast<unsigned long long>(c.seed), num_threads());
+            if (!c.layer_init.empty()) {
+              std::printf("init per layer:");
+              for (size_t i = 0; i < c.layer_init.size(); ++i)
+                std::printf("%s layer %zu delta %g..%g, A x%g", i ? " |" : "", i, c.layer_init[i].dt_min,
+                            c.layer_init[i].dt_max, c.layer_init[i].A_init_scale);
+              std::printf("\n");
+            }
             const auto t0 = std::chrono::steady_clock::now();
             auto last_print = t0;
             const int64_t first = tr->step();

@@ -54,8 +54,13 @@ Mamba2Config mamba2_config(const ModelConfig& cfg) {
   return c;
 }
 
-MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype) : cfg_(cfg) {
+MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
+                 const std::vector<std::pair<double, double>>& dt_init)
+    : cfg_(cfg) {
   cfg_.validate();
+  MAMBA_CHECK(dt_init.empty() || static_cast<int64_t>(dt_init.size()) == cfg_.n_layer,
+              "MambaLM: dt_init needs one {dt_min, dt_max} per layer (n_layer = ", cfg_.n_layer, "), got ",
+              dt_init.size());
   MAMBA_CHECK(cfg_.attn_layer_idx.empty(), "config: attn_layer_idx (hybrid attention layers) is not supported yet");
   MAMBA_CHECK(cfg_.d_intermediate == 0, "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
@@ -75,10 +80,15 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype) : cfg
     norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
     norms_.back().fill(1.f);
     uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
-    if (cfg_.ssm_cfg.is_mamba2())
-      m2_.push_back(std::make_unique<Mamba2>(mamba2_config(cfg_), layer_seed));
-    else
-      m1_.push_back(std::make_unique<Mamba1>(mamba1_config(cfg_), layer_seed));
+    if (cfg_.ssm_cfg.is_mamba2()) {
+      Mamba2Config c = mamba2_config(cfg_);
+      if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
+      m2_.push_back(std::make_unique<Mamba2>(c, layer_seed));
+    } else {
+      Mamba1Config c = mamba1_config(cfg_);
+      if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
+      m1_.push_back(std::make_unique<Mamba1>(c, layer_seed));
+    }
     if (!m2_.empty()) m2_.back()->set_weight_dtype(dtype);
     if (!m1_.empty()) m1_.back()->set_weight_dtype(dtype);
   }

@@ -56,11 +56,16 @@ MambaLM make_model(const TrainConfig& cfg) {
   MAMBA_CHECK(set_selective(m, cfg.selective),
               "--no-selective: this build's ModelConfig has no ssm_cfg.selective switch (the ablation "
               "needs SsmConfig::selective passed to the Mamba-1 layer)");
-  MambaLM lm(m, cfg.seed);
-  if (cfg.A_init_scale != 1.0) {
-    const float shift = static_cast<float>(std::log(cfg.A_init_scale));
-    for (auto& [name, p] : lm.named_parameters())
-      if (name.size() >= 5 && name.compare(name.size() - 5, 5, "A_log") == 0)
+  std::vector<std::pair<double, double>> dt_init;
+  for (const auto& li : cfg.layer_init) dt_init.emplace_back(li.dt_min, li.dt_max);
+  MambaLM lm(m, cfg.seed, WeightDType::f32, dt_init);
+  for (int64_t layer = 0; layer < m.n_layer; ++layer) {
+    const double scale = cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
+    if (scale == 1.0) continue;
+    const float shift = static_cast<float>(std::log(scale));
+    const std::string name = str("backbone.layers.", layer, ".mixer.A_log");
+    for (auto& [n, p] : lm.named_parameters())
+      if (n == name)
         for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += shift;
   }
   return lm;
@@ -83,6 +88,20 @@ void TrainConfig::validate() const {
   MAMBA_CHECK(warmup >= 0, "train: warmup must be >= 0, got ", warmup);
   MAMBA_CHECK(A_init_scale > 0 && std::isfinite(A_init_scale), "train: A_init_scale must be > 0, got ",
               A_init_scale);
+  if (!layer_init.empty()) {
+    MAMBA_CHECK(static_cast<int64_t>(layer_init.size()) == model.n_layer, "train: layer_init needs one entry per layer (n_layer = ",
+                model.n_layer, "), got ", layer_init.size());
+    MAMBA_CHECK(A_init_scale == 1.0, "train: with layer_init the A scales are per layer; A_init_scale must be 1, got ",
+                A_init_scale);
+    for (size_t i = 0; i < layer_init.size(); ++i) {
+      const LayerInit& li = layer_init[i];
+      MAMBA_CHECK(std::isfinite(li.dt_min) && std::isfinite(li.dt_max) && li.dt_min > 0 && li.dt_max >= li.dt_min,
+                  "train: layer ", i, ": the initial delta range needs 0 < dt_min <= dt_max, got ", li.dt_min, " .. ",
+                  li.dt_max);
+      MAMBA_CHECK(std::isfinite(li.A_init_scale) && li.A_init_scale > 0, "train: layer ", i,
+                  ": A_init_scale must be > 0, got ", li.A_init_scale);
+    }
+  }
   MAMBA_CHECK(std::isfinite(lr) && lr > 0, "train: lr must be > 0, got ", lr);
   MAMBA_CHECK(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, "train: min_lr must be in [0, lr], got ", min_lr);
   MAMBA_CHECK(std::isfinite(clip) && clip >= 0, "train: clip must be >= 0 (0 = off), got ", clip);
@@ -102,6 +121,9 @@ std::string TrainConfig::to_json() const {
   j["lr"] = lr, j["min_lr"] = min_lr, j["clip"] = clip;
   j["beta1"] = adamw.beta1, j["beta2"] = adamw.beta2, j["eps"] = adamw.eps, j["weight_decay"] = adamw.weight_decay;
   j["seed"] = seed, j["save_every"] = save_every, j["A_init_scale"] = A_init_scale;
+  j["layer_init"] = json::array();
+  for (const LayerInit& li : layer_init)
+    j["layer_init"].push_back({{"dt_min", li.dt_min}, {"dt_max", li.dt_max}, {"A_init_scale", li.A_init_scale}});
   return j.dump(2);
 }
 
@@ -138,6 +160,17 @@ TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& m
   c.seed = get_or<uint64_t>(j, "seed", 0);
   c.A_init_scale = get_or<double>(j, "A_init_scale", 1.0);
   c.save_every = get_or<int64_t>(j, "save_every", 0);
+  if (auto it = j.find("layer_init"); it != j.end()) {
+    MAMBA_CHECK(it->is_array(), "train config: 'layer_init' must be an array");
+    for (const json& e : *it) {
+      MAMBA_CHECK(e.is_object(), "train config: every 'layer_init' entry must be an object");
+      LayerInit li;
+      li.dt_min = get_or<double>(e, "dt_min", li.dt_min);
+      li.dt_max = get_or<double>(e, "dt_max", li.dt_max);
+      li.A_init_scale = get_or<double>(e, "A_init_scale", li.A_init_scale);
+      c.layer_init.push_back(li);
+    }
+  }
   return c;
 }
 
