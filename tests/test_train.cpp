@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mamba/nn/mamba1.h"
+#include "mamba/os.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
 #include "test_util.h"
@@ -588,22 +589,23 @@ TEST(CLI, TrainPerLayerInitLists) {
                           "--batch 2 --steps 1 --threads 1 --eval-batches 0 --dt-min 1e-3,1e-4 --dt-max 1e-1,1e-2 "
                           "--A-init-scale 0.1 --save " + dir + " > " + dir + "/log.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  std::ifstream st(dir + "/trainer_state.json");
-  const nlohmann::json j = nlohmann::json::parse(st);
+  auto text = [&](const char* file) {
+    const std::vector<uint8_t> b = os::read_file(dir + "/" + file);
+    return std::string(b.begin(), b.end());
+  };
+  const nlohmann::json j = nlohmann::json::parse(text("trainer_state.json"));
   const nlohmann::json& li = j.at("train").at("layer_init");
   ASSERT_EQ(li.size(), 2u) << j.dump();
   EXPECT_EQ(li[0].at("dt_max").get<double>(), 1e-1);
   EXPECT_EQ(li[1].at("dt_min").get<double>(), 1e-4);
   EXPECT_EQ(li[0].at("A_init_scale").get<double>(), 0.1);
   EXPECT_EQ(li[1].at("A_init_scale").get<double>(), 0.1);
-  std::ifstream lg(dir + "/log.txt");
-  std::string log((std::istreambuf_iterator<char>(lg)), std::istreambuf_iterator<char>());
+  const std::string log = text("log.txt");
   EXPECT_NE(log.find("layer 1 delta 0.0001..0.01, A x0.1"), std::string::npos) << log;
   cmd = cli + " train --task induction --n_layer 2 --dt-min 1e-3,1e-4,1e-5 --steps 1 --save " + dir + " > " + dir +
         "/err.txt 2>&1";
   EXPECT_NE(std::system(cmd.c_str()), 0);
-  std::ifstream er(dir + "/err.txt");
-  std::string err((std::istreambuf_iterator<char>(er)), std::istreambuf_iterator<char>());
+  const std::string err = text("err.txt");
   EXPECT_NE(err.find("--dt-min: give one value for every layer or one per layer (n_layer = 2), got 3"),
             std::string::npos) << err;
   fs::remove_all(dir);

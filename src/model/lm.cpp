@@ -80,15 +80,14 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
     norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
     norms_.back().fill(1.f);
     uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
-    if (cfg_.ssm_cfg.is_mamba2()) {
-      Mamba2Config c = mamba2_config(cfg_);
+    auto layer_dt = [&](auto c) {  // this layer's initial delta range, when one is given
       if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
-      m2_.push_back(std::make_unique<Mamba2>(c, layer_seed));
-    } else {
-      Mamba1Config c = mamba1_config(cfg_);
-      if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
-      m1_.push_back(std::make_unique<Mamba1>(c, layer_seed));
-    }
+      return c;
+    };
+    if (cfg_.ssm_cfg.is_mamba2())
+      m2_.push_back(std::make_unique<Mamba2>(layer_dt(mamba2_config(cfg_)), layer_seed));
+    else
+      m1_.push_back(std::make_unique<Mamba1>(layer_dt(mamba1_config(cfg_)), layer_seed));
     if (!m2_.empty()) m2_.back()->set_weight_dtype(dtype);
     if (!m1_.empty()) m1_.back()->set_weight_dtype(dtype);
   }

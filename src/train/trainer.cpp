@@ -59,15 +59,14 @@ MambaLM make_model(const TrainConfig& cfg) {
   std::vector<std::pair<double, double>> dt_init;
   for (const auto& li : cfg.layer_init) dt_init.emplace_back(li.dt_min, li.dt_max);
   MambaLM lm(m, cfg.seed, WeightDType::f32, dt_init);
-  for (int64_t layer = 0; layer < m.n_layer; ++layer) {
-    const double scale = cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
-    if (scale == 1.0) continue;
-    const float shift = static_cast<float>(std::log(scale));
-    const std::string name = str("backbone.layers.", layer, ".mixer.A_log");
-    for (auto& [n, p] : lm.named_parameters())
-      if (n == name)
-        for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += shift;
-  }
+  // A_init_scale (or layer i's scale): A_log += ln s after the standard initialisation.
+  for (auto& [name, p] : lm.named_parameters())
+    for (int64_t layer = 0; layer < m.n_layer; ++layer) {
+      const double scale = cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
+      if (scale == 1.0 || name != str("backbone.layers.", layer, ".mixer.A_log")) continue;
+      const float shift = static_cast<float>(std::log(scale));
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += shift;
+    }
   return lm;
 }
 }  // namespace
