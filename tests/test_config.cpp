@@ -94,39 +94,41 @@ TEST(Config, GoldenConfigsParse) {
   EXPECT_EQ(m1.n_layer, 3);
   EXPECT_EQ(m1.vocab_size, 101);
   EXPECT_EQ(m1.padded_vocab(), 104);
-  EXPECT_EQ(m1.ssm_cfg.layer, "Mamba1");
-  EXPECT_EQ(m1.ssm_cfg.d_state, 16);
-  EXPECT_EQ(m1.ssm_cfg.d_conv, 4);
+  EXPECT_STREQ(mixer_name(m1.ssm_cfg), "Mamba1");
+  const Mamba1Config& s1 = std::get<Mamba1Config>(m1.ssm_cfg);
+  EXPECT_EQ(s1.d_state, 16);
+  EXPECT_EQ(s1.d_conv, 4);
   EXPECT_EQ(m1.d_inner(), 128);
-  EXPECT_EQ(m1.ssm_cfg.dt_rank, 4);  // "auto": ceil(64 / 16)
-  EXPECT_TRUE(m1.ssm_cfg.dt_rank_auto);
+  EXPECT_EQ(s1.rank(), 4);  // "auto": ceil(64 / 16)
+  EXPECT_EQ(s1.dt_rank, -1);
   EXPECT_TRUE(m1.rms_norm && m1.residual_in_fp32 && m1.tie_embeddings);
   EXPECT_FALSE(m1.fused_add_norm);
   EXPECT_TRUE(m1.attn_layer_idx.empty());
 
   ModelConfig m2 = ModelConfig::load(test::golden_path("lm_mamba2_ckpt/config.json"));
-  EXPECT_EQ(m2.ssm_cfg.layer, "Mamba2");
+  EXPECT_STREQ(mixer_name(m2.ssm_cfg), "Mamba2");
+  const Mamba2Config& s2 = std::get<Mamba2Config>(m2.ssm_cfg);
   EXPECT_EQ(m2.padded_vocab(), 104);
-  EXPECT_EQ(m2.ssm_cfg.headdim, 16);
-  EXPECT_EQ(m2.ssm_cfg.chunk_size, 8);
-  EXPECT_EQ(m2.ssm_cfg.ngroups, 1);
-  EXPECT_EQ(m2.ssm_cfg.nheads(m2.d_model), 8);
-  EXPECT_TRUE(m2.ssm_cfg.rmsnorm);
-  EXPECT_FALSE(m2.ssm_cfg.norm_before_gate);
-  EXPECT_TRUE(std::isinf(m2.ssm_cfg.dt_limit_hi));
+  EXPECT_EQ(s2.headdim, 16);
+  EXPECT_EQ(s2.chunk_size, 8);
+  EXPECT_EQ(s2.ngroups, 1);
+  EXPECT_EQ(s2.nheads(), 8);
+  EXPECT_TRUE(s2.rmsnorm);
+  EXPECT_FALSE(s2.norm_before_gate);
+  EXPECT_TRUE(std::isinf(s2.dt_limit.second));
 }
 
 TEST(Config, RealStateSpacesConfigsParse) {
   ModelConfig a = ModelConfig::parse(kMamba130m);
-  EXPECT_EQ(a.ssm_cfg.layer, "Mamba1");  // ssm_cfg {} means Mamba1 with its defaults
-  EXPECT_EQ(a.ssm_cfg.d_state, 16);
-  EXPECT_EQ(a.ssm_cfg.dt_rank, 48);
+  EXPECT_STREQ(mixer_name(a.ssm_cfg), "Mamba1");  // ssm_cfg {} means Mamba1 with its defaults
+  EXPECT_EQ(std::get<Mamba1Config>(a.ssm_cfg).d_state, 16);
+  EXPECT_EQ(std::get<Mamba1Config>(a.ssm_cfg).rank(), 48);
   EXPECT_EQ(a.padded_vocab(), 50280);
   EXPECT_TRUE(a.tie_embeddings);
   ModelConfig b = ModelConfig::parse(kMamba2_130m);
-  EXPECT_EQ(b.ssm_cfg.d_state, 128);  // Mamba2's default
-  EXPECT_EQ(b.ssm_cfg.headdim, 64);
-  EXPECT_EQ(b.ssm_cfg.nheads(768), 24);
+  EXPECT_EQ(std::get<Mamba2Config>(b.ssm_cfg).d_state, 128);  // Mamba2's default
+  EXPECT_EQ(std::get<Mamba2Config>(b.ssm_cfg).headdim, 64);
+  EXPECT_EQ(std::get<Mamba2Config>(b.ssm_cfg).nheads(), 24);
   EXPECT_EQ(b.padded_vocab(), 50288);
   ModelConfig h = ModelConfig::parse(kMamba130mHf);
   EXPECT_EQ(h.source_format, "hf");
@@ -150,8 +152,8 @@ TEST(Config, TransformersConfigsParseToTheSameModel) {
   // time_step_rank "auto" and the explicit value it resolves to are the same model.
   expect_same_model(ModelConfig::parse(with(kHfMamba1, "time_step_rank", "auto")), h1);
   ModelConfig r8 = ModelConfig::parse(with(kHfMamba1, "time_step_rank", 8));
-  EXPECT_EQ(r8.ssm_cfg.dt_rank, 8);
-  EXPECT_FALSE(r8.ssm_cfg.dt_rank_auto);
+  EXPECT_EQ(std::get<Mamba1Config>(r8.ssm_cfg).dt_rank, 8);
+  EXPECT_EQ(std::get<Mamba1Config>(r8.ssm_cfg).rank(), 8);
 }
 
 TEST(Config, ToJsonRoundTripsInMambaSsmFormat) {
@@ -172,7 +174,7 @@ TEST(Config, ToJsonRoundTripsInMambaSsmFormat) {
   expect_same_model(ModelConfig::parse(h2.to_json()), h2);
   // A non-default dt_limit with an infinite end is written as Python's Infinity and read back.
   ModelConfig c = ModelConfig::load(test::golden_path("lm_mamba2_ckpt/config.json"));
-  c.ssm_cfg.dt_limit_lo = 0.001;
+  std::get<Mamba2Config>(c.ssm_cfg).dt_limit.first = 0.001;
   std::string t = c.to_json();
   EXPECT_NE(t.find("Infinity"), std::string::npos);
   EXPECT_TRUE(ModelConfig::parse(t) == c);

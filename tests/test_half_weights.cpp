@@ -357,7 +357,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
   MambaLM lm = make_lm(layer);
   const int64_t B = 1, L = 4;
   const auto ids = random_ids(B * L, 203, 5);
-  LMSaved* sv = nullptr;
+  LMSaved sv;
   Tensor logits = lm.forward(ids, B, L, &sv);  // saved while still fp32
   lm.set_weight_dtype(WeightDType::bf16);
   Tensor g = Tensor::zeros(logits.shape());
@@ -365,7 +365,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
   test::expect_error([&] { lm.forward(ids, B, L, &sv); }, {"weights are bf16", "inference only"});
   // The layers refuse on their own too.
   if (layer == "Mamba1") {
-    Mamba1 m(mamba1_config(tiny_config(layer)), 1);
+    Mamba1 m(std::get<Mamba1Config>(tiny_config(layer).mixer()), 1);
     Mamba1Saved s;
     Tensor h = Tensor::zeros({1, 3, 40});
     m.forward(h, &s);
@@ -373,7 +373,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
     test::expect_error([&] { m.backward(s, h); }, {"Mamba1::backward", "weights are f16"});
     test::expect_error([&] { m.forward(h, &s); }, {"Mamba1::forward", "inference only"});
   } else {
-    Mamba2 m(mamba2_config(tiny_config(layer)), 1);
+    Mamba2 m(std::get<Mamba2Config>(tiny_config(layer).mixer()), 1);
     Mamba2Saved s;
     Tensor h = Tensor::zeros({1, 3, 40});
     m.forward(h, &s);
@@ -383,7 +383,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
   }
   // Back to f32: trainable again (forward with saved + backward run).
   lm.set_weight_dtype(WeightDType::f32);
-  LMSaved* sv2 = nullptr;
+  LMSaved sv2;
   lm.forward(ids, B, L, &sv2);
   lm.backward(sv2, g);
 }

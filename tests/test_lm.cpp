@@ -127,8 +127,8 @@ TEST(LM, BadCheckpointsGiveClearErrors) {
   auto extra = sd;
   extra["backbone.layers.9.mixer.D"] = Tensor({128});
   expect_msg(extra, "unexpected tensor");
-  EXPECT_THROW(lm.forward({1, 2, 104}, 1, 3), Error);  // id outside the vocabulary
-  EXPECT_THROW(lm.forward({1, 2}, 1, 3), Error);       // wrong count
+  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2, 104}, 1, 3), Error);  // id outside the vocabulary
+  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2}, 1, 3), Error);       // wrong count
   EXPECT_THROW(MambaLM::load("/nonexistent/model"), Error);
 }
 
@@ -155,7 +155,7 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
       return s;
     };
     lm.zero_grad();
-    LMSaved* sv = nullptr;
+    LMSaved sv;
     lm.forward(ids, B, L, &sv);
     lm.backward(sv, g);
     for (auto& [name, p] : lm.named_parameters()) {

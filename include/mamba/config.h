@@ -1,54 +1,18 @@
 // The language-model configuration: mamba_ssm's config.json (MambaConfig dataclass, with
 // ssm_cfg / attn_cfg holding the mixer's keyword arguments) and the transformers
 // MambaConfig / Mamba2Config keys of the *-hf folders, parsed into one validated struct.
+// ssm_cfg is parsed once into the config struct of its mixer (a MixerConfig variant: Mamba1Config
+// or Mamba2Config, chosen by ssm_cfg "layer", see nn/mixers.h); each mixer reads its own keys.
 // Unknown keys, contradictory keys, wrong types and out-of-range values throw mamba::Error
 // naming the key. to_json() writes mamba_ssm's format back (what MambaLMHeadModel reads).
 #pragma once
 #include <cstdint>
-#include <limits>
 #include <string>
 #include <vector>
 
+#include "mamba/nn/mixers.h"
+
 namespace mamba {
-
-// The mixer's keyword arguments (mamba_ssm ssm_cfg). Defaults are those of the mamba_ssm
-// module named by `layer` (Mamba1: mamba_simple.Mamba, Mamba2: mamba2.Mamba2); call
-// ModelConfig::parse* or SsmConfig::defaults(layer) to get them, not the member initialisers.
-struct SsmConfig {
-  std::string layer = "Mamba1";  // "Mamba1" | "Mamba2"
-  int64_t d_state = 16;          // N (Mamba1 default 16, Mamba2 default 128)
-  int64_t d_conv = 4;            // K
-  double expand = 2;             // D = int(expand * d_model)
-  // Mamba1
-  int64_t dt_rank = 0;           // R; when dt_rank_auto, resolved to ceil(d_model / 16) at parse
-  bool dt_rank_auto = true;
-  double dt_scale = 1.0;         // initialisation only (Mamba1)
-  std::string dt_init = "random";  // initialisation only (Mamba1): "random" | "constant"
-  // Mamba1, a mamba.cpp extension (not a mamba_ssm key; written only when false): false = the
-  // paper's non-selective (LTI, S4-like) ablation, see Mamba1Config::selective.
-  bool selective = true;
-  // Mamba2
-  int64_t headdim = 64;          // P
-  int64_t ngroups = 1;           // G
-  int64_t chunk_size = 256;
-  int64_t d_ssm = 0;             // 0 = None: the SSM covers all of d_inner
-  bool rmsnorm = true;           // gated RMSNorm before out_proj
-  bool norm_before_gate = false;
-  bool D_has_hdim = false;       // D is (H*P) instead of (H)
-  double A_init_lo = 1, A_init_hi = 16;  // A_init_range, initialisation only
-  double dt_limit_lo = 0, dt_limit_hi = std::numeric_limits<double>::infinity();
-  // both
-  double dt_min = 0.001, dt_max = 0.1, dt_init_floor = 1e-4;  // initialisation only
-  bool bias = false;             // in_proj / out_proj bias
-  bool conv_bias = true;
-
-  static SsmConfig defaults(const std::string& layer);  // throws for an unknown layer
-  bool is_mamba2() const { return layer == "Mamba2"; }
-  int64_t d_inner(int64_t d_model) const { return static_cast<int64_t>(expand * static_cast<double>(d_model)); }
-  int64_t ssm_dim(int64_t d_model) const { return d_ssm > 0 ? d_ssm : d_inner(d_model); }
-  int64_t nheads(int64_t d_model) const { return ssm_dim(d_model) / headdim; }  // H (Mamba2)
-  bool operator==(const SsmConfig&) const = default;
-};
 
 // mamba_ssm MHA keyword arguments (attn_cfg), used for the layers in attn_layer_idx.
 struct AttnConfig {
@@ -72,7 +36,10 @@ struct ModelConfig {
   int64_t d_intermediate = 0;    // GatedMLP hidden size after each mixer; 0 = no MLP
   int64_t n_layer = 0;
   int64_t vocab_size = 0;        // as given; the embedding has padded_vocab() rows
-  SsmConfig ssm_cfg;
+  // The mixer of every layer not in attn_layer_idx: its config struct, holding exactly the keys of
+  // that mixer (their defaults are the mamba_ssm module's). ModelConfig::d_model is the model's
+  // width: mixer() returns ssm_cfg with it applied (the copy parse() stores is already in sync).
+  MixerConfig ssm_cfg;
   std::vector<int64_t> attn_layer_idx;  // layers that are MHA instead of the SSM mixer
   AttnConfig attn_cfg;
   bool rms_norm = true;          // RMSNorm (true) or LayerNorm (false) for block norms and norm_f
@@ -87,7 +54,17 @@ struct ModelConfig {
   std::string source_format = "mamba_ssm";
 
   int64_t padded_vocab() const;  // vocab_size rounded up to pad_vocab_size_multiple
-  int64_t d_inner() const { return ssm_cfg.d_inner(d_model); }
+  int64_t d_inner() const;
+  MixerConfig mixer() const;  // ssm_cfg with d_model = this d_model
+  // The ssm_cfg of a given mixer, or nullptr when the model uses another one.
+  template <class Cfg>
+  const Cfg* mixer_if() const {
+    return std::get_if<Cfg>(&ssm_cfg);
+  }
+  template <class Cfg>
+  Cfg* mixer_if() {
+    return std::get_if<Cfg>(&ssm_cfg);
+  }
   bool is_attn_layer(int64_t i) const;
 
   // Parses config.json text (either key set; detected from the keys). `origin` names the

@@ -45,7 +45,13 @@ struct GenerateResult {
 
 // Several prompts (any lengths) as one batch: each prompt is prefilled, the states are
 // stacked, and all sequences are stepped together until max_new_tokens or EOS.
-GenerateResult generate(MambaLM& lm, const std::vector<std::vector<int32_t>>& prompts,
+// The batching contract, for every kind of layer state: a prompt is prefilled alone (batch 1,
+// its own length), then its state is copied into its row of the batch state (State::copy_row);
+// the batch then advances one token per row per step. A fixed-size recurrent state copies its
+// tensors' row; a KV cache (attention) will copy the row's keys/values up to its own length into a
+// batch cache allocated for the longest prompt + max_new_tokens, with a per-row length.
+// lm is only read: several threads may generate with one model at once.
+GenerateResult generate(const MambaLM& lm, const std::vector<std::vector<int32_t>>& prompts,
                         const GenerateOptions& opt);
 
 }  // namespace mamba

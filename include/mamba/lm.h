@@ -1,37 +1,51 @@
 // The language model, mamba_ssm's MambaLMHeadModel:
 //   ids (B, L) -> backbone.embedding (V_pad, d_model) -> n_layer x Block -> norm_f -> lm_head
-//   Block i (mamba_ssm's add-then-norm order):
+//   Block i (nn/block.h, mamba_ssm's add-then-norm order):
 //     residual = hidden + residual  (residual = hidden for i = 0), kept in fp32
 //     hidden   = mixer(rms_norm(residual) * layers.i.norm.weight)
 //   final: hidden = rms_norm(hidden + residual) * norm_f.weight; logits = hidden @ lm_head^T
+//
+// Threads: forward, forward_last, step and new_state are const and change nothing in the model:
+// share one const MambaLM between threads, each with its own LMState / LMSaved (tested in
+// tests/test_lm.cpp). backward, zero_grad, set_weight_dtype and load_state_dict change the model:
+// not concurrently with anything else on it.
 // lm_head.weight is the embedding when tie_embeddings. Parameter names are mamba_ssm's
 // state_dict keys, so checkpoints map 1:1.
 #pragma once
 #include <functional>
+#include <initializer_list>
 #include <map>
 #include <memory>
+#include <span>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "mamba/config.h"
-#include "mamba/nn/mamba1.h"
-#include "mamba/nn/mamba2.h"
+#include "mamba/nn/block.h"
 #include "mamba/nn/param.h"
 #include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
 
-// Decode state of the whole model: one conv/ssm state per layer. Its size does not depend on
-// how many tokens were seen (constant memory per token).
+// Decode state of the whole model: one state per layer (BlockState: its mixer's state). Its size
+// does not depend on how many tokens were seen (constant memory per token).
 struct LMState {
-  std::vector<Mamba1State> m1;  // per layer, Mamba1 models
-  std::vector<Mamba2State> m2;  // per layer, Mamba2 models
+  std::vector<BlockState> layers;
   int64_t batch = 0;
 };
 
-struct LMSaved;  // activations kept by forward for backward (opaque)
+// Activations MambaLM::forward keeps for backward. A plain value: it owns what it holds and frees
+// it when it goes out of scope (or when moved into backward).
+struct LMSaved {
+  std::vector<int32_t> ids;
+  int64_t B = 0, L = 0;
+  std::vector<BlockSaved> blocks;  // per layer
+  Tensor residual_final;           // (B, L, d_model) entering norm_f
+  Tensor hidden_final;             // (B, L, d_model) norm_f output (input of the head)
+  bool empty() const { return blocks.empty(); }
+};
 
 class MambaLM {
  public:
@@ -80,34 +94,40 @@ class MambaLM {
   int64_t num_parameters() const;
   void zero_grad();
 
-  // ids: (B, L) token ids in [0, vocab). Returns logits (B, L, V_pad).
-  // saved != nullptr keeps what backward needs; state != nullptr receives the decode state
-  // after the last token (prefill).
-  Tensor forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved = nullptr,
-                 LMState* state = nullptr);
+  // ids: (B, L) token ids in [0, vocab), row-major. Returns logits (B, L, V_pad).
+  // saved != nullptr receives what backward needs (replacing what it held); state != nullptr
+  // receives the decode state after the last token (prefill).
+  Tensor forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* saved = nullptr,
+                 LMState* state = nullptr) const;
   // The same, but the head only for the last position: logits (B, V_pad). For prefill,
   // where the other positions' logits are not needed (saves a (L-1) x V x d_model GEMM).
-  Tensor forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMState* state = nullptr);
-  // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Frees `saved`.
-  void backward(LMSaved* saved, const Tensor& dlogits);
-  static void free_saved(LMSaved* saved);
+  Tensor forward_last(std::span<const int32_t> ids, int64_t B, int64_t L, LMState* state = nullptr) const;
+  // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Throws for weights that are
+  // not fp32 and for an empty `saved` (forward was called without it).
+  void backward(const LMSaved& saved, const Tensor& dlogits);
 
   LMState new_state(int64_t batch) const;  // zeros
   // One token per sequence: ids (B) -> logits (B, V_pad), advancing state.
-  Tensor step(const std::vector<int32_t>& ids, LMState& state);
+  Tensor step(std::span<const int32_t> ids, LMState& state) const;
+  Tensor step(std::initializer_list<int32_t> ids, LMState& state) const {
+    return step(std::span<const int32_t>(ids.begin(), ids.size()), state);
+  }
+
+  const std::vector<Block>& blocks() const { return blocks_; }
 
  private:
-  Tensor embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const;  // (B, L, d_model)
-  Tensor head(const Tensor& hidden) const;                                     // (M, V_pad)
+  Tensor embed(std::span<const int32_t> ids, int64_t B, int64_t L) const;  // (B, L, d_model)
+  Tensor head(const Tensor& hidden) const;                                  // (M, V_pad)
   // Embedding, blocks and norm_f: the normed hidden state (B, L, d_model).
-  Tensor backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved* sv, LMState* state);
+  Tensor backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv, LMState* state) const;
+  // Every parameter with its full name (both const and mutable access).
+  template <class Fn>
+  void for_each_param(Fn&& fn) const;
 
   ModelConfig cfg_;
-  ParamList own_;  // embedding, per-layer norms, norm_f, (untied) lm_head
-  std::vector<std::unique_ptr<Mamba1>> m1_;
-  std::vector<std::unique_ptr<Mamba2>> m2_;
+  ParamList own_;  // embedding, norm_f, (untied) lm_head
+  std::vector<Block> blocks_;
   Tensor emb_, norm_f_, lm_head_;
-  std::vector<Tensor> norms_;
   // 16-bit embedding / head when wdtype_ != f32 (then emb_, lm_head_ are undefined); a tied head
   // shares the embedding's storage.
   WeightDType wdtype_ = WeightDType::f32;
@@ -118,9 +138,5 @@ class MambaLM {
   void load_tensors(const std::vector<std::string>& names, const std::function<Shape(const std::string&)>& shape_of,
                     const std::function<Tensor(const std::string&)>& get, const std::string& origin);
 };
-
-// Mixer configs from the model config (SsmConfig uses mamba_ssm's keys).
-Mamba1Config mamba1_config(const ModelConfig& cfg);
-Mamba2Config mamba2_config(const ModelConfig& cfg);
 
 }  // namespace mamba

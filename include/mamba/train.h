@@ -161,7 +161,7 @@ struct TrainConfig {
   // trained A_log is in the checkpoint). Smaller |A| means slower state decay at the same delta.
   double A_init_scale = 1.0;
   // Per-layer initialisation (training choices like A_init_scale, not part of config.json):
-  // empty = every layer uses ssm_cfg.dt_min / dt_max and A_init_scale; otherwise one entry per
+  // empty = every layer uses ssm_cfg's dt_min / dt_max and A_init_scale; otherwise one entry per
   // layer, and A_init_scale must be 1 (each layer's scale is here). Lets a short-memory first
   // layer sit under a long-memory second one (docs/REPRODUCTION.md, Induction Heads).
   struct LayerInit {
@@ -195,10 +195,10 @@ struct EvalResult {
 EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch, uint64_t seed,
                     const TextData* text = nullptr);
 
-// Sets the non-selective switch of the model config (SsmConfig::selective) where this build's
-// ModelConfig has it; returns false when it does not (then only selective = true is possible).
-bool set_selective(ModelConfig& cfg, bool selective);
-bool get_selective(const ModelConfig& cfg);  // true when the config has no such switch
+// Sets the non-selective ablation switch (Mamba1Config::selective) of the model config. Only the
+// Mamba-1 mixer has it: selective = false on another mixer throws mamba::Error.
+void set_selective(ModelConfig& cfg, bool selective);
+bool get_selective(const ModelConfig& cfg);  // true for mixers without the switch
 
 class Trainer {
  public:

@@ -93,27 +93,15 @@ Command add_demo(CLI::App& app) {
             std::printf("== 1. The selective model (delta, B, C computed from the input)\n");
             train::Trainer sel(c);
             train::EvalResult rs = train_one("selective", c, sel);
-            train::EvalResult rn;
-            bool have_ablation = false;
-            std::unique_ptr<train::Trainer> lti;
-            {
-              ModelConfig probe = c.model;
-              have_ablation = train::set_selective(probe, false);
-            }
             std::printf("\n== 2. The non-selective ablation (LTI: delta, B, C learned constants, as S4)\n");
-            if (have_ablation) {
-              train::TrainConfig cn = c;
-              cn.selective = false;
-              lti = std::make_unique<train::Trainer>(cn);
-              rn = train_one("non-selective", cn, *lti);
-            } else {
-              std::printf("  (this build has no ssm_cfg.selective switch: skipped)\n");
-            }
+            train::TrainConfig cn = c;
+            cn.selective = false;
+            auto lti = std::make_unique<train::Trainer>(cn);
+            train::EvalResult rn = train_one("non-selective", cn, *lti);
             std::printf("\n== 3. Token accuracy on %lld fresh sequences\n", (long long)rs.seq_total);
             std::printf("  selective      %6.2f%%   (whole sequences copied: %.1f%%)\n", 100 * rs.accuracy(),
                         100 * rs.seq_accuracy());
-            if (have_ablation)
-              std::printf("  non-selective  %6.2f%%   (whole sequences copied: %.1f%%)\n", 100 * rn.accuracy(),
+            std::printf("  non-selective  %6.2f%%   (whole sequences copied: %.1f%%)\n", 100 * rn.accuracy(),
                           100 * rn.seq_accuracy());
             std::printf("  (chance: %.1f%%)\n", 100.0 / static_cast<double>(c.task.vocab - 2));
             // Curves and checkpoint.
@@ -125,7 +113,7 @@ Command add_demo(CLI::App& app) {
               ser.push_back(std::move(s));
             };
             add("selective", sel);
-            if (lti) add("non-selective", *lti);
+            add("non-selective", *lti);
             const std::string svg = train::svg_line_plot(ser, "Selective Copying: training loss", "step",
                                                          "cross-entropy loss", true);
             os::write_file_atomic((fs::path(o->out) / "loss.svg").string(), svg.data(), svg.size());
@@ -158,7 +146,8 @@ Command add_demo(CLI::App& app) {
             std::printf("  answer  %s\n  decoded %s   (%s)\n", want.c_str(), got.c_str(),
                         want == got ? "copied exactly" : "not exact");
             std::printf("  step-mode logits vs full forward: max |diff| = %.2e (state: %lld floats per layer, any length)\n",
-                        worst, (long long)(st.m1.empty() ? 0 : st.m1[0].conv_state.numel() + st.m1[0].ssm_state.numel()));
+                        worst, (long long)std::visit([](const auto& s) { return s.conv_state.numel() + s.ssm_state.numel(); },
+                                                  st.layers.at(0)));
             std::printf("\n== 5. The layers: parameter count vs mamba_ssm, backward vs finite differences\n");
             {
               Mamba1Config c1;

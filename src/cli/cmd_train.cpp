@@ -224,9 +224,9 @@ Command add_train(CLI::App& app) {
             const train::TrainConfig& c = tr->config();
             const ModelConfig& mc = tr->model().config();
             std::printf("model: %s%s, d_model %lld, n_layer %lld, d_state %lld, vocab %lld, %lld parameters\n",
-                        mc.ssm_cfg.layer.c_str(), c.selective ? "" : " (non-selective ablation)",
+                        mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective ablation)",
                         static_cast<long long>(mc.d_model), static_cast<long long>(mc.n_layer),
-                        static_cast<long long>(mc.ssm_cfg.d_state), static_cast<long long>(mc.vocab_size),
+                        static_cast<long long>(std::visit([](const auto& m) { return m.d_state; }, mc.ssm_cfg)), static_cast<long long>(mc.vocab_size),
                         static_cast<long long>(tr->model().num_parameters()));
             std::printf("task: %s, seqlen %lld | batch %lld x accum %lld, %lld steps, lr %g (warm-up %lld, cosine to %g), "
                         "wd %g, clip %g, seed %llu, %d threads\n",
@@ -269,7 +269,7 @@ Command add_train(CLI::App& app) {
             const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
             tr->save(save);
             write_curves(save, tr->history(),
-                         str(mc.ssm_cfg.layer, c.selective ? "" : " (non-selective)", " on ",
+                         str(mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective)", " on ",
                              train::task_name(c.task.kind), ", L=", c.task.seqlen));
             std::printf("trained %lld steps in %.1f s (%.0f tok/s, peak memory %.0f MiB); checkpoint, loss.csv and "
                         "loss.svg in %s\n",

@@ -68,20 +68,21 @@ namespace {
 double since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
-// Copies batch row `src_b` of every tensor in `src` into row `dst_b` of `dst`.
+// Copies batch row `src_b` of every layer's state in `src` into row `dst_b` of `dst`; each state
+// kind copies its own rows (a fixed-size recurrent state: its tensors' row; see BlockState).
 void copy_state_row(const LMState& src, int64_t src_b, LMState& dst, int64_t dst_b) {
-  for (size_t i = 0; i < src.m1.size(); ++i) {
-    dst.m1[i].conv_state.select(dst_b).copy_from(src.m1[i].conv_state.select(src_b));
-    dst.m1[i].ssm_state.select(dst_b).copy_from(src.m1[i].ssm_state.select(src_b));
-  }
-  for (size_t i = 0; i < src.m2.size(); ++i) {
-    dst.m2[i].conv_state.select(dst_b).copy_from(src.m2[i].conv_state.select(src_b));
-    dst.m2[i].ssm_state.select(dst_b).copy_from(src.m2[i].ssm_state.select(src_b));
-  }
+  MAMBA_CHECK(src.layers.size() == dst.layers.size(), "generate: states of different models");
+  for (size_t i = 0; i < src.layers.size(); ++i)
+    std::visit(
+        [&](auto& d) {
+          using S = std::decay_t<decltype(d)>;
+          d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
+        },
+        dst.layers[i]);
 }
 }  // namespace
 
-GenerateResult generate(MambaLM& lm, const std::vector<std::vector<int32_t>>& prompts,
+GenerateResult generate(const MambaLM& lm, const std::vector<std::vector<int32_t>>& prompts,
                         const GenerateOptions& opt) {
   opt.sampling.validate();
   MAMBA_CHECK(!prompts.empty(), "generate: no prompts");

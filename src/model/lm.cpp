@@ -15,44 +15,26 @@
 
 namespace mamba {
 
-struct LMSaved {
-  std::vector<int32_t> ids;
-  int64_t B = 0, L = 0;
-  std::vector<Tensor> residual;     // per layer: the residual stream entering its norm (B, L, d)
-  std::vector<Mamba1Saved> m1;      // per layer
-  std::vector<Mamba2Saved> m2;
-  Tensor residual_final;            // (B, L, d) entering norm_f
-  Tensor hidden_final;              // (B, L, d) norm_f output (input of the head)
-};
+namespace {
 
-Mamba1Config mamba1_config(const ModelConfig& cfg) {
-  const SsmConfig& s = cfg.ssm_cfg;
-  Mamba1Config c;
-  c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
-  c.dt_rank = s.dt_rank_auto ? -1 : s.dt_rank;
-  c.dt_min = s.dt_min, c.dt_max = s.dt_max, c.dt_init = s.dt_init, c.dt_scale = s.dt_scale;
-  c.dt_init_floor = s.dt_init_floor, c.conv_bias = s.conv_bias, c.bias = s.bias;
-  c.selective = s.selective;
-  return c;
-}
-
-Mamba2Config mamba2_config(const ModelConfig& cfg) {
-  const SsmConfig& s = cfg.ssm_cfg;
-  Mamba2Config c;
-  c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
-  c.headdim = s.headdim, c.ngroups = s.ngroups;
+// The mixer config of layer i: ssm_cfg with the model's d_model, and the layer's own initial delta
+// range when dt_init gives one. Clamps Mamba-2's chunk_size to the CPU tile (see Mamba2Config).
+MixerConfig layer_mixer_config(const ModelConfig& cfg, const std::vector<std::pair<double, double>>& dt_init,
+                               int64_t i) {
+  MixerConfig m = cfg.mixer();
+  std::visit(
+      [&](auto& c) {
+        if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
+      },
+      m);
   // The SSD gives the same result for any chunk size up to rounding; ssm_cfg.chunk_size (256 in
   // mamba_ssm's configs) is the GPU kernel's tile. On the CPU 64 is 1.6x faster at L = 512
   // (bench_ssd --sweep, docs/PERFORMANCE.md), so the layer uses min(chunk_size, 64).
-  c.chunk_size = std::min<int64_t>(s.chunk_size, 64);
-  c.d_ssm = s.d_ssm > 0 ? s.d_ssm : -1;
-  c.rmsnorm = s.rmsnorm, c.norm_before_gate = s.norm_before_gate, c.D_has_hdim = s.D_has_hdim;
-  c.A_init_range = {s.A_init_lo, s.A_init_hi};
-  c.dt_limit = {s.dt_limit_lo, s.dt_limit_hi};
-  c.dt_min = s.dt_min, c.dt_max = s.dt_max, c.dt_init_floor = s.dt_init_floor;
-  c.bias = s.bias, c.conv_bias = s.conv_bias;
-  return c;
+  if (auto* c2 = std::get_if<Mamba2Config>(&m)) c2->chunk_size = std::min<int64_t>(c2->chunk_size, 64);
+  return m;
 }
+
+}  // namespace
 
 MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
                  const std::vector<std::pair<double, double>>& dt_init)
@@ -76,20 +58,11 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
     ops::move_weight_storage(p.value, p.grad, f, h, dtype);
   };
   to_dtype("backbone.embedding.weight", emb_, emb_h_);
+  blocks_.reserve(static_cast<size_t>(cfg_.n_layer));
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
-    norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
-    norms_.back().fill(1.f);
-    uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
-    auto layer_dt = [&](auto c) {  // this layer's initial delta range, when one is given
-      if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
-      return c;
-    };
-    if (cfg_.ssm_cfg.is_mamba2())
-      m2_.push_back(std::make_unique<Mamba2>(layer_dt(mamba2_config(cfg_)), layer_seed));
-    else
-      m1_.push_back(std::make_unique<Mamba1>(layer_dt(mamba1_config(cfg_)), layer_seed));
-    if (!m2_.empty()) m2_.back()->set_weight_dtype(dtype);
-    if (!m1_.empty()) m1_.back()->set_weight_dtype(dtype);
+    const uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
+    blocks_.emplace_back(layer_mixer_config(cfg_, dt_init, i), d, cfg_.norm_epsilon, layer_seed);
+    std::visit([&](auto& m) { m.set_weight_dtype(dtype); }, blocks_.back().mixer());
   }
   norm_f_ = own_.add("backbone.norm_f.weight", {d}, true);
   norm_f_.fill(1.f);
@@ -107,28 +80,39 @@ MambaLM::~MambaLM() = default;
 MambaLM::MambaLM(MambaLM&&) noexcept = default;
 MambaLM& MambaLM::operator=(MambaLM&&) noexcept = default;
 
+// The order of named_parameters (the optimiser's and the checkpoints'): the embedding, every
+// layer's norm, norm_f, the untied head, then every layer's mixer parameters.
+template <class Fn>
+void MambaLM::for_each_param(Fn&& fn) const {
+  auto& self = const_cast<MambaLM&>(*this);
+  auto& own = self.own_.all();
+  fn(own.front().name, own.front(), static_cast<Block*>(nullptr));
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    for (auto& p : self.blocks_[i].norm_params().all()) fn(str("backbone.layers.", i, ".", p.name), p, &self.blocks_[i]);
+  for (size_t k = 1; k < own.size(); ++k) fn(own[k].name, own[k], static_cast<Block*>(nullptr));
+  for (size_t i = 0; i < blocks_.size(); ++i)
+    for (auto& p : self.blocks_[i].mixer_params().all())
+      fn(str("backbone.layers.", i, ".mixer.", p.name), p, &self.blocks_[i]);
+}
+
 std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
   std::vector<std::pair<std::string, Param*>> out;
-  for (auto& p : own_.all()) out.emplace_back(p.name, &p);
-  for (size_t i = 0; i < m1_.size(); ++i)
-    for (auto& p : m1_[i]->params().all()) out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), &p);
-  for (size_t i = 0; i < m2_.size(); ++i)
-    for (auto& p : m2_[i]->params().all()) out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), &p);
+  for_each_param([&](const std::string& name, Param& p, Block*) { out.emplace_back(name, &p); });
   return out;
 }
 
 int64_t MambaLM::num_parameters() const {
   int64_t n = own_.count() + emb_h_.rows() * emb_h_.cols();
   if (!cfg_.tie_embeddings) n += head_h_.rows() * head_h_.cols();
-  for (auto& m : m1_) n += m->num_parameters();
-  for (auto& m : m2_) n += m->num_parameters();
+  for (const Block& b : blocks_)
+    n += b.norm_params().count() + std::visit([](const auto& m) { return m.num_parameters(); }, b.mixer());
   return n;
 }
 
 void MambaLM::set_weight_dtype(WeightDType t) {
   if (t == wdtype_) return;
-  for (auto& m : m1_) m->set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
-  for (auto& m : m2_) m->set_weight_dtype(t);
+  for (Block& b : blocks_)  // layer by layer: each releases its fp32 copies
+    std::visit([&](auto& m) { m.set_weight_dtype(t); }, b.mixer());
   Param& ep = own_.get("backbone.embedding.weight");
   ops::move_weight_storage(ep.value, ep.grad, emb_, emb_h_, t);
   if (!cfg_.tie_embeddings) {
@@ -141,18 +125,14 @@ void MambaLM::set_weight_dtype(WeightDType t) {
 
 std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& p : own_.all()) {
+  for_each_param([&](const std::string& name, Param& p, Block* b) {
     Tensor v = p.value;
-    if (p.name == "backbone.embedding.weight" && emb_h_.defined()) v = emb_h_.to_f32();
-    if (p.name == "lm_head.weight" && head_h_.defined()) v = head_h_.to_f32();
-    out.emplace_back(p.name, v);
-  }
-  for (size_t i = 0; i < m1_.size(); ++i)
-    for (const auto& p : m1_[i]->params().all())
-      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m1_[i]->param_f32(p.name));
-  for (size_t i = 0; i < m2_.size(); ++i)
-    for (const auto& p : m2_[i]->params().all())
-      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m2_[i]->param_f32(p.name));
+    if (!b && p.name == "backbone.embedding.weight" && emb_h_.defined()) v = emb_h_.to_f32();
+    if (!b && p.name == "lm_head.weight" && head_h_.defined()) v = head_h_.to_f32();
+    if (b && name.find(".mixer.") != std::string::npos)
+      v = std::visit([&](const auto& m) { return m.param_f32(p.name); }, b->mixer());
+    out.emplace_back(name, v);
+  });
   return out;
 }
 
@@ -180,16 +160,14 @@ void MambaLM::load_tensors(const std::vector<std::string>& names,
     ops::HalfWeight* h;
   };
   std::vector<Entry> entries;
-  for (auto& p : own_.all()) {
-    ops::HalfWeight* h = p.name == "backbone.embedding.weight" ? &emb_h_ : p.name == "lm_head.weight" ? &head_h_ : nullptr;
-    entries.push_back({p.name, &p, h && h->defined() ? h : nullptr});
-  }
-  for (size_t i = 0; i < m1_.size(); ++i)
-    for (auto& p : m1_[i]->params().all())
-      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m1_[i]->half_weight(p.name)});
-  for (size_t i = 0; i < m2_.size(); ++i)
-    for (auto& p : m2_[i]->params().all())
-      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m2_[i]->half_weight(p.name)});
+  for_each_param([&](const std::string& name, Param& p, Block* b) {
+    ops::HalfWeight* h = nullptr;
+    if (!b) h = p.name == "backbone.embedding.weight" ? &emb_h_ : p.name == "lm_head.weight" ? &head_h_ : nullptr;
+    if (h && !h->defined()) h = nullptr;
+    if (b && name.find(".mixer.") != std::string::npos)
+      h = std::visit([&](auto& m) { return m.half_weight(p.name); }, b->mixer());
+    entries.push_back({name, &p, h});
+  });
   std::map<std::string, bool> used;
   for (const Entry& e : entries) {
     auto it = key.find(e.name);
@@ -257,9 +235,9 @@ void MambaLM::save(const std::string& dir, bool hf) const {
   os::write_file_atomic((fs::path(dir) / "config.json").string(), cfg.data(), cfg.size());
 }
 
-Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const {
-  MAMBA_CHECK(static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ", B, "x", L, " = ",
-              B * L, " ids, got ", ids.size());
+Tensor MambaLM::embed(std::span<const int32_t> ids, int64_t B, int64_t L) const {
+  MAMBA_CHECK(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ", B, "x", L,
+              " = ", B * L, " ids, got ", ids.size());
   const int64_t d = cfg_.d_model, V = vocab();
   Tensor h = Tensor::empty({B, L, d});
   for (int64_t i = 0; i < B * L; ++i) {
@@ -281,54 +259,35 @@ Tensor MambaLM::head(const Tensor& hidden) const {
   return logits;
 }
 
-Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved* sv,
-                         LMState* state) {
-  const float eps = static_cast<float>(cfg_.norm_epsilon);
+Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv, LMState* state) const {
   Tensor hidden = embed(ids, B, L);
   Tensor residual;
-  if (sv) sv->ids = ids, sv->B = B, sv->L = L;
-  if (state) *state = new_state(B);
-  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
-    trace::Scope scope(str("layers.", i, "."));
-    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);  // residual += hidden
-    trace::op("add+norm", {hidden.shape()}, {normed.shape()});
-    if (sv) sv->residual.push_back(residual.clone());
-    trace::Scope mixer("mixer.");
-    if (!m1_.empty()) {
-      Mamba1Saved* ms = nullptr;
-      if (sv) sv->m1.emplace_back(), ms = &sv->m1.back();
-      hidden = m1_[i]->forward(normed, ms, state ? &state->m1[i] : nullptr);
-    } else {
-      Mamba2Saved* ms = nullptr;
-      if (sv) sv->m2.emplace_back(), ms = &sv->m2.back();
-      hidden = m2_[i]->forward(normed, ms, state ? &state->m2[i] : nullptr);
-    }
+  if (sv) {
+    *sv = LMSaved{};
+    sv->ids.assign(ids.begin(), ids.end()), sv->B = B, sv->L = L;
+    sv->blocks.resize(blocks_.size());
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  if (state) state->layers.assign(blocks_.size(), BlockState{}), state->batch = B;
+  for (size_t i = 0; i < blocks_.size(); ++i) {
+    trace::Scope scope(str("layers.", i, "."));
+    hidden = blocks_[i].forward(hidden, residual, sv ? &sv->blocks[i] : nullptr, state ? &state->layers[i] : nullptr);
+  }
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, static_cast<float>(cfg_.norm_epsilon));
   trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
   if (sv) sv->residual_final = residual, sv->hidden_final = out;
   return out;  // (B, L, d_model)
 }
 
-Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
-                        LMState* state) {
+Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* saved, LMState* state) const {
   MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "MambaLM::forward: weights are ",
               weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
-  LMSaved* sv = saved ? new LMSaved : nullptr;
-  Tensor out;
-  try {
-    out = backbone(ids, B, L, sv, state);
-  } catch (...) {
-    delete sv;
-    throw;
-  }
+  Tensor out = backbone(ids, B, L, saved, state);
   Tensor logits = head(out).reshape({B, L, vocab()});
   trace::op("lm_head", {out.shape()}, {logits.shape()});
-  if (saved) *saved = sv;
   return logits;
 }
 
-Tensor MambaLM::forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMState* state) {
+Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L, LMState* state) const {
   Tensor out = backbone(ids, B, L, nullptr, state);
   const int64_t d = cfg_.d_model;
   Tensor last = Tensor::empty({B, d});
@@ -339,38 +298,30 @@ Tensor MambaLM::forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t
   return logits;
 }
 
-void MambaLM::free_saved(LMSaved* saved) { delete saved; }
-
-void MambaLM::backward(LMSaved* sv, const Tensor& dlogits) {
-  MAMBA_CHECK(sv != nullptr, "MambaLM::backward: no saved activations (call forward with saved)");
-  std::unique_ptr<LMSaved> guard(sv);
+void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits) {
+  MAMBA_CHECK(!sv.empty(), "MambaLM::backward: no saved activations (call forward with saved)");
+  MAMBA_CHECK(sv.blocks.size() == blocks_.size(), "MambaLM::backward: the saved activations are for ",
+              sv.blocks.size(), " layers, the model has ", blocks_.size());
   MAMBA_CHECK(wdtype_ == WeightDType::f32, "MambaLM::backward: weights are ", weight_dtype_name(wdtype_),
               ": inference only; load in f32 to train");
-  const int64_t B = sv->B, L = sv->L, d = cfg_.d_model, V = vocab(), M = B * L;
+  const int64_t B = sv.B, L = sv.L, d = cfg_.d_model, V = vocab(), M = B * L;
   check_shape(dlogits, "MambaLM::backward: dlogits", {B, L, V});
   const float eps = static_cast<float>(cfg_.norm_epsilon);
   // Head: logits = hidden_final @ W^T.
   Tensor dhid = Tensor::empty({B, L, d});
   gemm(false, false, M, d, V, 1.f, dlogits.data(), V, lm_head_.data(), d, 0.f, dhid.data(), d);
   Param& head_p = cfg_.tie_embeddings ? own_.get("backbone.embedding.weight") : own_.get("lm_head.weight");
-  gemm(true, false, V, d, M, 1.f, dlogits.data(), V, sv->hidden_final.data(), d, 1.f, head_p.grad.data(), d);
+  gemm(true, false, V, d, M, 1.f, dlogits.data(), V, sv.hidden_final.data(), d, 1.f, head_p.grad.data(), d);
   // norm_f.
-  auto gf = ops::rms_norm_bwd(sv->residual_final, norm_f_, eps, dhid);
+  auto gf = ops::rms_norm_bwd(sv.residual_final, norm_f_, eps, dhid);
   Param& nf = own_.get("backbone.norm_f.weight");
   for (int64_t j = 0; j < d; ++j) nf.grad[j] += gf.dweight[j];
   Tensor dres = gf.dx;  // gradient w.r.t. the residual stream; also w.r.t. the last mixer output
-  for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) {
-    // residual_i = hidden_{i-1} + residual_{i-1}; hidden_i = mixer(norm(residual_i)).
-    Tensor dnormed = !m1_.empty() ? m1_[i]->backward(sv->m1[i], dres) : m2_[i]->backward(sv->m2[i], dres);
-    auto gn = ops::rms_norm_bwd(sv->residual[i], norms_[i], eps, dnormed);
-    Param& np = own_.get(str("backbone.layers.", i, ".norm.weight"));
-    for (int64_t j = 0; j < d; ++j) np.grad[j] += gn.dweight[j];
-    for (int64_t k = 0; k < dres.numel(); ++k) dres[k] += gn.dx[k];
-  }
+  for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) blocks_[i].backward(sv.blocks[i], dres);
   // Embedding: scatter-add the residual gradient into the rows of the ids.
   Param& ep = own_.get("backbone.embedding.weight");
   for (int64_t t = 0; t < M; ++t) {
-    float* row = ep.grad.data() + static_cast<int64_t>(sv->ids[t]) * d;
+    float* row = ep.grad.data() + static_cast<int64_t>(sv.ids[t]) * d;
     const float* g = dres.data() + t * d;
     for (int64_t j = 0; j < d; ++j) row[j] += g[j];
   }
@@ -379,24 +330,22 @@ void MambaLM::backward(LMSaved* sv, const Tensor& dlogits) {
 LMState MambaLM::new_state(int64_t batch) const {
   LMState s;
   s.batch = batch;
-  for (auto& m : m1_) s.m1.push_back(m->new_state(batch));
-  for (auto& m : m2_) s.m2.push_back(m->new_state(batch));
+  for (const Block& b : blocks_) s.layers.push_back(b.new_state(batch));
   return s;
 }
 
-Tensor MambaLM::step(const std::vector<int32_t>& ids, LMState& state) {
+Tensor MambaLM::step(std::span<const int32_t> ids, LMState& state) const {
   const int64_t B = static_cast<int64_t>(ids.size());
   MAMBA_CHECK(state.batch == B, "MambaLM::step: state is for batch ", state.batch, ", got ", B, " ids");
-  const float eps = static_cast<float>(cfg_.norm_epsilon);
+  MAMBA_CHECK(state.layers.size() == blocks_.size(), "MambaLM::step: state has ", state.layers.size(),
+              " layers, the model ", blocks_.size());
   Tensor hidden = embed(ids, B, 1).reshape({B, cfg_.d_model});
   Tensor residual;
-  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+  for (size_t i = 0; i < blocks_.size(); ++i) {
     trace::Scope scope(str("layers.", i, "."));
-    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);
-    trace::Scope mixer("mixer.");
-    hidden = !m1_.empty() ? m1_[i]->step(normed, state.m1[i]) : m2_[i]->step(normed, state.m2[i]);
+    hidden = blocks_[i].step(hidden, residual, state.layers[i]);
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, static_cast<float>(cfg_.norm_epsilon));
   return head(out);
 }
 

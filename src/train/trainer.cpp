@@ -20,25 +20,6 @@ constexpr const char* kOptimFile = "optimizer.safetensors";
 constexpr const char* kStateFormat = "mambacpp-train-1";
 constexpr uint64_t kDataSalt = 0xD1B54A32D192ED03ull;  // the data stream's seed is seed ^ salt
 
-// The ablation switch lives in SsmConfig::selective when this build has it (detected at
-// compile time, so this file builds against configs with or without the field).
-template <class S>
-bool set_sel(S& s, bool v) {
-  if constexpr (requires { s.selective = v; }) {
-    s.selective = v;
-    return true;
-  } else {
-    return v;  // no switch: only the selective model exists
-  }
-}
-template <class S>
-bool get_sel(const S& s) {
-  if constexpr (requires { static_cast<bool>(s.selective); })
-    return s.selective;
-  else
-    return true;
-}
-
 template <class T>
 T get_or(const json& j, const char* key, T def) {
   auto it = j.find(key);
@@ -53,9 +34,7 @@ T get_or(const json& j, const char* key, T def) {
 MambaLM make_model(const TrainConfig& cfg) {
   cfg.validate();
   ModelConfig m = cfg.model;
-  MAMBA_CHECK(set_selective(m, cfg.selective),
-              "--no-selective: this build's ModelConfig has no ssm_cfg.selective switch (the ablation "
-              "needs SsmConfig::selective passed to the Mamba-1 layer)");
+  set_selective(m, cfg.selective);
   std::vector<std::pair<double, double>> dt_init;
   for (const auto& li : cfg.layer_init) dt_init.emplace_back(li.dt_min, li.dt_max);
   MambaLM lm(m, cfg.seed, WeightDType::f32, dt_init);
@@ -71,11 +50,19 @@ MambaLM make_model(const TrainConfig& cfg) {
 }
 }  // namespace
 
-bool set_selective(ModelConfig& cfg, bool selective) {
-  if (!selective && cfg.ssm_cfg.is_mamba2()) return false;  // the ablation is Mamba-1 only
-  return set_sel(cfg.ssm_cfg, selective);
+void set_selective(ModelConfig& cfg, bool selective) {
+  if (Mamba1Config* m1 = cfg.mixer_if<Mamba1Config>()) {
+    m1->selective = selective;
+    return;
+  }
+  MAMBA_CHECK(selective, "--no-selective: the non-selective ablation is a Mamba1 switch; this model's mixer is ",
+              mixer_name(cfg.ssm_cfg));
 }
-bool get_selective(const ModelConfig& cfg) { return get_sel(cfg.ssm_cfg); }
+
+bool get_selective(const ModelConfig& cfg) {
+  const Mamba1Config* m1 = cfg.mixer_if<Mamba1Config>();
+  return !m1 || m1->selective;
+}
 
 // ---- config ---------------------------------------------------------------------------------------
 
@@ -208,11 +195,10 @@ StepLog Trainer::train_step() {
   int64_t correct = 0, tokens = 0;
   Tensor dlogits;
   for (const Batch& mb : mbs) {
-    LMSaved* raw = nullptr;
-    Tensor logits = lm_.forward(mb.ids, mb.B, mb.L, &raw);
-    std::unique_ptr<LMSaved, void (*)(LMSaved*)> saved(raw, &MambaLM::free_saved);
+    LMSaved saved;
+    Tensor logits = lm_.forward(mb.ids, mb.B, mb.L, &saved);
     LossResult r = cross_entropy(logits, mb.targets, &dlogits, static_cast<double>(total));
-    lm_.backward(saved.release(), dlogits);
+    lm_.backward(saved, dlogits);
     sum_nll += r.sum_nll;
     correct += r.correct;
     tokens += mb.B * mb.L;

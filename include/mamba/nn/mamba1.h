@@ -8,12 +8,17 @@
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "mamba/nn/param.h"
 #include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
+
+namespace json_io {
+class KeyReader;
+}
 
 struct Mamba1Config {
   int64_t d_model = 0;
@@ -33,12 +38,29 @@ struct Mamba1Config {
   void validate() const;    // throws mamba::Error naming the field
   int64_t d_inner() const;  // D = int(expand * d_model)
   int64_t rank() const;     // R = dt_rank, resolved when "auto"
+  bool operator==(const Mamba1Config&) const = default;
+
+  // config.json's ssm_cfg (mamba_ssm's keyword arguments of Mamba), in src/nn/mamba1_json.cpp.
+  // Reads every key it knows from r (d_model comes from the model config); unknown keys are left
+  // for the caller to report.
+  static Mamba1Config from_ssm_cfg(json_io::KeyReader& r, int64_t d_model);
+  // The ssm_cfg object as JSON text, in mamba_ssm's key order ("layer" first).
+  std::string to_ssm_cfg() const;
+  // Every ssm_cfg key from_ssm_cfg reads (to name the mixer a misplaced key belongs to).
+  static const std::vector<std::string>& ssm_cfg_keys();
+  // Range checks for a model file (hostile input): throws naming 'ssm_cfg.<key>'.
+  void check_ssm_cfg() const;
 };
 
 // Decode state: conv_state (B, D, K) (the last K conv inputs, oldest first), ssm_state (B, D, N).
 struct Mamba1State {
   Tensor conv_state;  // (B, D, K)
   Tensor ssm_state;   // (B, D, N)
+  // Row dst_b of this state = row src_b of src (generate stacks prefilled states into a batch).
+  void copy_row(int64_t dst_b, const Mamba1State& src, int64_t src_b) {
+    conv_state.select(dst_b).copy_from(src.conv_state.select(src_b));
+    ssm_state.select(dst_b).copy_from(src.ssm_state.select(src_b));
+  }
 };
 
 // Activations forward keeps for backward.
@@ -55,6 +77,11 @@ struct Mamba1Saved {
 
 class Mamba1 {
  public:
+  using Config = Mamba1Config;
+  using State = Mamba1State;
+  using Saved = Mamba1Saved;
+  static constexpr const char* kName = "Mamba1";  // ssm_cfg's "layer"
+
   explicit Mamba1(const Mamba1Config& cfg, uint64_t seed = 0);
 
   const Mamba1Config& config() const { return cfg_; }

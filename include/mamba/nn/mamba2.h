@@ -16,6 +16,8 @@
 #pragma once
 #include <cstdint>
 #include <limits>
+#include <string>
+#include <vector>
 #include <utility>
 
 #include "mamba/nn/param.h"
@@ -24,6 +26,10 @@
 #include "mamba/tensor.h"
 
 namespace mamba {
+
+namespace json_io {
+class KeyReader;
+}
 
 struct Mamba2Config {
   int64_t d_model = 0;
@@ -51,12 +57,25 @@ struct Mamba2Config {
   int64_t d_mlp() const { return d_inner() - ssm_dim(); }
   int64_t conv_dim() const { return ssm_dim() + 2 * ngroups * d_state; }  // d_ssm + 2GN
   int64_t d_in_proj() const { return 2 * d_inner() + 2 * ngroups * d_state + nheads(); }
+  bool operator==(const Mamba2Config&) const = default;
+
+  // config.json's ssm_cfg (mamba_ssm's keyword arguments of Mamba2), in src/nn/mamba2_json.cpp;
+  // see Mamba1Config for the four functions.
+  static Mamba2Config from_ssm_cfg(json_io::KeyReader& r, int64_t d_model);
+  std::string to_ssm_cfg() const;
+  static const std::vector<std::string>& ssm_cfg_keys();
+  void check_ssm_cfg() const;
 };
 
 // Decode state (mamba_ssm's inference cache for one layer).
 struct Mamba2State {
   Tensor conv_state;  // (B, d_ssm + 2GN, K): the last K conv inputs, oldest first
   Tensor ssm_state;   // (B, H, P, N)
+  // Row dst_b of this state = row src_b of src (generate stacks prefilled states into a batch).
+  void copy_row(int64_t dst_b, const Mamba2State& src, int64_t src_b) {
+    conv_state.select(dst_b).copy_from(src.conv_state.select(src_b));
+    ssm_state.select(dst_b).copy_from(src.ssm_state.select(src_b));
+  }
 };
 
 // What forward keeps for backward.
@@ -72,9 +91,16 @@ struct Mamba2Saved {
 
 class Mamba2 {
  public:
+  using Config = Mamba2Config;
+  using State = Mamba2State;
+  using Saved = Mamba2Saved;
+  static constexpr const char* kName = "Mamba2";  // ssm_cfg's "layer"
+
   explicit Mamba2(const Mamba2Config& cfg, uint64_t seed = 0);
   Mamba2(const Mamba2&) = delete;
   Mamba2& operator=(const Mamba2&) = delete;
+  Mamba2(Mamba2&&) noexcept = default;
+  Mamba2& operator=(Mamba2&&) noexcept = default;
 
   const Mamba2Config& config() const { return cfg_; }
   ParamList& params() { return params_; }
