@@ -1,7 +1,12 @@
 // The packed prefill GEMM y = x W^T (ops/xwt.h) against its double reference, for fp32, bf16 and
 // f16 weights, on sizes that leave partial panels / weight blocks, with leading dimensions larger
-// than the rows, accumulation onto y, and across thread counts.
+// than the rows, accumulation onto y, and across thread counts. XwtPerTarget/... runs the packed
+// kernel and the dispatching entry point (the packed kernel on 512-bit targets, the BLAS
+// fallback on the others) once per compiled SIMD target (hwy_gtest.h).
+#include <hwy/tests/hwy_gtest.h>
+
 #include <cfloat>
+#include <cstdlib>
 #include <vector>
 
 #include "mamba/ops/xwt.h"
@@ -131,4 +136,39 @@ TEST(Xwt, RejectsBadSizes) {
   EXPECT_EQ(z, std::vector<float>(16, 7.f));
   xwt(x.data(), 4, 4, W, 4, 0, z.data(), 4, false);
   EXPECT_EQ(z, std::vector<float>(16, 0.f));
+}
+
+class XwtPerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(XwtPerTarget);
+
+TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
+#if HWY_ARCH_X86
+  // mamba::xwt takes the packed kernel exactly on the 512-bit targets (unless MAMBA_GEMM=blas).
+  int64_t wide_targets = HWY_AVX3 | HWY_AVX3_DL;
+#ifdef HWY_AVX3_ZEN4
+  wide_targets |= HWY_AVX3_ZEN4;
+#endif
+#ifdef HWY_AVX3_SPR
+  wide_targets |= HWY_AVX3_SPR;
+#endif
+  const bool wide = (GetParam() & wide_targets) != 0;
+  const char* env = std::getenv("MAMBA_GEMM");
+  const bool blas_forced = env && std::string(env) == "blas";
+  EXPECT_EQ(xwt_packed_active(), wide && !blas_forced) << hwy::TargetName(GetParam());
+#endif
+  Rng rng(13);
+  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
+    for (int64_t M : {1, 33})
+      for (int64_t N : {5, 13})
+        for (int64_t K : {3, 33})
+          for (bool acc : {false, true}) {
+            const Case c{M, N, K, t, acc};
+            Data d = make(c, rng);
+            std::vector<float> y = d.y0, yd = d.y0, yr = d.y0;
+            xwt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
+            xwt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
+            ASSERT_TRUE(within_bound(d, c, y, yr)) << "packed";
+            xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
+            ASSERT_TRUE(within_bound(d, c, yd, yr)) << "xwt (packed active: " << xwt_packed_active() << ")";
+          }
 }
