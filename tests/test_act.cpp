@@ -91,8 +91,8 @@ TEST_P(ActPerTarget, NaNInNaNOut) {
                                   {"silu'", &ds},
                                   {"softplus'", &dsp}})
       for (int64_t i = 0; i < n; ++i)
-        EXPECT_EQ(std::isnan((*t)[i]), i == pos) << name << "[" << i << "] = " << (*t)[i]
-                                                 << " with NaN at " << pos;
+        EXPECT_EQ(std::isnan((*t)[i]), i == pos)
+            << name << "[" << i << "] = " << (*t)[i] << " with NaN at " << pos;
   }
 }
 
@@ -100,8 +100,8 @@ TEST_P(ActPerTarget, NaNInNaNOut) {
 // far below underflow (the kernels' exp is valid for any input, like std::exp).
 TEST_P(ActPerTarget, ExpAndActivationsAtTheEndsOfTheRange) {
   const float inf = std::numeric_limits<float>::infinity();
-  const std::vector<float> v = {inf, -inf, 88.5f, 95.f, 100.f, 104.f, 200.f, -90.f, -104.f, -200.f,
-                                30.f, -30.f};
+  const std::vector<float> v = {inf,   -inf,  88.5f,  95.f,   100.f, 104.f,
+                                200.f, -90.f, -104.f, -200.f, 30.f,  -30.f};
   for (int64_t n : {static_cast<int64_t>(v.size()), int64_t{33}}) {
     Tensor x({n});
     for (int64_t i = 0; i < n; ++i) x[i] = v[i % v.size()];
@@ -114,7 +114,8 @@ TEST_P(ActPerTarget, ExpAndActivationsAtTheEndsOfTheRange) {
         EXPECT_EQ(e[i], want) << "exp(" << x[i] << ")";
       else
         EXPECT_NEAR(e[i], want, 1e-6 * want) << "exp(" << x[i] << ")";
-      EXPECT_EQ(sp[i], x[i] > 20.f ? x[i] : std::log1p(std::exp(x[i]))) << "softplus(" << x[i] << ")";
+      EXPECT_EQ(sp[i], x[i] > 20.f ? x[i] : std::log1p(std::exp(x[i])))
+          << "softplus(" << x[i] << ")";
       if (std::isfinite(x[i])) {
         EXPECT_FALSE(std::isnan(s[i])) << "silu(" << x[i] << ")";
       }

@@ -54,13 +54,12 @@ Named mamba2_layer_run(const Tensor& x, const Tensor& dy) {
 }
 
 train::TrainConfig tiny_lm(const std::string& layer) {
-  const std::string ssm = layer == "Mamba2"
-                              ? R"({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})"
-                              : R"({"layer": "Mamba1", "d_state": 16})";
+  const std::string ssm =
+      layer == "Mamba2" ? R"({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})"
+                        : R"({"layer": "Mamba1", "d_state": 16})";
   train::TrainConfig c;
-  c.model = ModelConfig::parse(
-      str(R"({"d_model": 64, "n_layer": 1, "vocab_size": 8, "ssm_cfg": )", ssm,
-          R"(, "pad_vocab_size_multiple": 8})"));
+  c.model = ModelConfig::parse(str(R"({"d_model": 64, "n_layer": 1, "vocab_size": 8, "ssm_cfg": )",
+                                   ssm, R"(, "pad_vocab_size_multiple": 8})"));
   c.task.kind = train::TaskKind::Induction;
   c.task.vocab = 4;
   c.task.seqlen = 48;

@@ -8,8 +8,8 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <tuple>
 #include <string>
+#include <tuple>
 
 #include "mamba/ops/ssd.h"
 #include "mamba/parallel.h"
@@ -319,13 +319,14 @@ TEST(Ssd, BackwardRepeatsBitForBitAtAFixedThreadCount) {
     const SsdGrads first = ops::ssd_chunked_bwd(a, dout);
     for (int rep = 0; rep < 4; ++rep) {
       const SsdGrads g = ops::ssd_chunked_bwd(a, dout);
-      for (const auto& [name, x, y] : {std::tuple<const char*, const Tensor*, const Tensor*>{
-                                           "dB", &g.dB, &first.dB},
-                                       {"dC", &g.dC, &first.dC},
-                                       {"dx", &g.dx, &first.dx},
-                                       {"ddt", &g.ddt, &first.ddt},
-                                       {"dA", &g.dA, &first.dA}})
-        EXPECT_EQ(std::memcmp(x->data(), y->data(), static_cast<size_t>(x->numel()) * sizeof(float)), 0)
+      for (const auto& [name, x, y] :
+           {std::tuple<const char*, const Tensor*, const Tensor*>{"dB", &g.dB, &first.dB},
+            {"dC", &g.dC, &first.dC},
+            {"dx", &g.dx, &first.dx},
+            {"ddt", &g.ddt, &first.ddt},
+            {"dA", &g.dA, &first.dA}})
+        EXPECT_EQ(
+            std::memcmp(x->data(), y->data(), static_cast<size_t>(x->numel()) * sizeof(float)), 0)
             << name << " at " << threads << " threads, repeat " << rep + 1;
     }
   }

@@ -68,12 +68,14 @@ double w_at(const Data& d, const Case& c, int64_t n, int64_t k) {
         return ::testing::AssertionFailure()
                << "M=" << c.M << " N=" << c.N << " K=" << c.K << " " << weight_dtype_name(c.t)
                << " acc=" << c.accumulate << ": y[" << m << "][" << n << "] = " << y[m * d.ldy + n]
-               << ", reference " << yref[m * d.ldy + n] << ", error " << err << " > bound " << gamma * mag;
+               << ", reference " << yref[m * d.ldy + n] << ", error " << err << " > bound "
+               << gamma * mag;
     }
     // the padding between N and ldy is never written
     for (int64_t n = c.N; n < d.ldy; ++n)
       if (y[m * d.ldy + n] != d.y0[m * d.ldy + n])
-        return ::testing::AssertionFailure() << "padding column " << n << " of row " << m << " was written";
+        return ::testing::AssertionFailure()
+               << "padding column " << n << " of row " << m << " was written";
   }
   return ::testing::AssertionSuccess();
 }
@@ -97,7 +99,8 @@ TEST(Xwt, PackedKernelMatchesReferenceOnAwkwardSizes) {
             // The dispatching entry point (packed kernel or BLAS) meets the same bound.
             std::vector<float> yd = d.y0;
             xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
-            ASSERT_TRUE(within_bound(d, c, yd, yr)) << "xwt (packed active: " << xwt_packed_active() << ")";
+            ASSERT_TRUE(within_bound(d, c, yd, yr))
+                << "xwt (packed active: " << xwt_packed_active() << ")";
             ++checked;
           }
   EXPECT_EQ(checked, 3 * 4 * 5 * 5 * 2);
@@ -127,7 +130,9 @@ TEST(Xwt, RejectsBadSizes) {
   const WeightRows W{w.data(), WeightDType::f32, 4};
   EXPECT_THROW(xwt(x.data(), -1, 4, W, 4, 4, y.data(), 4, false), Error);
   EXPECT_THROW(xwt(x.data(), 4, 3, W, 4, 4, y.data(), 4, false), Error);  // ldx < K
-  EXPECT_THROW(xwt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false), Error);
+  EXPECT_THROW(
+      xwt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false),
+      Error);
   EXPECT_THROW(xwt(x.data(), 4, 4, W, 4, 4, y.data(), 3, false), Error);  // ldy < N
   EXPECT_THROW(xwt_packed(x.data(), 4, 4, W, 4, -2, y.data(), 4, false), Error);
   // K = 0: y = 0, or unchanged when accumulating
@@ -169,6 +174,7 @@ TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
             xwt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, y, yr)) << "packed";
             xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
-            ASSERT_TRUE(within_bound(d, c, yd, yr)) << "xwt (packed active: " << xwt_packed_active() << ")";
+            ASSERT_TRUE(within_bound(d, c, yd, yr))
+                << "xwt (packed active: " << xwt_packed_active() << ")";
           }
 }

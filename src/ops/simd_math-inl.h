@@ -6,9 +6,10 @@
 // selective_scan.cpp.
 //
 // One NaN rule, in vector lanes as in the scalar tails (act.h's *_ref) and the references:
-// NaN in -> NaN out. Call them qualified (simd_math::Exp): unqualified, argument-dependent
-// lookup would also find Highway's own functions of the same name. (hn::Exp maps NaN to 0, and a Min with a NaN argument returns the other
+// NaN in -> NaN out. (hn::Exp maps NaN to 0, and a Min with a NaN argument returns the other
 // operand on x86 but NaN on Arm, so every helper selects NaN lanes explicitly.)
+// Call them qualified (simd_math::Exp): unqualified, argument-dependent lookup would also find
+// Highway's own functions of the same name.
 //
 //   Exp(x)          = exp(x), inf past fp32 overflow like expf (hn::Exp is valid up to 104)
 //   ExpInRange(x)   = hn::Exp itself, for arguments known finite and <= 88 (no checks)
@@ -25,8 +26,8 @@
 #define MAMBA_OPS_SIMD_MATH_INL_H_
 #endif
 
-#include <hwy/highway.h>
 #include <hwy/contrib/math/math-inl.h>
+#include <hwy/highway.h>
 
 HWY_BEFORE_NAMESPACE();
 namespace mamba::ops {

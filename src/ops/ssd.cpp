@@ -566,7 +566,8 @@ SsdGrads ssd_chunked_bwd(const SsdArgs& a, const Tensor& dout, const Tensor& dfi
     std::vector<float> dB, dC;   // (b_hi - b_lo, L, G, N)
   };
   const int64_t BH = B * H, grain = grain_for(L * P * N);
-  const int64_t nparts = std::max<int64_t>(1, std::min<int64_t>((BH + grain - 1) / grain, num_threads()));
+  const int64_t nparts =
+      std::max<int64_t>(1, std::min<int64_t>((BH + grain - 1) / grain, num_threads()));
   std::vector<Part> parts(nparts);
   std::vector<float> dDp(B * H * P, 0.f);
   std::vector<double> dAp(B * H, 0.0);
