@@ -1,7 +1,10 @@
 // Selective scan (Mamba-1): golden data from mamba_ssm's selective_scan_ref (forward, last
 // state, every gradient), fast kernel vs naive reference on awkward shapes and every B/C
 // kind, finite differences of the backward in double, full sequence vs repeated
-// selective_state_update, bad-input errors and NaN propagation.
+// selective_state_update, bad-input errors and NaN propagation. The fast-vs-reference tests
+// (SelectiveScanPerTarget/...) run once per compiled SIMD target (hwy_gtest.h).
+#include <hwy/tests/hwy_gtest.h>
+
 #include <cmath>
 #include <functional>
 #include <string>
@@ -194,7 +197,10 @@ void check_fast_vs_ref(const Cfg& c, uint64_t seed) {
 
 }  // namespace
 
-TEST(SelectiveScanFast, AwkwardChannelCountsAllKinds) {
+class SelectiveScanPerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(SelectiveScanPerTarget);
+
+TEST_P(SelectiveScanPerTarget, AwkwardChannelCountsAllKinds) {
   // D around the vector widths (4, 8, 16 lanes); every B/C kind, groups that do and do not
   // align with the lanes (a block straddling two groups).
   uint64_t seed = 100;
@@ -216,7 +222,7 @@ TEST(SelectiveScanFast, AwkwardChannelCountsAllKinds) {
   }
 }
 
-TEST(SelectiveScanFast, OptionalInputsAndLengths) {
+TEST_P(SelectiveScanPerTarget, OptionalInputsAndLengths) {
   // Every combination of D, z, delta_bias, softplus, initial state; lengths 1, below, at
   // and past the backward's checkpoint chunk (64), d_state 1/16/17.
   uint64_t seed = 500;
@@ -238,7 +244,7 @@ TEST(SelectiveScanFast, OptionalInputsAndLengths) {
   }
 }
 
-TEST(SelectiveScanFast, SoftplusThresholdAndExpOverflow) {
+TEST_P(SelectiveScanPerTarget, SoftplusThresholdAndExpOverflow) {
   // As golden cases 12 and 23: delta + bias far past softplus's threshold 20 and past 88.
   for (bool sp : {true, false}) {
     Cfg c;
@@ -577,7 +583,7 @@ TEST(SelectiveScanErrors, BadShapesNameTheTensor) {
 // a NaN in u/delta/z of channel d poisons that channel from that step on; a NaN in var B/C
 // poisons every channel of that batch; a NaN in A[d, n] poisons channel d. The fast kernel
 // produces the same NaN pattern as the reference, forward and backward.
-TEST(SelectiveScanNaN, PropagatesLikeTheReference) {
+TEST_P(SelectiveScanPerTarget, NaNPropagatesLikeTheReference) {
   Cfg c;
   c.B = 2, c.L = 6, c.D = 19, c.N = 5, c.has_init = true;
   struct Poison {
@@ -624,7 +630,7 @@ TEST(SelectiveScanNaN, PropagatesLikeTheReference) {
             << b << " " << t << " " << d;
 }
 
-TEST(SelectiveScanStep, FastStepMatchesReferenceStep) {
+TEST_P(SelectiveScanPerTarget, FastStepMatchesReferenceStep) {
   // The vectorised step (across N) against its scalar reference: N around the vector widths,
   // (B, N) and (B, G, N) B/C, optional D, z, dt_bias, softplus; several steps in a row.
   uint64_t seed = 4200;

@@ -1,9 +1,15 @@
 // SSD (Mamba-2 scan): chunked == sequential reference (forward, final states, every gradient)
 // over awkward sizes and ragged chunks; finite differences of the reference backward in double;
-// the single-token update == the full forward; shape errors.
+// the single-token update == the full forward; shape errors; the backward repeats bit for bit at
+// a fixed thread count. The chunked-vs-reference tests (SsdPerTarget/...) run once per compiled
+// SIMD target (hwy_gtest.h).
+#include <hwy/tests/hwy_gtest.h>
+
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
+#include <tuple>
 
 #include "mamba/ops/ssd.h"
 #include "mamba/parallel.h"
@@ -99,7 +105,10 @@ const Case kCases[] = {
 
 }  // namespace
 
-TEST(Ssd, ChunkedForwardMatchesSequentialReference) {
+class SsdPerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(SsdPerTarget);
+
+TEST_P(SsdPerTarget, ChunkedForwardMatchesSequentialReference) {
   Rng rng(11);
   for (const Case& c : kCases) {
     SsdArgs a = make_args(c, rng);
@@ -129,7 +138,7 @@ TEST(Ssd, ChunkSizeDoesNotChangeTheResult) {
   }
 }
 
-TEST(Ssd, ChunkedBackwardMatchesReferenceBackward) {
+TEST_P(SsdPerTarget, ChunkedBackwardMatchesReferenceBackward) {
   Rng rng(13);
   for (const Case& c : kCases) {
     SsdArgs a = make_args(c, rng);
@@ -187,7 +196,7 @@ TEST(Ssd, ReferenceBackwardMatchesFiniteDifferences) {
   }
 }
 
-TEST(Ssd, StateUpdateMatchesFullForward) {
+TEST_P(SsdPerTarget, StateUpdateMatchesFullForward) {
   Rng rng(15);
   for (const Case& c : kCases) {
     SsdArgs a = make_args(c, rng);
@@ -294,4 +303,32 @@ TEST(Ssd, ThreadCountDoesNotChangeTheResult) {
   EXPECT_TRUE(test::all_close(y3, y1, {0, 0}, "y"));
   EXPECT_TRUE(test::all_close(f3, f1, {0, 0}, "final"));
   compare_grads(g3, g1, "threads 5 vs 1");
+}
+
+// The backward's dB / dC sum over the heads of a group. With B = 1, H = 12 and 6 threads every
+// thread's part adds into the same rows; the parts are summed in part order, so repeats are the
+// same bits (an arrival-order sum, as before, differed in most repeats).
+TEST(Ssd, BackwardRepeatsBitForBitAtAFixedThreadCount) {
+  Rng rng(18);
+  Case c{1, 64, 12, 16, 1, 32, 16, 1, true, true, true, false};
+  SsdArgs a = make_args(c, rng);
+  Tensor dout = test::randn(a.x.shape(), rng);
+  const int saved = num_threads();
+  for (int threads : {3, 6}) {
+    set_num_threads(threads);
+    const SsdGrads first = ops::ssd_chunked_bwd(a, dout);
+    for (int rep = 0; rep < 4; ++rep) {
+      const SsdGrads g = ops::ssd_chunked_bwd(a, dout);
+      for (const auto& [name, x, y] :
+           {std::tuple<const char*, const Tensor*, const Tensor*>{"dB", &g.dB, &first.dB},
+            {"dC", &g.dC, &first.dC},
+            {"dx", &g.dx, &first.dx},
+            {"ddt", &g.ddt, &first.ddt},
+            {"dA", &g.dA, &first.dA}})
+        EXPECT_EQ(
+            std::memcmp(x->data(), y->data(), static_cast<size_t>(x->numel()) * sizeof(float)), 0)
+            << name << " at " << threads << " threads, repeat " << rep + 1;
+    }
+  }
+  set_num_threads(saved);
 }

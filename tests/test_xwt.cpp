@@ -1,7 +1,12 @@
 // The packed prefill GEMM y = x W^T (ops/xwt.h) against its double reference, for fp32, bf16 and
 // f16 weights, on sizes that leave partial panels / weight blocks, with leading dimensions larger
-// than the rows, accumulation onto y, and across thread counts.
+// than the rows, accumulation onto y, and across thread counts. XwtPerTarget/... runs the packed
+// kernel and the dispatching entry point (the packed kernel on 512-bit targets, the BLAS
+// fallback on the others) once per compiled SIMD target (hwy_gtest.h).
+#include <hwy/tests/hwy_gtest.h>
+
 #include <cfloat>
+#include <cstdlib>
 #include <vector>
 
 #include "mamba/ops/xwt.h"
@@ -63,12 +68,14 @@ double w_at(const Data& d, const Case& c, int64_t n, int64_t k) {
         return ::testing::AssertionFailure()
                << "M=" << c.M << " N=" << c.N << " K=" << c.K << " " << weight_dtype_name(c.t)
                << " acc=" << c.accumulate << ": y[" << m << "][" << n << "] = " << y[m * d.ldy + n]
-               << ", reference " << yref[m * d.ldy + n] << ", error " << err << " > bound " << gamma * mag;
+               << ", reference " << yref[m * d.ldy + n] << ", error " << err << " > bound "
+               << gamma * mag;
     }
     // the padding between N and ldy is never written
     for (int64_t n = c.N; n < d.ldy; ++n)
       if (y[m * d.ldy + n] != d.y0[m * d.ldy + n])
-        return ::testing::AssertionFailure() << "padding column " << n << " of row " << m << " was written";
+        return ::testing::AssertionFailure()
+               << "padding column " << n << " of row " << m << " was written";
   }
   return ::testing::AssertionSuccess();
 }
@@ -92,7 +99,8 @@ TEST(Xwt, PackedKernelMatchesReferenceOnAwkwardSizes) {
             // The dispatching entry point (packed kernel or BLAS) meets the same bound.
             std::vector<float> yd = d.y0;
             xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
-            ASSERT_TRUE(within_bound(d, c, yd, yr)) << "xwt (packed active: " << xwt_packed_active() << ")";
+            ASSERT_TRUE(within_bound(d, c, yd, yr))
+                << "xwt (packed active: " << xwt_packed_active() << ")";
             ++checked;
           }
   EXPECT_EQ(checked, 3 * 4 * 5 * 5 * 2);
@@ -122,7 +130,9 @@ TEST(Xwt, RejectsBadSizes) {
   const WeightRows W{w.data(), WeightDType::f32, 4};
   EXPECT_THROW(xwt(x.data(), -1, 4, W, 4, 4, y.data(), 4, false), Error);
   EXPECT_THROW(xwt(x.data(), 4, 3, W, 4, 4, y.data(), 4, false), Error);  // ldx < K
-  EXPECT_THROW(xwt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false), Error);
+  EXPECT_THROW(
+      xwt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false),
+      Error);
   EXPECT_THROW(xwt(x.data(), 4, 4, W, 4, 4, y.data(), 3, false), Error);  // ldy < N
   EXPECT_THROW(xwt_packed(x.data(), 4, 4, W, 4, -2, y.data(), 4, false), Error);
   // K = 0: y = 0, or unchanged when accumulating
@@ -131,4 +141,40 @@ TEST(Xwt, RejectsBadSizes) {
   EXPECT_EQ(z, std::vector<float>(16, 7.f));
   xwt(x.data(), 4, 4, W, 4, 0, z.data(), 4, false);
   EXPECT_EQ(z, std::vector<float>(16, 0.f));
+}
+
+class XwtPerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(XwtPerTarget);
+
+TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
+#if HWY_ARCH_X86
+  // mamba::xwt takes the packed kernel exactly on the 512-bit targets (unless MAMBA_GEMM=blas).
+  int64_t wide_targets = HWY_AVX3 | HWY_AVX3_DL;
+#ifdef HWY_AVX3_ZEN4
+  wide_targets |= HWY_AVX3_ZEN4;
+#endif
+#ifdef HWY_AVX3_SPR
+  wide_targets |= HWY_AVX3_SPR;
+#endif
+  const bool wide = (GetParam() & wide_targets) != 0;
+  const char* env = std::getenv("MAMBA_GEMM");
+  const bool blas_forced = env && std::string(env) == "blas";
+  EXPECT_EQ(xwt_packed_active(), wide && !blas_forced) << hwy::TargetName(GetParam());
+#endif
+  Rng rng(13);
+  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
+    for (int64_t M : {1, 33})
+      for (int64_t N : {5, 13})
+        for (int64_t K : {3, 33})
+          for (bool acc : {false, true}) {
+            const Case c{M, N, K, t, acc};
+            Data d = make(c, rng);
+            std::vector<float> y = d.y0, yd = d.y0, yr = d.y0;
+            xwt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
+            xwt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
+            ASSERT_TRUE(within_bound(d, c, y, yr)) << "packed";
+            xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
+            ASSERT_TRUE(within_bound(d, c, yd, yr))
+                << "xwt (packed active: " << xwt_packed_active() << ")";
+          }
 }

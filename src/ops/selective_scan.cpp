@@ -17,20 +17,22 @@
 // each block's chunk states and exp values are recomputed into a per-thread buffer and the
 // reverse recurrence runs over them. dA, dD, ddelta_bias and const dB/dC are per channel and
 // accumulated per block; var/group dB/dC (sums over channels per (b, t, n)) are accumulated as
-// vectors into a per-thread chunk buffer, summed over lanes into per-thread rows, and those
-// are summed over threads: no races, and run-to-run deterministic for a given thread count.
+// vectors into a per-thread chunk buffer, summed over lanes into per-part rows, and those are
+// summed over the parts in part order after the parallel region: no races, and bitwise
+// reproducible for a given thread count.
 //
 // Decode step (selective_state_update): one token, the state row (N) of a channel is
 // contiguous, so it is vectorised across N instead.
 //
-// NaN: propagated as in the reference (exp and softplus of NaN give NaN here too).
+// NaN: propagated as in the reference (the shared vector math, ops/simd_math-inl.h, maps NaN
+// to NaN in every lane, and the scalar tails do the same).
 // clang-format off
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/selective_scan.cpp"
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 #include <hwy/cache_control.h>
-#include <hwy/contrib/math/math-inl.h>
+#include "ops/simd_math-inl.h"  // Exp, Softplus, SoftplusGrad, Sigmoid (one NaN rule)
 // clang-format on
 
 #include <algorithm>
@@ -122,28 +124,9 @@ HWY_INLINE void PrefetchAhead(const Plan& p, int64_t t, int64_t off, bool with_o
   if (with_out) hwy::Prefetch(p.out + o);
 }
 
-// exp(x) that keeps NaN (hn::Exp maps NaN to 0) and gives inf past fp32 overflow like expf;
-// hn::Exp is valid up to 104.
-HWY_INLINE VF ExpNaN(DF d, VF x) {
-  const VF e = hn::Exp(d, hn::Min(hn::Set(d, 100.0f), x));
-  return hn::IfThenElse(hn::IsNaN(x), x, e);
-}
-// torch's softplus (threshold 20): x for x > 20 (and NaN for NaN), else log1p(exp(x)).
-HWY_INLINE VF Softplus(DF d, VF x) {
-  const VF thr = hn::Set(d, 20.0f);
-  const VF sp = hn::Log1p(d, hn::Exp(d, hn::Min(thr, x)));
-  return hn::IfThenElse(hn::Le(x, thr), sp, x);
-}
-// d softplus / dx = sigmoid(x), 1 past the threshold.
-HWY_INLINE VF SoftplusGrad(DF d, VF x) {
-  const VF one = hn::Set(d, 1.0f);
-  const VF sg = hn::Div(one, hn::Add(one, hn::Exp(d, hn::Min(hn::Set(d, 88.0f), hn::Neg(x)))));
-  return hn::IfThenElse(hn::Gt(x, hn::Set(d, 20.0f)), one, sg);
-}
-HWY_INLINE VF Sigmoid(DF d, VF x) {
-  const VF one = hn::Set(d, 1.0f);
-  return hn::Div(one, hn::Add(one, hn::Exp(d, hn::Min(hn::Set(d, 88.0f), hn::Neg(x)))));
-}
+// The shared vector math (src/ops/simd_math-inl.h); ExpInRange only where dt >= 0 finite and
+// A <= 0 finite were checked.
+namespace sm = simd_math;  // called qualified: see simd_math-inl.h
 
 // Per-thread scratch for one block of channels.
 struct Block {
@@ -220,7 +203,7 @@ HWY_INLINE VF FwdStep(DF d, int64_t N, size_t lanes, const float* HWY_RESTRICT A
   VF y0 = hn::Zero(d), y1 = hn::Zero(d);
   auto bval = [&](int64_t n) { return kBB ? hn::Set(d, Bp[n]) : hn::LoadU(d, Bp + n * lanes); };
   auto cval = [&](int64_t n) { return kCB ? hn::Set(d, Cp[n]) : hn::LoadU(d, Cp + n * lanes); };
-  auto expo = [&](VF x) { return kSafe ? ExpNaN(d, x) : hn::Exp(d, x); };
+  auto expo = [&](VF x) { return kSafe ? sm::Exp(d, x) : sm::ExpInRange(d, x); };
   int64_t n = 0;
   for (; n + 2 <= N; n += 2) {
     const VF e0 = expo(hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
@@ -256,7 +239,7 @@ void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
     const int64_t off = (b * L + t) * D + d0;
     PrefetchAhead(p, t, off, true);
     VF dt = hn::Add(LoadPart(d, p.delta + off, nl, tmp), bias);
-    if (p.softplus) dt = Softplus(d, dt);
+    if (p.softplus) dt = sm::Softplus(d, dt);
     const VF u = LoadPart(d, p.u + off, nl, tmp);
     const VF dtu = hn::Mul(dt, u);
     const float* Bp = k.Bs.data();
@@ -276,7 +259,7 @@ void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
     y = hn::MulAdd(Dv, u, y);
     if (p.z) {
       const VF z = LoadPart(d, p.z + off, nl, tmp);
-      y = hn::Mul(y, hn::Mul(z, Sigmoid(d, z)));
+      y = hn::Mul(y, sm::Silu(d, z));
     }
     StorePart(d, y, p.out + off, nl, tmp);
   }
@@ -405,8 +388,8 @@ HWY_INLINE VF DeltaT(DF d, const Plan& p, const Block& k, int64_t off, VF bias, 
     if (spg) *spg = hn::Set(d, 1.f);
     return v;
   }
-  if (spg) *spg = SoftplusGrad(d, v);
-  return Softplus(d, v);
+  if (spg) *spg = sm::SoftplusGrad(d, v);
+  return sm::Softplus(d, v);
 }
 
 // Pass 1, steps [t0, t1) of one block: h (N, lanes) is its running state; the state at the
@@ -429,7 +412,7 @@ void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h, int64_t t0, 
     StageBC(d, p, k, p.s.b_kind, p.B, p.s.b_groups, k.gb0, k.gb1, t, k.Bs.data());
     const float* Bs = k.Bs.data();
     for (int64_t n = 0; n < N; ++n) {
-      const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+      const VF e = sm::Exp(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
       hn::StoreU(
           hn::MulAdd(e, hn::LoadU(d, h + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes))), d,
           h + n * lanes);
@@ -478,7 +461,7 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
     float* ej = E + j * NL;
     VF y = hn::Zero(d);
     for (int64_t n = 0; n < N; ++n) {
-      const VF e = ExpNaN(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
+      const VF e = sm::Exp(d, hn::Mul(dt, hn::LoadU(d, As + n * lanes)));
       hn::StoreU(e, d, ej + n * lanes);
       const VF hv =
           hn::MulAdd(e, hn::LoadU(d, hp + n * lanes), hn::Mul(dtu, hn::LoadU(d, Bs + n * lanes)));
@@ -498,10 +481,8 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
     VF dy = LoadPart(d, p.dout + off, nl, tmp);
     if (p.z) {
       const VF z = LoadPart(d, p.z + off, nl, tmp);
-      const VF sg = Sigmoid(d, z);
-      const VF one = hn::Set(d, 1.f);
-      // d silu / dz = sg (1 + z (1 - sg))
-      const VF dsilu = hn::Mul(sg, hn::MulAdd(z, hn::Sub(one, sg), one));
+      const VF sg = sm::Sigmoid(d, z);
+      const VF dsilu = sm::SiluGradOfSigmoid(d, z, sg);
       StorePart(d, hn::Mul(hn::Mul(dy, hn::LoadU(d, w.Y.data() + j * lanes)), dsilu), p.dz + off,
                 nl, tmp);
       dy = hn::Mul(dy, hn::Mul(z, sg));
@@ -667,13 +648,13 @@ void StateUpdateKernel(const StepPlan& p) {
                      for (; j + lanes <= e; j += lanes) {
                        VF v = hn::LoadU(d, p.dt + j);
                        if (p.bias) v = hn::Add(v, hn::LoadU(d, p.bias + (j - b * Dd)));
-                       if (p.softplus) v = Softplus(d, v);
+                       if (p.softplus) v = sm::Softplus(d, v);
                        hn::StoreU(v, d, dtb + (j - c0));
                      }
                      for (; j < e; ++j) {
                        float v = p.dt[j];
                        if (p.bias) v += p.bias[j - b * Dd];
-                       if (p.softplus) v = v > 20.f ? v : std::log1p(std::exp(v));
+                       if (p.softplus) v = softplus_ref(v);
                        dtb[j - c0] = v;
                      }
                      i = e;
@@ -695,7 +676,7 @@ void StateUpdateKernel(const StepPlan& p) {
                      VF acc = hn::Zero(d);
                      int64_t n = 0;
                      for (; n + lanes <= N; n += lanes) {
-                       const VF e = ExpNaN(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
+                       const VF e = sm::Exp(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
                        const VF hv =
                            hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
                        hn::StoreU(hv, d, h + n);

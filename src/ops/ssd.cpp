@@ -14,7 +14,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <mutex>
 #include <vector>
 
 #include "mamba/gemm.h"
@@ -558,21 +557,32 @@ SsdGrads ssd_chunked_bwd(const SsdArgs& a, const Tensor& dout, const Tensor& dfi
   }
   gr.dx = Tensor::empty(a.x.shape());
   Tensor ddtp = Tensor::empty(a.dt.shape());
-  // dB, dC accumulate over the heads of a group: each thread sums its heads into its own
-  // (B, L, G, N) buffers (GEMMs with beta = 1), reduced under a lock at the end.
-  gr.dB = Tensor::zeros(a.B.shape());
-  gr.dC = Tensor::zeros(a.C.shape());
-  std::mutex reduce_mu;
+  // dB, dC sum over the heads of a group. The (b, h) pairs are cut into nparts contiguous
+  // parts (at most one per thread); part q sums its heads, in order, into its own rows for the
+  // batches it touches (GEMMs with beta = 1), and after the parallel region every row is the sum
+  // of the parts' rows in part order: the result depends on the thread count, never on timing.
+  struct Part {
+    int64_t b_lo = 0, b_hi = 0;  // the batches [b_lo, b_hi) its (b, h) range touches
+    std::vector<float> dB, dC;   // (b_hi - b_lo, L, G, N)
+  };
+  const int64_t BH = B * H, grain = grain_for(L * P * N);
+  const int64_t nparts =
+      std::max<int64_t>(1, std::min<int64_t>((BH + grain - 1) / grain, num_threads()));
+  std::vector<Part> parts(nparts);
   std::vector<float> dDp(B * H * P, 0.f);
   std::vector<double> dAp(B * H, 0.0);
   if (a.initial_states.defined()) gr.dinitial_states = Tensor::empty(a.initial_states.shape());
 
-  parallel_for(B * H, grain_for(L * P * N), [&](int64_t begin, int64_t end) {
+  auto run_part = [&](int64_t begin, int64_t end, Part& part) {
     std::vector<double> cs(Q), dcs(Q);
     std::vector<float> E(Q * Q), M(Q * Q), Gm(Q * Q), dCB(Q * Q), tmp(Q * N), tqp(Q * P), dh(P * N),
         ecs(Q), w(Q), ddt(Q);
-    const int64_t b_lo = begin / H, b_hi = (end - 1) / H + 1;  // batches this range touches
-    std::vector<float> dBacc((b_hi - b_lo) * L * GN, 0.f), dCacc((b_hi - b_lo) * L * GN, 0.f);
+    const int64_t b_lo = begin / H, b_hi = (end - 1) / H + 1;
+    part.b_lo = b_lo, part.b_hi = b_hi;
+    part.dB.assign((b_hi - b_lo) * L * GN, 0.f);  // allocated (first touched) by its thread
+    part.dC.assign((b_hi - b_lo) * L * GN, 0.f);
+    std::vector<float>& dBacc = part.dB;
+    std::vector<float>& dCacc = part.dC;
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
       const float A = a.A[hd];
@@ -688,10 +698,27 @@ SsdGrads ssd_chunked_bwd(const SsdArgs& a, const Tensor& dout, const Tensor& dfi
       if (a.initial_states.defined())
         std::copy_n(dh.data(), P * N, gr.dinitial_states.data() + bh * P * N);
     }
-    std::lock_guard<std::mutex> lock(reduce_mu);
-    float* db = gr.dB.data() + b_lo * L * GN;
-    float* dc = gr.dC.data() + b_lo * L * GN;
-    for (size_t i = 0; i < dBacc.size(); ++i) db[i] += dBacc[i], dc[i] += dCacc[i];
+  };
+  parallel_for(nparts, 1, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) run_part(BH * q / nparts, BH * (q + 1) / nparts, parts[q]);
+  });
+  // dB, dC = the parts' rows summed in part order (parallel over the rows).
+  gr.dB = Tensor::zeros(a.B.shape());
+  gr.dC = Tensor::zeros(a.C.shape());
+  const int64_t row = L * GN;  // floats per batch
+  parallel_for(B * row, 1 << 14, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1;) {  // segments inside one batch
+      const int64_t b = i / row, e = std::min(i1, (b + 1) * row), o = i - b * row;
+      float* db = gr.dB.data() + i;
+      float* dc = gr.dC.data() + i;
+      for (const Part& part : parts) {
+        if (b < part.b_lo || b >= part.b_hi) continue;
+        const float* sb = part.dB.data() + (b - part.b_lo) * row + o;
+        const float* sc = part.dC.data() + (b - part.b_lo) * row + o;
+        for (int64_t k = 0; k < e - i; ++k) db[k] += sb[k], dc[k] += sc[k];
+      }
+      i = e;
+    }
   });
 
   // Reductions over heads of a group, batch, and the dt chain rule.

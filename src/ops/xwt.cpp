@@ -176,12 +176,13 @@ void zero_or_keep(float* y, int64_t M, int64_t N, int64_t ldy, bool accumulate) 
 }  // namespace
 
 bool xwt_packed_active() {
-  static const bool active = [] {
+  static const bool blas_forced = [] {
     const char* e = std::getenv("MAMBA_GEMM");
-    if (e && std::string(e) == "blas") return false;
-    return HWY_DYNAMIC_DISPATCH(VectorBytes)() >= 64;
+    return e && std::string(e) == "blas";
   }();
-  return active;
+  // The target is asked on every call (one indirect call), not cached: a test that restricts
+  // the dispatch to another target (hwy::SetSupportedTargetsForTest) gets that target's choice.
+  return !blas_forced && HWY_DYNAMIC_DISPATCH(VectorBytes)() >= 64;
 }
 
 void xwt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,

@@ -48,7 +48,7 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
                               const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
                               const Tensor& dt_bias, bool dt_softplus);
 
-// ---- additions (scan engineer) ------------------------------------------------------------
+// ---- argument checks, the double reference and the step reference -------------------------
 
 // How B or C is laid out (see the table at the top of this file).
 enum class ScanBCKind { Const, Var, Group };

@@ -38,11 +38,14 @@ struct SsdGrads {  // each defined iff the matching input is defined
   Tensor dx, ddt, dA, dB, dC, dD, dz, ddt_bias, dinitial_states;
 };
 
-// Validates every shape (throws mamba::Error naming the tensor, expected and actual).
-// Returns H, P, N, G etc. implicitly through the tensors; exposed for the layer and tests.
+// Validates every shape, chunk_size >= 1 and dt_min <= dt_max; throws mamba::Error naming the
+// tensor, the expected and the actual value. Returns nothing (the dimensions are the tensors'):
+// exposed so a layer can check its arguments before it computes anything.
 void ssd_check(const SsdArgs& a);
 
-// Chunked CPU algorithm (fp32, GEMMs through mamba::gemm, parallel over batch x heads).
+// Chunked CPU algorithm (fp32, GEMMs through mamba::gemm, parallel over batch x heads; the
+// backward's sums over the heads of a group are added in a fixed order: bitwise reproducible
+// for a given thread count).
 // Returns out (B, L, H, P); final_states (optional out) receives (B, H, P, N).
 Tensor ssd_chunked(const SsdArgs& a, Tensor* final_states = nullptr);
 // Gradients of sum(out * dout) + sum(final_states * dfinal_states) (dfinal_states optional,

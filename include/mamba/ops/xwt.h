@@ -34,7 +34,8 @@ void xwt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_
 void xwt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
                 float* y, int64_t ldy, bool accumulate);
 
-// Whether mamba::xwt runs the packed kernel here (512-bit SIMD target and MAMBA_GEMM != "blas").
+// Whether mamba::xwt runs the packed kernel here: the SIMD target dispatch picks now is 512-bit,
+// and MAMBA_GEMM != "blas" (read once).
 bool xwt_packed_active();
 
 // The reference: plain loops, double accumulation, same arguments.
