@@ -18,8 +18,8 @@
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/nn/param.h"
-#include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
+#include "mamba/weight.h"
 
 namespace mamba {
 
@@ -69,8 +69,8 @@ class MambaLM {
   // tensors) and compute with fp32 accumulation; forward with saved and backward then throw
   // ("inference only; load in f32 to train"). Norms, conv, A_log, D and biases stay fp32.
   // f32 converts back exactly (the values stay the rounded ones).
-  void set_weight_dtype(WeightDType t);
-  WeightDType weight_dtype() const { return wdtype_; }
+  void set_weight_dtype(WeightDType t);  // every ParamList's set_weight_dtype
+  WeightDType weight_dtype() const { return own_.weight_dtype(); }
 
   const ModelConfig& config() const { return cfg_; }
   int64_t vocab() const { return cfg_.padded_vocab(); }  // logits' last dimension
@@ -106,12 +106,9 @@ class MambaLM {
   ParamList own_;  // embedding, per-layer norms, norm_f, (untied) lm_head
   std::vector<std::unique_ptr<Mamba1>> m1_;
   std::vector<std::unique_ptr<Mamba2>> m2_;
-  Tensor emb_, norm_f_, lm_head_;
-  std::vector<Tensor> norms_;
-  // 16-bit embedding / head when wdtype_ != f32 (then emb_, lm_head_ are undefined); a tied head
-  // shares the embedding's storage.
-  WeightDType wdtype_ = WeightDType::f32;
-  ops::HalfWeight emb_h_, head_h_;
+  // Into own_ (stable addresses): the embedding, the head (the embedding when tied), the norms.
+  Param *emb_ = nullptr, *lm_head_ = nullptr, *norm_f_ = nullptr;
+  std::vector<Param*> norms_;
   // Every parameter as fp32 (16-bit ones converted back exactly), in named_parameters() order.
   std::vector<std::pair<std::string, Tensor>> state_f32() const;
   // load_state_dict over any source: names, their shapes, and each fp32 tensor on demand.

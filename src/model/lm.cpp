@@ -4,7 +4,8 @@
 #include <cmath>
 #include <filesystem>
 
-#include "mamba/gemm.h"
+#include "mamba/ops/elementwise.h"
+#include "mamba/ops/linear.h"
 #include "mamba/ops/norm.h"
 #include "mamba/os.h"
 #include "mamba/parallel.h"
@@ -41,11 +42,8 @@ Mamba2Config mamba2_config(const ModelConfig& cfg) {
   Mamba2Config c;
   c.d_model = cfg.d_model, c.d_state = s.d_state, c.d_conv = s.d_conv, c.expand = s.expand;
   c.headdim = s.headdim, c.ngroups = s.ngroups;
-  // The SSD gives the same result for any chunk size up to rounding; ssm_cfg.chunk_size (256 in
-  // mamba_ssm's configs) is the GPU kernel's tile. On the CPU 64 is 1.6x faster at L = 512
-  // (bench_ssd --sweep, docs/PERFORMANCE.md), so the layer uses min(chunk_size, 64).
-  c.chunk_size = std::min<int64_t>(s.chunk_size, 64);
-  c.d_ssm = s.d_ssm > 0 ? s.d_ssm : -1;
+  c.chunk_size = s.chunk_size;  // the layer tiles the CPU SSD by min(chunk_size, 64)
+  c.d_ssm = s.d_ssm;            // 0 = None in both
   c.rmsnorm = s.rmsnorm, c.norm_before_gate = s.norm_before_gate, c.D_has_hdim = s.D_has_hdim;
   c.A_init_range = {s.A_init_lo, s.A_init_hi};
   c.dt_limit = {s.dt_limit_lo, s.dt_limit_hi};
@@ -65,42 +63,37 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
   MAMBA_CHECK(cfg_.d_intermediate == 0, "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
-  emb_ = own_.add("backbone.embedding.weight", {V, d});
+  emb_ = &own_.add_matrix("backbone.embedding.weight", {V, d});
   Rng rng(seed);
-  rng.fill_normal(emb_, 0, 0.02);  // mamba_ssm's _init_weights: normal(std=0.02)
+  rng.fill_normal(emb_->value.f32(), 0, 0.02);  // mamba_ssm's _init_weights: normal(std=0.02)
   // A 16-bit model converts each weight as soon as it is initialised, so the fp32 copies (and
   // their gradients) of the whole model never exist at once.
-  auto to_dtype = [&](const char* name, Tensor& f, ops::HalfWeight& h) {
-    if (dtype == WeightDType::f32) return;
-    Param& p = own_.get(name);
-    ops::move_weight_storage(p.value, p.grad, f, h, dtype);
-  };
-  to_dtype("backbone.embedding.weight", emb_, emb_h_);
+  own_.set_weight_dtype(dtype);
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
-    norms_.push_back(own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
-    norms_.back().fill(1.f);
+    norms_.push_back(&own_.add(str("backbone.layers.", i, ".norm.weight"), {d}, true));
+    norms_.back()->value.f32().fill(1.f);
     uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
     auto layer_dt = [&](auto c) {  // this layer's initial delta range, when one is given
       if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
       return c;
     };
-    if (cfg_.ssm_cfg.is_mamba2())
+    if (cfg_.ssm_cfg.is_mamba2()) {
       m2_.push_back(std::make_unique<Mamba2>(layer_dt(mamba2_config(cfg_)), layer_seed));
-    else
+      m2_.back()->params().set_weight_dtype(dtype);
+    } else {
       m1_.push_back(std::make_unique<Mamba1>(layer_dt(mamba1_config(cfg_)), layer_seed));
-    if (!m2_.empty()) m2_.back()->set_weight_dtype(dtype);
-    if (!m1_.empty()) m1_.back()->set_weight_dtype(dtype);
+      m1_.back()->params().set_weight_dtype(dtype);
+    }
   }
-  norm_f_ = own_.add("backbone.norm_f.weight", {d}, true);
-  norm_f_.fill(1.f);
+  norm_f_ = &own_.add("backbone.norm_f.weight", {d}, true);
+  norm_f_->value.f32().fill(1.f);
   if (cfg_.tie_embeddings) {
-    lm_head_ = emb_, head_h_ = emb_h_;
+    lm_head_ = emb_;
   } else {
-    lm_head_ = own_.add("lm_head.weight", {V, d});
-    rng.fill_normal(lm_head_, 0, 0.02);
-    to_dtype("lm_head.weight", lm_head_, head_h_);
+    lm_head_ = &own_.add_matrix("lm_head.weight", {V, d});
+    rng.fill_normal(lm_head_->value.f32(), 0, 0.02);
+    own_.set_weight_dtype(dtype);
   }
-  wdtype_ = dtype;
 }
 
 MambaLM::~MambaLM() = default;
@@ -118,46 +111,27 @@ std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
 }
 
 int64_t MambaLM::num_parameters() const {
-  int64_t n = own_.count() + emb_h_.rows() * emb_h_.cols();
-  if (!cfg_.tie_embeddings) n += head_h_.rows() * head_h_.cols();
-  for (auto& m : m1_) n += m->num_parameters();
-  for (auto& m : m2_) n += m->num_parameters();
+  int64_t n = own_.count();  // a tied head is the embedding: counted once
+  for (auto& m : m1_) n += m->params().count();
+  for (auto& m : m2_) n += m->params().count();
   return n;
 }
 
 void MambaLM::set_weight_dtype(WeightDType t) {
-  if (t == wdtype_) return;
-  for (auto& m : m1_) m->set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
-  for (auto& m : m2_) m->set_weight_dtype(t);
-  Param& ep = own_.get("backbone.embedding.weight");
-  ops::move_weight_storage(ep.value, ep.grad, emb_, emb_h_, t);
-  if (!cfg_.tie_embeddings) {
-    Param& hp = own_.get("lm_head.weight");
-    ops::move_weight_storage(hp.value, hp.grad, lm_head_, head_h_, t);
-  }
-  if (cfg_.tie_embeddings) lm_head_ = emb_, head_h_ = emb_h_;
-  wdtype_ = t;
+  for (auto& m : m1_) m->params().set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
+  for (auto& m : m2_) m->params().set_weight_dtype(t);
+  own_.set_weight_dtype(t);
 }
 
 std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& p : own_.all()) {
-    Tensor v = p.value;
-    if (p.name == "backbone.embedding.weight" && emb_h_.defined()) v = emb_h_.to_f32();
-    if (p.name == "lm_head.weight" && head_h_.defined()) v = head_h_.to_f32();
-    out.emplace_back(p.name, v);
-  }
-  for (size_t i = 0; i < m1_.size(); ++i)
-    for (const auto& p : m1_[i]->params().all())
-      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m1_[i]->param_f32(p.name));
-  for (size_t i = 0; i < m2_.size(); ++i)
-    for (const auto& p : m2_[i]->params().all())
-      out.emplace_back(str("backbone.layers.", i, ".mixer.", p.name), m2_[i]->param_f32(p.name));
+  for (auto& [name, p] : const_cast<MambaLM*>(this)->named_parameters()) out.emplace_back(name, p->value.to_f32());
   return out;
 }
 
 void MambaLM::zero_grad() {
-  for (auto& [name, p] : named_parameters()) p->grad.zero();
+  for (auto& [name, p] : named_parameters())
+    if (p->grad.defined()) p->grad.zero();
 }
 
 void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin) {
@@ -173,39 +147,18 @@ void MambaLM::load_tensors(const std::vector<std::string>& names,
                            const std::function<Tensor(const std::string&)>& get, const std::string& origin) {
   std::map<std::string, std::string> key;  // mamba_ssm name -> name in the source
   for (const auto& k : names) key[cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k] = k;
-  // Every parameter with its 16-bit storage when it has one (then its fp32 value is undefined).
-  struct Entry {
-    std::string name;
-    Param* p;
-    ops::HalfWeight* h;
-  };
-  std::vector<Entry> entries;
-  for (auto& p : own_.all()) {
-    ops::HalfWeight* h = p.name == "backbone.embedding.weight" ? &emb_h_ : p.name == "lm_head.weight" ? &head_h_ : nullptr;
-    entries.push_back({p.name, &p, h && h->defined() ? h : nullptr});
-  }
-  for (size_t i = 0; i < m1_.size(); ++i)
-    for (auto& p : m1_[i]->params().all())
-      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m1_[i]->half_weight(p.name)});
-  for (size_t i = 0; i < m2_.size(); ++i)
-    for (auto& p : m2_[i]->params().all())
-      entries.push_back({str("backbone.layers.", i, ".mixer.", p.name), &p, m2_[i]->half_weight(p.name)});
   std::map<std::string, bool> used;
-  for (const Entry& e : entries) {
-    auto it = key.find(e.name);
-    MAMBA_CHECK(it != key.end(), origin, ": missing tensor '", e.name, "'");
-    const Shape expected = e.h ? Shape{e.h->rows(), e.h->cols()} : e.p->value.shape();
+  for (auto& [name, p] : named_parameters()) {
+    auto it = key.find(name);
+    MAMBA_CHECK(it != key.end(), origin, ": missing tensor '", name, "'");
+    const Shape expected = p->value.shape();
     const Shape got = shape_of(it->second);
-    MAMBA_CHECK(got == expected, origin, ": tensor '", e.name, "' has shape ", shape_str(got), ", expected ",
+    MAMBA_CHECK(got == expected, origin, ": tensor '", name, "' has shape ", shape_str(got), ", expected ",
                 shape_str(expected));
     // One tensor at a time: a 16-bit model never holds the whole fp32 state dict.
-    if (e.h)
-      *e.h = ops::HalfWeight(get(it->second), wdtype_);
-    else
-      e.p->value.copy_from(get(it->second));
-    used[e.name] = true;
+    p->value.assign(get(it->second));
+    used[name] = true;
   }
-  if (cfg_.tie_embeddings) head_h_ = emb_h_;
   const Shape emb_shape{cfg_.padded_vocab(), cfg_.d_model};
   for (const auto& [k, src] : key) {
     if (used.count(k)) continue;
@@ -260,25 +213,15 @@ void MambaLM::save(const std::string& dir, bool hf) const {
 Tensor MambaLM::embed(const std::vector<int32_t>& ids, int64_t B, int64_t L) const {
   MAMBA_CHECK(static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ", B, "x", L, " = ",
               B * L, " ids, got ", ids.size());
-  const int64_t d = cfg_.d_model, V = vocab();
-  Tensor h = Tensor::empty({B, L, d});
-  for (int64_t i = 0; i < B * L; ++i) {
-    MAMBA_CHECK(ids[i] >= 0 && ids[i] < V, "input ids: id ", ids[i], " at position ", i,
-                " is outside the vocabulary [0, ", V, ")");
-    if (emb_h_.defined())
-      emb_h_.row_to_f32(ids[i], h.data() + i * d);
-    else
-      std::copy(emb_.data() + ids[i] * d, emb_.data() + (ids[i] + 1) * d, h.data() + i * d);
-  }
+  const int64_t d = cfg_.d_model;
+  Tensor h = ops::embedding_fwd(emb_->value, ids).reshape({B, L, d});
   trace::op("embedding", {{B, L}}, {{B, L, d}});
   return h;
 }
 
 Tensor MambaLM::head(const Tensor& hidden) const {
-  const int64_t d = cfg_.d_model, V = vocab(), M = hidden.numel() / d;
-  Tensor logits = Tensor::empty({M, V});
-  ops::matmul_wt(hidden.data(), M, d, lm_head_, head_h_, 0, V, logits.data(), V);
-  return logits;
+  const int64_t d = cfg_.d_model;
+  return ops::linear(hidden.reshape({-1, d}), lm_head_->value);  // (M, V_pad)
 }
 
 Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved* sv,
@@ -290,7 +233,7 @@ Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, 
   if (state) *state = new_state(B);
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     trace::Scope scope(str("layers.", i, "."));
-    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);  // residual += hidden
+    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i]->value.f32(), eps);  // residual += hidden
     trace::op("add+norm", {hidden.shape()}, {normed.shape()});
     if (sv) sv->residual.push_back(residual.clone());
     trace::Scope mixer("mixer.");
@@ -304,7 +247,7 @@ Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, 
       hidden = m2_[i]->forward(normed, ms, state ? &state->m2[i] : nullptr);
     }
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(), eps);
   trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
   if (sv) sv->residual_final = residual, sv->hidden_final = out;
   return out;  // (B, L, d_model)
@@ -312,8 +255,8 @@ Tensor MambaLM::backbone(const std::vector<int32_t>& ids, int64_t B, int64_t L, 
 
 Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMSaved** saved,
                         LMState* state) {
-  MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "MambaLM::forward: weights are ",
-              weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
+  MAMBA_CHECK(!saved || weight_dtype() == WeightDType::f32, "MambaLM::forward: weights are ",
+              weight_dtype_name(weight_dtype()), ": inference only; load in f32 to train");
   LMSaved* sv = saved ? new LMSaved : nullptr;
   Tensor out;
   try {
@@ -331,9 +274,7 @@ Tensor MambaLM::forward(const std::vector<int32_t>& ids, int64_t B, int64_t L, L
 Tensor MambaLM::forward_last(const std::vector<int32_t>& ids, int64_t B, int64_t L, LMState* state) {
   Tensor out = backbone(ids, B, L, nullptr, state);
   const int64_t d = cfg_.d_model;
-  Tensor last = Tensor::empty({B, d});
-  for (int64_t b = 0; b < B; ++b)
-    std::copy(out.data() + ((b + 1) * L - 1) * d, out.data() + (b + 1) * L * d, last.data() + b * d);
+  const Tensor last = out.reshape({B, L * d}).cols((L - 1) * d, d);  // (B, d): a strided view
   Tensor logits = head(last);
   trace::op("lm_head", {last.shape()}, {logits.shape()});
   return logits;
@@ -344,36 +285,26 @@ void MambaLM::free_saved(LMSaved* saved) { delete saved; }
 void MambaLM::backward(LMSaved* sv, const Tensor& dlogits) {
   MAMBA_CHECK(sv != nullptr, "MambaLM::backward: no saved activations (call forward with saved)");
   std::unique_ptr<LMSaved> guard(sv);
-  MAMBA_CHECK(wdtype_ == WeightDType::f32, "MambaLM::backward: weights are ", weight_dtype_name(wdtype_),
-              ": inference only; load in f32 to train");
+  MAMBA_CHECK(weight_dtype() == WeightDType::f32, "MambaLM::backward: weights are ",
+              weight_dtype_name(weight_dtype()), ": inference only; load in f32 to train");
   const int64_t B = sv->B, L = sv->L, d = cfg_.d_model, V = vocab(), M = B * L;
   check_shape(dlogits, "MambaLM::backward: dlogits", {B, L, V});
   const float eps = static_cast<float>(cfg_.norm_epsilon);
-  // Head: logits = hidden_final @ W^T.
-  Tensor dhid = Tensor::empty({B, L, d});
-  gemm(false, false, M, d, V, 1.f, dlogits.data(), V, lm_head_.data(), d, 0.f, dhid.data(), d);
-  Param& head_p = cfg_.tie_embeddings ? own_.get("backbone.embedding.weight") : own_.get("lm_head.weight");
-  gemm(true, false, V, d, M, 1.f, dlogits.data(), V, sv->hidden_final.data(), d, 1.f, head_p.grad.data(), d);
+  // Head: logits = hidden_final @ W^T (W the embedding when tied: its gradient gets both parts).
+  Tensor dhid = ops::linear_bwd(sv->hidden_final, lm_head_->value, dlogits, &lm_head_->grad, nullptr);
   // norm_f.
-  auto gf = ops::rms_norm_bwd(sv->residual_final, norm_f_, eps, dhid);
-  Param& nf = own_.get("backbone.norm_f.weight");
-  for (int64_t j = 0; j < d; ++j) nf.grad[j] += gf.dweight[j];
+  auto gf = ops::rms_norm_bwd(sv->residual_final, norm_f_->value.f32(), eps, dhid);
+  ops::add_into(norm_f_->grad, gf.dweight);
   Tensor dres = gf.dx;  // gradient w.r.t. the residual stream; also w.r.t. the last mixer output
   for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) {
     // residual_i = hidden_{i-1} + residual_{i-1}; hidden_i = mixer(norm(residual_i)).
     Tensor dnormed = !m1_.empty() ? m1_[i]->backward(sv->m1[i], dres) : m2_[i]->backward(sv->m2[i], dres);
-    auto gn = ops::rms_norm_bwd(sv->residual[i], norms_[i], eps, dnormed);
-    Param& np = own_.get(str("backbone.layers.", i, ".norm.weight"));
-    for (int64_t j = 0; j < d; ++j) np.grad[j] += gn.dweight[j];
-    for (int64_t k = 0; k < dres.numel(); ++k) dres[k] += gn.dx[k];
+    auto gn = ops::rms_norm_bwd(sv->residual[i], norms_[i]->value.f32(), eps, dnormed);
+    ops::add_into(norms_[i]->grad, gn.dweight);
+    ops::add_into(dres, gn.dx);
   }
   // Embedding: scatter-add the residual gradient into the rows of the ids.
-  Param& ep = own_.get("backbone.embedding.weight");
-  for (int64_t t = 0; t < M; ++t) {
-    float* row = ep.grad.data() + static_cast<int64_t>(sv->ids[t]) * d;
-    const float* g = dres.data() + t * d;
-    for (int64_t j = 0; j < d; ++j) row[j] += g[j];
-  }
+  ops::embedding_bwd(emb_->grad, sv->ids, dres.reshape({M, d}));
 }
 
 LMState MambaLM::new_state(int64_t batch) const {
@@ -392,11 +323,11 @@ Tensor MambaLM::step(const std::vector<int32_t>& ids, LMState& state) {
   Tensor residual;
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     trace::Scope scope(str("layers.", i, "."));
-    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i], eps);
+    Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norms_[i]->value.f32(), eps);
     trace::Scope mixer("mixer.");
     hidden = !m1_.empty() ? m1_[i]->step(normed, state.m1[i]) : m2_[i]->step(normed, state.m2[i]);
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_, eps);
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(), eps);
   return head(out);
 }
 
