@@ -50,7 +50,7 @@ void ParamList::zero_grad() {
 void ParamList::set_weight_dtype(WeightDType t) {
   for (auto& p : params_) {
     if (!p.matrix || p.value.dtype() == t) continue;
-    p.value.set_dtype(t);  // one at a time: the fp32 copies of all matrices never coexist twice
+    p.value.set_dtype(t);  // one at a time: only one matrix is held in two formats at once
     p.grad = t == WeightDType::f32 ? Tensor(p.value.shape()) : Tensor();
   }
 }
