@@ -200,7 +200,7 @@ TEST(HalfMatmul, LinearAndBadArguments) {
   test::expect_error([&] { ops::linear(test::randn({2, 7}, rng), Wh, Tensor()); }, {"linear", "(2,7)"});
 }
 
-// fp32 weights, small M (batched decode): linear_any / matmul_wt take the streaming kernel.
+// fp32 weights, small M (batched decode): ops::linear takes the streaming kernel.
 TEST(HalfMatmul, F32StreamingPathMatchesReference) {
   Rng rng(4);
   for (int64_t cols : {1, 15, 16, 17, 33, 200})
