@@ -25,14 +25,14 @@ Tensor reference_forward(Mamba1& m, const Tensor& hidden) {
   const int64_t B = hidden.dim(0), L = hidden.dim(1), D = c.d_inner(), N = c.d_state,
                 R = c.rank();
   auto& p = m.params();
-  Tensor xz = ops::linear_ref(hidden, p.get("in_proj.weight").value,
-                              p.has("in_proj.bias") ? p.get("in_proj.bias").value : Tensor());
+  Tensor xz = ops::linear_ref(hidden, p.get("in_proj.weight").value.to_f32(),
+                              p.has("in_proj.bias") ? p.get("in_proj.bias").value.to_f32() : Tensor());
   Tensor x({B, L, D}), z({B, L, D});
   for (int64_t r = 0; r < B * L; ++r)
     for (int64_t d = 0; d < D; ++d) x[r * D + d] = xz[r * 2 * D + d], z[r * D + d] = xz[r * 2 * D + D + d];
-  Tensor xc = ops::causal_conv1d_ref(x, p.get("conv1d.weight").value.reshape({D, c.d_conv}),
-                                     p.has("conv1d.bias") ? p.get("conv1d.bias").value : Tensor(), true);
-  Tensor dbl = ops::linear_ref(xc, p.get("x_proj.weight").value, Tensor());  // (B, L, R+2N)
+  Tensor xc = ops::causal_conv1d_ref(x, p.get("conv1d.weight").value.f32().reshape({D, c.d_conv}),
+                                     p.has("conv1d.bias") ? p.get("conv1d.bias").value.f32() : Tensor(), true);
+  Tensor dbl = ops::linear_ref(xc, p.get("x_proj.weight").value.to_f32(), Tensor());  // (B, L, R+2N)
   Tensor dtr({B, L, R}), Bm({B, L, N}), Cm({B, L, N});
   for (int64_t r = 0; r < B * L; ++r) {
     for (int64_t i = 0; i < R; ++i) dtr[r * R + i] = dbl[r * (R + 2 * N) + i];
@@ -41,15 +41,15 @@ Tensor reference_forward(Mamba1& m, const Tensor& hidden) {
       Cm[r * N + n] = dbl[r * (R + 2 * N) + R + N + n];
     }
   }
-  Tensor dt = ops::linear_ref(dtr, p.get("dt_proj.weight").value, Tensor());
-  Tensor A = p.get("A_log").value.clone();
+  Tensor dt = ops::linear_ref(dtr, p.get("dt_proj.weight").value.to_f32(), Tensor());
+  Tensor A = p.get("A_log").value.to_f32().clone();
   for (int64_t i = 0; i < A.numel(); ++i) A[i] = -std::exp(A[i]);
   ops::ScanArgs s;
-  s.u = xc, s.delta = dt, s.A = A, s.B = Bm, s.C = Cm, s.D = p.get("D").value, s.z = z;
-  s.delta_bias = p.get("dt_proj.bias").value, s.delta_softplus = true;
+  s.u = xc, s.delta = dt, s.A = A, s.B = Bm, s.C = Cm, s.D = p.get("D").value.to_f32(), s.z = z;
+  s.delta_bias = p.get("dt_proj.bias").value.to_f32(), s.delta_softplus = true;
   Tensor y = ops::selective_scan_ref(s);
-  return ops::linear_ref(y, p.get("out_proj.weight").value,
-                         p.has("out_proj.bias") ? p.get("out_proj.bias").value : Tensor());
+  return ops::linear_ref(y, p.get("out_proj.weight").value.to_f32(),
+                         p.has("out_proj.bias") ? p.get("out_proj.bias").value.to_f32() : Tensor());
 }
 }  // namespace
 

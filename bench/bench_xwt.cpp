@@ -53,7 +53,7 @@ int main(int argc, char** argv) {
       ops::WeightRows rows{W.data(), WeightDType::f32, s.K};
       if (t != WeightDType::f32) {
         wh.resize(static_cast<size_t>(s.N * s.K));
-        ops::to_half(W.data(), wh.data(), s.N * s.K, t);
+        to_half(W.data(), wh.data(), s.N * s.K, t);
         rows = ops::WeightRows{wh.data(), t, s.K};
       }
       std::vector<float> y1(static_cast<size_t>(M * s.N)), y2(y1.size());
@@ -66,7 +66,7 @@ int main(int argc, char** argv) {
       const double tb = bench::median_seconds(reps, [&] {
         const float* w = W.data();
         if (t != WeightDType::f32) {
-          ops::from_half(wh.data(), wf.data(), s.N * s.K, t);
+          from_half(wh.data(), wf.data(), s.N * s.K, t);
           w = wf.data();
         }
         gemm(false, true, M, s.N, s.K, 1.f, x.data(), s.K, w, s.K, 0.f, y2.data(), s.N);

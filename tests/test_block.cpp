@@ -79,7 +79,7 @@ TEST_P(BlockKinds, ForwardIsAddNormMixerAndStepMatchesIt) {
   // By hand: residual = h + r0; y = mixer(rms_norm(residual) * w).
   Tensor res_hand = r0.clone();
   for (int64_t i = 0; i < res_hand.numel(); ++i) res_hand[i] += h[i];
-  Tensor normed = ops::rms_norm_fwd(res_hand, block.norm_params().get("norm.weight").value,
+  Tensor normed = ops::rms_norm_fwd(res_hand, block.norm_params().get("norm.weight").value.f32(),
                                     static_cast<float>(cfg.norm_epsilon));
   Tensor y_hand = std::visit([&](auto& m) { return m.forward(normed); }, block.mixer());
   Tensor residual = r0.clone();

@@ -83,7 +83,7 @@ Named lm_run(const std::string& layer) {
     r.emplace_back(str("step", i, ".loss"), bits_of(s.loss));
     r.emplace_back(str("step", i, ".grad_norm"), bits_of(s.grad_norm));
   }
-  for (auto& [name, p] : tr.model().named_parameters()) r.emplace_back(name, p->value.clone());
+  for (auto& [name, p] : tr.model().named_parameters()) r.emplace_back(name, p->value.to_f32().clone());
   return r;
 }
 

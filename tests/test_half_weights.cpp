@@ -21,7 +21,6 @@
 #include "test_util.h"
 
 using namespace mamba;
-using ops::HalfWeight;
 
 namespace {
 
@@ -34,47 +33,47 @@ constexpr WeightDType kKinds[] = {WeightDType::bf16, WeightDType::f16};
 
 TEST(HalfConvert, Bf16ExactValuesTiesAndSpecials) {
   const WeightDType k = WeightDType::bf16;
-  EXPECT_EQ(ops::f32_to_half(1.f, k), 0x3F80);
-  EXPECT_EQ(ops::f32_to_half(-2.f, k), 0xC000);
-  EXPECT_EQ(ops::f32_to_half(0.f, k), 0x0000);
-  EXPECT_EQ(ops::f32_to_half(-0.f, k), 0x8000);
+  EXPECT_EQ(f32_to_half(1.f, k), 0x3F80);
+  EXPECT_EQ(f32_to_half(-2.f, k), 0xC000);
+  EXPECT_EQ(f32_to_half(0.f, k), 0x0000);
+  EXPECT_EQ(f32_to_half(-0.f, k), 0x8000);
   // 1 + 2^-8 is halfway between 1 (0x3F80, even) and 1 + 2^-7 (0x3F81): ties to even -> down.
-  EXPECT_EQ(ops::f32_to_half(1.f + std::ldexp(1.f, -8), k), 0x3F80);
+  EXPECT_EQ(f32_to_half(1.f + std::ldexp(1.f, -8), k), 0x3F80);
   // 1 + 3 * 2^-8 is halfway between 0x3F81 (odd) and 0x3F82: ties to even -> up.
-  EXPECT_EQ(ops::f32_to_half(1.f + 3 * std::ldexp(1.f, -8), k), 0x3F82);
+  EXPECT_EQ(f32_to_half(1.f + 3 * std::ldexp(1.f, -8), k), 0x3F82);
   // Just above the halfway point rounds up, just below rounds down.
-  EXPECT_EQ(ops::f32_to_half(f(0x3F808001u), k), 0x3F81);
-  EXPECT_EQ(ops::f32_to_half(f(0x3F807FFFu), k), 0x3F80);
-  EXPECT_EQ(ops::f32_to_half(INFINITY, k), 0x7F80);
-  EXPECT_EQ(ops::f32_to_half(-INFINITY, k), 0xFF80);
-  EXPECT_EQ(ops::f32_to_half(std::numeric_limits<float>::max(), k), 0x7F80);  // beyond max + ulp/2
-  EXPECT_TRUE(std::isnan(ops::half_to_f32(ops::f32_to_half(NAN, k), k)));
-  EXPECT_TRUE(std::isnan(ops::half_to_f32(ops::f32_to_half(f(0x7F800001u), k), k)))
+  EXPECT_EQ(f32_to_half(f(0x3F808001u), k), 0x3F81);
+  EXPECT_EQ(f32_to_half(f(0x3F807FFFu), k), 0x3F80);
+  EXPECT_EQ(f32_to_half(INFINITY, k), 0x7F80);
+  EXPECT_EQ(f32_to_half(-INFINITY, k), 0xFF80);
+  EXPECT_EQ(f32_to_half(std::numeric_limits<float>::max(), k), 0x7F80);  // beyond max + ulp/2
+  EXPECT_TRUE(std::isnan(half_to_f32(f32_to_half(NAN, k), k)));
+  EXPECT_TRUE(std::isnan(half_to_f32(f32_to_half(f(0x7F800001u), k), k)))
       << "a signalling NaN whose payload is in the low bits must not become inf";
-  EXPECT_EQ(ops::half_to_f32(0x3F80, k), 1.f);
-  EXPECT_EQ(ops::half_to_f32(0x0001, k), f(0x00010000u));  // bf16 subnormal, exact
+  EXPECT_EQ(half_to_f32(0x3F80, k), 1.f);
+  EXPECT_EQ(half_to_f32(0x0001, k), f(0x00010000u));  // bf16 subnormal, exact
 }
 
 TEST(HalfConvert, F16ExactValuesTiesOverflowAndSubnormals) {
   const WeightDType k = WeightDType::f16;
-  EXPECT_EQ(ops::f32_to_half(1.f, k), 0x3C00);
-  EXPECT_EQ(ops::f32_to_half(-2.f, k), 0xC000);
-  EXPECT_EQ(ops::f32_to_half(-0.f, k), 0x8000);
-  EXPECT_EQ(ops::f32_to_half(65504.f, k), 0x7BFF);   // largest finite f16
-  EXPECT_EQ(ops::f32_to_half(65519.f, k), 0x7BFF);   // below the midpoint 65520
-  EXPECT_EQ(ops::f32_to_half(65520.f, k), 0x7C00);   // the tie goes to the even "next" = inf
-  EXPECT_EQ(ops::f32_to_half(1e6f, k), 0x7C00);      // overflow -> +inf
-  EXPECT_EQ(ops::f32_to_half(-1e6f, k), 0xFC00);     // -> -inf
-  EXPECT_EQ(ops::f32_to_half(INFINITY, k), 0x7C00);
-  EXPECT_EQ(ops::f32_to_half(1.f + std::ldexp(1.f, -11), k), 0x3C00);      // tie -> even (down)
-  EXPECT_EQ(ops::f32_to_half(1.f + 3 * std::ldexp(1.f, -11), k), 0x3C02);  // tie -> even (up)
-  EXPECT_EQ(ops::f32_to_half(std::ldexp(1.f, -24), k), 0x0001);      // smallest subnormal
-  EXPECT_EQ(ops::f32_to_half(std::ldexp(1.f, -25), k), 0x0000);      // tie -> even (0)
-  EXPECT_EQ(ops::f32_to_half(3 * std::ldexp(1.f, -26), k), 0x0001);  // above the tie
-  EXPECT_EQ(ops::half_to_f32(0x0001, k), std::ldexp(1.f, -24));
-  EXPECT_EQ(ops::half_to_f32(0x7BFF, k), 65504.f);
-  EXPECT_TRUE(std::isinf(ops::half_to_f32(0x7C00, k)));
-  EXPECT_TRUE(std::isnan(ops::half_to_f32(ops::f32_to_half(NAN, k), k)));
+  EXPECT_EQ(f32_to_half(1.f, k), 0x3C00);
+  EXPECT_EQ(f32_to_half(-2.f, k), 0xC000);
+  EXPECT_EQ(f32_to_half(-0.f, k), 0x8000);
+  EXPECT_EQ(f32_to_half(65504.f, k), 0x7BFF);   // largest finite f16
+  EXPECT_EQ(f32_to_half(65519.f, k), 0x7BFF);   // below the midpoint 65520
+  EXPECT_EQ(f32_to_half(65520.f, k), 0x7C00);   // the tie goes to the even "next" = inf
+  EXPECT_EQ(f32_to_half(1e6f, k), 0x7C00);      // overflow -> +inf
+  EXPECT_EQ(f32_to_half(-1e6f, k), 0xFC00);     // -> -inf
+  EXPECT_EQ(f32_to_half(INFINITY, k), 0x7C00);
+  EXPECT_EQ(f32_to_half(1.f + std::ldexp(1.f, -11), k), 0x3C00);      // tie -> even (down)
+  EXPECT_EQ(f32_to_half(1.f + 3 * std::ldexp(1.f, -11), k), 0x3C02);  // tie -> even (up)
+  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -24), k), 0x0001);      // smallest subnormal
+  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -25), k), 0x0000);      // tie -> even (0)
+  EXPECT_EQ(f32_to_half(3 * std::ldexp(1.f, -26), k), 0x0001);  // above the tie
+  EXPECT_EQ(half_to_f32(0x0001, k), std::ldexp(1.f, -24));
+  EXPECT_EQ(half_to_f32(0x7BFF, k), 65504.f);
+  EXPECT_TRUE(std::isinf(half_to_f32(0x7C00, k)));
+  EXPECT_TRUE(std::isnan(half_to_f32(f32_to_half(NAN, k), k)));
 }
 
 // Every 16-bit pattern that is not a NaN survives half -> f32 -> half unchanged (the widening is
@@ -84,12 +83,12 @@ TEST(HalfConvert, AllPatternsRoundTripAndArraysMatchScalar) {
     std::vector<uint16_t> h(65536);
     for (uint32_t i = 0; i < 65536; ++i) h[i] = static_cast<uint16_t>(i);
     std::vector<float> v(65536);
-    ops::from_half(h.data(), v.data(), 65536, k);
+    from_half(h.data(), v.data(), 65536, k);
     std::vector<uint16_t> back(65536);
-    ops::to_half(v.data(), back.data(), 65536, k);
+    to_half(v.data(), back.data(), 65536, k);
     int64_t bad = 0;
     for (uint32_t i = 0; i < 65536; ++i) {
-      const float s = ops::half_to_f32(h[i], k);
+      const float s = half_to_f32(h[i], k);
       if (std::isnan(s)) {
         bad += !std::isnan(v[i]);
         continue;
@@ -109,10 +108,10 @@ TEST(HalfConvert, RoundingErrorIsAtMostHalfAnUlp) {
   for (WeightDType k : kKinds) {
     const int p = k == WeightDType::bf16 ? 8 : 11;
     std::vector<uint16_t> h(4097);
-    ops::to_half(x.data(), h.data(), 4097, k);
+    to_half(x.data(), h.data(), 4097, k);
     for (int64_t i = 0; i < 4097; ++i) {
       if (std::fabs(x[i]) < 1e-3) continue;  // f16 subnormals have absolute, not relative, steps
-      const double e = std::fabs((double)ops::half_to_f32(h[i], k) - x[i]);
+      const double e = std::fabs((double)half_to_f32(h[i], k) - x[i]);
       const double half_ulp = std::ldexp(1.0, std::ilogb(x[i]) - p);
       ASSERT_LE(e, half_ulp) << weight_dtype_name(k) << " at " << x[i];
     }
@@ -124,7 +123,7 @@ TEST(HalfConvert, ParsesDtypeNames) {
   EXPECT_EQ(parse_weight_dtype("f16"), WeightDType::f16);
   EXPECT_EQ(parse_weight_dtype("f32"), WeightDType::f32);
   test::expect_error([] { parse_weight_dtype("int8"); }, {"int8", "bf16"});
-  test::expect_error([] { ops::f32_to_half(1.f, WeightDType::f32); }, {"bf16 or f16"});
+  test::expect_error([] { f32_to_half(1.f, WeightDType::f32); }, {"bf16 or f16"});
 }
 
 // ---- the matmul --------------------------------------------------------------------------------
@@ -140,11 +139,12 @@ TEST(HalfMatmul, FastMatchesReferenceOnAwkwardSizes) {
         const int64_t rows = 37, r0 = 5, n = 29, ldx = cols + 3, ldy = n + 2;
         Tensor W = test::rand_uniform({rows, cols}, rng, -1.0, 1.0);
         for (int64_t i = 0; i < W.numel(); ++i) W[i] /= std::sqrt((float)cols);
-        HalfWeight Wh(W, k);
+        Weight Wh(W, k);
         Tensor x = test::randn({M, ldx}, rng);
         Tensor y = Tensor::full({M, ldy}, 7.f), yr = Tensor::full({M, ldy}, 7.f);
-        ops::half_matmul(x.data(), M, ldx, Wh, r0, n, y.data(), ldy);
-        ops::half_matmul_ref(x.data(), M, ldx, Wh, r0, n, yr.data(), ldy);
+        // the row range as a Weight view, x and y as column views with their leading dimensions
+        ops::linear_into(x.cols(0, cols), Wh.rows(r0, n), Tensor(), y.cols(0, n));
+        ops::stream_matmul_ref(x.data(), M, ldx, Wh.rows(r0, n), yr.data(), ldy);
         EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef,
                                     str(weight_dtype_name(k), " cols ", cols, " M ", M)));
         for (int64_t m = 0; m < M; ++m)
@@ -167,14 +167,15 @@ TEST(HalfMatmul, EveryCompiledTargetMatchesReference) {
       for (int64_t cols : {3, 17, 40})
         for (int64_t M : {1, 5, 20}) {
           Tensor W = test::rand_uniform({11, cols}, rng, -1.0, 1.0);
-          HalfWeight Wh(W, k);
+          Weight Wh(W, k);
           Tensor x = test::randn({M, cols}, rng), y({M, 11}), yr({M, 11});
-          ops::half_matmul(x.data(), M, cols, Wh, 0, 11, y.data(), 11);
-          ops::half_matmul_ref(x.data(), M, cols, Wh, 0, 11, yr.data(), 11);
+          ops::linear_into(x, Wh, Tensor(), y);
+          ops::stream_matmul_ref(x.data(), M, cols, Wh, yr.data(), 11);
           EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str(hwy::TargetName(t), " ", weight_dtype_name(k), " cols ", cols, " M ", M)));
           std::vector<float> back(static_cast<size_t>(11 * cols));
-          ops::from_half(Wh.data(), back.data(), 11 * cols, k);
-          for (int64_t i = 0; i < 11 * cols; ++i) ASSERT_EQ(back[i], ops::half_to_f32(Wh.data()[i], k)) << hwy::TargetName(t);
+          const uint16_t* hd = static_cast<const uint16_t*>(Wh.row_ptr(0));
+          from_half(hd, back.data(), 11 * cols, k);
+          for (int64_t i = 0; i < 11 * cols; ++i) ASSERT_EQ(back[i], half_to_f32(hd[i], k)) << hwy::TargetName(t);
         }
   }
   hwy::SetSupportedTargetsForTest(0);
@@ -184,33 +185,33 @@ TEST(HalfMatmul, EveryCompiledTargetMatchesReference) {
 TEST(HalfMatmul, LinearAndBadArguments) {
   Rng rng(2);
   Tensor W = test::randn({9, 20}, rng), b = test::randn({9}, rng), x = test::randn({2, 3, 20}, rng);
-  HalfWeight Wh(W, WeightDType::bf16);
+  Weight Wh(W, WeightDType::bf16);
   EXPECT_EQ(Wh.rows(), 9);
   EXPECT_EQ(Wh.cols(), 20);
   EXPECT_EQ(Wh.bytes(), 9 * 20 * 2);
-  Tensor y = ops::half_linear(x, Wh, b);
+  Tensor y = ops::linear(x, Wh, b);
   ASSERT_EQ(y.shape(), (Shape{2, 3, 9}));
   // Against the fp32 linear on the exactly widened weights.
   Tensor yr = ops::linear_ref(x, Wh.to_f32(), b);
-  EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, "half_linear"));
+  EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, "linear bf16"));
   float out[9];
-  test::expect_error([&] { ops::half_matmul(x.data(), 1, 20, Wh, 5, 5, out, 5); }, {"rows [5, 10)", "(9, 20)"});
-  test::expect_error([&] { ops::half_matmul(x.data(), 1, 19, Wh, 0, 5, out, 5); }, {"ldx"});
-  test::expect_error([&] { ops::half_linear(test::randn({2, 7}, rng), Wh, Tensor()); }, {"half_linear", "(2,7)"});
+  test::expect_error([&] { Wh.rows(5, 5); }, {"[5, 10)", "(9,20)"});
+  test::expect_error([&] { ops::stream_matmul(x.data(), 1, 19, Wh.rows(0, 5), out, 5); }, {"ldx"});
+  test::expect_error([&] { ops::linear(test::randn({2, 7}, rng), Wh, Tensor()); }, {"linear", "(2,7)"});
 }
 
-// fp32 weights, small M (batched decode): linear_any / matmul_wt take the streaming kernel.
+// fp32 weights, small M (batched decode): ops::linear takes the streaming kernel.
 TEST(HalfMatmul, F32StreamingPathMatchesReference) {
   Rng rng(4);
   for (int64_t cols : {1, 15, 16, 17, 33, 200})
     for (int64_t M : {1, 2, 3, 5, 16, 17}) {
       Tensor W = test::randn({13, cols}, rng), b = test::randn({13}, rng), x = test::randn({M, cols}, rng);
-      Tensor y = ops::linear_any(x, W, HalfWeight(), b);
+      Tensor y = ops::linear(x, Weight(W), b);
       Tensor yr = ops::linear_ref(x, W, b);
-      EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str("linear_any f32 M=", M, " cols=", cols)));
+      EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str("linear f32 M=", M, " cols=", cols)));
       // a row range with leading dimensions, as the layers call it
-      std::vector<float> out(M * 8, -7.f);
-      ops::matmul_wt(x.data(), M, cols, W, HalfWeight(), 4, 6, out.data(), 8);
+      Tensor out = Tensor::full({M, 8}, -7.f);
+      ops::linear_into(x, Weight(W).rows(4, 6), Tensor(), out.cols(0, 6));
       for (int64_t m = 0; m < M; ++m)
         for (int64_t j = 0; j < 8; ++j) {
           if (j >= 6) {
@@ -222,7 +223,7 @@ TEST(HalfMatmul, F32StreamingPathMatchesReference) {
           EXPECT_NEAR(out[m * 8 + j], e, tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::fabs(e));
         }
     }
-  test::expect_error([&] { ops::linear_any(test::randn({3, 7}, rng), test::randn({4, 6}, rng), HalfWeight(), Tensor()); },
+  test::expect_error([&] { ops::linear(test::randn({3, 7}, rng), Weight(test::randn({4, 6}, rng)), Tensor()); },
                      {"linear"});
 }
 
@@ -242,7 +243,7 @@ MambaLM make_lm(const std::string& layer) {
   MambaLM lm(tiny_config(layer), 3);
   Rng rng(9);
   for (auto& [n, p] : lm.named_parameters())
-    for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += 0.05f * (float)rng.normal();
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] += 0.05f * (float)rng.normal();
   return lm;
 }
 
@@ -268,10 +269,10 @@ void save_16bit_checkpoint(MambaLM& lm, const std::string& dir, WeightDType k) {
   nlohmann::json header = nlohmann::json::object();
   std::vector<uint8_t> data;
   for (auto& [name, p] : lm.named_parameters()) {
-    const Tensor& v = p->value;
+    const Tensor v = p->value.to_f32();
     const size_t begin = data.size();
     for (int64_t i = 0; i < v.numel(); ++i) {
-      const uint16_t h = ops::f32_to_half(v[i], k);
+      const uint16_t h = f32_to_half(v[i], k);
       data.push_back(static_cast<uint8_t>(h & 0xFF));
       data.push_back(static_cast<uint8_t>(h >> 8));
     }
@@ -369,7 +370,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
     Mamba1Saved s;
     Tensor h = Tensor::zeros({1, 3, 40});
     m.forward(h, &s);
-    m.set_weight_dtype(WeightDType::f16);
+    m.params().set_weight_dtype(WeightDType::f16);
     test::expect_error([&] { m.backward(s, h); }, {"Mamba1::backward", "weights are f16"});
     test::expect_error([&] { m.forward(h, &s); }, {"Mamba1::forward", "inference only"});
   } else {
@@ -377,7 +378,7 @@ TEST_P(HalfLM, TrainingIsRefused) {
     Mamba2Saved s;
     Tensor h = Tensor::zeros({1, 3, 40});
     m.forward(h, &s);
-    m.set_weight_dtype(WeightDType::f16);
+    m.params().set_weight_dtype(WeightDType::f16);
     test::expect_error([&] { m.backward(s, h); }, {"Mamba2::backward", "weights are f16"});
     test::expect_error([&] { m.forward(h, &s); }, {"Mamba2::forward", "inference only"});
   }
@@ -415,7 +416,7 @@ TEST_P(HalfLM, SaveAndSixteenBitCheckpointsRoundTripExactly) {
     for (size_t i = 0; i < a.size(); ++i) {
       ASSERT_EQ(a[i].first, e[i].first);
       ASSERT_EQ(a[i].second->value.shape(), e[i].second->value.shape()) << a[i].first;
-      EXPECT_EQ(std::memcmp(a[i].second->value.data(), e[i].second->value.data(),
+      EXPECT_EQ(std::memcmp(a[i].second->value.f32().data(), e[i].second->value.f32().data(),
                             e[i].second->value.numel() * sizeof(float)), 0)
           << a[i].first << " not saved exactly";
     }
@@ -425,7 +426,7 @@ TEST_P(HalfLM, SaveAndSixteenBitCheckpointsRoundTripExactly) {
     MambaLM all_rounded = make_lm(layer);
     for (auto& [n, p] : all_rounded.named_parameters())
       for (int64_t i = 0; i < p->value.numel(); ++i)
-        p->value[i] = ops::half_to_f32(ops::f32_to_half(p->value[i], k), k);
+        p->value.f32()[i] = half_to_f32(f32_to_half(p->value.f32()[i], k), k);
     save_16bit_checkpoint(all_rounded, base + "/ckpt16", k);
     MambaLM from16_f32 = MambaLM::load(base + "/ckpt16");
     EXPECT_TRUE(test::all_close(from16_f32.forward(ids, B, L), all_rounded.forward(ids, B, L),
@@ -457,7 +458,7 @@ TEST_P(HalfLM, ConstructWithDtypeAndLoadStateDictInto16Bit) {
 
     MambaLM src = make_lm(layer);
     std::map<std::string, Tensor> sd;
-    for (auto& [n, p] : src.named_parameters()) sd[n] = p->value;
+    for (auto& [n, p] : src.named_parameters()) sd[n] = p->value.to_f32();
     MambaLM dst(tiny_config(layer), 77, k);
     dst.load_state_dict(sd, "sd");
     src.set_weight_dtype(k);

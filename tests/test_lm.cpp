@@ -142,7 +142,7 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
     MambaLM lm(cfg, 1);
     Rng rng(5);
     for (auto& [n, p] : lm.named_parameters())
-      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += 0.1f * (float)rng.normal();
+      for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] += 0.1f * (float)rng.normal();
     const int64_t B = 2, L = 7, V = lm.vocab();
     std::vector<int32_t> ids(B * L);
     for (auto& v : ids) v = (int32_t)rng.below(11);
@@ -161,15 +161,15 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
     for (auto& [name, p] : lm.named_parameters()) {
       for (int k = 0; k < 3; ++k) {
         int64_t i = (int64_t)rng.below((uint64_t)p->value.numel());
-        float orig = p->value[i];
+        float orig = p->value.f32()[i];
         const float eps = 1e-2f;
-        p->value[i] = orig + eps;
+        p->value.f32()[i] = orig + eps;
         double lp = loss();
-        float hi = p->value[i];
-        p->value[i] = orig - eps;
+        float hi = p->value.f32()[i];
+        p->value.f32()[i] = orig - eps;
         double lm_ = loss();
-        float lo = p->value[i];
-        p->value[i] = orig;
+        float lo = p->value.f32()[i];
+        p->value.f32()[i] = orig;
         double fd = (lp - lm_) / ((double)hi - lo);
         EXPECT_NEAR(p->grad[i], fd, tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
             << layer << " " << name << "[" << i << "]";

@@ -146,11 +146,11 @@ TEST(Mamba1, ParamCountNamesAndInit) {
   EXPECT_TRUE(ps.get("dt_proj.bias").no_weight_decay);
   EXPECT_FALSE(ps.get("in_proj.weight").no_weight_decay);
   // S4D-real A, D = 1, softplus(dt bias) in [dt_min, dt_max], weights inside their bounds.
-  const Tensor& A_log = ps.get("A_log").value;
+  const Tensor& A_log = ps.get("A_log").value.f32();
   for (int64_t d = 0; d < 32; ++d)
     for (int64_t n = 0; n < 64; ++n) ASSERT_NEAR(A_log[d * 64 + n], std::log(n + 1.0), 1e-6);
-  for (int64_t d = 0; d < 32; ++d) ASSERT_EQ(ps.get("D").value[d], 1.f);
-  const Tensor& dtb = ps.get("dt_proj.bias").value;
+  for (int64_t d = 0; d < 32; ++d) ASSERT_EQ(ps.get("D").value.f32()[d], 1.f);
+  const Tensor& dtb = ps.get("dt_proj.bias").value.f32();
   for (int64_t d = 0; d < 32; ++d) {
     const double dt = std::log1p(std::exp((double)dtb[d]));
     EXPECT_GE(dt, 0.001 * (1 - 1e-4));
@@ -161,21 +161,21 @@ TEST(Mamba1, ParamCountNamesAndInit) {
     for (int64_t i = 0; i < t.numel(); ++i) m = std::max(m, (double)std::fabs(t[i]));
     return m;
   };
-  EXPECT_LE(max_abs(ps.get("in_proj.weight").value), 1 / std::sqrt(16.0));
-  EXPECT_GT(max_abs(ps.get("in_proj.weight").value), 0.5 / std::sqrt(16.0));
-  EXPECT_LE(max_abs(ps.get("conv1d.weight").value), 0.5);
-  EXPECT_LE(max_abs(ps.get("out_proj.weight").value), 1 / std::sqrt(32.0));
-  EXPECT_LE(max_abs(ps.get("dt_proj.weight").value), 1.0);
+  EXPECT_LE(max_abs(ps.get("in_proj.weight").value.f32()), 1 / std::sqrt(16.0));
+  EXPECT_GT(max_abs(ps.get("in_proj.weight").value.f32()), 0.5 / std::sqrt(16.0));
+  EXPECT_LE(max_abs(ps.get("conv1d.weight").value.f32()), 0.5);
+  EXPECT_LE(max_abs(ps.get("out_proj.weight").value.f32()), 1 / std::sqrt(32.0));
+  EXPECT_LE(max_abs(ps.get("dt_proj.weight").value.f32()), 1.0);
   // Deterministic in the seed; a different seed gives different weights.
   Mamba1 m2(c), m3(c, 7);
-  EXPECT_TRUE(test::all_close(m2.params().get("in_proj.weight").value, ps.get("in_proj.weight").value,
+  EXPECT_TRUE(test::all_close(m2.params().get("in_proj.weight").value.f32(), ps.get("in_proj.weight").value.f32(),
                               {0, 0}, "same seed"));
-  EXPECT_GT(test::max_abs_diff(m3.params().get("in_proj.weight").value, ps.get("in_proj.weight").value), 0);
+  EXPECT_GT(test::max_abs_diff(m3.params().get("in_proj.weight").value.f32(), ps.get("in_proj.weight").value.f32()), 0);
   // dt_init constant
   c.dt_init = "constant";
   c.dt_scale = 2.0;
   Mamba1 mc(c);
-  EXPECT_FLOAT_EQ(mc.params().get("dt_proj.weight").value[5], 2.f);
+  EXPECT_FLOAT_EQ(mc.params().get("dt_proj.weight").value.f32()[5], 2.f);
   // Biases present when asked for.
   c.bias = true;
   c.conv_bias = false;
@@ -224,7 +224,7 @@ TEST(Mamba1, BackwardFiniteDifferences) {
   Mamba1 m(c, 9);
   // Spread the parameters a little, as the golden files do, so nothing is degenerate.
   for (auto& p : m.params().all())
-    for (int64_t i = 0; i < p.value.numel(); ++i) p.value[i] += 0.1f * (float)rng.normal();
+    for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] += 0.1f * (float)rng.normal();
   const int64_t B = 2, L = 5;
   Tensor x = test::randn({B, L, 4}, rng), g = test::randn({B, L, 4}, rng);
   Mamba1Saved saved;
@@ -251,7 +251,7 @@ TEST(Mamba1, BackwardFiniteDifferences) {
     if (r) std::printf("  %s\n", r.message());
   };
   check(dx, x, "dx");
-  for (auto& p : m.params().all()) check(p.grad, p.value, "grad." + p.name);
+  for (auto& p : m.params().all()) check(p.grad, p.value.f32(), "grad." + p.name);
   // Parameter gradients accumulate: a second backward doubles them.
   Tensor g1 = m.params().get("x_proj.weight").grad.clone();
   m.backward(saved, g);

@@ -91,7 +91,7 @@ void run_golden(int64_t ngroups, const std::string& file, int64_t params) {
 void perturb(Mamba2& m, Rng& rng) {
   for (Param& p : m.params().all())
     for (int64_t i = 0; i < p.value.numel(); ++i)
-      p.value[i] += static_cast<float>(0.1 * rng.normal());
+      p.value.f32()[i] += static_cast<float>(0.1 * rng.normal());
 }
 
 struct Variant {
@@ -137,17 +137,17 @@ TEST(Mamba2, ParameterCounts) {
 TEST(Mamba2, InitFollowsTheReferenceDistributions) {
   Mamba2Config c = golden_config(1);
   Mamba2 m(c, 3);
-  const Tensor& dtb = m.params().get("dt_bias").value;
-  const Tensor& alog = m.params().get("A_log").value;
+  const Tensor& dtb = m.params().get("dt_bias").value.f32();
+  const Tensor& alog = m.params().get("A_log").value.f32();
   for (int64_t h = 0; h < c.nheads(); ++h) {
     const double dt = std::log1p(std::exp(double(dtb[h])));  // softplus(dt_bias) = dt
     EXPECT_GE(dt, c.dt_min * 0.999);
     EXPECT_LE(dt, c.dt_max * 1.001);
     EXPECT_GE(std::exp(alog[h]), 1.0 - 1e-5);
     EXPECT_LE(std::exp(alog[h]), 16.0 + 1e-4);
-    EXPECT_EQ(m.params().get("D").value[h], 1.f);
+    EXPECT_EQ(m.params().get("D").value.f32()[h], 1.f);
   }
-  const Tensor& w = m.params().get("in_proj.weight").value;
+  const Tensor& w = m.params().get("in_proj.weight").value.f32();
   for (int64_t i = 0; i < w.numel(); ++i) ASSERT_LE(std::fabs(w[i]), 1.0 / 8.0);
 }
 
@@ -200,13 +200,13 @@ TEST(Mamba2, BackwardMatchesDirectionalFiniteDifferences) {
     // one direction per parameter, and one for the input
     for (Param& p : m.params().all()) {
       Tensor dir = test::randn(p.value.shape(), rng);
-      Tensor orig = p.value.clone();
+      Tensor orig = p.value.f32().clone();
       const double eps = 2e-3;
-      for (int64_t i = 0; i < dir.numel(); ++i) p.value[i] = orig[i] + float(eps * dir[i]);
+      for (int64_t i = 0; i < dir.numel(); ++i) p.value.f32()[i] = orig[i] + float(eps * dir[i]);
       const double lp = loss();
-      for (int64_t i = 0; i < dir.numel(); ++i) p.value[i] = orig[i] - float(eps * dir[i]);
+      for (int64_t i = 0; i < dir.numel(); ++i) p.value.f32()[i] = orig[i] - float(eps * dir[i]);
       const double lm = loss();
-      p.value.copy_from(orig);
+      p.value.f32().copy_from(orig);
       double an = 0;
       for (int64_t i = 0; i < dir.numel(); ++i) an += double(p.grad[i]) * dir[i];
       const double fd = (lp - lm) / (2 * eps);
@@ -290,7 +290,7 @@ TEST(Mamba2, TraceListsEveryOpInOrder) {
   const std::string s = os.str();
   const char* order[] = {"in_proj (2,5,64) -> (2,5,328)",
                          "conv1d_silu (2,5,192) -> (2,5,192)",
-                         "ssd (2,5,8,16)",
+                         "ssd[chunk=8] (2,5,8,16)",  // the CPU tile: min(chunk_size, 64)
                          "norm (2,5,128), (2,5,128) -> (2,5,128)",
                          "out_proj (2,5,128) -> (2,5,64)",
                          "in_proj (2,64) -> (2,328)",

@@ -118,15 +118,15 @@ TEST(CrossEntropy, RejectsBadTargets) {
 // ---- optimiser ----------------------------------------------------------------------------------
 
 TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
-  Param w{"mixer.in_proj.weight", Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f}), Tensor({2, 2}), false};
-  Param d{"mixer.D", Tensor::from({2}, {1.f, -0.5f}), Tensor({2}), true};
+  Param w{"mixer.in_proj.weight", Weight(Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f})), Tensor({2, 2}), false};
+  Param d{"mixer.D", Weight(Tensor::from({2}, {1.f, -0.5f})), Tensor({2}), true};
   std::vector<std::pair<std::string, Param*>> ps = {{w.name, &w}, {d.name, &d}};
   AdamWConfig cfg;
   cfg.beta1 = 0.9, cfg.beta2 = 0.95, cfg.eps = 1e-8, cfg.weight_decay = 0.1;
   AdamW opt(ps, cfg);
   EXPECT_TRUE(opt.decays(0));
   EXPECT_FALSE(opt.decays(1));
-  std::vector<double> pw(w.value.data(), w.value.data() + 4), pd(d.value.data(), d.value.data() + 2);
+  std::vector<double> pw(w.value.f32().data(), w.value.f32().data() + 4), pd(d.value.f32().data(), d.value.f32().data() + 2);
   std::vector<double> mw(4, 0), vw(4, 0), md(2, 0), vd(2, 0);
   const double grads_w[2][4] = {{0.1, -0.2, 0.3, 0.0}, {-0.05, 0.4, 0.1, 1.0}};
   const double grads_d[2][2] = {{1.0, -2.0}, {0.5, 0.5}};
@@ -145,9 +145,9 @@ TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
     for (int i = 0; i < 4; ++i) upd(pw[i], mw[i], vw[i], (float)grads_w[t - 1][i], true);
     for (int i = 0; i < 2; ++i) upd(pd[i], md[i], vd[i], (float)grads_d[t - 1][i], false);
     for (int i = 0; i < 4; ++i)
-      EXPECT_NEAR(w.value[i], pw[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pw[i]));
+      EXPECT_NEAR(w.value.f32()[i], pw[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pw[i]));
     for (int i = 0; i < 2; ++i)
-      EXPECT_NEAR(d.value[i], pd[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pd[i]));
+      EXPECT_NEAR(d.value.f32()[i], pd[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pd[i]));
   }
   EXPECT_EQ(opt.steps(), 2);
   // A zero-gradient element with decay only shrinks: w[3] had g = 0 at step 1.
@@ -170,8 +170,8 @@ TEST(AdamW, WeightDecayGroupsFollowTheParamMarks) {
 }
 
 TEST(ClipGradNorm, ScalesToMaxNormOnlyAboveIt) {
-  Param a{"a", Tensor({3}), Tensor::from({3}, {3.f, 0.f, 4.f}), false};
-  Param b{"b", Tensor({1}), Tensor::from({1}, {12.f}), false};
+  Param a{"a", Weight(Tensor({3})), Tensor::from({3}, {3.f, 0.f, 4.f}), false};
+  Param b{"b", Weight(Tensor({1})), Tensor::from({1}, {12.f}), false};
   std::vector<std::pair<std::string, Param*>> ps = {{"a", &a}, {"b", &b}};
   EXPECT_NEAR(clip_grad_norm(ps, 100.0), 13.0, 1e-12);
   EXPECT_EQ(a.grad[0], 3.f);  // below: untouched
@@ -343,7 +343,7 @@ TEST(Train, AccumulationEqualsOneBigBatch) {
   }
   auto pa = ta.model().named_parameters(), pb = tb.model().named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
-    EXPECT_TRUE(test::all_close(pa[i].second->value, pb[i].second->value, tol::kAccumVsBatch, pa[i].first));
+    EXPECT_TRUE(test::all_close(pa[i].second->value.f32(), pb[i].second->value.f32(), tol::kAccumVsBatch, pa[i].first));
 }
 
 TEST(Train, ResumeEqualsUninterruptedBitForBit) {
@@ -377,7 +377,7 @@ TEST(Train, ResumeEqualsUninterruptedBitForBit) {
   ASSERT_EQ(pa.size(), pb.size());
   for (size_t i = 0; i < pa.size(); ++i)
     for (int64_t j = 0; j < pa[i].second->value.numel(); ++j)
-      ASSERT_EQ(pa[i].second->value[j], pb[i].second->value[j]) << pa[i].first << "[" << j << "]";
+      ASSERT_EQ(pa[i].second->value.f32()[j], pb[i].second->value.f32()[j]) << pa[i].first << "[" << j << "]";
   fs::remove_all(dir);
 }
 
@@ -403,7 +403,7 @@ void expect_resume_equals_uninterrupted(const TrainConfig& c, const std::string&
   ASSERT_EQ(pa.size(), pb.size());
   for (size_t i = 0; i < pa.size(); ++i) {
     ASSERT_EQ(pa[i].first, pb[i].first);
-    const Tensor &a = pa[i].second->value, &b = pb[i].second->value;
+    const Tensor &a = pa[i].second->value.f32(), &b = pb[i].second->value.f32();
     ASSERT_EQ(a.numel(), b.numel()) << pa[i].first;
     EXPECT_EQ(std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * sizeof(float)), 0)
         << pa[i].first << " differs";
@@ -458,7 +458,7 @@ TEST(Train, InitWeightsFromACheckpoint) {
   b.init_weights_from(dir);
   auto pa = a.model().named_parameters(), pb = b.model().named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(test::max_abs_diff(pa[i].second->value, pb[i].second->value), 0.0) << pa[i].first;
+    EXPECT_EQ(test::max_abs_diff(pa[i].second->value.f32(), pb[i].second->value.f32()), 0.0) << pa[i].first;
   b.train_step();
   EXPECT_THROW(b.init_weights_from(dir), Error);  // only before the first step
   TrainConfig other = c;
@@ -532,7 +532,7 @@ TEST(Train, AInitScaleMultipliesTheInitialA) {
   ASSERT_EQ(pa.size(), pb.size());
   int n_alog = 0;
   for (size_t i = 0; i < pa.size(); ++i) {
-    const Tensor &a = pa[i].second->value, &b = pb[i].second->value;
+    const Tensor &a = pa[i].second->value.f32(), &b = pb[i].second->value.f32();
     const bool is_alog = pa[i].first.find("A_log") != std::string::npos;
     n_alog += is_alog;
     for (int64_t k = 0; k < a.numel(); ++k) {
@@ -561,8 +561,8 @@ TEST(Train, LayerInitGivesEachLayerItsOwnDeltaRangeAndAScale) {
   for (size_t i = 0; i < px.size(); ++i) {
     const std::string& name = px[i].first;
     const bool layer1 = name.rfind("backbone.layers.1.", 0) == 0;
-    const Tensor& want = (layer1 ? ps : pf)[i].second->value;
-    const Tensor &got = px[i].second->value, &other = (layer1 ? pf : ps)[i].second->value;
+    const Tensor& want = (layer1 ? ps : pf)[i].second->value.f32();
+    const Tensor &got = px[i].second->value.f32(), &other = (layer1 ? pf : ps)[i].second->value.f32();
     ASSERT_EQ(want.numel(), got.numel()) << name;
     bool diff_other = false;
     for (int64_t k = 0; k < got.numel(); ++k) {
@@ -734,7 +734,7 @@ TEST(NonSelectiveLayer, ParamsStepAndGradients) {
   for (const char* name : {"B_ssm", "C_ssm", "dt_proj.bias", "A_log", "in_proj.weight"}) {
     Param& p = m.params().get(name);
     for (int64_t i : {int64_t{0}, p.value.numel() / 2, p.value.numel() - 1}) {
-      const double want = fd(p.value[i]);
+      const double want = fd(p.value.f32()[i]);
       EXPECT_NEAR(p.grad[i], want, t.atol + t.rtol * std::fabs(want)) << name << "[" << i << "]";
     }
   }

@@ -24,8 +24,8 @@
 #include "mamba/config.h"
 #include "mamba/nn/block.h"
 #include "mamba/nn/param.h"
-#include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
+#include "mamba/weight.h"
 
 namespace mamba {
 
@@ -83,8 +83,8 @@ class MambaLM {
   // tensors) and compute with fp32 accumulation; forward with saved and backward then throw
   // ("inference only; load in f32 to train"). Norms, conv, A_log, D and biases stay fp32.
   // f32 converts back exactly (the values stay the rounded ones).
-  void set_weight_dtype(WeightDType t);
-  WeightDType weight_dtype() const { return wdtype_; }
+  void set_weight_dtype(WeightDType t);  // every ParamList's set_weight_dtype
+  WeightDType weight_dtype() const { return own_.weight_dtype(); }
 
   const ModelConfig& config() const { return cfg_; }
   int64_t vocab() const { return cfg_.padded_vocab(); }  // logits' last dimension
@@ -127,11 +127,8 @@ class MambaLM {
   ModelConfig cfg_;
   ParamList own_;  // embedding, norm_f, (untied) lm_head
   std::vector<Block> blocks_;
-  Tensor emb_, norm_f_, lm_head_;
-  // 16-bit embedding / head when wdtype_ != f32 (then emb_, lm_head_ are undefined); a tied head
-  // shares the embedding's storage.
-  WeightDType wdtype_ = WeightDType::f32;
-  ops::HalfWeight emb_h_, head_h_;
+  // Into own_ (stable addresses): the embedding, the head (the embedding when tied), norm_f.
+  Param *emb_ = nullptr, *lm_head_ = nullptr, *norm_f_ = nullptr;
   // Every parameter as fp32 (16-bit ones converted back exactly), in named_parameters() order.
   std::vector<std::pair<std::string, Tensor>> state_f32() const;
   // load_state_dict over any source: names, their shapes, and each fp32 tensor on demand.

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "mamba/tensor.h"
+#include "mamba/weight.h"
 
 namespace mamba {
 
@@ -54,9 +55,6 @@ void save_safetensors(const std::string& path,
                       const std::vector<std::pair<std::string, Tensor>>& tensors,
                       const std::map<std::string, std::string>& metadata = {});
 
-float bf16_to_f32(uint16_t v);
-float f16_to_f32(uint16_t v);
-uint16_t f32_to_bf16(float f);  // round to nearest even
-uint16_t f32_to_f16(float f);   // round to nearest even
+// bf16_to_f32, f16_to_f32, f32_to_bf16, f32_to_f16: in mamba/weight.h (core).
 
 }  // namespace mamba

@@ -170,14 +170,15 @@ Command add_demo(CLI::App& app) {
               };
               for (auto [name, idx] : {std::pair<const char*, int64_t>{"in_proj.weight", 17}, {"D", 3}}) {
                 Param& p = m1.params().get(name);
-                const float orig = p.value[idx];
-                p.value[idx] = orig + 1e-2f;
-                const float hi = p.value[idx];
+                Tensor& w = p.value.f32();
+                const float orig = w[idx];
+                w[idx] = orig + 1e-2f;
+                const float hi = w[idx];
                 const double lp = loss();
-                p.value[idx] = orig - 1e-2f;
-                const float lo = p.value[idx];
+                w[idx] = orig - 1e-2f;
+                const float lo = w[idx];
                 const double lm2 = loss();
-                p.value[idx] = orig;
+                w[idx] = orig;
                 std::printf("  d sum(y*g) / d %s[%lld]: backward %.6f, finite difference %.6f\n", name,
                             (long long)idx, p.grad[idx], (lp - lm2) / ((double)hi - lo));
               }

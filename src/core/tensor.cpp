@@ -62,7 +62,50 @@ Tensor Tensor::from(Shape shape, const std::vector<float>& values) {
   return t;
 }
 
-void Tensor::throw_undefined() { throw Error("access to an undefined tensor"); }
+Tensor Tensor::wrap(float* ptr, Shape shape, std::function<void(float*)> deleter) {
+  MAMBA_CHECK(ptr != nullptr, "Tensor::wrap: null pointer for shape ", mamba::shape_str(shape));
+  Tensor t;
+  t.numel_ = shape_numel(shape);
+  t.shape_ = std::move(shape);
+  if (deleter)
+    t.storage_ = std::shared_ptr<float>(ptr, std::move(deleter));
+  else
+    t.storage_ = std::shared_ptr<float>(ptr, [](float*) {});
+  return t;
+}
+
+void Tensor::throw_not_contiguous() const {
+  if (!storage_) throw Error("access to an undefined tensor");
+  throw Error(str("data() of a strided view ", shape_str(), " (rows of ", row_len_, " values, ",
+                  row_stride_, " apart): call contiguous() or an op that takes strided views"));
+}
+
+float* Tensor::view_data() const {
+  if (!storage_) [[unlikely]]
+    throw Error("access to an undefined tensor");
+  return storage_.get() + offset_;
+}
+
+int64_t Tensor::row_len() const {
+  if (row_stride_) return row_len_;
+  return shape_.empty() ? 1 : shape_.back();
+}
+
+namespace {
+// Calls fn(offset in t's storage from view_data(), index of the first element, count) for each
+// run of contiguous elements of t, in order; runs are at most `chunk` long when t is contiguous.
+template <class Fn>
+void for_each_run(const Tensor& t, int64_t chunk, Fn&& fn) {
+  if (t.numel() == 0) return;
+  if (t.is_contiguous()) {
+    for (int64_t i = 0; i < t.numel(); i += chunk) fn(i, i, std::min(chunk, t.numel() - i));
+    return;
+  }
+  const int64_t n = t.row_len(), ld = t.row_stride();
+  for (int64_t r = 0; r < t.rows(); ++r)
+    for (int64_t c = 0; c < n; c += chunk) fn(r * ld + c, r * n + c, std::min(chunk, n - c));
+}
+}  // namespace
 
 int64_t Tensor::dim(int i) const {
   int n = ndim();
@@ -90,6 +133,13 @@ Tensor Tensor::reshape(Shape shape) const {
   }
   MAMBA_CHECK(shape_numel(shape) == numel_, "reshape: cannot view ", shape_str(), " as ",
               mamba::shape_str(shape));
+  if (row_stride_) {  // the rows must stay whole: a suffix of shape spans exactly one row
+    int64_t suffix = 1;
+    bool ok = suffix == row_len_;
+    for (size_t i = shape.size(); i-- > 0 && !ok;) ok = (suffix *= shape[i]) == row_len_;
+    MAMBA_CHECK(ok, "reshape: cannot view the strided view ", shape_str(), " (rows of ", row_len_,
+                " values) as ", mamba::shape_str(shape), ": call contiguous() first");
+  }
   Tensor t = *this;
   t.shape_ = std::move(shape);
   return t;
@@ -102,9 +152,41 @@ Tensor Tensor::narrow(int64_t start, int64_t len) const {
   int64_t inner = shape_[0] ? numel_ / shape_[0] : 0;
   Tensor t = *this;
   t.shape_[0] = len;
-  t.offset_ += start * inner;
   t.numel_ = len * inner;
+  if (!row_stride_) {
+    t.offset_ += start * inner;
+    return t;
+  }
+  MAMBA_CHECK(inner % row_len_ == 0, "narrow: dim 0 of the strided view ", shape_str(),
+              " splits its rows of ", row_len_, " values");
+  t.offset_ += start * (inner / row_len_) * row_stride_;
+  if (t.rows() <= 1) t.row_stride_ = t.row_len_ = 0;  // one row: contiguous
   return t;
+}
+
+Tensor Tensor::cols(int64_t c0, int64_t n) const {
+  check_defined(*this, "cols");
+  MAMBA_CHECK(ndim() >= 1, "cols on a 0-d tensor");
+  const int64_t W = shape_.back();
+  MAMBA_CHECK(c0 >= 0 && n >= 0 && c0 + n <= W, "cols [", c0, ", ", c0 + n, ") out of range for shape ",
+              shape_str());
+  MAMBA_CHECK(row_len() == W, "cols: the last dimension of the strided view ", shape_str(),
+              " is not its row (rows of ", row_len_, " values): call contiguous() first");
+  if (c0 == 0 && n == W) return *this;
+  Tensor t = *this;
+  const int64_t R = rows();
+  t.row_stride_ = row_stride();
+  t.row_len_ = n;
+  t.offset_ += c0;
+  t.shape_.back() = n;
+  t.numel_ = R * n;
+  if (R <= 1 || n == 0) t.row_stride_ = t.row_len_ = 0;  // one row (or nothing): contiguous
+  return t;
+}
+
+Tensor Tensor::contiguous() const {
+  if (row_stride_ == 0) return *this;
+  return clone();
 }
 
 Tensor Tensor::select(int64_t i) const {
@@ -116,20 +198,51 @@ Tensor Tensor::select(int64_t i) const {
 Tensor Tensor::clone() const {
   if (!defined()) return Tensor();
   Tensor t = empty(shape_);
-  if (numel_) std::memcpy(t.data(), data(), numel_ * sizeof(float));
+  t.copy_from(*this);
   return t;
 }
 
-void Tensor::zero() {
-  if (numel_) std::memset(data(), 0, numel_ * sizeof(float));
-}
+void Tensor::zero() { fill(0.f); }
 
-void Tensor::fill(float v) { std::fill(data(), data() + numel_, v); }
+void Tensor::fill(float v) {
+  if (!numel_) return;
+  float* p = view_data();
+  for_each_run(*this, numel_, [&](int64_t off, int64_t, int64_t n) {
+    if (v == 0.f && !std::signbit(v))
+      std::memset(p + off, 0, n * sizeof(float));
+    else
+      std::fill(p + off, p + off + n, v);
+  });
+}
 
 void Tensor::copy_from(const Tensor& other) {
   MAMBA_CHECK(shape_ == other.shape_, "copy_from: shape ", other.shape_str(), " into ",
               shape_str());
-  if (numel_) std::memmove(data(), other.data(), numel_ * sizeof(float));
+  if (!numel_) return;
+  float* d = view_data();
+  const float* s = other.view_data();
+  if (is_contiguous() && other.is_contiguous()) {
+    std::memmove(d, s, numel_ * sizeof(float));
+    return;
+  }
+  // Runs of the strided side; the other side is cut to the same runs (it is contiguous, or has
+  // the same rows).
+  const Tensor& a = is_contiguous() ? other : *this;
+  const Tensor& b = is_contiguous() ? *this : other;
+  MAMBA_CHECK(b.is_contiguous() || b.row_len() == a.row_len(), "copy_from: strided views ",
+              other.shape_str(), " and ", shape_str(), " have different rows (", other.row_len(),
+              " and ", row_len(), " values)");
+  const int64_t n = a.row_len(), lda = a.row_stride(), ldb = b.row_stride();
+  float* pa = a.view_data();
+  float* pb = b.view_data();
+  for (int64_t r = 0; r < a.rows(); ++r) {
+    float* ra = pa + r * lda;
+    float* rb = b.is_contiguous() ? pb + r * n : pb + r * ldb;
+    if (&a == this)
+      std::memmove(ra, rb, n * sizeof(float));
+    else
+      std::memmove(rb, ra, n * sizeof(float));
+  }
 }
 
 void check_defined(const Tensor& t, const char* what) {
@@ -153,7 +266,8 @@ void check_shape(const Tensor& t, const char* what, const Shape& expected) {
 
 void check_finite(const Tensor& t, const char* what) {
   check_defined(t, what);
-  const float* p = t.data();
+  const Tensor c = t.contiguous();
+  const float* p = c.data();
   for (int64_t i = 0; i < t.numel(); ++i)
     MAMBA_CHECK(std::isfinite(p[i]), what, ": non-finite value ", p[i], " at flat index ", i,
                 " of shape ", t.shape_str());

@@ -1,6 +1,7 @@
 // Block: add -> norm -> mixer, one path for forward, step and backward (see nn/block.h).
 #include "mamba/nn/block.h"
 
+#include "mamba/ops/elementwise.h"
 #include "mamba/ops/norm.h"
 #include "mamba/trace.h"
 
@@ -27,7 +28,7 @@ Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_
                     ") differs from the block's (", d_model, ")");
       },
       mixer_);
-  norm_.add("norm.weight", {d_model}, true).fill(1.f);
+  norm_.add("norm.weight", {d_model}, true).value.f32().fill(1.f);
 }
 
 const char* Block::mixer_name() const {
@@ -42,7 +43,7 @@ const ParamList& Block::mixer_params() const {
 }
 
 Tensor Block::add_norm(const Tensor& hidden, Tensor& residual) const {
-  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm_.get("norm.weight").value, eps_);
+  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm_.get("norm.weight").value.f32(), eps_);
   trace::op("add+norm", {hidden.shape()}, {normed.shape()});
   return normed;
 }
@@ -85,9 +86,9 @@ void Block::backward(const BlockSaved& s, Tensor& dres) {
       },
       mixer_);
   Param& norm = norm_.get("norm.weight");
-  auto gn = ops::rms_norm_bwd(s.residual, norm.value, eps_, dnormed);
-  for (int64_t j = 0; j < norm.grad.numel(); ++j) norm.grad[j] += gn.dweight[j];
-  for (int64_t k = 0; k < dres.numel(); ++k) dres[k] += gn.dx[k];
+  auto gn = ops::rms_norm_bwd(s.residual, norm.value.f32(), eps_, dnormed);
+  ops::add_into(norm.grad, gn.dweight);
+  ops::add_into(dres, gn.dx);
 }
 
 BlockState Block::new_state(int64_t batch) const {

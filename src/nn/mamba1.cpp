@@ -5,9 +5,8 @@
 #include <algorithm>
 #include <cmath>
 
-#include "mamba/gemm.h"
-#include "mamba/ops/act.h"
 #include "mamba/ops/conv1d.h"
+#include "mamba/ops/elementwise.h"
 #include "mamba/ops/linear.h"
 #include "mamba/ops/selective_scan.h"
 #include "mamba/rng.h"
@@ -43,204 +42,130 @@ int64_t Mamba1Config::rank() const { return dt_rank == -1 ? (d_model + 15) / 16 
 
 // ---- construction -------------------------------------------------------------------------------
 
-Mamba1::Mamba1(const Mamba1Config& cfg, uint64_t seed) : cfg_(cfg) {
+Mamba1::Mamba1(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   cfg_.validate();
-  D_ = cfg_.d_inner();
-  N_ = cfg_.d_state;
-  K_ = cfg_.d_conv;
-  R_ = cfg_.rank();
+  const int64_t D = d_inner_ = cfg_.d_inner();
+  const int64_t N = d_state_ = cfg_.d_state;
+  const int64_t K = d_conv_ = cfg_.d_conv;
+  const int64_t R = dt_rank_ = cfg_.rank();
   const int64_t dm = cfg_.d_model;
   // Declared in mamba_ssm's state_dict order.
-  A_log_ = params_.add("A_log", {D_, N_}, true);
-  Dp_ = params_.add("D", {D_}, true);
-  in_w_ = params_.add("in_proj.weight", {2 * D_, dm});
-  if (cfg_.bias) in_b_ = params_.add("in_proj.bias", {2 * D_}, true);
-  conv_w_ = params_.add("conv1d.weight", {D_, 1, K_});
-  if (cfg_.conv_bias) conv_b_ = params_.add("conv1d.bias", {D_}, true);
+  A_log_ = &params_.add("A_log", {D, N}, true);
+  Dp_ = &params_.add("D", {D}, true);
+  in_w_ = &params_.add_matrix("in_proj.weight", {2 * D, dm});
+  if (cfg_.bias) in_b_ = &params_.add("in_proj.bias", {2 * D}, true);
+  conv_w_ = &params_.add("conv1d.weight", {D, 1, K});
+  if (cfg_.conv_bias) conv_b_ = &params_.add("conv1d.bias", {D}, true);
   if (cfg_.selective) {
-    xproj_w_ = params_.add("x_proj.weight", {R_ + 2 * N_, D_});
-    dt_w_ = params_.add("dt_proj.weight", {D_, R_});
+    xproj_w_ = &params_.add_matrix("x_proj.weight", {R + 2 * N, D});
+    dt_w_ = &params_.add_matrix("dt_proj.weight", {D, R});
   } else {
-    B_ssm_ = params_.add("B_ssm", {D_, N_}, true);
-    C_ssm_ = params_.add("C_ssm", {D_, N_}, true);
+    B_ssm_ = &params_.add("B_ssm", {D, N}, true);
+    C_ssm_ = &params_.add("C_ssm", {D, N}, true);
   }
-  dt_b_ = params_.add("dt_proj.bias", {D_}, true);
-  out_w_ = params_.add("out_proj.weight", {dm, D_});
-  if (cfg_.bias) out_b_ = params_.add("out_proj.bias", {dm}, true);
+  dt_b_ = &params_.add("dt_proj.bias", {D}, true);
+  out_w_ = &params_.add_matrix("out_proj.weight", {dm, D});
+  if (cfg_.bias) out_b_ = &params_.add("out_proj.bias", {dm}, true);
 
   // mamba_ssm's init: nn.Linear / nn.Conv1d defaults are uniform(+-1/sqrt(fan_in)) for weight
   // and bias (the depthwise conv's fan_in is K); dt_proj is re-initialised, A is S4D-real, D = 1.
   Rng rng(seed);
-  auto uni = [&](Tensor& t, double fan_in) {
+  auto uni = [&](Param* p, double fan_in) {
     const double b = 1.0 / std::sqrt(fan_in);
-    rng.fill_uniform(t, -b, b);
+    rng.fill_uniform(p->value.f32(), -b, b);
   };
   uni(in_w_, static_cast<double>(dm));
-  if (in_b_.defined()) uni(in_b_, static_cast<double>(dm));
-  uni(conv_w_, static_cast<double>(K_));
-  if (conv_b_.defined()) uni(conv_b_, static_cast<double>(K_));
+  if (in_b_) uni(in_b_, static_cast<double>(dm));
+  uni(conv_w_, static_cast<double>(K));
+  if (conv_b_) uni(conv_b_, static_cast<double>(K));
   if (cfg_.selective) {
-    uni(xproj_w_, static_cast<double>(D_));
-    const double dt_std = std::pow(static_cast<double>(R_), -0.5) * cfg_.dt_scale;
+    uni(xproj_w_, static_cast<double>(D));
+    const double dt_std = std::pow(static_cast<double>(R), -0.5) * cfg_.dt_scale;
     if (cfg_.dt_init == "constant")
-      dt_w_.fill(static_cast<float>(dt_std));
+      dt_w_->value.f32().fill(static_cast<float>(dt_std));
     else
-      rng.fill_uniform(dt_w_, -dt_std, dt_std);
+      rng.fill_uniform(dt_w_->value.f32(), -dt_std, dt_std);
   }
   // dt ~ exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor; bias = softplus^-1(dt).
   const double lmin = std::log(cfg_.dt_min), lmax = std::log(cfg_.dt_max);
-  for (int64_t d = 0; d < D_; ++d) {
+  Tensor& dt_b = dt_b_->value.f32();
+  for (int64_t d = 0; d < D; ++d) {
     const double dt = std::max(std::exp(rng.uniform() * (lmax - lmin) + lmin), cfg_.dt_init_floor);
-    dt_b_[d] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
+    dt_b[d] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
   }
-  for (int64_t d = 0; d < D_; ++d)
-    for (int64_t n = 0; n < N_; ++n) A_log_[d * N_ + n] = static_cast<float>(std::log(double(n + 1)));
-  Dp_.fill(1.f);
-  uni(out_w_, static_cast<double>(D_));
-  if (out_b_.defined()) uni(out_b_, static_cast<double>(D_));
+  Tensor& A_log = A_log_->value.f32();
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t n = 0; n < N; ++n) A_log[d * N + n] = static_cast<float>(std::log(double(n + 1)));
+  Dp_->value.f32().fill(1.f);
+  uni(out_w_, static_cast<double>(D));
+  if (out_b_) uni(out_b_, static_cast<double>(D));
   if (!cfg_.selective) {
     // The ablation's constant B and C, O(1) as S4D's (B = 1, C ~ N(0, 1)): uniform(-1, 1).
-    rng.fill_uniform(B_ssm_, -1.0, 1.0);
-    rng.fill_uniform(C_ssm_, -1.0, 1.0);
+    rng.fill_uniform(B_ssm_->value.f32(), -1.0, 1.0);
+    rng.fill_uniform(C_ssm_->value.f32(), -1.0, 1.0);
   }
 }
 
-Tensor Mamba1::A() const {
-  Tensor a = A_log_.clone();
-  float* p = a.data();
-  ops::exp_inplace(p, a.numel());  // vectorised: this runs once per step of decode
-  for (int64_t i = 0; i < a.numel(); ++i) p[i] = -p[i];
-  return a;
-}
+Tensor Mamba1::A() const { return ops::neg_exp_fast(f32(A_log_)); }  // vectorised: every decode step
 
 Mamba1State Mamba1::new_state(int64_t batch) const {
   MAMBA_CHECK(batch >= 1, "Mamba1::new_state: batch must be >= 1, got ", batch);
-  return {Tensor::zeros({batch, D_, K_}), Tensor::zeros({batch, D_, N_})};
+  return {Tensor::zeros({batch, d_inner_, d_conv_}), Tensor::zeros({batch, d_inner_, d_state_})};
 }
 
 void Mamba1::check_state(const Mamba1State& s, int64_t batch) const {
-  check_shape(s.conv_state, "Mamba1 state: conv_state", {batch, D_, K_});
-  check_shape(s.ssm_state, "Mamba1 state: ssm_state", {batch, D_, N_});
+  check_shape(s.conv_state, "Mamba1 state: conv_state", {batch, d_inner_, d_conv_});
+  check_shape(s.ssm_state, "Mamba1 state: ssm_state", {batch, d_inner_, d_state_});
 }
 
 namespace {
-
-// dst (M, n) <- src columns [c0, c0 + n) of a (M, ld) row-major matrix.
-Tensor take_cols(const Tensor& src, int64_t M, int64_t ld, int64_t c0, int64_t n, Shape shape) {
-  Tensor dst = Tensor::empty(std::move(shape));
-  const float* s = src.data();
-  float* d = dst.data();
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < n; ++j) d[m * n + j] = s[m * ld + c0 + j];
-  return dst;
+const Tensor& opt(const Param* p) {  // an optional parameter's fp32 value (undefined when absent)
+  static const Tensor none;
+  return p ? p->value.f32(p->name.c_str()) : none;
 }
-
-// y (M, n) += bias (n) broadcast over rows (bias may be a view at an offset).
-void add_bias(float* y, const float* bias, int64_t M, int64_t n) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < n; ++j) y[m * n + j] += bias[j];
-}
-
-// db (n) += sum over rows of g (M, n)
-void sum_rows_into(float* db, const float* g, int64_t M, int64_t n) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t j = 0; j < n; ++j) db[j] += g[m * n + j];
-}
-
+Tensor* opt_grad(Param* p) { return p ? &p->grad : nullptr; }
 }  // namespace
-
-// ---- weight storage -----------------------------------------------------------------------------
-
-namespace {
-// The (name, fp32 member, 16-bit member) triples of the projection weights that may be 16-bit.
-struct HalfSlot {
-  const char* name;
-  Tensor* f;
-  ops::HalfWeight* h;
-};
-}  // namespace
-
-void Mamba1::set_weight_dtype(WeightDType t) {
-  if (t == wdtype_) return;
-  std::vector<HalfSlot> slots = {{"in_proj.weight", &in_w_, &in_h_}, {"out_proj.weight", &out_w_, &out_h_}};
-  if (cfg_.selective) {
-    slots.push_back({"x_proj.weight", &xproj_w_, &xproj_h_});
-    slots.push_back({"dt_proj.weight", &dt_w_, &dt_h_});
-  }
-  for (const HalfSlot& s : slots) {
-    Param& p = params_.get(s.name);
-    ops::move_weight_storage(p.value, p.grad, *s.f, *s.h, t);
-  }
-  wdtype_ = t;
-}
-
-int64_t Mamba1::num_parameters() const {
-  return params_.count() + in_h_.rows() * in_h_.cols() + out_h_.rows() * out_h_.cols() +
-         xproj_h_.rows() * xproj_h_.cols() + dt_h_.rows() * dt_h_.cols();
-}
-
-ops::HalfWeight* Mamba1::half_weight(const std::string& name) {
-  ops::HalfWeight* h = name == "in_proj.weight"    ? &in_h_
-                       : name == "out_proj.weight" ? &out_h_
-                       : name == "x_proj.weight"   ? &xproj_h_
-                       : name == "dt_proj.weight"  ? &dt_h_
-                                                   : nullptr;
-  return h && h->defined() ? h : nullptr;
-}
-
-Tensor Mamba1::param_f32(const std::string& name) const {
-  if (name == "in_proj.weight" && in_h_.defined()) return in_h_.to_f32();
-  if (name == "out_proj.weight" && out_h_.defined()) return out_h_.to_f32();
-  if (name == "x_proj.weight" && xproj_h_.defined()) return xproj_h_.to_f32();
-  if (name == "dt_proj.weight" && dt_h_.defined()) return dt_h_.to_f32();
-  return params_.get(name).value;
-}
 
 // ---- forward ------------------------------------------------------------------------------------
 
-Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* state) {
-  const int64_t dm = cfg_.d_model;
+Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
+  const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
   check_defined(hidden, "Mamba1::forward: hidden");
   MAMBA_CHECK(hidden.ndim() == 3, "Mamba1::forward: hidden must be (B, L, d_model=", dm, "), got ",
               hidden.shape_str());
   check_shape(hidden, "Mamba1::forward: hidden", {-1, -1, dm});
-  const int64_t Bsz = hidden.dim(0), L = hidden.dim(1), M = Bsz * L;
-  MAMBA_CHECK(Bsz >= 1 && L >= 1, "Mamba1::forward: hidden needs B >= 1 and L >= 1, got ",
+  const int64_t B = hidden.dim(0), L = hidden.dim(1);
+  MAMBA_CHECK(B >= 1 && L >= 1, "Mamba1::forward: hidden needs B >= 1 and L >= 1, got ",
               hidden.shape_str());
-  MAMBA_CHECK(!saved || wdtype_ == WeightDType::f32, "Mamba1::forward: weights are ",
-              weight_dtype_name(wdtype_), ": inference only; load in f32 to train");
+  if (saved) params_.check_f32("Mamba1::forward");  // "inference only" for 16-bit weights
   const bool tr = trace::enabled();
-  const int64_t E = R_ + 2 * N_;
+  const Tensor& in_b = opt(in_b_);
 
   // in_proj, written straight into the x and z halves (the two row blocks of in_proj.weight).
-  Tensor x = Tensor::empty({Bsz, L, D_});  // (B, L, D)
-  Tensor z = Tensor::empty({Bsz, L, D_});  // (B, L, D)
-  ops::matmul_wt(hidden.data(), M, dm, in_w_, in_h_, 0, D_, x.data(), D_);
-  ops::matmul_wt(hidden.data(), M, dm, in_w_, in_h_, D_, D_, z.data(), D_);
-  if (in_b_.defined()) {
-    add_bias(x.data(), in_b_.data(), M, D_);
-    add_bias(z.data(), in_b_.data() + D_, M, D_);
-  }
-  if (tr) trace::op("in_proj", {hidden.shape()}, {{Bsz, L, 2 * D_}});
+  Tensor x = Tensor::empty({B, L, D});  // (B, L, D)
+  Tensor z = Tensor::empty({B, L, D});  // (B, L, D)
+  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(), x);
+  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(), z);
+  if (tr) trace::op("in_proj", {hidden.shape()}, {{B, L, 2 * D}});
 
   // causal depthwise conv + SiLU
-  const Tensor conv_w2 = conv_w_.reshape({D_, K_});
-  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, conv_b_, true);  // (B, L, D)
+  const Tensor conv_w2 = f32(conv_w_).reshape({D, K});
+  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, opt(conv_b_), true);  // (B, L, D)
   if (tr) trace::op("conv1d", {x.shape()}, {xc.shape()});
 
-  Tensor x_dbl, Bm, Cm;                    // selective only
-  Tensor delta = Tensor::zeros({Bsz, L, D_});  // (B, L, D); stays 0 when not selective
+  Tensor x_dbl, Bm, Cm;                     // selective only
+  Tensor delta = Tensor::zeros({B, L, D});  // (B, L, D); stays 0 when not selective
   if (cfg_.selective) {
     // x_proj -> [dt_low | B | C]
-    x_dbl = ops::linear_any(xc, xproj_w_, xproj_h_, Tensor());  // (B, L, R + 2N)
+    x_dbl = ops::linear(xc, xproj_w_->value);  // (B, L, R + 2N)
     if (tr) trace::op("x_proj", {xc.shape()}, {x_dbl.shape()});
 
-    // dt_proj.weight on the dt_low columns (leading dimension R + 2N, no copy); bias goes to the scan.
-    ops::matmul_wt(x_dbl.data(), M, E, dt_w_, dt_h_, 0, D_, delta.data(), D_);
-    if (tr) trace::op("dt_proj", {{Bsz, L, R_}}, {delta.shape()});
+    // dt_proj.weight on the dt_low columns (a view, no copy); the bias goes to the scan.
+    ops::linear_into(x_dbl.cols(0, R), dt_w_->value, Tensor(), delta);
+    if (tr) trace::op("dt_proj", {{B, L, R}}, {delta.shape()});
 
-    Bm = take_cols(x_dbl, M, E, R_, N_, {Bsz, L, N_});       // (B, L, N)
-    Cm = take_cols(x_dbl, M, E, R_ + N_, N_, {Bsz, L, N_});  // (B, L, N)
+    Bm = x_dbl.cols(R, N).contiguous();      // (B, L, N): the scan reads contiguous B, C
+    Cm = x_dbl.cols(R + N, N).contiguous();  // (B, L, N)
   }
 
   ops::ScanArgs args;
@@ -249,22 +174,22 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
   args.A = A();
   args.B = Bm;
   args.C = Cm;
-  args.D = Dp_;
+  args.D = f32(Dp_);
   args.z = z;
-  args.delta_bias = dt_b_;
+  args.delta_bias = f32(dt_b_);
   args.delta_softplus = true;
-  if (!cfg_.selective) args.B = B_ssm_, args.C = C_ssm_;  // const (D, N): time-invariant
+  if (!cfg_.selective) args.B = f32(B_ssm_), args.C = f32(C_ssm_);  // const (D, N): time-invariant
   Tensor last;
   Tensor y = ops::selective_scan_fwd(args, state ? &last : nullptr);  // (B, L, D)
   if (tr)
     trace::op("selective_scan", {xc.shape(), delta.shape(), args.A.shape(), args.B.shape(), args.C.shape(), z.shape()},
               {y.shape()});
 
-  Tensor out = ops::linear_any(y, out_w_, out_h_, out_b_);  // (B, L, d_model)
+  Tensor out = ops::linear(y, out_w_->value, opt(out_b_));  // (B, L, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
 
   if (state) {
-    state->conv_state = Tensor::zeros({Bsz, D_, K_});
+    state->conv_state = Tensor::zeros({B, D, K});
     ops::causal_conv1d_final_state(x, state->conv_state);
     state->ssm_state = last;
   }
@@ -284,152 +209,120 @@ Tensor Mamba1::forward(const Tensor& hidden, Mamba1Saved* saved, Mamba1State* st
 
 // ---- backward -----------------------------------------------------------------------------------
 
-Tensor Mamba1::backward(const Mamba1Saved& s, const Tensor& dy) {
-  const int64_t dm = cfg_.d_model;
-  MAMBA_CHECK(wdtype_ == WeightDType::f32, "Mamba1::backward: weights are ", weight_dtype_name(wdtype_),
-              ": inference only; load in f32 to train");
+Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
+  const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
+  params_.check_f32("Mamba1::backward");  // "inference only" for 16-bit weights
   check_defined(s.hidden, "Mamba1::backward: saved.hidden (forward called without saved?)");
-  const int64_t Bsz = s.hidden.dim(0), L = s.hidden.dim(1), M = Bsz * L;
-  const int64_t E = R_ + 2 * N_;
-  check_shape(dy, "Mamba1::backward: dy", {Bsz, L, dm});
-  check_shape(s.x, "Mamba1::backward: saved.x", {Bsz, L, D_});
-  if (cfg_.selective) check_shape(s.x_dbl, "Mamba1::backward: saved.x_dbl", {Bsz, L, E});
-
-  auto grad = [&](const char* name) -> Tensor& { return params_.get(name).grad; };
+  const int64_t B = s.hidden.dim(0), L = s.hidden.dim(1);
+  const int64_t E = R + 2 * N;
+  check_shape(dy, "Mamba1::backward: dy", {B, L, dm});
+  check_shape(s.x, "Mamba1::backward: saved.x", {B, L, D});
+  if (cfg_.selective) check_shape(s.x_dbl, "Mamba1::backward: saved.x_dbl", {B, L, E});
 
   // out_proj
-  Tensor* dob = cfg_.bias ? &grad("out_proj.bias") : nullptr;
-  Tensor dyy = ops::linear_bwd(s.y, out_w_, dy, &grad("out_proj.weight"), dob);  // (B, L, D)
+  Tensor dyy = ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad, opt_grad(out_b_));  // (B, L, D)
 
   // selective scan
   ops::ScanArgs args;
   args.u = s.xc;
   args.delta = s.delta;
   args.A = A();
-  args.B = cfg_.selective ? s.Bm : B_ssm_;
-  args.C = cfg_.selective ? s.Cm : C_ssm_;
-  args.D = Dp_;
+  args.B = cfg_.selective ? s.Bm : f32(B_ssm_);
+  args.C = cfg_.selective ? s.Cm : f32(C_ssm_);
+  args.D = f32(Dp_);
   args.z = s.z;
-  args.delta_bias = dt_b_;
+  args.delta_bias = f32(dt_b_);
   args.delta_softplus = true;
   ops::ScanGrads sg = ops::selective_scan_bwd(args, dyy);
-  {
-    // A = -exp(A_log)  =>  dA_log = dA * A
-    Tensor& gA = grad("A_log");
-    for (int64_t i = 0; i < gA.numel(); ++i) gA[i] += sg.dA[i] * args.A[i];
-    Tensor& gD = grad("D");
-    for (int64_t i = 0; i < gD.numel(); ++i) gD[i] += sg.dD[i];
-    Tensor& gb = grad("dt_proj.bias");
-    for (int64_t i = 0; i < gb.numel(); ++i) gb[i] += sg.ddelta_bias[i];
-  }
+  ops::add_mul_into(A_log_->grad, sg.dA, args.A);  // A = -exp(A_log)  =>  dA_log = dA * A
+  ops::add_into(Dp_->grad, sg.dD);
+  ops::add_into(dt_b_->grad, sg.ddelta_bias);
 
   Tensor dxc;  // (B, L, D) gradient of the conv output xc
   if (cfg_.selective) {
     // dt_proj.weight: delta = dt_low W^T with dt_low the first R columns of x_dbl.
-    Tensor dx_dbl = Tensor::empty({Bsz, L, E});  // (B, L, R + 2N)
-    gemm(false, false, M, R_, D_, 1.f, sg.ddelta.data(), D_, dt_w_.data(), R_, 0.f, dx_dbl.data(), E);
-    gemm(true, false, D_, R_, M, 1.f, sg.ddelta.data(), D_, s.x_dbl.data(), E, 1.f,
-         grad("dt_proj.weight").data(), R_);
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N_; ++n) {
-        dx_dbl[m * E + R_ + n] = sg.dB[m * N_ + n];
-        dx_dbl[m * E + R_ + N_ + n] = sg.dC[m * N_ + n];
-      }
+    Tensor dx_dbl = Tensor::empty({B, L, E});  // (B, L, R + 2N)
+    ops::linear_bwd_into(s.x_dbl.cols(0, R), dt_w_->value, sg.ddelta, dx_dbl.cols(0, R), false,
+                         &dt_w_->grad, nullptr);
+    ops::copy_into(dx_dbl.cols(R, N), sg.dB);
+    ops::copy_into(dx_dbl.cols(R + N, N), sg.dC);
 
     // x_proj; the scan input u is also xc
-    dxc = ops::linear_bwd(s.xc, xproj_w_, dx_dbl, &grad("x_proj.weight"), nullptr);  // (B, L, D)
-    for (int64_t i = 0; i < dxc.numel(); ++i) dxc[i] += sg.du[i];
+    dxc = ops::linear_bwd(s.xc, xproj_w_->value, dx_dbl, &xproj_w_->grad, nullptr);  // (B, L, D)
+    ops::add_into(dxc, sg.du);
   } else {
     // Time-invariant B and C: their (D, N) gradients; xc reaches the output only through u.
-    Tensor& gB = grad("B_ssm");
-    Tensor& gC = grad("C_ssm");
-    for (int64_t i = 0; i < gB.numel(); ++i) gB[i] += sg.dB[i], gC[i] += sg.dC[i];
+    ops::add_into(B_ssm_->grad, sg.dB);
+    ops::add_into(C_ssm_->grad, sg.dC);
     dxc = sg.du;
   }
 
   // conv1d + SiLU
-  ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.x, conv_w_.reshape({D_, K_}), conv_b_, true, dxc);
-  {
-    Tensor& gw = grad("conv1d.weight");
-    for (int64_t i = 0; i < gw.numel(); ++i) gw[i] += cg.dweight[i];
-    if (cfg_.conv_bias) {
-      Tensor& gb = grad("conv1d.bias");
-      for (int64_t i = 0; i < gb.numel(); ++i) gb[i] += cg.dbias[i];
-    }
-  }
+  ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.x, f32(conv_w_).reshape({D, K}), opt(conv_b_), true, dxc);
+  ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
+  if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
 
-  // in_proj: the x half got cg.dx, the z half sg.dz.
-  Tensor dhidden = Tensor::empty({Bsz, L, dm});  // (B, L, d_model)
-  Tensor& gWin = grad("in_proj.weight");
-  gemm(false, false, M, dm, D_, 1.f, cg.dx.data(), D_, in_w_.data(), dm, 0.f, dhidden.data(), dm);
-  gemm(false, false, M, dm, D_, 1.f, sg.dz.data(), D_, in_w_.data() + D_ * dm, dm, 1.f,
-       dhidden.data(), dm);
-  gemm(true, false, D_, dm, M, 1.f, cg.dx.data(), D_, s.hidden.data(), dm, 1.f, gWin.data(), dm);
-  gemm(true, false, D_, dm, M, 1.f, sg.dz.data(), D_, s.hidden.data(), dm, 1.f,
-       gWin.data() + D_ * dm, dm);
-  if (cfg_.bias) {
-    Tensor& gb = grad("in_proj.bias");
-    sum_rows_into(gb.data(), cg.dx.data(), M, D_);
-    sum_rows_into(gb.data() + D_, sg.dz.data(), M, D_);
-  }
+  // in_proj: the x half (rows [0, D) of the weight) got cg.dx, the z half sg.dz.
+  Tensor dhidden = Tensor::empty({B, L, dm});  // (B, L, d_model)
+  Tensor gW = in_w_->grad;
+  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor(), db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
+  Tensor gW0 = gW.narrow(0, D), gW1 = gW.narrow(D, D);
+  ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), cg.dx, dhidden, false, &gW0, in_b_ ? &db0 : nullptr);
+  ops::linear_bwd_into(s.hidden, in_w_->value.rows(D, D), sg.dz, dhidden, true, &gW1, in_b_ ? &db1 : nullptr);
   return dhidden;
 }
 
 // ---- step ---------------------------------------------------------------------------------------
 
-Tensor Mamba1::step(const Tensor& hidden, Mamba1State& state) {
-  const int64_t dm = cfg_.d_model;
+Tensor Mamba1::step(const Tensor& hidden, State& state) const {
+  const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
   check_defined(hidden, "Mamba1::step: x");
   MAMBA_CHECK(hidden.ndim() == 2, "Mamba1::step: x must be (B, d_model=", dm, "), got ",
               hidden.shape_str());
   check_shape(hidden, "Mamba1::step: x", {-1, dm});
-  const int64_t Bsz = hidden.dim(0);
-  MAMBA_CHECK(Bsz >= 1, "Mamba1::step: x needs B >= 1, got ", hidden.shape_str());
-  check_state(state, Bsz);
+  const int64_t B = hidden.dim(0);
+  MAMBA_CHECK(B >= 1, "Mamba1::step: x needs B >= 1, got ", hidden.shape_str());
+  check_state(state, B);
   const bool tr = trace::enabled();
-  const int64_t E = R_ + 2 * N_;
+  const Tensor& in_b = opt(in_b_);
 
-  Tensor x = Tensor::empty({Bsz, D_});  // (B, D)
-  Tensor z = Tensor::empty({Bsz, D_});  // (B, D)
-  ops::matmul_wt(hidden.data(), Bsz, dm, in_w_, in_h_, 0, D_, x.data(), D_);
-  ops::matmul_wt(hidden.data(), Bsz, dm, in_w_, in_h_, D_, D_, z.data(), D_);
-  if (in_b_.defined()) {
-    add_bias(x.data(), in_b_.data(), Bsz, D_);
-    add_bias(z.data(), in_b_.data() + D_, Bsz, D_);
-  }
-  if (tr) trace::op("in_proj", {hidden.shape()}, {{Bsz, 2 * D_}});
+  Tensor x = Tensor::empty({B, D});  // (B, D)
+  Tensor z = Tensor::empty({B, D});  // (B, D)
+  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(), x);
+  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(), z);
+  if (tr) trace::op("in_proj", {hidden.shape()}, {{B, 2 * D}});
 
-  Tensor xc = ops::causal_conv1d_update(state.conv_state, x, conv_w_.reshape({D_, K_}), conv_b_, true);
+  Tensor xc = ops::causal_conv1d_update(state.conv_state, x, f32(conv_w_).reshape({D, K}), opt(conv_b_), true);
   if (tr) trace::op("conv1d_update", {x.shape(), state.conv_state.shape()}, {xc.shape()});
 
   Tensor dt, Bt, Ct;
   if (cfg_.selective) {
-    Tensor x_db = ops::linear_any(xc, xproj_w_, xproj_h_, Tensor());  // (B, R + 2N)
+    Tensor x_db = ops::linear(xc, xproj_w_->value);  // (B, R + 2N)
     if (tr) trace::op("x_proj", {xc.shape()}, {x_db.shape()});
 
-    dt = Tensor::empty({Bsz, D_});  // (B, D)
-    ops::matmul_wt(x_db.data(), Bsz, E, dt_w_, dt_h_, 0, D_, dt.data(), D_);
-    if (tr) trace::op("dt_proj", {{Bsz, R_}}, {dt.shape()});
+    dt = Tensor::empty({B, D});  // (B, D)
+    ops::linear_into(x_db.cols(0, R), dt_w_->value, Tensor(), dt);
+    if (tr) trace::op("dt_proj", {{B, R}}, {dt.shape()});
 
-    Bt = take_cols(x_db, Bsz, E, R_, N_, {Bsz, N_});       // (B, N)
-    Ct = take_cols(x_db, Bsz, E, R_ + N_, N_, {Bsz, N_});  // (B, N)
+    Bt = x_db.cols(R, N).contiguous();      // (B, N)
+    Ct = x_db.cols(R + N, N).contiguous();  // (B, N)
   } else {
     // Time-invariant: delta = softplus(0 + dt_proj.bias); the (D, N) B and C passed as D groups of
     // one channel each, (B, G = D, N), the layout selective_state_update takes.
-    dt = Tensor::zeros({Bsz, D_});  // (B, D)
-    Bt = Tensor::empty({Bsz, D_, N_});
-    Ct = Tensor::empty({Bsz, D_, N_});
-    for (int64_t b = 0; b < Bsz; ++b) {
-      std::copy(B_ssm_.data(), B_ssm_.data() + D_ * N_, Bt.data() + b * D_ * N_);
-      std::copy(C_ssm_.data(), C_ssm_.data() + D_ * N_, Ct.data() + b * D_ * N_);
+    dt = Tensor::zeros({B, D});  // (B, D)
+    Bt = Tensor::empty({B, D, N});
+    Ct = Tensor::empty({B, D, N});
+    for (int64_t b = 0; b < B; ++b) {
+      ops::copy_into(Bt.select(b), f32(B_ssm_));
+      ops::copy_into(Ct.select(b), f32(C_ssm_));
     }
   }
-  Tensor y = ops::selective_state_update(state.ssm_state, xc, dt, A(), Bt, Ct, Dp_, z, dt_b_, true);
+  Tensor y = ops::selective_state_update(state.ssm_state, xc, dt, A(), Bt, Ct, f32(Dp_), z, f32(dt_b_), true);
   if (tr)
     trace::op("selective_state_update", {xc.shape(), dt.shape(), Bt.shape(), Ct.shape(), z.shape()},
               {y.shape(), state.ssm_state.shape()});
 
-  Tensor out = ops::linear_any(y, out_w_, out_h_, out_b_);  // (B, d_model)
+  Tensor out = ops::linear(y, out_w_->value, opt(out_b_));  // (B, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
   return out;
 }

@@ -4,15 +4,20 @@
 
 namespace mamba {
 
-Tensor ParamList::add(const std::string& name, Shape shape, bool no_weight_decay) {
+Param& ParamList::add(const std::string& name, Shape shape, bool no_weight_decay) {
   MAMBA_CHECK(!has(name), "parameter '", name, "' declared twice");
-  Param p;
+  Param& p = params_.emplace_back();
   p.name = name;
-  p.value = Tensor(shape);
+  p.value = Weight(Tensor(shape));
   p.grad = Tensor(std::move(shape));
   p.no_weight_decay = no_weight_decay;
-  params_.push_back(p);
-  return p.value;
+  return p;
+}
+
+Param& ParamList::add_matrix(const std::string& name, Shape shape) {
+  Param& p = add(name, std::move(shape), false);
+  p.matrix = true;
+  return p;
 }
 
 bool ParamList::has(const std::string& name) const {
@@ -38,11 +43,32 @@ int64_t ParamList::count() const {
 }
 
 void ParamList::zero_grad() {
-  for (auto& p : params_) p.grad.zero();
+  for (auto& p : params_)
+    if (p.grad.defined()) p.grad.zero();
+}
+
+void ParamList::set_weight_dtype(WeightDType t) {
+  for (auto& p : params_) {
+    if (!p.matrix || p.value.dtype() == t) continue;
+    p.value.set_dtype(t);  // one at a time: only one matrix is held in two formats at once
+    p.grad = t == WeightDType::f32 ? Tensor(p.value.shape()) : Tensor();
+  }
+}
+
+WeightDType ParamList::weight_dtype() const {
+  for (const auto& p : params_)
+    if (p.matrix) return p.value.dtype();
+  return WeightDType::f32;
+}
+
+void ParamList::check_f32(const char* what) const {
+  for (const auto& p : params_)
+    MAMBA_CHECK(p.value.is_f32(), what, ": weights are ", weight_dtype_name(p.value.dtype()),
+                ": inference only; load in f32 to train (", p.name, ")");
 }
 
 void ParamList::load(const SafetensorsFile& f, const std::string& prefix) {
-  for (auto& p : params_) p.value.copy_from(f.tensor(prefix + p.name, p.value.shape()));
+  for (auto& p : params_) p.value.assign(f.tensor(prefix + p.name, p.value.shape()));
 }
 
 void ParamList::load(const std::map<std::string, Tensor>& tensors, const std::string& prefix) {
@@ -51,13 +77,13 @@ void ParamList::load(const std::map<std::string, Tensor>& tensors, const std::st
     MAMBA_CHECK(it != tensors.end(), "missing tensor '", prefix + p.name, "'");
     MAMBA_CHECK(it->second.shape() == p.value.shape(), "tensor '", prefix + p.name, "' has shape ",
                 it->second.shape_str(), ", expected ", p.value.shape_str());
-    p.value.copy_from(it->second);
+    p.value.assign(it->second);
   }
 }
 
 std::vector<std::pair<std::string, Tensor>> ParamList::named(const std::string& prefix) const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& p : params_) out.emplace_back(prefix + p.name, p.value);
+  for (const auto& p : params_) out.emplace_back(prefix + p.name, p.value.to_f32());
   return out;
 }
 

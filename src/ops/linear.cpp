@@ -1,8 +1,11 @@
-// Linear layer through mamba::gemm: forward, backward, naive reference.
+// Linear layer on any Weight: the kernel choice (see include/mamba/ops/linear.h), forward,
+// backward, naive reference.
 //   x: (..., in) flattened to (M, in); W: (out, in); b: (out) optional; y: (..., out)
 #include "mamba/ops/linear.h"
 
 #include "mamba/gemm.h"
+#include "mamba/ops/elementwise.h"
+#include "mamba/ops/half_matmul.h"
 #include "mamba/ops/xwt.h"
 
 namespace mamba::ops {
@@ -12,15 +15,22 @@ struct LinDims {
   int64_t M, in, out;
 };
 
-LinDims check_linear(const char* what, const Tensor& x, const Tensor& W) {
+// x as a 2-D (M, in) matrix: its rows must be whole rows of `in` values.
+void check_rows(const Tensor& t, const char* what, int64_t n) {
+  MAMBA_CHECK(t.row_len() == n, what, ": a strided view ", t.shape_str(), " whose rows (",
+              t.row_len(), " values) are not its last dimension");
+}
+
+LinDims check_linear(const char* what, const Tensor& x, const Weight& W) {
   check_defined(x, str(what, ": x").c_str());
-  check_defined(W, str(what, ": W").c_str());
+  MAMBA_CHECK(W.defined(), what, ": W is undefined");
   MAMBA_CHECK(x.ndim() >= 1, what, ": x must be (..., in), got ", x.shape_str());
-  MAMBA_CHECK(W.ndim() == 2, what, ": W must be (out, in), got ", W.shape_str());
-  MAMBA_CHECK(W.dim(1) == x.dim(-1), what, ": W ", W.shape_str(), " expects in = ", W.dim(1),
+  MAMBA_CHECK(W.shape().size() == 2, what, ": W must be (out, in), got ", W.shape_str());
+  MAMBA_CHECK(W.cols() == x.dim(-1), what, ": W ", W.shape_str(), " expects in = ", W.cols(),
               " but x is ", x.shape_str());
   const int64_t in = x.dim(-1);
-  return {in ? x.numel() / in : 0, in, W.dim(0)};
+  if (!x.is_contiguous()) check_rows(x, str(what, ": x").c_str(), in);
+  return {in ? x.numel() / in : 0, in, W.rows()};
 }
 
 Shape out_shape(const Tensor& x, int64_t out) {
@@ -29,58 +39,100 @@ Shape out_shape(const Tensor& x, int64_t out) {
   return s;
 }
 
+// y (M, out) [ldy] (+)= x (M, in) [ldx] W^T: the kernel for this M and storage, no bias.
+void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, float* y, int64_t ldy,
+            bool accumulate) {
+  if (d.M > kHalfGemvMaxM) {  // prefill, training: the packed kernel (the BLAS where it is not faster)
+    xwt(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
+        accumulate);
+    return;
+  }
+  if (W.is_f32() && d.M <= 1) {  // one row: a GEMV through the BLAS
+    gemm(false, true, d.M, d.out, d.in, 1.f, x, ldx, static_cast<const float*>(W.row_ptr(0)),
+         W.row_pitch(), accumulate ? 1.f : 0.f, y, ldy);
+    return;
+  }
+  // decode, batched decode: stream each weight row once for all M rows
+  if (!accumulate) {
+    stream_matmul(x, d.M, ldx, W, y, ldy);
+    return;
+  }
+  Tensor t = Tensor::empty({d.M, d.out});
+  stream_matmul(x, d.M, ldx, W, t.data(), d.out);
+  add_into(Tensor::wrap(y, {d.M, ldy}).cols(0, d.out), t);
+}
+
 }  // namespace
 
-Tensor linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b) {
-  const LinDims d = check_linear("linear_fwd", x, W);
-  if (b.defined()) check_shape(b, "linear_fwd: b", {d.out});
-  Tensor y = Tensor::empty(out_shape(x, d.out));
-  if (d.M == 0 || d.out == 0) return y;
-  float* yp = y.data();
-  if (b.defined()) {
-    for (int64_t m = 0; m < d.M; ++m)
-      for (int64_t o = 0; o < d.out; ++o) yp[m * d.out + o] = b[o];
-  }
+void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y, bool accumulate) {
+  const LinDims d = check_linear("linear", x, W);
+  if (b.defined()) check_shape(b, "linear: b", {d.out});
+  check_shape(y, "linear: y", out_shape(x, d.out));
+  if (!y.is_contiguous()) check_rows(y, "linear: y", d.out);
+  if (d.M == 0 || d.out == 0) return;
+  Tensor y2 = y.reshape({d.M, d.out});  // keeps the row stride
+  float* yp = y.view_data();
+  const int64_t ldy = y.row_stride(), ldx = x.row_stride();
   if (d.in == 0) {
-    if (!b.defined()) y.zero();
-    return y;
+    if (!accumulate) y2.zero();
+    if (b.defined()) bias_add(y2, b);
+    return;
   }
-  if (d.M > kHalfGemvMaxM) {  // many rows (prefill, training): the packed kernel where it is faster
-    xwt(x.data(), d.M, d.in, WeightRows{W.data(), WeightDType::f32, d.in}, d.out, d.in, yp, d.out,
-        b.defined());
-    return y;
+  // fp32 weights with M <= 1 or M > 16: the bias goes in first and the product is accumulated;
+  // everywhere else the bias is added after the product.
+  const bool bias_first = b.defined() && W.is_f32() && (d.M <= 1 || d.M > kHalfGemvMaxM);
+  if (bias_first) {
+    if (accumulate)
+      bias_add(y2, b);
+    else
+      bias_fill(y2, b);
   }
-  gemm(false, true, d.M, d.out, d.in, 1.f, x.data(), d.in, W.data(), d.in,
-       b.defined() ? 1.f : 0.f, yp, d.out);
+  matmul(x.view_data(), d, ldx, W, yp, ldy, accumulate || bias_first);
+  if (b.defined() && !bias_first) bias_add(y2, b);
+}
+
+Tensor linear(const Tensor& x, const Weight& W, const Tensor& b) {
+  const LinDims d = check_linear("linear", x, W);
+  Tensor y = Tensor::empty(out_shape(x, d.out));
+  linear_into(x, W, b, y);
   return y;
 }
 
-Tensor linear_bwd(const Tensor& x, const Tensor& W, const Tensor& dy, Tensor* dW, Tensor* db) {
+void linear_bwd_into(const Tensor& x, const Weight& W, const Tensor& dy, const Tensor& dx,
+                     bool accumulate_dx, Tensor* dW, Tensor* db) {
   const LinDims d = check_linear("linear_bwd", x, W);
+  const Tensor& Wf = W.f32("linear_bwd");
   check_shape(dy, "linear_bwd: dy", out_shape(x, d.out));
+  if (!dy.is_contiguous()) check_rows(dy, "linear_bwd: dy", d.out);
+  check_shape(dx, "linear_bwd: dx", x.shape());
+  if (!dx.is_contiguous()) check_rows(dx, "linear_bwd: dx", d.in);
   if (dW) check_shape(*dW, "linear_bwd: dW", {d.out, d.in});
   if (db) check_shape(*db, "linear_bwd: db", {d.out});
-  Tensor dx = Tensor::zeros(x.shape());
-  if (d.M == 0 || d.out == 0 || d.in == 0) {
-    return dx;
+  if (d.M == 0 || d.in == 0) return;
+  if (d.out == 0) {
+    if (!accumulate_dx) dx.reshape({d.M, d.in}).zero();
+    return;
   }
   // dx (M, in) = dy (M, out) W (out, in)
-  gemm(false, false, d.M, d.in, d.out, 1.f, dy.data(), d.out, W.data(), d.in, 0.f, dx.data(), d.in);
+  gemm(false, false, d.M, d.in, d.out, 1.f, dy.view_data(), dy.row_stride(), Wf.data(), d.in,
+       accumulate_dx ? 1.f : 0.f, dx.view_data(), dx.row_stride());
   // dW (out, in) += dy^T (out, M) x (M, in)
   if (dW)
-    gemm(true, false, d.out, d.in, d.M, 1.f, dy.data(), d.out, x.data(), d.in, 1.f, dW->data(),
-         d.in);
-  if (db) {
-    float* dbp = db->data();
-    const float* g = dy.data();
-    for (int64_t m = 0; m < d.M; ++m)
-      for (int64_t o = 0; o < d.out; ++o) dbp[o] += g[m * d.out + o];
-  }
+    gemm(true, false, d.out, d.in, d.M, 1.f, dy.view_data(), dy.row_stride(), x.view_data(),
+         x.row_stride(), 1.f, dW->data(), d.in);
+  if (db) bias_grad(*db, dy.reshape({d.M, d.out}));
+}
+
+Tensor linear_bwd(const Tensor& x, const Weight& W, const Tensor& dy, Tensor* dW, Tensor* db) {
+  check_defined(x, "linear_bwd: x");
+  Tensor dx = Tensor::zeros(x.shape());
+  linear_bwd_into(x, W, dy, dx, false, dW, db);
   return dx;
 }
 
 std::vector<double> linear_ref_f64(const Tensor& x, const Tensor& W, const Tensor& b) {
-  const LinDims d = check_linear("linear_ref", x, W);
+  check_defined(W, "linear_ref: W");
+  const LinDims d = check_linear("linear_ref", x, Weight(W));
   if (b.defined()) check_shape(b, "linear_ref: b", {d.out});
   std::vector<double> y(static_cast<size_t>(d.M * d.out));
   for (int64_t m = 0; m < d.M; ++m)

@@ -9,7 +9,7 @@ namespace mamba::train {
 
 bool uses_weight_decay(const std::string& name, const Param& p) {
   if (p.no_weight_decay) return false;      // A_log, D, dt biases, norms, biases
-  if (p.value.ndim() < 2) return false;     // any other vector (a bias or a scale)
+  if (p.value.shape().size() < 2) return false;     // any other vector (a bias or a scale)
   if (name == "backbone.embedding.weight") return false;  // embedding (and the tied head)
   return true;
 }
@@ -40,7 +40,7 @@ void AdamW::step(double lr) {
   for (size_t i = 0; i < params_.size(); ++i) {
     Param& p = *params_[i].second;
     const float keep = decay_[i] ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.f;
-    float* w = p.value.data();
+    float* w = p.value.f32(p.name.c_str()).data();  // throws "inference only" for 16-bit weights
     const float* g = p.grad.data();
     float* m = m_[i].data();
     float* v = v_[i].data();

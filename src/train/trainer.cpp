@@ -44,7 +44,8 @@ MambaLM make_model(const TrainConfig& cfg) {
       const double scale = cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
       if (scale == 1.0 || name != str("backbone.layers.", layer, ".mixer.A_log")) continue;
       const float shift = static_cast<float>(std::log(scale));
-      for (int64_t i = 0; i < p->value.numel(); ++i) p->value[i] += shift;
+      Tensor& v = p->value.f32();
+      for (int64_t i = 0; i < v.numel(); ++i) v[i] += shift;
     }
   return lm;
 }
@@ -229,7 +230,7 @@ void Trainer::init_weights_from(const std::string& dir) {
     MAMBA_CHECK(from[i].first == params_[i].first && from[i].second->value.shape() == params_[i].second->value.shape(),
                 dir, ": parameter '", from[i].first, "' ", from[i].second->value.shape_str(), " does not match '",
                 params_[i].first, "' ", params_[i].second->value.shape_str());
-    params_[i].second->value.copy_from(from[i].second->value);
+    params_[i].second->value.assign(from[i].second->value.to_f32());
   }
 }
 

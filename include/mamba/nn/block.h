@@ -60,9 +60,7 @@ class Block {
   // residual += hidden (or = hidden); returns rms_norm(residual) * norm.weight.
   Tensor add_norm(const Tensor& hidden, Tensor& residual) const;
 
-  // mutable until the layers' forward/step are const (the Weight refactor): forward and step of a
-  // const Block call them.
-  mutable Mixer mixer_;
+  Mixer mixer_;
   ParamList norm_;
   float eps_;
 };

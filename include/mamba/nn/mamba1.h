@@ -11,7 +11,6 @@
 #include <vector>
 
 #include "mamba/nn/param.h"
-#include "mamba/ops/half_matmul.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
@@ -75,53 +74,51 @@ struct Mamba1Saved {
   Tensor y;       // (B, L, D) scan output (gated), the out_proj input
 };
 
+// The layer contract (Mamba1, Mamba2 and every later mixer): nested Config / State / Saved types,
+// kName (the ssm_cfg "layer" string), movable but not copyable (it holds Param* into its own
+// ParamList), forward / step const and free of mutable members (a const layer may be shared by
+// threads, each with its own State), backward accumulating parameter gradients. The storage of
+// the weights is the ParamList's business (params().set_weight_dtype): no layer knows it.
 class Mamba1 {
  public:
   using Config = Mamba1Config;
   using State = Mamba1State;
   using Saved = Mamba1Saved;
-  static constexpr const char* kName = "Mamba1";  // ssm_cfg's "layer"
+  static constexpr const char* kName = "Mamba1";
 
-  explicit Mamba1(const Mamba1Config& cfg, uint64_t seed = 0);
+  explicit Mamba1(const Config& cfg, uint64_t seed = 0);
+  Mamba1(const Mamba1&) = delete;
+  Mamba1& operator=(const Mamba1&) = delete;
+  Mamba1(Mamba1&&) noexcept = default;
+  Mamba1& operator=(Mamba1&&) noexcept = default;
 
-  const Mamba1Config& config() const { return cfg_; }
+  const Config& config() const { return cfg_; }
   ParamList& params() { return params_; }
   const ParamList& params() const { return params_; }
 
-  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs;
-  // state != nullptr receives the conv/ssm states after the last token (prefill).
-  Tensor forward(const Tensor& hidden, Mamba1Saved* saved = nullptr, Mamba1State* state = nullptr);
+  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs (fp32
+  // weights only); state != nullptr receives the conv/ssm states after the last token (prefill).
+  Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
   // dy: (B, L, d_model) -> dx (B, L, d_model); parameter gradients accumulate (+=) into params().
-  Tensor backward(const Mamba1Saved& saved, const Tensor& dy);
-  Mamba1State new_state(int64_t batch) const;  // zeros
+  // Throws "… inference only; load in f32 to train" when the weights are not fp32.
+  Tensor backward(const Saved& saved, const Tensor& dy);
+  State new_state(int64_t batch) const;  // zeros
   // x: (B, d_model) -> (B, d_model); advances state by one token.
-  Tensor step(const Tensor& x, Mamba1State& state);
-
-  // Storage of in_proj, x_proj, dt_proj and out_proj weights. bf16 / f16: converted (round to
-  // nearest even) and the fp32 values and gradients RELEASED (their Params' tensors become
-  // undefined): inference only, forward with saved and backward throw. f32 converts back exactly.
-  void set_weight_dtype(WeightDType t);
-  WeightDType weight_dtype() const { return wdtype_; }
-  // Every parameter scalar, 16-bit ones included (params().count() skips released tensors).
-  int64_t num_parameters() const;
-  // The fp32 value of a parameter whichever the storage (a converted copy for 16-bit weights).
-  Tensor param_f32(const std::string& name) const;
-  // The 16-bit storage of a parameter when it has one (weight_dtype() != f32), else nullptr.
-  ops::HalfWeight* half_weight(const std::string& name);
+  Tensor step(const Tensor& x, State& state) const;
 
  private:
   Tensor A() const;  // (D, N) = -exp(A_log)
-  void check_state(const Mamba1State& s, int64_t batch) const;
+  void check_state(const State& s, int64_t batch) const;
+  const Tensor& f32(const Param* p) const { return p->value.f32(p->name.c_str()); }
 
-  Mamba1Config cfg_;
-  int64_t D_, N_, K_, R_;
+  Config cfg_;
+  int64_t d_inner_, d_state_, d_conv_, dt_rank_;  // D, N, K, R
   ParamList params_;
-  // Views sharing storage with params_ (bias tensors undefined when absent).
-  Tensor in_w_, in_b_, conv_w_, conv_b_, xproj_w_, dt_w_, dt_b_, A_log_, Dp_, out_w_, out_b_;
-  Tensor B_ssm_, C_ssm_;  // (D, N), only when !cfg_.selective (x_proj_w_, dt_w_ undefined then)
-  // 16-bit copies when weight_dtype() != f32 (then in_w_, xproj_w_, dt_w_, out_w_ are undefined).
-  WeightDType wdtype_ = WeightDType::f32;
-  ops::HalfWeight in_h_, xproj_h_, dt_h_, out_h_;
+  // The parameters (nullptr when absent: biases by config; x_proj, dt_proj.weight when not
+  // selective; B_ssm, C_ssm when selective).
+  Param *in_w_ = nullptr, *in_b_ = nullptr, *conv_w_ = nullptr, *conv_b_ = nullptr;
+  Param *xproj_w_ = nullptr, *dt_w_ = nullptr, *dt_b_ = nullptr, *A_log_ = nullptr, *Dp_ = nullptr;
+  Param *out_w_ = nullptr, *out_b_ = nullptr, *B_ssm_ = nullptr, *C_ssm_ = nullptr;
 };
 
 }  // namespace mamba

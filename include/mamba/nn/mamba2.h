@@ -21,7 +21,6 @@
 #include <utility>
 
 #include "mamba/nn/param.h"
-#include "mamba/ops/half_matmul.h"
 #include "mamba/ops/ssd.h"
 #include "mamba/tensor.h"
 
@@ -37,7 +36,7 @@ struct Mamba2Config {
   int64_t d_conv = 4;     // K
   double expand = 2;      // d_inner = int(expand * d_model)
   int64_t headdim = 64;   // P
-  int64_t d_ssm = -1;     // -1: the SSM covers all of d_inner
+  int64_t d_ssm = 0;      // 0 = None (mamba_ssm): the SSM covers all of d_inner
   int64_t ngroups = 1;    // G
   std::pair<double, double> A_init_range{1.0, 16.0};
   bool D_has_hdim = false;  // D is (d_ssm) instead of (H)
@@ -47,7 +46,8 @@ struct Mamba2Config {
   std::pair<double, double> dt_limit{0.0, std::numeric_limits<double>::infinity()};
   bool bias = false;  // in_proj / out_proj bias
   bool conv_bias = true;
-  int64_t chunk_size = 256;
+  int64_t chunk_size = 256;  // as configured (mamba_ssm's GPU tile); the CPU SSD uses
+                             // min(chunk_size, kCpuChunk), see ssd_chunk()
 
   // Throws mamba::Error naming the offending field.
   void validate() const;
@@ -65,6 +65,11 @@ struct Mamba2Config {
   std::string to_ssm_cfg() const;
   static const std::vector<std::string>& ssm_cfg_keys();
   void check_ssm_cfg() const;
+  // The SSD's chunk (tile) on the CPU. The SSD gives the same result for any chunk size up to
+  // rounding; chunk_size (256 in mamba_ssm's configs) is the GPU kernel's tile, while on the CPU
+  // 64 is 1.6x faster at L = 512 (bench_ssd --sweep, docs/PERFORMANCE.md).
+  static constexpr int64_t kCpuChunk = 64;
+  int64_t ssd_chunk() const { return chunk_size < kCpuChunk ? chunk_size : kCpuChunk; }
 };
 
 // Decode state (mamba_ssm's inference cache for one layer).
@@ -89,57 +94,47 @@ struct Mamba2Saved {
   Tensor y_out;      // (B, L, d_inner) out_proj input
 };
 
+// The layer contract: see Mamba1 (include/mamba/nn/mamba1.h).
 class Mamba2 {
  public:
   using Config = Mamba2Config;
   using State = Mamba2State;
   using Saved = Mamba2Saved;
-  static constexpr const char* kName = "Mamba2";  // ssm_cfg's "layer"
+  static constexpr const char* kName = "Mamba2";
 
-  explicit Mamba2(const Mamba2Config& cfg, uint64_t seed = 0);
+  explicit Mamba2(const Config& cfg, uint64_t seed = 0);
   Mamba2(const Mamba2&) = delete;
   Mamba2& operator=(const Mamba2&) = delete;
   Mamba2(Mamba2&&) noexcept = default;
   Mamba2& operator=(Mamba2&&) noexcept = default;
 
-  const Mamba2Config& config() const { return cfg_; }
+  const Config& config() const { return cfg_; }
   ParamList& params() { return params_; }
   const ParamList& params() const { return params_; }
 
-  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs;
-  // state != nullptr receives the decode state after the last token (prefill).
-  Tensor forward(const Tensor& hidden, Mamba2Saved* saved = nullptr, Mamba2State* state = nullptr);
+  // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs (fp32
+  // weights only); state != nullptr receives the decode state after the last token (prefill).
+  Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
   // dy: (B, L, d_model). Returns dhidden (B, L, d_model); accumulates parameter grads (+=).
-  Tensor backward(const Mamba2Saved& saved, const Tensor& dy);
+  // Throws "… inference only; load in f32 to train" when the weights are not fp32.
+  Tensor backward(const Saved& saved, const Tensor& dy);
 
-  Mamba2State new_state(int64_t batch) const;  // zeros
+  State new_state(int64_t batch) const;  // zeros
   // x: (B, d_model) one token -> (B, d_model); advances state.
-  Tensor step(const Tensor& x, Mamba2State& state);
-
-  // Storage of in_proj and out_proj weights. bf16 / f16: converted (round to nearest even) and
-  // the fp32 values and gradients RELEASED (their Params' tensors become undefined): inference
-  // only, forward with saved and backward throw. f32 converts back exactly.
-  void set_weight_dtype(WeightDType t);
-  WeightDType weight_dtype() const { return wdtype_; }
-  // Every parameter scalar, 16-bit ones included (params().count() skips released tensors).
-  int64_t num_parameters() const;
-  // The fp32 value of a parameter whichever the storage (a converted copy for 16-bit weights).
-  Tensor param_f32(const std::string& name) const;
-  // The 16-bit storage of a parameter when it has one (weight_dtype() != f32), else nullptr.
-  ops::HalfWeight* half_weight(const std::string& name);
+  Tensor step(const Tensor& x, State& state) const;
 
  private:
   Tensor A() const;  // -exp(A_log): (H)
   Tensor mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0) const;
   ops::SsdArgs ssd_args(const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
                         const Tensor& z) const;
+  const Tensor& f32(const Param* p) const { return p->value.f32(p->name.c_str()); }
 
-  Mamba2Config cfg_;
+  Config cfg_;
   ParamList params_;
-  Tensor dt_bias_, A_log_, D_, in_w_, in_b_, conv_w_, conv_b_, norm_w_, out_w_, out_b_;
-  // 16-bit copies when weight_dtype() != f32 (then in_w_, out_w_ are undefined).
-  WeightDType wdtype_ = WeightDType::f32;
-  ops::HalfWeight in_h_, out_h_;
+  // The parameters (nullptr when absent by config: biases, norm.weight without rmsnorm).
+  Param *dt_bias_ = nullptr, *A_log_ = nullptr, *D_ = nullptr, *in_w_ = nullptr, *in_b_ = nullptr;
+  Param *conv_w_ = nullptr, *conv_b_ = nullptr, *norm_w_ = nullptr, *out_w_ = nullptr, *out_b_ = nullptr;
 };
 
 }  // namespace mamba

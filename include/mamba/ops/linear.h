@@ -1,16 +1,38 @@
-// Linear layer: y = x W^T + b through the BLAS.
-//   x: (..., in); W: (out, in) (PyTorch's nn.Linear layout); b: (out) optional; y: (..., out)
+// Linear layer y = x W^T + b for any Weight storage (fp32, bf16, f16), forward and backward.
+//   x: (..., in) flattened to (M, in); W: (out, in) (PyTorch's nn.Linear layout); b: (out)
+//   optional; y: (..., out).
+// x, y, dx and dy may be strided 2-D views (Tensor::cols: rows of `in` / `out` values with a row
+// stride), so a layer reads and writes column blocks of a projection's output without copies.
+//
+// The kernel, one choice for every caller (ops/xwt.h, ops/half_matmul.h, mamba/gemm.h):
+//   fp32 W:   M > 16: the packed prefill GEMM ops::xwt, bias put in y first and accumulated;
+//             2 <= M <= 16: the streaming kernel, then the bias added;
+//             M <= 1: the BLAS (a GEMV), bias put in y first (beta = 1).
+//   16-bit W: M <= 16: the streaming kernel; M > 16: ops::xwt; then the bias added.
+// Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
+// the BLAS, db += the row sums of dy (bias_grad).
 #pragma once
 #include <vector>
 
 #include "mamba/tensor.h"
+#include "mamba/weight.h"
 
 namespace mamba::ops {
 
-Tensor linear_fwd(const Tensor& x, const Tensor& W, const Tensor& b);
-// Returns dx (..., in) = dy W. Accumulates dW += dy^T x (out, in) and db += sum(dy) (out)
-// when the pointers are not null (parameter gradients accumulate, see ARCHITECTURE.md).
-Tensor linear_bwd(const Tensor& x, const Tensor& W, const Tensor& dy, Tensor* dW, Tensor* db);
+Tensor linear(const Tensor& x, const Weight& W, const Tensor& b = Tensor());
+// The same into y, a (possibly strided) view of shape (..., out); accumulate: y += x W^T (+ b).
+void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y,
+                 bool accumulate = false);
+
+// Returns dx (..., in) = dy W. Accumulates dW += dy^T x (out, in) and db += sum(dy) (out) when
+// the pointers are not null (parameter gradients accumulate, see ARCHITECTURE.md). Throws the
+// "inference only" error when W is not fp32. W may be a rows() view, dW then the matching
+// narrow() of the gradient.
+Tensor linear_bwd(const Tensor& x, const Weight& W, const Tensor& dy, Tensor* dW, Tensor* db);
+// The same writing dx into a (possibly strided) view, or adding to it when accumulate_dx.
+void linear_bwd_into(const Tensor& x, const Weight& W, const Tensor& dy, const Tensor& dx,
+                     bool accumulate_dx, Tensor* dW, Tensor* db);
+
 Tensor linear_ref(const Tensor& x, const Tensor& W, const Tensor& b);
 // The reference evaluated and returned in double (y's element order), for finite differences.
 std::vector<double> linear_ref_f64(const Tensor& x, const Tensor& W, const Tensor& b);

@@ -1,0 +1,46 @@
+// Small element-wise and gather/scatter ops: the host math of the layers and the model, written
+// once here (and tested against the *_ref loops in tests/test_elementwise.cpp) so that src/nn and
+// src/model hold no loops over .data().
+//   2-D arguments (M, n) may be strided views (Tensor::cols): rows of n values, row_stride() apart.
+#pragma once
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "mamba/tensor.h"
+#include "mamba/weight.h"
+
+namespace mamba::ops {
+
+// dst += src (same shape; either may be a strided view).
+void add_into(const Tensor& dst, const Tensor& src);
+// dst += a * b, element-wise (same shapes, contiguous).
+void add_mul_into(const Tensor& dst, const Tensor& a, const Tensor& b);
+// a * b element-wise, a new tensor (same shapes, contiguous).
+Tensor mul(const Tensor& a, const Tensor& b);
+// dst = src (same shape; either may be a strided view: put_cols-style writes into column blocks).
+void copy_into(const Tensor& dst, const Tensor& src);
+// -exp(x): neg_exp with libm's expf; neg_exp_fast with the vectorised exp (ops::exp_inplace,
+// ~1 ulp from libm; Mamba-1's A = -exp(A_log) on every decode step).
+Tensor neg_exp(const Tensor& x);
+Tensor neg_exp_fast(const Tensor& x);
+
+// Bias over the rows of y (M, n): y[m, :] += b (bias_add) or = b (bias_fill). b: (n).
+void bias_add(const Tensor& y, const Tensor& b);
+void bias_fill(const Tensor& y, const Tensor& b);
+// Bias gradient: db (n) += sum over the rows of dy (M, n), rows in order.
+void bias_grad(const Tensor& db, const Tensor& dy);
+
+// Embedding forward: out (n, d) row i = W row ids[i] (fp32 or converted exactly from 16 bits).
+// W: (V, d). Throws naming the first id outside [0, V).
+Tensor embedding_fwd(const Weight& W, std::span<const int32_t> ids);
+// Embedding backward: dW (V, d) row ids[i] += dy (n, d) row i, for i in order (deterministic:
+// one thread, repeated ids add in sequence order).
+void embedding_bwd(const Tensor& dW, std::span<const int32_t> ids, const Tensor& dy);
+
+// References (plain loops over contiguous tensors).
+void bias_grad_ref(Tensor& db, const Tensor& dy);
+Tensor embedding_fwd_ref(const Tensor& W, std::span<const int32_t> ids);
+void embedding_bwd_ref(Tensor& dW, std::span<const int32_t> ids, const Tensor& dy);
+
+}  // namespace mamba::ops
