@@ -5,11 +5,11 @@
 
 #include "bench_util.h"
 #include "mamba/nn/mamba1.h"
-#include "mamba/ops/conv1d.h"
-#include "mamba/ops/linear.h"
-#include "mamba/ops/selective_scan.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
+#include "ops/conv1d.h"
+#include "ops/linear.h"
+#include "ops/selective_scan.h"
 
 using namespace mamba;
 
@@ -22,17 +22,20 @@ const char* kUsage =
 // The layer forward written with the naive reference ops only (the readable spec).
 Tensor reference_forward(Mamba1& m, const Tensor& hidden) {
   const auto& c = m.config();
-  const int64_t B = hidden.dim(0), L = hidden.dim(1), D = c.d_inner(), N = c.d_state,
-                R = c.rank();
+  const int64_t B = hidden.dim(0), L = hidden.dim(1), D = c.d_inner(), N = c.d_state, R = c.rank();
   auto& p = m.params();
-  Tensor xz = ops::linear_ref(hidden, p.get("in_proj.weight").value.to_f32(),
-                              p.has("in_proj.bias") ? p.get("in_proj.bias").value.to_f32() : Tensor());
+  Tensor xz =
+      ops::linear_ref(hidden, p.get("in_proj.weight").value.to_f32(),
+                      p.has("in_proj.bias") ? p.get("in_proj.bias").value.to_f32() : Tensor());
   Tensor x({B, L, D}), z({B, L, D});
   for (int64_t r = 0; r < B * L; ++r)
-    for (int64_t d = 0; d < D; ++d) x[r * D + d] = xz[r * 2 * D + d], z[r * D + d] = xz[r * 2 * D + D + d];
-  Tensor xc = ops::causal_conv1d_ref(x, p.get("conv1d.weight").value.f32().reshape({D, c.d_conv}),
-                                     p.has("conv1d.bias") ? p.get("conv1d.bias").value.f32() : Tensor(), true);
-  Tensor dbl = ops::linear_ref(xc, p.get("x_proj.weight").value.to_f32(), Tensor());  // (B, L, R+2N)
+    for (int64_t d = 0; d < D; ++d)
+      x[r * D + d] = xz[r * 2 * D + d], z[r * D + d] = xz[r * 2 * D + D + d];
+  Tensor xc = ops::causal_conv1d_ref(
+      x, p.get("conv1d.weight").value.f32().reshape({D, c.d_conv}),
+      p.has("conv1d.bias") ? p.get("conv1d.bias").value.f32() : Tensor(), true);
+  Tensor dbl =
+      ops::linear_ref(xc, p.get("x_proj.weight").value.to_f32(), Tensor());  // (B, L, R+2N)
   Tensor dtr({B, L, R}), Bm({B, L, N}), Cm({B, L, N});
   for (int64_t r = 0; r < B * L; ++r) {
     for (int64_t i = 0; i < R; ++i) dtr[r * R + i] = dbl[r * (R + 2 * N) + i];
@@ -77,19 +80,22 @@ int main(int argc, char** argv) {
 
   Tensor y;
   double t_fwd = bench::median_seconds(reps, [&] { y = layer.forward(x); });
-  std::printf("{\"bench\":\"mamba1_layer\",\"pass\":\"forward\",\"impl\":\"fast\",\"shape\":%s,"
-              "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f}\n",
-              shape, threads, t_fwd * 1e3, tokens / t_fwd);
+  std::printf(
+      "{\"bench\":\"mamba1_layer\",\"pass\":\"forward\",\"impl\":\"fast\",\"shape\":%s,"
+      "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f}\n",
+      shape, threads, t_fwd * 1e3, tokens / t_fwd);
   std::fflush(stdout);
   if (args.get("ref", 1)) {
     Tensor yr;
     double t_ref = bench::median_seconds(1, [&] { yr = reference_forward(layer, x); });
     double maxdiff = 0;
-    for (int64_t i = 0; i < y.numel(); ++i) maxdiff = std::max(maxdiff, (double)std::fabs(y[i] - yr[i]));
-    std::printf("{\"bench\":\"mamba1_layer\",\"pass\":\"forward\",\"impl\":\"naive_ref\",\"shape\":%s,"
-                "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f,\"fast_speedup\":%.1f,"
-                "\"max_abs_diff_vs_fast\":%.3g}\n",
-                shape, threads, t_ref * 1e3, tokens / t_ref, t_ref / t_fwd, maxdiff);
+    for (int64_t i = 0; i < y.numel(); ++i)
+      maxdiff = std::max(maxdiff, (double)std::fabs(y[i] - yr[i]));
+    std::printf(
+        "{\"bench\":\"mamba1_layer\",\"pass\":\"forward\",\"impl\":\"naive_ref\",\"shape\":%s,"
+        "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f,\"fast_speedup\":%.1f,"
+        "\"max_abs_diff_vs_fast\":%.3g}\n",
+        shape, threads, t_ref * 1e3, tokens / t_ref, t_ref / t_fwd, maxdiff);
     std::fflush(stdout);
   }
   Tensor dy({B, L, cfg.d_model});
@@ -99,9 +105,10 @@ int main(int argc, char** argv) {
     layer.forward(x, &saved);
     layer.backward(saved, dy);
   });
-  std::printf("{\"bench\":\"mamba1_layer\",\"pass\":\"forward+backward\",\"impl\":\"fast\",\"shape\":%s,"
-              "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f}\n",
-              shape, threads, t_fb * 1e3, tokens / t_fb);
+  std::printf(
+      "{\"bench\":\"mamba1_layer\",\"pass\":\"forward+backward\",\"impl\":\"fast\",\"shape\":%s,"
+      "\"threads\":%d,\"ms\":%.3f,\"tokens_per_s\":%.1f}\n",
+      shape, threads, t_fb * 1e3, tokens / t_fb);
   std::fflush(stdout);
   Mamba1State st = layer.new_state(B);
   Tensor xt({B, cfg.d_model});
@@ -109,8 +116,9 @@ int main(int argc, char** argv) {
   double t_step = bench::median_seconds(reps, [&] {
     for (int i = 0; i < steps; ++i) layer.step(xt, st);
   });
-  std::printf("{\"bench\":\"mamba1_layer\",\"pass\":\"step\",\"impl\":\"fast\",\"shape\":%s,"
-              "\"threads\":%d,\"us_per_token\":%.2f,\"tokens_per_s\":%.1f}\n",
-              shape, threads, t_step / steps * 1e6, B * steps / t_step);
+  std::printf(
+      "{\"bench\":\"mamba1_layer\",\"pass\":\"step\",\"impl\":\"fast\",\"shape\":%s,"
+      "\"threads\":%d,\"us_per_token\":%.2f,\"tokens_per_s\":%.1f}\n",
+      shape, threads, t_step / steps * 1e6, B * steps / t_step);
   return 0;
 }

@@ -12,10 +12,10 @@
 #include <string>
 #include <vector>
 
-#include "mamba/ops/selective_scan.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
-#include "mamba/simd.h"
+#include "ops/selective_scan.h"
+#include "ops/simd.h"
 
 using namespace mamba;
 using namespace mamba::ops;

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "mamba/os.h"
+#include "core/os.h"
 
 namespace mamba::bench {
 

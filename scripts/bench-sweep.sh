@@ -9,8 +9,8 @@ O=${1:-bench-out/$(date +%H%M)}
 mkdir -p "$O"
 uptime > "$O/uptime_start.txt"
 OMP_NUM_THREADS=2 build/bench_ssd --threads 2 --ref 0 --sweep 1 --layer 1 --reps 5 > "$O/ssd_t2.jsonl"
-build/bench_xwt --reps 7 > "$O/xwt_t2.jsonl"
-build/bench_xwt --reps 5 --threads 1 > "$O/xwt_t1.jsonl"
+build/bench_gemm_nt --reps 7 > "$O/gemm_nt_t2.jsonl"
+build/bench_gemm_nt --reps 5 --threads 1 > "$O/gemm_nt_t1.jsonl"
 for m in mamba-130m mamba2-130m; do
   for dt in f32 bf16 f16; do
     for t in 2 1; do
@@ -18,7 +18,7 @@ for m in mamba-130m mamba2-130m; do
         > "$O/lm_${m}_${dt}_t$t.json"
     done
   done
-  # baseline in the same run: the projections' GEMM on OpenBLAS instead of ops/xwt.h
+  # baseline in the same run: the projections' GEMM on OpenBLAS instead of ops/gemm_nt.h
   for dt in f32 bf16; do
     MAMBA_GEMM=blas build/mambacpp bench --preset $m --prompt 512 --gen 128 --reps 3 --threads 2 --dtype $dt --json \
       > "$O/lm_${m}_${dt}_t2_blasgemm.json"

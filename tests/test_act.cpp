@@ -7,7 +7,7 @@
 #include <cmath>
 #include <limits>
 
-#include "mamba/ops/act.h"
+#include "ops/act.h"
 #include "test_util.h"
 
 using namespace mamba;

@@ -1,5 +1,6 @@
 // The Block / mixer registry and the embeddable model API:
-//  - the mixer kind is parsed once from ssm_cfg "layer" into the config variant, the Block holds the
+//  - the mixer kind is parsed once from ssm_cfg "layer" into the config variant, the Block holds
+//  the
 //    matching mixer, and its state / saved activations are of the same kind;
 //  - a Block's forward equals add -> rms_norm -> mixer written out by hand, and its step equals the
 //    forward token by token;
@@ -12,8 +13,8 @@
 
 #include "mamba/generate.h"
 #include "mamba/lm.h"
-#include "mamba/ops/norm.h"
 #include "mamba/rng.h"
+#include "ops/norm.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -22,9 +23,10 @@ namespace {
 
 ModelConfig tiny(const std::string& layer, int64_t n_layer = 2) {
   const std::string m2 = layer == "Mamba2" ? R"(, "headdim": 16, "chunk_size": 8)" : "";
-  return ModelConfig::parse(str(R"({"d_model": 32, "n_layer": )", n_layer,
-                                R"(, "vocab_size": 50, "pad_vocab_size_multiple": 8, "ssm_cfg": {"layer": ")", layer,
-                                R"(", "d_state": 8)", m2, "}}"));
+  return ModelConfig::parse(
+      str(R"({"d_model": 32, "n_layer": )", n_layer,
+          R"(, "vocab_size": 50, "pad_vocab_size_multiple": 8, "ssm_cfg": {"layer": ")", layer,
+          R"(", "d_state": 8)", m2, "}}"));
 }
 
 bool same_bits(const Tensor& a, const Tensor& b) {
@@ -91,7 +93,8 @@ TEST_P(BlockKinds, ForwardIsAddNormMixerAndStepMatchesIt) {
   for (int64_t t = 0; t < L; ++t) {
     Tensor ht({B, d}), rt({B, d});
     for (int64_t b = 0; b < B; ++b)
-      for (int64_t j = 0; j < d; ++j) ht[b * d + j] = h[(b * L + t) * d + j], rt[b * d + j] = r0[(b * L + t) * d + j];
+      for (int64_t j = 0; j < d; ++j)
+        ht[b * d + j] = h[(b * L + t) * d + j], rt[b * d + j] = r0[(b * L + t) * d + j];
     Tensor yt = block.step(ht, rt, st);
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < d; ++j)
@@ -100,8 +103,10 @@ TEST_P(BlockKinds, ForwardIsAddNormMixerAndStepMatchesIt) {
   // A state of another mixer kind is refused.
   BlockState other = std::visit(
       [&](const auto& m) -> BlockState {
-        if constexpr (std::is_same_v<std::decay_t<decltype(m)>, Mamba1>) return Mamba2State{};
-        else return Mamba1State{};
+        if constexpr (std::is_same_v<std::decay_t<decltype(m)>, Mamba1>)
+          return Mamba2State{};
+        else
+          return Mamba1State{};
       },
       block.mixer());
   Tensor h1({B, d}), r1;
@@ -127,7 +132,8 @@ TEST_P(BlockKinds, ConstModelSharedByThreadsGivesIdenticalResults) {
     std::vector<int32_t> next = {static_cast<int32_t>(k), static_cast<int32_t>(k + 1)};
     for (int s = 0; s < kSteps; ++s) {
       r.steps.push_back(lm.step(next, st));
-      next = {static_cast<int32_t>((next[0] * 7 + 3) % 50), static_cast<int32_t>((next[1] * 5 + 1) % 50)};
+      next = {static_cast<int32_t>((next[0] * 7 + 3) % 50),
+              static_cast<int32_t>((next[1] * 5 + 1) % 50)};
     }
     return r;
   };
@@ -141,7 +147,8 @@ TEST_P(BlockKinds, ConstModelSharedByThreadsGivesIdenticalResults) {
     for (int k = 0; k < kThreads; ++k) {
       EXPECT_TRUE(same_bits(got[k].logits, ref[k].logits)) << "thread " << k;
       EXPECT_TRUE(same_bits(got[k].last, ref[k].last)) << "thread " << k;
-      for (int s = 0; s < kSteps; ++s) EXPECT_TRUE(same_bits(got[k].steps[s], ref[k].steps[s])) << "thread " << k;
+      for (int s = 0; s < kSteps; ++s)
+        EXPECT_TRUE(same_bits(got[k].steps[s], ref[k].steps[s])) << "thread " << k;
     }
   }
   // generate() from several threads at once: the same tokens as alone.
@@ -152,7 +159,8 @@ TEST_P(BlockKinds, ConstModelSharedByThreadsGivesIdenticalResults) {
   const GenerateResult alone = generate(lm, prompts, opt);
   std::vector<GenerateResult> res(kThreads);
   std::vector<std::thread> th;
-  for (int k = 0; k < kThreads; ++k) th.emplace_back([&, k] { res[k] = generate(lm, prompts, opt); });
+  for (int k = 0; k < kThreads; ++k)
+    th.emplace_back([&, k] { res[k] = generate(lm, prompts, opt); });
   for (auto& t : th) t.join();
   for (int k = 0; k < kThreads; ++k) EXPECT_EQ(res[k].tokens, alone.tokens) << "thread " << k;
 }
@@ -163,7 +171,11 @@ TEST_P(BlockKinds, SavedActivationsAreAValue) {
   const int64_t B = 2, L = 5;
   std::vector<int32_t> ids = random_ids(B * L, 50, 9);
   LMSaved sv;
-  test::expect_error([&] { lm.backward(sv, Tensor({B, L, lm.vocab()})); }, {"no saved activations"});
+  test::expect_error(
+      [&] {
+        lm.backward(sv, Tensor({B, L, lm.vocab()}));
+      },
+      {"no saved activations"});
   Tensor logits = lm.forward(ids, B, L, &sv);
   Rng rng(4);
   Tensor g = test::randn(logits.shape(), rng);
@@ -186,6 +198,7 @@ TEST_P(BlockKinds, SavedActivationsAreAValue) {
 INSTANTIATE_TEST_SUITE_P(Mixers, BlockKinds, ::testing::Values("Mamba1", "Mamba2"));
 
 TEST(Block, UnknownMixerIsAnError) {
-  test::expect_error([] { ModelConfig::parse(R"({"d_model": 32, "ssm_cfg": {"layer": "Mamba9"}})"); },
-                     {"'ssm_cfg.layer'", "Mamba9", "\"Mamba1\", \"Mamba2\""});
+  test::expect_error(
+      [] { ModelConfig::parse(R"({"d_model": 32, "ssm_cfg": {"layer": "Mamba9"}})"); },
+      {"'ssm_cfg.layer'", "Mamba9", "\"Mamba1\", \"Mamba2\""});
 }

@@ -3,21 +3,18 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
-
 #include <nlohmann/json.hpp>
 
 #include "mamba/lm.h"
-#include "mamba/npy.h"
 #include "mamba/tokenizer.h"
+#include "model/npy.h"
 #include "test_util.h"
 
 using namespace mamba;
 
 namespace {
 using test::CliRun;
-CliRun run(const std::string& args) {
-  return test::run_cli(args);
-}
+CliRun run(const std::string& args) { return test::run_cli(args); }
 std::string tmp(const std::string& name) {
   return (std::filesystem::temp_directory_path() / ("mamba_cli_" + name)).string();
 }
@@ -26,7 +23,8 @@ std::string tmp(const std::string& name) {
 TEST(Cli, HelpOnEveryCommand) {
   CliRun r = run("--help");
   ASSERT_EQ(r.status, 0) << r.out;
-  for (const char* c : {"demo", "info", "shapes", "generate", "score", "perplexity", "bench", "tokenize", "detokenize", "convert", "train", "eval-task"}) {
+  for (const char* c : {"demo", "info", "shapes", "generate", "score", "perplexity", "bench",
+                        "tokenize", "detokenize", "convert", "train", "eval-task"}) {
     EXPECT_NE(r.out.find(c), std::string::npos) << c << " missing from --help";
     CliRun h = run(std::string(c) + " --help");
     EXPECT_EQ(h.status, 0) << c << ": " << h.out;
@@ -59,8 +57,10 @@ TEST(Cli, ScoreAndGenerateReproduceGoldenLM) {
     std::string model = test::golden_path(std::string(name) + "_ckpt");
     CliRun r = run("score --model " + model + " --ids " + ids_path + " --out " + out);
     ASSERT_EQ(r.status, 0) << r.out;
-    EXPECT_TRUE(test::all_close(npy_to_tensor(read_npy(out)), f.tensor("logits"), tol::kGoldenLogits, "score"));
-    CliRun g = run("generate --model " + model + " --ids " + ids_path + " --greedy -n 8 --out-ids " + out_ids);
+    EXPECT_TRUE(test::all_close(npy_to_tensor(read_npy(out)), f.tensor("logits"),
+                                tol::kGoldenLogits, "score"));
+    CliRun g = run("generate --model " + model + " --ids " + ids_path +
+                   " --greedy -n 8 --out-ids " + out_ids);
     ASSERT_EQ(g.status, 0) << g.out;
     EXPECT_NE(g.out.find("decode:"), std::string::npos) << g.out;  // the timing line
     NpyArray a = read_npy(out_ids);
@@ -73,14 +73,16 @@ TEST(Cli, ScoreAndGenerateReproduceGoldenLM) {
 TEST(Cli, ErrorsAreClearAndExitNonZero) {
   CliRun r = run("generate --model /nonexistent --prompt hi");
   EXPECT_EQ(r.status, 1);
-  EXPECT_NE(r.out.find("error: model folder '/nonexistent' does not exist"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("error: model folder '/nonexistent' does not exist"), std::string::npos)
+      << r.out;
   CliRun u = run("generate --unknown-flag");
   EXPECT_NE(u.status, 0);
   CliRun n = run("");
   EXPECT_NE(n.status, 0);
   std::string bad = tmp("bad_ids.npy");
   write_npy_i64(bad, {1, 3}, {1, 2, 999});
-  CliRun v = run("score --model " + test::golden_path("lm_mamba1_ckpt") + " --ids " + bad + " --out " + tmp("x.npy"));
+  CliRun v = run("score --model " + test::golden_path("lm_mamba1_ckpt") + " --ids " + bad +
+                 " --out " + tmp("x.npy"));
   EXPECT_EQ(v.status, 1);
   EXPECT_NE(v.out.find("outside the vocabulary"), std::string::npos) << v.out;
   std::remove(bad.c_str());
@@ -89,7 +91,8 @@ TEST(Cli, ErrorsAreClearAndExitNonZero) {
 // perplexity: with one window it must equal exp(mean NLL) of a full forward computed here;
 // with overlapping windows every token after the first is still scored exactly once.
 TEST(Cli, PerplexityMatchesInProcessNll) {
-  ModelConfig cfg = ModelConfig::parse(R"({"d_model":32,"n_layer":2,"vocab_size":267,"ssm_cfg":{"layer":"Mamba1","d_state":8}})");
+  ModelConfig cfg = ModelConfig::parse(
+      R"({"d_model":32,"n_layer":2,"vocab_size":267,"ssm_cfg":{"layer":"Mamba1","d_state":8}})");
   MambaLM lm(cfg, 3);
   std::string dir = tmp("ppl_model");
   lm.save(dir);
@@ -109,17 +112,20 @@ TEST(Cli, PerplexityMatchesInProcessNll) {
     for (int64_t v = 0; v < V; ++v) s += std::exp(l[v] - mx);
     nll += std::log(s) + mx - l[ids[t]];
   }
-  CliRun r = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 4096");
+  CliRun r = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp +
+                 " --context 4096");
   ASSERT_EQ(r.status, 0) << r.out;
   auto j = nlohmann::json::parse(r.out.substr(r.out.find('{')));
   EXPECT_EQ(j["tokens"].get<int64_t>(), n - 1);
   EXPECT_NEAR(j["nll_per_token"].get<double>(), nll / (n - 1), 1e-5);
-  CliRun w = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 8 --stride 3");
+  CliRun w = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp +
+                 " --context 8 --stride 3");
   ASSERT_EQ(w.status, 0) << w.out;
   auto jw = nlohmann::json::parse(w.out.substr(w.out.find('{')));
   EXPECT_EQ(jw["tokens"].get<int64_t>(), n - 1);
   EXPECT_TRUE(std::isfinite(jw["perplexity"].get<double>()));
-  CliRun bad = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp + " --context 4 --stride 5");
+  CliRun bad = run("perplexity --model " + dir + " --tokenizer " + tokp + " --text " + textp +
+                   " --context 4 --stride 5");
   EXPECT_EQ(bad.status, 1);
   EXPECT_NE(bad.out.find("--stride"), std::string::npos) << bad.out;
   std::filesystem::remove_all(dir);
@@ -129,13 +135,15 @@ TEST(Cli, PerplexityMatchesInProcessNll) {
 // convert: a torch .bin folder -> transformers layout -> back to mamba_ssm's: same logits.
 TEST(Cli, ConvertRoundTripsLayouts) {
   std::string hf = tmp("conv_hf"), back = tmp("conv_back");
-  CliRun a = run("convert --model " + test::golden_path("lm_mamba2_ckpt") + " --out " + hf + " --format hf");
+  CliRun a = run("convert --model " + test::golden_path("lm_mamba2_ckpt") + " --out " + hf +
+                 " --format hf");
   ASSERT_EQ(a.status, 0) << a.out;
   CliRun b = run("convert --model " + hf + " --out " + back);
   ASSERT_EQ(b.status, 0) << b.out;
   MambaLM ref = MambaLM::load(test::golden_path("lm_mamba2_ckpt")), got = MambaLM::load(back);
   std::vector<int32_t> ids = {1, 2, 3, 50, 7};
-  EXPECT_TRUE(test::all_close(got.forward(ids, 1, 5), ref.forward(ids, 1, 5), {0, 0}, "convert round trip"));
+  EXPECT_TRUE(test::all_close(got.forward(ids, 1, 5), ref.forward(ids, 1, 5), {0, 0},
+                              "convert round trip"));
   CliRun bad = run("convert --model " + hf + " --out " + back + " --format onnx");
   EXPECT_NE(bad.status, 0);
   std::filesystem::remove_all(hf);

@@ -68,7 +68,8 @@ const char* kMamba130mHf = R"({
 // state-spaces/mamba-130m and mamba2-130m config.json (mamba_ssm format).
 const char* kMamba130m = R"({"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {},
   "rms_norm": true, "residual_in_fp32": true, "fused_add_norm": true, "pad_vocab_size_multiple": 8})";
-const char* kMamba2_130m = R"({"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277,
+const char* kMamba2_130m =
+    R"({"d_model": 768, "d_intermediate": 0, "n_layer": 24, "vocab_size": 50277,
   "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": true,
   "residual_in_fp32": true, "fused_add_norm": true, "pad_vocab_size_multiple": 16, "tie_embeddings": true})";
 
@@ -80,8 +81,10 @@ std::string with(std::string text, const std::string& key, const nlohmann::json&
     return t;
   };
   nlohmann::json j = nlohmann::json::parse(swap(text, "Infinity", "\"@INF@\""));
-  if (v.is_null()) j.erase(key);
-  else j[key] = v;
+  if (v.is_null())
+    j.erase(key);
+  else
+    j[key] = v;
   return swap(j.dump(), "\"@INF@\"", "Infinity");
 }
 
@@ -162,9 +165,9 @@ TEST(Config, ToJsonRoundTripsInMambaSsmFormat) {
     std::string text = c.to_json();
     EXPECT_TRUE(ModelConfig::parse(text) == c) << text;
     nlohmann::json j = nlohmann::json::parse(text);  // standard JSON (default dt_limit is omitted)
-    for (const char* k : {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx",
-                          "attn_cfg", "rms_norm", "residual_in_fp32", "fused_add_norm",
-                          "pad_vocab_size_multiple", "tie_embeddings"})
+    for (const char* k : {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg",
+                          "attn_layer_idx", "attn_cfg", "rms_norm", "residual_in_fp32",
+                          "fused_add_norm", "pad_vocab_size_multiple", "tie_embeddings"})
       EXPECT_TRUE(j.contains(k)) << k;
     EXPECT_EQ(j.size(), 12u);
     EXPECT_EQ(j["vocab_size"], 101);
@@ -184,62 +187,94 @@ TEST(Config, ToJsonRoundTripsInMambaSsmFormat) {
           "attn_cfg": {"num_heads": 4, "rotary_emb_dim": 8, "causal": true}, "d_intermediate": 96})");
   EXPECT_TRUE(m.is_attn_layer(3) && !m.is_attn_layer(2));
   EXPECT_TRUE(ModelConfig::parse(m.to_json()) == m);
-  std::string p = (std::filesystem::temp_directory_path() / "mamba_test_config_roundtrip.json").string();
+  std::string p =
+      (std::filesystem::temp_directory_path() / "mamba_test_config_roundtrip.json").string();
   m.save(p);
   EXPECT_TRUE(ModelConfig::load(p) == m);
   std::filesystem::remove(p);
 }
 
 TEST(Config, UnknownKeysAreNamed) {
-  std::string g1 = R"({"d_model": 64, "n_layer": 3, "vocab_size": 101, "ssm_cfg": {"layer": "Mamba1"}})";
-  expect_error([&] { ModelConfig::parse(with(g1, "d_modle", 64), "cfg.json"); }, {"cfg.json", "'d_modle'"});
-  expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"d_stat": 16}})"); }, {"'ssm_cfg.d_stat'"});
+  std::string g1 =
+      R"({"d_model": 64, "n_layer": 3, "vocab_size": 101, "ssm_cfg": {"layer": "Mamba1"}})";
+  expect_error([&] { ModelConfig::parse(with(g1, "d_modle", 64), "cfg.json"); },
+               {"cfg.json", "'d_modle'"});
+  expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"d_stat": 16}})"); },
+               {"'ssm_cfg.d_stat'"});
   expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"headdim": 16}})"); },
                {"'ssm_cfg.headdim'", "Mamba2", "not of Mamba1"});
-  expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "dt_rank": 4}})"); },
-               {"'ssm_cfg.dt_rank'", "parameter of Mamba1"});
-  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"layer": "Mamba3"}})"); }, {"'ssm_cfg.layer'", "Mamba3"});
-  expect_error([&] { ModelConfig::parse(R"({"attn_cfg": {"num_head": 4}})"); }, {"'attn_cfg.num_head'"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "num_heads", 8)); }, {"'num_heads'", "MambaConfig"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba2, "n_grups", 8)); }, {"'n_grups'", "Mamba2Config"});
+  expect_error(
+      [&] {
+        ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "dt_rank": 4}})");
+      },
+      {"'ssm_cfg.dt_rank'", "parameter of Mamba1"});
+  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"layer": "Mamba3"}})"); },
+               {"'ssm_cfg.layer'", "Mamba3"});
+  expect_error([&] { ModelConfig::parse(R"({"attn_cfg": {"num_head": 4}})"); },
+               {"'attn_cfg.num_head'"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "num_heads", 8)); },
+               {"'num_heads'", "MambaConfig"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba2, "n_grups", 8)); },
+               {"'n_grups'", "Mamba2Config"});
   expect_error([&] { ModelConfig::parse(with(kHfMamba1, "model_type", "falcon_mamba")); },
                {"'model_type'", "falcon_mamba"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "hidden_act", "gelu")); }, {"'hidden_act'"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "hidden_act", "gelu")); },
+               {"'hidden_act'"});
 }
 
 TEST(Config, ContradictoryKeysAreNamed) {
-  expect_error([&] { ModelConfig::parse(with(kMamba130mHf, "n_layer", 12)); }, {"'n_layer'", "'num_hidden_layers'"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "intermediate_size", 96)); }, {"'intermediate_size'"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "d_model", 32)); }, {"'d_model'", "'hidden_size'"});
-  expect_error([&] { ModelConfig::parse(with(kHfMamba2, "num_heads", 4)); }, {"'num_heads'", "'head_dim'"});
+  expect_error([&] { ModelConfig::parse(with(kMamba130mHf, "n_layer", 12)); },
+               {"'n_layer'", "'num_hidden_layers'"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "intermediate_size", 96)); },
+               {"'intermediate_size'"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba1, "d_model", 32)); },
+               {"'d_model'", "'hidden_size'"});
+  expect_error([&] { ModelConfig::parse(with(kHfMamba2, "num_heads", 4)); },
+               {"'num_heads'", "'head_dim'"});
   expect_error([&] { ModelConfig::parse(with(kHfMamba1, "pad_vocab_size_multiple", 16)); },
                {"'pad_vocab_size_multiple'", "'vocab_size'"});
   expect_error([&] { ModelConfig::parse(with(kHfMamba1, "rms_norm", false)); }, {"'rms_norm'"});
-  expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 48}})"); },
-               {"'ssm_cfg.headdim'", "does not divide"});
-  expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 16, "ngroups": 3}})"); },
-               {"'ssm_cfg.ngroups'"});
-  expect_error([&] { ModelConfig::parse(R"({"n_layer": 2, "attn_layer_idx": [2], "attn_cfg": {"num_heads": 4}})"); },
-               {"'attn_layer_idx'", "n_layer = 2"});
-  expect_error([&] { ModelConfig::parse(R"({"n_layer": 2, "attn_layer_idx": [1]})"); }, {"'attn_cfg.num_heads'"});
+  expect_error(
+      [&] {
+        ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 48}})");
+      },
+      {"'ssm_cfg.headdim'", "does not divide"});
+  expect_error(
+      [&] {
+        ModelConfig::parse(
+            R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 16, "ngroups": 3}})");
+      },
+      {"'ssm_cfg.ngroups'"});
+  expect_error(
+      [&] {
+        ModelConfig::parse(
+            R"({"n_layer": 2, "attn_layer_idx": [2], "attn_cfg": {"num_heads": 4}})");
+      },
+      {"'attn_layer_idx'", "n_layer = 2"});
+  expect_error([&] { ModelConfig::parse(R"({"n_layer": 2, "attn_layer_idx": [1]})"); },
+               {"'attn_cfg.num_heads'"});
   expect_error([&] { ModelConfig::parse(R"({"d_model": 0})"); }, {"'d_model' = 0"});
   expect_error([&] { ModelConfig::parse(R"({"vocab_size": -5})"); }, {"'vocab_size' = -5"});
-  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"dt_min": 0.5, "dt_max": 0.1}})"); }, {"'ssm_cfg.dt_min'"});
+  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"dt_min": 0.5, "dt_max": 0.1}})"); },
+               {"'ssm_cfg.dt_min'"});
 }
 
 TEST(Config, MalformedJsonAndWrongTypes) {
-  expect_error([] { ModelConfig::parse("{\"d_model\": 64,", "bad.json"); }, {"bad.json", "not valid JSON"});
+  expect_error([] { ModelConfig::parse("{\"d_model\": 64,", "bad.json"); },
+               {"bad.json", "not valid JSON"});
   expect_error([] { ModelConfig::parse("[1, 2]"); }, {"JSON object"});
   expect_error([] { ModelConfig::parse(""); }, {"not valid JSON"});
   expect_error([] { ModelConfig::parse(R"({"d_model": "64"})"); }, {"'d_model'", "integer"});
   expect_error([] { ModelConfig::parse(R"({"d_model": 64.5})"); }, {"'d_model'", "integer"});
   expect_error([] { ModelConfig::parse(R"({"rms_norm": 1})"); }, {"'rms_norm'", "true or false"});
   expect_error([] { ModelConfig::parse(R"({"ssm_cfg": []})"); }, {"'ssm_cfg'", "object"});
-  expect_error([] { ModelConfig::parse(R"({"ssm_cfg": {"expand": "two"}})"); }, {"'ssm_cfg.expand'", "number"});
+  expect_error([] { ModelConfig::parse(R"({"ssm_cfg": {"expand": "two"}})"); },
+               {"'ssm_cfg.expand'", "number"});
   expect_error([] { ModelConfig::parse(R"({"attn_layer_idx": 3})"); }, {"'attn_layer_idx'"});
   expect_error([] { ModelConfig::parse(R"({"d_model": 99999999999999999999})"); }, {"'d_model'"});
-  expect_error([] { ModelConfig::parse(with(kHfMamba2, "time_step_limit", nlohmann::json::array({0.0}))); },
-               {"'time_step_limit'"});
+  expect_error(
+      [] { ModelConfig::parse(with(kHfMamba2, "time_step_limit", nlohmann::json::array({0.0}))); },
+      {"'time_step_limit'"});
   expect_error([] { ModelConfig::load("/nonexistent/config.json"); }, {"/nonexistent/config.json"});
   // Infinity inside a string is left alone.
   EXPECT_NO_THROW(ModelConfig::parse(with(kHfMamba1, "transformers_version", "Infinity NaN")));
@@ -248,13 +283,17 @@ TEST(Config, MalformedJsonAndWrongTypes) {
 TEST(Config, TensorNamesMapBetweenTransformersAndMambaSsm) {
   EXPECT_EQ(hf_to_mamba_ssm_name("backbone.embeddings.weight"), "backbone.embedding.weight");
   EXPECT_EQ(mamba_ssm_to_hf_name("backbone.embedding.weight"), "backbone.embeddings.weight");
-  for (const char* n : {"backbone.layers.0.norm.weight", "backbone.layers.23.mixer.in_proj.weight",
-                        "backbone.layers.7.mixer.A_log", "backbone.layers.1.mixer.dt_bias",
-                        "backbone.layers.1.mixer.norm.weight", "backbone.norm_f.weight", "lm_head.weight"}) {
+  for (const char* n :
+       {"backbone.layers.0.norm.weight", "backbone.layers.23.mixer.in_proj.weight",
+        "backbone.layers.7.mixer.A_log", "backbone.layers.1.mixer.dt_bias",
+        "backbone.layers.1.mixer.norm.weight", "backbone.norm_f.weight", "lm_head.weight"}) {
     EXPECT_EQ(hf_to_mamba_ssm_name(n), n);
     EXPECT_EQ(mamba_ssm_to_hf_name(n), n);
   }
-  expect_error([] { hf_to_mamba_ssm_name("model.layers.0.self_attn.q_proj.weight"); }, {"'model.layers.0"});
-  expect_error([] { hf_to_mamba_ssm_name("backbone.layers.x.norm.weight"); }, {"backbone.layers.x"});
-  expect_error([] { mamba_ssm_to_hf_name("backbone.embeddings.weight"); }, {"backbone.embeddings.weight"});
+  expect_error([] { hf_to_mamba_ssm_name("model.layers.0.self_attn.q_proj.weight"); },
+               {"'model.layers.0"});
+  expect_error([] { hf_to_mamba_ssm_name("backbone.layers.x.norm.weight"); },
+               {"backbone.layers.x"});
+  expect_error([] { mamba_ssm_to_hf_name("backbone.embeddings.weight"); },
+               {"backbone.embeddings.weight"});
 }

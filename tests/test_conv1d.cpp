@@ -6,7 +6,7 @@
 
 #include <functional>
 
-#include "mamba/ops/conv1d.h"
+#include "ops/conv1d.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -70,9 +70,12 @@ TEST(Conv1d, BackwardFiniteDifferencesDouble) {
         auto loss = [&] { return dot(ops::causal_conv1d_ref_f64(x, w, b, silu), g); };
         auto grads = ops::causal_conv1d_bwd(x, w, b, silu, g);
         std::string what = str("K=", K, " L=", L, " silu=", silu);
-        EXPECT_TRUE(test::all_close(grads.dx, finite_diff(x, loss), tol::kFiniteDiff, "dx " + what));
-        EXPECT_TRUE(test::all_close(grads.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
-        EXPECT_TRUE(test::all_close(grads.dbias, finite_diff(b, loss), tol::kFiniteDiff, "db " + what));
+        EXPECT_TRUE(
+            test::all_close(grads.dx, finite_diff(x, loss), tol::kFiniteDiff, "dx " + what));
+        EXPECT_TRUE(
+            test::all_close(grads.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
+        EXPECT_TRUE(
+            test::all_close(grads.dbias, finite_diff(b, loss), tol::kFiniteDiff, "db " + what));
       }
 }
 

@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "mamba/gemm.h"
+#include "core/gemm.h"
 #include "mamba/parallel.h"
 #include "test_util.h"
 
@@ -49,20 +49,20 @@ TEST(Gemm, MatchesNaiveLoopAllTransposes) {
   for (bool ta : {false, true})
     for (bool tb : {false, true}) {
       for (int64_t M : {17, 1}) {
-      const int64_t N = 33, K = 15;
-      Tensor A = test::randn(ta ? Shape{K, M} : Shape{M, K}, rng);
-      Tensor B = test::randn(tb ? Shape{N, K} : Shape{K, N}, rng);
-      Tensor C = test::randn({M, N}, rng), C0 = C.clone();
-      gemm(ta, tb, M, N, K, 0.5f, A.data(), ta ? M : K, B.data(), tb ? K : N, 2.f, C.data(), N);
-      Tensor E({M, N});
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t n = 0; n < N; ++n) {
-          double s = 0;
-          for (int64_t k = 0; k < K; ++k)
-            s += (double)(ta ? A[k * M + m] : A[m * K + k]) * (tb ? B[n * K + k] : B[k * N + n]);
-          E[m * N + n] = (float)(0.5 * s + 2.0 * C0[m * N + n]);
-        }
-      EXPECT_TRUE(test::all_close(C, E, {1e-5, 1e-5}, "gemm"));
+        const int64_t N = 33, K = 15;
+        Tensor A = test::randn(ta ? Shape{K, M} : Shape{M, K}, rng);
+        Tensor B = test::randn(tb ? Shape{N, K} : Shape{K, N}, rng);
+        Tensor C = test::randn({M, N}, rng), C0 = C.clone();
+        gemm(ta, tb, M, N, K, 0.5f, A.data(), ta ? M : K, B.data(), tb ? K : N, 2.f, C.data(), N);
+        Tensor E({M, N});
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t n = 0; n < N; ++n) {
+            double s = 0;
+            for (int64_t k = 0; k < K; ++k)
+              s += (double)(ta ? A[k * M + m] : A[m * K + k]) * (tb ? B[n * K + k] : B[k * N + n]);
+            E[m * N + n] = (float)(0.5 * s + 2.0 * C0[m * N + n]);
+          }
+        EXPECT_TRUE(test::all_close(C, E, {1e-5, 1e-5}, "gemm"));
       }  // M = 1 takes the GEMV path
     }
 }
@@ -143,13 +143,24 @@ TEST(Safetensors, HostileFilesGiveClearErrors) {
     b.resize(12);  // truncated header
     expect_error(b, "truncated");
   }
-  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8), "need 12");
-  expect_error(with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8), "unknown dtype");
-  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8), "bad dimension");
-  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8), "outside");
-  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})", 8), "overlap");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}})", 8),
+               "need 12");
+  expect_error(with_header(R"({"a":{"dtype":"Q4","shape":[2],"data_offsets":[0,8]}})", 8),
+               "unknown dtype");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[-2],"data_offsets":[0,8]}})", 8),
+               "bad dimension");
+  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[8,0]}})", 8),
+               "outside");
+  expect_error(
+      with_header(
+          R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+          8),
+      "overlap");
   expect_error(with_header(R"({"a":)", 8), "not valid JSON");
-  expect_error(with_header(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})", 8), "too large");
+  expect_error(
+      with_header(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
+                  8),
+      "too large");
   {
     auto b = with_header(R"({"a":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", 8);
     write_all(p, b);

@@ -27,12 +27,11 @@ using Named = std::vector<std::pair<std::string, Tensor>>;
 
 // ---- the few calls into the layer / LM API (the layers are being refactored: keep them here) ---
 
-// y, dx and every parameter gradient of one forward + backward of a Mamba-1 layer.
-Named mamba1_layer_run(const Tensor& x, const Tensor& dy) {
-  Mamba1Config c;
-  c.d_model = x.dim(2), c.d_state = 16;
-  Mamba1 m(c, /*seed=*/5);
-  Mamba1Saved sv;
+// y, dx and every parameter gradient of one forward + backward of a layer.
+template <class Layer>
+Named layer_run(const typename Layer::Config& c, const Tensor& x, const Tensor& dy) {
+  Layer m(c, /*seed=*/5);
+  typename Layer::Saved sv;
   Named r;
   r.emplace_back("y", m.forward(x, &sv));
   r.emplace_back("dx", m.backward(sv, dy));
@@ -40,17 +39,17 @@ Named mamba1_layer_run(const Tensor& x, const Tensor& dy) {
   return r;
 }
 
-// The same for a Mamba-2 layer (headdim 16: H = 2 d_model / 16 heads; several chunks).
+Named mamba1_layer_run(const Tensor& x, const Tensor& dy) {
+  Mamba1Config c;
+  c.d_model = x.dim(2), c.d_state = 16;
+  return layer_run<Mamba1>(c, x, dy);
+}
+
+// Mamba-2 with headdim 16: H = 2 d_model / 16 heads; several chunks.
 Named mamba2_layer_run(const Tensor& x, const Tensor& dy) {
   Mamba2Config c;
   c.d_model = x.dim(2), c.d_state = 16, c.headdim = 16, c.chunk_size = 32;
-  Mamba2 m(c, /*seed=*/5);
-  Mamba2Saved sv;
-  Named r;
-  r.emplace_back("y", m.forward(x, &sv));
-  r.emplace_back("dx", m.backward(sv, dy));
-  for (auto& g : m.params().named_grads("grad.")) r.push_back(std::move(g));
-  return r;
+  return layer_run<Mamba2>(c, x, dy);
 }
 
 train::TrainConfig tiny_lm(const std::string& layer) {
@@ -83,7 +82,8 @@ Named lm_run(const std::string& layer) {
     r.emplace_back(str("step", i, ".loss"), bits_of(s.loss));
     r.emplace_back(str("step", i, ".grad_norm"), bits_of(s.grad_norm));
   }
-  for (auto& [name, p] : tr.model().named_parameters()) r.emplace_back(name, p->value.to_f32().clone());
+  for (auto& [name, p] : tr.model().named_parameters())
+    r.emplace_back(name, p->value.to_f32().clone());
   return r;
 }
 

@@ -1,5 +1,5 @@
 // The small ops of ops/elementwise.h against plain loops, on contiguous tensors and strided views.
-#include "mamba/ops/elementwise.h"
+#include "ops/elementwise.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -24,7 +24,8 @@ TEST(Elementwise, AddMulCopyAndNegExp) {
   ops::add_into(wide.cols(2, 3), src);
   for (int64_t r = 0; r < 3; ++r)
     for (int64_t j = 0; j < 9; ++j)
-      ASSERT_EQ(wide[r * 9 + j], j >= 2 && j < 5 ? before[r * 9 + j] + src[r * 3 + j - 2] : before[r * 9 + j]);
+      ASSERT_EQ(wide[r * 9 + j],
+                j >= 2 && j < 5 ? before[r * 9 + j] + src[r * 3 + j - 2] : before[r * 9 + j]);
   ops::copy_into(wide.cols(6, 3), src);
   for (int64_t r = 0; r < 3; ++r)
     for (int64_t j = 0; j < 3; ++j) ASSERT_EQ(wide[r * 9 + 6 + j], src[r * 3 + j]);
@@ -65,10 +66,18 @@ TEST(Elementwise, EmbeddingForwardAnyDtypeAndDeterministicBackward) {
     EXPECT_EQ(out.shape(), (Shape{6, 6}));
     EXPECT_EQ(test::max_abs_diff(out, ref), 0.0) << weight_dtype_name(t);
   }
-  test::expect_error([&] { ops::embedding_fwd(Weight(W.clone()), std::vector<int32_t>{1, 11}); }, {"id 11", "position 1", "[0, 11)"});
+  test::expect_error(
+      [&] {
+        ops::embedding_fwd(Weight(W.clone()), std::vector<int32_t>{1, 11});
+      },
+      {"id 11", "position 1", "[0, 11)"});
   Tensor dy = test::randn({6, 6}, rng), g = test::randn({11, 6}, rng), gr = g.clone();
   ops::embedding_bwd(g, ids, dy);
   ops::embedding_bwd_ref(gr, ids, dy);
   EXPECT_EQ(test::max_abs_diff(g, gr), 0.0);  // repeated ids add in sequence order
-  test::expect_error([&] { ops::embedding_bwd(g, std::vector<int32_t>{-1}, Tensor({1, 6})); }, {"id -1"});
+  test::expect_error(
+      [&] {
+        ops::embedding_bwd(g, std::vector<int32_t>{-1}, Tensor({1, 6}));
+      },
+      {"id -1"});
 }

@@ -15,7 +15,8 @@ std::map<int32_t, int> draw(const std::vector<float>& logits, const SamplingPara
                             const std::vector<int32_t>& history = {}, uint64_t seed = 1) {
   Rng rng(seed);
   std::map<int32_t, int> c;
-  for (int i = 0; i < n; ++i) c[sample_token(logits.data(), (int64_t)logits.size(), p, rng, history)]++;
+  for (int i = 0; i < n; ++i)
+    c[sample_token(logits.data(), (int64_t)logits.size(), p, rng, history)]++;
   return c;
 }
 std::set<int32_t> keys(const std::map<int32_t, int>& m) {
@@ -61,7 +62,8 @@ TEST(Sampling, FrequenciesFollowSoftmaxAndTemperature) {
     for (int i = 0; i < 3; ++i) {
       double expect = std::exp(l[i] / T) / z;
       // 5 standard deviations of a binomial proportion
-      EXPECT_NEAR(c[i] / (double)n, expect, 5 * std::sqrt(expect * (1 - expect) / n)) << "T=" << T << " id " << i;
+      EXPECT_NEAR(c[i] / (double)n, expect, 5 * std::sqrt(expect * (1 - expect) / n))
+          << "T=" << T << " id " << i;
     }
   }
 }

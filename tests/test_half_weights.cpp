@@ -2,6 +2,7 @@
 // 16-bit x fp32 matmul against its double reference on awkward sizes, and whole tiny LMs
 // (Mamba1 and Mamba2) with 16-bit weights against fp32 models: forward, forward_last, step,
 // save / load, BF16 / F16 safetensors checkpoints, and the errors of training a 16-bit model.
+#include <hwy/targets.h>
 #include <sys/wait.h>
 
 #include <bit>
@@ -10,14 +11,13 @@
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
-#include <hwy/targets.h>
 #include <limits>
 #include <nlohmann/json.hpp>
 
 #include "mamba/lm.h"
-#include "mamba/npy.h"
-#include "mamba/ops/half_matmul.h"
-#include "mamba/ops/linear.h"
+#include "model/npy.h"
+#include "ops/half_matmul.h"
+#include "ops/linear.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -59,17 +59,17 @@ TEST(HalfConvert, F16ExactValuesTiesOverflowAndSubnormals) {
   EXPECT_EQ(f32_to_half(1.f, k), 0x3C00);
   EXPECT_EQ(f32_to_half(-2.f, k), 0xC000);
   EXPECT_EQ(f32_to_half(-0.f, k), 0x8000);
-  EXPECT_EQ(f32_to_half(65504.f, k), 0x7BFF);   // largest finite f16
-  EXPECT_EQ(f32_to_half(65519.f, k), 0x7BFF);   // below the midpoint 65520
-  EXPECT_EQ(f32_to_half(65520.f, k), 0x7C00);   // the tie goes to the even "next" = inf
-  EXPECT_EQ(f32_to_half(1e6f, k), 0x7C00);      // overflow -> +inf
-  EXPECT_EQ(f32_to_half(-1e6f, k), 0xFC00);     // -> -inf
+  EXPECT_EQ(f32_to_half(65504.f, k), 0x7BFF);  // largest finite f16
+  EXPECT_EQ(f32_to_half(65519.f, k), 0x7BFF);  // below the midpoint 65520
+  EXPECT_EQ(f32_to_half(65520.f, k), 0x7C00);  // the tie goes to the even "next" = inf
+  EXPECT_EQ(f32_to_half(1e6f, k), 0x7C00);     // overflow -> +inf
+  EXPECT_EQ(f32_to_half(-1e6f, k), 0xFC00);    // -> -inf
   EXPECT_EQ(f32_to_half(INFINITY, k), 0x7C00);
   EXPECT_EQ(f32_to_half(1.f + std::ldexp(1.f, -11), k), 0x3C00);      // tie -> even (down)
   EXPECT_EQ(f32_to_half(1.f + 3 * std::ldexp(1.f, -11), k), 0x3C02);  // tie -> even (up)
-  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -24), k), 0x0001);      // smallest subnormal
-  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -25), k), 0x0000);      // tie -> even (0)
-  EXPECT_EQ(f32_to_half(3 * std::ldexp(1.f, -26), k), 0x0001);  // above the tie
+  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -24), k), 0x0001);            // smallest subnormal
+  EXPECT_EQ(f32_to_half(std::ldexp(1.f, -25), k), 0x0000);            // tie -> even (0)
+  EXPECT_EQ(f32_to_half(3 * std::ldexp(1.f, -26), k), 0x0001);        // above the tie
   EXPECT_EQ(half_to_f32(0x0001, k), std::ldexp(1.f, -24));
   EXPECT_EQ(half_to_f32(0x7BFF, k), 65504.f);
   EXPECT_TRUE(std::isinf(half_to_f32(0x7C00, k)));
@@ -171,11 +171,14 @@ TEST(HalfMatmul, EveryCompiledTargetMatchesReference) {
           Tensor x = test::randn({M, cols}, rng), y({M, 11}), yr({M, 11});
           ops::linear_into(x, Wh, Tensor(), y);
           ops::stream_matmul_ref(x.data(), M, cols, Wh, yr.data(), 11);
-          EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str(hwy::TargetName(t), " ", weight_dtype_name(k), " cols ", cols, " M ", M)));
+          EXPECT_TRUE(test::all_close(
+              y, yr, tol::kFastVsRef,
+              str(hwy::TargetName(t), " ", weight_dtype_name(k), " cols ", cols, " M ", M)));
           std::vector<float> back(static_cast<size_t>(11 * cols));
           const uint16_t* hd = static_cast<const uint16_t*>(Wh.row_ptr(0));
           from_half(hd, back.data(), 11 * cols, k);
-          for (int64_t i = 0; i < 11 * cols; ++i) ASSERT_EQ(back[i], half_to_f32(hd[i], k)) << hwy::TargetName(t);
+          for (int64_t i = 0; i < 11 * cols; ++i)
+            ASSERT_EQ(back[i], half_to_f32(hd[i], k)) << hwy::TargetName(t);
         }
   }
   hwy::SetSupportedTargetsForTest(0);
@@ -197,7 +200,11 @@ TEST(HalfMatmul, LinearAndBadArguments) {
   float out[9];
   test::expect_error([&] { Wh.rows(5, 5); }, {"[5, 10)", "(9,20)"});
   test::expect_error([&] { ops::stream_matmul(x.data(), 1, 19, Wh.rows(0, 5), out, 5); }, {"ldx"});
-  test::expect_error([&] { ops::linear(test::randn({2, 7}, rng), Wh, Tensor()); }, {"linear", "(2,7)"});
+  test::expect_error(
+      [&] {
+        ops::linear(test::randn({2, 7}, rng), Wh, Tensor());
+      },
+      {"linear", "(2,7)"});
 }
 
 // fp32 weights, small M (batched decode): ops::linear takes the streaming kernel.
@@ -205,7 +212,8 @@ TEST(HalfMatmul, F32StreamingPathMatchesReference) {
   Rng rng(4);
   for (int64_t cols : {1, 15, 16, 17, 33, 200})
     for (int64_t M : {1, 2, 3, 5, 16, 17}) {
-      Tensor W = test::randn({13, cols}, rng), b = test::randn({13}, rng), x = test::randn({M, cols}, rng);
+      Tensor W = test::randn({13, cols}, rng), b = test::randn({13}, rng),
+             x = test::randn({M, cols}, rng);
       Tensor y = ops::linear(x, Weight(W), b);
       Tensor yr = ops::linear_ref(x, W, b);
       EXPECT_TRUE(test::all_close(y, yr, tol::kFastVsRef, str("linear f32 M=", M, " cols=", cols)));
@@ -220,11 +228,15 @@ TEST(HalfMatmul, F32StreamingPathMatchesReference) {
           }
           double e = 0;
           for (int64_t k = 0; k < cols; ++k) e += double(x[m * cols + k]) * W[(4 + j) * cols + k];
-          EXPECT_NEAR(out[m * 8 + j], e, tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::fabs(e));
+          EXPECT_NEAR(out[m * 8 + j], e,
+                      tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::fabs(e));
         }
     }
-  test::expect_error([&] { ops::linear(test::randn({3, 7}, rng), Weight(test::randn({4, 6}, rng)), Tensor()); },
-                     {"linear"});
+  test::expect_error(
+      [&] {
+        ops::linear(test::randn({3, 7}, rng), Weight(test::randn({4, 6}, rng)), Tensor());
+      },
+      {"linear"});
 }
 
 // ---- whole models ------------------------------------------------------------------------------
@@ -233,7 +245,8 @@ namespace {
 
 ModelConfig tiny_config(const std::string& layer) {
   return ModelConfig::parse(
-      std::string(R"({"d_model":40,"n_layer":2,"vocab_size":203,"pad_vocab_size_multiple":8,"ssm_cfg":{"layer":")") +
+      std::string(
+          R"({"d_model":40,"n_layer":2,"vocab_size":203,"pad_vocab_size_multiple":8,"ssm_cfg":{"layer":")") +
       layer + R"(","d_state":8,"d_conv":4,"expand":2)" +
       (layer == "Mamba2" ? R"(,"headdim":16,"chunk_size":8)" : "") + "}}");
 }
@@ -316,14 +329,15 @@ TEST_P(HalfLM, LogitsMatchRoundedAndOriginalF32) {
     const auto ids = random_ids(B * L, 203, 4);
     const std::string what = str(layer, " ", weight_dtype_name(k));
 
-    Tensor lh = half.forward(ids, B, L), lr = rounded.forward(ids, B, L), lo = orig.forward(ids, B, L);
+    Tensor lh = half.forward(ids, B, L), lr = rounded.forward(ids, B, L),
+           lo = orig.forward(ids, B, L);
     EXPECT_TRUE(test::all_close(lh, lr, tol::kHalfVsRoundedF32, what + " forward vs rounded f32"));
     const tol::Tol loose = k == WeightDType::bf16 ? tol::kBf16VsF32Logits : tol::kF16VsF32Logits;
     EXPECT_TRUE(test::all_close(lh, lo, loose, what + " forward vs original f32"));
     double lmax = 0;
     for (int64_t i = 0; i < lo.numel(); ++i) lmax = std::max(lmax, (double)std::fabs(lo[i]));
-    std::printf("%s: max |logit| %.3g, max |err| vs rounded f32 %.3g, vs original f32 %.3g\n", what.c_str(),
-                lmax, test::max_abs_diff(lh, lr), test::max_abs_diff(lh, lo));
+    std::printf("%s: max |logit| %.3g, max |err| vs rounded f32 %.3g, vs original f32 %.3g\n",
+                what.c_str(), lmax, test::max_abs_diff(lh, lr), test::max_abs_diff(lh, lo));
     // The comparison must be able to fail: bf16 rounding moves the logits by more than the
     // tight tolerance, so comparing with the original model under it would not pass.
     if (k == WeightDType::bf16) {
@@ -333,20 +347,26 @@ TEST_P(HalfLM, LogitsMatchRoundedAndOriginalF32) {
     // forward_last with the prefill state, then step through the remaining tokens.
     const int64_t L0 = 5;
     std::vector<int32_t> pre;
-    for (int64_t b = 0; b < B; ++b) pre.insert(pre.end(), ids.begin() + b * L, ids.begin() + b * L + L0);
+    for (int64_t b = 0; b < B; ++b)
+      pre.insert(pre.end(), ids.begin() + b * L, ids.begin() + b * L + L0);
     LMState st;
     Tensor last = half.forward_last(pre, B, L0, &st);
-    EXPECT_TRUE(test::all_close(last, at_position(lh, L0 - 1), tol::kStepVsFull, what + " forward_last"));
+    EXPECT_TRUE(
+        test::all_close(last, at_position(lh, L0 - 1), tol::kStepVsFull, what + " forward_last"));
     LMState sr;
     Tensor last_r = rounded.forward_last(pre, B, L0, &sr);
-    EXPECT_TRUE(test::all_close(last, last_r, tol::kHalfVsRoundedF32, what + " forward_last vs rounded"));
+    EXPECT_TRUE(
+        test::all_close(last, last_r, tol::kHalfVsRoundedF32, what + " forward_last vs rounded"));
     for (int64_t t = L0; t < L; ++t) {
       std::vector<int32_t> tok;
       for (int64_t b = 0; b < B; ++b) tok.push_back(ids[b * L + t]);
       Tensor s = half.step(tok, st), s_r = rounded.step(tok, sr);
-      EXPECT_TRUE(test::all_close(s, at_position(lh, t), tol::kStepVsFull, str(what, " step ", t, " vs forward")));
-      EXPECT_TRUE(test::all_close(s, s_r, tol::kHalfVsRoundedF32, str(what, " step ", t, " vs rounded")));
-      EXPECT_TRUE(test::all_close(s, at_position(lo, t), loose, str(what, " step ", t, " vs original")));
+      EXPECT_TRUE(test::all_close(s, at_position(lh, t), tol::kStepVsFull,
+                                  str(what, " step ", t, " vs forward")));
+      EXPECT_TRUE(
+          test::all_close(s, s_r, tol::kHalfVsRoundedF32, str(what, " step ", t, " vs rounded")));
+      EXPECT_TRUE(
+          test::all_close(s, at_position(lo, t), loose, str(what, " step ", t, " vs original")));
     }
   }
 }
@@ -362,7 +382,8 @@ TEST_P(HalfLM, TrainingIsRefused) {
   Tensor logits = lm.forward(ids, B, L, &sv);  // saved while still fp32
   lm.set_weight_dtype(WeightDType::bf16);
   Tensor g = Tensor::zeros(logits.shape());
-  test::expect_error([&] { lm.backward(sv, g); }, {"weights are bf16", "inference only", "load in f32 to train"});
+  test::expect_error([&] { lm.backward(sv, g); },
+                     {"weights are bf16", "inference only", "load in f32 to train"});
   test::expect_error([&] { lm.forward(ids, B, L, &sv); }, {"weights are bf16", "inference only"});
   // The layers refuse on their own too.
   if (layer == "Mamba1") {
@@ -417,7 +438,8 @@ TEST_P(HalfLM, SaveAndSixteenBitCheckpointsRoundTripExactly) {
       ASSERT_EQ(a[i].first, e[i].first);
       ASSERT_EQ(a[i].second->value.shape(), e[i].second->value.shape()) << a[i].first;
       EXPECT_EQ(std::memcmp(a[i].second->value.f32().data(), e[i].second->value.f32().data(),
-                            e[i].second->value.numel() * sizeof(float)), 0)
+                            e[i].second->value.numel() * sizeof(float)),
+                0)
           << a[i].first << " not saved exactly";
     }
 
@@ -454,7 +476,8 @@ TEST_P(HalfLM, ConstructWithDtypeAndLoadStateDictInto16Bit) {
     EXPECT_EQ(a.weight_dtype(), k);
     EXPECT_EQ(a.num_parameters(), MambaLM(tiny_config(layer), 3).num_parameters());
     Tensor la = a.forward(ids, B, L), lb = b.forward(ids, B, L);
-    EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.numel() * sizeof(float)), 0) << weight_dtype_name(k);
+    EXPECT_EQ(std::memcmp(la.data(), lb.data(), la.numel() * sizeof(float)), 0)
+        << weight_dtype_name(k);
 
     MambaLM src = make_lm(layer);
     std::map<std::string, Tensor> sd;
@@ -463,10 +486,12 @@ TEST_P(HalfLM, ConstructWithDtypeAndLoadStateDictInto16Bit) {
     dst.load_state_dict(sd, "sd");
     src.set_weight_dtype(k);
     Tensor ld = dst.forward(ids, B, L), ls = src.forward(ids, B, L);
-    EXPECT_EQ(std::memcmp(ld.data(), ls.data(), ld.numel() * sizeof(float)), 0) << weight_dtype_name(k);
+    EXPECT_EQ(std::memcmp(ld.data(), ls.data(), ld.numel() * sizeof(float)), 0)
+        << weight_dtype_name(k);
     // Shapes are still checked for 16-bit weights.
     sd["backbone.embedding.weight"] = Tensor::zeros({3, 40});
-    test::expect_error([&] { dst.load_state_dict(sd, "sd"); }, {"backbone.embedding.weight", "(3,40)", "(208,40)"});
+    test::expect_error([&] { dst.load_state_dict(sd, "sd"); },
+                       {"backbone.embedding.weight", "(3,40)", "(208,40)"});
   }
 }
 
@@ -485,7 +510,10 @@ using test::run_cli;
 // weights, the tiny random models above bound it); an unknown dtype is refused.
 TEST(HalfCli, DtypeOptionOnScoreGenerateAndBench) {
   namespace fs = std::filesystem;
-  const std::string dir = (fs::temp_directory_path() / str("mamba_half_cli_", std::chrono::steady_clock::now().time_since_epoch().count())).string();
+  const std::string dir =
+      (fs::temp_directory_path() /
+       str("mamba_half_cli_", std::chrono::steady_clock::now().time_since_epoch().count()))
+          .string();
   fs::create_directories(dir);
   for (const char* name : {"lm_mamba1", "lm_mamba2"}) {
     auto f = SafetensorsFile::open(test::golden_path(std::string(name) + ".safetensors"));
@@ -495,22 +523,27 @@ TEST(HalfCli, DtypeOptionOnScoreGenerateAndBench) {
     write_npy_i64(ids_path, s, ids);
     const std::string model = test::golden_path(std::string(name) + "_ckpt");
     for (WeightDType k : kKinds) {
-      CliRun r = run_cli("score --model " + model + " --ids " + ids_path + " --out " + out + " --dtype " + weight_dtype_name(k));
+      CliRun r = run_cli("score --model " + model + " --ids " + ids_path + " --out " + out +
+                         " --dtype " + weight_dtype_name(k));
       ASSERT_EQ(r.status, 0) << r.out;
       Tensor got = npy_to_tensor(read_npy(out));
       MambaLM lm = MambaLM::load(model, k);
       std::vector<int32_t> ids32(ids.begin(), ids.end());
-      EXPECT_TRUE(test::all_close(got, lm.forward(ids32, s[0], s[1]), tol::kHalfVsRoundedF32, "score --dtype"));
+      EXPECT_TRUE(test::all_close(got, lm.forward(ids32, s[0], s[1]), tol::kHalfVsRoundedF32,
+                                  "score --dtype"));
       Tensor golden = f.tensor("logits");
       double lmax = 0;
-      for (int64_t i = 0; i < golden.numel(); ++i) lmax = std::max(lmax, (double)std::fabs(golden[i]));
-      std::printf("%s score --dtype %s: max |err| vs golden fp32 logits %.3g (max |logit| %.3g)\n", name,
-                  weight_dtype_name(k), test::max_abs_diff(got, golden), lmax);
+      for (int64_t i = 0; i < golden.numel(); ++i)
+        lmax = std::max(lmax, (double)std::fabs(golden[i]));
+      std::printf("%s score --dtype %s: max |err| vs golden fp32 logits %.3g (max |logit| %.3g)\n",
+                  name, weight_dtype_name(k), test::max_abs_diff(got, golden), lmax);
     }
-    CliRun g = run_cli("generate --model " + model + " --ids " + ids_path + " --greedy -n 4 --dtype bf16");
+    CliRun g =
+        run_cli("generate --model " + model + " --ids " + ids_path + " --greedy -n 4 --dtype bf16");
     EXPECT_EQ(g.status, 0) << g.out;
   }
-  CliRun b = run_cli("bench --preset tiny --prompt 8 --gen 4 --reps 1 --batch 2 --threads 1 --json --dtype bf16");
+  CliRun b = run_cli(
+      "bench --preset tiny --prompt 8 --gen 4 --reps 1 --batch 2 --threads 1 --json --dtype bf16");
   ASSERT_EQ(b.status, 0) << b.out;
   EXPECT_NE(b.out.find("\"dtype\":\"bf16\""), std::string::npos) << b.out;
   CliRun bad = run_cli("bench --preset tiny --dtype int8");

@@ -2,7 +2,7 @@
 // double, gradient accumulation (+=) and shape errors.
 #include <functional>
 
-#include "mamba/ops/linear.h"
+#include "ops/linear.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -45,7 +45,8 @@ TEST(Linear, BackwardFiniteDifferencesAndAccumulation) {
       EXPECT_TRUE(test::all_close(dW, fdW, tol::kFiniteDiff, "dW " + what));
       EXPECT_TRUE(test::all_close(db, fdb, tol::kFiniteDiff, "db " + what));
       // Without gradient pointers only dx is produced.
-      EXPECT_TRUE(test::all_close(ops::linear_bwd(x, Weight(W), g, nullptr, nullptr), dx, {0, 0}, "dx only"));
+      EXPECT_TRUE(test::all_close(ops::linear_bwd(x, Weight(W), g, nullptr, nullptr), dx, {0, 0},
+                                  "dx only"));
     }
 }
 
@@ -66,7 +67,7 @@ TEST(Linear, ShapeErrors) {
 }
 
 // ops::linear on strided views (column blocks of a wider matrix) must give the bits of the same
-// call on packed copies, for every kernel path (M = 1: BLAS GEMV; 2..16: streaming; > 16: xwt)
+// call on packed copies, for every kernel path (M = 1: BLAS GEMV; 2..16: streaming; > 16: gemm_nt)
 // and every storage.
 TEST(Linear, StridedViewsMatchCopiesBitwise) {
   Rng rng(5);
@@ -78,8 +79,8 @@ TEST(Linear, StridedViewsMatchCopiesBitwise) {
           const std::string what = str(weight_dtype_name(t), " M=", M, " b=", has_b, " acc=", acc);
           Weight W(test::randn({out, in}, rng), t);
           Tensor b = has_b ? test::randn({out}, rng) : Tensor();
-          Tensor xw = test::randn({M, in + 7}, rng);         // x = columns [3, 3 + in)
-          Tensor yw = test::randn({M, out + 5}, rng);        // y = columns [2, 2 + out)
+          Tensor xw = test::randn({M, in + 7}, rng);   // x = columns [3, 3 + in)
+          Tensor yw = test::randn({M, out + 5}, rng);  // y = columns [2, 2 + out)
           Tensor x = xw.cols(3, in), y = yw.cols(2, out);
           if (M > 1) {
             EXPECT_FALSE(x.is_contiguous());
@@ -113,16 +114,19 @@ TEST(Linear, BackwardOnRowBlocksAndViewsMatchesCopies) {
     // two row blocks [0, 5) and [5, 12), dx accumulated
     Tensor dxw = Tensor::zeros({M, in + 2}), dx = dxw.cols(1, in);
     Tensor dW = Tensor::zeros({out, in}), db = Tensor::zeros({out});
-    Tensor dW0 = dW.narrow(0, 5), dW1 = dW.narrow(5, out - 5), db0 = db.narrow(0, 5), db1 = db.narrow(5, out - 5);
+    Tensor dW0 = dW.narrow(0, 5), dW1 = dW.narrow(5, out - 5), db0 = db.narrow(0, 5),
+           db1 = db.narrow(5, out - 5);
     ops::linear_bwd_into(x, W.rows(0, 5), dy.cols(0, 5), dx, false, &dW0, &db0);
     ops::linear_bwd_into(x, W.rows(5, out - 5), dy.cols(5, out - 5), dx, true, &dW1, &db1);
     // on copies, the same two calls
     Tensor xc = x.contiguous(), dyc = dy.contiguous();
     Tensor dxc = Tensor::zeros({M, in}), dWc = Tensor::zeros({out, in}), dbc = Tensor::zeros({out});
-    Tensor dWc0 = dWc.narrow(0, 5), dWc1 = dWc.narrow(5, out - 5), dbc0 = dbc.narrow(0, 5), dbc1 = dbc.narrow(5, out - 5);
-    ops::linear_bwd_into(xc, Weight(Wt.narrow(0, 5).clone()), dyc.cols(0, 5).contiguous(), dxc, false, &dWc0, &dbc0);
-    ops::linear_bwd_into(xc, Weight(Wt.narrow(5, out - 5).clone()), dyc.cols(5, out - 5).contiguous(), dxc, true,
-                         &dWc1, &dbc1);
+    Tensor dWc0 = dWc.narrow(0, 5), dWc1 = dWc.narrow(5, out - 5), dbc0 = dbc.narrow(0, 5),
+           dbc1 = dbc.narrow(5, out - 5);
+    ops::linear_bwd_into(xc, Weight(Wt.narrow(0, 5).clone()), dyc.cols(0, 5).contiguous(), dxc,
+                         false, &dWc0, &dbc0);
+    ops::linear_bwd_into(xc, Weight(Wt.narrow(5, out - 5).clone()),
+                         dyc.cols(5, out - 5).contiguous(), dxc, true, &dWc1, &dbc1);
     const std::string what = str("M=", M);
     EXPECT_TRUE(test::all_close(dx.contiguous(), dxc, {0, 0}, "dx " + what));
     EXPECT_TRUE(test::all_close(dW, dWc, {0, 0}, "dW " + what));
@@ -138,5 +142,6 @@ TEST(Linear, BackwardOnRowBlocksAndViewsMatchesCopies) {
 TEST(Linear, SixteenBitWeightsRefuseBackward) {
   Tensor x({2, 4}), g({2, 3});
   Weight W(Tensor({3, 4}), WeightDType::bf16);
-  test::expect_error([&] { ops::linear_bwd(x, W, g, nullptr, nullptr); }, {"bf16", "inference only"});
+  test::expect_error([&] { ops::linear_bwd(x, W, g, nullptr, nullptr); },
+                     {"bf16", "inference only"});
 }

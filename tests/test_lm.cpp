@@ -58,8 +58,9 @@ TEST_P(LMGolden, GreedyGenerationMatchesTokenForToken) {
     for (int64_t i = 0; i < gs[1]; ++i) {
       EXPECT_EQ(r.tokens[b][i], gen[b * gs[1] + i]) << "sequence " << b << " token " << i;
       Tensor got = Tensor::from({101}, r.scores[b][i]);
-      Tensor want = Tensor::from({101}, std::vector<float>(scores.data() + (b * gs[1] + i) * 101,
-                                                           scores.data() + (b * gs[1] + i + 1) * 101));
+      Tensor want =
+          Tensor::from({101}, std::vector<float>(scores.data() + (b * gs[1] + i) * 101,
+                                                 scores.data() + (b * gs[1] + i + 1) * 101));
       EXPECT_TRUE(test::all_close(got, want, tol::kGoldenLogits, "gen_scores"));
     }
   }
@@ -96,7 +97,8 @@ TEST_P(LMGolden, SaveLoadRoundTrip) {
   lm.save(dir.string());
   MambaLM back = MambaLM::load(dir.string());
   std::vector<int32_t> ids = {1, 5, 9, 100, 3};
-  EXPECT_TRUE(test::all_close(back.forward(ids, 1, 5), lm.forward(ids, 1, 5), {0, 0}, "logits after reload"));
+  EXPECT_TRUE(test::all_close(back.forward(ids, 1, 5), lm.forward(ids, 1, 5), {0, 0},
+                              "logits after reload"));
   auto f = SafetensorsFile::open((dir / "model.safetensors").string());
   EXPECT_TRUE(f.has("lm_head.weight"));  // tied head stored twice, as save_pretrained does
   std::filesystem::remove_all(dir);
@@ -127,8 +129,9 @@ TEST(LM, BadCheckpointsGiveClearErrors) {
   auto extra = sd;
   extra["backbone.layers.9.mixer.D"] = Tensor({128});
   expect_msg(extra, "unexpected tensor");
-  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2, 104}, 1, 3), Error);  // id outside the vocabulary
-  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2}, 1, 3), Error);       // wrong count
+  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2, 104}, 1, 3),
+               Error);                                                // id outside the vocabulary
+  EXPECT_THROW(lm.forward(std::vector<int32_t>{1, 2}, 1, 3), Error);  // wrong count
   EXPECT_THROW(MambaLM::load("/nonexistent/model"), Error);
 }
 
@@ -136,13 +139,15 @@ TEST(LM, BadCheckpointsGiveClearErrors) {
 TEST(LM, BackwardMatchesFiniteDifferences) {
   for (const char* layer : {"Mamba1", "Mamba2"}) {
     ModelConfig cfg = ModelConfig::parse(
-        std::string(R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,"ssm_cfg":{"layer":")") +
+        std::string(
+            R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,"ssm_cfg":{"layer":")") +
         layer + R"(","d_state":4,"d_conv":3,"expand":2)" +
         (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
     MambaLM lm(cfg, 1);
     Rng rng(5);
     for (auto& [n, p] : lm.named_parameters())
-      for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] += 0.1f * (float)rng.normal();
+      for (int64_t i = 0; i < p->value.numel(); ++i)
+        p->value.f32()[i] += 0.1f * (float)rng.normal();
     const int64_t B = 2, L = 7, V = lm.vocab();
     std::vector<int32_t> ids(B * L);
     for (auto& v : ids) v = (int32_t)rng.below(11);
@@ -171,7 +176,8 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
         float lo = p->value.f32()[i];
         p->value.f32()[i] = orig;
         double fd = (lp - lm_) / ((double)hi - lo);
-        EXPECT_NEAR(p->grad[i], fd, tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
+        EXPECT_NEAR(p->grad[i], fd,
+                    tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
             << layer << " " << name << "[" << i << "]";
       }
     }
@@ -195,7 +201,8 @@ TEST(LM, TransformersFolderLoadsToSameLogits) {
   MambaLM a = MambaLM::load(test::golden_path("lm_mamba1_ckpt"));
   MambaLM b = MambaLM::load(dir.string());
   std::vector<int32_t> ids = {3, 1, 4, 1, 5, 9, 2, 6};
-  EXPECT_TRUE(test::all_close(b.forward(ids, 2, 4), a.forward(ids, 2, 4), {0, 0}, "hf vs mamba_ssm folder"));
+  EXPECT_TRUE(test::all_close(b.forward(ids, 2, 4), a.forward(ids, 2, 4), {0, 0},
+                              "hf vs mamba_ssm folder"));
   std::filesystem::remove_all(dir);
 }
 
@@ -221,7 +228,8 @@ TEST(LM, DecodeMemoryDoesNotGrowWithTokens) {
   const uint64_t after100 = os::current_rss_bytes();
   run(4900);
   const uint64_t after5000 = os::current_rss_bytes();
-  std::printf("RSS after 100 tokens: %.2f MiB, after 5000: %.2f MiB\n", after100 / 1048576.0, after5000 / 1048576.0);
+  std::printf("RSS after 100 tokens: %.2f MiB, after 5000: %.2f MiB\n", after100 / 1048576.0,
+              after5000 / 1048576.0);
   EXPECT_LT(after5000, after100 + 512 * 1024) << "decode memory grew with the number of tokens";
 }
 

@@ -1,10 +1,9 @@
 // The Mamba-1 layer: golden files from mamba_ssm (forward, every gradient, step decode, prefill
 // then decode), finite differences of the layer backward, forward == step on random inputs,
 // the mamba_ssm init and parameter count, config and shape errors, the shape trace.
-#include <nlohmann/json.hpp>
-
 #include <cmath>
 #include <cstdio>
+#include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "mamba/nn/mamba1.h"
@@ -95,29 +94,31 @@ TEST_P(Mamba1Golden, ForwardBackwardStepPrefill) {
   EXPECT_TRUE(close_report(dx, f.tensor("grad_x"), tol::kGoldenGradF32, name + " grad_x"));
   for (const auto& p : layer.params().all())
     EXPECT_TRUE(close_report(p.grad, f.tensor("grad." + p.name), tol::kGoldenGradF32,
-                                name + " grad." + p.name));
+                             name + " grad." + p.name));
 
   // step decode from zeroed states
   Mamba1State st = layer.new_state(B);
   Tensor ys = Tensor::empty(y.shape());
   for (int64_t t = 0; t < L; ++t) put_token(ys, t, layer.step(token(x, t), st));
   EXPECT_TRUE(close_report(ys, f.tensor("y_step"), tol::kGoldenF32, name + " y_step"));
-  EXPECT_TRUE(close_report(st.conv_state, f.tensor("conv_state"), tol::kGoldenF32, name + " conv_state"));
-  EXPECT_TRUE(close_report(st.ssm_state, f.tensor("ssm_state"), tol::kGoldenF32, name + " ssm_state"));
+  EXPECT_TRUE(
+      close_report(st.conv_state, f.tensor("conv_state"), tol::kGoldenF32, name + " conv_state"));
+  EXPECT_TRUE(
+      close_report(st.ssm_state, f.tensor("ssm_state"), tol::kGoldenF32, name + " ssm_state"));
 
   // prefill over the first P tokens, then step the rest
   const int64_t P = std::stoll(f.meta("prefill_len"));
   Mamba1State ps;
   Tensor yp = layer.forward(slice_time(x, 0, P), nullptr, &ps);
   EXPECT_TRUE(close_report(ps.conv_state, f.tensor("prefill_conv_state"), tol::kGoldenF32,
-                              name + " prefill_conv_state"));
+                           name + " prefill_conv_state"));
   EXPECT_TRUE(close_report(ps.ssm_state, f.tensor("prefill_ssm_state"), tol::kGoldenF32,
-                              name + " prefill_ssm_state"));
+                           name + " prefill_ssm_state"));
   Tensor ypd = Tensor::empty(y.shape());
   for (int64_t t = 0; t < P; ++t) put_token(ypd, t, token(yp, t));
   for (int64_t t = P; t < L; ++t) put_token(ypd, t, layer.step(token(x, t), ps));
-  EXPECT_TRUE(close_report(ypd, f.tensor("y_prefill_decode"), tol::kGoldenF32,
-                              name + " y_prefill_decode"));
+  EXPECT_TRUE(
+      close_report(ypd, f.tensor("y_prefill_decode"), tol::kGoldenF32, name + " y_prefill_decode"));
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, Mamba1Golden,
@@ -168,9 +169,11 @@ TEST(Mamba1, ParamCountNamesAndInit) {
   EXPECT_LE(max_abs(ps.get("dt_proj.weight").value.f32()), 1.0);
   // Deterministic in the seed; a different seed gives different weights.
   Mamba1 m2(c), m3(c, 7);
-  EXPECT_TRUE(test::all_close(m2.params().get("in_proj.weight").value.f32(), ps.get("in_proj.weight").value.f32(),
-                              {0, 0}, "same seed"));
-  EXPECT_GT(test::max_abs_diff(m3.params().get("in_proj.weight").value.f32(), ps.get("in_proj.weight").value.f32()), 0);
+  EXPECT_TRUE(test::all_close(m2.params().get("in_proj.weight").value.f32(),
+                              ps.get("in_proj.weight").value.f32(), {0, 0}, "same seed"));
+  EXPECT_GT(test::max_abs_diff(m3.params().get("in_proj.weight").value.f32(),
+                               ps.get("in_proj.weight").value.f32()),
+            0);
   // dt_init constant
   c.dt_init = "constant";
   c.dt_scale = 2.0;
@@ -205,8 +208,10 @@ TEST(Mamba1, ForwardEqualsStepDecode) {
     EXPECT_TRUE(test::all_close(ys, y, tol::kStepVsFull, str("y L=", L)));
     // Not bit-exact: in_proj runs as one GEMM over B*L rows vs B rows per step (different
     // BLAS blocking), so x differs in the last bit.
-    EXPECT_TRUE(test::all_close(full.conv_state, st.conv_state, tol::kStepVsFull, str("conv_state L=", L)));
-    EXPECT_TRUE(test::all_close(full.ssm_state, st.ssm_state, tol::kStepVsFull, str("ssm_state L=", L)));
+    EXPECT_TRUE(
+        test::all_close(full.conv_state, st.conv_state, tol::kStepVsFull, str("conv_state L=", L)));
+    EXPECT_TRUE(
+        test::all_close(full.ssm_state, st.ssm_state, tol::kStepVsFull, str("ssm_state L=", L)));
   }
 }
 
@@ -341,11 +346,17 @@ TEST(Mamba1, ShapeTrace) {
   trace::set_enabled(false);
   trace::set_stream(nullptr);
   const std::string s = os.str();
-  const char* expected[] = {"in_proj (2,32,16) -> (2,32,64)", "conv1d (2,32,32) -> (2,32,32)",
-                            "x_proj (2,32,32) -> (2,32,33)", "dt_proj (2,32,1) -> (2,32,32)",
-                            "selective_scan ", "out_proj (2,32,32) -> (2,32,16)",
-                            "in_proj (2,16) -> (2,64)", "conv1d_update ", "x_proj (2,32) -> (2,33)",
-                            "dt_proj (2,1) -> (2,32)", "selective_state_update ",
+  const char* expected[] = {"in_proj (2,32,16) -> (2,32,64)",
+                            "conv1d (2,32,32) -> (2,32,32)",
+                            "x_proj (2,32,32) -> (2,32,33)",
+                            "dt_proj (2,32,1) -> (2,32,32)",
+                            "selective_scan ",
+                            "out_proj (2,32,32) -> (2,32,16)",
+                            "in_proj (2,16) -> (2,64)",
+                            "conv1d_update ",
+                            "x_proj (2,32) -> (2,33)",
+                            "dt_proj (2,1) -> (2,32)",
+                            "selective_state_update ",
                             "out_proj (2,32) -> (2,16)"};
   size_t pos = 0;
   for (const char* e : expected) {

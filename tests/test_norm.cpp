@@ -3,8 +3,8 @@
 #include <cmath>
 #include <functional>
 
-#include "mamba/ops/act.h"
-#include "mamba/ops/norm.h"
+#include "ops/act.h"
+#include "ops/norm.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -50,7 +50,8 @@ TEST(RmsNorm, BackwardFiniteDifferencesDouble) {
     auto loss = [&] { return dot(ops::rms_norm_ref_f64(x, w, eps), g); };
     auto gr = ops::rms_norm_bwd(x, w, eps, g);
     EXPECT_TRUE(test::all_close(gr.dx, finite_diff(x, loss), tol::kFiniteDiff, str("dx d=", d)));
-    EXPECT_TRUE(test::all_close(gr.dweight, finite_diff(w, loss), tol::kFiniteDiff, str("dw d=", d)));
+    EXPECT_TRUE(
+        test::all_close(gr.dweight, finite_diff(w, loss), tol::kFiniteDiff, str("dw d=", d)));
   }
 }
 
@@ -88,7 +89,8 @@ TEST(GatedRmsNorm, FastMatchesReference) {
                                       tol::kFastVsRef, "y " + what));
         }
   // Groups of 16 in 64 channels (Mamba-2 with ngroups = 4).
-  Tensor x = test::randn({2, 3, 64}, rng), z = test::randn({2, 3, 64}, rng), w = test::randn({64}, rng);
+  Tensor x = test::randn({2, 3, 64}, rng), z = test::randn({2, 3, 64}, rng),
+         w = test::randn({64}, rng);
   EXPECT_TRUE(test::all_close(ops::gated_rms_norm_fwd(x, z, w, 1e-5f, 16, false),
                               ops::gated_rms_norm_ref(x, z, w, 1e-5f, 16, false), tol::kFastVsRef,
                               "groups of 16"));
@@ -123,7 +125,8 @@ TEST(GatedRmsNorm, BackwardFiniteDifferencesDouble) {
         auto gr = ops::gated_rms_norm_bwd(x, z, w, eps, gs, nbg, g);
         std::string what = str("gs=", gs, " nbg=", nbg, " z=", has_z);
         EXPECT_TRUE(test::all_close(gr.dx, finite_diff(x, loss), tol::kFiniteDiff, "dx " + what));
-        EXPECT_TRUE(test::all_close(gr.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
+        EXPECT_TRUE(
+            test::all_close(gr.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
         EXPECT_EQ(gr.dz.defined(), has_z);
         if (has_z) {
           EXPECT_TRUE(test::all_close(gr.dz, finite_diff(z, loss), tol::kFiniteDiff, "dz " + what));

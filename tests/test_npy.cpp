@@ -6,7 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "mamba/npy.h"
+#include "model/npy.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -16,7 +16,10 @@ namespace {
 std::string npy_path(const std::string& f) { return test::data_path("torch/" + f); }
 
 std::string tmp_path(const std::string& name) {
-  return (std::filesystem::temp_directory_path() / ("mamba_test_npy_" + std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + "_" + name))
+  return (std::filesystem::temp_directory_path() /
+          ("mamba_test_npy_" +
+           std::to_string(std::chrono::steady_clock::now().time_since_epoch().count()) + "_" +
+           name))
       .string();
 }
 
@@ -51,7 +54,8 @@ TEST(Npy, ReadsFilesWrittenByNumpy) {
       Tensor t = npy_to_tensor(a, it.key());
       auto v = e["values"].get<std::vector<double>>();
       ASSERT_EQ(static_cast<int64_t>(v.size()), t.numel());
-      for (size_t k = 0; k < v.size(); ++k) EXPECT_EQ(t[static_cast<int64_t>(k)], static_cast<float>(v[k])) << it.key();
+      for (size_t k = 0; k < v.size(); ++k)
+        EXPECT_EQ(t[static_cast<int64_t>(k)], static_cast<float>(v[k])) << it.key();
       EXPECT_THROW(npy_to_i64(a, it.key()), Error);
     } else {
       EXPECT_EQ(npy_to_i64(a, it.key()), e["values"].get<std::vector<int64_t>>()) << it.key();
@@ -98,24 +102,45 @@ TEST(Npy, WriteReadRoundTrip) {
 }
 
 TEST(Npy, HostileHeadersGiveClearErrors) {
-  auto hdr = [](const std::string& h, size_t n = 24) { return npy_with_header(h, std::vector<uint8_t>(n, 0)); };
+  auto hdr = [](const std::string& h, size_t n = 24) {
+    return npy_with_header(h, std::vector<uint8_t>(n, 0));
+  };
   const std::string ok = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), }";
   ASSERT_NO_THROW(parse_npy(hdr(ok), "ok"));
-  expect_error([&] { parse_npy(hdr("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }"), "be.npy"); },
-               {"be.npy", "'>f4'", "big-endian"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }"), "x"); },
-               {"'<f8'", "not supported"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }"), "x"); },
-               {"Fortran"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}"), "x"); },
-               {"'x'"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)}"), "x"); },
-               {"repeated key 'descr'"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'shape': (2, 3), }"), "x"); }, {"fortran_order"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3), }"), "x"); },
-               {"bad .npy header"});
-  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, 1099511627776), }"), "x"); },
-               {"too large"});
+  expect_error(
+      [&] {
+        parse_npy(hdr("{'descr': '>f4', 'fortran_order': False, 'shape': (2, 3), }"), "be.npy");
+      },
+      {"be.npy", "'>f4'", "big-endian"});
+  expect_error(
+      [&] { parse_npy(hdr("{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }"), "x"); },
+      {"'<f8'", "not supported"});
+  expect_error(
+      [&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': True, 'shape': (2, 3), }"), "x"); },
+      {"Fortran"});
+  expect_error(
+      [&] {
+        parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (2, 3), 'x': 1}"), "x");
+      },
+      {"'x'"});
+  expect_error(
+      [&] {
+        parse_npy(hdr("{'descr': '<f4', 'descr': '<f4', 'fortran_order': False, 'shape': (2, 3)}"),
+                  "x");
+      },
+      {"repeated key 'descr'"});
+  expect_error([&] { parse_npy(hdr("{'descr': '<f4', 'shape': (2, 3), }"), "x"); },
+               {"fortran_order"});
+  expect_error(
+      [&] { parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (2, -3), }"), "x"); },
+      {"bad .npy header"});
+  expect_error(
+      [&] {
+        parse_npy(hdr("{'descr': '<f4', 'fortran_order': False, 'shape': (1099511627776, "
+                      "1099511627776), }"),
+                  "x");
+      },
+      {"too large"});
   expect_error([&] { parse_npy(hdr(ok, 20), "short.npy"); }, {"short.npy", "truncated"});
   expect_error([&] { parse_npy(hdr(ok, 28), "long.npy"); }, {"28 bytes", "need 24"});
   expect_error([&] { parse_npy(bytes_of("PK\x03\x04 not npy at all"), "z"); }, {"not a .npy file"});
@@ -128,8 +153,10 @@ TEST(Npy, HostileHeadersGiveClearErrors) {
   // Every prefix of a real numpy file is refused.
   auto file = os::read_file(npy_path("npy_f32_2x3.npy"));
   for (size_t n = 0; n < file.size(); ++n)
-    EXPECT_THROW(parse_npy(std::vector<uint8_t>(file.begin(), file.begin() + static_cast<std::ptrdiff_t>(n)), "cut"),
-                 Error)
+    EXPECT_THROW(
+        parse_npy(std::vector<uint8_t>(file.begin(), file.begin() + static_cast<std::ptrdiff_t>(n)),
+                  "cut"),
+        Error)
         << n;
   // Random edits of the header: load or throw mamba::Error, nothing else.
   Rng rng(3);

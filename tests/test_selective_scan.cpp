@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "mamba/ops/selective_scan.h"
 #include "mamba/parallel.h"
+#include "ops/selective_scan.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -637,17 +637,17 @@ TEST_P(SelectiveScanPerTarget, FastStepMatchesReferenceStep) {
   for (int64_t N : {1, 4, 15, 16, 17, 33})
     for (int variant = 0; variant < 3; ++variant) {
       Rng rng(seed++);
-      const int64_t Bn = 2, D = 12, G = variant == 2 ? 3 : 1;
+      const int64_t batch = 2, D = 12, G = variant == 2 ? 3 : 1;
       Tensor A = test::rand_uniform({D, N}, rng, -1.5, -0.05);
-      Tensor s_ref = test::randn({Bn, D, N}, rng), s_fast = s_ref.clone();
+      Tensor s_ref = test::randn({batch, D, N}, rng), s_fast = s_ref.clone();
       Tensor Dv = variant != 1 ? test::randn({D}, rng) : Tensor();
       Tensor bias = variant != 0 ? test::rand_uniform({D}, rng, -0.5, 0.5) : Tensor();
       const bool softplus = variant != 1;
       for (int step = 0; step < 3; ++step) {
-        Tensor x = test::randn({Bn, D}, rng), dt = test::rand_uniform({Bn, D}, rng, 0.0, 0.5);
-        Tensor z = variant != 2 ? test::randn({Bn, D}, rng) : Tensor();
-        Tensor Bm = G > 1 ? test::randn({Bn, G, N}, rng) : test::randn({Bn, N}, rng);
-        Tensor Cm = G > 1 ? test::randn({Bn, G, N}, rng) : test::randn({Bn, N}, rng);
+        Tensor x = test::randn({batch, D}, rng), dt = test::rand_uniform({batch, D}, rng, 0.0, 0.5);
+        Tensor z = variant != 2 ? test::randn({batch, D}, rng) : Tensor();
+        Tensor Bm = G > 1 ? test::randn({batch, G, N}, rng) : test::randn({batch, N}, rng);
+        Tensor Cm = G > 1 ? test::randn({batch, G, N}, rng) : test::randn({batch, N}, rng);
         Tensor yr = selective_state_update_ref(s_ref, x, dt, A, Bm, Cm, Dv, z, bias, softplus);
         Tensor yf = selective_state_update(s_fast, x, dt, A, Bm, Cm, Dv, z, bias, softplus);
         const std::string tag = str("N=", N, " variant=", variant, " step=", step);

@@ -6,7 +6,7 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "mamba/torch_bin.h"
+#include "model/torch_bin.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -34,20 +34,23 @@ void put(std::vector<uint8_t>& o, uint64_t v, int n) {
 // A minimal stored-entry zip writer, independent of the reader under test.
 // With zip64, sizes and offsets go in the zip64 extra field and end record, as for
 // checkpoints over 4 GiB (mamba-2.8b's pytorch_model.bin is 11 GB).
-std::vector<uint8_t> make_zip(const std::vector<std::pair<std::string, std::vector<uint8_t>>>& entries,
-                              bool zip64 = false) {
+std::vector<uint8_t> make_zip(
+    const std::vector<std::pair<std::string, std::vector<uint8_t>>>& entries, bool zip64 = false) {
   std::vector<uint8_t> out, cd;
   const uint64_t big = 0xFFFFFFFFu;
   for (const auto& [name, data] : entries) {
     uint32_t crc = crc32_bitwise(data);
     uint64_t off = out.size();
     put(out, 0x04034b50u, 4), put(out, 20, 2), put(out, 0, 2), put(out, 0, 2), put(out, 0, 4);
-    put(out, crc, 4), put(out, data.size(), 4), put(out, data.size(), 4), put(out, name.size(), 2), put(out, 0, 2);
+    put(out, crc, 4), put(out, data.size(), 4), put(out, data.size(), 4), put(out, name.size(), 2),
+        put(out, 0, 2);
     out.insert(out.end(), name.begin(), name.end());
     out.insert(out.end(), data.begin(), data.end());
-    put(cd, 0x02014b50u, 4), put(cd, 45, 2), put(cd, 45, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 4);
+    put(cd, 0x02014b50u, 4), put(cd, 45, 2), put(cd, 45, 2), put(cd, 0, 2), put(cd, 0, 2),
+        put(cd, 0, 4);
     put(cd, crc, 4), put(cd, zip64 ? big : data.size(), 4), put(cd, zip64 ? big : data.size(), 4);
-    put(cd, name.size(), 2), put(cd, zip64 ? 28 : 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 2), put(cd, 0, 4);
+    put(cd, name.size(), 2), put(cd, zip64 ? 28 : 0, 2), put(cd, 0, 2), put(cd, 0, 2),
+        put(cd, 0, 2), put(cd, 0, 4);
     put(cd, zip64 ? big : off, 4);
     cd.insert(cd.end(), name.begin(), name.end());
     if (zip64) {
@@ -59,11 +62,14 @@ std::vector<uint8_t> make_zip(const std::vector<std::pair<std::string, std::vect
   out.insert(out.end(), cd.begin(), cd.end());
   if (zip64) {
     const uint64_t z = out.size();
-    put(out, 0x06064b50u, 4), put(out, 44, 8), put(out, 45, 2), put(out, 45, 2), put(out, 0, 4), put(out, 0, 4);
-    put(out, entries.size(), 8), put(out, entries.size(), 8), put(out, cd.size(), 8), put(out, cd_off, 8);
+    put(out, 0x06064b50u, 4), put(out, 44, 8), put(out, 45, 2), put(out, 45, 2), put(out, 0, 4),
+        put(out, 0, 4);
+    put(out, entries.size(), 8), put(out, entries.size(), 8), put(out, cd.size(), 8),
+        put(out, cd_off, 8);
     put(out, 0x07064b50u, 4), put(out, 0, 4), put(out, z, 8), put(out, 1, 4);
   }
-  put(out, 0x06054b50u, 4), put(out, 0, 2), put(out, 0, 2), put(out, zip64 ? 0xFFFF : entries.size(), 2);
+  put(out, 0x06054b50u, 4), put(out, 0, 2), put(out, 0, 2),
+      put(out, zip64 ? 0xFFFF : entries.size(), 2);
   put(out, zip64 ? 0xFFFF : entries.size(), 2), put(out, zip64 ? big : cd.size(), 4);
   put(out, zip64 ? big : cd_off, 4), put(out, 0, 2);
   return out;
@@ -99,7 +105,14 @@ std::vector<uint8_t> state_dict_pickle(const std::string& name, int storage_nume
   Pkl p;
   p.global("collections", "OrderedDict").op('q').op(0).op(')').op('R').op('q').op(1);
   p.op('(').s(name).global(module, fn).op('(');
-  p.op('(').s("storage").global("torch", "FloatStorage").s("0").s("cpu").i(storage_numel).op('t').op('Q');
+  p.op('(')
+      .s("storage")
+      .global("torch", "FloatStorage")
+      .s("0")
+      .s("cpu")
+      .i(storage_numel)
+      .op('t')
+      .op('Q');
   p.i(offset).tuple(size).tuple(stride).op(0x89);
   p.global("collections", "OrderedDict").op(')').op('R').op('t').op('R');
   p.op('u').op('}').s("_metadata").op('}').op('s').op('b').op('.');
@@ -119,12 +132,14 @@ std::vector<uint8_t> floats_le(int n, float start = 0.5f) {
 
 std::vector<uint8_t> archive(const std::vector<uint8_t>& pkl, const std::vector<uint8_t>& storage,
                              bool zip64 = false) {
-  return make_zip({{"archive/data.pkl", pkl}, {"archive/data/0", storage}, {"archive/version", {'3', '\n'}}},
-                  zip64);
+  return make_zip(
+      {{"archive/data.pkl", pkl}, {"archive/data/0", storage}, {"archive/version", {'3', '\n'}}},
+      zip64);
 }
 
 bool same_bits(const Tensor& a, const Tensor& b) {
-  return a.shape() == b.shape() && std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * 4) == 0;
+  return a.shape() == b.shape() &&
+         std::memcmp(a.data(), b.data(), static_cast<size_t>(a.numel()) * 4) == 0;
 }
 
 }  // namespace
@@ -134,12 +149,14 @@ TEST(TorchBin, GoldenMamba1CheckpointLoadsBitExact) {
   SafetensorsFile st = SafetensorsFile::open(test::golden_path("lm_mamba1_ckpt/model.safetensors"));
   auto names = st.names();
   ASSERT_EQ(names.size(), 33u);  // embedding + 3 layers x 10 + norm_f
-  EXPECT_EQ(sd.tensors.size(), names.size());  // lm_head.weight shares the embedding storage in the .bin
+  EXPECT_EQ(sd.tensors.size(),
+            names.size());  // lm_head.weight shares the embedding storage in the .bin
   EXPECT_TRUE(sd.int_tensors.empty());
   for (const auto& n : names) {
     ASSERT_TRUE(sd.tensors.count(n)) << n;
     EXPECT_EQ(sd.dtypes.at(n), "float32") << n;
-    EXPECT_TRUE(same_bits(sd.tensors.at(n), st.tensor(n))) << n << " differs from the safetensors file";
+    EXPECT_TRUE(same_bits(sd.tensors.at(n), st.tensor(n)))
+        << n << " differs from the safetensors file";
   }
   // mamba_ssm ties lm_head to the embedding: one storage, two keys.
   EXPECT_TRUE(same_bits(sd.tensors.at("lm_head.weight"), st.tensor("backbone.embedding.weight")));
@@ -178,8 +195,9 @@ TEST(TorchBin, MixedDtypesViewsAndParametersMatchTorch) {
       ++ints;
     }
   }
-  EXPECT_EQ(floats, 10);  // f16, bf16, f64, transposed, offset_view, shared_a/b, scalar, empty, param
-  EXPECT_EQ(ints, 2);     // i64, flags (bool)
+  EXPECT_EQ(floats,
+            10);       // f16, bf16, f64, transposed, offset_view, shared_a/b, scalar, empty, param
+  EXPECT_EQ(ints, 2);  // i64, flags (bool)
   EXPECT_EQ(sd.dtypes.at("f16"), "float16");
   EXPECT_EQ(sd.dtypes.at("bf16"), "bfloat16");
   // The transposed view is gathered through its strides: (24, 16) over a (16, 24) storage.
@@ -190,8 +208,10 @@ TEST(TorchBin, MixedDtypesViewsAndParametersMatchTorch) {
 }
 
 TEST(TorchBin, HandBuiltPickleLoadsAndHonoursOffsetAndStride) {
-  // (2, 3) view at offset 1 with stride (1, 2) over 8 floats: element (i, j) = storage[1 + i + 2 j].
-  auto sd = parse_torch_state_dict(archive(state_dict_pickle("w", 8, 1, {2, 3}, {1, 2}), floats_le(8)), "mem");
+  // (2, 3) view at offset 1 with stride (1, 2) over 8 floats: element (i, j) = storage[1 + i + 2
+  // j].
+  auto sd = parse_torch_state_dict(
+      archive(state_dict_pickle("w", 8, 1, {2, 3}, {1, 2}), floats_le(8)), "mem");
   const Tensor& w = sd.tensors.at("w");
   ASSERT_EQ(w.shape(), (Shape{2, 3}));
   for (int i = 0; i < 2; ++i)
@@ -210,8 +230,10 @@ TEST(TorchBin, ReadsZip64Archives) {
   bad[loc + 8] = 0xF0, bad[loc + 9] = 0xFF;
   expect_error([&] { parse_torch_state_dict(bad, "z"); }, {"zip64 end record"});
   for (size_t n = 0; n + 1 < zip.size(); n += 3)
-    EXPECT_THROW(parse_torch_state_dict(std::vector<uint8_t>(zip.begin(), zip.begin() + static_cast<std::ptrdiff_t>(n)), "cut"),
-                 Error);
+    EXPECT_THROW(
+        parse_torch_state_dict(
+            std::vector<uint8_t>(zip.begin(), zip.begin() + static_cast<std::ptrdiff_t>(n)), "cut"),
+        Error);
 }
 
 TEST(TorchBin, RefusesArbitraryGlobals) {
@@ -220,16 +242,21 @@ TEST(TorchBin, RefusesArbitraryGlobals) {
                {"evil_os_system.bin", "system'", "refusing"});
   expect_error([] { read_torch_state_dict(torch_path("evil_eval.bin")); }, {"eval'", "refusing"});
   // The same through hand-built pickles, in the place torch puts _rebuild_tensor_v2.
-  for (auto [m, n] : {std::pair<std::string, std::string>{"os", "system"}, {"builtins", "eval"},
-                      {"builtins", "getattr"}, {"torch", "load"}, {"subprocess", "Popen"},
+  for (auto [m, n] : {std::pair<std::string, std::string>{"os", "system"},
+                      {"builtins", "eval"},
+                      {"builtins", "getattr"},
+                      {"torch", "load"},
+                      {"subprocess", "Popen"},
                       {"torch._utils", "_rebuild_tensor"}}) {
     auto zip = archive(state_dict_pickle("w", 6, 0, {2, 3}, {3, 1}, m, n), floats_le(6));
-    expect_error([&] { parse_torch_state_dict(zip, "mem"); }, {("'" + m + "." + n + "'").c_str(), "refusing"});
+    expect_error([&] { parse_torch_state_dict(zip, "mem"); },
+                 {("'" + m + "." + n + "'").c_str(), "refusing"});
   }
 }
 
 TEST(TorchBin, RefusesCompressedEntriesAndWrongStorageSize) {
-  expect_error([] { read_torch_state_dict(torch_path("compressed.bin")); }, {"compressed", "deflate", "data.pkl"});
+  expect_error([] { read_torch_state_dict(torch_path("compressed.bin")); },
+               {"compressed", "deflate", "data.pkl"});
   expect_error([] { read_torch_state_dict(torch_path("wrong_storage_size.bin")); },
                {"data/0", "bytes, but the pickle says"});
   // Hand-built: 5 floats of data for a storage the pickle says holds 6.
@@ -249,33 +276,53 @@ TEST(TorchBin, RefusesViewsPastTheirStorage) {
 
 TEST(TorchBin, RefusesMissingStorageAndNonZipAndLegacyFormat) {
   auto pkl = state_dict_pickle("w", 6, 0, {2, 3}, {3, 1});
-  expect_error([&] { parse_torch_state_dict(make_zip({{"archive/data.pkl", pkl}}), "mem"); },
-               {"no entry 'archive/data/0'"});
-  expect_error([&] { parse_torch_state_dict(make_zip({{"archive/other", pkl}}), "mem"); }, {"data.pkl"});
+  expect_error(
+      [&] {
+        parse_torch_state_dict(make_zip({{"archive/data.pkl", pkl}}), "mem");
+      },
+      {"no entry 'archive/data/0'"});
+  expect_error(
+      [&] {
+        parse_torch_state_dict(make_zip({{"archive/other", pkl}}), "mem");
+      },
+      {"data.pkl"});
   expect_error([] { parse_torch_state_dict({}, "empty"); }, {"empty", "not a torch.save zip"});
-  std::vector<uint8_t> legacy = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc, 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8};
+  std::vector<uint8_t> legacy = {0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc,
+                                 0x9c, 0x46, 0xf9, 0x20, 0x6a, 0xa8};
   expect_error([&] { parse_torch_state_dict(legacy, "old.bin"); }, {"legacy"});
-  expect_error([] { read_torch_state_dict(test::golden_path("lm_mamba1_ckpt/config.json")); }, {"not a torch.save"});
-  expect_error([] { read_torch_state_dict("/nonexistent/pytorch_model.bin"); }, {"/nonexistent/pytorch_model.bin"});
+  expect_error([] { read_torch_state_dict(test::golden_path("lm_mamba1_ckpt/config.json")); },
+               {"not a torch.save"});
+  expect_error([] { read_torch_state_dict("/nonexistent/pytorch_model.bin"); },
+               {"/nonexistent/pytorch_model.bin"});
 }
 
 TEST(TorchBin, RefusesMalformedPickles) {
   auto storage = floats_le(6);
-  auto run = [&](std::vector<uint8_t> pkl) { parse_torch_state_dict(archive(pkl, storage), "mem"); };
-  expect_error([&] { run({0x80, 0x02, '}'}); }, {"without a STOP"});       // truncated
+  auto run = [&](std::vector<uint8_t> pkl) {
+    parse_torch_state_dict(archive(pkl, storage), "mem");
+  };
+  expect_error([&] { run({0x80, 0x02, '}'}); }, {"without a STOP"});        // truncated
   expect_error([&] { run({0x80, 0x02, 'h', 7, '.'}); }, {"memo index 7"});  // BINGET of nothing
   expect_error([&] { run({0x80, 0x02, 's', '.'}); }, {"underflow"});
   expect_error([&] { run({0x80, 0x02, ')', '.'}); }, {"tuple, not a state dict"});
   expect_error([&] { run({0x80, 0x02, 'I', '1', '\n', '.'}); }, {"opcode 0x49"});  // text INT
   expect_error([&] { run({0x80, 0x02, 'X', 0xff, 0xff, 0xff, 0x7f, 'a'}); }, {"truncated"});
-  expect_error([&] { run({0x80, 0x02, '}', 'X', 1, 0, 0, 0, 'k', 'K', 3, 's', '.'}); }, {"'k'", "not a tensor"});
+  expect_error(
+      [&] {
+        run({0x80, 0x02, '}', 'X', 1, 0, 0, 0, 'k', 'K', 3, 's', '.'});
+      },
+      {"'k'", "not a tensor"});
   // 50000 nested 1-tuples: no recursion anywhere, so no stack overflow; just "not a state dict".
   std::vector<uint8_t> deep = {0x80, 0x02, ')'};
   for (int k = 0; k < 50000; ++k) deep.push_back(0x85);
   deep.push_back('.');
   expect_error([&] { run(deep); }, {"not a state dict"});
   // A dict that contains itself (through the memo) is harmless.
-  expect_error([&] { run({0x80, 0x02, '}', 'q', 0, 'X', 1, 0, 0, 0, 'k', 'h', 0, 's', '.'}); }, {"not a tensor"});
+  expect_error(
+      [&] {
+        run({0x80, 0x02, '}', 'q', 0, 'X', 1, 0, 0, 0, 'k', 'h', 0, 's', '.'});
+      },
+      {"not a tensor"});
 }
 
 TEST(TorchBin, TruncatedAndOutOfRangeZipsGiveErrors) {
@@ -294,8 +341,10 @@ TEST(TorchBin, TruncatedAndOutOfRangeZipsGiveErrors) {
     for (int k = 0; k < 4; ++k) z[at + static_cast<size_t>(k)] = static_cast<uint8_t>(v >> (8 * k));
     return z;
   };
-  expect_error([&] { parse_torch_state_dict(patch(eocd + 16, 0xFFFFFF00u), "m"); }, {"central directory"});
-  expect_error([&] { parse_torch_state_dict(patch(eocd + 12, 0x7FFFFFFFu), "m"); }, {"central directory"});
+  expect_error([&] { parse_torch_state_dict(patch(eocd + 16, 0xFFFFFF00u), "m"); },
+               {"central directory"});
+  expect_error([&] { parse_torch_state_dict(patch(eocd + 12, 0x7FFFFFFFu), "m"); },
+               {"central directory"});
   size_t cd = zip[eocd + 16] | zip[eocd + 17] << 8 | zip[eocd + 18] << 16;
   expect_error([&] { parse_torch_state_dict(patch(cd + 42, 0x7FFFFF00u), "m"); }, {"local header"});
   expect_error([&] { parse_torch_state_dict(patch(cd + 24, 0x7FFFFF00u), "m"); }, {"data.pkl"});

@@ -7,12 +7,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <nlohmann/json.hpp>
 #include <set>
 
-#include <nlohmann/json.hpp>
-
+#include "core/os.h"
 #include "mamba/nn/mamba1.h"
-#include "mamba/os.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
 #include "test_util.h"
@@ -24,17 +23,20 @@ namespace fs = std::filesystem;
 namespace {
 
 std::string temp_dir(const std::string& name) {
-  fs::path p = fs::temp_directory_path() / ("mamba_test_train_" + name + "_" + std::to_string(::getpid()));
+  fs::path p =
+      fs::temp_directory_path() / ("mamba_test_train_" + name + "_" + std::to_string(::getpid()));
   fs::remove_all(p);
   fs::create_directories(p);
   return p.string();
 }
 
 ModelConfig tiny_model(int64_t vocab, const std::string& layer = "Mamba1", int64_t d_model = 32) {
-  std::string ssm = layer == "Mamba2" ? R"({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})"
-                                      : R"({"layer": "Mamba1", "d_state": 8})";
-  return ModelConfig::parse(str(R"({"d_model": )", d_model, R"(, "n_layer": 2, "vocab_size": )", vocab,
-                                R"(, "ssm_cfg": )", ssm, R"(, "pad_vocab_size_multiple": 8})"));
+  std::string ssm = layer == "Mamba2"
+                        ? R"({"layer": "Mamba2", "d_state": 16, "headdim": 16, "chunk_size": 16})"
+                        : R"({"layer": "Mamba1", "d_state": 8})";
+  return ModelConfig::parse(str(R"({"d_model": )", d_model, R"(, "n_layer": 2, "vocab_size": )",
+                                vocab, R"(, "ssm_cfg": )", ssm,
+                                R"(, "pad_vocab_size_multiple": 8})"));
 }
 
 TrainConfig tiny_train(TaskKind kind) {
@@ -96,7 +98,8 @@ TEST(CrossEntropy, LossIsTheMeanOverCountedPositionsAndGradMatchesFiniteDifferen
     const double lm = cross_entropy(logits, tg).loss;
     logits[i] = orig;
     const double fd = (lp - lm) / ((double)hi - lo);
-    EXPECT_NEAR(dl[i], fd, tol::kCrossEntropyFD.atol + tol::kCrossEntropyFD.rtol * std::fabs(fd)) << "logit " << i;
+    EXPECT_NEAR(dl[i], fd, tol::kCrossEntropyFD.atol + tol::kCrossEntropyFD.rtol * std::fabs(fd))
+        << "logit " << i;
   }
   // An explicit denominator scales loss and gradient (the mean over an accumulated batch).
   Tensor dl2;
@@ -118,7 +121,8 @@ TEST(CrossEntropy, RejectsBadTargets) {
 // ---- optimiser ----------------------------------------------------------------------------------
 
 TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
-  Param w{"mixer.in_proj.weight", Weight(Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f})), Tensor({2, 2}), false};
+  Param w{"mixer.in_proj.weight", Weight(Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f})),
+          Tensor({2, 2}), false};
   Param d{"mixer.D", Weight(Tensor::from({2}, {1.f, -0.5f})), Tensor({2}), true};
   std::vector<std::pair<std::string, Param*>> ps = {{w.name, &w}, {d.name, &d}};
   AdamWConfig cfg;
@@ -126,7 +130,8 @@ TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
   AdamW opt(ps, cfg);
   EXPECT_TRUE(opt.decays(0));
   EXPECT_FALSE(opt.decays(1));
-  std::vector<double> pw(w.value.f32().data(), w.value.f32().data() + 4), pd(d.value.f32().data(), d.value.f32().data() + 2);
+  std::vector<double> pw(w.value.f32().data(), w.value.f32().data() + 4),
+      pd(d.value.f32().data(), d.value.f32().data() + 2);
   std::vector<double> mw(4, 0), vw(4, 0), md(2, 0), vd(2, 0);
   const double grads_w[2][4] = {{0.1, -0.2, 0.3, 0.0}, {-0.05, 0.4, 0.1, 1.0}};
   const double grads_d[2][2] = {{1.0, -2.0}, {0.5, 0.5}};
@@ -145,9 +150,11 @@ TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
     for (int i = 0; i < 4; ++i) upd(pw[i], mw[i], vw[i], (float)grads_w[t - 1][i], true);
     for (int i = 0; i < 2; ++i) upd(pd[i], md[i], vd[i], (float)grads_d[t - 1][i], false);
     for (int i = 0; i < 4; ++i)
-      EXPECT_NEAR(w.value.f32()[i], pw[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pw[i]));
+      EXPECT_NEAR(w.value.f32()[i], pw[i],
+                  tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pw[i]));
     for (int i = 0; i < 2; ++i)
-      EXPECT_NEAR(d.value.f32()[i], pd[i], tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pd[i]));
+      EXPECT_NEAR(d.value.f32()[i], pd[i],
+                  tol::kAdamWVsDouble.atol + tol::kAdamWVsDouble.rtol * std::fabs(pd[i]));
   }
   EXPECT_EQ(opt.steps(), 2);
   // A zero-gradient element with decay only shrinks: w[3] had g = 0 at step 1.
@@ -158,7 +165,8 @@ TEST(AdamW, WeightDecayGroupsFollowTheParamMarks) {
   MambaLM lm(tiny_model(8), 0);
   std::set<std::string> decayed;
   for (auto& [n, p] : lm.named_parameters())
-    if (uses_weight_decay(n, *p)) decayed.insert(n.substr(n.rfind("mixer.") == std::string::npos ? 0 : n.rfind("mixer.") + 6));
+    if (uses_weight_decay(n, *p))
+      decayed.insert(n.substr(n.rfind("mixer.") == std::string::npos ? 0 : n.rfind("mixer.") + 6));
   EXPECT_TRUE(decayed.count("in_proj.weight"));
   EXPECT_TRUE(decayed.count("x_proj.weight"));
   EXPECT_TRUE(decayed.count("dt_proj.weight"));
@@ -188,7 +196,8 @@ TEST(LRSchedule, LinearWarmupThenCosineToMin) {
   EXPECT_NEAR(lr_at(9, 10, 110, 1e-3, 1e-5), 1e-3, 1e-15);
   EXPECT_NEAR(lr_at(10, 10, 110, 1e-3, 1e-5), 1e-3, 1e-15);
   EXPECT_NEAR(lr_at(60, 10, 110, 1e-3, 1e-5), (1e-3 + 1e-5) / 2, 1e-15);
-  EXPECT_NEAR(lr_at(35, 10, 110, 1e-3, 1e-5), 1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + std::cos(M_PI * 0.25)), 1e-15);
+  EXPECT_NEAR(lr_at(35, 10, 110, 1e-3, 1e-5),
+              1e-5 + 0.5 * (1e-3 - 1e-5) * (1 + std::cos(M_PI * 0.25)), 1e-15);
   EXPECT_NEAR(lr_at(110, 10, 110, 1e-3, 1e-5), 1e-5, 1e-15);
   EXPECT_NEAR(lr_at(500, 10, 110, 1e-3, 1e-5), 1e-5, 1e-15);
   EXPECT_NEAR(lr_at(7, 0, 0, 2e-3, 0), 2e-3, 1e-15);  // no schedule span: constant
@@ -212,7 +221,7 @@ TEST(Data, SelectiveCopyInvariants) {
     }
     ASSERT_EQ((int64_t)data.size(), M) << "sequence " << s;
     for (int64_t j = 0; j < M; ++j) {
-      EXPECT_EQ(b.ids[s * L + L - M + j], V - 1);  // markers
+      EXPECT_EQ(b.ids[s * L + L - M + j], V - 1);        // markers
       EXPECT_EQ(b.targets[s * L + L - M + j], data[j]);  // the data tokens, in order
     }
   }
@@ -294,8 +303,9 @@ TEST_P(LossGoesDown, WithinAFewDozenSteps) {
   std::string dir;
   if (GetParam() == TaskKind::Text) {
     dir = temp_dir("text");
-    std::ofstream(dir + "/t.txt") << std::string(40, ' ') + "the quick brown fox jumps over the lazy dog. " +
-                                         "the quick brown fox jumps over the lazy dog. the lazy dog sleeps. ";
+    std::ofstream(dir + "/t.txt")
+        << std::string(40, ' ') + "the quick brown fox jumps over the lazy dog. " +
+               "the quick brown fox jumps over the lazy dog. the lazy dog sleeps. ";
     c.task.text_path = dir + "/t.txt";
     c.model = tiny_model(256);
     c.task.seqlen = 24;
@@ -313,7 +323,8 @@ TEST_P(LossGoesDown, WithinAFewDozenSteps) {
   if (!dir.empty()) fs::remove_all(dir);
 }
 INSTANTIATE_TEST_SUITE_P(Tasks, LossGoesDown,
-                         ::testing::Values(TaskKind::SelectiveCopy, TaskKind::Induction, TaskKind::Text),
+                         ::testing::Values(TaskKind::SelectiveCopy, TaskKind::Induction,
+                                           TaskKind::Text),
                          [](const auto& info) {
                            std::string n = task_name(info.param);
                            for (auto& ch : n)
@@ -343,42 +354,8 @@ TEST(Train, AccumulationEqualsOneBigBatch) {
   }
   auto pa = ta.model().named_parameters(), pb = tb.model().named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
-    EXPECT_TRUE(test::all_close(pa[i].second->value.f32(), pb[i].second->value.f32(), tol::kAccumVsBatch, pa[i].first));
-}
-
-TEST(Train, ResumeEqualsUninterruptedBitForBit) {
-  // With a fixed thread count every kernel splits work the same way (parallel_for is static),
-  // so the comparison is exact (EXPECT_EQ on floats), not within a tolerance.
-  set_num_threads(2);
-  const std::string dir = temp_dir("resume");
-  TrainConfig c = tiny_train(TaskKind::Induction);
-  c.accum = 2, c.steps = 8, c.batch = 4;
-  Trainer full(c);
-  for (int i = 0; i < 8; ++i) full.train_step();
-
-  Trainer first(c);
-  for (int i = 0; i < 4; ++i) first.train_step();
-  first.save(dir);
-  for (const auto& e : fs::directory_iterator(dir)) {  // only the finished files, no temporaries
-    const std::string n = e.path().filename().string();
-    EXPECT_TRUE(n == "config.json" || n == "model.safetensors" || n == "optimizer.safetensors" ||
-                n == "trainer_state.json")
-        << "unexpected file " << n;
-  }
-  Trainer resumed = Trainer::resume(dir);
-  EXPECT_EQ(resumed.step(), 4);
-  for (int i = 0; i < 4; ++i) resumed.train_step();
-  ASSERT_EQ(resumed.history().size(), full.history().size());
-  for (size_t i = 0; i < full.history().size(); ++i) {
-    EXPECT_EQ(resumed.history()[i].loss, full.history()[i].loss) << "step " << i + 1;
-    EXPECT_EQ(resumed.history()[i].grad_norm, full.history()[i].grad_norm) << "step " << i + 1;
-  }
-  auto pa = full.model().named_parameters(), pb = resumed.model().named_parameters();
-  ASSERT_EQ(pa.size(), pb.size());
-  for (size_t i = 0; i < pa.size(); ++i)
-    for (int64_t j = 0; j < pa[i].second->value.numel(); ++j)
-      ASSERT_EQ(pa[i].second->value.f32()[j], pb[i].second->value.f32()[j]) << pa[i].first << "[" << j << "]";
-  fs::remove_all(dir);
+    EXPECT_TRUE(test::all_close(pa[i].second->value.f32(), pb[i].second->value.f32(),
+                                tol::kAccumVsBatch, pa[i].first));
 }
 
 namespace {
@@ -391,6 +368,12 @@ void expect_resume_equals_uninterrupted(const TrainConfig& c, const std::string&
   Trainer first(c);
   for (int i = 0; i < 4; ++i) first.train_step();
   first.save(dir);
+  for (const auto& e : fs::directory_iterator(dir)) {  // only the finished files, no temporaries
+    const std::string n = e.path().filename().string();
+    EXPECT_TRUE(n == "config.json" || n == "model.safetensors" || n == "optimizer.safetensors" ||
+                n == "trainer_state.json")
+        << "unexpected file " << n;
+  }
   Trainer resumed = Trainer::resume(dir);
   ASSERT_EQ(resumed.step(), 4);
   for (int i = 0; i < 4; ++i) resumed.train_step();
@@ -411,6 +394,15 @@ void expect_resume_equals_uninterrupted(const TrainConfig& c, const std::string&
   fs::remove_all(dir);
 }
 }  // namespace
+
+TEST(Train, ResumeEqualsUninterruptedBitForBit) {
+  // With a fixed thread count every kernel splits work the same way (parallel_for is static),
+  // so the comparison is exact (EXPECT_EQ on floats), not within a tolerance.
+  set_num_threads(2);
+  TrainConfig c = tiny_train(TaskKind::Induction);
+  c.accum = 2, c.steps = 8, c.batch = 4;
+  expect_resume_equals_uninterrupted(c, "resume");
+}
 
 TEST(Train, Mamba2ResumeEqualsUninterruptedBitForBit) {
   // 3 threads, H = 8 heads, batch 1, L = 64 (4 chunks of 16): the SSD backward splits the heads
@@ -435,7 +427,8 @@ TEST(Train, TornCheckpointIsDetected) {
   const auto saved_opt = os::read_file(opt);
   tr.train_step();
   tr.save(dir);
-  os::write_file_atomic(opt, saved_opt.data(), saved_opt.size());  // as if the save stopped half-way
+  os::write_file_atomic(opt, saved_opt.data(),
+                        saved_opt.size());  // as if the save stopped half-way
   try {
     Trainer::resume(dir);
     ADD_FAILURE() << "resume accepted an optimizer file from another step";
@@ -458,7 +451,8 @@ TEST(Train, InitWeightsFromACheckpoint) {
   b.init_weights_from(dir);
   auto pa = a.model().named_parameters(), pb = b.model().named_parameters();
   for (size_t i = 0; i < pa.size(); ++i)
-    EXPECT_EQ(test::max_abs_diff(pa[i].second->value.f32(), pb[i].second->value.f32()), 0.0) << pa[i].first;
+    EXPECT_EQ(test::max_abs_diff(pa[i].second->value.f32(), pb[i].second->value.f32()), 0.0)
+        << pa[i].first;
   b.train_step();
   EXPECT_THROW(b.init_weights_from(dir), Error);  // only before the first step
   TrainConfig other = c;
@@ -551,18 +545,21 @@ TEST(Train, LayerInitGivesEachLayerItsOwnDeltaRangeAndAScale) {
   TrainConfig fast = tiny_train(TaskKind::Induction);  // mamba_ssm's dt 1e-3..1e-1, A x1
   ASSERT_EQ(fast.model.n_layer, 2);
   TrainConfig slow = fast;
-  std::get<Mamba1Config>(slow.model.ssm_cfg).dt_min = 1e-4, std::get<Mamba1Config>(slow.model.ssm_cfg).dt_max = 1e-2, slow.A_init_scale = 0.1;
+  std::get<Mamba1Config>(slow.model.ssm_cfg).dt_min = 1e-4,
+  std::get<Mamba1Config>(slow.model.ssm_cfg).dt_max = 1e-2, slow.A_init_scale = 0.1;
   TrainConfig split = fast;
   split.layer_init = {{1e-3, 1e-1, 1.0}, {1e-4, 1e-2, 0.1}};
   Trainer tf(fast), ts(slow), tsplit(split);
-  auto pf = tf.model().named_parameters(), ps = ts.model().named_parameters(), px = tsplit.model().named_parameters();
+  auto pf = tf.model().named_parameters(), ps = ts.model().named_parameters(),
+       px = tsplit.model().named_parameters();
   ASSERT_EQ(pf.size(), px.size());
   int differs_from_fast = 0, differs_from_slow = 0;
   for (size_t i = 0; i < px.size(); ++i) {
     const std::string& name = px[i].first;
     const bool layer1 = name.rfind("backbone.layers.1.", 0) == 0;
     const Tensor& want = (layer1 ? ps : pf)[i].second->value.f32();
-    const Tensor &got = px[i].second->value.f32(), &other = (layer1 ? pf : ps)[i].second->value.f32();
+    const Tensor &got = px[i].second->value.f32(),
+                 &other = (layer1 ? pf : ps)[i].second->value.f32();
     ASSERT_EQ(want.numel(), got.numel()) << name;
     bool diff_other = false;
     for (int64_t k = 0; k < got.numel(); ++k) {
@@ -609,14 +606,17 @@ TEST(Curves, CsvAndSvg) {
 TEST(CLI, TrainThenEvalTask) {
   const std::string dir = temp_dir("cli");
   const std::string cli = MAMBA_CLI_PATH;
-  std::string cmd = cli + " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 1 --d_state 4 "
-                          "--batch 4 --steps 6 --save-every 3 --threads 2 --eval-batches 1 --eval-batch 4 --save " +
-                    dir + " > " + dir + "/log.txt 2>&1";
+  std::string cmd =
+      cli +
+      " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 1 --d_state 4 "
+      "--batch 4 --steps 6 --save-every 3 --threads 2 --eval-batches 1 --eval-batch 4 --save " +
+      dir + " > " + dir + "/log.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
-  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors", "trainer_state.json", "loss.csv",
-                        "loss.svg"})
+  for (const char* f : {"config.json", "model.safetensors", "optimizer.safetensors",
+                        "trainer_state.json", "loss.csv", "loss.svg"})
     EXPECT_TRUE(fs::exists(dir + "/" + f)) << f;
-  cmd = cli + " eval-task --model " + dir + " --seqlen 64 --batches 1 --batch 2 --threads 2 > " + dir + "/eval.txt 2>&1";
+  cmd = cli + " eval-task --model " + dir + " --seqlen 64 --batches 1 --batch 2 --threads 2 > " +
+        dir + "/eval.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   std::ifstream in(dir + "/eval.txt");
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
@@ -631,9 +631,12 @@ TEST(CLI, TrainThenEvalTask) {
 TEST(CLI, TrainPerLayerInitLists) {
   const std::string dir = temp_dir("layer_init");
   const std::string cli = MAMBA_CLI_PATH;
-  std::string cmd = cli + " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 2 --d_state 4 "
-                          "--batch 2 --steps 1 --threads 1 --eval-batches 0 --dt-min 1e-3,1e-4 --dt-max 1e-1,1e-2 "
-                          "--A-init-scale 0.1 --save " + dir + " > " + dir + "/log.txt 2>&1";
+  std::string cmd =
+      cli +
+      " train --task induction --seqlen 16 --task-vocab 8 --d_model 16 --n_layer 2 --d_state 4 "
+      "--batch 2 --steps 1 --threads 1 --eval-batches 0 --dt-min 1e-3,1e-4 --dt-max 1e-1,1e-2 "
+      "--A-init-scale 0.1 --save " +
+      dir + " > " + dir + "/log.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   auto text = [&](const char* file) {
     const std::vector<uint8_t> b = os::read_file(dir + "/" + file);
@@ -648,19 +651,21 @@ TEST(CLI, TrainPerLayerInitLists) {
   EXPECT_EQ(li[1].at("A_init_scale").get<double>(), 0.1);
   const std::string log = text("log.txt");
   EXPECT_NE(log.find("layer 1 delta 0.0001..0.01, A x0.1"), std::string::npos) << log;
-  cmd = cli + " train --task induction --n_layer 2 --dt-min 1e-3,1e-4,1e-5 --steps 1 --save " + dir + " > " + dir +
-        "/err.txt 2>&1";
+  cmd = cli + " train --task induction --n_layer 2 --dt-min 1e-3,1e-4,1e-5 --steps 1 --save " +
+        dir + " > " + dir + "/err.txt 2>&1";
   EXPECT_NE(std::system(cmd.c_str()), 0);
   const std::string err = text("err.txt");
-  EXPECT_NE(err.find("--dt-min: give one value for every layer or one per layer (n_layer = 2), got 3"),
-            std::string::npos) << err;
+  EXPECT_NE(
+      err.find("--dt-min: give one value for every layer or one per layer (n_layer = 2), got 3"),
+      std::string::npos)
+      << err;
   fs::remove_all(dir);
 }
 
 TEST(CLI, DemoQuickRunsEndToEnd) {
   const std::string dir = temp_dir("demo");
-  const std::string cmd = std::string(MAMBA_CLI_PATH) + " demo --quick --threads 1 --out " + dir + " > " + dir +
-                          "/log.txt 2>&1";
+  const std::string cmd = std::string(MAMBA_CLI_PATH) + " demo --quick --threads 1 --out " + dir +
+                          " > " + dir + "/log.txt 2>&1";
   ASSERT_EQ(std::system(cmd.c_str()), 0) << cmd;
   std::ifstream in(dir + "/log.txt");
   std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

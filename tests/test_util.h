@@ -1,15 +1,15 @@
 // Test helpers: golden-file lookup, tensor comparison with a stated tolerance, random tensors.
 #pragma once
 #include <gtest/gtest.h>
+#include <sys/wait.h>
 
 #include <cmath>
 #include <cstdio>
 #include <functional>
 #include <initializer_list>
 #include <string>
-#include <sys/wait.h>
 
-#include "mamba/os.h"
+#include "core/os.h"
 #include "mamba/rng.h"
 #include "mamba/safetensors.h"
 #include "mamba/tensor.h"
@@ -35,14 +35,15 @@ inline ::testing::AssertionResult all_close(const Tensor& actual, const Tensor& 
   if (!actual.defined() || !expected.defined())
     return ::testing::AssertionFailure() << what << ": undefined tensor";
   if (actual.shape() != expected.shape())
-    return ::testing::AssertionFailure() << what << ": shape " << actual.shape_str() << " vs expected "
-                                         << expected.shape_str();
+    return ::testing::AssertionFailure()
+           << what << ": shape " << actual.shape_str() << " vs expected " << expected.shape_str();
   double worst = 0, max_abs = 0;
   int64_t wi = -1;
   for (int64_t i = 0; i < actual.numel(); ++i) {
     double a = actual[i], e = expected[i];
     if (std::isnan(a) != std::isnan(e))
-      return ::testing::AssertionFailure() << what << ": NaN mismatch at " << i << " (" << a << " vs " << e << ")";
+      return ::testing::AssertionFailure()
+             << what << ": NaN mismatch at " << i << " (" << a << " vs " << e << ")";
     if (std::isnan(a)) continue;
     double err = std::fabs(a - e);
     max_abs = std::max(max_abs, err);
@@ -84,7 +85,6 @@ inline Tensor transpose12(const Tensor& t) {
   return o;
 }
 
-
 // Central differences of loss() w.r.t. every element of p, dividing by the actually
 // representable step (x+) - (x-) of the float input.
 inline Tensor finite_diff(Tensor& p, const std::function<double()>& loss, double eps = 1e-3) {
@@ -117,7 +117,8 @@ void expect_error(F&& f, std::initializer_list<const char*> fragments) {
   } catch (const Error& e) {
     std::string m = e.what();
     for (const char* frag : fragments)
-      EXPECT_NE(m.find(frag), std::string::npos) << "expected '" << frag << "' in the message: " << m;
+      EXPECT_NE(m.find(frag), std::string::npos)
+          << "expected '" << frag << "' in the message: " << m;
   }
 }
 

@@ -88,7 +88,7 @@ TEST(Views, WrapUsesExternalMemoryAndRunsTheDeleterOnce) {
     });
     EXPECT_EQ(w.data(), buf);  // no copy
     EXPECT_EQ(w[4], 5.f);
-    Tensor v = w.cols(1, 2);   // views keep the memory alive
+    Tensor v = w.cols(1, 2);  // views keep the memory alive
     w = Tensor();
     EXPECT_EQ(deleted, 0);
     EXPECT_EQ(v.contiguous()[2], 5.f);

@@ -12,7 +12,9 @@ using namespace mamba;
 
 namespace {
 const WeightDType kAll[] = {WeightDType::f32, WeightDType::bf16, WeightDType::f16};
-float rounded(float v, WeightDType t) { return t == WeightDType::f32 ? v : half_to_f32(f32_to_half(v, t), t); }
+float rounded(float v, WeightDType t) {
+  return t == WeightDType::f32 ? v : half_to_f32(f32_to_half(v, t), t);
+}
 }  // namespace
 
 TEST(Weight, EveryDtypeHoldsTheRoundedValues) {
@@ -63,7 +65,8 @@ TEST(Weight, AssignSetDtypeRoundTripAndRowViews) {
     for (int64_t i = 0; i < 12; ++i) ASSERT_EQ(rf[i], f[8 + i]) << what;
     w.assign(v);
     rf = r.to_f32();
-    for (int64_t i = 0; i < 12; ++i) ASSERT_EQ(rf[i], rounded(v[8 + i], t)) << what << " view shares storage";
+    for (int64_t i = 0; i < 12; ++i)
+      ASSERT_EQ(rf[i], rounded(v[8 + i], t)) << what << " view shares storage";
     test::expect_error([&] { w.rows(4, 3); }, {"[4, 7)", "(6,4)"});
     // back to f32 exactly, then to another kind and back
     w.set_dtype(WeightDType::f32);
@@ -74,7 +77,8 @@ TEST(Weight, AssignSetDtypeRoundTripAndRowViews) {
       x.set_dtype(u);
       x.set_dtype(t);
       Tensor xf = x.to_f32();
-      for (int64_t i = 0; i < 24; ++i) ASSERT_EQ(xf[i], rounded(rounded(f[i], u), t)) << what << "->" << weight_dtype_name(u);
+      for (int64_t i = 0; i < 24; ++i)
+        ASSERT_EQ(xf[i], rounded(rounded(f[i], u), t)) << what << "->" << weight_dtype_name(u);
     }
   }
 }
@@ -101,12 +105,13 @@ TEST(ParamList, StorageCountAndStableAddresses) {
     moved.set_weight_dtype(t);
     EXPECT_EQ(moved.weight_dtype(), t);
     EXPECT_EQ(w->value.dtype(), t);
-    EXPECT_FALSE(w->grad.defined());        // released
-    EXPECT_TRUE(b->value.is_f32());         // biases stay fp32
-    EXPECT_EQ(moved.count(), n);            // every scalar, whatever the storage
-    moved.zero_grad();                      // skips the undefined gradient
+    EXPECT_FALSE(w->grad.defined());  // released
+    EXPECT_TRUE(b->value.is_f32());   // biases stay fp32
+    EXPECT_EQ(moved.count(), n);      // every scalar, whatever the storage
+    moved.zero_grad();                // skips the undefined gradient
     const std::string are = str("weights are ", weight_dtype_name(t));
-    test::expect_error([&] { moved.check_f32("Layer::backward"); }, {"Layer::backward", are.c_str(), "proj.weight"});
+    test::expect_error([&] { moved.check_f32("Layer::backward"); },
+                       {"Layer::backward", are.c_str(), "proj.weight"});
   }
   moved.set_weight_dtype(WeightDType::f32);
   EXPECT_TRUE(w->value.is_f32());

@@ -17,12 +17,12 @@ namespace mamba {
 // mamba_ssm MHA keyword arguments (attn_cfg), used for the layers in attn_layer_idx.
 struct AttnConfig {
   int64_t num_heads = 0;
-  int64_t num_heads_kv = 0;      // 0 = None: num_heads
-  int64_t head_dim = 0;          // 0 = None: d_model / num_heads
+  int64_t num_heads_kv = 0;  // 0 = None: num_heads
+  int64_t head_dim = 0;      // 0 = None: d_model / num_heads
   int64_t mlp_dim = 0;
   bool qkv_proj_bias = true;
   bool out_proj_bias = true;
-  double softmax_scale = 0;      // 0 = None: 1/sqrt(head_dim)
+  double softmax_scale = 0;  // 0 = None: 1/sqrt(head_dim)
   bool causal = false;
   int64_t rotary_emb_dim = 0;
   double rotary_emb_base = 10000.0;
@@ -33,21 +33,21 @@ struct AttnConfig {
 
 struct ModelConfig {
   int64_t d_model = 0;
-  int64_t d_intermediate = 0;    // GatedMLP hidden size after each mixer; 0 = no MLP
+  int64_t d_intermediate = 0;  // GatedMLP hidden size after each mixer; 0 = no MLP
   int64_t n_layer = 0;
-  int64_t vocab_size = 0;        // as given; the embedding has padded_vocab() rows
+  int64_t vocab_size = 0;  // as given; the embedding has padded_vocab() rows
   // The mixer of every layer not in attn_layer_idx: its config struct, holding exactly the keys of
   // that mixer (their defaults are the mamba_ssm module's). ModelConfig::d_model is the model's
   // width: mixer() returns ssm_cfg with it applied (the copy parse() stores is already in sync).
   MixerConfig ssm_cfg;
   std::vector<int64_t> attn_layer_idx;  // layers that are MHA instead of the SSM mixer
   AttnConfig attn_cfg;
-  bool rms_norm = true;          // RMSNorm (true) or LayerNorm (false) for block norms and norm_f
+  bool rms_norm = true;  // RMSNorm (true) or LayerNorm (false) for block norms and norm_f
   bool residual_in_fp32 = true;
-  bool fused_add_norm = true;    // a kernel choice in mamba_ssm; same math either way
+  bool fused_add_norm = true;  // a kernel choice in mamba_ssm; same math either way
   int64_t pad_vocab_size_multiple = 8;
   bool tie_embeddings = true;
-  double norm_epsilon = 1e-5;    // mamba_ssm's fixed default; HF layer_norm_epsilon
+  double norm_epsilon = 1e-5;  // mamba_ssm's fixed default; HF layer_norm_epsilon
   // Token ids from an HF config (-1 when absent; mamba_ssm configs carry none).
   int64_t bos_token_id = -1, eos_token_id = -1, pad_token_id = -1;
   // "mamba_ssm" or "hf": which key set the file used (decides the tensor names).

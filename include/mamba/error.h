@@ -24,7 +24,7 @@ std::string str(Args&&... args) {
 }  // namespace mamba
 
 // MAMBA_CHECK(cond, parts...) throws mamba::Error(str(parts...)) when cond is false.
-#define MAMBA_CHECK(cond, ...)                                   \
-  do {                                                           \
+#define MAMBA_CHECK(cond, ...)                                    \
+  do {                                                            \
     if (!(cond)) throw ::mamba::Error(::mamba::str(__VA_ARGS__)); \
   } while (0)

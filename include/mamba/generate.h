@@ -11,13 +11,13 @@
 namespace mamba {
 
 struct SamplingParams {
-  bool greedy = false;            // argmax (ignores the rest)
-  float temperature = 1.0f;       // > 0
-  int64_t top_k = 0;              // 0 = off
-  float top_p = 1.0f;             // nucleus, 1 = off
-  float min_p = 0.0f;             // keep tokens with p >= min_p * p_max, 0 = off
+  bool greedy = false;              // argmax (ignores the rest)
+  float temperature = 1.0f;         // > 0
+  int64_t top_k = 0;                // 0 = off
+  float top_p = 1.0f;               // nucleus, 1 = off
+  float min_p = 0.0f;               // keep tokens with p >= min_p * p_max, 0 = off
   float repetition_penalty = 1.0f;  // CTRL-style: logit/penalty if > 0 else logit*penalty, 1 = off
-  void validate() const;          // throws mamba::Error naming the option
+  void validate() const;            // throws mamba::Error naming the option
 };
 
 // Picks the next token from logits[0, vocab). `history` (prompt + generated) drives the
@@ -29,16 +29,16 @@ struct GenerateOptions {
   int64_t max_new_tokens = 64;
   SamplingParams sampling;
   uint64_t seed = 0;
-  int32_t eos_id = -1;            // stop a sequence when it produces this id (-1 = never)
-  int64_t vocab_limit = -1;       // sample only ids < vocab_limit (the real vocabulary; -1 = all)
-  bool keep_scores = false;       // keep the logits that chose each token
+  int32_t eos_id = -1;       // stop a sequence when it produces this id (-1 = never)
+  int64_t vocab_limit = -1;  // sample only ids < vocab_limit (the real vocabulary; -1 = all)
+  bool keep_scores = false;  // keep the logits that chose each token
   // Called as each token is produced: (sequence index, token id).
   std::function<void(int64_t, int32_t)> on_token;
 };
 
 struct GenerateResult {
-  std::vector<std::vector<int32_t>> tokens;               // generated ids per sequence
-  std::vector<std::vector<std::vector<float>>> scores;    // [seq][step][vocab_limit] if kept
+  std::vector<std::vector<int32_t>> tokens;             // generated ids per sequence
+  std::vector<std::vector<std::vector<float>>> scores;  // [seq][step][vocab_limit] if kept
   double prefill_seconds = 0, decode_seconds = 0;
   int64_t prefill_tokens = 0, decode_tokens = 0;
 };

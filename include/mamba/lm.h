@@ -7,10 +7,9 @@
 //
 // Threads: forward, forward_last, step and new_state are const and change nothing in the model:
 // share one const MambaLM between threads, each with its own LMState / LMSaved (tested in
-// tests/test_lm.cpp). backward, zero_grad, set_weight_dtype and load_state_dict change the model:
-// not concurrently with anything else on it.
-// lm_head.weight is the embedding when tie_embeddings. Parameter names are mamba_ssm's
-// state_dict keys, so checkpoints map 1:1.
+// tests/test_block.cpp). backward, zero_grad, set_weight_dtype and load_state_dict change the
+// model: not concurrently with anything else on it. lm_head.weight is the embedding when
+// tie_embeddings. Parameter names are mamba_ssm's state_dict keys, so checkpoints map 1:1.
 #pragma once
 #include <functional>
 #include <initializer_list>
@@ -101,7 +100,8 @@ class MambaLM {
                  LMState* state = nullptr) const;
   // The same, but the head only for the last position: logits (B, V_pad). For prefill,
   // where the other positions' logits are not needed (saves a (L-1) x V x d_model GEMM).
-  Tensor forward_last(std::span<const int32_t> ids, int64_t B, int64_t L, LMState* state = nullptr) const;
+  Tensor forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
+                      LMState* state = nullptr) const;
   // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Throws for weights that are
   // not fp32 and for an empty `saved` (forward was called without it).
   void backward(const LMSaved& saved, const Tensor& dlogits);
@@ -117,9 +117,10 @@ class MambaLM {
 
  private:
   Tensor embed(std::span<const int32_t> ids, int64_t B, int64_t L) const;  // (B, L, d_model)
-  Tensor head(const Tensor& hidden) const;                                  // (M, V_pad)
+  Tensor head(const Tensor& hidden) const;                                 // (M, V_pad)
   // Embedding, blocks and norm_f: the normed hidden state (B, L, d_model).
-  Tensor backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv, LMState* state) const;
+  Tensor backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv,
+                  LMState* state) const;
   // Every parameter with its full name (both const and mutable access).
   template <class Fn>
   void for_each_param(Fn&& fn) const;
@@ -132,8 +133,10 @@ class MambaLM {
   // Every parameter as fp32 (16-bit ones converted back exactly), in named_parameters() order.
   std::vector<std::pair<std::string, Tensor>> state_f32() const;
   // load_state_dict over any source: names, their shapes, and each fp32 tensor on demand.
-  void load_tensors(const std::vector<std::string>& names, const std::function<Shape(const std::string&)>& shape_of,
-                    const std::function<Tensor(const std::string&)>& get, const std::string& origin);
+  void load_tensors(const std::vector<std::string>& names,
+                    const std::function<Shape(const std::string&)>& shape_of,
+                    const std::function<Tensor(const std::string&)>& get,
+                    const std::string& origin);
 };
 
 }  // namespace mamba

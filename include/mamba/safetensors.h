@@ -38,8 +38,8 @@ class SafetensorsFile {
   const std::string& origin() const { return origin_; }
 
  private:
-  static SafetensorsFile parse_view(std::shared_ptr<const void> keep, const uint8_t* data, uint64_t size,
-                                    const std::string& origin);
+  static SafetensorsFile parse_view(std::shared_ptr<const void> keep, const uint8_t* data,
+                                    uint64_t size, const std::string& origin);
   std::shared_ptr<const void> keep_;  // owns the bytes: a memory map or a vector
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;

@@ -26,10 +26,10 @@ int64_t shape_numel(const Shape& s);
 
 class Tensor {
  public:
-  Tensor() = default;                       // undefined (an absent optional input)
-  explicit Tensor(Shape shape);             // zero-initialised
+  Tensor() = default;            // undefined (an absent optional input)
+  explicit Tensor(Shape shape);  // zero-initialised
   static Tensor zeros(Shape shape) { return Tensor(std::move(shape)); }
-  static Tensor empty(Shape shape);         // uninitialised (fast)
+  static Tensor empty(Shape shape);  // uninitialised (fast)
   static Tensor full(Shape shape, float value);
   static Tensor from(Shape shape, const std::vector<float>& values);
   // External memory (a numpy array, a server buffer, a mapped file): no copy. `deleter` runs once
@@ -40,7 +40,7 @@ class Tensor {
   bool defined() const { return storage_ != nullptr; }
   const Shape& shape() const { return shape_; }
   int ndim() const { return static_cast<int>(shape_.size()); }
-  int64_t dim(int i) const;                 // negative i counts from the end
+  int64_t dim(int i) const;  // negative i counts from the end
   int64_t numel() const { return numel_; }
   std::string shape_str() const { return mamba::shape_str(shape_); }
 
@@ -56,22 +56,25 @@ class Tensor {
   bool is_contiguous() const { return row_stride_ == 0; }
   float* view_data() const;
   int64_t row_len() const;
-  int64_t rows() const { const int64_t n = row_len(); return n ? numel_ / n : 0; }
+  int64_t rows() const {
+    const int64_t n = row_len();
+    return n ? numel_ / n : 0;
+  }
   int64_t row_stride() const { return row_stride_ ? row_stride_ : row_len(); }
 
-  Tensor reshape(Shape shape) const;        // same storage; numel must match (-1 allowed once);
-                                            // a strided view keeps its rows (row_len() must be
-                                            // the product of trailing dimensions of shape)
-  Tensor select(int64_t i) const;           // view of index i along dim 0: (d0, ...) -> (...)
+  Tensor reshape(Shape shape) const;  // same storage; numel must match (-1 allowed once);
+                                      // a strided view keeps its rows (row_len() must be
+                                      // the product of trailing dimensions of shape)
+  Tensor select(int64_t i) const;     // view of index i along dim 0: (d0, ...) -> (...)
   Tensor narrow(int64_t start, int64_t len) const;  // view of rows [start, start+len) of dim 0
   // View of the last dimension's [c0, c0 + n): (..., W) -> (..., n), rows W apart (contiguous
   // when n == W). The last dimension must be row_len() (not split by a reshape).
   Tensor cols(int64_t c0, int64_t n) const;
-  Tensor contiguous() const;                // *this when contiguous, else a packed copy
-  Tensor clone() const;                     // a packed copy
-  void zero();                              // these three handle strided views
+  Tensor contiguous() const;  // *this when contiguous, else a packed copy
+  Tensor clone() const;       // a packed copy
+  void zero();                // these three handle strided views
   void fill(float v);
-  void copy_from(const Tensor& other);      // shapes must be equal; either may be strided
+  void copy_from(const Tensor& other);  // shapes must be equal; either may be strided
 
  private:
   // inline: element access sits in per-element loops (it was 2-4% of a training step out of line);
@@ -82,11 +85,11 @@ class Tensor {
     return storage_.get() + offset_;
   }
   [[noreturn]] void throw_not_contiguous() const;
-  std::shared_ptr<float> storage_;          // 64-byte aligned allocation (or wrapped memory)
+  std::shared_ptr<float> storage_;  // 64-byte aligned allocation (or wrapped memory)
   int64_t offset_ = 0;
   int64_t numel_ = 0;
-  int64_t row_len_ = 0;                     // strided views: contiguous values per row
-  int64_t row_stride_ = 0;                  // 0: contiguous; else elements between rows
+  int64_t row_len_ = 0;     // strided views: contiguous values per row
+  int64_t row_stride_ = 0;  // 0: contiguous; else elements between rows
   Shape shape_;
 };
 

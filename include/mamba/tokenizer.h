@@ -30,7 +30,8 @@ class Tokenizer {
   // Reads a tokenizer.json file.
   static Tokenizer from_file(const std::string& path);
   // The same from the file's contents; `origin` names it in error messages.
-  static Tokenizer from_json_string(std::string_view json, const std::string& origin = "tokenizer.json");
+  static Tokenizer from_json_string(std::string_view json,
+                                    const std::string& origin = "tokenizer.json");
   // `dir`/tokenizer.json (a model folder); a clear error when the folder has none.
   static Tokenizer from_model_dir(const std::string& dir);
 

@@ -114,7 +114,7 @@ struct TaskConfig {
   // these tasks) instead of the answer only; evaluations always count the answer only.
   bool all_positions = false;
   std::string text_path, tokenizer_path;  // text: a UTF-8 file; tokenizer.json ("" = bytes)
-  void validate() const;  // throws mamba::Error naming the option
+  void validate() const;                  // throws mamba::Error naming the option
 };
 
 // Selective Copying (Mamba paper, section 4.1 / appendix E.1): the first L - M positions are
@@ -168,8 +168,8 @@ struct TrainConfig {
     double dt_min = 0.001, dt_max = 0.1, A_init_scale = 1.0;
   };
   std::vector<LayerInit> layer_init;
-  std::string save_dir;     // "" = no checkpoints
-  int64_t save_every = 0;   // 0 = only at the end
+  std::string save_dir;    // "" = no checkpoints
+  int64_t save_every = 0;  // 0 = only at the end
   void validate() const;
   std::string to_json() const;  // everything but the model (that is config.json)
   static TrainConfig from_json(const std::string& text, const ModelConfig& model);
@@ -187,13 +187,15 @@ struct EvalResult {
   int64_t seq_total = 0, seq_correct = 0;  // sequences with every counted target right
   double loss = 0;
   double accuracy() const { return counted ? static_cast<double>(correct) / counted : 0; }
-  double seq_accuracy() const { return seq_total ? static_cast<double>(seq_correct) / seq_total : 0; }
+  double seq_accuracy() const {
+    return seq_total ? static_cast<double>(seq_correct) / seq_total : 0;
+  }
 };
 
 // Token accuracy of `lm` on freshly drawn task batches (no gradients). Batches come from
 // Rng(seed), independent of the training stream.
-EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch, uint64_t seed,
-                    const TextData* text = nullptr);
+EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch,
+                    uint64_t seed, const TextData* text = nullptr);
 
 // Sets the non-selective ablation switch (Mamba1Config::selective) of the model config. Only the
 // Mamba-1 mixer has it: selective = false on another mixer throws mamba::Error.

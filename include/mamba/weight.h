@@ -47,8 +47,8 @@ void from_half(const uint16_t* src, float* dst, int64_t n, WeightDType kind);
 
 class Weight {
  public:
-  Weight() = default;                     // undefined
-  explicit Weight(Tensor values);         // fp32, sharing the tensor's storage (contiguous)
+  Weight() = default;              // undefined
+  explicit Weight(Tensor values);  // fp32, sharing the tensor's storage (contiguous)
   Weight(const Tensor& values, WeightDType dtype);  // converted copy (fp32: shared)
   static Weight zeros(Shape shape) { return Weight(Tensor::zeros(std::move(shape))); }
 

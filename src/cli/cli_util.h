@@ -4,9 +4,9 @@
 #include <string>
 #include <vector>
 
+#include "core/os.h"
 #include "mamba/lm.h"
-#include "mamba/npy.h"
-#include "mamba/os.h"
+#include "model/npy.h"
 
 namespace mamba::cli {
 
@@ -14,15 +14,16 @@ namespace mamba::cli {
 inline std::vector<std::vector<int32_t>> read_npy_ids(const std::string& path) {
   NpyArray a = read_npy(path);
   std::vector<int64_t> v = npy_to_i64(a, path);
-  MAMBA_CHECK(a.shape.size() == 1 || a.shape.size() == 2, path, ": token ids must be (L) or (B, L), got shape ",
-              shape_str(a.shape));
+  MAMBA_CHECK(a.shape.size() == 1 || a.shape.size() == 2, path,
+              ": token ids must be (L) or (B, L), got shape ", shape_str(a.shape));
   const int64_t B = a.shape.size() == 2 ? a.shape[0] : 1, L = a.shape.back();
   MAMBA_CHECK(B > 0 && L > 0, path, ": empty token ids ", shape_str(a.shape));
   std::vector<std::vector<int32_t>> out(B);
   for (int64_t b = 0; b < B; ++b)
     for (int64_t t = 0; t < L; ++t) {
       int64_t id = v[b * L + t];
-      MAMBA_CHECK(id >= 0 && id <= INT32_MAX, path, ": token id ", id, " at (", b, ", ", t, ") is out of range");
+      MAMBA_CHECK(id >= 0 && id <= INT32_MAX, path, ": token id ", id, " at (", b, ", ", t,
+                  ") is out of range");
       out[b].push_back(static_cast<int32_t>(id));
     }
   return out;

@@ -7,11 +7,11 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "core/os.h"
 #include "mamba/lm.h"
-#include "mamba/ops/xwt.h"
-#include "mamba/os.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
+#include "ops/gemm_nt.h"
 
 namespace mamba::cli {
 
@@ -51,79 +51,99 @@ Command add_bench(CLI::App& app) {
   auto* src = sub->add_option_group("model", "what to measure (one of)");
   src->add_option("--model", o->model, "model folder (config.json + weights)");
   src->add_option("--config", o->config, "config.json file (random weights)");
-  src->add_option("--preset", o->preset, "random weights with the exact shapes of: mamba-130m, mamba2-130m, tiny");
+  src->add_option("--preset", o->preset,
+                  "random weights with the exact shapes of: mamba-130m, mamba2-130m, tiny");
   src->require_option(1);
-  sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--gen", o->gen, "tokens to decode")->capture_default_str()->check(CLI::PositiveNumber);
-  sub->add_option("--batch", o->batch, "sequences decoded together (tokens/s count all of them)")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--gen", o->gen, "tokens to decode")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
+  sub->add_option("--batch", o->batch, "sequences decoded together (tokens/s count all of them)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
-  sub->add_option("--reps", o->reps, "repetitions (median and spread are reported)")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--reps", o->reps, "repetitions (median and spread are reported)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_flag("--json", o->json, "one JSON object instead of the table");
   add_dtype_option(sub, o->dtype);
-  return {sub, [o] {
-            set_num_threads(o->threads);
-            const WeightDType wdt = parse_weight_dtype(o->dtype);
-            std::unique_ptr<MambaLM> lm;
-            std::string what;
-            if (!o->model.empty()) {
-              lm = std::make_unique<MambaLM>(MambaLM::load(o->model, wdt));  // converted tensor by tensor
-              what = o->model;
-            } else {
-              ModelConfig cfg = !o->config.empty() ? ModelConfig::load(o->config) : ModelConfig::parse(preset_json(o->preset), o->preset);
-              lm = std::make_unique<MambaLM>(cfg, 0, wdt);  // converted layer by layer
-              what = o->config.empty() ? o->preset + " (random weights)" : o->config + " (random weights)";
+  return {
+      sub, [o] {
+        set_num_threads(o->threads);
+        const WeightDType wdt = parse_weight_dtype(o->dtype);
+        std::unique_ptr<MambaLM> lm;
+        std::string what;
+        if (!o->model.empty()) {
+          lm = std::make_unique<MambaLM>(
+              MambaLM::load(o->model, wdt));  // converted tensor by tensor
+          what = o->model;
+        } else {
+          ModelConfig cfg = !o->config.empty()
+                                ? ModelConfig::load(o->config)
+                                : ModelConfig::parse(preset_json(o->preset), o->preset);
+          lm = std::make_unique<MambaLM>(cfg, 0, wdt);  // converted layer by layer
+          what =
+              o->config.empty() ? o->preset + " (random weights)" : o->config + " (random weights)";
+        }
+        if (wdt != WeightDType::f32) os::release_freed_memory();  // the fp32 copies' pages
+        const double rss_loaded = os::current_rss_bytes() / 1048576.0;
+        const int64_t V = lm->config().vocab_size, B = o->batch;
+        Rng rng(0);
+        std::vector<int32_t> ids(static_cast<size_t>(B * o->prompt));
+        for (auto& v : ids) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
+        std::vector<double> pre, dec;
+        for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
+          LMState st;
+          auto t0 = std::chrono::steady_clock::now();
+          lm->forward_last(ids, B, o->prompt, &st);  // prefill: logits of the last position only
+          double tp = seconds(t0);
+          std::vector<int32_t> tok(static_cast<size_t>(B));
+          for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
+          t0 = std::chrono::steady_clock::now();
+          for (int64_t i = 0; i < o->gen; ++i) {
+            Tensor logits = lm->step(tok, st);
+            for (int64_t b = 0; b < B; ++b) {  // greedy feedback, as a real decode loop
+              const float* l = logits.data() + b * lm->vocab();
+              tok[b] = static_cast<int32_t>(std::max_element(l, l + V) - l);
             }
-            if (wdt != WeightDType::f32) os::release_freed_memory();  // the fp32 copies' pages
-            const double rss_loaded = os::current_rss_bytes() / 1048576.0;
-            const int64_t V = lm->config().vocab_size, B = o->batch;
-            Rng rng(0);
-            std::vector<int32_t> ids(static_cast<size_t>(B * o->prompt));
-            for (auto& v : ids) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
-            std::vector<double> pre, dec;
-            for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
-              LMState st;
-              auto t0 = std::chrono::steady_clock::now();
-              lm->forward_last(ids, B, o->prompt, &st);  // prefill: logits of the last position only
-              double tp = seconds(t0);
-              std::vector<int32_t> tok(static_cast<size_t>(B));
-              for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
-              t0 = std::chrono::steady_clock::now();
-              for (int64_t i = 0; i < o->gen; ++i) {
-                Tensor logits = lm->step(tok, st);
-                for (int64_t b = 0; b < B; ++b) {  // greedy feedback, as a real decode loop
-                  const float* l = logits.data() + b * lm->vocab();
-                  tok[b] = static_cast<int32_t>(std::max_element(l, l + V) - l);
-                }
-              }
-              double td = seconds(t0);
-              if (r > 0) pre.push_back(B * o->prompt / tp), dec.push_back(B * o->gen / td);
-              if (!o->json)
-                std::fprintf(stderr, "rep %d/%d: prefill %.1f tok/s, decode %.1f tok/s%s\n", r, o->reps,
-                             B * o->prompt / tp, B * o->gen / td, r == 0 ? " (warm-up)" : "");
-            }
-            Stats p = stats(pre), d = stats(dec);
-            double rss = os::peak_rss_bytes() / 1048576.0, rss_end = os::current_rss_bytes() / 1048576.0;
-            if (o->json) {
-              std::printf("{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\",\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
-                          "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
-                          "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
-                          "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
-                          what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
-                          ops::xwt_packed_active() ? "packed" : "blas", num_threads(),
-                          (long long)B, (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max,
-                          d.median, d.min, d.max, rss, rss_loaded, rss_end);
-            } else {
-              std::printf("model: %s, %lld parameters, %s weights, %d threads, batch %lld\n", what.c_str(),
-                          (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(), (long long)B);
-              std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
-              std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median, p.min, p.max);
-              // With --batch B both rates count the tokens of all B sequences (aggregate).
-              std::printf("| decode %lld%s | %.1f | %.1f | %.1f |\n", (long long)o->gen,
-                          B > 1 ? str(" x ", B, " sequences").c_str() : "", d.median, d.min, d.max);
-              std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss, rss_loaded, rss_end);
-            }
-            return 0;
-          }};
+          }
+          double td = seconds(t0);
+          if (r > 0) pre.push_back(B * o->prompt / tp), dec.push_back(B * o->gen / td);
+          if (!o->json)
+            std::fprintf(stderr, "rep %d/%d: prefill %.1f tok/s, decode %.1f tok/s%s\n", r, o->reps,
+                         B * o->prompt / tp, B * o->gen / td, r == 0 ? " (warm-up)" : "");
+        }
+        Stats p = stats(pre), d = stats(dec);
+        double rss = os::peak_rss_bytes() / 1048576.0,
+               rss_end = os::current_rss_bytes() / 1048576.0;
+        if (o->json) {
+          std::printf(
+              "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\","
+              "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
+              "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
+              "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
+              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
+              what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
+              ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
+              (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max, d.median,
+              d.min, d.max, rss, rss_loaded, rss_end);
+        } else {
+          std::printf("model: %s, %lld parameters, %s weights, %d threads, batch %lld\n",
+                      what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
+                      num_threads(), (long long)B);
+          std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
+          std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median,
+                      p.min, p.max);
+          // With --batch B both rates count the tokens of all B sequences (aggregate).
+          std::printf("| decode %lld%s | %.1f | %.1f | %.1f |\n", (long long)o->gen,
+                      B > 1 ? str(" x ", B, " sequences").c_str() : "", d.median, d.min, d.max);
+          std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss,
+                      rss_loaded, rss_end);
+        }
+        return 0;
+      }};
 }
 
 }  // namespace mamba::cli

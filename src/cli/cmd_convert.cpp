@@ -13,7 +13,8 @@ Command add_convert(CLI::App& app) {
     std::string model, out, format = "mamba_ssm";
   };
   auto o = std::make_shared<Opts>();
-  auto* sub = app.add_subcommand("convert", "Rewrite a model folder as safetensors in mamba_ssm's or transformers' layout");
+  auto* sub = app.add_subcommand(
+      "convert", "Rewrite a model folder as safetensors in mamba_ssm's or transformers' layout");
   sub->add_option("--model", o->model, "input model folder")->required();
   sub->add_option("--out", o->out, "output folder (created; files written atomically)")->required();
   sub->add_option("--format", o->format, "mamba_ssm (MambaLMHeadModel) or hf (transformers *-hf)")
@@ -22,8 +23,8 @@ Command add_convert(CLI::App& app) {
   return {sub, [o] {
             MambaLM lm = MambaLM::load(o->model);
             lm.save(o->out, o->format == "hf");
-            std::printf("wrote %s (%s layout, %lld parameters)\n", o->out.c_str(), o->format.c_str(),
-                        (long long)lm.num_parameters());
+            std::printf("wrote %s (%s layout, %lld parameters)\n", o->out.c_str(),
+                        o->format.c_str(), (long long)lm.num_parameters());
             return 0;
           }};
 }

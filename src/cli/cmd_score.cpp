@@ -9,11 +9,11 @@
 
 #include "cli/cli_util.h"
 #include "cli/commands.h"
+#include "core/os.h"
 #include "mamba/lm.h"
-#include "mamba/npy.h"
-#include "mamba/os.h"
 #include "mamba/parallel.h"
 #include "mamba/tokenizer.h"
+#include "model/npy.h"
 
 namespace mamba::cli {
 
@@ -23,9 +23,12 @@ Command add_score(CLI::App& app) {
     int threads = 0;
   };
   auto o = std::make_shared<Opts>();
-  auto* sub = app.add_subcommand("score", "Write the logits (B, L, V) of token ids (B, L) as float32 .npy");
+  auto* sub =
+      app.add_subcommand("score", "Write the logits (B, L, V) of token ids (B, L) as float32 .npy");
   sub->add_option("--model", o->model, "model folder")->required();
-  sub->add_option("--ids", o->ids, "int64/int32 token ids (B, L) or (L), .npy")->required()->check(CLI::ExistingFile);
+  sub->add_option("--ids", o->ids, "int64/int32 token ids (B, L) or (L), .npy")
+      ->required()
+      ->check(CLI::ExistingFile);
   sub->add_option("--out", o->out, "output .npy, float32 (B, L, V_pad)")->required();
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   add_dtype_option(sub, o->dtype);
@@ -33,7 +36,8 @@ Command add_score(CLI::App& app) {
             set_num_threads(o->threads);
             MambaLM lm = load_model(o->model, o->dtype);
             auto rows = read_npy_ids(o->ids);
-            const int64_t B = static_cast<int64_t>(rows.size()), L = static_cast<int64_t>(rows[0].size());
+            const int64_t B = static_cast<int64_t>(rows.size()),
+                          L = static_cast<int64_t>(rows[0].size());
             std::vector<int32_t> flat;
             for (auto& r : rows) flat.insert(flat.end(), r.begin(), r.end());
             Tensor logits = lm.forward(flat, B, L);
@@ -54,16 +58,21 @@ Command add_perplexity(CLI::App& app) {
   sub->add_option("--model", o->model, "model folder")->required();
   sub->add_option("--text", o->text, "UTF-8 text file")->required()->check(CLI::ExistingFile);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model folder's)");
-  sub->add_option("--context", o->context, "tokens per window")->capture_default_str()->check(CLI::PositiveNumber);
+  sub->add_option("--context", o->context, "tokens per window")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--stride", o->stride, "window advance; only new tokens are scored")
-      ->capture_default_str()->check(CLI::PositiveNumber);
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
-            MAMBA_CHECK(o->stride <= o->context, "--stride (", o->stride, ") must be <= --context (", o->context, ")");
+            MAMBA_CHECK(o->stride <= o->context, "--stride (", o->stride,
+                        ") must be <= --context (", o->context, ")");
             MambaLM lm = load_model(o->model, o->dtype);
-            Tokenizer tok = o->tokenizer.empty() ? Tokenizer::from_model_dir(o->model) : Tokenizer::from_file(o->tokenizer);
+            Tokenizer tok = o->tokenizer.empty() ? Tokenizer::from_model_dir(o->model)
+                                                 : Tokenizer::from_file(o->tokenizer);
             std::ifstream f(o->text, std::ios::binary);
             std::stringstream ss;
             ss << f.rdbuf();
@@ -85,11 +94,12 @@ Command add_perplexity(CLI::App& app) {
                 ++counted;
               }
               scored_until = end;
-              std::fprintf(stderr, "\rscored %lld / %lld tokens", (long long)scored_until, (long long)n);
+              std::fprintf(stderr, "\rscored %lld / %lld tokens", (long long)scored_until,
+                           (long long)n);
             }
             std::fprintf(stderr, "\n");
-            std::printf("{\"tokens\": %lld, \"nll_per_token\": %.6f, \"perplexity\": %.4f}\n", (long long)counted,
-                        nll / counted, std::exp(nll / counted));
+            std::printf("{\"tokens\": %lld, \"nll_per_token\": %.6f, \"perplexity\": %.4f}\n",
+                        (long long)counted, nll / counted, std::exp(nll / counted));
             return 0;
           }};
 }

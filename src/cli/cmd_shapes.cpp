@@ -65,7 +65,8 @@ Command add_shapes(CLI::App& app) {
   return {sub, [o] {
             if (o->layer == "mamba1") {
               Mamba1Config c;
-              c.d_model = o->d_model, c.d_conv = o->d_conv, c.expand = o->expand, c.dt_rank = o->dt_rank;
+              c.d_model = o->d_model, c.d_conv = o->d_conv, c.expand = o->expand,
+              c.dt_rank = o->dt_rank;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               Mamba1 layer(c, 0);
               return trace_layer(layer, *o);

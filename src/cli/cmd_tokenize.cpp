@@ -10,8 +10,8 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "core/os.h"
 #include "mamba/error.h"
-#include "mamba/os.h"
 #include "mamba/tokenizer.h"
 
 namespace mamba::cli {
@@ -32,7 +32,8 @@ void add_source(CLI::App* sub, TokOpts& o) {
 
 Tokenizer load(const TokOpts& o) {
   MAMBA_CHECK(!o.tokenizer.empty() || !o.model.empty(), "give --tokenizer FILE or --model DIR");
-  return o.tokenizer.empty() ? Tokenizer::from_model_dir(o.model) : Tokenizer::from_file(o.tokenizer);
+  return o.tokenizer.empty() ? Tokenizer::from_model_dir(o.model)
+                             : Tokenizer::from_file(o.tokenizer);
 }
 
 std::string read_input(const std::string& file) {
@@ -41,7 +42,8 @@ std::string read_input(const std::string& file) {
   return std::string(b.begin(), b.end());
 }
 
-// Lines split on '\n'; a trailing "\r" stays part of the line; no empty last line after a final '\n'.
+// Lines split on '\n'; a trailing "\r" stays part of the line; no empty last line after a final
+// '\n'.
 std::vector<std::string> split_lines(const std::string& s) {
   std::vector<std::string> lines;
   size_t a = 0;
@@ -77,9 +79,12 @@ std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {
     }
     MAMBA_CHECK(j.is_array(), where, ": expected a JSON array of token ids");
     for (size_t i = 0; i < j.size(); ++i) {
-      MAMBA_CHECK(j[i].is_number_integer(), where, ": element ", i, " is not an integer: ", j[i].dump());
-      const int64_t v = j[i].is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(j[i].get<uint64_t>(), INT64_MAX))
-                                                   : j[i].get<int64_t>();
+      MAMBA_CHECK(j[i].is_number_integer(), where, ": element ", i,
+                  " is not an integer: ", j[i].dump());
+      const int64_t v =
+          j[i].is_number_unsigned()
+              ? static_cast<int64_t>(std::min<uint64_t>(j[i].get<uint64_t>(), INT64_MAX))
+              : j[i].get<int64_t>();
       MAMBA_CHECK(v >= 0 && v <= INT32_MAX, where, ": token id ", j[i].dump(), " out of range");
       ids.push_back(static_cast<int32_t>(v));
     }
@@ -95,13 +100,16 @@ std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {
     } catch (const std::exception&) {
       used = 0;
     }
-    MAMBA_CHECK(used == tok.size() && v >= 0 && v <= INT32_MAX, where, ": bad token id '", tok, "'");
+    MAMBA_CHECK(used == tok.size() && v >= 0 && v <= INT32_MAX, where, ": bad token id '", tok,
+                "'");
     ids.push_back(static_cast<int32_t>(v));
     tok.clear();
   };
   for (char c : s) {
-    if (c == ',' || c == ' ' || c == '\t' || c == '\n' || c == '\r') flush();
-    else tok += c;
+    if (c == ',' || c == ' ' || c == '\t' || c == '\n' || c == '\r')
+      flush();
+    else
+      tok += c;
   }
   flush();
   return ids;
@@ -111,19 +119,23 @@ std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {
 
 Command add_tokenize(CLI::App& app) {
   auto o = std::make_shared<TokOpts>();
-  auto* sub = app.add_subcommand("tokenize", "Text -> token ids (a JSON array; one per line with --jsonl)");
+  auto* sub =
+      app.add_subcommand("tokenize", "Text -> token ids (a JSON array; one per line with --jsonl)");
   add_source(sub, *o);
   auto* t = sub->add_option("--text", o->text, "the text");
   auto* f = sub->add_option("--file", o->file, "read the text from this file ('-' = stdin)");
   t->excludes(f);
   f->excludes(t);
-  sub->add_flag("--jsonl", o->jsonl, "one JSON array per input line (the newline is not tokenized)");
-  sub->add_flag("--add-special-tokens", o->add_special, "apply the post-processor's special tokens");
+  sub->add_flag("--jsonl", o->jsonl,
+                "one JSON array per input line (the newline is not tokenized)");
+  sub->add_flag("--add-special-tokens", o->add_special,
+                "apply the post-processor's special tokens");
   return {sub, [o, t] {
             Tokenizer tok = load(*o);
             std::string text = t->count() ? o->text : read_input(o->file.empty() ? "-" : o->file);
             if (o->jsonl) {
-              for (const auto& line : split_lines(text)) print_ids(tok.encode(line, o->add_special));
+              for (const auto& line : split_lines(text))
+                print_ids(tok.encode(line, o->add_special));
             } else {
               print_ids(tok.encode(text, o->add_special));
             }
@@ -133,24 +145,31 @@ Command add_tokenize(CLI::App& app) {
 
 Command add_detokenize(CLI::App& app) {
   auto o = std::make_shared<TokOpts>();
-  auto* sub = app.add_subcommand("detokenize", "Token ids -> text (with --jsonl: one JSON array per line in, one JSON string per line out)");
+  auto* sub = app.add_subcommand(
+      "detokenize",
+      "Token ids -> text (with --jsonl: one JSON array per line in, one JSON string per line out)");
   add_source(sub, *o);
   auto* i = sub->add_option("--ids", o->ids, "the ids: \"[1,2,3]\" or \"1 2 3\"");
   auto* f = sub->add_option("--file", o->file, "read the ids from this file ('-' = stdin)");
   i->excludes(f);
   f->excludes(i);
-  sub->add_flag("--jsonl", o->jsonl, "one array per input line; prints each text as a JSON string on its own line");
-  sub->add_flag("--skip-special-tokens", o->skip_special, "leave out special tokens such as <|endoftext|>");
+  sub->add_flag("--jsonl", o->jsonl,
+                "one array per input line; prints each text as a JSON string on its own line");
+  sub->add_flag("--skip-special-tokens", o->skip_special,
+                "leave out special tokens such as <|endoftext|>");
   return {sub, [o, i] {
             Tokenizer tok = load(*o);
-            const std::string where = i->count() ? std::string("--ids") : (o->file.empty() ? std::string("stdin") : o->file);
+            const std::string where = i->count()
+                                          ? std::string("--ids")
+                                          : (o->file.empty() ? std::string("stdin") : o->file);
             std::string in = i->count() ? o->ids : read_input(o->file.empty() ? "-" : o->file);
             if (o->jsonl) {
               size_t n = 0;
               for (const auto& line : split_lines(in)) {
                 ++n;
                 if (line.find_first_not_of(" \t\r") == std::string::npos) continue;
-                const std::string text = tok.decode(parse_ids(line, where + ":" + std::to_string(n)), o->skip_special);
+                const std::string text =
+                    tok.decode(parse_ids(line, where + ":" + std::to_string(n)), o->skip_special);
                 const std::string js = nlohmann::json(text).dump() + "\n";
                 std::fwrite(js.data(), 1, js.size(), stdout);
               }

@@ -1,4 +1,4 @@
-#include "mamba/gemm.h"
+#include "core/gemm.h"
 
 #include <algorithm>
 #include <vector>

@@ -77,7 +77,8 @@ ojson number(double v) {
 }
 
 KeyReader::KeyReader(const json& j, std::string prefix) : j_(j), prefix_(std::move(prefix)) {
-  MAMBA_CHECK(j_.is_object(), "'", prefix_.empty() ? "config" : prefix_.substr(0, prefix_.size() - 1),
+  MAMBA_CHECK(j_.is_object(), "'",
+              prefix_.empty() ? "config" : prefix_.substr(0, prefix_.size() - 1),
               "' must be a JSON object, got ", j_.type_name());
 }
 
@@ -99,9 +100,10 @@ int64_t KeyReader::integer(const std::string& k, int64_t def) {
     return static_cast<int64_t>(d);
   }
   MAMBA_CHECK(v.is_number_integer(), "'", name(k), "' must be an integer, got ", v.dump());
-  MAMBA_CHECK(v.is_number_unsigned() || v.get<int64_t>() > INT64_MIN, "'", name(k), "' is out of range");
-  MAMBA_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), "'", name(k),
+  MAMBA_CHECK(v.is_number_unsigned() || v.get<int64_t>() > INT64_MIN, "'", name(k),
               "' is out of range");
+  MAMBA_CHECK(!v.is_number_unsigned() || v.get<uint64_t>() <= static_cast<uint64_t>(INT64_MAX), "'",
+              name(k), "' is out of range");
   return v.get<int64_t>();
 }
 
@@ -138,7 +140,8 @@ std::pair<double, double> KeyReader::pair(const std::string& k, std::pair<double
   used_.insert(k);
   if (!has(k)) return def;
   const json& v = j_.at(k);
-  MAMBA_CHECK(v.is_array() && v.size() == 2, "'", name(k), "' must be a list of two numbers, got ", v.dump());
+  MAMBA_CHECK(v.is_array() && v.size() == 2, "'", name(k), "' must be a list of two numbers, got ",
+              v.dump());
   return {to_number(v[0], name(k)), to_number(v[1], name(k))};
 }
 

@@ -16,13 +16,14 @@ namespace mamba::json_io {
 using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 
-// Parses text that may hold Python's Infinity / -Infinity / NaN outside strings. Throws mamba::Error
-// prefixed with `origin` for invalid JSON.
+// Parses text that may hold Python's Infinity / -Infinity / NaN outside strings. Throws
+// mamba::Error prefixed with `origin` for invalid JSON.
 json parse_python_json(const std::string& text, const std::string& origin);
 ojson parse_python_ojson(const std::string& text, const std::string& origin);  // keeps key order
 // dump(indent) with infinite numbers written as Python's Infinity / -Infinity.
 std::string dump_python_json(const ojson& j, int indent);
-// A number for writing: integral values as integers, infinities as the markers dump_python_json maps.
+// A number for writing: integral values as integers, infinities as the markers dump_python_json
+// maps.
 ojson number(double v);
 
 class KeyReader {

@@ -1,4 +1,4 @@
-#include "mamba/os.h"
+#include "core/os.h"
 
 #include <cerrno>
 #include <cstdio>
@@ -10,8 +10,8 @@
 
 #if defined(_WIN32)
 #include <io.h>
-#include <windows.h>
 #include <psapi.h>
+#include <windows.h>
 #else
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -47,19 +47,22 @@ std::vector<uint8_t> read_file(const std::string& path, uint64_t max_bytes) {
   return buf;
 }
 
-void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts) {
+void write_file_atomic(const std::string& path,
+                       const std::vector<std::pair<const void*, size_t>>& parts) {
   std::filesystem::path p(path);
   std::string tmp = path + ".tmp";
 #if defined(_WIN32)
   {
     std::ofstream f(tmp, std::ios::binary | std::ios::trunc);
     MAMBA_CHECK(f.good(), "cannot write '", tmp, "'");
-    for (auto& [d, n] : parts) f.write(static_cast<const char*>(d), static_cast<std::streamsize>(n));
+    for (auto& [d, n] : parts)
+      f.write(static_cast<const char*>(d), static_cast<std::streamsize>(n));
     f.flush();
     MAMBA_CHECK(f.good(), "write to '", tmp, "' failed");
   }
-  MAMBA_CHECK(MoveFileExA(tmp.c_str(), path.c_str(), MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH),
-              "cannot rename '", tmp, "' to '", path, "'");
+  MAMBA_CHECK(
+      MoveFileExA(tmp.c_str(), path.c_str(), MOVEFILE_REPLACE_EXISTING | MOVEFILE_WRITE_THROUGH),
+      "cannot rename '", tmp, "' to '", path, "'");
 #else
   int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
   MAMBA_CHECK(fd >= 0, "cannot write '", tmp, "': ", std::strerror(errno));

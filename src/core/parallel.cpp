@@ -6,7 +6,7 @@
 
 #include <algorithm>
 
-#include "mamba/gemm.h"
+#include "core/gemm.h"
 
 namespace mamba {
 

@@ -168,8 +168,8 @@ Tensor Tensor::cols(int64_t c0, int64_t n) const {
   check_defined(*this, "cols");
   MAMBA_CHECK(ndim() >= 1, "cols on a 0-d tensor");
   const int64_t W = shape_.back();
-  MAMBA_CHECK(c0 >= 0 && n >= 0 && c0 + n <= W, "cols [", c0, ", ", c0 + n, ") out of range for shape ",
-              shape_str());
+  MAMBA_CHECK(c0 >= 0 && n >= 0 && c0 + n <= W, "cols [", c0, ", ", c0 + n,
+              ") out of range for shape ", shape_str());
   MAMBA_CHECK(row_len() == W, "cols: the last dimension of the strided view ", shape_str(),
               " is not its row (rows of ", row_len_, " values): call contiguous() first");
   if (c0 == 0 && n == W) return *this;

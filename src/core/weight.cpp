@@ -2,6 +2,8 @@
 // Highway kernel following the dispatch pattern of src/ops/act.cpp).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/weight.cpp"
+#include "mamba/weight.h"
+
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
@@ -11,7 +13,6 @@
 #include <new>
 
 #include "mamba/parallel.h"
-#include "mamba/weight.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mamba {
@@ -26,10 +27,13 @@ void FromHalfT(const uint16_t* src, float* dst, int64_t n) {
   for (; i + NL <= n; i += NL) {
     if constexpr (kBF16) {
       const hn::Rebind<hwy::bfloat16_t, decltype(df)> dh;
-      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::bfloat16_t*>(src + i))), df, dst + i);
+      hn::StoreU(
+          hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::bfloat16_t*>(src + i))), df,
+          dst + i);
     } else {
       const hn::Rebind<hwy::float16_t, decltype(df)> dh;
-      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(src + i))), df, dst + i);
+      hn::StoreU(hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(src + i))),
+                 df, dst + i);
     }
   }
   for (; i < n; ++i) dst[i] = kBF16 ? bf16_to_f32(src[i]) : f16_to_f32(src[i]);
@@ -52,9 +56,12 @@ HWY_EXPORT(FromHalfKernel);
 
 const char* weight_dtype_name(WeightDType t) {
   switch (t) {
-    case WeightDType::f32: return "f32";
-    case WeightDType::bf16: return "bf16";
-    case WeightDType::f16: return "f16";
+    case WeightDType::f32:
+      return "f32";
+    case WeightDType::bf16:
+      return "bf16";
+    case WeightDType::f16:
+      return "f16";
   }
   return "?";
 }
@@ -92,7 +99,9 @@ float f16_to_f32(uint16_t h) {
       u = sign;
     } else {  // subnormal
       int e = -1;
-      do { ++e, man <<= 1; } while (!(man & 0x400));
+      do {
+        ++e, man <<= 1;
+      } while (!(man & 0x400));
       u = sign | ((127 - 15 - e) << 23) | ((man & 0x3FF) << 13);
     }
   } else if (exp == 31) {
@@ -164,8 +173,9 @@ std::shared_ptr<uint16_t> allocate_half(int64_t n) {
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * 2;
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
   void* p = ::operator new(bytes, std::align_val_t(kAlign));
-  return std::shared_ptr<uint16_t>(static_cast<uint16_t*>(p),
-                                   [](uint16_t* q) { ::operator delete(q, std::align_val_t(kAlign)); });
+  return std::shared_ptr<uint16_t>(static_cast<uint16_t*>(p), [](uint16_t* q) {
+    ::operator delete(q, std::align_val_t(kAlign));
+  });
 }
 }  // namespace
 
@@ -199,8 +209,8 @@ Tensor Weight::to_f32() const {
 }
 
 void Weight::row_to_f32(int64_t r, float* dst) const {
-  MAMBA_CHECK(defined() && r >= 0 && r < rows(), "Weight::row_to_f32: row ", r, " out of range [0, ",
-              rows(), ")");
+  MAMBA_CHECK(defined() && r >= 0 && r < rows(), "Weight::row_to_f32: row ", r,
+              " out of range [0, ", rows(), ")");
   const int64_t c = cols();
   if (is_f32())
     std::copy_n(f32_.data() + r * c, c, dst);

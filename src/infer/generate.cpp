@@ -8,7 +8,8 @@
 namespace mamba {
 
 void SamplingParams::validate() const {
-  MAMBA_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be > 0, got ", temperature);
+  MAMBA_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be > 0, got ",
+              temperature);
   MAMBA_CHECK(top_k >= 0, "top_k must be >= 0, got ", top_k);
   MAMBA_CHECK(top_p > 0 && top_p <= 1, "top_p must be in (0, 1], got ", top_p);
   MAMBA_CHECK(min_p >= 0 && min_p <= 1, "min_p must be in [0, 1], got ", min_p);
@@ -32,12 +33,14 @@ int32_t sample_token(const float* logits, int64_t vocab, const SamplingParams& p
   // Candidates sorted by logit, descending (ties by id for determinism).
   std::vector<int32_t> idx(static_cast<size_t>(vocab));
   std::iota(idx.begin(), idx.end(), 0);
-  std::sort(idx.begin(), idx.end(), [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
+  std::sort(idx.begin(), idx.end(),
+            [&](int32_t a, int32_t b) { return l[a] > l[b] || (l[a] == l[b] && a < b); });
   if (p.top_k > 0 && p.top_k < vocab) idx.resize(static_cast<size_t>(p.top_k));
   std::vector<double> prob(idx.size());
   const double mx = l[idx[0]];
   double sum = 0;
-  for (size_t i = 0; i < idx.size(); ++i) sum += prob[i] = std::exp((l[idx[i]] - mx) / p.temperature);
+  for (size_t i = 0; i < idx.size(); ++i)
+    sum += prob[i] = std::exp((l[idx[i]] - mx) / p.temperature);
   for (double& v : prob) v /= sum;
   size_t keep = idx.size();
   if (p.min_p > 0) {

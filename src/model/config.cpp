@@ -6,14 +6,14 @@
 
 #include <algorithm>
 #include <cctype>
-#include <optional>
 #include <cmath>
+#include <optional>
 #include <set>
 #include <tuple>
 
 #include "core/json_reader.h"
+#include "core/os.h"
 #include "mamba/error.h"
-#include "mamba/os.h"
 
 namespace mamba {
 
@@ -25,12 +25,27 @@ using json_io::KeyReader;
 using json_io::ojson;
 
 // transformers bookkeeping keys that do not change the model's math.
-const std::initializer_list<const char*> kBenignHfKeys = {
-    "architectures", "torch_dtype", "dtype", "transformers_version", "_name_or_path", "use_cache",
-    "initializer_range", "rescale_prenorm_residual", "use_mambapy", "output_hidden_states",
-    "output_attentions", "return_dict", "auto_map", "model_type", "sep_token_id", "unk_token_id",
-    "_commit_hash", "_attn_implementation_autoset", "is_encoder_decoder", "use_return_dict",
-    "time_step_rank_auto"};
+const std::initializer_list<const char*> kBenignHfKeys = {"architectures",
+                                                          "torch_dtype",
+                                                          "dtype",
+                                                          "transformers_version",
+                                                          "_name_or_path",
+                                                          "use_cache",
+                                                          "initializer_range",
+                                                          "rescale_prenorm_residual",
+                                                          "use_mambapy",
+                                                          "output_hidden_states",
+                                                          "output_attentions",
+                                                          "return_dict",
+                                                          "auto_map",
+                                                          "model_type",
+                                                          "sep_token_id",
+                                                          "unk_token_id",
+                                                          "_commit_hash",
+                                                          "_attn_implementation_autoset",
+                                                          "is_encoder_decoder",
+                                                          "use_return_dict",
+                                                          "time_step_rank_auto"};
 
 int64_t token_id(KeyReader& r, const std::string& k) {
   if (!r.has(k)) {
@@ -40,7 +55,8 @@ int64_t token_id(KeyReader& r, const std::string& k) {
   }
   const json& v = r.raw(k);
   if (v.is_array()) {  // eos_token_id may be a list; the first one is the main one
-    MAMBA_CHECK(!v.empty() && v[0].is_number_integer(), "'", r.name(k), "' must be an integer or a list of them");
+    MAMBA_CHECK(!v.empty() && v[0].is_number_integer(), "'", r.name(k),
+                "' must be an integer or a list of them");
     return v[0].get<int64_t>();
   }
   return r.integer(k, -1);
@@ -62,8 +78,8 @@ MixerConfig parse_ssm_cfg(const json& j, int64_t d_model) {
       using M = typename decltype(t)::type;
       if (layer == M::kName) return;
       const auto& keys = M::Config::ssm_cfg_keys();
-      MAMBA_CHECK(std::find(keys.begin(), keys.end(), k) == keys.end(), "'ssm_cfg.", k, "' is a parameter of ",
-                  M::kName, ", not of ", layer);
+      MAMBA_CHECK(std::find(keys.begin(), keys.end(), k) == keys.end(), "'ssm_cfg.", k,
+                  "' is a parameter of ", M::kName, ", not of ", layer);
     });
   }
   r.finish(str("a ", layer, " ssm_cfg"));
@@ -122,7 +138,8 @@ ModelConfig parse_mamba_ssm(const json& j) {
 // mapped onto the two mixers' config structs.
 ModelConfig parse_hf(const json& j) {
   KeyReader r(j, "");
-  MAMBA_CHECK(r.has("model_type"), "'model_type' is missing (a transformers config needs \"mamba\" or \"mamba2\")");
+  MAMBA_CHECK(r.has("model_type"),
+              "'model_type' is missing (a transformers config needs \"mamba\" or \"mamba2\")");
   const std::string mt = r.string("model_type", "");
   MAMBA_CHECK(mt == "mamba" || mt == "mamba2", "'model_type' = \"", mt,
               "\" is not supported (expected \"mamba\" or \"mamba2\")");
@@ -158,8 +175,9 @@ ModelConfig parse_hf(const json& j) {
   c.pad_vocab_size_multiple = r.integer("pad_vocab_size_multiple", 1);
   // The HF model's embedding has exactly vocab_size rows.
   MAMBA_CHECK(c.pad_vocab_size_multiple >= 1 && c.vocab_size % c.pad_vocab_size_multiple == 0,
-              "'pad_vocab_size_multiple' = ", c.pad_vocab_size_multiple, " contradicts 'vocab_size' = ",
-              c.vocab_size, ": a transformers checkpoint has exactly vocab_size embedding rows");
+              "'pad_vocab_size_multiple' = ", c.pad_vocab_size_multiple,
+              " contradicts 'vocab_size' = ", c.vocab_size,
+              ": a transformers checkpoint has exactly vocab_size embedding rows");
   if (r.has("n_layer"))
     MAMBA_CHECK(r.integer("n_layer", 0) == c.n_layer, "'n_layer' = ", r.integer("n_layer", 0),
                 " contradicts 'num_hidden_layers' = ", c.n_layer);
@@ -171,8 +189,8 @@ ModelConfig parse_hf(const json& j) {
   if (r.has("time_step_rank")) {
     const json& v = r.raw("time_step_rank");
     if (v.is_string()) {
-      MAMBA_CHECK(v.get<std::string>() == "auto", "'time_step_rank' must be an integer or \"auto\", got ",
-                  v.dump());
+      MAMBA_CHECK(v.get<std::string>() == "auto",
+                  "'time_step_rank' must be an integer or \"auto\", got ", v.dump());
     } else {
       rank = r.integer("time_step_rank", rank);
     }
@@ -182,16 +200,17 @@ ModelConfig parse_hf(const json& j) {
     Mamba1Config s;
     common(s);
     c.rms_norm = r.boolean("rms_norm", true);
-    MAMBA_CHECK(c.rms_norm, "'rms_norm' = false contradicts model_type \"mamba\" (transformers' Mamba "
-                            "always uses RMSNorm)");
+    MAMBA_CHECK(c.rms_norm,
+                "'rms_norm' = false contradicts model_type \"mamba\" (transformers' Mamba "
+                "always uses RMSNorm)");
     // transformers resolves "auto" to ceil(hidden_size / 16) before saving; keep "auto" when equal.
     const int64_t auto_rank = c.d_model / 16 + (c.d_model % 16 != 0);
     s.dt_rank = rank == auto_rank ? -1 : rank;
     if (s.dt_rank != -1) check_range(s.dt_rank, 1, 1 << 16, "time_step_rank");
     s.dt_scale = r.number("time_step_scale", s.dt_scale);
     s.dt_init = r.string("time_step_init_scheme", s.dt_init);
-    MAMBA_CHECK(s.dt_init == "random" || s.dt_init == "constant", "'time_step_init_scheme' = \"", s.dt_init,
-                "\" (expected \"random\" or \"constant\")");
+    MAMBA_CHECK(s.dt_init == "random" || s.dt_init == "constant", "'time_step_init_scheme' = \"",
+                s.dt_init, "\" (expected \"random\" or \"constant\")");
     MAMBA_CHECK(std::isfinite(s.expand) && s.expand > 0 && s.expand <= 64, "'expand' = ", s.expand,
                 " is out of range (0, 64]");
     d_inner = s.d_inner();
@@ -216,8 +235,9 @@ ModelConfig parse_hf(const json& j) {
     c.ssm_cfg = s;
   }
   if (r.has("intermediate_size"))
-    MAMBA_CHECK(r.integer("intermediate_size", 0) == d_inner, "'intermediate_size' = ",
-                r.integer("intermediate_size", 0), " contradicts expand * hidden_size = ", d_inner);
+    MAMBA_CHECK(r.integer("intermediate_size", 0) == d_inner,
+                "'intermediate_size' = ", r.integer("intermediate_size", 0),
+                " contradicts expand * hidden_size = ", d_inner);
   r.ignore(kBenignHfKeys);
   r.finish(str("a transformers ", m2 ? "Mamba2Config" : "MambaConfig"));
   return c;
@@ -242,21 +262,25 @@ void ModelConfig::validate() const {
   check_range(vocab_size, 1, 1 << 24, "vocab_size");
   check_range(pad_vocab_size_multiple, 1, 1 << 16, "pad_vocab_size_multiple");
   check_range(d_intermediate, 0, 1 << 20, "d_intermediate");
-  MAMBA_CHECK(norm_epsilon > 0 && norm_epsilon < 1, "'norm_epsilon' = ", norm_epsilon, " is out of range (0, 1)");
+  MAMBA_CHECK(norm_epsilon > 0 && norm_epsilon < 1, "'norm_epsilon' = ", norm_epsilon,
+              " is out of range (0, 1)");
   std::visit([](const auto& m) { m.check_ssm_cfg(); }, mixer());
   std::set<int64_t> seen;
   for (int64_t i : attn_layer_idx) {
-    MAMBA_CHECK(i >= 0 && i < n_layer, "'attn_layer_idx' holds ", i, ", outside [0, n_layer = ", n_layer, ")");
+    MAMBA_CHECK(i >= 0 && i < n_layer, "'attn_layer_idx' holds ", i,
+                ", outside [0, n_layer = ", n_layer, ")");
     MAMBA_CHECK(seen.insert(i).second, "'attn_layer_idx' holds ", i, " twice");
   }
   if (!attn_layer_idx.empty()) {
     const AttnConfig& a = attn_cfg;
     check_range(a.num_heads, 1, 1 << 12, "attn_cfg.num_heads");
     check_range(a.num_heads_kv, 0, a.num_heads, "attn_cfg.num_heads_kv");
-    MAMBA_CHECK(a.num_heads_kv == 0 || a.num_heads % a.num_heads_kv == 0, "'attn_cfg.num_heads_kv' = ",
-                a.num_heads_kv, " does not divide 'attn_cfg.num_heads' = ", a.num_heads);
-    MAMBA_CHECK(a.head_dim > 0 || d_model % a.num_heads == 0, "'attn_cfg.num_heads' = ", a.num_heads,
-                " does not divide d_model = ", d_model, " (and attn_cfg.head_dim is not given)");
+    MAMBA_CHECK(a.num_heads_kv == 0 || a.num_heads % a.num_heads_kv == 0,
+                "'attn_cfg.num_heads_kv' = ", a.num_heads_kv,
+                " does not divide 'attn_cfg.num_heads' = ", a.num_heads);
+    MAMBA_CHECK(a.head_dim > 0 || d_model % a.num_heads == 0,
+                "'attn_cfg.num_heads' = ", a.num_heads, " does not divide d_model = ", d_model,
+                " (and attn_cfg.head_dim is not given)");
     check_range(a.head_dim, 0, 1 << 12, "attn_cfg.head_dim");
     check_range(a.mlp_dim, 0, 1 << 20, "attn_cfg.mlp_dim");
     check_range(a.d_conv, 0, 64, "attn_cfg.d_conv");
@@ -269,7 +293,8 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& origi
   json j = json_io::parse_python_json(text, origin);
   try {
     MAMBA_CHECK(j.is_object(), "the top level must be a JSON object, got ", j.type_name());
-    const bool hf = j.contains("model_type") || j.contains("hidden_size") || j.contains("num_hidden_layers");
+    const bool hf =
+        j.contains("model_type") || j.contains("hidden_size") || j.contains("num_hidden_layers");
     ModelConfig c = hf ? parse_hf(j) : parse_mamba_ssm(j);
     c.validate();
     return c;
@@ -290,8 +315,8 @@ std::string ModelConfig::to_json() const {
   MAMBA_CHECK(norm_epsilon == 1e-5, "to_json: norm_epsilon = ", norm_epsilon,
               " cannot be written in mamba_ssm's config.json (MambaLMHeadModel fixes it at 1e-5)");
   using json_io::number;
-  const ojson ssm = json_io::parse_python_ojson(std::visit([](const auto& m) { return m.to_ssm_cfg(); }, mixer()),
-                                                "ssm_cfg");
+  const ojson ssm = json_io::parse_python_ojson(
+      std::visit([](const auto& m) { return m.to_ssm_cfg(); }, mixer()), "ssm_cfg");
   ojson attn = ojson::object();
   if (!(attn_cfg == AttnConfig{})) {
     const AttnConfig& a = attn_cfg;
@@ -331,11 +356,13 @@ std::string ModelConfig::to_hf_json() const {
   const MixerConfig mc = mixer();
   const Mamba1Config* m1 = std::get_if<Mamba1Config>(&mc);
   const Mamba2Config* m2 = std::get_if<Mamba2Config>(&mc);
-  MAMBA_CHECK(m1 || m2, "to_hf_json: transformers has no config class for the ", mixer_name(ssm_cfg), " mixer");
+  MAMBA_CHECK(m1 || m2, "to_hf_json: transformers has no config class for the ",
+              mixer_name(ssm_cfg), " mixer");
   MAMBA_CHECK(attn_layer_idx.empty() && d_intermediate == 0,
               "to_hf_json: attention layers and MLPs have no transformers MambaConfig keys");
-  MAMBA_CHECK(!m1 || m1->selective,
-              "to_hf_json: the non-selective ablation is a mamba.cpp extension transformers cannot load");
+  MAMBA_CHECK(
+      !m1 || m1->selective,
+      "to_hf_json: the non-selective ablation is a mamba.cpp extension transformers cannot load");
   MAMBA_CHECK(!m2 || (m2->ssm_dim() == m2->d_inner() && !m2->D_has_hdim),
               "to_hf_json: d_ssm < d_inner or D_has_hdim have no transformers Mamba2Config keys");
   ojson j;
@@ -410,8 +437,10 @@ bool shared_name(const std::string& n) {
   size_t p = layer_prefix(n);
   if (!p) return false;
   std::string rest = n.substr(p);
-  return rest == "norm.weight" || rest == "norm.bias" || (rest.rfind("mixer.", 0) == 0 && rest.size() > 6) ||
-         (rest.rfind("mlp.", 0) == 0 && rest.size() > 4) || rest == "norm2.weight" || rest == "norm2.bias";
+  return rest == "norm.weight" || rest == "norm.bias" ||
+         (rest.rfind("mixer.", 0) == 0 && rest.size() > 6) ||
+         (rest.rfind("mlp.", 0) == 0 && rest.size() > 4) || rest == "norm2.weight" ||
+         rest == "norm2.bias";
 }
 }  // namespace
 
@@ -425,7 +454,8 @@ std::string hf_to_mamba_ssm_name(const std::string& n) {
 std::string mamba_ssm_to_hf_name(const std::string& n) {
   if (n == "backbone.embedding.weight") return "backbone.embeddings.weight";
   if (n == "backbone.norm_f.bias") return n;
-  MAMBA_CHECK(shared_name(n), "tensor '", n, "' is not a mamba_ssm MambaLMHeadModel parameter name");
+  MAMBA_CHECK(shared_name(n), "tensor '", n,
+              "' is not a mamba_ssm MambaLMHeadModel parameter name");
   return n;
 }
 

@@ -4,15 +4,15 @@
 #include <cmath>
 #include <filesystem>
 
-#include "mamba/ops/elementwise.h"
-#include "mamba/ops/linear.h"
-#include "mamba/ops/norm.h"
-#include "mamba/os.h"
+#include "core/os.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
 #include "mamba/safetensors.h"
-#include "mamba/torch_bin.h"
 #include "mamba/trace.h"
+#include "model/torch_bin.h"
+#include "ops/elementwise.h"
+#include "ops/linear.h"
+#include "ops/norm.h"
 
 namespace mamba {
 
@@ -20,8 +20,8 @@ namespace {
 
 // The mixer config of layer i: ssm_cfg with the model's d_model, and the layer's own initial delta
 // range when dt_init gives one.
-MixerConfig layer_mixer_config(const ModelConfig& cfg, const std::vector<std::pair<double, double>>& dt_init,
-                               int64_t i) {
+MixerConfig layer_mixer_config(const ModelConfig& cfg,
+                               const std::vector<std::pair<double, double>>& dt_init, int64_t i) {
   MixerConfig m = cfg.mixer();
   std::visit(
       [&](auto& c) {
@@ -38,10 +38,12 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
     : cfg_(cfg) {
   cfg_.validate();
   MAMBA_CHECK(dt_init.empty() || static_cast<int64_t>(dt_init.size()) == cfg_.n_layer,
-              "MambaLM: dt_init needs one {dt_min, dt_max} per layer (n_layer = ", cfg_.n_layer, "), got ",
-              dt_init.size());
-  MAMBA_CHECK(cfg_.attn_layer_idx.empty(), "config: attn_layer_idx (hybrid attention layers) is not supported yet");
-  MAMBA_CHECK(cfg_.d_intermediate == 0, "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
+              "MambaLM: dt_init needs one {dt_min, dt_max} per layer (n_layer = ", cfg_.n_layer,
+              "), got ", dt_init.size());
+  MAMBA_CHECK(cfg_.attn_layer_idx.empty(),
+              "config: attn_layer_idx (hybrid attention layers) is not supported yet");
+  MAMBA_CHECK(cfg_.d_intermediate == 0,
+              "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
   emb_ = &own_.add_matrix("backbone.embedding.weight", {V, d});
@@ -79,7 +81,8 @@ void MambaLM::for_each_param(Fn&& fn) const {
   auto& own = self.own_.all();
   fn(own.front().name, own.front(), static_cast<Block*>(nullptr));
   for (size_t i = 0; i < blocks_.size(); ++i)
-    for (auto& p : self.blocks_[i].norm_params().all()) fn(str("backbone.layers.", i, ".", p.name), p, &self.blocks_[i]);
+    for (auto& p : self.blocks_[i].norm_params().all())
+      fn(str("backbone.layers.", i, ".", p.name), p, &self.blocks_[i]);
   for (size_t k = 1; k < own.size(); ++k) fn(own[k].name, own[k], static_cast<Block*>(nullptr));
   for (size_t i = 0; i < blocks_.size(); ++i)
     for (auto& p : self.blocks_[i].mixer_params().all())
@@ -99,13 +102,15 @@ int64_t MambaLM::num_parameters() const {
 }
 
 void MambaLM::set_weight_dtype(WeightDType t) {
-  for (Block& b : blocks_) b.mixer_params().set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
+  for (Block& b : blocks_)
+    b.mixer_params().set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
   own_.set_weight_dtype(t);
 }
 
 std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for_each_param([&](const std::string& name, Param& p, Block*) { out.emplace_back(name, p.value.to_f32()); });
+  for_each_param(
+      [&](const std::string& name, Param& p, Block*) { out.emplace_back(name, p.value.to_f32()); });
   return out;
 }
 
@@ -124,7 +129,8 @@ void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd, const std
 
 void MambaLM::load_tensors(const std::vector<std::string>& names,
                            const std::function<Shape(const std::string&)>& shape_of,
-                           const std::function<Tensor(const std::string&)>& get, const std::string& origin) {
+                           const std::function<Tensor(const std::string&)>& get,
+                           const std::string& origin) {
   std::map<std::string, std::string> key;  // mamba_ssm name -> name in the source
   for (const auto& k : names) key[cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k] = k;
   std::map<std::string, bool> used;
@@ -133,8 +139,8 @@ void MambaLM::load_tensors(const std::vector<std::string>& names,
     MAMBA_CHECK(it != key.end(), origin, ": missing tensor '", name, "'");
     const Shape expected = p->value.shape();
     const Shape got = shape_of(it->second);
-    MAMBA_CHECK(got == expected, origin, ": tensor '", name, "' has shape ", shape_str(got), ", expected ",
-                shape_str(expected));
+    MAMBA_CHECK(got == expected, origin, ": tensor '", name, "' has shape ", shape_str(got),
+                ", expected ", shape_str(expected));
     // One tensor at a time: a 16-bit model never holds the whole fp32 state dict.
     p->value.assign(get(it->second));
     used[name] = true;
@@ -145,8 +151,8 @@ void MambaLM::load_tensors(const std::vector<std::string>& names,
     if (k == "lm_head.weight" && cfg_.tie_embeddings) {
       // Stored twice by save_pretrained; must equal the embedding it is tied to.
       const Shape got = shape_of(src);
-      MAMBA_CHECK(got == emb_shape, origin, ": lm_head.weight has shape ", shape_str(got), ", expected ",
-                  shape_str(emb_shape), " (tied to the embedding)");
+      MAMBA_CHECK(got == emb_shape, origin, ": lm_head.weight has shape ", shape_str(got),
+                  ", expected ", shape_str(emb_shape), " (tied to the embedding)");
       continue;
     }
     throw Error(str(origin, ": unexpected tensor '", k, "' (not a parameter of this config)"));
@@ -170,7 +176,8 @@ MambaLM MambaLM::load(const std::string& dir, WeightDType dtype) {
   } else if (os::exists(bin)) {
     lm.load_state_dict(load_torch_state_dict(bin), bin);
   } else {
-    throw Error(str("model folder '", dir, "' has neither model.safetensors nor pytorch_model.bin"));
+    throw Error(
+        str("model folder '", dir, "' has neither model.safetensors nor pytorch_model.bin"));
   }
   return lm;
 }
@@ -184,15 +191,16 @@ void MambaLM::save(const std::string& dir, bool hf) const {
     if (name == "backbone.embedding.weight") emb = v;
     tensors.emplace_back(hf ? mamba_ssm_to_hf_name(name) : name, v);
   }
-  if (cfg_.tie_embeddings && !hf) tensors.emplace_back("lm_head.weight", emb);  // as save_pretrained
+  if (cfg_.tie_embeddings && !hf)
+    tensors.emplace_back("lm_head.weight", emb);              // as save_pretrained
   std::string cfg = hf ? cfg_.to_hf_json() : cfg_.to_json();  // validate before writing anything
   save_safetensors((fs::path(dir) / "model.safetensors").string(), tensors, {{"format", "pt"}});
   os::write_file_atomic((fs::path(dir) / "config.json").string(), cfg.data(), cfg.size());
 }
 
 Tensor MambaLM::embed(std::span<const int32_t> ids, int64_t B, int64_t L) const {
-  MAMBA_CHECK(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ", B, "x", L,
-              " = ", B * L, " ids, got ", ids.size());
+  MAMBA_CHECK(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L, "input ids: expected ",
+              B, "x", L, " = ", B * L, " ids, got ", ids.size());
   const int64_t d = cfg_.d_model;
   Tensor h = ops::embedding_fwd(emb_->value, ids).reshape({B, L, d});
   trace::op("embedding", {{B, L}}, {{B, L, d}});
@@ -204,7 +212,8 @@ Tensor MambaLM::head(const Tensor& hidden) const {
   return ops::linear(hidden.reshape({-1, d}), lm_head_->value);  // (M, V_pad)
 }
 
-Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv, LMState* state) const {
+Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv,
+                         LMState* state) const {
   Tensor hidden = embed(ids, B, L);
   Tensor residual;
   if (sv) {
@@ -215,15 +224,18 @@ Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMS
   if (state) state->layers.assign(blocks_.size(), BlockState{}), state->batch = B;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     trace::Scope scope(str("layers.", i, "."));
-    hidden = blocks_[i].forward(hidden, residual, sv ? &sv->blocks[i] : nullptr, state ? &state->layers[i] : nullptr);
+    hidden = blocks_[i].forward(hidden, residual, sv ? &sv->blocks[i] : nullptr,
+                                state ? &state->layers[i] : nullptr);
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(), static_cast<float>(cfg_.norm_epsilon));
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
+                                     static_cast<float>(cfg_.norm_epsilon));
   trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
   if (sv) sv->residual_final = residual, sv->hidden_final = out;
   return out;  // (B, L, d_model)
 }
 
-Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* saved, LMState* state) const {
+Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* saved,
+                        LMState* state) const {
   MAMBA_CHECK(!saved || weight_dtype() == WeightDType::f32, "MambaLM::forward: weights are ",
               weight_dtype_name(weight_dtype()), ": inference only; load in f32 to train");
   Tensor out = backbone(ids, B, L, saved, state);
@@ -232,7 +244,8 @@ Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSa
   return logits;
 }
 
-Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L, LMState* state) const {
+Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
+                             LMState* state) const {
   Tensor out = backbone(ids, B, L, nullptr, state);
   const int64_t d = cfg_.d_model;
   const Tensor last = out.reshape({B, L * d}).cols((L - 1) * d, d);  // (B, d): a strided view
@@ -243,15 +256,17 @@ Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
 
 void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits) {
   MAMBA_CHECK(!sv.empty(), "MambaLM::backward: no saved activations (call forward with saved)");
-  MAMBA_CHECK(sv.blocks.size() == blocks_.size(), "MambaLM::backward: the saved activations are for ",
-              sv.blocks.size(), " layers, the model has ", blocks_.size());
+  MAMBA_CHECK(sv.blocks.size() == blocks_.size(),
+              "MambaLM::backward: the saved activations are for ", sv.blocks.size(),
+              " layers, the model has ", blocks_.size());
   MAMBA_CHECK(weight_dtype() == WeightDType::f32, "MambaLM::backward: weights are ",
               weight_dtype_name(weight_dtype()), ": inference only; load in f32 to train");
   const int64_t B = sv.B, L = sv.L, d = cfg_.d_model, V = vocab(), M = B * L;
   check_shape(dlogits, "MambaLM::backward: dlogits", {B, L, V});
   const float eps = static_cast<float>(cfg_.norm_epsilon);
   // Head: logits = hidden_final @ W^T (W the embedding when tied: its gradient gets both parts).
-  Tensor dhid = ops::linear_bwd(sv.hidden_final, lm_head_->value, dlogits, &lm_head_->grad, nullptr);
+  Tensor dhid =
+      ops::linear_bwd(sv.hidden_final, lm_head_->value, dlogits, &lm_head_->grad, nullptr);
   // norm_f.
   auto gf = ops::rms_norm_bwd(sv.residual_final, norm_f_->value.f32(), eps, dhid);
   ops::add_into(norm_f_->grad, gf.dweight);
@@ -270,16 +285,18 @@ LMState MambaLM::new_state(int64_t batch) const {
 
 Tensor MambaLM::step(std::span<const int32_t> ids, LMState& state) const {
   const int64_t B = static_cast<int64_t>(ids.size());
-  MAMBA_CHECK(state.batch == B, "MambaLM::step: state is for batch ", state.batch, ", got ", B, " ids");
-  MAMBA_CHECK(state.layers.size() == blocks_.size(), "MambaLM::step: state has ", state.layers.size(),
-              " layers, the model ", blocks_.size());
+  MAMBA_CHECK(state.batch == B, "MambaLM::step: state is for batch ", state.batch, ", got ", B,
+              " ids");
+  MAMBA_CHECK(state.layers.size() == blocks_.size(), "MambaLM::step: state has ",
+              state.layers.size(), " layers, the model ", blocks_.size());
   Tensor hidden = embed(ids, B, 1).reshape({B, cfg_.d_model});
   Tensor residual;
   for (size_t i = 0; i < blocks_.size(); ++i) {
     trace::Scope scope(str("layers.", i, "."));
     hidden = blocks_[i].step(hidden, residual, state.layers[i]);
   }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(), static_cast<float>(cfg_.norm_epsilon));
+  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
+                                     static_cast<float>(cfg_.norm_epsilon));
   return head(out);
 }
 

@@ -1,11 +1,11 @@
 // .npy reader/writer. The header is a Python dict literal; it is parsed by a small strict
 // scanner that accepts exactly the three keys numpy writes (descr, fortran_order, shape).
-#include "mamba/npy.h"
+#include "model/npy.h"
 
 #include <bit>
 #include <cstring>
 
-#include "mamba/os.h"
+#include "core/os.h"
 
 namespace mamba {
 
@@ -27,7 +27,8 @@ struct Header {
   size_t i = 0;
 
   [[noreturn]] void fail(const std::string& why) const {
-    throw Error(str(origin, ": bad .npy header (", why, " at character ", i, "): ", s.substr(0, 200)));
+    throw Error(
+        str(origin, ": bad .npy header (", why, " at character ", i, "): ", s.substr(0, 200)));
   }
   void ws() {
     while (i < s.size() && (s[i] == ' ' || s[i] == '\t' || s[i] == '\n' || s[i] == '\r')) ++i;
@@ -97,15 +98,18 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& origin) {
   MAMBA_CHECK(b.size() >= 10 && std::memcmp(b.data(), kMagic, 6) == 0, origin,
               ": not a .npy file (no \\x93NUMPY magic)");
   const int major = b[6];
-  MAMBA_CHECK(major >= 1 && major <= 3, origin, ": unsupported .npy format version ", major, ".", int(b[7]));
+  MAMBA_CHECK(major >= 1 && major <= 3, origin, ": unsupported .npy format version ", major, ".",
+              int(b[7]));
   uint64_t hlen, hstart;
   if (major == 1) {
     hlen = b[8] | (uint64_t(b[9]) << 8), hstart = 10;
   } else {
     MAMBA_CHECK(b.size() >= 12, origin, ": truncated .npy header");
-    hlen = b[8] | (uint64_t(b[9]) << 8) | (uint64_t(b[10]) << 16) | (uint64_t(b[11]) << 24), hstart = 12;
+    hlen = b[8] | (uint64_t(b[9]) << 8) | (uint64_t(b[10]) << 16) | (uint64_t(b[11]) << 24),
+    hstart = 12;
   }
-  MAMBA_CHECK(hlen <= kMaxHeader, origin, ": .npy header length ", hlen, " exceeds the limit of ", kMaxHeader);
+  MAMBA_CHECK(hlen <= kMaxHeader, origin, ": .npy header length ", hlen, " exceeds the limit of ",
+              kMaxHeader);
   MAMBA_CHECK(hlen <= b.size() - hstart, origin, ": truncated .npy file: header says ", hlen,
               " bytes but only ", b.size() - hstart, " follow");
   const std::string text(reinterpret_cast<const char*>(b.data() + hstart), hlen);
@@ -139,7 +143,8 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& origin) {
     throw Error(str(origin, ": .npy dtype '", a.dtype, "' is not supported",
                     big ? " (big-endian)" : "", "; expected '<f4', '<i8' or '<i4'"));
   }
-  MAMBA_CHECK(!fortran, origin, ": .npy array is in Fortran order; save it in C order (np.ascontiguousarray)");
+  MAMBA_CHECK(!fortran, origin,
+              ": .npy array is in Fortran order; save it in C order (np.ascontiguousarray)");
   uint64_t numel = 1;
   for (int64_t d : a.shape) {
     MAMBA_CHECK(d == 0 || numel <= kMaxNumel / static_cast<uint64_t>(d), origin, ": .npy shape ",
@@ -148,8 +153,9 @@ NpyArray parse_npy(const std::vector<uint8_t>& b, const std::string& origin) {
   }
   const uint64_t nbytes = numel * static_cast<uint64_t>(itemsize(a.dtype));
   const uint64_t have = b.size() - hstart - hlen;
-  MAMBA_CHECK(have == nbytes, origin, ": .npy data is ", have, " bytes, but dtype ", a.dtype, " and shape ",
-              shape_str(a.shape), " need ", nbytes, have < nbytes ? " (truncated file)" : "");
+  MAMBA_CHECK(have == nbytes, origin, ": .npy data is ", have, " bytes, but dtype ", a.dtype,
+              " and shape ", shape_str(a.shape), " need ", nbytes,
+              have < nbytes ? " (truncated file)" : "");
   a.data.assign(b.begin() + static_cast<std::ptrdiff_t>(hstart + hlen), b.end());
   return a;
 }
@@ -159,7 +165,8 @@ NpyArray read_npy(const std::string& path) { return parse_npy(os::read_file(path
 std::vector<uint8_t> encode_npy(const NpyArray& a) {
   const int isz = itemsize(a.dtype);
   MAMBA_CHECK(isz > 0, "encode_npy: dtype '", a.dtype, "' is not one of '<f4', '<i8', '<i4'");
-  for (int64_t d : a.shape) MAMBA_CHECK(d >= 0, "encode_npy: negative dimension in ", shape_str(a.shape));
+  for (int64_t d : a.shape)
+    MAMBA_CHECK(d >= 0, "encode_npy: negative dimension in ", shape_str(a.shape));
   MAMBA_CHECK(static_cast<uint64_t>(a.numel()) * static_cast<uint64_t>(isz) == a.data.size(),
               "encode_npy: ", a.data.size(), " data bytes for dtype ", a.dtype, " and shape ",
               shape_str(a.shape));
@@ -167,7 +174,8 @@ std::vector<uint8_t> encode_npy(const NpyArray& a) {
   for (size_t k = 0; k < a.shape.size(); ++k) shape += (k ? ", " : "") + std::to_string(a.shape[k]);
   if (a.shape.size() == 1) shape += ",";
   shape += ")";
-  std::string header = "{'descr': '" + a.dtype + "', 'fortran_order': False, 'shape': " + shape + ", }";
+  std::string header =
+      "{'descr': '" + a.dtype + "', 'fortran_order': False, 'shape': " + shape + ", }";
   const bool v2 = header.size() + 11 > 65535;
   const size_t pre = v2 ? 12 : 10;
   size_t total = pre + header.size() + 1;
@@ -189,16 +197,19 @@ void write_npy(const std::string& path, const Tensor& t) {
   const float* p = t.data();
   for (int64_t i = 0; i < t.numel(); ++i) {
     uint32_t u = std::bit_cast<uint32_t>(p[i]);
-    for (int k = 0; k < 4; ++k) a.data[static_cast<size_t>(4 * i + k)] = static_cast<uint8_t>(u >> (8 * k));
+    for (int k = 0; k < 4; ++k)
+      a.data[static_cast<size_t>(4 * i + k)] = static_cast<uint8_t>(u >> (8 * k));
   }
   std::vector<uint8_t> bytes = encode_npy(a);
   os::write_file_atomic(path, bytes.data(), bytes.size());
 }
 
-void write_npy_i64(const std::string& path, const Shape& shape, const std::vector<int64_t>& values) {
-  for (int64_t d : shape) MAMBA_CHECK(d >= 0, "write_npy_i64: negative dimension in ", shape_str(shape));
-  MAMBA_CHECK(shape_numel(shape) == static_cast<int64_t>(values.size()), "write_npy_i64: ", values.size(),
-              " values for shape ", shape_str(shape));
+void write_npy_i64(const std::string& path, const Shape& shape,
+                   const std::vector<int64_t>& values) {
+  for (int64_t d : shape)
+    MAMBA_CHECK(d >= 0, "write_npy_i64: negative dimension in ", shape_str(shape));
+  MAMBA_CHECK(shape_numel(shape) == static_cast<int64_t>(values.size()),
+              "write_npy_i64: ", values.size(), " values for shape ", shape_str(shape));
   NpyArray a;
   a.dtype = "<i8";
   a.shape = shape;
@@ -210,12 +221,14 @@ void write_npy_i64(const std::string& path, const Shape& shape, const std::vecto
 
 Tensor npy_to_tensor(const NpyArray& a, const std::string& what) {
   MAMBA_CHECK(a.dtype == "<f4", what, ": expected a float32 ('<f4') array, got '", a.dtype, "'");
-  MAMBA_CHECK(a.data.size() == static_cast<size_t>(a.numel()) * 4, what, ": data size does not match shape");
+  MAMBA_CHECK(a.data.size() == static_cast<size_t>(a.numel()) * 4, what,
+              ": data size does not match shape");
   Tensor t = Tensor::empty(a.shape);
   float* o = t.data();
   for (int64_t i = 0; i < a.numel(); ++i) {
     const uint8_t* q = a.data.data() + 4 * i;
-    o[i] = std::bit_cast<float>(uint32_t(q[0]) | uint32_t(q[1]) << 8 | uint32_t(q[2]) << 16 | uint32_t(q[3]) << 24);
+    o[i] = std::bit_cast<float>(uint32_t(q[0]) | uint32_t(q[1]) << 8 | uint32_t(q[2]) << 16 |
+                                uint32_t(q[3]) << 24);
   }
   return t;
 }
@@ -228,7 +241,8 @@ std::vector<int64_t> npy_to_i64(const NpyArray& a, const std::string& what) {
   std::vector<int64_t> v(static_cast<size_t>(a.numel()));
   for (size_t i = 0; i < v.size(); ++i) {
     uint64_t u = 0;
-    for (int k = isz - 1; k >= 0; --k) u = (u << 8) | a.data[i * static_cast<size_t>(isz) + static_cast<size_t>(k)];
+    for (int k = isz - 1; k >= 0; --k)
+      u = (u << 8) | a.data[i * static_cast<size_t>(isz) + static_cast<size_t>(k)];
     v[i] = isz == 8 ? static_cast<int64_t>(u) : static_cast<int32_t>(static_cast<uint32_t>(u));
   }
   return v;

@@ -5,7 +5,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
-#include "mamba/os.h"
+#include "core/os.h"
 
 namespace mamba {
 
@@ -67,14 +67,15 @@ SafetensorsFile SafetensorsFile::parse_view(std::shared_ptr<const void> keep, co
     if (name == "__metadata__") {
       MAMBA_CHECK(v.is_object(), origin, ": __metadata__ is not an object");
       for (auto m = v.begin(); m != v.end(); ++m) {
-        MAMBA_CHECK(m.value().is_string(), origin, ": metadata value '", m.key(), "' is not a string");
+        MAMBA_CHECK(m.value().is_string(), origin, ": metadata value '", m.key(),
+                    "' is not a string");
         f.metadata_[m.key()] = m.value().get<std::string>();
       }
       continue;
     }
-    MAMBA_CHECK(v.is_object() && v.contains("dtype") && v.contains("shape") &&
-                    v.contains("data_offsets"),
-                origin, ": tensor '", name, "' lacks dtype, shape or data_offsets");
+    MAMBA_CHECK(
+        v.is_object() && v.contains("dtype") && v.contains("shape") && v.contains("data_offsets"),
+        origin, ": tensor '", name, "' lacks dtype, shape or data_offsets");
     const auto& jd = v["dtype"];
     const auto& js = v["shape"];
     const auto& jo = v["data_offsets"];
@@ -103,9 +104,9 @@ SafetensorsFile SafetensorsFile::parse_view(std::shared_ptr<const void> keep, co
     MAMBA_CHECK(info.begin <= info.end && info.end <= data_size, origin, ": tensor '", name,
                 "' data [", info.begin, ", ", info.end, ") lies outside the ", data_size,
                 "-byte data section (truncated or corrupt file)");
-    MAMBA_CHECK(info.end - info.begin == numel * static_cast<uint64_t>(esize), origin,
-                ": tensor '", name, "' has ", info.end - info.begin, " bytes, but dtype ",
-                info.dtype, " and shape ", shape_str(info.shape), " need ", numel * esize);
+    MAMBA_CHECK(info.end - info.begin == numel * static_cast<uint64_t>(esize), origin, ": tensor '",
+                name, "' has ", info.end - info.begin, " bytes, but dtype ", info.dtype,
+                " and shape ", shape_str(info.shape), " need ", numel * esize);
     ranges.emplace_back(info.begin, info.end);
     f.info_[name] = std::move(info);
     f.order_.push_back(name);
@@ -164,8 +165,8 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
 Tensor SafetensorsFile::tensor(const std::string& name, const Shape& expected) const {
   const SafetensorInfo& in = info(name);
   if (in.shape != expected)
-    throw Error(str(origin_, ": tensor '", name, "' has shape ", shape_str(in.shape),
-                    ", expected ", shape_str(expected)));
+    throw Error(str(origin_, ": tensor '", name, "' has shape ", shape_str(in.shape), ", expected ",
+                    shape_str(expected)));
   return tensor(name);
 }
 
@@ -183,7 +184,8 @@ std::vector<int64_t> SafetensorsFile::tensor_i64(const std::string& name, Shape*
       out[i] = v;
     }
   } else {
-    throw Error(str(origin_, ": tensor '", name, "' has dtype ", in.dtype, ", expected I64 or I32"));
+    throw Error(
+        str(origin_, ": tensor '", name, "' has dtype ", in.dtype, ", expected I64 or I32"));
   }
   if (shape) *shape = in.shape;
   return out;
@@ -197,9 +199,11 @@ void save_safetensors(const std::string& path,
   uint64_t offset = 0;
   for (const auto& [name, t] : tensors) {
     check_defined(t, name.c_str());
-    MAMBA_CHECK(name != "__metadata__" && !header.contains(name), "save_safetensors: duplicate name '", name, "'");
+    MAMBA_CHECK(name != "__metadata__" && !header.contains(name),
+                "save_safetensors: duplicate name '", name, "'");
     uint64_t bytes = static_cast<uint64_t>(t.numel()) * 4;
-    header[name] = {{"dtype", "F32"}, {"shape", t.shape()}, {"data_offsets", {offset, offset + bytes}}};
+    header[name] = {
+        {"dtype", "F32"}, {"shape", t.shape()}, {"data_offsets", {offset, offset + bytes}}};
     offset += bytes;
   }
   std::string h = header.dump();
@@ -208,7 +212,8 @@ void save_safetensors(const std::string& path,
   uint64_t hl = h.size();
   for (int i = 0; i < 8; ++i) len[i] = static_cast<uint8_t>(hl >> (8 * i));
   std::vector<std::pair<const void*, size_t>> parts{{len, 8}, {h.data(), h.size()}};
-  for (const auto& [name, t] : tensors) parts.emplace_back(t.data(), static_cast<size_t>(t.numel()) * 4);
+  for (const auto& [name, t] : tensors)
+    parts.emplace_back(t.data(), static_cast<size_t>(t.numel()) * 4);
   os::write_file_atomic(path, parts);
 }
 

@@ -1,15 +1,14 @@
 // tokenizer.json loading (hostile input: every field checked), byte-level BPE encode, decode.
 #include "mamba/tokenizer.h"
 
-#include <nlohmann/json.hpp>
-
 #include <algorithm>
 #include <mutex>
+#include <nlohmann/json.hpp>
 #include <queue>
 #include <unordered_map>
 
+#include "core/os.h"
 #include "mamba/error.h"
-#include "mamba/os.h"
 #include "model/tokenizer_text.h"
 
 namespace mamba {
@@ -18,7 +17,7 @@ using nlohmann::json;
 
 namespace {
 
-constexpr int64_t kMaxId = int64_t(1) << 21;          // ids beyond 2M are refused (tables are per id)
+constexpr int64_t kMaxId = int64_t(1) << 21;  // ids beyond 2M are refused (tables are per id)
 constexpr uint64_t kMaxFileBytes = uint64_t(1) << 30;  // 1 GiB
 constexpr size_t kCacheLimit = 1 << 18;                // words kept in the BPE cache
 constexpr size_t kCacheMaxWord = 256;                  // longer words are not cached
@@ -40,7 +39,7 @@ struct AddedToken {
 struct Trie {
   struct Node {
     std::vector<std::pair<uint8_t, int32_t>> next;  // byte -> node
-    int32_t token = -1;                              // index into added tokens
+    int32_t token = -1;                             // index into added tokens
   };
   std::vector<Node> nodes{Node{}};
   void insert(std::string_view s, int32_t token) {
@@ -96,7 +95,8 @@ struct Reader {
   }
   const json& need_object(const json& obj, const char* key, const std::string& path) const {
     const json& v = need(obj, key, path);
-    if (!v.is_object()) fail("'" + json_path(path, key) + "' must be an object, got " + v.type_name());
+    if (!v.is_object())
+      fail("'" + json_path(path, key) + "' must be an object, got " + v.type_name());
     return v;
   }
   std::string str(const json& v, const std::string& path) const {
@@ -106,13 +106,16 @@ struct Reader {
   bool flag(const json& obj, const char* key, bool dflt, const std::string& path) const {
     const json* v = find(obj, key);
     if (!v || v->is_null()) return dflt;
-    if (!v->is_boolean()) fail("'" + json_path(path, key) + "' must be true or false, got " + v->type_name());
+    if (!v->is_boolean())
+      fail("'" + json_path(path, key) + "' must be true or false, got " + v->type_name());
     return v->get<bool>();
   }
   int32_t id(const json& v, const std::string& path) const {
-    if (!v.is_number_integer()) fail("'" + path + "' must be an integer token id, got " + v.type_name());
-    const int64_t x = v.is_number_unsigned() ? static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), kMaxId))
-                                             : v.get<int64_t>();
+    if (!v.is_number_integer())
+      fail("'" + path + "' must be an integer token id, got " + v.type_name());
+    const int64_t x = v.is_number_unsigned()
+                          ? static_cast<int64_t>(std::min<uint64_t>(v.get<uint64_t>(), kMaxId))
+                          : v.get<int64_t>();
     if (x < 0 || x >= kMaxId)
       fail("'" + path + "' = " + v.dump() + " is out of range [0, " + std::to_string(kMaxId) + ")");
     return static_cast<int32_t>(x);
@@ -135,7 +138,7 @@ struct Tokenizer::Impl {
   std::vector<std::string> id_bytes;
   // BPE
   std::unordered_map<uint64_t, std::pair<int32_t, int32_t>> merges;  // (a, b) -> (rank, merged id)
-  std::array<int32_t, 256> byte_id{};                                 // -1 when not in vocab
+  std::array<int32_t, 256> byte_id{};                                // -1 when not in vocab
   int32_t unk_id = -1;
   bool ignore_merges = false;
   // Pipeline
@@ -174,10 +177,14 @@ void parse_normalizer(const Reader& r, const json& n, const std::string& path,
   if (n.is_null()) return;
   if (depth > 8) r.fail("'" + path + "' nests Sequence normalizers too deeply");
   const std::string t = r.type_of(n, path);
-  if (t == "NFC") out.push_back(tok::NormForm::NFC);
-  else if (t == "NFD") out.push_back(tok::NormForm::NFD);
-  else if (t == "NFKC") out.push_back(tok::NormForm::NFKC);
-  else if (t == "NFKD") out.push_back(tok::NormForm::NFKD);
+  if (t == "NFC")
+    out.push_back(tok::NormForm::NFC);
+  else if (t == "NFD")
+    out.push_back(tok::NormForm::NFD);
+  else if (t == "NFKC")
+    out.push_back(tok::NormForm::NFKC);
+  else if (t == "NFKD")
+    out.push_back(tok::NormForm::NFKD);
   else if (t == "Sequence") {
     const json& seq = r.need(n, "normalizers", path);
     if (!seq.is_array()) r.fail("'" + path + ".normalizers' must be an array");
@@ -195,7 +202,8 @@ void parse_post(const Reader& r, const json& p, Tokenizer::Impl& im) {
   const std::string t = r.type_of(p, "post_processor");
   auto pair_id = [&](const char* key) {
     const json& v = r.need(p, key, "post_processor");
-    if (!v.is_array() || v.size() != 2) r.fail(std::string("'post_processor.") + key + "' must be [token, id]");
+    if (!v.is_array() || v.size() != 2)
+      r.fail(std::string("'post_processor.") + key + "' must be [token, id]");
     return r.id(v[1], std::string("post_processor.") + key + "[1]");
   };
   if (t == "ByteLevel") return;
@@ -218,15 +226,21 @@ void parse_post(const Reader& r, const json& p, Tokenizer::Impl& im) {
         seen_a = true;
       } else if (const json* sp = r.find(piece, "SpecialToken")) {
         if (!sp->is_object()) r.fail("'" + path + ".SpecialToken' must be an object");
-        const std::string name = r.str(r.need(*sp, "id", path + ".SpecialToken"), path + ".SpecialToken.id");
+        const std::string name =
+            r.str(r.need(*sp, "id", path + ".SpecialToken"), path + ".SpecialToken.id");
         auto it = specials.find(name);
-        if (it == specials.end()) r.fail("'" + path + "' names special token '" + name + "' missing from 'post_processor.special_tokens'");
-        if (!it->is_object()) r.fail("'post_processor.special_tokens." + name + "' must be an object");
+        if (it == specials.end())
+          r.fail("'" + path + "' names special token '" + name +
+                 "' missing from 'post_processor.special_tokens'");
+        if (!it->is_object())
+          r.fail("'post_processor.special_tokens." + name + "' must be an object");
         const json& ids = r.need(*it, "ids", "post_processor.special_tokens." + name);
-        if (!ids.is_array()) r.fail("'post_processor.special_tokens." + name + ".ids' must be an array");
+        if (!ids.is_array())
+          r.fail("'post_processor.special_tokens." + name + ".ids' must be an array");
         auto& dst = seen_a ? im.suffix_ids : im.prefix_ids;
         for (size_t k = 0; k < ids.size(); ++k)
-          dst.push_back(r.id(ids[k], "post_processor.special_tokens." + name + ".ids[" + std::to_string(k) + "]"));
+          dst.push_back(r.id(
+              ids[k], "post_processor.special_tokens." + name + ".ids[" + std::to_string(k) + "]"));
       } else {
         r.fail("'" + path + "' must hold 'Sequence' or 'SpecialToken'");
       }
@@ -234,7 +248,8 @@ void parse_post(const Reader& r, const json& p, Tokenizer::Impl& im) {
     return;
   }
   r.fail("post_processor type '" + t +
-         "' is not supported (supported: ByteLevel, TemplateProcessing, RobertaProcessing, BertProcessing)");
+         "' is not supported (supported: ByteLevel, TemplateProcessing, RobertaProcessing, "
+         "BertProcessing)");
 }
 
 std::string bytes_of_token(std::string_view tok) {
@@ -262,7 +277,8 @@ Tokenizer::~Tokenizer() = default;
 Tokenizer Tokenizer::from_file(const std::string& path) {
   MAMBA_CHECK(os::exists(path), "tokenizer file not found: ", path);
   std::vector<uint8_t> bytes = os::read_file(path, kMaxFileBytes);
-  return from_json_string(std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), path);
+  return from_json_string(
+      std::string_view(reinterpret_cast<const char*>(bytes.data()), bytes.size()), path);
 }
 
 Tokenizer Tokenizer::from_model_dir(const std::string& dir) {
@@ -282,7 +298,8 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
     r.fail(std::string("not valid JSON: ") + e.what());
   }
   try {
-    if (!j.is_object()) r.fail(std::string("the top level must be a JSON object, got ") + j.type_name());
+    if (!j.is_object())
+      r.fail(std::string("the top level must be a JSON object, got ") + j.type_name());
     auto im = std::make_unique<Impl>();
 
     // -- model
@@ -293,15 +310,18 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
     }
     const json& vocab = r.need_object(m, "vocab", "model");
     const json& merges = r.need(m, "merges", "model");
-    if (!merges.is_array()) r.fail(std::string("'model.merges' must be an array, got ") + merges.type_name());
+    if (!merges.is_array())
+      r.fail(std::string("'model.merges' must be an array, got ") + merges.type_name());
     if (const json* d = r.find(m, "dropout"); d && !d->is_null()) {
       if (!d->is_number()) r.fail("'model.dropout' must be a number or null");
       if (d->get<double>() != 0.0) r.fail("'model.dropout' (BPE dropout) is not supported");
     }
     for (const char* key : {"continuing_subword_prefix", "end_of_word_suffix"})
-      if (const json* v = r.find(m, key); v && !v->is_null() && !(v->is_string() && v->get<std::string>().empty()))
+      if (const json* v = r.find(m, key);
+          v && !v->is_null() && !(v->is_string() && v->get<std::string>().empty()))
         r.fail(std::string("'model.") + key + "' is not supported");
-    if (r.flag(m, "byte_fallback", false, "model")) r.fail("'model.byte_fallback' is not supported");
+    if (r.flag(m, "byte_fallback", false, "model"))
+      r.fail("'model.byte_fallback' is not supported");
     im->ignore_merges = r.flag(m, "ignore_merges", false, "model");
 
     int64_t max_id = -1;
@@ -339,7 +359,9 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
     im->has_id.assign(V, 0);
     im->special.assign(V, 0);
     for (const auto& [tok, id] : im->vocab) {
-      if (im->has_id[id]) r.fail("model.vocab: id " + std::to_string(id) + " is given to both '" + im->id_tok[id] + "' and '" + tok + "'");
+      if (im->has_id[id])
+        r.fail("model.vocab: id " + std::to_string(id) + " is given to both '" + im->id_tok[id] +
+               "' and '" + tok + "'");
       im->id_tok[id] = tok;
       im->has_id[id] = 1;
     }
@@ -352,7 +374,8 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
       if (mg.is_string()) {
         const std::string s = mg.get<std::string>();
         const size_t sp = s.find(' ');
-        if (sp == std::string::npos || sp == 0 || sp + 1 >= s.size() || s.find(' ', sp + 1) != std::string::npos)
+        if (sp == std::string::npos || sp == 0 || sp + 1 >= s.size() ||
+            s.find(' ', sp + 1) != std::string::npos)
           r.fail("'" + path + "' = " + mg.dump() + " must be two tokens separated by one space");
         a = s.substr(0, sp), b = s.substr(sp + 1);
       } else if (mg.is_array() && mg.size() == 2 && mg[0].is_string() && mg[1].is_string()) {
@@ -363,9 +386,13 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
       auto ia = im->vocab.find(a), ib = im->vocab.find(b), iab = im->vocab.find(a + b);
       if (ia == im->vocab.end() || ib == im->vocab.end() || iab == im->vocab.end())
         r.fail("'" + path + "' merges '" + a + "' + '" + b + "', but '" +
-               (ia == im->vocab.end() ? a : ib == im->vocab.end() ? b : a + b) + "' is not in model.vocab");
+               (ia == im->vocab.end()   ? a
+                : ib == im->vocab.end() ? b
+                                        : a + b) +
+               "' is not in model.vocab");
       const uint64_t key = (uint64_t(uint32_t(ia->second)) << 32) | uint32_t(ib->second);
-      im->merges.emplace(key, std::make_pair(static_cast<int32_t>(i), iab->second));  // first rank wins
+      im->merges.emplace(key,
+                         std::make_pair(static_cast<int32_t>(i), iab->second));  // first rank wins
     }
     if (const json* u = r.find(m, "unk_token"); u && !u->is_null()) {
       const std::string unk = r.str(*u, "model.unk_token");
@@ -375,12 +402,14 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
     }
 
     // -- pipeline
-    if (const json* n = r.find(j, "normalizer")) parse_normalizer(r, *n, "normalizer", im->norms, 0);
+    if (const json* n = r.find(j, "normalizer"))
+      parse_normalizer(r, *n, "normalizer", im->norms, 0);
     const json* pre = r.find(j, "pre_tokenizer");
     if (!pre || pre->is_null()) r.fail("'pre_tokenizer' is missing (only ByteLevel is supported)");
     {
       const std::string t = r.type_of(*pre, "pre_tokenizer");
-      if (t != "ByteLevel") r.fail("pre_tokenizer type '" + t + "' is not supported (only ByteLevel)");
+      if (t != "ByteLevel")
+        r.fail("pre_tokenizer type '" + t + "' is not supported (only ByteLevel)");
       im->add_prefix_space = r.flag(*pre, "add_prefix_space", true, "pre_tokenizer");
       im->use_regex = r.flag(*pre, "use_regex", true, "pre_tokenizer");
     }
@@ -417,15 +446,18 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
     }
     im->added = std::move(added);
     for (int32_t id : im->prefix_ids)
-      if (size_t(id) >= V || !im->has_id[id]) r.fail("post_processor token id " + std::to_string(id) + " is not in the vocabulary");
+      if (size_t(id) >= V || !im->has_id[id])
+        r.fail("post_processor token id " + std::to_string(id) + " is not in the vocabulary");
     for (int32_t id : im->suffix_ids)
-      if (size_t(id) >= V || !im->has_id[id]) r.fail("post_processor token id " + std::to_string(id) + " is not in the vocabulary");
+      if (size_t(id) >= V || !im->has_id[id])
+        r.fail("post_processor token id " + std::to_string(id) + " is not in the vocabulary");
 
     im->id_bytes.resize(V);
     for (size_t id = 0; id < V; ++id)
       if (im->has_id[id]) im->id_bytes[id] = bytes_of_token(im->id_tok[id]);
 
-    for (const char* name : {"<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>"}) {
+    for (const char* name :
+         {"<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "<|im_end|>"}) {
       auto it = im->added_by_content.find(std::string_view(name));
       if (it != im->added_by_content.end() && im->special[it->second]) {
         im->eos = it->second;
@@ -444,8 +476,10 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
 void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) const {
   if (word.size() == 1) {
     const int32_t id = byte_id[static_cast<uint8_t>(word[0])];
-    if (id >= 0) out.push_back(id);
-    else if (unk_id >= 0) out.push_back(unk_id);
+    if (id >= 0)
+      out.push_back(id);
+    else if (unk_id >= 0)
+      out.push_back(unk_id);
     return;
   }
   const bool cacheable = word.size() <= kCacheMaxWord;
@@ -502,9 +536,11 @@ void Tokenizer::Impl::bpe(std::string_view word, std::vector<int32_t>& out) cons
       if (sy[nx].next >= 0) sy[sy[nx].next].prev = c.pos;
       dead[nx] = 1;
       if (sy[c.pos].prev >= 0)
-        if (auto* m2 = lookup(sy[sy[c.pos].prev].id, sy[c.pos].id)) q.push({m2->first, sy[c.pos].prev, m2->second});
+        if (auto* m2 = lookup(sy[sy[c.pos].prev].id, sy[c.pos].id))
+          q.push({m2->first, sy[c.pos].prev, m2->second});
       if (sy[c.pos].next >= 0)
-        if (auto* m2 = lookup(sy[c.pos].id, sy[sy[c.pos].next].id)) q.push({m2->first, c.pos, m2->second});
+        if (auto* m2 = lookup(sy[c.pos].id, sy[sy[c.pos].next].id))
+          q.push({m2->first, c.pos, m2->second});
     }
     for (int32_t k = sy.empty() ? -1 : 0; k >= 0; k = sy[k].next) res.push_back(sy[k].id);
   }
@@ -540,7 +576,8 @@ void Tokenizer::Impl::encode_plain(std::string_view text, std::vector<int32_t>& 
 // Cuts out the added tokens of `trie` (leftmost-longest, with lstrip/rstrip/single_word) and
 // hands the text between them to `rest`.
 void Tokenizer::Impl::split_added(std::string_view s, const Trie& trie, std::vector<int32_t>& out,
-                                  void (Impl::*rest)(std::string_view, std::vector<int32_t>&) const) const {
+                                  void (Impl::*rest)(std::string_view, std::vector<int32_t>&)
+                                      const) const {
   if (trie.empty()) {
     (this->*rest)(s, out);
     return;
@@ -567,7 +604,8 @@ void Tokenizer::Impl::split_added(std::string_view s, const Trie& trie, std::vec
     if (at.single_word) {
       char32_t cp;
       const bool left_ok = start == 0 || !tok::is_word_char(prev_cp(start, nullptr));
-      const bool right_ok = stop == s.size() || tok::utf8_decode(s, stop, &cp) == 0 || !tok::is_word_char(cp);
+      const bool right_ok =
+          stop == s.size() || tok::utf8_decode(s, stop, &cp) == 0 || !tok::is_word_char(cp);
       if (!left_ok || !right_ok) {
         i = stop;
         continue;
@@ -647,7 +685,8 @@ const std::string& Tokenizer::id_to_token(int32_t id) const {
 }
 
 std::optional<int32_t> Tokenizer::find_token(std::string_view token) const {
-  if (auto it = impl_->added_by_content.find(token); it != impl_->added_by_content.end()) return it->second;
+  if (auto it = impl_->added_by_content.find(token); it != impl_->added_by_content.end())
+    return it->second;
   if (auto it = impl_->vocab.find(token); it != impl_->vocab.end()) return it->second;
   return std::nullopt;
 }
@@ -694,7 +733,10 @@ std::string utf8_lossy(std::string_view s) {
     // Skip the maximal prefix of a valid sequence (at least one byte), emit one U+FFFD.
     const auto b0 = static_cast<uint8_t>(s[i]);
     size_t skip = 1;
-    int need = b0 >= 0xC2 && b0 <= 0xDF ? 2 : b0 >= 0xE0 && b0 <= 0xEF ? 3 : b0 >= 0xF0 && b0 <= 0xF4 ? 4 : 1;
+    int need = b0 >= 0xC2 && b0 <= 0xDF   ? 2
+               : b0 >= 0xE0 && b0 <= 0xEF ? 3
+               : b0 >= 0xF0 && b0 <= 0xF4 ? 4
+                                          : 1;
     for (int k = 1; k < need && i + k < s.size(); ++k) {
       const auto b = static_cast<uint8_t>(s[i + k]);
       uint8_t lo = 0x80, hi = 0xBF;
@@ -720,13 +762,17 @@ size_t incomplete_tail(const std::string& s) {
   for (size_t back = 1; back <= 3 && back <= n; ++back) {
     const auto b = static_cast<uint8_t>(s[n - back]);
     if ((b & 0xC0) == 0x80) continue;  // continuation byte: look further back
-    const size_t need = b >= 0xC2 && b <= 0xDF ? 2 : b >= 0xE0 && b <= 0xEF ? 3 : b >= 0xF0 && b <= 0xF4 ? 4 : 0;
+    const size_t need = b >= 0xC2 && b <= 0xDF   ? 2
+                        : b >= 0xE0 && b <= 0xEF ? 3
+                        : b >= 0xF0 && b <= 0xF4 ? 4
+                                                 : 0;
     if (need > back) {
       // Only hold back if what is there is a valid prefix.
       std::string probe = s.substr(n - back);
       while (probe.size() < need) probe += '\x80';  // the smallest continuation...
       // ...may be out of range for E0/F0 second bytes; use the lowest allowed second byte.
-      if (back == 1 && (b == 0xE0 || b == 0xF0)) probe[1] = static_cast<char>(b == 0xE0 ? 0xA0 : 0x90);
+      if (back == 1 && (b == 0xE0 || b == 0xF0))
+        probe[1] = static_cast<char>(b == 0xE0 ? 0xA0 : 0x90);
       char32_t cp;
       if (tok::utf8_decode(probe, 0, &cp) > 0) return back;
     }

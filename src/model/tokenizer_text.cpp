@@ -89,9 +89,12 @@ struct AsciiClasses {
   AsciiClasses() {
     for (int i = 0; i < 128; ++i) {
       CharClass k = CharClass::Other;
-      if ((i >= 'a' && i <= 'z') || (i >= 'A' && i <= 'Z')) k = CharClass::Letter;
-      else if (i >= '0' && i <= '9') k = CharClass::Number;
-      else if (i == ' ' || (i >= 0x09 && i <= 0x0D)) k = CharClass::Space;
+      if ((i >= 'a' && i <= 'z') || (i >= 'A' && i <= 'Z'))
+        k = CharClass::Letter;
+      else if (i >= '0' && i <= '9')
+        k = CharClass::Number;
+      else if (i == ' ' || (i >= 0x09 && i <= 0x0D))
+        k = CharClass::Space;
       c[i] = k;
     }
   }
@@ -134,15 +137,23 @@ std::string normalize(std::string_view s, NormForm form) {
   if (ascii) return std::string(s);
   int opts = UTF8PROC_STABLE;
   switch (form) {
-    case NormForm::NFC: opts |= UTF8PROC_COMPOSE; break;
-    case NormForm::NFD: opts |= UTF8PROC_DECOMPOSE; break;
-    case NormForm::NFKC: opts |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT; break;
-    case NormForm::NFKD: opts |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT; break;
+    case NormForm::NFC:
+      opts |= UTF8PROC_COMPOSE;
+      break;
+    case NormForm::NFD:
+      opts |= UTF8PROC_DECOMPOSE;
+      break;
+    case NormForm::NFKC:
+      opts |= UTF8PROC_COMPOSE | UTF8PROC_COMPAT;
+      break;
+    case NormForm::NFKD:
+      opts |= UTF8PROC_DECOMPOSE | UTF8PROC_COMPAT;
+      break;
   }
   utf8proc_uint8_t* dst = nullptr;
-  const utf8proc_ssize_t n =
-      utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
-                   static_cast<utf8proc_ssize_t>(s.size()), &dst, static_cast<utf8proc_option_t>(opts));
+  const utf8proc_ssize_t n = utf8proc_map(reinterpret_cast<const utf8proc_uint8_t*>(s.data()),
+                                          static_cast<utf8proc_ssize_t>(s.size()), &dst,
+                                          static_cast<utf8proc_option_t>(opts));
   std::unique_ptr<utf8proc_uint8_t, decltype(&std::free)> guard(dst, &std::free);
   MAMBA_CHECK(n >= 0, "Unicode normalisation failed: ", utf8proc_errmsg(n));
   return std::string(reinterpret_cast<const char*>(dst), static_cast<size_t>(n));
@@ -151,7 +162,8 @@ std::string normalize(std::string_view s, NormForm form) {
 // 's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
 // with the alternatives tried in order at each position, as a backtracking regex engine does.
 void split_gpt2(std::string_view s, std::vector<std::pair<uint32_t, uint32_t>>& out) {
-  MAMBA_CHECK(s.size() < (1ull << 32) - 1, "text too long to tokenize in one piece: ", s.size(), " bytes");
+  MAMBA_CHECK(s.size() < (1ull << 32) - 1, "text too long to tokenize in one piece: ", s.size(),
+              " bytes");
   // Code points with their classes and byte offsets (offs has one extra entry: the end).
   thread_local std::vector<char32_t> cps;
   thread_local std::vector<CharClass> cls;
@@ -218,7 +230,8 @@ struct ByteMap {
     inv.fill(-1);
     char32_t next = 256;
     for (int b = 0; b < 256; ++b) {
-      const bool printable = (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
+      const bool printable =
+          (b >= '!' && b <= '~') || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE && b <= 0xFF);
       fwd[b] = printable ? static_cast<char32_t>(b) : next++;
       inv[fwd[b]] = static_cast<int16_t>(b);
     }

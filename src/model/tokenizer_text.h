@@ -20,8 +20,8 @@ void check_utf8(std::string_view s, const char* what);
 // The character classes of the GPT-2 split rule.
 enum class CharClass : uint8_t { Letter, Number, Space, Other };
 CharClass char_class(char32_t cp);
-bool is_whitespace(char32_t cp);   // Unicode White_Space (Rust char::is_whitespace)
-bool is_word_char(char32_t cp);    // letter, number or '_' (added tokens' single_word)
+bool is_whitespace(char32_t cp);  // Unicode White_Space (Rust char::is_whitespace)
+bool is_word_char(char32_t cp);   // letter, number or '_' (added tokens' single_word)
 
 enum class NormForm : uint8_t { NFC, NFD, NFKC, NFKD };
 // Normalises valid UTF-8 (ASCII passes through untouched).

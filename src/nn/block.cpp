@@ -1,9 +1,9 @@
 // Block: add -> norm -> mixer, one path for forward, step and backward (see nn/block.h).
 #include "mamba/nn/block.h"
 
-#include "mamba/ops/elementwise.h"
-#include "mamba/ops/norm.h"
 #include "mamba/trace.h"
+#include "ops/elementwise.h"
+#include "ops/norm.h"
 
 namespace mamba {
 
@@ -24,8 +24,8 @@ Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_
     : mixer_(make_mixer(mixer, seed)), eps_(static_cast<float>(norm_eps)) {
   std::visit(
       [&](const auto& m) {
-        MAMBA_CHECK(m.config().d_model == d_model, "Block: the mixer's d_model (", m.config().d_model,
-                    ") differs from the block's (", d_model, ")");
+        MAMBA_CHECK(m.config().d_model == d_model, "Block: the mixer's d_model (",
+                    m.config().d_model, ") differs from the block's (", d_model, ")");
       },
       mixer_);
   norm_.add("norm.weight", {d_model}, true).value.f32().fill(1.f);
@@ -43,19 +43,23 @@ const ParamList& Block::mixer_params() const {
 }
 
 Tensor Block::add_norm(const Tensor& hidden, Tensor& residual) const {
-  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm_.get("norm.weight").value.f32(), eps_);
+  Tensor normed =
+      ops::add_rms_norm_fwd(hidden, residual, norm_.get("norm.weight").value.f32(), eps_);
   trace::op("add+norm", {hidden.shape()}, {normed.shape()});
   return normed;
 }
 
-Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved, BlockState* state) const {
+Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
+                      BlockState* state) const {
   Tensor normed = add_norm(hidden, residual);
-  if (saved) saved->residual = residual.clone();  // the stream is updated in place by the next block
+  if (saved)
+    saved->residual = residual.clone();  // the stream is updated in place by the next block
   trace::Scope scope("mixer.");
   return std::visit(
       [&](auto& m) {
         using M = std::decay_t<decltype(m)>;
-        typename M::Saved* ms = saved ? &saved->mixer.template emplace<typename M::Saved>() : nullptr;
+        typename M::Saved* ms =
+            saved ? &saved->mixer.template emplace<typename M::Saved>() : nullptr;
         typename M::State* st = state ? &state->template emplace<typename M::State>() : nullptr;
         return m.forward(normed, ms, st);
       },
@@ -69,7 +73,8 @@ Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) co
       [&](auto& m) {
         using S = typename std::decay_t<decltype(m)>::State;
         S* st = std::get_if<S>(&state);
-        MAMBA_CHECK(st != nullptr, "Block::step: the state is not a ", std::decay_t<decltype(m)>::kName, " state");
+        MAMBA_CHECK(st != nullptr, "Block::step: the state is not a ",
+                    std::decay_t<decltype(m)>::kName, " state");
         return m.step(normed, *st);
       },
       mixer_);

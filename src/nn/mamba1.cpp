@@ -5,12 +5,12 @@
 #include <algorithm>
 #include <cmath>
 
-#include "mamba/ops/conv1d.h"
-#include "mamba/ops/elementwise.h"
-#include "mamba/ops/linear.h"
-#include "mamba/ops/selective_scan.h"
 #include "mamba/rng.h"
 #include "mamba/trace.h"
+#include "ops/conv1d.h"
+#include "ops/elementwise.h"
+#include "ops/linear.h"
+#include "ops/selective_scan.h"
 
 namespace mamba {
 
@@ -20,14 +20,16 @@ void Mamba1Config::validate() const {
   MAMBA_CHECK(d_model >= 1, "Mamba1Config: d_model must be >= 1, got ", d_model);
   MAMBA_CHECK(d_state >= 1, "Mamba1Config: d_state must be >= 1, got ", d_state);
   MAMBA_CHECK(d_conv >= 1, "Mamba1Config: d_conv must be >= 1, got ", d_conv);
-  MAMBA_CHECK(std::isfinite(expand) && expand > 0, "Mamba1Config: expand must be > 0, got ", expand);
+  MAMBA_CHECK(std::isfinite(expand) && expand > 0, "Mamba1Config: expand must be > 0, got ",
+              expand);
   MAMBA_CHECK(d_inner() >= 1, "Mamba1Config: expand * d_model must be >= 1 (d_inner), got expand ",
               expand, " * d_model ", d_model);
   MAMBA_CHECK(dt_rank == -1 || dt_rank >= 1,
               "Mamba1Config: dt_rank must be >= 1 or -1 (\"auto\"), got ", dt_rank);
-  MAMBA_CHECK(std::isfinite(dt_min) && dt_min > 0, "Mamba1Config: dt_min must be > 0, got ", dt_min);
-  MAMBA_CHECK(std::isfinite(dt_max) && dt_max >= dt_min,
-              "Mamba1Config: dt_max must be >= dt_min (", dt_min, "), got ", dt_max);
+  MAMBA_CHECK(std::isfinite(dt_min) && dt_min > 0, "Mamba1Config: dt_min must be > 0, got ",
+              dt_min);
+  MAMBA_CHECK(std::isfinite(dt_max) && dt_max >= dt_min, "Mamba1Config: dt_max must be >= dt_min (",
+              dt_min, "), got ", dt_max);
   MAMBA_CHECK(dt_init == "random" || dt_init == "constant",
               "Mamba1Config: dt_init must be \"random\" or \"constant\", got \"", dt_init, "\"");
   MAMBA_CHECK(std::isfinite(dt_scale), "Mamba1Config: dt_scale must be finite, got ", dt_scale);
@@ -36,7 +38,9 @@ void Mamba1Config::validate() const {
 }
 
 // Python's int(expand * d_model) truncates.
-int64_t Mamba1Config::d_inner() const { return static_cast<int64_t>(expand * static_cast<double>(d_model)); }
+int64_t Mamba1Config::d_inner() const {
+  return static_cast<int64_t>(expand * static_cast<double>(d_model));
+}
 
 int64_t Mamba1Config::rank() const { return dt_rank == -1 ? (d_model + 15) / 16 : dt_rank; }
 
@@ -106,7 +110,9 @@ Mamba1::Mamba1(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   }
 }
 
-Tensor Mamba1::A() const { return ops::neg_exp_fast(f32(A_log_)); }  // vectorised: every decode step
+Tensor Mamba1::A() const {
+  return ops::neg_exp_fast(f32(A_log_));
+}  // vectorised: every decode step
 
 Mamba1State Mamba1::new_state(int64_t batch) const {
   MAMBA_CHECK(batch >= 1, "Mamba1::new_state: batch must be >= 1, got ", batch);
@@ -117,14 +123,6 @@ void Mamba1::check_state(const Mamba1State& s, int64_t batch) const {
   check_shape(s.conv_state, "Mamba1 state: conv_state", {batch, d_inner_, d_conv_});
   check_shape(s.ssm_state, "Mamba1 state: ssm_state", {batch, d_inner_, d_state_});
 }
-
-namespace {
-const Tensor& opt(const Param* p) {  // an optional parameter's fp32 value (undefined when absent)
-  static const Tensor none;
-  return p ? p->value.f32(p->name.c_str()) : none;
-}
-Tensor* opt_grad(Param* p) { return p ? &p->grad : nullptr; }
-}  // namespace
 
 // ---- forward ------------------------------------------------------------------------------------
 
@@ -139,18 +137,20 @@ Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
               hidden.shape_str());
   if (saved) params_.check_f32("Mamba1::forward");  // "inference only" for 16-bit weights
   const bool tr = trace::enabled();
-  const Tensor& in_b = opt(in_b_);
+  const Tensor& in_b = optional_f32(in_b_);
 
   // in_proj, written straight into the x and z halves (the two row blocks of in_proj.weight).
   Tensor x = Tensor::empty({B, L, D});  // (B, L, D)
   Tensor z = Tensor::empty({B, L, D});  // (B, L, D)
-  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(), x);
-  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(), z);
+  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(),
+                   x);
+  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(),
+                   z);
   if (tr) trace::op("in_proj", {hidden.shape()}, {{B, L, 2 * D}});
 
   // causal depthwise conv + SiLU
   const Tensor conv_w2 = f32(conv_w_).reshape({D, K});
-  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, opt(conv_b_), true);  // (B, L, D)
+  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, optional_f32(conv_b_), true);  // (B, L, D)
   if (tr) trace::op("conv1d", {x.shape()}, {xc.shape()});
 
   Tensor x_dbl, Bm, Cm;                     // selective only
@@ -182,10 +182,12 @@ Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
   Tensor last;
   Tensor y = ops::selective_scan_fwd(args, state ? &last : nullptr);  // (B, L, D)
   if (tr)
-    trace::op("selective_scan", {xc.shape(), delta.shape(), args.A.shape(), args.B.shape(), args.C.shape(), z.shape()},
-              {y.shape()});
+    trace::op(
+        "selective_scan",
+        {xc.shape(), delta.shape(), args.A.shape(), args.B.shape(), args.C.shape(), z.shape()},
+        {y.shape()});
 
-  Tensor out = ops::linear(y, out_w_->value, opt(out_b_));  // (B, L, d_model)
+  Tensor out = ops::linear(y, out_w_->value, optional_f32(out_b_));  // (B, L, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
 
   if (state) {
@@ -220,7 +222,8 @@ Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
   if (cfg_.selective) check_shape(s.x_dbl, "Mamba1::backward: saved.x_dbl", {B, L, E});
 
   // out_proj
-  Tensor dyy = ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad, opt_grad(out_b_));  // (B, L, D)
+  Tensor dyy =
+      ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad, optional_grad(out_b_));  // (B, L, D)
 
   // selective scan
   ops::ScanArgs args;
@@ -258,17 +261,21 @@ Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
   }
 
   // conv1d + SiLU
-  ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.x, f32(conv_w_).reshape({D, K}), opt(conv_b_), true, dxc);
+  ops::Conv1dGrads cg =
+      ops::causal_conv1d_bwd(s.x, f32(conv_w_).reshape({D, K}), optional_f32(conv_b_), true, dxc);
   ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
   if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
 
   // in_proj: the x half (rows [0, D) of the weight) got cg.dx, the z half sg.dz.
   Tensor dhidden = Tensor::empty({B, L, dm});  // (B, L, d_model)
   Tensor gW = in_w_->grad;
-  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor(), db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
+  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor(),
+         db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
   Tensor gW0 = gW.narrow(0, D), gW1 = gW.narrow(D, D);
-  ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), cg.dx, dhidden, false, &gW0, in_b_ ? &db0 : nullptr);
-  ops::linear_bwd_into(s.hidden, in_w_->value.rows(D, D), sg.dz, dhidden, true, &gW1, in_b_ ? &db1 : nullptr);
+  ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), cg.dx, dhidden, false, &gW0,
+                       in_b_ ? &db0 : nullptr);
+  ops::linear_bwd_into(s.hidden, in_w_->value.rows(D, D), sg.dz, dhidden, true, &gW1,
+                       in_b_ ? &db1 : nullptr);
   return dhidden;
 }
 
@@ -284,15 +291,18 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
   MAMBA_CHECK(B >= 1, "Mamba1::step: x needs B >= 1, got ", hidden.shape_str());
   check_state(state, B);
   const bool tr = trace::enabled();
-  const Tensor& in_b = opt(in_b_);
+  const Tensor& in_b = optional_f32(in_b_);
 
   Tensor x = Tensor::empty({B, D});  // (B, D)
   Tensor z = Tensor::empty({B, D});  // (B, D)
-  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(), x);
-  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(), z);
+  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(),
+                   x);
+  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(),
+                   z);
   if (tr) trace::op("in_proj", {hidden.shape()}, {{B, 2 * D}});
 
-  Tensor xc = ops::causal_conv1d_update(state.conv_state, x, f32(conv_w_).reshape({D, K}), opt(conv_b_), true);
+  Tensor xc = ops::causal_conv1d_update(state.conv_state, x, f32(conv_w_).reshape({D, K}),
+                                        optional_f32(conv_b_), true);
   if (tr) trace::op("conv1d_update", {x.shape(), state.conv_state.shape()}, {xc.shape()});
 
   Tensor dt, Bt, Ct;
@@ -317,12 +327,13 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
       ops::copy_into(Ct.select(b), f32(C_ssm_));
     }
   }
-  Tensor y = ops::selective_state_update(state.ssm_state, xc, dt, A(), Bt, Ct, f32(Dp_), z, f32(dt_b_), true);
+  Tensor y = ops::selective_state_update(state.ssm_state, xc, dt, A(), Bt, Ct, f32(Dp_), z,
+                                         f32(dt_b_), true);
   if (tr)
     trace::op("selective_state_update", {xc.shape(), dt.shape(), Bt.shape(), Ct.shape(), z.shape()},
               {y.shape(), state.ssm_state.shape()});
 
-  Tensor out = ops::linear(y, out_w_->value, opt(out_b_));  // (B, d_model)
+  Tensor out = ops::linear(y, out_w_->value, optional_f32(out_b_));  // (B, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
   return out;
 }

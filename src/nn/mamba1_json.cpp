@@ -5,6 +5,7 @@
 #include "core/json_reader.h"
 #include "mamba/error.h"
 #include "mamba/nn/mamba1.h"
+#include "nn/ssm_cfg_common.h"
 
 namespace mamba {
 
@@ -13,14 +14,7 @@ using json_io::check_range;
 Mamba1Config Mamba1Config::from_ssm_cfg(json_io::KeyReader& r, int64_t d_model) {
   Mamba1Config c;
   c.d_model = d_model;
-  c.d_state = r.integer("d_state", c.d_state);
-  c.d_conv = r.integer("d_conv", c.d_conv);
-  c.expand = r.number("expand", c.expand);
-  c.dt_min = r.number("dt_min", c.dt_min);
-  c.dt_max = r.number("dt_max", c.dt_max);
-  c.dt_init_floor = r.number("dt_init_floor", c.dt_init_floor);
-  c.bias = r.boolean("bias", c.bias);
-  c.conv_bias = r.boolean("conv_bias", c.conv_bias);
+  ssm_cfg::read_common(r, c);
   if (r.has("dt_rank") && r.raw("dt_rank").is_string()) {
     std::string v = r.string("dt_rank", "auto");
     MAMBA_CHECK(v == "auto", "'ssm_cfg.dt_rank' must be an integer or \"auto\", got \"", v, "\"");
@@ -40,30 +34,20 @@ Mamba1Config Mamba1Config::from_ssm_cfg(json_io::KeyReader& r, int64_t d_model) 
 
 const std::vector<std::string>& Mamba1Config::ssm_cfg_keys() {
   static const std::vector<std::string> keys = {
-      "d_state", "d_conv",  "expand",  "dt_min",    "dt_max",  "dt_init_floor", "bias",
+      "d_state",   "d_conv",  "expand",   "dt_min",  "dt_max",    "dt_init_floor", "bias",
       "conv_bias", "dt_rank", "dt_scale", "dt_init", "selective", "use_fast_path"};
   return keys;
 }
 
 void Mamba1Config::check_ssm_cfg() const {
-  check_range(d_state, 1, 1 << 12, "ssm_cfg.d_state");
-  check_range(d_conv, 1, 64, "ssm_cfg.d_conv");
-  MAMBA_CHECK(std::isfinite(expand) && expand > 0 && expand <= 64, "'ssm_cfg.expand' = ", expand,
-              " is out of range (0, 64]");
-  check_range(d_inner(), 1, 1 << 20, "ssm_cfg.expand * d_model (d_inner)");
-  MAMBA_CHECK(dt_min > 0 && dt_max >= dt_min, "'ssm_cfg.dt_min' = ", dt_min, " and 'ssm_cfg.dt_max' = ", dt_max,
-              " contradict (need 0 < dt_min <= dt_max)");
+  ssm_cfg::check_common(*this);
   if (dt_rank != -1) check_range(dt_rank, 1, 1 << 16, "ssm_cfg.dt_rank");
   check_range(rank(), 1, 1 << 16, "ssm_cfg.dt_rank");
 }
 
 std::string Mamba1Config::to_ssm_cfg() const {
   using json_io::number;
-  json_io::ojson s;
-  s["layer"] = "Mamba1";
-  s["d_state"] = d_state;
-  s["d_conv"] = d_conv;
-  s["expand"] = number(expand);
+  auto s = ssm_cfg::write_head("Mamba1", *this);
   s["dt_rank"] = dt_rank == -1 ? json_io::ojson("auto") : json_io::ojson(dt_rank);
   s["dt_min"] = dt_min;
   s["dt_max"] = dt_max;

@@ -5,13 +5,13 @@
 #include <algorithm>
 #include <cmath>
 
-#include "mamba/ops/act.h"
-#include "mamba/ops/conv1d.h"
-#include "mamba/ops/elementwise.h"
-#include "mamba/ops/linear.h"
-#include "mamba/ops/norm.h"
 #include "mamba/rng.h"
 #include "mamba/trace.h"
+#include "ops/act.h"
+#include "ops/conv1d.h"
+#include "ops/elementwise.h"
+#include "ops/linear.h"
+#include "ops/norm.h"
 
 namespace mamba {
 namespace {
@@ -82,21 +82,14 @@ Mamba2::Mamba2(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   }
   Tensor& A_log = A_log_->value.f32();
   for (int64_t h = 0; h < H; ++h)
-    A_log[h] = static_cast<float>(std::log(rng.uniform(cfg_.A_init_range.first, cfg_.A_init_range.second)));
+    A_log[h] = static_cast<float>(
+        std::log(rng.uniform(cfg_.A_init_range.first, cfg_.A_init_range.second)));
   D_->value.f32().fill(1.f);
   if (norm_w_) norm_w_->value.f32().fill(1.f);
   const double bout = 1.0 / std::sqrt(static_cast<double>(din));
   rng.fill_uniform(out_w_->value.f32(), -bout, bout);
   if (out_b_) rng.fill_uniform(out_b_->value.f32(), -bout, bout);
 }
-
-namespace {
-const Tensor& opt(const Param* p) {  // an optional parameter's fp32 value (undefined when absent)
-  static const Tensor none;
-  return p ? p->value.f32(p->name.c_str()) : none;
-}
-Tensor* opt_grad(Param* p) { return p ? &p->grad : nullptr; }
-}  // namespace
 
 Tensor Mamba2::A() const { return ops::neg_exp(f32(A_log_)); }
 
@@ -149,7 +142,7 @@ Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
 
   // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], split into column views;
   // the ops below that read them take contiguous inputs (contiguous() copies).
-  Tensor zxbcdt = ops::linear(hidden, in_w_->value, opt(in_b_));
+  Tensor zxbcdt = ops::linear(hidden, in_w_->value, optional_f32(in_b_));
   if (tr) trace::op("in_proj", {hidden.shape()}, {zxbcdt.shape()});
   Tensor z0, x0;
   if (dmlp > 0) z0 = zxbcdt.cols(0, dmlp).contiguous(), x0 = zxbcdt.cols(dmlp, dmlp).contiguous();
@@ -162,7 +155,8 @@ Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
     ops::causal_conv1d_final_state(xbc_raw, state->conv_state);
   }
   // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN)
-  Tensor xbc = ops::causal_conv1d_fwd(xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}), opt(conv_b_), true);
+  Tensor xbc = ops::causal_conv1d_fwd(xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
+                                      optional_f32(conv_b_), true);
   if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc.shape()});
   Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, L, H, P});
   Tensor Bm = xbc.cols(dssm, G * N).contiguous().reshape({B, L, G, N});
@@ -172,8 +166,8 @@ Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
   Tensor fin;
   Tensor y = ops::ssd_chunked(args, state ? &fin : nullptr).reshape({B, L, dssm});
   if (tr)
-    trace::op(str("ssd[chunk=", args.chunk_size, "]"), {x.shape(), dt.shape(), Bm.shape(), Cm.shape()},
-              {y.shape()});
+    trace::op(str("ssd[chunk=", args.chunk_size, "]"),
+              {x.shape(), dt.shape(), Bm.shape(), Cm.shape()}, {y.shape()});
   if (state) state->ssm_state = fin;
   Tensor yn = y;
   if (cfg_.rmsnorm) {
@@ -181,7 +175,7 @@ Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
   Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
-  Tensor out = ops::linear(y_out, out_w_->value, opt(out_b_));
+  Tensor out = ops::linear(y_out, out_w_->value, optional_f32(out_b_));
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   if (saved) {
     saved->hidden = hidden;
@@ -203,7 +197,7 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
 
   // out_proj
-  Tensor dy_out = ops::linear_bwd(s.y_out, out_w_->value, dy, &out_w_->grad, opt_grad(out_b_));
+  Tensor dy_out = ops::linear_bwd(s.y_out, out_w_->value, dy, &out_w_->grad, optional_grad(out_b_));
   // The gradient of in_proj's output, assembled in its column blocks [z0, x0, z, xBC, dt].
   Tensor dzxbcdt = Tensor::empty({B, L, cfg_.d_in_proj()});
   Tensor dyn = dy_out;
@@ -212,16 +206,15 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
     dyn = dy_out.cols(dmlp, dssm).contiguous();
     // g = silu(z0) * x0
     Tensor t = ops::mul(dg, s.x0), dx0 = ops::mul(dg, ops::silu(s.z0));
-    Tensor dz0 = Tensor::empty(dg.shape());
-    ops::silu_bwd(s.z0.data(), t.data(), dz0.data(), dz0.numel());
+    Tensor dz0 = ops::silu_bwd(s.z0, t);
     ops::copy_into(dzxbcdt.cols(0, dmlp), dz0);
     ops::copy_into(dzxbcdt.cols(dmlp, dmlp), dx0);
   }
   // norm
   Tensor dyscan = dyn, dz;
   if (cfg_.rmsnorm) {
-    ops::GatedRmsNormGrads ng =
-        ops::gated_rms_norm_bwd(s.y, s.z, f32(norm_w_), kNormEps, dssm / G, cfg_.norm_before_gate, dyn);
+    ops::GatedRmsNormGrads ng = ops::gated_rms_norm_bwd(s.y, s.z, f32(norm_w_), kNormEps, dssm / G,
+                                                        cfg_.norm_before_gate, dyn);
     dyscan = ng.dx, dz = ng.dz;
     ops::add_into(norm_w_->grad, ng.dweight);
   }
@@ -236,15 +229,16 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
   ops::copy_into(dxbc.cols(0, dssm), sg.dx.reshape({B, L, dssm}));
   ops::copy_into(dxbc.cols(dssm, G * N), sg.dB.reshape({B, L, G * N}));
   ops::copy_into(dxbc.cols(dssm + G * N, G * N), sg.dC.reshape({B, L, G * N}));
-  ops::Conv1dGrads cg =
-      ops::causal_conv1d_bwd(s.xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}), opt(conv_b_), true, dxbc);
+  ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
+                                               optional_f32(conv_b_), true, dxbc);
   ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
   if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
   ops::copy_into(dzxbcdt.cols(2 * dmlp, dssm), dz.reshape({B, L, dssm}));
   ops::copy_into(dzxbcdt.cols(2 * dmlp + dssm, cd), cg.dx);
-  ops::copy_into(dzxbcdt.cols(2 * dmlp + dssm + cd, cfg_.nheads()), sg.ddt.reshape({B, L, cfg_.nheads()}));
+  ops::copy_into(dzxbcdt.cols(2 * dmlp + dssm + cd, cfg_.nheads()),
+                 sg.ddt.reshape({B, L, cfg_.nheads()}));
   // in_proj
-  return ops::linear_bwd(s.hidden, in_w_->value, dzxbcdt, &in_w_->grad, opt_grad(in_b_));
+  return ops::linear_bwd(s.hidden, in_w_->value, dzxbcdt, &in_w_->grad, optional_grad(in_b_));
 }
 
 Tensor Mamba2::step(const Tensor& xin, State& state) const {
@@ -258,7 +252,7 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   check_shape(state.ssm_state, "Mamba2::step: ssm_state", {B, H, P, N});
   const bool tr = trace::enabled();
 
-  Tensor zxbcdt = ops::linear(xin, in_w_->value, opt(in_b_));
+  Tensor zxbcdt = ops::linear(xin, in_w_->value, optional_f32(in_b_));
   if (tr) trace::op("in_proj", {xin.shape()}, {zxbcdt.shape()});
   Tensor z0, x0;
   if (dmlp > 0) z0 = zxbcdt.cols(0, dmlp).contiguous(), x0 = zxbcdt.cols(dmlp, dmlp).contiguous();
@@ -266,8 +260,9 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   Tensor xbc_raw = zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
   Tensor dt = zxbcdt.cols(2 * dmlp + dssm + cd, H).contiguous();
   if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
-  Tensor xbc = ops::causal_conv1d_update(state.conv_state, xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
-                                         opt(conv_b_), true);
+  Tensor xbc =
+      ops::causal_conv1d_update(state.conv_state, xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
+                                optional_f32(conv_b_), true);
   if (tr)
     trace::op("conv1d_update_silu", {xbc_raw.shape(), state.conv_state.shape()}, {xbc.shape()});
   Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, H, P});
@@ -275,8 +270,8 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   Tensor Cm = xbc.cols(dssm + G * N, G * N).contiguous().reshape({B, G, N});
   ops::SsdArgs a = ssd_args(x, dt, Bm, Cm, Tensor());
   Tensor y = ops::ssd_state_update(state.ssm_state, x, dt, a.A, Bm, Cm, a.D,
-                                   cfg_.rmsnorm ? Tensor() : z.reshape({B, H, P}), f32(dt_bias_), true,
-                                   a.dt_min, a.dt_max)
+                                   cfg_.rmsnorm ? Tensor() : z.reshape({B, H, P}), f32(dt_bias_),
+                                   true, a.dt_min, a.dt_max)
                  .reshape({B, dssm});
   if (tr)
     trace::op("ssd_update",
@@ -288,7 +283,7 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
     if (tr) trace::op("norm", {y.shape(), z.shape()}, {yn.shape()});
   }
   Tensor y_out = dmlp > 0 ? mlp_gate_cat(yn, z0, x0) : yn;
-  Tensor out = ops::linear(y_out, out_w_->value, opt(out_b_));
+  Tensor out = ops::linear(y_out, out_w_->value, optional_f32(out_b_));
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   return out;
 }

@@ -6,6 +6,7 @@
 #include "core/json_reader.h"
 #include "mamba/error.h"
 #include "mamba/nn/mamba2.h"
+#include "nn/ssm_cfg_common.h"
 
 namespace mamba {
 
@@ -14,20 +15,14 @@ using json_io::check_range;
 Mamba2Config Mamba2Config::from_ssm_cfg(json_io::KeyReader& r, int64_t d_model) {
   Mamba2Config c;
   c.d_model = d_model;
-  c.d_state = r.integer("d_state", c.d_state);
-  c.d_conv = r.integer("d_conv", c.d_conv);
-  c.expand = r.number("expand", c.expand);
-  c.dt_min = r.number("dt_min", c.dt_min);
-  c.dt_max = r.number("dt_max", c.dt_max);
-  c.dt_init_floor = r.number("dt_init_floor", c.dt_init_floor);
-  c.bias = r.boolean("bias", c.bias);
-  c.conv_bias = r.boolean("conv_bias", c.conv_bias);
+  ssm_cfg::read_common(r, c);
   c.headdim = r.integer("headdim", c.headdim);
   c.ngroups = r.integer("ngroups", c.ngroups);
   c.chunk_size = r.integer("chunk_size", c.chunk_size);
   if (r.has("d_ssm")) {
     c.d_ssm = r.integer("d_ssm", 0);
-    MAMBA_CHECK(c.d_ssm >= 1, "'ssm_cfg.d_ssm' = ", c.d_ssm, " must be >= 1 or null (all of d_inner)");
+    MAMBA_CHECK(c.d_ssm >= 1, "'ssm_cfg.d_ssm' = ", c.d_ssm,
+                " must be >= 1 or null (all of d_inner)");
   }
   r.ignore({"d_ssm"});
   c.rmsnorm = r.boolean("rmsnorm", c.rmsnorm);
@@ -42,43 +37,49 @@ Mamba2Config Mamba2Config::from_ssm_cfg(json_io::KeyReader& r, int64_t d_model) 
 }
 
 const std::vector<std::string>& Mamba2Config::ssm_cfg_keys() {
-  static const std::vector<std::string> keys = {
-      "d_state",  "d_conv",     "expand",        "dt_min",     "dt_max",           "dt_init_floor",
-      "bias",     "conv_bias",  "headdim",       "ngroups",    "chunk_size",       "d_ssm",
-      "rmsnorm",  "norm_before_gate", "D_has_hdim", "A_init_range", "dt_limit", "use_mem_eff_path",
-      "sequence_parallel", "conv_init"};
+  static const std::vector<std::string> keys = {"d_state",
+                                                "d_conv",
+                                                "expand",
+                                                "dt_min",
+                                                "dt_max",
+                                                "dt_init_floor",
+                                                "bias",
+                                                "conv_bias",
+                                                "headdim",
+                                                "ngroups",
+                                                "chunk_size",
+                                                "d_ssm",
+                                                "rmsnorm",
+                                                "norm_before_gate",
+                                                "D_has_hdim",
+                                                "A_init_range",
+                                                "dt_limit",
+                                                "use_mem_eff_path",
+                                                "sequence_parallel",
+                                                "conv_init"};
   return keys;
 }
 
 void Mamba2Config::check_ssm_cfg() const {
-  check_range(d_state, 1, 1 << 12, "ssm_cfg.d_state");
-  check_range(d_conv, 1, 64, "ssm_cfg.d_conv");
-  MAMBA_CHECK(std::isfinite(expand) && expand > 0 && expand <= 64, "'ssm_cfg.expand' = ", expand,
-              " is out of range (0, 64]");
-  check_range(d_inner(), 1, 1 << 20, "ssm_cfg.expand * d_model (d_inner)");
-  MAMBA_CHECK(dt_min > 0 && dt_max >= dt_min, "'ssm_cfg.dt_min' = ", dt_min, " and 'ssm_cfg.dt_max' = ", dt_max,
-              " contradict (need 0 < dt_min <= dt_max)");
+  ssm_cfg::check_common(*this);
   check_range(headdim, 1, 1 << 12, "ssm_cfg.headdim");
   check_range(ngroups, 1, 1 << 12, "ssm_cfg.ngroups");
   check_range(chunk_size, 1, 1 << 16, "ssm_cfg.chunk_size");
   if (d_ssm > 0) check_range(d_ssm, 1, d_inner(), "ssm_cfg.d_ssm");
   const int64_t dssm = ssm_dim();
-  MAMBA_CHECK(dssm % headdim == 0, "'ssm_cfg.headdim' = ", headdim, " does not divide the SSM width ", dssm,
-              " (expand * d_model", d_ssm > 0 ? " or d_ssm" : "", ")");
-  MAMBA_CHECK(nheads() % ngroups == 0, "'ssm_cfg.ngroups' = ", ngroups, " does not divide the number of heads ",
-              nheads());
-  MAMBA_CHECK(!(dt_limit.first < 0) && dt_limit.second > dt_limit.first, "'ssm_cfg.dt_limit' = [", dt_limit.first,
-              ", ", dt_limit.second, "] is not a range 0 <= lo < hi");
+  MAMBA_CHECK(dssm % headdim == 0, "'ssm_cfg.headdim' = ", headdim,
+              " does not divide the SSM width ", dssm, " (expand * d_model",
+              d_ssm > 0 ? " or d_ssm" : "", ")");
+  MAMBA_CHECK(nheads() % ngroups == 0, "'ssm_cfg.ngroups' = ", ngroups,
+              " does not divide the number of heads ", nheads());
+  MAMBA_CHECK(!(dt_limit.first < 0) && dt_limit.second > dt_limit.first, "'ssm_cfg.dt_limit' = [",
+              dt_limit.first, ", ", dt_limit.second, "] is not a range 0 <= lo < hi");
 }
 
 std::string Mamba2Config::to_ssm_cfg() const {
   using json_io::number;
   using json_io::ojson;
-  ojson s;
-  s["layer"] = "Mamba2";
-  s["d_state"] = d_state;
-  s["d_conv"] = d_conv;
-  s["expand"] = number(expand);
+  auto s = ssm_cfg::write_head("Mamba2", *this);
   s["headdim"] = headdim;
   s["d_ssm"] = d_ssm > 0 ? ojson(d_ssm) : ojson(nullptr);
   s["ngroups"] = ngroups;

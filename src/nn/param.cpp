@@ -4,6 +4,11 @@
 
 namespace mamba {
 
+const Tensor& optional_f32(const Param* p) {
+  static const Tensor none;
+  return p ? p->value.f32(p->name.c_str()) : none;
+}
+
 Param& ParamList::add(const std::string& name, Shape shape, bool no_weight_decay) {
   MAMBA_CHECK(!has(name), "parameter '", name, "' declared twice");
   Param& p = params_.emplace_back();
@@ -87,7 +92,8 @@ std::vector<std::pair<std::string, Tensor>> ParamList::named(const std::string& 
   return out;
 }
 
-std::vector<std::pair<std::string, Tensor>> ParamList::named_grads(const std::string& prefix) const {
+std::vector<std::pair<std::string, Tensor>> ParamList::named_grads(
+    const std::string& prefix) const {
   std::vector<std::pair<std::string, Tensor>> out;
   for (const auto& p : params_) out.emplace_back(prefix + p.name, p.grad);
   return out;

@@ -5,10 +5,11 @@
 // comes from the per-target header ops/simd_math-inl.h. Scalar tails use act.h's references.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/act.cpp"
+#include "ops/act.h"
+
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
-#include "mamba/ops/act.h"
 #include "ops/simd_math-inl.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -80,7 +81,9 @@ void silu(const float* x, float* y, int64_t n) { HWY_DYNAMIC_DISPATCH(SiluKernel
 void silu_bwd(const float* x, const float* dy, float* dx, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SiluBwdKernel)(x, dy, dx, n);
 }
-void softplus(const float* x, float* y, int64_t n) { HWY_DYNAMIC_DISPATCH(SoftplusKernel)(x, y, n); }
+void softplus(const float* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(SoftplusKernel)(x, y, n);
+}
 void softplus_bwd(const float* x, const float* dy, float* dx, int64_t n) {
   HWY_DYNAMIC_DISPATCH(SoftplusBwdKernel)(x, dy, dx, n);
 }
@@ -90,6 +93,12 @@ Tensor silu(const Tensor& x) {
   Tensor y = Tensor::empty(x.shape());
   silu(x.data(), y.data(), x.numel());
   return y;
+}
+Tensor silu_bwd(const Tensor& x, const Tensor& dy) {
+  check_shape(dy, "silu_bwd: dy", x.shape());
+  Tensor dx = Tensor::empty(x.shape());
+  silu_bwd(x.data(), dy.data(), dx.data(), x.numel());
+  return dx;
 }
 Tensor softplus(const Tensor& x) {
   Tensor y = Tensor::empty(x.shape());

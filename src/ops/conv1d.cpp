@@ -4,10 +4,10 @@
 // input row x[b, t-K+1+k, :].
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/conv1d.cpp"
+#include "ops/conv1d.h"
+
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
-
-#include "mamba/ops/conv1d.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mamba::ops {
@@ -16,8 +16,8 @@ namespace hn = hwy::HWY_NAMESPACE;
 
 // out[d] = (bias ? bias[d] : 0) + sum_k wT[k*ld + d] * src[k][d], skipping taps whose src is null.
 // src: K row pointers; wT: (K, ld) rows; d in [0, n).
-void TapsKernel(const float* const* src, const float* wT, int64_t ld, int64_t K,
-                const float* bias, float* out, int64_t n) {
+void TapsKernel(const float* const* src, const float* wT, int64_t ld, int64_t K, const float* bias,
+                float* out, int64_t n) {
   const hn::ScalableTag<float> d;
   const int64_t N = static_cast<int64_t>(hn::Lanes(d));
   int64_t i = 0;
@@ -65,8 +65,8 @@ HWY_AFTER_NAMESPACE();
 #include <cmath>
 #include <vector>
 
-#include "mamba/ops/act.h"
 #include "mamba/parallel.h"
+#include "ops/act.h"
 
 namespace mamba::ops {
 HWY_EXPORT(TapsKernel);
@@ -112,8 +112,8 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
                      const int64_t s = t - c.K + 1 + k;  // source time of tap k
                      src[k] = s >= 0 ? x + (r - t + s) * c.D : nullptr;
                    }
-                   HWY_DYNAMIC_DISPATCH(TapsKernel)(src.data(), wT, c.D, c.K, bias,
-                                                    y + r * c.D, c.D);
+                   HWY_DYNAMIC_DISPATCH(TapsKernel)
+                   (src.data(), wT, c.D, c.K, bias, y + r * c.D, c.D);
                  }
                });
 }
@@ -158,8 +158,8 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
                      const int64_t t = s + c.K - 1 - k;
                      src[k] = t < c.L ? g + (r - s + t) * c.D : nullptr;
                    }
-                   HWY_DYNAMIC_DISPATCH(TapsKernel)(src.data(), wT.data(), c.D, c.K, nullptr,
-                                                    dx + r * c.D, c.D);
+                   HWY_DYNAMIC_DISPATCH(TapsKernel)
+                   (src.data(), wT.data(), c.D, c.K, nullptr, dx + r * c.D, c.D);
                  }
                });
   // dwT[k, :] = sum_{b,t} dpre[b,t,:] * x[b, t-K+1+k, :]; dbias = sum dpre. Split over
@@ -175,9 +175,10 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
         const float* gr = g + (b * c.L + t) * c.D + d0;
         for (int64_t k = 0; k < c.K; ++k) {
           const int64_t s = t - c.K + 1 + k;
-          if (s >= 0)
-            HWY_DYNAMIC_DISPATCH(MulAccKernel)(dwT.data() + k * c.D + d0, gr,
-                                               xp + (b * c.L + s) * c.D + d0, n);
+          if (s >= 0) {
+            HWY_DYNAMIC_DISPATCH(MulAccKernel)
+            (dwT.data() + k * c.D + d0, gr, xp + (b * c.L + s) * c.D + d0, n);
+          }
         }
         HWY_DYNAMIC_DISPATCH(AddKernel)(db.data() + d0, gr, n);
       }

@@ -1,10 +1,10 @@
 // Element-wise, bias and embedding ops (see include/mamba/ops/elementwise.h).
-#include "mamba/ops/elementwise.h"
+#include "ops/elementwise.h"
 
 #include <algorithm>
 #include <cmath>
 
-#include "mamba/ops/act.h"
+#include "ops/act.h"
 
 namespace mamba::ops {
 namespace {
@@ -19,8 +19,8 @@ Rows rows_of(const Tensor& t, const char* what, int64_t n) {
   check_defined(t, what);
   if (n == 0) n = t.row_len();
   if (t.is_contiguous()) return {t.view_data(), n ? t.numel() / n : 0, n, n};
-  MAMBA_CHECK(t.row_len() == n, what, ": strided view ", t.shape_str(), " has rows of ", t.row_len(),
-              " values, expected ", n);
+  MAMBA_CHECK(t.row_len() == n, what, ": strided view ", t.shape_str(), " has rows of ",
+              t.row_len(), " values, expected ", n);
   return {t.view_data(), t.rows(), n, t.row_stride()};
 }
 
@@ -34,7 +34,8 @@ int64_t common_row(const Tensor& a, const Tensor& b) {
 void check_same(const Tensor& a, const Tensor& b, const char* what) {
   check_defined(a, what);
   check_defined(b, what);
-  MAMBA_CHECK(a.shape() == b.shape(), what, ": shapes ", a.shape_str(), " and ", b.shape_str(), " differ");
+  MAMBA_CHECK(a.shape() == b.shape(), what, ": shapes ", a.shape_str(), " and ", b.shape_str(),
+              " differ");
 }
 
 void check_bias(const Tensor& y, const Tensor& b, const char* what) {
@@ -121,7 +122,8 @@ void bias_grad(const Tensor& db, const Tensor& dy) {
 }
 
 Tensor embedding_fwd(const Weight& W, std::span<const int32_t> ids) {
-  MAMBA_CHECK(W.defined() && W.shape().size() == 2, "embedding: W must be (V, d), got ", W.shape_str());
+  MAMBA_CHECK(W.defined() && W.shape().size() == 2, "embedding: W must be (V, d), got ",
+              W.shape_str());
   const int64_t V = W.rows(), d = W.cols(), n = static_cast<int64_t>(ids.size());
   Tensor out = Tensor::empty({n, d});
   for (int64_t i = 0; i < n; ++i) {

@@ -3,8 +3,10 @@
 // src/ops/act.cpp.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/half_matmul.cpp"
-#include <hwy/foreach_target.h>  // must come before highway.h
+#include "ops/half_matmul.h"
+
 #include <hwy/cache_control.h>
+#include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -13,7 +15,6 @@
 #include <type_traits>
 #include <vector>
 
-#include "mamba/ops/half_matmul.h"
 #include "mamba/parallel.h"
 #include "mamba/weight.h"  // the scalar bf16 / f16 conversions (round to nearest even)
 
@@ -81,7 +82,8 @@ HWY_INLINE float WToF32(WElem<K> h) {
 }
 
 template <int K, int MT, int RT>
-HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const WElem<K>* w, float* y) {
+HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const WElem<K>* w,
+                     float* y) {
   [[maybe_unused]] constexpr bool kBF16 = K == kBF16K;
   const hn::ScalableTag<float> df;
   using V = hn::Vec<decltype(df)>;
@@ -107,8 +109,10 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const W
         wo[r] = hn::BitCast(df, hn::And(u, hi_mask));
       }
       for (int m = 0; m < MT; ++m) {
-        const V xe = hn::LoadU(df, xd + m * a.ldxd + k), xo = hn::LoadU(df, xd + m * a.ldxd + k + NL);
-        for (int r = 0; r < RT; ++r) acc[m][r] = hn::MulAdd(xo, wo[r], hn::MulAdd(xe, we[r], acc[m][r]));
+        const V xe = hn::LoadU(df, xd + m * a.ldxd + k),
+                xo = hn::LoadU(df, xd + m * a.ldxd + k + NL);
+        for (int r = 0; r < RT; ++r)
+          acc[m][r] = hn::MulAdd(xo, wo[r], hn::MulAdd(xe, we[r], acc[m][r]));
       }
     }
   } else
@@ -142,10 +146,17 @@ HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float*
   };
   for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>());
   switch (M - m) {
-    case 3: tile(std::integral_constant<int, 3>()); break;
-    case 2: tile(std::integral_constant<int, 2>()); break;
-    case 1: tile(std::integral_constant<int, 1>()); break;
-    default: break;
+    case 3:
+      tile(std::integral_constant<int, 3>());
+      break;
+    case 2:
+      tile(std::integral_constant<int, 2>());
+      break;
+    case 1:
+      tile(std::integral_constant<int, 1>());
+      break;
+    default:
+      break;
   }
 }
 
@@ -210,7 +221,9 @@ void check_args(const char* what, int64_t M, int64_t ldx, const Weight& W, int64
 
 // Rows per thread task of the streaming kernel: at least ~16K weights, so small matrices
 // (dt_proj, x_proj) are not split into tasks costlier than their work.
-int64_t gemv_grain(int64_t cols) { return std::max<int64_t>(4, (16384 + cols - 1) / std::max<int64_t>(cols, 1)); }
+int64_t gemv_grain(int64_t cols) {
+  return std::max<int64_t>(4, (16384 + cols - 1) / std::max<int64_t>(cols, 1));
+}
 
 }  // namespace
 
@@ -218,15 +231,15 @@ void stream_matmul(const float* x, int64_t M, int64_t ldx, const Weight& W, floa
   check_args("stream_matmul", M, ldx, W, ldy);
   const int64_t n = W.rows(), cols = W.cols();
   if (M == 0 || n == 0) return;
-  if (W.is_f32())
-    HWY_DYNAMIC_DISPATCH(GemvF32Kernel)(x, M, ldx, static_cast<const float*>(W.row_ptr(0)), cols, n, y,
-                                        ldy, gemv_grain(cols));
-  else
-    HWY_DYNAMIC_DISPATCH(GemvKernel)(x, M, ldx, static_cast<const uint16_t*>(W.row_ptr(0)), cols, n, y,
-                                     ldy, W.dtype() == WeightDType::bf16, gemv_grain(cols));
+  if (W.is_f32()) HWY_DYNAMIC_DISPATCH(GemvF32Kernel)
+  (x, M, ldx, static_cast<const float*>(W.row_ptr(0)), cols, n, y, ldy, gemv_grain(cols));
+  else HWY_DYNAMIC_DISPATCH(GemvKernel)(x, M, ldx, static_cast<const uint16_t*>(W.row_ptr(0)), cols,
+                                        n, y, ldy, W.dtype() == WeightDType::bf16,
+                                        gemv_grain(cols));
 }
 
-void stream_matmul_ref(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y, int64_t ldy) {
+void stream_matmul_ref(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y,
+                       int64_t ldy) {
   check_args("stream_matmul_ref", M, ldx, W, ldy);
   const int64_t cols = W.cols();
   std::vector<float> w(static_cast<size_t>(std::max<int64_t>(cols, 1)));

@@ -1,12 +1,12 @@
 // Linear layer on any Weight: the kernel choice (see include/mamba/ops/linear.h), forward,
 // backward, naive reference.
 //   x: (..., in) flattened to (M, in); W: (out, in); b: (out) optional; y: (..., out)
-#include "mamba/ops/linear.h"
+#include "ops/linear.h"
 
-#include "mamba/gemm.h"
-#include "mamba/ops/elementwise.h"
-#include "mamba/ops/half_matmul.h"
-#include "mamba/ops/xwt.h"
+#include "core/gemm.h"
+#include "ops/elementwise.h"
+#include "ops/gemm_nt.h"
+#include "ops/half_matmul.h"
 
 namespace mamba::ops {
 namespace {
@@ -42,9 +42,10 @@ Shape out_shape(const Tensor& x, int64_t out) {
 // y (M, out) [ldy] (+)= x (M, in) [ldx] W^T: the kernel for this M and storage, no bias.
 void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, float* y, int64_t ldy,
             bool accumulate) {
-  if (d.M > kHalfGemvMaxM) {  // prefill, training: the packed kernel (the BLAS where it is not faster)
-    xwt(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
-        accumulate);
+  if (d.M >
+      kHalfGemvMaxM) {  // prefill, training: the packed kernel (the BLAS where it is not faster)
+    gemm_nt(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
+            accumulate);
     return;
   }
   if (W.is_f32() && d.M <= 1) {  // one row: a GEMV through the BLAS
@@ -64,7 +65,8 @@ void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, floa
 
 }  // namespace
 
-void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y, bool accumulate) {
+void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y,
+                 bool accumulate) {
   const LinDims d = check_linear("linear", x, W);
   if (b.defined()) check_shape(b, "linear: b", {d.out});
   check_shape(y, "linear: y", out_shape(x, d.out));

@@ -4,14 +4,14 @@
 //
 // Backward of one normalised group u (size n), rstd = 1/sqrt(mean(u^2)+eps), nrm = u*rstd:
 //   du = rstd * (dn - nrm * mean(dn * nrm)),  dn = d(nrm)
-#include "mamba/ops/norm.h"
+#include "ops/norm.h"
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
-#include "mamba/ops/act.h"
 #include "mamba/parallel.h"
+#include "ops/act.h"
 
 namespace mamba::ops {
 namespace {

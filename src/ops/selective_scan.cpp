@@ -35,14 +35,15 @@
 #include "ops/simd_math-inl.h"  // Exp, Softplus, SoftplusGrad, Sigmoid (one NaN rule)
 // clang-format on
 
+#include "ops/selective_scan.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
 
-#include "mamba/ops/act.h"
-#include "mamba/ops/selective_scan.h"
 #include "mamba/parallel.h"
+#include "ops/act.h"
 
 #ifndef MAMBA_SELECTIVE_SCAN_PLAN_ONCE
 #define MAMBA_SELECTIVE_SCAN_PLAN_ONCE

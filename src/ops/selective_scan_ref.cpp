@@ -4,8 +4,8 @@
 #include <cmath>
 #include <vector>
 
-#include "mamba/ops/act.h"
-#include "mamba/ops/selective_scan.h"
+#include "ops/act.h"
+#include "ops/selective_scan.h"
 
 namespace mamba::ops {
 
@@ -76,12 +76,12 @@ void ref_dt(const ScanArgs& a, int64_t idx, int64_t d, double* dt, double* ddt_d
 // The shared double forward: writes out (B*L*D) and last (B*D*N).
 void ref_forward(const ScanArgs& a, const ScanDims& s, std::vector<double>& out,
                  std::vector<double>* last) {
-  const int64_t Bn = s.batch, L = s.L, D = s.D, N = s.N;
+  const int64_t batch = s.batch, L = s.L, D = s.D, N = s.N;
   BCView Bv = bc_view(a.B, s.b_kind, s.b_groups, s), Cv = bc_view(a.C, s.c_kind, s.c_groups, s);
-  out.assign(Bn * L * D, 0.0);
-  if (last) last->assign(Bn * D * N, 0.0);
+  out.assign(batch * L * D, 0.0);
+  if (last) last->assign(batch * D * N, 0.0);
   std::vector<double> h(N);
-  for (int64_t b = 0; b < Bn; ++b)
+  for (int64_t b = 0; b < batch; ++b)
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t n = 0; n < N; ++n)
         h[n] = a.initial_state.defined() ? a.initial_state[(b * D + d) * N + n] : 0.0;
@@ -164,17 +164,17 @@ Tensor selective_scan_ref(const ScanArgs& a, Tensor* last_state) {
 //   dinitial_state = exp(dt_0 A) g_0
 ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout) {
   ScanDims s = selective_scan_check(a, "selective_scan_bwd_ref");
-  const int64_t Bn = s.batch, L = s.L, D = s.D, N = s.N;
-  check_shape(dout, "selective_scan_bwd_ref: dout", {Bn, L, D});
+  const int64_t batch = s.batch, L = s.L, D = s.D, N = s.N;
+  check_shape(dout, "selective_scan_bwd_ref: dout", {batch, L, D});
   BCView Bv = bc_view(a.B, s.b_kind, s.b_groups, s), Cv = bc_view(a.C, s.c_kind, s.c_groups, s);
 
-  std::vector<double> du(Bn * L * D, 0), ddelta(Bn * L * D, 0),
-      dz(a.z.defined() ? Bn * L * D : 0, 0);
+  std::vector<double> du(batch * L * D, 0), ddelta(batch * L * D, 0),
+      dz(a.z.defined() ? batch * L * D : 0, 0);
   std::vector<double> dA(D * N, 0), dB(a.B.numel(), 0), dC(a.C.numel(), 0), dD(D, 0), dbias(D, 0);
-  std::vector<double> dinit(a.initial_state.defined() ? Bn * D * N : 0, 0);
+  std::vector<double> dinit(a.initial_state.defined() ? batch * D * N : 0, 0);
   std::vector<double> H((L + 1) * N), dts(L), dsp(L), dys(L), g(N);
 
-  for (int64_t b = 0; b < Bn; ++b)
+  for (int64_t b = 0; b < batch; ++b)
     for (int64_t d = 0; d < D; ++d) {
       // Forward, keeping h_t in H[(t+1)*N ...], h_{-1} = initial state in H[0 ...].
       for (int64_t n = 0; n < N; ++n)

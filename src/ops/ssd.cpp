@@ -9,6 +9,8 @@
 // C B^T is shared by the heads of one group and computed once per (b, g, chunk).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/ssd.cpp"
+#include "mamba/ops/ssd.h"
+
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
@@ -16,10 +18,9 @@
 #include <cmath>
 #include <vector>
 
-#include "mamba/gemm.h"
-#include "mamba/ops/act.h"
-#include "mamba/ops/ssd.h"
+#include "core/gemm.h"
 #include "mamba/parallel.h"
+#include "ops/act.h"
 
 // The decode kernel (compiled once per SIMD target): for each of the P rows of one head's
 // state, s = s * dA + (dt x_p) B and y_p = s . C, in one pass over the row.
@@ -752,29 +753,29 @@ Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const 
   check_defined(state, "ssd_state_update: state");
   MAMBA_CHECK(state.ndim() == 4, "ssd_state_update: state must be (B, H, P, N), got ",
               state.shape_str());
-  const int64_t Bn = state.dim(0), H = state.dim(1), P = state.dim(2), N = state.dim(3);
-  check_shape(x, "ssd_state_update: x", {Bn, H, P});
-  check_shape(dt, "ssd_state_update: dt", {Bn, H});
+  const int64_t batch = state.dim(0), H = state.dim(1), P = state.dim(2), N = state.dim(3);
+  check_shape(x, "ssd_state_update: x", {batch, H, P});
+  check_shape(dt, "ssd_state_update: dt", {batch, H});
   check_shape(A, "ssd_state_update: A", {H});
   check_defined(B, "ssd_state_update: B");
   MAMBA_CHECK(B.ndim() == 3, "ssd_state_update: B must be (B, G, N), got ", B.shape_str());
   const int64_t G = B.dim(1);
   MAMBA_CHECK(G > 0 && H % G == 0, "ssd_state_update: ngroups G=", G, " must divide H=", H);
-  check_shape(B, "ssd_state_update: B", {Bn, G, N});
-  check_shape(C, "ssd_state_update: C", {Bn, G, N});
+  check_shape(B, "ssd_state_update: B", {batch, G, N});
+  check_shape(C, "ssd_state_update: C", {batch, G, N});
   const bool d_hdim = D.defined() && D.ndim() == 2;
   if (D.defined())
     MAMBA_CHECK(D.shape() == Shape({H}) || D.shape() == Shape({H, P}),
                 "ssd_state_update: D must be (", H, ") or (", H, ",", P, "), got ", D.shape_str());
-  if (z.defined()) check_shape(z, "ssd_state_update: z", {Bn, H, P});
+  if (z.defined()) check_shape(z, "ssd_state_update: z", {batch, H, P});
   if (dt_bias.defined()) check_shape(dt_bias, "ssd_state_update: dt_bias", {H});
   const bool limit = !(dt_min == 0.f && dt_max == std::numeric_limits<float>::infinity());
   const int64_t hpg = H / G;
-  Tensor y = Tensor::empty({Bn, H, P});
+  Tensor y = Tensor::empty({batch, H, P});
   const float* Dp = D.defined() ? D.data() : nullptr;
   const float* zp = z.defined() ? z.data() : nullptr;
   // grain: at least ~32K multiply-adds per task, so that tiny decode steps run inline
-  parallel_for(Bn * H, std::max<int64_t>(1, 32768 / (P * N)), [&](int64_t begin, int64_t end) {
+  parallel_for(batch * H, std::max<int64_t>(1, 32768 / (P * N)), [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, hd = bh % H, g = hd / hpg;
       const float dtv = process_dt<float>(dt[bh], dt_bias.defined() ? dt_bias[hd] : 0.f,
@@ -784,7 +785,8 @@ Tensor ssd_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const 
       const float* Cp = C.data() + (b * G + g) * N;
       const float* xp = x.data() + bh * P;
       float* yp = y.data() + bh * P;
-      HWY_DYNAMIC_DISPATCH(StateRowsKernel)(state.data() + bh * P * N, xp, Bp, Cp, dA, dtv, P, N, yp);
+      HWY_DYNAMIC_DISPATCH(StateRowsKernel)
+      (state.data() + bh * P * N, xp, Bp, Cp, dA, dtv, P, N, yp);
       for (int64_t p = 0; p < P; ++p) {
         float acc = yp[p];
         if (D.defined()) acc += Dp[d_hdim ? hd * P + p : hd] * xp[p];

@@ -10,7 +10,8 @@ namespace mamba::train {
 LossResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targets, Tensor* dlogits,
                          double denom) {
   check_defined(logits, "cross_entropy: logits");
-  MAMBA_CHECK(logits.ndim() >= 2, "cross_entropy: logits must be (B, L, V) or (M, V), got ", logits.shape_str());
+  MAMBA_CHECK(logits.ndim() >= 2, "cross_entropy: logits must be (B, L, V) or (M, V), got ",
+              logits.shape_str());
   const int64_t V = logits.dim(-1), M = logits.numel() / V;
   MAMBA_CHECK(static_cast<int64_t>(targets.size()) == M, "cross_entropy: expected ", M,
               " targets (one per logits row of ", logits.shape_str(), "), got ", targets.size());
@@ -23,7 +24,8 @@ LossResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targe
   }
   if (denom <= 0) denom = static_cast<double>(std::max<int64_t>(counted, 1));
   if (dlogits) {
-    if (!dlogits->defined() || dlogits->shape() != logits.shape()) *dlogits = Tensor::empty(logits.shape());
+    if (!dlogits->defined() || dlogits->shape() != logits.shape())
+      *dlogits = Tensor::empty(logits.shape());
   }
   // Per-row results, summed afterwards in row order (deterministic for any thread count).
   std::vector<double> nll(M, 0.0);
@@ -50,7 +52,8 @@ LossResult cross_entropy(const Tensor& logits, const std::vector<int32_t>& targe
       hit[i] = am == t;
       if (dl) {
         for (int64_t j = 0; j < V; ++j)
-          dl[i * V + j] = static_cast<float>((std::exp(static_cast<double>(row[j]) - lse) - (j == t)) * inv);
+          dl[i * V + j] =
+              static_cast<float>((std::exp(static_cast<double>(row[j]) - lse) - (j == t)) * inv);
       }
     }
   });

@@ -8,16 +8,18 @@
 namespace mamba::train {
 
 bool uses_weight_decay(const std::string& name, const Param& p) {
-  if (p.no_weight_decay) return false;      // A_log, D, dt biases, norms, biases
-  if (p.value.shape().size() < 2) return false;     // any other vector (a bias or a scale)
+  if (p.no_weight_decay) return false;                    // A_log, D, dt biases, norms, biases
+  if (p.value.shape().size() < 2) return false;           // any other vector (a bias or a scale)
   if (name == "backbone.embedding.weight") return false;  // embedding (and the tied head)
   return true;
 }
 
 AdamW::AdamW(std::vector<std::pair<std::string, Param*>> params, AdamWConfig cfg)
     : params_(std::move(params)), cfg_(cfg) {
-  MAMBA_CHECK(cfg_.beta1 >= 0 && cfg_.beta1 < 1, "AdamW: beta1 must be in [0, 1), got ", cfg_.beta1);
-  MAMBA_CHECK(cfg_.beta2 >= 0 && cfg_.beta2 < 1, "AdamW: beta2 must be in [0, 1), got ", cfg_.beta2);
+  MAMBA_CHECK(cfg_.beta1 >= 0 && cfg_.beta1 < 1, "AdamW: beta1 must be in [0, 1), got ",
+              cfg_.beta1);
+  MAMBA_CHECK(cfg_.beta2 >= 0 && cfg_.beta2 < 1, "AdamW: beta2 must be in [0, 1), got ",
+              cfg_.beta2);
   MAMBA_CHECK(cfg_.eps > 0, "AdamW: eps must be > 0, got ", cfg_.eps);
   MAMBA_CHECK(cfg_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ", cfg_.weight_decay);
   for (auto& [name, p] : params_) {
@@ -58,8 +60,10 @@ void AdamW::step(double lr) {
 
 std::vector<std::pair<std::string, Tensor>> AdamW::state_tensors() const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg." + params_[i].first, m_[i]);
-  for (size_t i = 0; i < params_.size(); ++i) out.emplace_back("exp_avg_sq." + params_[i].first, v_[i]);
+  for (size_t i = 0; i < params_.size(); ++i)
+    out.emplace_back("exp_avg." + params_[i].first, m_[i]);
+  for (size_t i = 0; i < params_.size(); ++i)
+    out.emplace_back("exp_avg_sq." + params_[i].first, v_[i]);
   return out;
 }
 
@@ -101,7 +105,8 @@ double clip_grad_norm(const std::vector<std::pair<std::string, Param*>>& params,
 }
 
 double lr_at(int64_t step, int64_t warmup, int64_t total, double lr, double min_lr) {
-  if (warmup > 0 && step < warmup) return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
+  if (warmup > 0 && step < warmup)
+    return lr * static_cast<double>(step + 1) / static_cast<double>(warmup);
   const int64_t span = total - warmup;
   if (span <= 0) return lr;
   double progress = static_cast<double>(step - warmup) / static_cast<double>(span);

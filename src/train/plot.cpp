@@ -12,8 +12,9 @@ std::string history_csv(const std::vector<StepLog>& h) {
   std::string out = "step,loss,lr,grad_norm,accuracy,tokens,seconds\n";
   char buf[256];
   for (const StepLog& l : h) {
-    std::snprintf(buf, sizeof buf, "%lld,%.9g,%.9g,%.9g,%.6f,%lld,%.6f\n", static_cast<long long>(l.step), l.loss,
-                  l.lr, l.grad_norm, l.accuracy, static_cast<long long>(l.tokens), l.seconds);
+    std::snprintf(buf, sizeof buf, "%lld,%.9g,%.9g,%.9g,%.6f,%lld,%.6f\n",
+                  static_cast<long long>(l.step), l.loss, l.lr, l.grad_norm, l.accuracy,
+                  static_cast<long long>(l.tokens), l.seconds);
     out += buf;
   }
   return out;
@@ -24,11 +25,20 @@ std::string xml_escape(const std::string& s) {
   std::string o;
   for (char c : s) {
     switch (c) {
-      case '<': o += "&lt;"; break;
-      case '>': o += "&gt;"; break;
-      case '&': o += "&amp;"; break;
-      case '"': o += "&quot;"; break;
-      default: o += c;
+      case '<':
+        o += "&lt;";
+        break;
+      case '>':
+        o += "&gt;";
+        break;
+      case '&':
+        o += "&amp;";
+        break;
+      case '"':
+        o += "&quot;";
+        break;
+      default:
+        o += c;
     }
   }
   return o;
@@ -53,8 +63,8 @@ std::string fmt(double v) {
 }
 }  // namespace
 
-std::string svg_line_plot(const std::vector<Series>& series, const std::string& title, const std::string& xlabel,
-                          const std::string& ylabel, bool log_y) {
+std::string svg_line_plot(const std::vector<Series>& series, const std::string& title,
+                          const std::string& xlabel, const std::string& ylabel, bool log_y) {
   const double W = 760, H = 440, ml = 78, mr = 24, mt = 40, mb = 56;
   const double pw = W - ml - mr, ph = H - mt - mb;
   double x0 = std::numeric_limits<double>::infinity(), x1 = -x0, y0 = x0, y1 = -x0;
@@ -75,11 +85,14 @@ std::string svg_line_plot(const std::vector<Series>& series, const std::string& 
   std::string o;
   char buf[512];
   std::snprintf(buf, sizeof buf,
-                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" viewBox=\"0 0 %.0f %.0f\" "
-                "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
+                "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%.0f\" height=\"%.0f\" "
+                "viewBox=\"0 0 %.0f %.0f\" "
+                "font-family=\"sans-serif\" font-size=\"12\">\n<rect width=\"100%%\" "
+                "height=\"100%%\" fill=\"white\"/>\n",
                 W, H, W, H);
   o += buf;
-  std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">", W / 2);
+  std::snprintf(buf, sizeof buf,
+                "<text x=\"%.1f\" y=\"22\" text-anchor=\"middle\" font-size=\"15\">", W / 2);
   o += buf + xml_escape(title) + "</text>\n";
   // grid and ticks
   const double xs = nice_step(x0, x1, 8);
@@ -108,16 +121,20 @@ std::string svg_line_plot(const std::vector<Series>& series, const std::string& 
     std::snprintf(buf, sizeof buf,
                   "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"#e4e4e4\"/>\n"
                   "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">%s</text>\n",
-                  ml, py(y), ml + pw, py(y), ml - 6, py(y) + 4, fmt(log_y ? std::pow(10.0, y) : y).c_str());
+                  ml, py(y), ml + pw, py(y), ml - 6, py(y) + 4,
+                  fmt(log_y ? std::pow(10.0, y) : y).c_str());
     o += buf;
   }
   std::snprintf(buf, sizeof buf,
-                "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" stroke=\"#444\"/>\n", ml, mt, pw,
-                ph);
+                "<rect x=\"%.1f\" y=\"%.1f\" width=\"%.1f\" height=\"%.1f\" fill=\"none\" "
+                "stroke=\"#444\"/>\n",
+                ml, mt, pw, ph);
   o += buf;
-  std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">", ml + pw / 2, H - 14);
+  std::snprintf(buf, sizeof buf, "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"middle\">", ml + pw / 2,
+                H - 14);
   o += buf + xml_escape(xlabel) + "</text>\n";
-  std::snprintf(buf, sizeof buf, "<text transform=\"translate(18,%.1f) rotate(-90)\" text-anchor=\"middle\">",
+  std::snprintf(buf, sizeof buf,
+                "<text transform=\"translate(18,%.1f) rotate(-90)\" text-anchor=\"middle\">",
                 mt + ph / 2);
   o += buf + xml_escape(ylabel + (log_y ? " (log scale)" : "")) + "</text>\n";
   static const char* colors[] = {"#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b"};
@@ -134,10 +151,11 @@ std::string svg_line_plot(const std::vector<Series>& series, const std::string& 
     }
     o += "\"/>\n";
     const double ly = mt + 14 + 18 * static_cast<double>(k);
-    std::snprintf(buf, sizeof buf,
-                  "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n"
-                  "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">",
-                  ml + pw - 34, ly, ml + pw - 10, ly, c, ml + pw - 40, ly + 4);
+    std::snprintf(
+        buf, sizeof buf,
+        "<line x1=\"%.1f\" y1=\"%.1f\" x2=\"%.1f\" y2=\"%.1f\" stroke=\"%s\" stroke-width=\"2\"/>\n"
+        "<text x=\"%.1f\" y=\"%.1f\" text-anchor=\"end\">",
+        ml + pw - 34, ly, ml + pw - 10, ly, c, ml + pw - 40, ly + 4);
     o += buf + xml_escape(s.label) + "</text>\n";
   }
   o += "</svg>\n";

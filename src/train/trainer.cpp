@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
-#include "mamba/os.h"
+#include "core/os.h"
 #include "mamba/safetensors.h"
 #include "mamba/train.h"
 
@@ -41,7 +41,8 @@ MambaLM make_model(const TrainConfig& cfg) {
   // A_init_scale (or layer i's scale): A_log += ln s after the standard initialisation.
   for (auto& [name, p] : lm.named_parameters())
     for (int64_t layer = 0; layer < m.n_layer; ++layer) {
-      const double scale = cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
+      const double scale =
+          cfg.layer_init.empty() ? cfg.A_init_scale : cfg.layer_init[layer].A_init_scale;
       if (scale == 1.0 || name != str("backbone.layers.", layer, ".mixer.A_log")) continue;
       const float shift = static_cast<float>(std::log(scale));
       Tensor& v = p->value.f32();
@@ -56,8 +57,10 @@ void set_selective(ModelConfig& cfg, bool selective) {
     m1->selective = selective;
     return;
   }
-  MAMBA_CHECK(selective, "--no-selective: the non-selective ablation is a Mamba1 switch; this model's mixer is ",
-              mixer_name(cfg.ssm_cfg));
+  MAMBA_CHECK(
+      selective,
+      "--no-selective: the non-selective ablation is a Mamba1 switch; this model's mixer is ",
+      mixer_name(cfg.ssm_cfg));
 }
 
 bool get_selective(const ModelConfig& cfg) {
@@ -65,7 +68,8 @@ bool get_selective(const ModelConfig& cfg) {
   return !m1 || m1->selective;
 }
 
-// ---- config ---------------------------------------------------------------------------------------
+// ---- config
+// ---------------------------------------------------------------------------------------
 
 void TrainConfig::validate() const {
   task.validate();
@@ -73,44 +77,54 @@ void TrainConfig::validate() const {
   MAMBA_CHECK(accum >= 1, "train: accum must be >= 1, got ", accum);
   MAMBA_CHECK(steps >= 0, "train: steps must be >= 0, got ", steps);
   MAMBA_CHECK(warmup >= 0, "train: warmup must be >= 0, got ", warmup);
-  MAMBA_CHECK(A_init_scale > 0 && std::isfinite(A_init_scale), "train: A_init_scale must be > 0, got ",
-              A_init_scale);
+  MAMBA_CHECK(A_init_scale > 0 && std::isfinite(A_init_scale),
+              "train: A_init_scale must be > 0, got ", A_init_scale);
   if (!layer_init.empty()) {
-    MAMBA_CHECK(static_cast<int64_t>(layer_init.size()) == model.n_layer, "train: layer_init needs one entry per layer (n_layer = ",
-                model.n_layer, "), got ", layer_init.size());
-    MAMBA_CHECK(A_init_scale == 1.0, "train: with layer_init the A scales are per layer; A_init_scale must be 1, got ",
+    MAMBA_CHECK(static_cast<int64_t>(layer_init.size()) == model.n_layer,
+                "train: layer_init needs one entry per layer (n_layer = ", model.n_layer, "), got ",
+                layer_init.size());
+    MAMBA_CHECK(A_init_scale == 1.0,
+                "train: with layer_init the A scales are per layer; A_init_scale must be 1, got ",
                 A_init_scale);
     for (size_t i = 0; i < layer_init.size(); ++i) {
       const LayerInit& li = layer_init[i];
-      MAMBA_CHECK(std::isfinite(li.dt_min) && std::isfinite(li.dt_max) && li.dt_min > 0 && li.dt_max >= li.dt_min,
-                  "train: layer ", i, ": the initial delta range needs 0 < dt_min <= dt_max, got ", li.dt_min, " .. ",
-                  li.dt_max);
+      MAMBA_CHECK(std::isfinite(li.dt_min) && std::isfinite(li.dt_max) && li.dt_min > 0 &&
+                      li.dt_max >= li.dt_min,
+                  "train: layer ", i, ": the initial delta range needs 0 < dt_min <= dt_max, got ",
+                  li.dt_min, " .. ", li.dt_max);
       MAMBA_CHECK(std::isfinite(li.A_init_scale) && li.A_init_scale > 0, "train: layer ", i,
                   ": A_init_scale must be > 0, got ", li.A_init_scale);
     }
   }
   MAMBA_CHECK(std::isfinite(lr) && lr > 0, "train: lr must be > 0, got ", lr);
-  MAMBA_CHECK(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr, "train: min_lr must be in [0, lr], got ", min_lr);
+  MAMBA_CHECK(std::isfinite(min_lr) && min_lr >= 0 && min_lr <= lr,
+              "train: min_lr must be in [0, lr], got ", min_lr);
   MAMBA_CHECK(std::isfinite(clip) && clip >= 0, "train: clip must be >= 0 (0 = off), got ", clip);
   MAMBA_CHECK(save_every >= 0, "train: save_every must be >= 0, got ", save_every);
   if (task.kind != TaskKind::Text)
-    MAMBA_CHECK(model.padded_vocab() >= task.vocab, "train: the model's vocabulary (", model.padded_vocab(),
-                ") is smaller than the task's (", task.vocab, ")");
+    MAMBA_CHECK(model.padded_vocab() >= task.vocab, "train: the model's vocabulary (",
+                model.padded_vocab(), ") is smaller than the task's (", task.vocab, ")");
 }
 
 std::string TrainConfig::to_json() const {
   json j;
-  j["task"] = {{"kind", task_name(task.kind)}, {"seqlen", task.seqlen},     {"vocab", task.vocab},
-               {"n_copy", task.n_copy},        {"text", task.text_path},   {"tokenizer", task.tokenizer_path},
+  j["task"] = {{"kind", task_name(task.kind)},
+               {"seqlen", task.seqlen},
+               {"vocab", task.vocab},
+               {"n_copy", task.n_copy},
+               {"text", task.text_path},
+               {"tokenizer", task.tokenizer_path},
                {"all_positions", task.all_positions}};
   j["selective"] = selective;
   j["batch"] = batch, j["accum"] = accum, j["steps"] = steps, j["warmup"] = warmup;
   j["lr"] = lr, j["min_lr"] = min_lr, j["clip"] = clip;
-  j["beta1"] = adamw.beta1, j["beta2"] = adamw.beta2, j["eps"] = adamw.eps, j["weight_decay"] = adamw.weight_decay;
+  j["beta1"] = adamw.beta1, j["beta2"] = adamw.beta2, j["eps"] = adamw.eps,
+  j["weight_decay"] = adamw.weight_decay;
   j["seed"] = seed, j["save_every"] = save_every, j["A_init_scale"] = A_init_scale;
   j["layer_init"] = json::array();
   for (const LayerInit& li : layer_init)
-    j["layer_init"].push_back({{"dt_min", li.dt_min}, {"dt_max", li.dt_max}, {"A_init_scale", li.A_init_scale}});
+    j["layer_init"].push_back(
+        {{"dt_min", li.dt_min}, {"dt_max", li.dt_max}, {"A_init_scale", li.A_init_scale}});
   return j.dump(2);
 }
 
@@ -121,7 +135,8 @@ TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& m
   } catch (const std::exception& e) {
     throw Error(str("train config: invalid JSON: ", e.what()));
   }
-  MAMBA_CHECK(j.is_object() && j.contains("task") && j["task"].is_object(), "train config: missing 'task' object");
+  MAMBA_CHECK(j.is_object() && j.contains("task") && j["task"].is_object(),
+              "train config: missing 'task' object");
   TrainConfig c;
   c.model = model;
   const json& t = j["task"];
@@ -161,17 +176,22 @@ TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& m
   return c;
 }
 
-// ---- trainer --------------------------------------------------------------------------------------
+// ---- trainer
+// --------------------------------------------------------------------------------------
 
 Trainer::Trainer(const TrainConfig& cfg) : Trainer(cfg, make_model(cfg)) {}
 
 Trainer::Trainer(const TrainConfig& cfg, MambaLM lm)
-    : cfg_(cfg), lm_(std::move(lm)), params_(lm_.named_parameters()), opt_(params_, cfg.adamw),
+    : cfg_(cfg),
+      lm_(std::move(lm)),
+      params_(lm_.named_parameters()),
+      opt_(params_, cfg.adamw),
       data_rng_(cfg.seed ^ kDataSalt) {
   cfg_.validate();
   cfg_.model = lm_.config();
   if (cfg_.task.kind == TaskKind::Text) {
-    text_ = std::make_unique<TextData>(TextData::load(cfg_.task.text_path, cfg_.task.tokenizer_path));
+    text_ =
+        std::make_unique<TextData>(TextData::load(cfg_.task.text_path, cfg_.task.tokenizer_path));
     MAMBA_CHECK(lm_.vocab() >= text_->vocab(), "train: the model's vocabulary (", lm_.vocab(),
                 ") is smaller than the text's tokenizer (", text_->vocab(), ")");
   }
@@ -220,16 +240,18 @@ StepLog Trainer::train_step() {
 }
 
 void Trainer::init_weights_from(const std::string& dir) {
-  MAMBA_CHECK(opt_.steps() == 0, "init_weights_from: only before the first step (this run is at step ",
-              opt_.steps(), ")");
+  MAMBA_CHECK(opt_.steps() == 0,
+              "init_weights_from: only before the first step (this run is at step ", opt_.steps(),
+              ")");
   MambaLM src = MambaLM::load(dir);
   auto from = src.named_parameters();
-  MAMBA_CHECK(from.size() == params_.size(), dir, ": the model has ", from.size(), " parameter tensors, this run's has ",
-              params_.size(), " (a different config)");
+  MAMBA_CHECK(from.size() == params_.size(), dir, ": the model has ", from.size(),
+              " parameter tensors, this run's has ", params_.size(), " (a different config)");
   for (size_t i = 0; i < params_.size(); ++i) {
-    MAMBA_CHECK(from[i].first == params_[i].first && from[i].second->value.shape() == params_[i].second->value.shape(),
-                dir, ": parameter '", from[i].first, "' ", from[i].second->value.shape_str(), " does not match '",
-                params_[i].first, "' ", params_[i].second->value.shape_str());
+    MAMBA_CHECK(from[i].first == params_[i].first &&
+                    from[i].second->value.shape() == params_[i].second->value.shape(),
+                dir, ": parameter '", from[i].first, "' ", from[i].second->value.shape_str(),
+                " does not match '", params_[i].first, "' ", params_[i].second->value.shape_str());
     params_[i].second->value.assign(from[i].second->value.to_f32());
   }
 }
@@ -256,7 +278,8 @@ void Trainer::save(const std::string& dir) const {
 
 Trainer Trainer::resume(const std::string& dir) {
   const std::string sp = (fs::path(dir) / kStateFile).string();
-  MAMBA_CHECK(os::exists(sp), "resume: '", dir, "' has no ", kStateFile, " (not a training checkpoint)");
+  MAMBA_CHECK(os::exists(sp), "resume: '", dir, "' has no ", kStateFile,
+              " (not a training checkpoint)");
   std::vector<uint8_t> bytes = os::read_file(sp, 1ull << 30);
   json j;
   try {
@@ -264,7 +287,8 @@ Trainer Trainer::resume(const std::string& dir) {
   } catch (const std::exception& e) {
     throw Error(str(sp, ": invalid JSON: ", e.what()));
   }
-  MAMBA_CHECK(j.is_object() && j.value("format", "") == kStateFormat, sp, ": not a ", kStateFormat, " file");
+  MAMBA_CHECK(j.is_object() && j.value("format", "") == kStateFormat, sp, ": not a ", kStateFormat,
+              " file");
   MAMBA_CHECK(j.contains("step") && j["step"].is_number_integer(), sp, ": missing integer 'step'");
   const int64_t step = j["step"].get<int64_t>();
   MambaLM lm = MambaLM::load(dir);
@@ -273,9 +297,9 @@ Trainer Trainer::resume(const std::string& dir) {
               " but the model's config.json says ", get_selective(lm.config()));
   Trainer tr(cfg, std::move(lm));
   auto of = SafetensorsFile::open((fs::path(dir) / kOptimFile).string());
-  MAMBA_CHECK(of.metadata().count("step") && of.meta("step") == std::to_string(step), dir, ": ", kOptimFile,
-              " is for step ", of.metadata().count("step") ? of.meta("step") : "?", " but ", kStateFile,
-              " for step ", step, " (an interrupted save?)");
+  MAMBA_CHECK(of.metadata().count("step") && of.meta("step") == std::to_string(step), dir, ": ",
+              kOptimFile, " is for step ", of.metadata().count("step") ? of.meta("step") : "?",
+              " but ", kStateFile, " for step ", step, " (an interrupted save?)");
   std::vector<std::pair<std::string, Tensor>> st;
   for (const auto& n : of.names()) st.emplace_back(n, of.tensor(n));
   tr.opt_.load_state(st, step);
@@ -289,21 +313,24 @@ Trainer Trainer::resume(const std::string& dir) {
       MAMBA_CHECK(e.is_array() && e.size() == 7, sp, ": a history entry must have 7 fields");
       StepLog l;
       l.step = e[0].get<int64_t>(), l.loss = e[1].get<double>(), l.lr = e[2].get<double>();
-      l.grad_norm = e[3].get<double>(), l.accuracy = e[4].get<double>(), l.tokens = e[5].get<int64_t>();
+      l.grad_norm = e[3].get<double>(), l.accuracy = e[4].get<double>(),
+      l.tokens = e[5].get<int64_t>();
       l.seconds = e[6].get<double>();
       tr.history_.push_back(l);
     }
   return tr;
 }
 
-// ---- evaluation -----------------------------------------------------------------------------------
+// ---- evaluation
+// -----------------------------------------------------------------------------------
 
-EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch, uint64_t seed,
-                    const TextData* text) {
+EvalResult evaluate(MambaLM& lm, const TaskConfig& task, int64_t n_batches, int64_t batch,
+                    uint64_t seed, const TextData* text) {
   task.validate();
   TaskConfig answer_only = task;  // an evaluation counts the task's answers only
   answer_only.all_positions = false;
-  MAMBA_CHECK(n_batches >= 1 && batch >= 1, "evaluate: batches and batch must be >= 1, got ", n_batches, " and ", batch);
+  MAMBA_CHECK(n_batches >= 1 && batch >= 1, "evaluate: batches and batch must be >= 1, got ",
+              n_batches, " and ", batch);
   Rng rng(seed);
   EvalResult r;
   double sum_nll = 0;

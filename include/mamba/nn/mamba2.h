@@ -17,8 +17,8 @@
 #include <cstdint>
 #include <limits>
 #include <string>
-#include <vector>
 #include <utility>
+#include <vector>
 
 #include "mamba/nn/param.h"
 #include "mamba/ops/ssd.h"
@@ -134,7 +134,8 @@ class Mamba2 {
   ParamList params_;
   // The parameters (nullptr when absent by config: biases, norm.weight without rmsnorm).
   Param *dt_bias_ = nullptr, *A_log_ = nullptr, *D_ = nullptr, *in_w_ = nullptr, *in_b_ = nullptr;
-  Param *conv_w_ = nullptr, *conv_b_ = nullptr, *norm_w_ = nullptr, *out_w_ = nullptr, *out_b_ = nullptr;
+  Param *conv_w_ = nullptr, *conv_b_ = nullptr, *norm_w_ = nullptr, *out_w_ = nullptr,
+        *out_b_ = nullptr;
 };
 
 }  // namespace mamba

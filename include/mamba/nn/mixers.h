@@ -67,7 +67,8 @@ inline const char* mixer_name(const MixerConfig& c) {
         using Cfg = std::decay_t<decltype(cfg)>;
         const char* name = "";
         Mixers::for_each([&](auto t) {
-          if constexpr (std::is_same_v<typename decltype(t)::type::Config, Cfg>) name = decltype(t)::type::kName;
+          if constexpr (std::is_same_v<typename decltype(t)::type::Config, Cfg>)
+            name = decltype(t)::type::kName;
         });
         return name;
       },

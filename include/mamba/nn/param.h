@@ -15,14 +15,19 @@ namespace mamba {
 class SafetensorsFile;
 
 struct Param {
-  std::string name;     // e.g. "in_proj.weight"
-  Weight value;         // fp32, or bf16 / f16 for a matrix after set_weight_dtype
-  Tensor grad;          // same shape, fp32; parameter gradients accumulate (+=). Undefined while
-                        // the value is not fp32 (inference only).
+  std::string name;  // e.g. "in_proj.weight"
+  Weight value;      // fp32, or bf16 / f16 for a matrix after set_weight_dtype
+  Tensor grad;       // same shape, fp32; parameter gradients accumulate (+=). Undefined while
+                     // the value is not fp32 (inference only).
   bool no_weight_decay = false;  // A_log, D, dt biases, norms, biases (as the reference marks them)
   bool matrix = false;  // a large matrix whose storage set_weight_dtype changes (projections,
                         // embedding, lm_head); norms, conv, A_log, D and biases stay fp32
 };
+
+// An optional parameter (a bias that may be absent, held as a Param* that may be null): its fp32
+// value, or an undefined tensor when absent; its gradient, or nullptr.
+const Tensor& optional_f32(const Param* p);
+inline Tensor* optional_grad(Param* p) { return p ? &p->grad : nullptr; }
 
 // Parameters keep their addresses for the life of the list (add never moves an element, and
 // moving the list moves its elements' storage with it), so layers hold Param* to their own.

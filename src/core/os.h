@@ -13,7 +13,8 @@ bool exists(const std::string& path);
 // Writes atomically: a temporary file in the same folder, flushed to disk (fsync), then
 // renamed over `path`. A crash leaves either the old file or the new one, never half of one.
 void write_file_atomic(const std::string& path, const void* data, size_t size);
-void write_file_atomic(const std::string& path, const std::vector<std::pair<const void*, size_t>>& parts);
+void write_file_atomic(const std::string& path,
+                       const std::vector<std::pair<const void*, size_t>>& parts);
 // A read-only view of a whole file, memory-mapped where the platform allows (so a checkpoint
 // of several GB is not read into memory twice); falls back to reading the file.
 class MappedFile {

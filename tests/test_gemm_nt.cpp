@@ -1,7 +1,7 @@
-// The packed prefill GEMM y = x W^T (ops/xwt.h) against its double reference, for fp32, bf16 and
-// f16 weights, on sizes that leave partial panels / weight blocks, with leading dimensions larger
-// than the rows, accumulation onto y, and across thread counts. XwtPerTarget/... runs the packed
-// kernel and the dispatching entry point (the packed kernel on 512-bit targets, the BLAS
+// The packed prefill GEMM y = x W^T (ops/gemm_nt.h) against its double reference, for fp32, bf16
+// and f16 weights, on sizes that leave partial panels / weight blocks, with leading dimensions
+// larger than the rows, accumulation onto y, and across thread counts. GemmNtPerTarget/... runs the
+// packed kernel and the dispatching entry point (the packed kernel on 512-bit targets, the BLAS
 // fallback on the others) once per compiled SIMD target (hwy_gtest.h).
 #include <hwy/tests/hwy_gtest.h>
 
@@ -9,8 +9,8 @@
 #include <cstdlib>
 #include <vector>
 
-#include "mamba/ops/xwt.h"
 #include "mamba/parallel.h"
+#include "ops/gemm_nt.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -82,7 +82,7 @@ double w_at(const Data& d, const Case& c, int64_t n, int64_t k) {
 
 }  // namespace
 
-TEST(Xwt, PackedKernelMatchesReferenceOnAwkwardSizes) {
+TEST(GemmNt, PackedKernelMatchesReferenceOnAwkwardSizes) {
   Rng rng(11);
   int checked = 0;
   for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
@@ -93,62 +93,62 @@ TEST(Xwt, PackedKernelMatchesReferenceOnAwkwardSizes) {
             const Case c{M, N, K, t, acc};
             Data d = make(c, rng);
             std::vector<float> y = d.y0, yr = d.y0;
-            xwt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
-            xwt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
+            gemm_nt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
+            gemm_nt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, y, yr));
             // The dispatching entry point (packed kernel or BLAS) meets the same bound.
             std::vector<float> yd = d.y0;
-            xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
+            gemm_nt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, yd, yr))
-                << "xwt (packed active: " << xwt_packed_active() << ")";
+                << "gemm_nt (packed active: " << gemm_nt_packed_active() << ")";
             ++checked;
           }
   EXPECT_EQ(checked, 3 * 4 * 5 * 5 * 2);
 }
 
-TEST(Xwt, PrefillSizedProductMatchesReferenceAndIsThreadIndependent) {
+TEST(GemmNt, PrefillSizedProductMatchesReferenceAndIsThreadIndependent) {
   // A projection-like shape: several x panels, several weight chunks per thread.
   Rng rng(12);
   const Case c{100, 300, 200, WeightDType::f32, false};
   Data d = make(c, rng);
   std::vector<float> yr = d.y0;
-  xwt_ref(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, yr.data(), d.ldy, false);
+  gemm_nt_ref(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, yr.data(), d.ldy, false);
   const int saved = num_threads();
   std::vector<float> y1 = d.y0, y2 = d.y0;
   set_num_threads(1);
-  xwt_packed(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, y1.data(), d.ldy, false);
+  gemm_nt_packed(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, y1.data(), d.ldy, false);
   set_num_threads(2);
-  xwt_packed(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, y2.data(), d.ldy, false);
+  gemm_nt_packed(d.x.data(), c.M, d.ldx, d.W, c.N, c.K, y2.data(), d.ldy, false);
   set_num_threads(saved);
   EXPECT_TRUE(within_bound(d, c, y1, yr));
   // each y element is one sequential sum over k whatever the thread split: bitwise equal
   EXPECT_EQ(y1, y2);
 }
 
-TEST(Xwt, RejectsBadSizes) {
+TEST(GemmNt, RejectsBadSizes) {
   std::vector<float> x(64), w(64), y(64);
   const WeightRows W{w.data(), WeightDType::f32, 4};
-  EXPECT_THROW(xwt(x.data(), -1, 4, W, 4, 4, y.data(), 4, false), Error);
-  EXPECT_THROW(xwt(x.data(), 4, 3, W, 4, 4, y.data(), 4, false), Error);  // ldx < K
+  EXPECT_THROW(gemm_nt(x.data(), -1, 4, W, 4, 4, y.data(), 4, false), Error);
+  EXPECT_THROW(gemm_nt(x.data(), 4, 3, W, 4, 4, y.data(), 4, false), Error);  // ldx < K
   EXPECT_THROW(
-      xwt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false),
+      gemm_nt(x.data(), 4, 4, WeightRows{w.data(), WeightDType::f32, 3}, 4, 4, y.data(), 4, false),
       Error);
-  EXPECT_THROW(xwt(x.data(), 4, 4, W, 4, 4, y.data(), 3, false), Error);  // ldy < N
-  EXPECT_THROW(xwt_packed(x.data(), 4, 4, W, 4, -2, y.data(), 4, false), Error);
+  EXPECT_THROW(gemm_nt(x.data(), 4, 4, W, 4, 4, y.data(), 3, false), Error);  // ldy < N
+  EXPECT_THROW(gemm_nt_packed(x.data(), 4, 4, W, 4, -2, y.data(), 4, false), Error);
   // K = 0: y = 0, or unchanged when accumulating
   std::vector<float> z(16, 7.f);
-  xwt(x.data(), 4, 4, W, 4, 0, z.data(), 4, true);
+  gemm_nt(x.data(), 4, 4, W, 4, 0, z.data(), 4, true);
   EXPECT_EQ(z, std::vector<float>(16, 7.f));
-  xwt(x.data(), 4, 4, W, 4, 0, z.data(), 4, false);
+  gemm_nt(x.data(), 4, 4, W, 4, 0, z.data(), 4, false);
   EXPECT_EQ(z, std::vector<float>(16, 0.f));
 }
 
-class XwtPerTarget : public hwy::TestWithParamTarget {};
-HWY_TARGET_INSTANTIATE_TEST_SUITE_P(XwtPerTarget);
+class GemmNtPerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(GemmNtPerTarget);
 
-TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
+TEST_P(GemmNtPerTarget, PackedKernelAndDispatchMatchReference) {
 #if HWY_ARCH_X86
-  // mamba::xwt takes the packed kernel exactly on the 512-bit targets (unless MAMBA_GEMM=blas).
+  // mamba::gemm_nt takes the packed kernel exactly on the 512-bit targets (unless MAMBA_GEMM=blas).
   int64_t wide_targets = HWY_AVX3 | HWY_AVX3_DL;
 #ifdef HWY_AVX3_ZEN4
   wide_targets |= HWY_AVX3_ZEN4;
@@ -159,7 +159,7 @@ TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
   const bool wide = (GetParam() & wide_targets) != 0;
   const char* env = std::getenv("MAMBA_GEMM");
   const bool blas_forced = env && std::string(env) == "blas";
-  EXPECT_EQ(xwt_packed_active(), wide && !blas_forced) << hwy::TargetName(GetParam());
+  EXPECT_EQ(gemm_nt_packed_active(), wide && !blas_forced) << hwy::TargetName(GetParam());
 #endif
   Rng rng(13);
   for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
@@ -170,11 +170,11 @@ TEST_P(XwtPerTarget, PackedKernelAndDispatchMatchReference) {
             const Case c{M, N, K, t, acc};
             Data d = make(c, rng);
             std::vector<float> y = d.y0, yd = d.y0, yr = d.y0;
-            xwt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
-            xwt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
+            gemm_nt_ref(d.x.data(), M, d.ldx, d.W, N, K, yr.data(), d.ldy, acc);
+            gemm_nt_packed(d.x.data(), M, d.ldx, d.W, N, K, y.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, y, yr)) << "packed";
-            xwt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
+            gemm_nt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, yd, yr))
-                << "xwt (packed active: " << xwt_packed_active() << ")";
+                << "gemm_nt (packed active: " << gemm_nt_packed_active() << ")";
           }
 }

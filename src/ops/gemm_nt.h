@@ -1,18 +1,19 @@
-// The projections' prefill GEMM: y (M, N) = x (M, K) W^T for a weight W (N, K) stored row-major
-// in fp32, bf16 or f16, every product and sum in fp32.
+// ops::gemm_nt, the projections' prefill GEMM ("NT": the second operand transposed, as BLAS names
+// it): y (M, N) = x (M, K) W^T for a weight W (N, K) stored row-major in fp32, bf16 or f16, every
+// product and sum in fp32.
 //
-// The kernel (src/ops/xwt.cpp): x is packed once per call into panels of 2 vectors of rows,
+// The kernel (src/ops/gemm_nt.cpp): x is packed once per call into panels of 2 vectors of rows,
 // transposed (K, 2 * lanes); W is taken 12 rows at a time, converted to fp32 and transposed
 // (K, 12); a tile of 2 x 12 vector accumulators (2 * lanes rows of x by 12 weight rows) runs over
 // the whole K, so each y element is one sequential fp32 sum over k. Threads split the weight rows;
 // x is swept in groups of panels that stay in the L2 cache. It needs 32 vector registers:
-// mamba::xwt uses it when Highway's dispatch picks a 512-bit target (AVX-512), where it is ~1.5x
+// ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512), where it is ~1.5x
 // faster than OpenBLAS's AVX2 sgemm on the Mamba projections (docs/PERFORMANCE.md), and calls
 // mamba::gemm (the BLAS) otherwise, or when the environment variable MAMBA_GEMM=blas is set.
 #pragma once
 #include <cstdint>
 
-#include "mamba/ops/half_matmul.h"
+#include "ops/half_matmul.h"
 
 namespace mamba::ops {
 
@@ -26,20 +27,20 @@ struct WeightRows {
 
 // y (M, N) [ldy] = x (M, K) [ldx] W^T, plus the previous y when accumulate is true (a bias put in
 // y beforehand). Throws on negative sizes or leading dimensions smaller than the rows.
-void xwt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
-         int64_t ldy, bool accumulate);
+void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
+             int64_t ldy, bool accumulate);
 
 // The packed kernel itself on the best compiled SIMD target, whatever its width (tests compare it
-// with the reference on every machine; mamba::xwt only takes it where it is fast).
-void xwt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
-                float* y, int64_t ldy, bool accumulate);
+// with the reference on every machine; ops::gemm_nt only takes it where it is fast).
+void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                    float* y, int64_t ldy, bool accumulate);
 
-// Whether mamba::xwt runs the packed kernel here: the SIMD target dispatch picks now is 512-bit,
+// Whether ops::gemm_nt runs the packed kernel here: the SIMD target dispatch picks now is 512-bit,
 // and MAMBA_GEMM != "blas" (read once).
-bool xwt_packed_active();
+bool gemm_nt_packed_active();
 
 // The reference: plain loops, double accumulation, same arguments.
-void xwt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
-             int64_t ldy, bool accumulate);
+void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                 float* y, int64_t ldy, bool accumulate);
 
 }  // namespace mamba::ops

@@ -71,8 +71,8 @@ std::vector<double> selective_scan_ref_f64(const ScanArgs& a,
 // Naive reference of selective_state_update (scalar loops, double sum over N): the oracle
 // for the vectorised step above. Same arguments and semantics.
 Tensor selective_state_update_ref(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
-                                  const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
-                                  const Tensor& dt_bias, bool dt_softplus);
+                                  const Tensor& B, const Tensor& C, const Tensor& D,
+                                  const Tensor& z, const Tensor& dt_bias, bool dt_softplus);
 
 // Dimensions of a selective_state_update call, validated (throws mamba::Error naming the
 // tensor). b_groups / c_groups: G of a (B, G, N) B or C, 1 for (B, N).

@@ -1,4 +1,4 @@
-// The projections' prefill GEMM y = x W^T (ops/xwt.h): our packed kernel against mamba::gemm
+// The projections' prefill GEMM y = x W^T (ops/gemm_nt.h): our packed kernel against mamba::gemm
 // (the BLAS) in the same run, at the mamba-130m / mamba2-130m projection shapes, for fp32 and
 // bf16 weights (the BLAS path converts bf16 rows to fp32 first, as before the packed kernel).
 // JSON lines on stdout: shape, ms and GFLOP/s of each, the ratio and max |diff|.
@@ -6,17 +6,18 @@
 #include <vector>
 
 #include "bench_util.h"
-#include "mamba/gemm.h"
-#include "mamba/ops/xwt.h"
+#include "core/gemm.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
 #include "mamba/tensor.h"
+#include "ops/gemm_nt.h"
 
 using namespace mamba;
 
 namespace {
 const char* kUsage =
-    "bench_xwt: y = x W^T, packed kernel vs the BLAS, at the 130m projection shapes; JSON lines\n"
+    "bench_gemm_nt: y = x W^T, packed kernel vs the BLAS, at the 130m projection shapes; JSON "
+    "lines\n"
     "  --rows 512 (M: prompt tokens)  --threads 0 (0 = all cores)  --reps 7\n";
 
 struct Shape3 {
@@ -30,8 +31,10 @@ int main(int argc, char** argv) {
   const int64_t M = args.get("rows", 512);
   const int reps = static_cast<int>(args.get("reps", 7));
   set_num_threads(static_cast<int>(args.get("threads", 0)));
-  const Shape3 shapes[] = {{"mamba1.in_proj", 3072, 768},  {"mamba2.in_proj", 3352, 768},
-                           {"out_proj", 768, 1536},        {"mamba1.x_proj", 80, 1536},
+  const Shape3 shapes[] = {{"mamba1.in_proj", 3072, 768},
+                           {"mamba2.in_proj", 3352, 768},
+                           {"out_proj", 768, 1536},
+                           {"mamba1.x_proj", 80, 1536},
                            {"mamba1.dt_proj", 1536, 48}};
   Rng rng(1);
   {  // untimed warm-up of both paths (first-touch of the kernels' buffers, clock ramp-up): the
@@ -39,8 +42,8 @@ int main(int argc, char** argv) {
     Tensor x({M, 768}), W({3072, 768});
     std::vector<float> y(static_cast<size_t>(M * 3072));
     for (int i = 0; i < 3; ++i) {
-      ops::xwt_packed(x.data(), M, 768, ops::WeightRows{W.data(), WeightDType::f32, 768}, 3072, 768,
-                      y.data(), 3072, false);
+      ops::gemm_nt_packed(x.data(), M, 768, ops::WeightRows{W.data(), WeightDType::f32, 768}, 3072,
+                          768, y.data(), 3072, false);
       gemm(false, true, M, 3072, 768, 1.f, x.data(), 768, W.data(), 768, 0.f, y.data(), 3072);
     }
   }
@@ -58,7 +61,7 @@ int main(int argc, char** argv) {
       }
       std::vector<float> y1(static_cast<size_t>(M * s.N)), y2(y1.size());
       const double tp = bench::median_seconds(reps, [&] {
-        ops::xwt_packed(x.data(), M, s.K, rows, s.N, s.K, y1.data(), s.N, false);
+        ops::gemm_nt_packed(x.data(), M, s.K, rows, s.N, s.K, y1.data(), s.N, false);
       });
       // The BLAS: fp32 weights directly; 16-bit ones converted to fp32 scratch first (what the
       // 16-bit prefill did before the packed kernel).
@@ -75,11 +78,14 @@ int main(int argc, char** argv) {
       for (size_t i = 0; i < y1.size(); ++i) md = std::max(md, (double)std::fabs(y1[i] - y2[i]));
       const double gf = 2.0 * M * s.N * s.K * 1e-9;
       std::printf(
-          "{\"bench\":\"xwt\",\"shape\":\"%s\",\"M\":%lld,\"N\":%lld,\"K\":%lld,\"weights\":\"%s\","
+          "{\"bench\":\"gemm_nt\",\"shape\":\"%s\",\"M\":%lld,\"N\":%lld,\"K\":%lld,\"weights\":\"%"
+          "s\","
           "\"threads\":%d,\"packed_ms\":%.3f,\"packed_gflops\":%.1f,\"blas_ms\":%.3f,"
-          "\"blas_gflops\":%.1f,\"packed_speedup\":%.2f,\"max_abs_diff\":%.2e,\"packed_active\":%s}\n",
+          "\"blas_gflops\":%.1f,\"packed_speedup\":%.2f,\"max_abs_diff\":%.2e,\"packed_active\":%s}"
+          "\n",
           s.name, (long long)M, (long long)s.N, (long long)s.K, weight_dtype_name(t), num_threads(),
-          tp * 1e3, gf / tp, tb * 1e3, gf / tb, tb / tp, md, ops::xwt_packed_active() ? "true" : "false");
+          tp * 1e3, gf / tp, tb * 1e3, gf / tb, tb / tp, md,
+          ops::gemm_nt_packed_active() ? "true" : "false");
       std::fflush(stdout);
     }
   return 0;

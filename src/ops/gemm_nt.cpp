@@ -1,10 +1,12 @@
-// y = x W^T with fp32 / bf16 / f16 weights: the packed prefill kernel (see include/mamba/ops/xwt.h),
-// the dispatch between it and the BLAS, and the reference. Highway kernels follow the dispatch
-// pattern of src/ops/act.cpp.
+// y = x W^T with fp32 / bf16 / f16 weights: the packed prefill kernel (see
+// include/mamba/ops/gemm_nt.h), the dispatch between it and the BLAS, and the reference. Highway
+// kernels follow the dispatch pattern of src/ops/act.cpp.
 #undef HWY_TARGET_INCLUDE
-#define HWY_TARGET_INCLUDE "ops/xwt.cpp"
-#include <hwy/foreach_target.h>  // must come before highway.h
+#define HWY_TARGET_INCLUDE "ops/gemm_nt.cpp"
+#include "ops/gemm_nt.h"
+
 #include <hwy/aligned_allocator.h>
+#include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
 #include <algorithm>
@@ -13,9 +15,8 @@
 #include <string>
 #include <vector>
 
+#include "core/gemm.h"
 #include "mamba/error.h"
-#include "mamba/gemm.h"
-#include "mamba/ops/xwt.h"
 #include "mamba/parallel.h"
 
 HWY_BEFORE_NAMESPACE();
@@ -26,7 +27,9 @@ namespace hn = hwy::HWY_NAMESPACE;
 constexpr int64_t kNB = 12;  // weight rows per tile (with 2 vectors of x rows: 24 accumulators)
 
 // Vector width in bytes of this target (the dispatcher enables the kernel for >= 64).
-int64_t VectorBytes() { return static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()) * sizeof(float)); }
+int64_t VectorBytes() {
+  return static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()) * sizeof(float));
+}
 
 // acc[j] (2 vectors: x rows i = 0..2*lanes-1 of the panel) = sum_k xp[k][i] * wk[k][j]; stored
 // to T[j][i]. xp: (K, 2*lanes) packed x^T, wk: (K, kNB) packed W^T, both fp32 and aligned.
@@ -72,8 +75,8 @@ struct Aligned {  // a grow-only aligned buffer kept per thread across calls
   }
 };
 
-void XwtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
-               int64_t ldy, bool accumulate) {
+void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                  float* y, int64_t ldy, bool accumulate) {
   const hn::ScalableTag<float> df;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
   const int64_t np = (M + MP - 1) / MP;  // panels of x rows
@@ -152,12 +155,12 @@ HWY_AFTER_NAMESPACE();
 
 #if HWY_ONCE
 namespace mamba::ops {
-HWY_EXPORT(XwtKernel);
+HWY_EXPORT(GemmNtKernel);
 HWY_EXPORT(VectorBytes);
 
 namespace {
-void check_xwt(const char* what, const float* x, int64_t M, int64_t ldx, const WeightRows& W,
-               int64_t N, int64_t K, const float* y, int64_t ldy) {
+void check_gemm_nt(const char* what, const float* x, int64_t M, int64_t ldx, const WeightRows& W,
+                   int64_t N, int64_t K, const float* y, int64_t ldy) {
   MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, what, ": negative size M=", M, " N=", N, " K=", K);
   MAMBA_CHECK(ldx >= K && W.ld >= K && ldy >= N, what, ": leading dimensions ldx ", ldx, ", ldw ",
               W.ld, ", ldy ", ldy, " must be >= K ", K, ", K, N ", N);
@@ -175,7 +178,7 @@ void zero_or_keep(float* y, int64_t M, int64_t N, int64_t ldy, bool accumulate) 
 }
 }  // namespace
 
-bool xwt_packed_active() {
+bool gemm_nt_packed_active() {
   static const bool blas_forced = [] {
     const char* e = std::getenv("MAMBA_GEMM");
     return e && std::string(e) == "blas";
@@ -185,21 +188,21 @@ bool xwt_packed_active() {
   return !blas_forced && HWY_DYNAMIC_DISPATCH(VectorBytes)() >= 64;
 }
 
-void xwt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
-                float* y, int64_t ldy, bool accumulate) {
-  check_xwt("xwt_packed", x, M, ldx, W, N, K, y, ldy);
+void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                    float* y, int64_t ldy, bool accumulate) {
+  check_gemm_nt("gemm_nt_packed", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
-  HWY_DYNAMIC_DISPATCH(XwtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+  HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
 }
 
-void xwt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
-         int64_t ldy, bool accumulate) {
-  check_xwt("xwt", x, M, ldx, W, N, K, y, ldy);
+void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
+             int64_t ldy, bool accumulate) {
+  check_gemm_nt("gemm_nt", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
-  if (xwt_packed_active()) {
-    HWY_DYNAMIC_DISPATCH(XwtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+  if (gemm_nt_packed_active()) {
+    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
     return;
   }
   if (W.dtype == WeightDType::f32) {
@@ -226,9 +229,9 @@ void xwt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_
   });
 }
 
-void xwt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
-             int64_t ldy, bool accumulate) {
-  check_xwt("xwt_ref", x, M, ldx, W, N, K, y, ldy);
+void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
+                 float* y, int64_t ldy, bool accumulate) {
+  check_gemm_nt("gemm_nt_ref", x, M, ldx, W, N, K, y, ldy);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t n = 0; n < N; ++n) {
       double acc = accumulate ? y[m * ldy + n] : 0.0;

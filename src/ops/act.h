@@ -17,6 +17,7 @@ void softplus_bwd(const float* x, const float* dy, float* dx, int64_t n);
 void exp_inplace(float* x, int64_t n);
 
 Tensor silu(const Tensor& x);
+Tensor silu_bwd(const Tensor& x, const Tensor& dy);  // dy * silu'(x), same shape
 Tensor softplus(const Tensor& x);
 
 // Scalar references (the spec).

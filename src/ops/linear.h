@@ -4,11 +4,11 @@
 // x, y, dx and dy may be strided 2-D views (Tensor::cols: rows of `in` / `out` values with a row
 // stride), so a layer reads and writes column blocks of a projection's output without copies.
 //
-// The kernel, one choice for every caller (ops/xwt.h, ops/half_matmul.h, mamba/gemm.h):
-//   fp32 W:   M > 16: the packed prefill GEMM ops::xwt, bias put in y first and accumulated;
+// The kernel, one choice for every caller (ops/gemm_nt.h, ops/half_matmul.h, mamba/gemm.h):
+//   fp32 W:   M > 16: the packed prefill GEMM ops::gemm_nt, bias put in y first and accumulated;
 //             2 <= M <= 16: the streaming kernel, then the bias added;
 //             M <= 1: the BLAS (a GEMV), bias put in y first (beta = 1).
-//   16-bit W: M <= 16: the streaming kernel; M > 16: ops::xwt; then the bias added.
+//   16-bit W: M <= 16: the streaming kernel; M > 16: ops::gemm_nt; then the bias added.
 // Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
 // the BLAS, db += the row sums of dy (bias_grad).
 #pragma once
