@@ -6,6 +6,8 @@
 #include <cstring>
 #include <new>
 
+#include "mamba/parallel.h"
+
 namespace mamba {
 
 std::string shape_str(const Shape& s) {
@@ -235,14 +237,19 @@ void Tensor::copy_from(const Tensor& other) {
   const int64_t n = a.row_len(), lda = a.row_stride(), ldb = b.row_stride();
   float* pa = a.view_data();
   float* pb = b.view_data();
-  for (int64_t r = 0; r < a.rows(); ++r) {
-    float* ra = pa + r * lda;
-    float* rb = b.is_contiguous() ? pb + r * n : pb + r * ldb;
-    if (&a == this)
-      std::memmove(ra, rb, n * sizeof(float));
-    else
-      std::memmove(rb, ra, n * sizeof(float));
-  }
+  const bool into_a = &a == this, b_contiguous = b.is_contiguous();
+  // Rows split over threads (a layer's column blocks are a few MB per call: memory bound).
+  parallel_for(a.rows(), std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)),
+               [&](int64_t r0, int64_t r1) {
+                 for (int64_t r = r0; r < r1; ++r) {
+                   float* ra = pa + r * lda;
+                   float* rb = b_contiguous ? pb + r * n : pb + r * ldb;
+                   if (into_a)
+                     std::memmove(ra, rb, n * sizeof(float));
+                   else
+                     std::memmove(rb, ra, n * sizeof(float));
+                 }
+               });
 }
 
 void check_defined(const Tensor& t, const char* what) {
