@@ -297,3 +297,37 @@ TEST(Config, TensorNamesMapBetweenTransformersAndMambaSsm) {
   expect_error([] { mamba_ssm_to_hf_name("backbone.embeddings.weight"); },
                {"backbone.embeddings.weight"});
 }
+
+// Hostile sizes (issue "Reliability"): every one used to overflow (signed int64 or a double ->
+// int64 conversion) before its range was checked; now each is refused naming the key, with no
+// arithmetic done on it first (the UBSan build runs this test).
+TEST(Config, HostileSizesAreRefusedBeforeAnyArithmetic) {
+  expect_error([] { ModelConfig::parse(R"({"d_model": 9223372036854775807})"); },
+               {"'d_model'", "out of range"});
+  expect_error(
+      [] { ModelConfig::parse(R"({"model_type": "mamba", "hidden_size": 9223372036854775807})"); },
+      {"'hidden_size'", "out of range"});
+  expect_error(
+      [] {
+        ModelConfig::parse(
+            R"({"model_type": "mamba2", "hidden_size": 64, "expand": 2, "head_dim": 4611686018427387904, "num_heads": 4})");
+      },
+      {"'head_dim'", "out of range"});
+  expect_error(
+      [] {
+        ModelConfig::parse(
+            R"({"model_type": "mamba", "hidden_size": 64, "expand": 1e300, "intermediate_size": 5})");
+      },
+      {"'expand'", "out of range"});
+  expect_error([] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"expand": 1e300}})"); },
+               {"'ssm_cfg.expand'", "out of range"});
+  expect_error(
+      [] {
+        ModelConfig::parse(
+            R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "headdim": 4611686018427387904}})");
+      },
+      {"'ssm_cfg.headdim'", "out of range"});
+  expect_error(
+      [] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"dt_rank": 9223372036854775807}})"); },
+      {"'ssm_cfg.dt_rank'", "out of range"});
+}
