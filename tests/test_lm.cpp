@@ -137,51 +137,54 @@ TEST(LM, BadCheckpointsGiveClearErrors) {
 
 // Whole-LM gradient check: every parameter tensor, central differences on sampled elements.
 TEST(LM, BackwardMatchesFiniteDifferences) {
-  for (const char* layer : {"Mamba1", "Mamba2"}) {
-    ModelConfig cfg = ModelConfig::parse(
-        std::string(
-            R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,"ssm_cfg":{"layer":")") +
-        layer + R"(","d_state":4,"d_conv":3,"expand":2)" +
-        (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
-    MambaLM lm(cfg, 1);
-    Rng rng(5);
-    for (auto& [n, p] : lm.named_parameters())
-      for (int64_t i = 0; i < p->value.numel(); ++i)
-        p->value.f32()[i] += 0.1f * (float)rng.normal();
-    const int64_t B = 2, L = 7, V = lm.vocab();
-    std::vector<int32_t> ids(B * L);
-    for (auto& v : ids) v = (int32_t)rng.below(11);
-    Tensor g({B, L, V});
-    rng.fill_normal(g);
-    auto loss = [&] {
-      Tensor y = lm.forward(ids, B, L);
-      double s = 0;
-      for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
-      return s;
-    };
-    lm.zero_grad();
-    LMSaved sv;
-    lm.forward(ids, B, L, &sv);
-    lm.backward(sv, g);
-    for (auto& [name, p] : lm.named_parameters()) {
-      for (int k = 0; k < 3; ++k) {
-        int64_t i = (int64_t)rng.below((uint64_t)p->value.numel());
-        float orig = p->value.f32()[i];
-        const float eps = 1e-2f;
-        p->value.f32()[i] = orig + eps;
-        double lp = loss();
-        float hi = p->value.f32()[i];
-        p->value.f32()[i] = orig - eps;
-        double lm_ = loss();
-        float lo = p->value.f32()[i];
-        p->value.f32()[i] = orig;
-        double fd = (lp - lm_) / ((double)hi - lo);
-        EXPECT_NEAR(p->grad[i], fd,
-                    tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
-            << layer << " " << name << "[" << i << "]";
+  // d_intermediate 24: a GatedMLP (hidden 24 -> 128) after every mixer, with norm2.
+  for (int d_intermediate : {0, 24})
+    for (const char* layer : {"Mamba1", "Mamba2"}) {
+      ModelConfig cfg = ModelConfig::parse(
+          std::string(
+              R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,"d_intermediate":)") +
+          std::to_string(d_intermediate) + R"(,"ssm_cfg":{"layer":")" + layer +
+          R"(","d_state":4,"d_conv":3,"expand":2)" +
+          (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
+      MambaLM lm(cfg, 1);
+      Rng rng(5);
+      for (auto& [n, p] : lm.named_parameters())
+        for (int64_t i = 0; i < p->value.numel(); ++i)
+          p->value.f32()[i] += 0.1f * (float)rng.normal();
+      const int64_t B = 2, L = 7, V = lm.vocab();
+      std::vector<int32_t> ids(B * L);
+      for (auto& v : ids) v = (int32_t)rng.below(11);
+      Tensor g({B, L, V});
+      rng.fill_normal(g);
+      auto loss = [&] {
+        Tensor y = lm.forward(ids, B, L);
+        double s = 0;
+        for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
+        return s;
+      };
+      lm.zero_grad();
+      LMSaved sv;
+      lm.forward(ids, B, L, &sv);
+      lm.backward(sv, g);
+      for (auto& [name, p] : lm.named_parameters()) {
+        for (int k = 0; k < 3; ++k) {
+          int64_t i = (int64_t)rng.below((uint64_t)p->value.numel());
+          float orig = p->value.f32()[i];
+          const float eps = 1e-2f;
+          p->value.f32()[i] = orig + eps;
+          double lp = loss();
+          float hi = p->value.f32()[i];
+          p->value.f32()[i] = orig - eps;
+          double lm_ = loss();
+          float lo = p->value.f32()[i];
+          p->value.f32()[i] = orig;
+          double fd = (lp - lm_) / ((double)hi - lo);
+          EXPECT_NEAR(p->grad[i], fd,
+                      tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
+              << layer << " d_intermediate " << d_intermediate << " " << name << "[" << i << "]";
+        }
       }
     }
-  }
 }
 
 // A transformers-format folder (MambaForCausalLM names and config keys) of the same weights

@@ -42,8 +42,6 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
               "), got ", dt_init.size());
   MAMBA_CHECK(cfg_.attn_layer_idx.empty(),
               "config: attn_layer_idx (hybrid attention layers) is not supported yet");
-  MAMBA_CHECK(cfg_.d_intermediate == 0,
-              "config: d_intermediate > 0 (MLP after each mixer) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
   emb_ = &own_.add_matrix("backbone.embedding.weight", {V, d});
@@ -55,8 +53,10 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
   blocks_.reserve(static_cast<size_t>(cfg_.n_layer));
   for (int64_t i = 0; i < cfg_.n_layer; ++i) {
     const uint64_t layer_seed = seed * 1000003ull + 17 * static_cast<uint64_t>(i) + 1;
-    blocks_.emplace_back(layer_mixer_config(cfg_, dt_init, i), d, cfg_.norm_epsilon, layer_seed);
+    blocks_.emplace_back(layer_mixer_config(cfg_, dt_init, i), d, cfg_.norm_epsilon, layer_seed,
+                         cfg_.d_intermediate);
     blocks_.back().mixer_params().set_weight_dtype(dtype);
+    if (GatedMLP* mlp = blocks_.back().mlp()) mlp->params().set_weight_dtype(dtype);
   }
   norm_f_ = &own_.add("backbone.norm_f.weight", {d}, true);
   norm_f_->value.f32().fill(1.f);
@@ -74,7 +74,7 @@ MambaLM::MambaLM(MambaLM&&) noexcept = default;
 MambaLM& MambaLM::operator=(MambaLM&&) noexcept = default;
 
 // The order of named_parameters (the optimiser's and the checkpoints'): the embedding, every
-// layer's norm, norm_f, the untied head, then every layer's mixer parameters.
+// layer's norm (and norm2), norm_f, the untied head, then every layer's mixer (and MLP) parameters.
 template <class Fn>
 void MambaLM::for_each_param(Fn&& fn) const {
   auto& self = const_cast<MambaLM&>(*this);
@@ -84,9 +84,13 @@ void MambaLM::for_each_param(Fn&& fn) const {
     for (auto& p : self.blocks_[i].norm_params().all())
       fn(str("backbone.layers.", i, ".", p.name), p, &self.blocks_[i]);
   for (size_t k = 1; k < own.size(); ++k) fn(own[k].name, own[k], static_cast<Block*>(nullptr));
-  for (size_t i = 0; i < blocks_.size(); ++i)
+  for (size_t i = 0; i < blocks_.size(); ++i) {
     for (auto& p : self.blocks_[i].mixer_params().all())
       fn(str("backbone.layers.", i, ".mixer.", p.name), p, &self.blocks_[i]);
+    if (GatedMLP* mlp = self.blocks_[i].mlp())
+      for (auto& p : mlp->params().all())
+        fn(str("backbone.layers.", i, ".mlp.", p.name), p, &self.blocks_[i]);
+  }
 }
 
 std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
@@ -97,13 +101,17 @@ std::vector<std::pair<std::string, Param*>> MambaLM::named_parameters() {
 
 int64_t MambaLM::num_parameters() const {
   int64_t n = own_.count();  // a tied head is the embedding: counted once
-  for (const Block& b : blocks_) n += b.norm_params().count() + b.mixer_params().count();
+  for (const Block& b : blocks_)
+    n += b.norm_params().count() + b.mixer_params().count() +
+         (b.mlp() ? b.mlp()->params().count() : 0);
   return n;
 }
 
 void MambaLM::set_weight_dtype(WeightDType t) {
-  for (Block& b : blocks_)
-    b.mixer_params().set_weight_dtype(t);  // layer by layer: each releases its fp32 copies
+  for (Block& b : blocks_) {  // layer by layer: each releases its fp32 copies
+    b.mixer_params().set_weight_dtype(t);
+    if (GatedMLP* mlp = b.mlp()) mlp->params().set_weight_dtype(t);
+  }
   own_.set_weight_dtype(t);
 }
 

@@ -20,7 +20,8 @@ Mixer make_mixer(const MixerConfig& c, uint64_t seed) {
 
 }  // namespace
 
-Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_t seed)
+Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_t seed,
+             int64_t d_intermediate)
     : mixer_(make_mixer(mixer, seed)), eps_(static_cast<float>(norm_eps)) {
   std::visit(
       [&](const auto& m) {
@@ -29,6 +30,12 @@ Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_
       },
       mixer_);
   norm_.add("norm.weight", {d_model}, true).value.f32().fill(1.f);
+  if (d_intermediate > 0) {
+    norm_.add("norm2.weight", {d_model}, true).value.f32().fill(1.f);
+    GatedMLPConfig mc;
+    mc.in_features = d_model, mc.hidden_features = d_intermediate, mc.out_features = d_model;
+    mlp_.emplace(mc, seed ^ 0x9E3779B97F4A7C15ull);  // its own stream, the mixer's is unchanged
+  }
 }
 
 const char* Block::mixer_name() const {
@@ -42,45 +49,68 @@ const ParamList& Block::mixer_params() const {
   return std::visit([](const auto& m) -> const ParamList& { return m.params(); }, mixer_);
 }
 
-Tensor Block::add_norm(const Tensor& hidden, Tensor& residual) const {
-  Tensor normed =
-      ops::add_rms_norm_fwd(hidden, residual, norm_.get("norm.weight").value.f32(), eps_);
-  trace::op("add+norm", {hidden.shape()}, {normed.shape()});
+Tensor Block::add_norm(const Tensor& hidden, Tensor& residual, const char* name) const {
+  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm_.get(name).value.f32(), eps_);
+  trace::op(name == std::string("norm.weight") ? "add+norm" : "add+norm2", {hidden.shape()},
+            {normed.shape()});
   return normed;
+}
+
+Tensor Block::mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved) const {
+  if (!mlp_) return mixed;
+  Tensor normed = add_norm(mixed, residual, "norm2.weight");
+  if (saved) saved->residual2 = residual.clone();
+  trace::Scope scope("mlp.");
+  Tensor out = mlp_->forward(normed, saved ? &saved->mlp : nullptr);
+  trace::op("gated_mlp", {normed.shape()}, {out.shape()});
+  return out;
 }
 
 Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
                       BlockState* state) const {
-  Tensor normed = add_norm(hidden, residual);
-  if (saved)
-    saved->residual = residual.clone();  // the stream is updated in place by the next block
-  trace::Scope scope("mixer.");
-  return std::visit(
-      [&](auto& m) {
-        using M = std::decay_t<decltype(m)>;
-        typename M::Saved* ms =
-            saved ? &saved->mixer.template emplace<typename M::Saved>() : nullptr;
-        typename M::State* st = state ? &state->template emplace<typename M::State>() : nullptr;
-        return m.forward(normed, ms, st);
-      },
-      mixer_);
+  Tensor normed = add_norm(hidden, residual, "norm.weight");
+  if (saved) saved->residual = residual.clone();  // the stream is updated in place by the next add
+  Tensor mixed;
+  {
+    trace::Scope scope("mixer.");
+    mixed = std::visit(
+        [&](auto& m) {
+          using M = std::decay_t<decltype(m)>;
+          typename M::Saved* ms =
+              saved ? &saved->mixer.template emplace<typename M::Saved>() : nullptr;
+          typename M::State* st = state ? &state->template emplace<typename M::State>() : nullptr;
+          return m.forward(normed, ms, st);
+        },
+        mixer_);
+  }
+  return mlp_part(mixed, residual, saved);
 }
 
 Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) const {
-  Tensor normed = add_norm(hidden, residual);
-  trace::Scope scope("mixer.");
-  return std::visit(
-      [&](auto& m) {
-        using S = typename std::decay_t<decltype(m)>::State;
-        S* st = std::get_if<S>(&state);
-        MAMBA_CHECK(st != nullptr, "Block::step: the state is not a ",
-                    std::decay_t<decltype(m)>::kName, " state");
-        return m.step(normed, *st);
-      },
-      mixer_);
+  Tensor normed = add_norm(hidden, residual, "norm.weight");
+  Tensor mixed;
+  {
+    trace::Scope scope("mixer.");
+    mixed = std::visit(
+        [&](auto& m) {
+          using S = typename std::decay_t<decltype(m)>::State;
+          S* st = std::get_if<S>(&state);
+          MAMBA_CHECK(st != nullptr, "Block::step: the state is not a ",
+                      std::decay_t<decltype(m)>::kName, " state");
+          return m.step(normed, *st);
+        },
+        mixer_);
+  }
+  return mlp_part(mixed, residual, nullptr);
 }
 
 void Block::backward(const BlockSaved& s, Tensor& dres) {
+  if (mlp_) {  // out = mlp(norm2(r2)), r2 = r1 + mixed: dres is d(out) and d(r2) on entry
+    Param& norm2 = norm_.get("norm2.weight");
+    auto gn2 = ops::rms_norm_bwd(s.residual2, norm2.value.f32(), eps_, mlp_->backward(s.mlp, dres));
+    ops::add_into(norm2.grad, gn2.dweight);
+    ops::add_into(dres, gn2.dx);  // now d(r2) in full: the gradient of mixed and of r1
+  }
   Tensor dnormed = std::visit(
       [&](auto& m) {
         using Sv = typename std::decay_t<decltype(m)>::Saved;

@@ -1,18 +1,21 @@
 // One layer of the language model: mamba_ssm's Block (add-then-norm, fused_add_norm order)
-// around a mixer from the closed set in nn/mixers.h.
+// around a mixer from the closed set in nn/mixers.h, with an optional GatedMLP after it:
 //   residual = hidden + residual      (the residual stream, fp32; residual = hidden for block 0)
 //   hidden   = mixer(rms_norm(residual) * norm.weight)
-// An MLP sub-block (norm2 -> GatedMLP -> residual, mamba_ssm's d_intermediate > 0) belongs here,
-// after the mixer; it is not built yet (the model config rejects d_intermediate > 0).
-// forward (sequence), backward and step (one token) share one add -> norm -> mixer path.
-// Parameters: "norm.weight" and the mixer's as "mixer.<name>" (mamba_ssm's state_dict keys).
+//   with an MLP (mamba_ssm's d_intermediate > 0):
+//   residual = hidden + residual;  hidden = mlp(rms_norm(residual) * norm2.weight)
+// forward (sequence), backward and step (one token) share one add -> norm -> sub-layer path.
+// Parameters: "norm.weight", "norm2.weight", the mixer's as "mixer.<name>" and the MLP's as
+// "mlp.<name>" (mamba_ssm's state_dict keys).
 #pragma once
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "mamba/nn/mixers.h"
+#include "mamba/nn/mlp.h"
 #include "mamba/nn/param.h"
 #include "mamba/tensor.h"
 
@@ -26,12 +29,17 @@ using BlockState = MixerState;
 struct BlockSaved {
   Tensor residual;   // (B, L, d_model) the residual stream after this block's add (the norm input)
   MixerSaved mixer;  // the mixer's own saved activations
+  Tensor residual2;  // with an MLP: the stream after the second add (norm2's input)
+  GatedMLPSaved mlp;
 };
 
 class Block {
  public:
-  // mixer: the mixer's config (its d_model must equal d_model); seed: the mixer's initialisation.
-  Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_t seed);
+  // mixer: the mixer's config (its d_model must equal d_model); seed: the initialisation.
+  // d_intermediate > 0 adds norm2 and a GatedMLP(d_model, hidden_features = d_intermediate,
+  // out_features = d_model, bias = false, multiple_of = 128), as mamba_ssm's create_block does.
+  Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_t seed,
+        int64_t d_intermediate = 0);
 
   // hidden: the previous block's output (the embedding for block 0), (B, L, d_model) or (B,
   // d_model); residual: the stream of the same shape, undefined before block 0, updated in place
@@ -55,12 +63,18 @@ class Block {
   // The mixer's parameters (names without the "mixer." prefix).
   ParamList& mixer_params();
   const ParamList& mixer_params() const;
+  // The MLP (nullptr without one) and its parameters (names without the "mlp." prefix).
+  const GatedMLP* mlp() const { return mlp_ ? &*mlp_ : nullptr; }
+  GatedMLP* mlp() { return mlp_ ? &*mlp_ : nullptr; }
 
  private:
-  // residual += hidden (or = hidden); returns rms_norm(residual) * norm.weight.
-  Tensor add_norm(const Tensor& hidden, Tensor& residual) const;
+  // residual += hidden (or = hidden); returns rms_norm(residual) * weight (norm_params()'s `name`).
+  Tensor add_norm(const Tensor& hidden, Tensor& residual, const char* name) const;
+  // The mixer's output through the MLP sub-block, when there is one.
+  Tensor mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved) const;
 
   Mixer mixer_;
+  std::optional<GatedMLP> mlp_;
   ParamList norm_;
   float eps_;
 };
