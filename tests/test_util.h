@@ -142,4 +142,17 @@ inline CliRun run_cli(const std::string& args) {
 }
 #endif
 
+// A bad layer config: cfg.validate() and constructing the layer from it both throw mamba::Error,
+// the message naming `field`.
+template <class Layer, class Config>
+void expect_config_error(const Config& cfg, const std::string& field) {
+  try {
+    cfg.validate();
+    ADD_FAILURE() << "no error for bad " << field;
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(field), std::string::npos) << e.what();
+  }
+  EXPECT_THROW(Layer{cfg}, Error);
+}
+
 }  // namespace mamba::test
