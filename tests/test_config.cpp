@@ -331,3 +331,20 @@ TEST(Config, HostileSizesAreRefusedBeforeAnyArithmetic) {
       [] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"dt_rank": 9223372036854775807}})"); },
       {"'ssm_cfg.dt_rank'", "out of range"});
 }
+
+// A config.json with ~16,000 '[' under ssm_cfg (and one with 300,000 levels) used to overflow the
+// stack (the subtree was copied recursively); parsing now stops at 256 levels.
+TEST(Config, DeepNestingIsRefusedWhileParsing) {
+  for (size_t n : {16000u, 300000u})
+    expect_error(
+        [n] {
+          ModelConfig::parse(R"({"ssm_cfg": )" + std::string(n, '[') + std::string(n, ']') + "}");
+        },
+        {"config.json", "nested deeper than 256"});
+  // 200 levels are fine for the parser (then refused as a wrong type, naming the key).
+  expect_error(
+      [] {
+        ModelConfig::parse(R"({"ssm_cfg": )" + std::string(200, '[') + std::string(200, ']') + "}");
+      },
+      {"'ssm_cfg'", "object"});
+}

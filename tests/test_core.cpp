@@ -157,6 +157,11 @@ TEST(Safetensors, HostileFilesGiveClearErrors) {
           8),
       "overlap");
   expect_error(with_header(R"({"a":)", 8), "not valid JSON");
+  // 300,000 levels of nesting: refused while parsing (no deep value is ever built, so nothing
+  // recursive overflows the stack afterwards).
+  expect_error(
+      with_header("{\"a\":" + std::string(300000, '[') + std::string(300000, ']') + "}", 8),
+      "nested deeper than 256");
   expect_error(
       with_header(R"({"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}})",
                   8),

@@ -274,6 +274,8 @@ TEST(TokenizerHostile, MalformedFilesGiveClearErrors) {
     return j.dump();
   };
   expect_error("", "not valid JSON", "empty");
+  expect_error("{\"model\": " + std::string(300000, '[') + std::string(300000, ']') + "}",
+               "nested deeper than 256", "deep");
   expect_error("{\"model\": {", "not valid JSON", "truncated");
   expect_error("[1,2]", "top level", "array");
   expect_error(with([](json& j) { j.erase("model"); }), "missing field 'model'", "no model");
@@ -348,8 +350,10 @@ TEST(TokenizerHostile, MalformedFilesGiveClearErrors) {
                "post_processor type 'Nope'", "post");
   expect_error(with([](json& j) { j["post_processor"] = 7; }), "'post_processor' must be an object",
                "post number");
-  // Deep nesting must not blow the stack.
-  expect_error(std::string(200000, '[') + std::string(200000, ']'), "top level", "deep nesting");
+  // Deep nesting must not blow the stack: refused while parsing (it used to parse, then fail as
+  // "the top level must be a JSON object").
+  expect_error(std::string(200000, '[') + std::string(200000, ']'), "nested deeper than 256",
+               "deep nesting");
 }
 
 TEST(TokenizerHostile, MissingFilesAndFolders) {

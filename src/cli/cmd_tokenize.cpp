@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cli/commands.h"
+#include "core/json_reader.h"
 #include "core/os.h"
 #include "mamba/error.h"
 #include "mamba/tokenizer.h"
@@ -73,7 +74,9 @@ std::vector<int32_t> parse_ids(const std::string& s, const std::string& where) {
   if (p != std::string::npos && s[p] == '[') {
     nlohmann::json j;
     try {
-      j = nlohmann::json::parse(s);
+      j = json_io::parse_depth_limited(s.data(), s.data() + s.size());
+    } catch (const Error& e) {  // nested too deep
+      throw Error(where + ": " + e.what());
     } catch (const nlohmann::json::exception& e) {
       throw Error(where + ": not a JSON array of token ids: " + e.what());
     }

@@ -46,20 +46,50 @@ std::string replace_python_constants(const std::string& t) {
 
 }  // namespace
 
-json parse_python_json(const std::string& text, const std::string& origin) {
+namespace {
+
+struct TooDeep {};
+
+template <class J>
+J parse_limited(const char* begin, const char* end, int max_depth) {
+  typename J::parser_callback_t cb = [max_depth](int depth, typename J::parse_event_t, J&) {
+    if (depth > max_depth) throw TooDeep{};
+    return true;
+  };
   try {
-    return json::parse(replace_python_constants(text));
-  } catch (const json::exception& e) {
+    return J::parse(begin, end, cb);
+  } catch (const TooDeep&) {
+    throw Error(str("JSON nested deeper than ", max_depth, " levels"));
+  }
+}
+
+template <class J>
+J parse_python(const std::string& text, const std::string& origin) {
+  const std::string t = replace_python_constants(text);
+  try {
+    return parse_limited<J>(t.data(), t.data() + t.size(), kMaxJsonDepth);
+  } catch (const Error& e) {
+    throw Error(str(origin, ": ", e.what()));
+  } catch (const typename J::exception& e) {
     throw Error(str(origin, ": not valid JSON: ", e.what()));
   }
 }
 
+}  // namespace
+
+json parse_depth_limited(const char* begin, const char* end, int max_depth) {
+  return parse_limited<json>(begin, end, max_depth);
+}
+ojson parse_depth_limited_ordered(const char* begin, const char* end, int max_depth) {
+  return parse_limited<ojson>(begin, end, max_depth);
+}
+
+json parse_python_json(const std::string& text, const std::string& origin) {
+  return parse_python<json>(text, origin);
+}
+
 ojson parse_python_ojson(const std::string& text, const std::string& origin) {
-  try {
-    return ojson::parse(replace_python_constants(text));
-  } catch (const ojson::exception& e) {
-    throw Error(str(origin, ": not valid JSON: ", e.what()));
-  }
+  return parse_python<ojson>(text, origin);
 }
 
 std::string dump_python_json(const ojson& j, int indent) {

@@ -16,6 +16,22 @@ namespace mamba::json_io {
 using json = nlohmann::json;
 using ojson = nlohmann::ordered_json;
 
+// The deepest nesting any reader accepts. The files we read nest a few levels; a hostile one with
+// hundreds of thousands would overflow the stack in nlohmann::json's recursive copies, dumps and
+// destructors, so parsing stops at this depth with a mamba::Error instead.
+constexpr int kMaxJsonDepth = 256;
+// nlohmann's parse of [begin, end) with the nesting limited to max_depth: deeper input throws
+// mamba::Error("JSON nested deeper than N levels") before anything deeper is built; syntax errors
+// propagate as nlohmann's exceptions, for the caller to word.
+json parse_depth_limited(const char* begin, const char* end, int max_depth = kMaxJsonDepth);
+ojson parse_depth_limited_ordered(const char* begin, const char* end,
+                                  int max_depth = kMaxJsonDepth);
+template <class Bytes>
+json parse_depth_limited(const Bytes& b, int max_depth = kMaxJsonDepth) {
+  const char* p = reinterpret_cast<const char*>(b.data());
+  return parse_depth_limited(p, p + b.size(), max_depth);
+}
+
 // Parses text that may hold Python's Infinity / -Infinity / NaN outside strings. Throws
 // mamba::Error prefixed with `origin` for invalid JSON.
 json parse_python_json(const std::string& text, const std::string& origin);

@@ -5,6 +5,7 @@
 #include <cstring>
 #include <nlohmann/json.hpp>
 
+#include "core/json_reader.h"
 #include "core/os.h"
 
 namespace mamba {
@@ -53,7 +54,8 @@ SafetensorsFile SafetensorsFile::parse_view(std::shared_ptr<const void> keep, co
               " bytes but the file has only ", size - 8, " after the length field");
   nlohmann::json header;
   try {
-    header = nlohmann::json::parse(bytes + 8, bytes + 8 + hlen);
+    header = json_io::parse_depth_limited(reinterpret_cast<const char*>(bytes) + 8,
+                                          reinterpret_cast<const char*>(bytes) + 8 + hlen);
   } catch (const std::exception& e) {
     throw Error(str(origin, ": header is not valid JSON: ", e.what()));
   }

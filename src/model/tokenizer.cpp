@@ -7,6 +7,7 @@
 #include <queue>
 #include <unordered_map>
 
+#include "core/json_reader.h"
 #include "core/os.h"
 #include "mamba/error.h"
 #include "model/tokenizer_text.h"
@@ -293,7 +294,9 @@ Tokenizer Tokenizer::from_json_string(std::string_view text, const std::string& 
   Reader r{origin};
   json j;
   try {
-    j = json::parse(text.begin(), text.end());
+    j = json_io::parse_depth_limited(text.data(), text.data() + text.size());
+  } catch (const Error& e) {  // nested too deep
+    r.fail(e.what());
   } catch (const json::exception& e) {
     r.fail(std::string("not valid JSON: ") + e.what());
   }

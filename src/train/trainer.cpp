@@ -5,6 +5,7 @@
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
+#include "core/json_reader.h"
 #include "core/os.h"
 #include "mamba/safetensors.h"
 #include "mamba/train.h"
@@ -131,7 +132,7 @@ std::string TrainConfig::to_json() const {
 TrainConfig TrainConfig::from_json(const std::string& text, const ModelConfig& model) {
   json j;
   try {
-    j = json::parse(text);
+    j = json_io::parse_depth_limited(text.data(), text.data() + text.size());
   } catch (const std::exception& e) {
     throw Error(str("train config: invalid JSON: ", e.what()));
   }
@@ -283,7 +284,7 @@ Trainer Trainer::resume(const std::string& dir) {
   std::vector<uint8_t> bytes = os::read_file(sp, 1ull << 30);
   json j;
   try {
-    j = json::parse(bytes.begin(), bytes.end());
+    j = json_io::parse_depth_limited(bytes);
   } catch (const std::exception& e) {
     throw Error(str(sp, ": invalid JSON: ", e.what()));
   }
