@@ -25,12 +25,7 @@ GatedMLPConfig config_from_json(const std::string& js) {
   return c;
 }
 
-::testing::AssertionResult close_report(const Tensor& a, const Tensor& e, tol::Tol t,
-                                        const std::string& what) {
-  auto r = test::all_close(a, e, t, what);
-  if (r) std::printf("  %-40s max abs err %.3g\n", what.c_str(), test::max_abs_diff(a, e));
-  return r;
-}
+using test::close_report;
 
 // The spec in double: y = fc2(value * silu(gate)), [value | gate] = fc1(x); x (M, in) row-major.
 struct RefMLP {
@@ -80,18 +75,10 @@ TEST_P(GatedMLPGolden, ForwardAndEveryGradient) {
   EXPECT_EQ(names, f.meta("param_names"));
   layer.params().load(f, "params.");
 
-  Tensor x = f.tensor("x"), g = f.tensor("g");
-  GatedMLPSaved saved;
-  Tensor y = layer.forward(x, &saved);
-  // kGoldenF32: fp32 on both sides, sums in another order (64..128-term dots here).
-  EXPECT_TRUE(close_report(y, f.tensor("y"), tol::kGoldenF32, name + " y"));
-  layer.params().zero_grad();
-  Tensor dx = layer.backward(saved, g);
+  // kGoldenF32: fp32 on both sides, sums in another order (64..128-term dots here);
   // kGoldenGradF32: parameter gradients sum over the B*L = 22 rows as well.
-  EXPECT_TRUE(close_report(dx, f.tensor("grad_x"), tol::kGoldenGradF32, name + " grad_x"));
-  for (const auto& p : layer.params().all())
-    EXPECT_TRUE(close_report(p.grad, f.tensor("grad." + p.name), tol::kGoldenGradF32,
-                             name + " grad." + p.name));
+  GatedMLPSaved saved;
+  test::expect_golden_forward_backward(layer, f, name, saved);
 }
 
 INSTANTIATE_TEST_SUITE_P(Golden, GatedMLPGolden,

@@ -142,6 +142,32 @@ inline CliRun run_cli(const std::string& args) {
 }
 #endif
 
+// all_close, and a line with the max abs error (for the record).
+inline ::testing::AssertionResult close_report(const Tensor& a, const Tensor& e, tol::Tol t,
+                                               const std::string& what) {
+  auto r = all_close(a, e, t, what);
+  if (r) std::printf("  %-40s max abs err %.3g\n", what.c_str(), max_abs_diff(a, e));
+  return r;
+}
+
+// A layer against a golden file: forward of "x" vs "y" (kGoldenF32), then backward of "g" vs
+// "grad_x" and every parameter's "grad.<name>" (kGoldenGradF32). Returns y and the saved
+// activations for the caller's further checks.
+template <class Layer>
+Tensor expect_golden_forward_backward(Layer& layer, const SafetensorsFile& f,
+                                      const std::string& name, typename Layer::Saved& saved) {
+  Tensor x = f.tensor("x"), g = f.tensor("g");
+  Tensor y = layer.forward(x, &saved);
+  EXPECT_TRUE(close_report(y, f.tensor("y"), tol::kGoldenF32, name + " y"));
+  layer.params().zero_grad();
+  Tensor dx = layer.backward(saved, g);
+  EXPECT_TRUE(close_report(dx, f.tensor("grad_x"), tol::kGoldenGradF32, name + " grad_x"));
+  for (const auto& p : layer.params().all())
+    EXPECT_TRUE(close_report(p.grad, f.tensor("grad." + p.name), tol::kGoldenGradF32,
+                             name + " grad." + p.name));
+  return y;
+}
+
 // A bad layer config: cfg.validate() and constructing the layer from it both throw mamba::Error,
 // the message naming `field`.
 template <class Layer, class Config>

@@ -29,9 +29,11 @@ Block::Block(const MixerConfig& mixer, int64_t d_model, double norm_eps, uint64_
                     m.config().d_model, ") differs from the block's (", d_model, ")");
       },
       mixer_);
-  norm_.add("norm.weight", {d_model}, true).value.f32().fill(1.f);
+  norm_w_ = &norm_.add("norm.weight", {d_model}, true);
+  norm_w_->value.f32().fill(1.f);
   if (d_intermediate > 0) {
-    norm_.add("norm2.weight", {d_model}, true).value.f32().fill(1.f);
+    norm2_w_ = &norm_.add("norm2.weight", {d_model}, true);
+    norm2_w_->value.f32().fill(1.f);
     GatedMLPConfig mc;
     mc.in_features = d_model, mc.hidden_features = d_intermediate, mc.out_features = d_model;
     mlp_.emplace(mc, seed ^ 0x9E3779B97F4A7C15ull);  // its own stream, the mixer's is unchanged
@@ -49,16 +51,16 @@ const ParamList& Block::mixer_params() const {
   return std::visit([](const auto& m) -> const ParamList& { return m.params(); }, mixer_);
 }
 
-Tensor Block::add_norm(const Tensor& hidden, Tensor& residual, const char* name) const {
-  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm_.get(name).value.f32(), eps_);
-  trace::op(name == std::string("norm.weight") ? "add+norm" : "add+norm2", {hidden.shape()},
-            {normed.shape()});
+Tensor Block::add_norm(const Tensor& hidden, Tensor& residual, const Param& norm,
+                       const char* what) const {
+  Tensor normed = ops::add_rms_norm_fwd(hidden, residual, norm.value.f32(), eps_);
+  trace::op(what, {hidden.shape()}, {normed.shape()});
   return normed;
 }
 
 Tensor Block::mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved) const {
   if (!mlp_) return mixed;
-  Tensor normed = add_norm(mixed, residual, "norm2.weight");
+  Tensor normed = add_norm(mixed, residual, *norm2_w_, "add+norm2");
   if (saved) saved->residual2 = residual.clone();
   trace::Scope scope("mlp.");
   Tensor out = mlp_->forward(normed, saved ? &saved->mlp : nullptr);
@@ -68,7 +70,7 @@ Tensor Block::mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved)
 
 Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
                       BlockState* state) const {
-  Tensor normed = add_norm(hidden, residual, "norm.weight");
+  Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
   if (saved) saved->residual = residual.clone();  // the stream is updated in place by the next add
   Tensor mixed;
   {
@@ -87,7 +89,7 @@ Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
 }
 
 Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) const {
-  Tensor normed = add_norm(hidden, residual, "norm.weight");
+  Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
   Tensor mixed;
   {
     trace::Scope scope("mixer.");
@@ -106,7 +108,7 @@ Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) co
 
 void Block::backward(const BlockSaved& s, Tensor& dres) {
   if (mlp_) {  // out = mlp(norm2(r2)), r2 = r1 + mixed: dres is d(out) and d(r2) on entry
-    Param& norm2 = norm_.get("norm2.weight");
+    Param& norm2 = *norm2_w_;
     auto gn2 = ops::rms_norm_bwd(s.residual2, norm2.value.f32(), eps_, mlp_->backward(s.mlp, dres));
     ops::add_into(norm2.grad, gn2.dweight);
     ops::add_into(dres, gn2.dx);  // now d(r2) in full: the gradient of mixed and of r1
@@ -120,7 +122,7 @@ void Block::backward(const BlockSaved& s, Tensor& dres) {
         return m.backward(*ms, dres);
       },
       mixer_);
-  Param& norm = norm_.get("norm.weight");
+  Param& norm = *norm_w_;
   auto gn = ops::rms_norm_bwd(s.residual, norm.value.f32(), eps_, dnormed);
   ops::add_into(norm.grad, gn.dweight);
   ops::add_into(dres, gn.dx);

@@ -68,14 +68,17 @@ class Block {
   GatedMLP* mlp() { return mlp_ ? &*mlp_ : nullptr; }
 
  private:
-  // residual += hidden (or = hidden); returns rms_norm(residual) * weight (norm_params()'s `name`).
-  Tensor add_norm(const Tensor& hidden, Tensor& residual, const char* name) const;
+  // residual += hidden (or = hidden); returns rms_norm(residual) * norm.value (trace label `what`).
+  Tensor add_norm(const Tensor& hidden, Tensor& residual, const Param& norm,
+                  const char* what) const;
   // The mixer's output through the MLP sub-block, when there is one.
   Tensor mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved) const;
 
   Mixer mixer_;
   std::optional<GatedMLP> mlp_;
   ParamList norm_;
+  Param* norm_w_ = nullptr;   // "norm.weight" in norm_ (stable address)
+  Param* norm2_w_ = nullptr;  // "norm2.weight", with an MLP
   float eps_;
 };
 
