@@ -195,3 +195,24 @@ TEST(Os, AtomicWriteReplacesWholeFile) {
   EXPECT_THROW(os::read_file(p + ".does-not-exist"), Error);
   std::remove(p.c_str());
 }
+
+// Issue 18, item 3: memory is checked before it is taken. A tensor larger than the memory this
+// process can get fails at once with a mamba::Error naming the bytes needed and available (never
+// std::bad_alloc, never an overcommitted buffer the OOM killer ends later).
+TEST(Os, HugeAllocationsFailWithBytesNeededAndAvailable) {
+  const uint64_t avail = os::available_memory_bytes();
+  ASSERT_GT(avail, 0u) << "this platform should report its available memory";
+  test::expect_error(
+      [] {
+        Tensor::empty({1 << 20, 1 << 20, 1 << 10});
+      },
+      {"(1048576,1048576,1024)", "needs 4503599627370496 bytes", "available"});
+  test::expect_error([&] { os::check_memory(avail + (1ull << 30), "a thing"); },
+                     {"a thing needs", "bytes", "are available"});
+  os::check_memory(1 << 20, "a small thing");  // fits
+  // Large allocations that fit still work (64 MiB: past the size from which they are checked).
+  Tensor t = Tensor::empty({16 << 20});
+  EXPECT_EQ(t.numel(), 16 << 20);
+  // Past the shape arithmetic's own limit: a clear error too.
+  test::expect_error([] { Tensor::empty({int64_t{1} << 62}); }, {"too large to allocate"});
+}

@@ -254,3 +254,40 @@ TEST(LM, SavesTransformersLayoutThatLoadsBack) {
     std::filesystem::remove_all(dir);
   }
 }
+
+// count_parameters (from the config alone) equals what the constructor allocates, for every
+// option that adds or resizes a parameter: the memory check before allocation relies on it.
+TEST(LM, CountParametersFromConfigMatchesTheModel) {
+  const char* mixers[] = {
+      R"("layer":"Mamba1","d_state":4,"d_conv":3,"expand":2)",
+      R"("layer":"Mamba1","d_state":5,"d_conv":4,"expand":3,"dt_rank":3,"bias":true,"conv_bias":false)",
+      R"("layer":"Mamba2","d_state":4,"d_conv":3,"expand":2,"headdim":8,"ngroups":2)",
+      R"("layer":"Mamba2","d_state":8,"d_conv":4,"expand":2,"headdim":4,"d_ssm":16,"bias":true,"rmsnorm":false,"D_has_hdim":true)",
+  };
+  for (const char* m : mixers)
+    for (int d_intermediate : {0, 40})
+      for (bool tie : {true, false}) {
+        const std::string json =
+            std::string(
+                R"({"d_model":16,"n_layer":2,"vocab_size":11,"pad_vocab_size_multiple":4,)") +
+            R"("tie_embeddings":)" + (tie ? "true" : "false") + R"(,"d_intermediate":)" +
+            std::to_string(d_intermediate) + R"(,"ssm_cfg":{)" + m + "}}";
+        ModelConfig cfg = ModelConfig::parse(json);
+        MambaLM lm(cfg, 1);
+        EXPECT_EQ(MambaLM::count_parameters(cfg), lm.num_parameters()) << json;
+      }
+  // The non-selective ablation (B and C as parameters instead of x_proj / dt_proj).
+  ModelConfig cfg = ModelConfig::parse(
+      R"({"d_model":16,"n_layer":1,"vocab_size":8,"ssm_cfg":{"d_state":4,"selective":false}})");
+  EXPECT_EQ(MambaLM::count_parameters(cfg), MambaLM(cfg, 1).num_parameters());
+}
+
+// Issue 18, item 3: a model that cannot fit is refused before anything is allocated (it used to
+// spend half a minute initialising the embedding before running out of memory).
+TEST(LM, ModelTooLargeForMemoryFailsAtOnce) {
+  ModelConfig cfg = ModelConfig::parse(R"({"d_model":65536,"n_layer":64,"vocab_size":50277})");
+  // (Without the check this would allocate and initialise a 13 GB embedding first.)
+  test::expect_error([&] { MambaLM lm(cfg, 0); },
+                     {"d_model 65536, n_layer 64", "parameters", "needs", "bytes", "available"});
+  test::expect_error([&] { MambaLM lm(cfg, 0, WeightDType::bf16); }, {"needs", "available"});
+}

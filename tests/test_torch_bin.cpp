@@ -89,7 +89,11 @@ struct Pkl {
     b.insert(b.end(), v.begin(), v.end());
     return *this;
   }
-  Pkl& i(int v) { return op('K'), op(static_cast<uint8_t>(v)); }
+  Pkl& i(int v) {  // BININT1, or BININT for what does not fit a byte
+    if (v >= 0 && v < 256) return op('K'), op(static_cast<uint8_t>(v));
+    op('J'), put(b, static_cast<uint32_t>(v), 4);
+    return *this;
+  }
   Pkl& tuple(const std::vector<int>& v) {
     op('(');
     for (int x : v) i(x);
@@ -272,6 +276,26 @@ TEST(TorchBin, RefusesViewsPastTheirStorage) {
   expect_error([&] { parse_torch_state_dict(z2, "mem"); }, {"'w'", "reaches element 6"});
   auto z3 = archive(state_dict_pickle("w", 6, 0, {2, 200}, {200, 200}), floats_le(6));
   expect_error([&] { parse_torch_state_dict(z3, "mem"); }, {"'w'"});
+}
+
+// Issue 18: a 521-byte file whose storage holds one float, viewed with size (2^20, 2^20) and
+// stride (0, 0), passed the bounds check (every element is storage[0]) and asked for a 4 TiB
+// tensor (std::bad_alloc escaped; a few-GB view would really have been allocated and filled).
+// The elements a file may yield are now capped by its size, before anything is allocated.
+TEST(TorchBin, RefusesBroadcastViewsTheFileCannotBack) {
+  auto huge = archive(state_dict_pickle("w", 1, 0, {1 << 20, 1 << 20}, {0, 0}), floats_le(1));
+  EXPECT_LT(huge.size(), 600u);
+  expect_error([&] { parse_torch_state_dict(huge, "mem"); },
+               {"'w'", "(1048576,1048576)", "stride (0,0)", "more than a file of"});
+  // Just past the cap (4 elements per file byte + 2^24) is refused too; a broadcast within it
+  // (an expanded tensor, which torch.save can write) loads, every element the stored one.
+  auto past = archive(state_dict_pickle("w", 1, 0, {(1 << 24) + 4096}, {0}), floats_le(1));
+  expect_error([&] { parse_torch_state_dict(past, "mem"); }, {"'w'", "more than a file of"});
+  auto ok = archive(state_dict_pickle("w", 1, 0, {1000, 3}, {0, 0}), floats_le(1));
+  auto sd = parse_torch_state_dict(ok, "mem");
+  const Tensor& w = sd.tensors.at("w");
+  ASSERT_EQ(w.shape(), (Shape{1000, 3}));
+  for (int64_t e = 0; e < w.numel(); ++e) ASSERT_EQ(w.data()[e], 0.5f) << e;
 }
 
 TEST(TorchBin, RefusesMissingStorageAndNonZipAndLegacyFormat) {

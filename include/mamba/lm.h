@@ -91,6 +91,10 @@ class MambaLM {
   // With 16-bit weights the converted ones have undefined value and grad (see set_weight_dtype).
   std::vector<std::pair<std::string, Param*>> named_parameters();
   int64_t num_parameters() const;
+  // The number of parameters a model of `cfg` has, from the config alone (nothing allocated):
+  // exact for Mamba-1 / Mamba-2 mixers, MLPs, norms, embedding and head; a mixer it does not know
+  // counts 0 (a lower bound). The constructor checks the memory this needs before allocating.
+  static int64_t count_parameters(const ModelConfig& cfg);
   void zero_grad();
 
   // ids: (B, L) token ids in [0, vocab), row-major. Returns logits (B, L, V_pad).

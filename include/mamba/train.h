@@ -215,8 +215,11 @@ class Trainer {
   // short, continue at a longer length). Only before the first step; moments start at zero.
   void init_weights_from(const std::string& dir);
   // Writes config.json + model.safetensors (MambaLM::save), optimizer.safetensors and
-  // trainer_state.json, each atomically (temporary file, fsync, rename); the state file is
-  // written last and names the step, which the optimiser file must match on resume.
+  // trainer_state.json, crash-safe: the first three go to dir/.pending/ (each fsync'd), then the
+  // state file is replaced atomically (the commit point; it names the step, which the optimiser
+  // file must match on resume), then the pending files are renamed into place. A kill at any
+  // moment leaves the previous or the new checkpoint for resume (which finishes an interrupted
+  // rename); a failed write (disk full) throws and leaves the previous one intact.
   void save(const std::string& dir) const;
 
   MambaLM& model() { return lm_; }

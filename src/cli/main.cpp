@@ -1,4 +1,5 @@
 // mambacpp: one executable, one subcommand per file (see commands.h).
+#include <csignal>
 #include <cstdio>
 #include <exception>
 #include <vector>
@@ -8,6 +9,11 @@
 #include "mamba/error.h"
 
 int main(int argc, char** argv) {
+#if defined(SIGXFSZ)
+  // Over a file-size limit (ulimit -f), write() fails with EFBIG and the command reports which file
+  // could not be written, instead of the process dying of SIGXFSZ mid-save.
+  std::signal(SIGXFSZ, SIG_IGN);
+#endif
   CLI::App app{"mambacpp: Mamba selective state-space models (Mamba-1, Mamba-2) on the CPU"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "mamba.cpp 0.1.0");

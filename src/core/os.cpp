@@ -1,5 +1,6 @@
 #include "core/os.h"
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -97,6 +98,21 @@ void write_file_atomic(const std::string& path,
 #endif
 }
 
+void rename_durable(const std::string& from, const std::string& to) {
+  std::error_code ec;
+  std::filesystem::rename(from, to, ec);
+  MAMBA_CHECK(!ec, "cannot rename '", from, "' to '", to, "': ", ec.message());
+#if !defined(_WIN32)
+  std::filesystem::path p(to);
+  std::string dir = p.has_parent_path() ? p.parent_path().string() : std::string(".");
+  int dfd = ::open(dir.c_str(), O_RDONLY);
+  if (dfd >= 0) {
+    ::fsync(dfd);
+    ::close(dfd);
+  }
+#endif
+}
+
 void write_file_atomic(const std::string& path, const void* data, size_t size) {
   write_file_atomic(path, {{data, size}});
 }
@@ -151,6 +167,73 @@ void release_freed_memory() {
 #if defined(__GLIBC__)
   malloc_trim(0);
 #endif
+}
+
+namespace {
+// The first number on the line of /proc/meminfo starting with `key`, in bytes (0 if absent).
+uint64_t meminfo_bytes([[maybe_unused]] const char* key) {
+#if defined(__linux__)
+  std::ifstream f("/proc/meminfo");
+  std::string k;
+  uint64_t v = 0;
+  std::string unit;
+  while (f >> k >> v) {
+    std::getline(f, unit);
+    if (k == key) return v * 1024;  // the kernel writes kB
+  }
+#endif
+  return 0;
+}
+#if defined(__linux__)
+// A cgroup v2 file holding one number (or "max"); false when absent or unlimited.
+bool read_cgroup_number(const std::string& path, uint64_t* v) {
+  std::ifstream f(path);
+  std::string s;
+  if (!(f >> s) || s == "max") return false;
+  try {
+    *v = std::stoull(s);
+  } catch (const std::exception&) {
+    return false;
+  }
+  return true;
+}
+#endif
+}  // namespace
+
+uint64_t available_memory_bytes() {
+  uint64_t avail = meminfo_bytes("MemAvailable:");
+  auto take_min = [&](uint64_t v) { avail = avail == 0 ? v : std::min(avail, v); };
+#if defined(__linux__)
+  uint64_t limit = 0, used = 0;
+  if (read_cgroup_number("/sys/fs/cgroup/memory.max", &limit) &&
+      read_cgroup_number("/sys/fs/cgroup/memory.current", &used))
+    take_min(limit > used ? limit - used : 0);
+#endif
+#if !defined(_WIN32)
+  struct rlimit rl;
+  if (getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY) {
+    uint64_t vm = 0;
+#if defined(__linux__)
+    std::ifstream f("/proc/self/statm");
+    if (f >> vm) vm *= static_cast<uint64_t>(sysconf(_SC_PAGESIZE));
+#endif
+    const uint64_t lim = static_cast<uint64_t>(rl.rlim_cur);
+    take_min(lim > vm ? lim - vm : 1);
+  }
+#endif
+  return avail;
+}
+
+void check_memory(uint64_t bytes, const std::string& what) {
+  const uint64_t avail = available_memory_bytes();
+  if (avail == 0 || bytes <= avail) return;
+  constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+  char buf[160];
+  std::snprintf(buf, sizeof buf,
+                " needs %llu bytes (%.2f GiB), but only %llu bytes (%.2f GiB) are available",
+                static_cast<unsigned long long>(bytes), static_cast<double>(bytes) / kGiB,
+                static_cast<unsigned long long>(avail), static_cast<double>(avail) / kGiB);
+  throw Error(what + buf);
 }
 
 uint64_t peak_rss_bytes() {

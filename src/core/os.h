@@ -15,6 +15,9 @@ bool exists(const std::string& path);
 void write_file_atomic(const std::string& path, const void* data, size_t size);
 void write_file_atomic(const std::string& path,
                        const std::vector<std::pair<const void*, size_t>>& parts);
+// Renames `from` to `to` (replacing it; same file system), then flushes the folder of `to`, so
+// the rename survives a power cut. Throws mamba::Error naming both paths.
+void rename_durable(const std::string& from, const std::string& to);
 // A read-only view of a whole file, memory-mapped where the platform allows (so a checkpoint
 // of several GB is not read into memory twice); falls back to reading the file.
 class MappedFile {
@@ -43,6 +46,14 @@ void keep_freed_memory();
 // Hands memory freed so far back to the OS once (e.g. after a model's fp32 weights were
 // converted to 16 bits and released, which keep_freed_memory would otherwise keep resident).
 void release_freed_memory();
+
+// Memory this process can still take, in bytes: the smallest of the system's available memory
+// (Linux: MemAvailable), the room left under a cgroup v2 memory.max, and the room left under an
+// address-space rlimit. 0 where none of them is known (then checks below pass).
+uint64_t available_memory_bytes();
+// Throws mamba::Error "<what> needs N bytes (X GiB), but only M bytes (Y GiB) are available"
+// when `bytes` is more than available_memory_bytes() (known), before anything is allocated.
+void check_memory(uint64_t bytes, const std::string& what);
 
 // Peak resident memory of this process in bytes (0 where unknown).
 uint64_t peak_rss_bytes();

@@ -6,6 +6,7 @@
 #include <cstring>
 #include <new>
 
+#include "core/os.h"
 #include "mamba/parallel.h"
 
 namespace mamba {
@@ -31,10 +32,25 @@ int64_t shape_numel(const Shape& s) {
 
 namespace {
 constexpr size_t kAlign = 64;
-std::shared_ptr<float> allocate(int64_t n) {
+// Allocations from this size on first check that the memory is there (os::check_memory: reading
+// /proc/meminfo costs microseconds, nothing next to touching 64 MiB), so a hostile header or an
+// oversized config fails with the bytes needed and available instead of an overcommitted buffer
+// that the OOM killer ends later; one the allocator still refuses is a mamba::Error too, never
+// std::bad_alloc.
+constexpr size_t kCheckedBytes = size_t{64} << 20;
+std::shared_ptr<float> allocate(const Shape& shape, int64_t n) {
+  MAMBA_CHECK(static_cast<uint64_t>(n) <= (uint64_t{1} << 61), "tensor of shape ", shape_str(shape),
+              " is too large to allocate");
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-  void* p = ::operator new(bytes, std::align_val_t(kAlign));
+  if (bytes >= kCheckedBytes) os::check_memory(bytes, str("a tensor of shape ", shape_str(shape)));
+  void* p = nullptr;
+  try {
+    p = ::operator new(bytes, std::align_val_t(kAlign));
+  } catch (const std::bad_alloc&) {
+    throw Error(str("out of memory: a tensor of shape ", shape_str(shape), " needs ", bytes,
+                    " bytes; ", os::available_memory_bytes(), " bytes are available"));
+  }
   return std::shared_ptr<float>(static_cast<float*>(p),
                                 [](float* q) { ::operator delete(q, std::align_val_t(kAlign)); });
 }
@@ -44,7 +60,7 @@ Tensor Tensor::empty(Shape shape) {
   Tensor t;
   t.numel_ = shape_numel(shape);
   t.shape_ = std::move(shape);
-  t.storage_ = allocate(t.numel_);
+  t.storage_ = allocate(t.shape_, t.numel_);
   return t;
 }
 

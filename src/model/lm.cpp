@@ -31,7 +31,61 @@ MixerConfig layer_mixer_config(const ModelConfig& cfg,
   return m;
 }
 
+// Parameters of a Mamba-1 / Mamba-2 mixer, as its constructor declares them (in double: a hostile
+// config cannot overflow it).
+template <class C>
+double ssm_mixer_parameters(const C& c) {
+  const double dm = static_cast<double>(c.d_model), N = static_cast<double>(c.d_state),
+               K = static_cast<double>(c.d_conv);
+  if constexpr (std::is_same_v<C, Mamba1Config>) {
+    const double D = static_cast<double>(c.d_inner()), R = static_cast<double>(c.rank());
+    double n = D * N + D + 2 * D * dm + D * K + D + dm * D;  // A_log D in conv dt_b out
+    n += c.selective ? (R + 2 * N) * D + D * R : 2 * D * N;  // x_proj dt_proj | B_ssm C_ssm
+    if (c.bias) n += 2 * D + dm;
+    if (c.conv_bias) n += D;
+    return n;
+  } else {
+    const double H = static_cast<double>(c.nheads()), dssm = static_cast<double>(c.ssm_dim());
+    const double din = static_cast<double>(c.d_inner()), cd = static_cast<double>(c.conv_dim());
+    const double dip = static_cast<double>(c.d_in_proj());
+    double n = 2 * H + (c.D_has_hdim ? dssm : H) + dip * dm + cd * K + dm * din;
+    if (c.bias) n += dip + dm;
+    if (c.conv_bias) n += cd;
+    if (c.rmsnorm) n += dssm;
+    return n;
+  }
+}
+
+// Parameters of one mixer; a mixer type not listed here counts 0.
+double mixer_parameters(const MixerConfig& m) {
+  return std::visit(
+      [](const auto& c) -> double {
+        using C = std::decay_t<decltype(c)>;
+        if constexpr (std::is_same_v<C, Mamba1Config> || std::is_same_v<C, Mamba2Config>)
+          return ssm_mixer_parameters(c);
+        else
+          return 0.0;
+      },
+      m);
+}
+
 }  // namespace
+
+int64_t MambaLM::count_parameters(const ModelConfig& cfg) {
+  const double d = static_cast<double>(cfg.d_model), V = static_cast<double>(cfg.padded_vocab());
+  double n = V * d + d + (cfg.tie_embeddings ? 0.0 : V * d);  // embedding, norm_f, head
+  for (int64_t i = 0; i < cfg.n_layer; ++i) {
+    n += d + mixer_parameters(layer_mixer_config(cfg, {}, i));  // norm, mixer
+    if (cfg.d_intermediate > 0) {
+      GatedMLPConfig mc;
+      mc.in_features = cfg.d_model, mc.hidden_features = cfg.d_intermediate;
+      const double H = static_cast<double>(mc.hidden());
+      n += d + 2 * H * d + d * H;  // norm2, fc1, fc2
+      if (mc.bias) n += 2 * H + d;
+    }
+  }
+  return n >= 9.2e18 ? INT64_MAX : static_cast<int64_t>(n);
+}
 
 MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
                  const std::vector<std::pair<double, double>>& dt_init)
@@ -44,6 +98,16 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
               "config: attn_layer_idx (hybrid attention layers) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
+  {
+    // fp32: value + gradient per parameter; 16-bit: at least the 2-byte value of each (the
+    // matrices' fp32 copies and gradients are released layer by layer as they are converted).
+    const double n = static_cast<double>(count_parameters(cfg_));
+    const double bytes = n * (dtype == WeightDType::f32 ? 8.0 : 2.0);
+    os::check_memory(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
+                     str("a model of d_model ", d, ", n_layer ", cfg_.n_layer, ", vocab ", V, " (",
+                         static_cast<int64_t>(n), " parameters",
+                         dtype == WeightDType::f32 ? ", fp32 values and gradients)" : ")"));
+  }
   emb_ = &own_.add_matrix("backbone.embedding.weight", {V, d});
   Rng rng(seed);
   rng.fill_normal(emb_->value.f32(), 0, 0.02);  // mamba_ssm's _init_weights: normal(std=0.02)

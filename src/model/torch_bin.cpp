@@ -21,6 +21,13 @@ namespace {
 constexpr uint64_t kMaxPickle = 64ull << 20;  // a state dict's data.pkl is a few hundred KB
 constexpr uint64_t kMaxNumel = 1ull << 40;
 constexpr size_t kMaxDims = 8;
+// A view may repeat storage elements (zero or overlapping strides: an expanded tensor, weights
+// tied to one storage), so the elements a file yields are not bounded by its storage bytes alone.
+// The state dict may hold at most kElemsPerFileByte elements per byte of the file plus
+// kFreeElems: plenty for any real checkpoint (fp32 storage is 1/4 element per byte; a bf16
+// storage shared by two tied names, 1), while a 521-byte file cannot ask for a 4 TiB broadcast.
+constexpr uint64_t kElemsPerFileByte = 4;
+constexpr uint64_t kFreeElems = 1ull << 24;
 
 // ---- little-endian reads with bounds checks -----------------------------------------------
 
@@ -741,6 +748,8 @@ TorchStateDict parse_torch_state_dict(const uint8_t* bytes, size_t size,
               ", not a state dict (a dict of tensors)");
 
   TorchStateDict out;
+  const uint64_t max_total = kElemsPerFileByte * static_cast<uint64_t>(size) + kFreeElems;
+  uint64_t total = 0;  // elements of the entries so far
   for (size_t k = 0; k + 1 < top.items.size(); k += 2) {
     const Obj& key = vm.obj(top.items[k]);
     MAMBA_CHECK(key.kind == Kind::Str, origin, ": state dict key ", k / 2, " is a ",
@@ -781,6 +790,14 @@ TorchStateDict parse_torch_state_dict(const uint8_t* bytes, size_t size,
                   shape_str(t.size), ", stride ", shape_str(t.stride), ") reaches element ", last,
                   " of a storage of ", snumel, " elements");
     }
+    total += numel;  // numel <= kMaxNumel (2^40): no overflow in any realistic number of entries
+    MAMBA_CHECK(total <= max_total, origin, ": tensor '", name, "' (size ", shape_str(t.size),
+                ", stride ", shape_str(t.stride), ") brings the state dict to ", total,
+                " elements, more than a file of ", size, " bytes can back (at most ",
+                kElemsPerFileByte, " per byte + ", kFreeElems,
+                "; views repeating storage elements through zero or overlapping strides)");
+    os::check_memory(numel * (st.is_float ? sizeof(float) : sizeof(int64_t)),
+                     str(origin, ": tensor '", name, "' ", shape_str(t.size)));
     // Storage index of each element in row-major order (strided views are gathered).
     const size_t nd = t.size.size();
     std::vector<int64_t> idx(nd, 0);

@@ -19,6 +19,8 @@ namespace fs = std::filesystem;
 constexpr const char* kStateFile = "trainer_state.json";
 constexpr const char* kOptimFile = "optimizer.safetensors";
 constexpr const char* kStateFormat = "mambacpp-train-1";
+// save() writes the new files here first; see save() for the protocol.
+constexpr const char* kPendingDir = ".pending";
 constexpr uint64_t kDataSalt = 0xD1B54A32D192ED03ull;  // the data stream's seed is seed ^ salt
 
 template <class T>
@@ -257,11 +259,61 @@ void Trainer::init_weights_from(const std::string& dir) {
   }
 }
 
+namespace {
+// The step a saved file names: trainer_state.json's "step", or an optimiser file's "step" metadata;
+// -1 when the file is missing or unreadable (an interrupted save is not an error here).
+int64_t saved_step(const fs::path& p, bool state_file) {
+  try {
+    if (!fs::exists(p)) return -1;
+    if (!state_file) {
+      auto f = SafetensorsFile::open(p.string());
+      return f.metadata().count("step") ? std::stoll(f.meta("step")) : -1;
+    }
+    json j = json_io::parse_depth_limited(os::read_file(p.string(), 1ull << 30));
+    return j.is_object() && j.contains("step") && j["step"].is_number_integer()
+               ? j["step"].get<int64_t>()
+               : -1;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
+
+// Finishes a save that was interrupted (killed, power cut): if the state file (the commit point)
+// names the step of the pending optimiser file, the save was committed and the pending files still
+// there are moved into place; otherwise it was not, and the pending folder is dropped. Either way
+// the folder then holds one complete checkpoint.
+void finish_pending_save(const fs::path& dir) {
+  const fs::path pend = dir / kPendingDir;
+  if (!fs::exists(pend)) return;
+  const int64_t committed = saved_step(dir / kStateFile, true);
+  if (committed >= 0 && saved_step(pend / kOptimFile, false) == committed)
+    for (const char* f : {"config.json", "model.safetensors", kOptimFile})  // the optimiser last
+      if (fs::exists(pend / f)) os::rename_durable((pend / f).string(), (dir / f).string());
+  fs::remove_all(pend);
+}
+}  // namespace
+
+// Crash-safe: the new config.json, model.safetensors and optimizer.safetensors are written (each
+// fsync'd) into dir/.pending/; then trainer_state.json is replaced atomically: that is the commit
+// point; then the pending files are renamed into place. Killed before the commit, the folder still
+// holds the previous checkpoint (the pending folder is dropped on the next resume or save); killed
+// after it, resume finishes the renames (finish_pending_save). A failed write (disk full) throws
+// before the commit, leaving the previous checkpoint as it was.
 void Trainer::save(const std::string& dir) const {
-  fs::create_directories(dir);
-  lm_.save(dir);
-  save_safetensors((fs::path(dir) / kOptimFile).string(), opt_.state_tensors(),
-                   {{"step", std::to_string(opt_.steps())}, {"format", kStateFormat}});
+  const fs::path d(dir), pend = fs::path(dir) / kPendingDir;
+  fs::create_directories(d);
+  finish_pending_save(d);
+  try {
+    fs::create_directories(pend);
+    lm_.save(pend.string());
+    save_safetensors((pend / kOptimFile).string(), opt_.state_tensors(),
+                     {{"step", std::to_string(opt_.steps())}, {"format", kStateFormat}});
+  } catch (const std::exception& e) {
+    std::error_code ec;
+    fs::remove_all(pend, ec);
+    throw Error(str("saving the checkpoint of step ", opt_.steps(), " to '", dir,
+                    "' failed (the previous checkpoint there is intact): ", e.what()));
+  }
   json j;
   j["format"] = kStateFormat;
   j["step"] = opt_.steps();
@@ -274,10 +326,19 @@ void Trainer::save(const std::string& dir) const {
     h.push_back({l.step, l.loss, l.lr, l.grad_norm, l.accuracy, l.tokens, l.seconds});
   j["history"] = std::move(h);
   const std::string text = j.dump(1);
-  os::write_file_atomic((fs::path(dir) / kStateFile).string(), text.data(), text.size());
+  try {
+    os::write_file_atomic((d / kStateFile).string(), text.data(), text.size());  // the commit
+  } catch (const std::exception& e) {
+    std::error_code ec;
+    fs::remove_all(pend, ec);
+    throw Error(str("saving the checkpoint of step ", opt_.steps(), " to '", dir,
+                    "' failed (the previous checkpoint there is intact): ", e.what()));
+  }
+  finish_pending_save(d);
 }
 
 Trainer Trainer::resume(const std::string& dir) {
+  if (fs::is_directory(dir)) finish_pending_save(dir);  // a save that was interrupted
   const std::string sp = (fs::path(dir) / kStateFile).string();
   MAMBA_CHECK(os::exists(sp), "resume: '", dir, "' has no ", kStateFile,
               " (not a training checkpoint)");
