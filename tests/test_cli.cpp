@@ -3,6 +3,7 @@
 #include <array>
 #include <cstdio>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "mamba/lm.h"
@@ -148,4 +149,20 @@ TEST(Cli, ConvertRoundTripsLayouts) {
   EXPECT_NE(bad.status, 0);
   std::filesystem::remove_all(hf);
   std::filesystem::remove_all(back);
+}
+
+// Issue 18, item 3: `bench --config` with a model far larger than memory used to run for half a
+// minute with no output; now it stops at once with the bytes needed and available.
+TEST(Cli, ModelLargerThanMemoryIsRefusedWithBytesNeeded) {
+  const std::string cfg = tmp("huge_config.json");
+  {
+    std::ofstream f(cfg);
+    f << R"({"d_model": 65536, "n_layer": 64, "vocab_size": 50277})";
+  }
+  CliRun r = run("bench --config " + cfg);
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("d_model 65536, n_layer 64"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("are available"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find(" bytes ("), std::string::npos) << r.out;
+  std::remove(cfg.c_str());
 }
