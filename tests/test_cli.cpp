@@ -166,3 +166,27 @@ TEST(Cli, ModelLargerThanMemoryIsRefusedWithBytesNeeded) {
   EXPECT_NE(r.out.find(" bytes ("), std::string::npos) << r.out;
   std::remove(cfg.c_str());
 }
+
+// Issue 18: `mambacpp convert` of a folder whose config.json nests 200,000 levels (400 KB) and
+// `mambacpp tokenize` with a tokenizer.json nesting 300,000 levels crashed (exit 139, stack
+// overflow); both now stop with an error naming the nesting limit.
+TEST(Cli, DeeplyNestedJsonFilesGiveAnErrorNotACrash) {
+  namespace fs = std::filesystem;
+  const std::string dir = tmp("deep_model"), tok = tmp("deep_tokenizer.json");
+  fs::remove_all(dir);
+  fs::create_directories(dir);
+  {
+    std::ofstream f(dir + "/config.json");
+    f << R"({"ssm_cfg": )" << std::string(200000, '[') << std::string(200000, ']') << "}";
+    std::ofstream t(tok);
+    t << std::string(300000, '[') << std::string(300000, ']');
+  }
+  CliRun c = run("convert --model " + dir + " --out " + tmp("deep_out"));
+  EXPECT_EQ(c.status, 1) << c.out;
+  EXPECT_NE(c.out.find("nested deeper than 256"), std::string::npos) << c.out;
+  CliRun t = run("tokenize --tokenizer " + tok + " --text hello");
+  EXPECT_EQ(t.status, 1) << t.out;
+  EXPECT_NE(t.out.find("nested deeper than 256"), std::string::npos) << t.out;
+  fs::remove_all(dir);
+  std::remove(tok.c_str());
+}
