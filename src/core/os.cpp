@@ -221,6 +221,14 @@ uint64_t available_memory_bytes() {
     take_min(lim > vm ? lim - vm : 1);
   }
 #endif
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 33))
+  // Memory this process freed but keeps (keep_freed_memory) is reused by the next allocation
+  // without asking the system: count it as available too.
+  if (avail > 0) {
+    const struct mallinfo2 mi = mallinfo2();
+    avail += mi.fordblks + mi.fsmblks;
+  }
+#endif
   return avail;
 }
 
