@@ -49,8 +49,8 @@ inline nlohmann::json json_of(const py::handle& v, const std::string& key) {
     for (auto item : v) a.push_back(json_of(item, key));
     return a;
   }
-  throw mamba::Error(mamba::str("'", key, "': unsupported value of type ",
-                                std::string(py::str(py::type::of(v)))));
+  throw mamba::Error(
+      mamba::str("'", key, "': unsupported value of type ", std::string(py::str(py::type::of(v)))));
 }
 
 template <class L>
@@ -163,8 +163,8 @@ struct PyLayer {
       py::gil_scoped_release nogil;
       std::unique_lock<std::mutex> lk(mu, std::defer_lock);
       if (!vals.empty()) lk.lock();
-      std::unique_ptr<Swap> sw = vals.empty() ? nullptr : std::make_unique<Swap>(pl(), vals,
-                                                                                  std::vector<mamba::Tensor>{});
+      std::unique_ptr<Swap> sw =
+          vals.empty() ? nullptr : std::make_unique<Swap>(pl(), vals, std::vector<mamba::Tensor>{});
       y = layer->forward(xt, sv ? &sv->saved : nullptr, st ? &st->state : nullptr);
     }
     py::array ya = array_of(y);
@@ -210,8 +210,8 @@ struct PyLayer {
     } else {
       auto seq = py::reinterpret_borrow<py::sequence>(state);
       auto slots = LayerTraits<L>::tensors(tmp.state);
-      MAMBA_CHECK(seq.size() == slots.size(), L::kName, ".step: expected a State or ",
-                  slots.size(), " state arrays, got ", seq.size());
+      MAMBA_CHECK(seq.size() == slots.size(), L::kName, ".step: expected a State or ", slots.size(),
+                  " state arrays, got ", seq.size());
       for (size_t i = 0; i < slots.size(); ++i)
         *slots[i].second = tensor_of(seq[i], slots[i].first, keep, /*writable=*/true);
       st = &tmp;
@@ -221,8 +221,8 @@ struct PyLayer {
       py::gil_scoped_release nogil;
       std::unique_lock<std::mutex> lk(mu, std::defer_lock);
       if (!vals.empty()) lk.lock();
-      std::unique_ptr<Swap> sw = vals.empty() ? nullptr : std::make_unique<Swap>(pl(), vals,
-                                                                                  std::vector<mamba::Tensor>{});
+      std::unique_ptr<Swap> sw =
+          vals.empty() ? nullptr : std::make_unique<Swap>(pl(), vals, std::vector<mamba::Tensor>{});
       y = layer->step(xt, st->state);
     }
     return array_of(y);
@@ -261,12 +261,15 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
         },
         "view of the state tensor");
   }
-  st.def("arrays", [](py::object self) {
-    auto& s = self.template cast<PyState<L>&>();
-    py::list out;
-    for (auto& t : LayerTraits<L>::tensors(s.state)) out.append(view_of(*t.second, self));
-    return py::tuple(out);
-  }, "The state tensors as a tuple of views (allocate_inference_cache's order).");
+  st.def(
+      "arrays",
+      [](py::object self) {
+        auto& s = self.template cast<PyState<L>&>();
+        py::list out;
+        for (auto& t : LayerTraits<L>::tensors(s.state)) out.append(view_of(*t.second, self));
+        return py::tuple(out);
+      },
+      "The state tensors as a tuple of views (allocate_inference_cache's order).");
 
   py::class_<PL>(m, name, doc)
       .def(py::init<int64_t, uint64_t, const py::kwargs&>(), py::arg("d_model"),
@@ -294,7 +297,8 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
           "params",
           [](py::object self) {
             py::dict d;
-            for (auto& p : self.template cast<PL&>().pl().all()) d[py::str(p.name)] = view_of(p.value.f32(), self);
+            for (auto& p : self.template cast<PL&>().pl().all())
+              d[py::str(p.name)] = view_of(p.value.f32(), self);
             return d;
           },
           "dict name -> writable float32 view of the layer's own parameter.")
@@ -302,11 +306,13 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
           "grads",
           [](py::object self) {
             py::dict d;
-            for (auto& p : self.template cast<PL&>().pl().all()) d[py::str(p.name)] = view_of(p.grad, self);
+            for (auto& p : self.template cast<PL&>().pl().all())
+              d[py::str(p.name)] = view_of(p.grad, self);
             return d;
           },
           "dict name -> view of the accumulated gradient (backward adds into it).")
-      .def("zero_grad", [](PL& self) { self.pl().zero_grad(); }, "Sets every gradient to zero.")
+      .def(
+          "zero_grad", [](PL& self) { self.pl().zero_grad(); }, "Sets every gradient to zero.")
       .def_property_readonly("num_parameters", [](PL& self) { return self.pl().count(); })
       .def("forward", &PL::forward, py::arg("x"), py::kw_only(), py::arg("save") = false,
            py::arg("return_state") = false, py::arg("params") = py::none(),
@@ -319,7 +325,8 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
            "dy: (B, L, d_model) -> dx. Parameter gradients are ADDED into `grads` (arrays in "
            "param_names order, written in place) or into the layer's own.")
       .def(
-          "new_state", [](PL& self, int64_t batch) {
+          "new_state",
+          [](PL& self, int64_t batch) {
             MAMBA_CHECK(batch >= 1, "new_state: batch = ", batch, " must be >= 1");
             auto s = std::make_unique<PyState<L>>();
             s->state = self.layer->new_state(batch);

@@ -80,8 +80,9 @@ void bind_lm(py::module_& m) {
           py::arg("folder"), py::arg("dtype") = "f32",
           "Loads a model folder; dtype 'f32' (default), 'bf16' or 'f16' for the large weights.")
       .def_property_readonly("config", [](const PyLM& s) { return lm_config(*s.lm); })
-      .def_property_readonly("vocab", [](const PyLM& s) { return s.lm->vocab(); },
-                             "Logits' last dimension (the padded vocabulary).")
+      .def_property_readonly(
+          "vocab", [](const PyLM& s) { return s.lm->vocab(); },
+          "Logits' last dimension (the padded vocabulary).")
       .def_property_readonly("num_parameters", [](const PyLM& s) { return s.lm->num_parameters(); })
       .def(
           "state_dict",
@@ -144,7 +145,8 @@ void bind_lm(py::module_& m) {
             }
             return array_of(out);
           },
-          py::arg("ids"), py::arg("state"), "One token per sequence: ids (B,) -> logits (B, vocab).")
+          py::arg("ids"), py::arg("state"),
+          "One token per sequence: ids (B,) -> logits (B, vocab).")
       .def(
           "generate",
           [](const PyLM& s, const std::vector<std::vector<int32_t>>& prompts,
@@ -244,7 +246,8 @@ void bind_io(py::module_& m) {
         py::gil_scoped_release nogil;
         mamba::save_safetensors(path, ts, metadata);
       },
-      py::arg("path"), py::arg("tensors"), py::arg("metadata") = std::map<std::string, std::string>{},
+      py::arg("path"), py::arg("tensors"),
+      py::arg("metadata") = std::map<std::string, std::string>{},
       "Writes float32 arrays (dict name -> array, in its order) as .safetensors, atomically.");
 }
 
