@@ -122,7 +122,9 @@ def train(model, data, steps, batch, lr, seed):
     (xt, ft, yt), (xv, fv, yv) = data
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    warm = max(1, steps // 10)  # linear warm-up, then cosine decay
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     t0 = time.time()
     for step in range(steps):
         i = torch.randint(0, xt.shape[0], (batch,), generator=g)

@@ -17,6 +17,15 @@ if(MAMBA_PYTHON STREQUAL "OFF")
   message(STATUS "mamba.cpp Python module: off (MAMBA_PYTHON=OFF)")
   return()
 endif()
+# A sanitizer build's module cannot be loaded by an uninstrumented python (the ASan runtime must
+# come first): AUTO skips it there, so sanitizer CI stages run the C++ tests only.
+if(MAMBA_SANITIZE)
+  if(MAMBA_PYTHON STREQUAL "ON")
+    message(FATAL_ERROR "MAMBA_PYTHON=ON with MAMBA_SANITIZE=${MAMBA_SANITIZE}: the module would not load into python; use AUTO or OFF")
+  endif()
+  message(STATUS "mamba.cpp Python module: skipped in a sanitizer build (MAMBA_SANITIZE=${MAMBA_SANITIZE})")
+  return()
+endif()
 
 # The interpreter: Python3_EXECUTABLE when given (setup.py passes sys.executable); otherwise the
 # first of `python3` on PATH and /usr/bin/python3 that imports numpy (a pyenv or conda python

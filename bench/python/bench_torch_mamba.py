@@ -12,9 +12,11 @@ Mamba paths a CPU user falls back to, in the same process, with the same threads
                overhead is mambacpp / core - 1
 
 One JSON line per configuration. The torch baselines are slow (seconds to minutes per step at
-L 2048): with --baseline-max-len M they run at L' = min(L, M) and their time is scaled by L / L'
-(their work is linear in L; marked "extrapolated_from_len"). Measured, not extrapolated: every
-mambacpp / core figure. Not a test: run it by hand (docs/PERFORMANCE.md has the figures).
+L 2048) and the parallel scan holds several (B, L, D, N) tensors: the sequential one runs at
+L' = min(L, --seq-max-len), the parallel one at the longest L' = L / 2^k whose (B, L', D, N) has at
+most --pscan-max-elems elements, and their times are scaled by L / L' (their work is linear in
+L; recorded as "<name>_measured_len"). Measured at full size, never extrapolated: every mambacpp
+and core figure. Not a test: run it by hand (docs/PERFORMANCE.md has the figures).
 
   PYTHONPATH=build/python python3 bench/python/bench_torch_mamba.py --threads 2
 """
@@ -22,6 +24,7 @@ mambacpp / core figure. Not a test: run it by hand (docs/PERFORMANCE.md has the 
 import argparse
 import json
 import math
+import os
 import time
 
 import numpy as np
@@ -123,7 +126,7 @@ def run(args):
         def ours():
             xr = x.clone().requires_grad_()
             m.zero_grad(set_to_none=True)
-            (m(xr) * g).sum().backward()
+            m(xr).backward(g)
 
         core = m._core
         for k, v in core.params.items():  # the module's weights, into the numpy-level layer
@@ -142,7 +145,6 @@ def run(args):
                    seqlen=L, batch=batch, threads=args.threads, torch=torch.__version__,
                    mambacpp_s=round(t_ours, 5), core_s=round(t_core, 5),
                    python_overhead=round(t_ours / t_core - 1, 4))
-        Lb = min(L, args.baseline_max_len)
         if args.check:  # the torch paths compute the same layer (checked at a small length)
             with torch.no_grad():
                 xs = x[:, :64]
@@ -153,18 +155,24 @@ def run(args):
         for name, scan, on in (("torch_pscan", scan_pscan, not args.no_pscan), ("torch_seq", scan_seq, not args.no_seq)):
             if not on:
                 continue
+            if name == "torch_seq":
+                Lb = min(L, args.seq_max_len)
+            else:
+                Lb = L
+                while Lb > 1 and batch * Lb * m.d_inner * m.d_state > args.pscan_max_elems:
+                    Lb //= 2
             xb, gb = x[:, :Lb].contiguous(), g[:, :Lb].contiguous()
 
             def base():
                 xr = xb.clone().requires_grad_()
                 m.zero_grad(set_to_none=True)
-                (torch_mamba(m, xr, scan) * gb).sum().backward()
+                torch_mamba(m, xr, scan).backward(gb)
 
             t = best_of(base, args.baseline_reps) * (L / Lb)
             rec[name + "_s"] = round(t, 4)
             rec["speedup_vs_" + name] = round(t / t_ours, 1)
-        if Lb < L:
-            rec["extrapolated_from_len"] = Lb
+            rec[name + "_measured_len"] = Lb
+        rec["loadavg_1min"] = round(os.getloadavg()[0], 2)
         print(json.dumps(rec), flush=True)
 
 
@@ -176,8 +184,10 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5, help="repetitions of the mambacpp timings (best taken)")
     p.add_argument("--baseline-reps", type=int, default=1)
-    p.add_argument("--baseline-max-len", type=int, default=256,
-                   help="run the torch baselines at most this long, scaled linearly to L")
+    p.add_argument("--seq-max-len", type=int, default=256,
+                   help="run the sequential torch scan at most this long, scaled linearly to L")
+    p.add_argument("--pscan-max-elems", type=int, default=2**26,
+                   help="largest (B, L, D, N) of the parallel torch scan (shorter L, scaled linearly)")
     p.add_argument("--no-seq", action="store_true", help="skip the sequential torch baseline")
     p.add_argument("--no-pscan", action="store_true", help="skip the parallel-scan torch baseline")
     p.add_argument("--check", action="store_true", help="check the torch paths against mambacpp first")

@@ -264,3 +264,39 @@ def test_gradcheck_float64_is_refused_but_fp32_directional_difference_matches():
 
     numeric = (loss(1) - loss(-1)) / (2 * eps)
     assert abs(numeric - analytic) <= 2e-3 + 2e-3 * abs(numeric), (numeric, analytic)
+
+
+def test_modules_from_several_python_threads():
+    """Forward + backward from 4 Python threads at once (two on one shared module, two on their
+    own modules) give the single-threaded results bit for bit."""
+    import threading
+
+    torch.manual_seed(2)
+    shared = Mamba(24, d_state=8)
+    own = [copy.deepcopy(shared) for _ in range(2)]
+    x = torch.randn(2, 40, 24)
+
+    def run(m):
+        xr = x.clone().requires_grad_()
+        y = m(xr)
+        y.backward(torch.ones_like(y))
+        return y.detach(), xr.grad
+
+    ref_y, ref_dx = run(copy.deepcopy(shared))
+    out, errors = {}, []
+
+    def work(i, m):
+        try:
+            for _ in range(3):
+                out[i] = run(m)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    ths = [threading.Thread(target=work, args=(i, m)) for i, m in enumerate([shared, shared] + own)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert not errors, errors
+    for y, dx in out.values():
+        assert torch.equal(y, ref_y) and torch.equal(dx, ref_dx)
