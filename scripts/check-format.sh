@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Checks that every C++ file under include/ src/ tests/ bench/ (tests/data excluded) is
+# Checks that every C++ file under include/ src/ tests/ bench/ python/ (tests/data excluded) is
 # formatted as the repository's .clang-format says, with clang-format 14 (Debian package
 # clang-format-14; another version formats some constructs differently).
 #   scripts/check-format.sh         lists the files that differ and exits 1 if there are any
@@ -26,7 +26,7 @@ if ! "$cf" --version | grep -q 'version 14\.'; then
   exit 2
 fi
 
-mapfile -d '' files < <(find include src tests bench -path tests/data -prune -o \
+mapfile -d '' files < <(find include src tests bench python -path tests/data -prune -o \
   -type f \( -name '*.h' -o -name '*.cpp' -o -name '*.cc' \) -print0 | sort -z)
 
 differing() {  # sets differ to the files of "$@" that clang-format would change
