@@ -338,3 +338,22 @@ TEST(VSSBlock, PostNormAndBranchesMatchFiniteDifferences) {
     for (auto& [n, p] : blk.named_params()) check(p->value.f32(), p->grad, n);
   }
 }
+
+TEST(SS2D, CliShapes) {
+  auto r = test::run_cli("shapes --layer ss2d --height 5 --width 3 --d_model 8 --d_state 2");
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("x_proj_weight      (4,5,16)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("cross_scan(4 directions)+merge (2,5,3,16), (2,5,3,4,16) -> (2,5,3,16)"),
+            std::string::npos)
+      << r.out;
+  EXPECT_NE(r.out.find("out_proj (2,5,3,16) -> (2,5,3,8)"), std::string::npos) << r.out;
+  r = test::run_cli(
+      "shapes --layer ss2d --forward_type v05_noz --channel_first --height 2 "
+      "--width 4 --d_model 8");
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("forward, x (2,8,2,4)"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("in_proj (2,2,4,8) -> (2,2,4,16)"), std::string::npos) << r.out;
+  r = test::run_cli("shapes --layer ss2d --d_conv 4");
+  EXPECT_EQ(r.status, 1) << r.out;
+  EXPECT_NE(r.out.find("d_conv must be odd"), std::string::npos) << r.out;
+}
