@@ -26,13 +26,13 @@ struct ImageBatch {
 ImageBatch bars_batch(int64_t B, int64_t S, int64_t bar_len, double noise, Rng& rng);
 
 struct ExampleConfig {
-  int64_t image = 16, bar_len = 5;
-  double noise = 0.5;
+  int64_t image = 12, bar_len = 5;
+  double noise = 0.3;
   int64_t dim = 16;         // C
   int64_t vss_depth = 2;    // VSSBlocks (v05: d_state 4, ssm_ratio 2, mlp_ratio 2)
   int64_t mamba_depth = 3;  // Mamba-1 layers (d_state 16, expand 2): about as many parameters
   int64_t steps = 300, batch = 32, eval_images = 1024;
-  double lr = 3e-3;
+  double lr = 1e-2;
   uint64_t seed = 0;
 };
 
