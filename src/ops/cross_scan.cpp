@@ -154,11 +154,16 @@ void CrossScanFwdKernel(const Plan& p) {
 
 // One part's scratch and partial sums for the backward.
 struct BwdScratch {
-  std::vector<float> ck, hs, gh, dAacc, dDacc, dbacc, tmp;
+  // hs, dAs: the chunk's states and exp(dt A) (kChunk, N, lanes); dts, dls: its dt and
+  // delta + bias (kChunk, lanes), computed once by the chunk's forward recompute
+  std::vector<float> ck, hs, dAs, dts, dls, gh, dAacc, dDacc, dbacc, tmp;
   void init(int64_t L, int64_t N, size_t lanes) {
     const int64_t nch = (L + xscan::kChunk - 1) / xscan::kChunk;
     ck.assign((nch + 1) * N * lanes, 0.f);
     hs.assign(xscan::kChunk * N * lanes, 0.f);
+    dAs.assign(xscan::kChunk * N * lanes, 0.f);
+    dts.assign(xscan::kChunk * lanes, 0.f);
+    dls.assign(xscan::kChunk * lanes, 0.f);
     gh.assign(N * lanes, 0.f);
     dAacc.assign(N * lanes, 0.f);
     dDacc.assign(lanes, 0.f);
@@ -210,13 +215,18 @@ void BwdItemDir(const Plan& p, BwdScratch& w, const DirConsts& dc, int64_t b, in
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t row = b * L + ord[t];
       const VF u = XLoadPart(d, p.u + row * D + d0, nl, tmp);
-      const VF dt = StepDt(d, p, dc, row, k, d0, nl, tmp, nullptr);
+      VF dl;
+      const VF dt = StepDt(d, p, dc, row, k, d0, nl, tmp, &dl);
+      hn::StoreU(dt, d, w.dts.data() + (t - t0) * lanes);
+      hn::StoreU(dl, d, w.dls.data() + (t - t0) * lanes);
       const float* Bp = p.xdbl + (row * xscan::kK + k) * E + R;
       const VF dtu = hn::Mul(dt, u);
       const float* hprev = t == t0 ? h0 : w.hs.data() + (t - t0 - 1) * N * lanes;
       float* hcur = w.hs.data() + (t - t0) * N * lanes;
+      float* dAt = w.dAs.data() + (t - t0) * N * lanes;
       for (int64_t n = 0; n < N; ++n) {
         const VF dA = sm::Exp(d, hn::Mul(dt, hn::LoadU(d, dc.A.data() + n * lanes)));
+        hn::StoreU(dA, d, dAt + n * lanes);
         hn::StoreU(hn::MulAdd(dA, hn::LoadU(d, hprev + n * lanes), hn::Mul(dtu, hn::Set(d, Bp[n]))),
                    d, hcur + n * lanes);
       }
@@ -224,8 +234,9 @@ void BwdItemDir(const Plan& p, BwdScratch& w, const DirConsts& dc, int64_t b, in
     for (int64_t t = t1 - 1; t >= t0; --t) {
       const int64_t pix = ord[t], row = b * L + pix;
       const VF u = XLoadPart(d, p.u + row * D + d0, nl, tmp);
-      VF dl;
-      const VF dt = StepDt(d, p, dc, row, k, d0, nl, tmp, &dl);
+      const VF dl = hn::LoadU(d, w.dls.data() + (t - t0) * lanes);
+      const VF dt = hn::LoadU(d, w.dts.data() + (t - t0) * lanes);
+      const float* dAt = w.dAs.data() + (t - t0) * N * lanes;
       const VF dyv = XLoadPart(d, p.dy + row * D + d0, nl, tmp);
       const float* Bp = p.xdbl + (row * xscan::kK + k) * E + R;
       const float* Cp = Bp + N;
@@ -240,7 +251,7 @@ void BwdItemDir(const Plan& p, BwdScratch& w, const DirConsts& dc, int64_t b, in
         float* ghp = w.gh.data() + n * lanes;
         const VF g = hn::MulAdd(dyv, hn::Set(d, Cp[n]), hn::LoadU(d, ghp));
         bc[N + n] += hn::GetLane(hn::SumOfLanes(d, hn::Mul(dyv, hn::LoadU(d, hcur + n * lanes))));
-        const VF dA = sm::Exp(d, hn::Mul(dt, An));
+        const VF dA = hn::LoadU(d, dAt + n * lanes);
         const VF hp = hn::LoadU(d, hprev + n * lanes);
         const VF hpdA = hn::Mul(hp, dA);
         ddt = hn::MulAdd(g, hn::MulAdd(hpdA, An, hn::Mul(Bn, u)), ddt);
