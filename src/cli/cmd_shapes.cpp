@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
+#include "mamba/nn/ss2d.h"
 #include "mamba/trace.h"
 
 namespace mamba::cli {
@@ -17,7 +18,38 @@ struct ShapesOpts {
   double expand = 2;
   int64_t headdim = 64, ngroups = 1, chunk_size = 256, dt_rank = -1;
   bool step = true;
+  int64_t height = 8, width = 8;    // ss2d
+  std::string forward_type = "v2";  // ss2d
+  bool channel_first = false;       // ss2d
 };
+
+// VMamba's SS2D: a 2-D layer (no decode step); x is (B, H, W, d_model) or (B, d_model, H, W).
+int trace_ss2d(const ShapesOpts& o, int64_t d_conv) {
+  SS2DConfig c;
+  c.d_model = o.d_model, c.d_conv = d_conv, c.ssm_ratio = o.expand, c.dt_rank = o.dt_rank;
+  c.d_state = o.d_state > 0 ? o.d_state : 16;
+  c.forward_type = o.forward_type, c.channel_first = o.channel_first;
+  SS2D layer(c, 0);
+  std::printf("ss2d (forward_type %s, %s): %lld parameters\n", c.forward_type.c_str(),
+              c.channel_first ? "channel-first" : "channel-last",
+              (long long)layer.params().count());
+  for (const auto& p : layer.params().all())
+    std::printf("  %-18s %s\n", p.name.c_str(), p.value.shape_str().c_str());
+  Tensor x = c.channel_first ? Tensor({o.batch, o.d_model, o.height, o.width})
+                             : Tensor({o.batch, o.height, o.width, o.d_model});
+  trace::set_stream(&std::cout);
+  trace::set_enabled(true);
+  std::printf(
+      "forward, x %s (inside: channel-last (B, H, W, C); the four scan orders are read "
+      "in place):\n",
+      x.shape_str().c_str());
+  {
+    trace::Scope scope("  ");
+    layer.forward(x);
+  }
+  trace::set_enabled(false);
+  return 0;
+}
 
 template <class Layer>
 int trace_layer(Layer& layer, const ShapesOpts& o) {
@@ -48,13 +80,15 @@ Command add_shapes(CLI::App& app) {
   auto o = std::make_shared<ShapesOpts>();
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
-  sub->add_option("--layer", o->layer, "mamba1 or mamba2")
-      ->check(CLI::IsMember({"mamba1", "mamba2"}))
+  sub->add_option("--layer", o->layer, "mamba1, mamba2 or ss2d (VMamba's 2-D scan)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "ss2d"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
   sub->add_option("--d_state", o->d_state, "N (default: 16 for mamba1, 128 for mamba2)");
-  sub->add_option("--d_conv", o->d_conv, "K, the conv width")->capture_default_str();
-  sub->add_option("--expand", o->expand, "d_inner = expand * d_model")->capture_default_str();
+  auto* dconv = sub->add_option("--d_conv", o->d_conv, "K, the conv width (ss2d: 3 unless given)")
+                    ->capture_default_str();
+  sub->add_option("--expand", o->expand, "d_inner = expand * d_model (ss2d: ssm_ratio)")
+      ->capture_default_str();
   sub->add_option("--dt_rank", o->dt_rank, "mamba1: R (default auto = ceil(d_model/16))");
   sub->add_option("--headdim", o->headdim, "mamba2: P")->capture_default_str();
   sub->add_option("--ngroups", o->ngroups, "mamba2: G")->capture_default_str();
@@ -62,7 +96,13 @@ Command add_shapes(CLI::App& app) {
   sub->add_option("--batch", o->batch, "B")->capture_default_str();
   sub->add_option("--seqlen", o->seqlen, "L")->capture_default_str();
   sub->add_flag("!--no-step", o->step, "do not trace a decode step");
-  return {sub, [o] {
+  sub->add_option("--height", o->height, "ss2d: image height H")->capture_default_str();
+  sub->add_option("--width", o->width, "ss2d: image width W")->capture_default_str();
+  sub->add_option("--forward_type", o->forward_type, "ss2d: VMamba's forward_type")
+      ->capture_default_str();
+  sub->add_flag("--channel_first", o->channel_first, "ss2d: (B, C, H, W) tensors");
+  return {sub, [o, dconv] {
+            if (o->layer == "ss2d") return trace_ss2d(*o, dconv->count() ? o->d_conv : 3);
             if (o->layer == "mamba1") {
               Mamba1Config c;
               c.d_model = o->d_model, c.d_conv = o->d_conv, c.expand = o->expand,

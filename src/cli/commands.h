@@ -26,5 +26,6 @@ Command add_tokenize(CLI::App& app);
 Command add_detokenize(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_eval_task(CLI::App& app);
+Command add_example(CLI::App& app);  // cmd_example.cpp: `example vision`
 
 }  // namespace mamba::cli

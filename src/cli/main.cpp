@@ -24,6 +24,7 @@ int main(int argc, char** argv) {
       mamba::cli::add_bench(app),    mamba::cli::add_convert(app),
       mamba::cli::add_tokenize(app), mamba::cli::add_detokenize(app),
       mamba::cli::add_train(app),    mamba::cli::add_eval_task(app),
+      mamba::cli::add_example(app),
   };
   try {
     app.parse(argc, argv);
