@@ -41,6 +41,12 @@ TEST(Cli, ShapesTracesEveryOpAndCountsParameters) {
   CliRun r2 = run("shapes --layer mamba2 --d_model 1024 --d_state 64 --batch 1 --seqlen 4");
   ASSERT_EQ(r2.status, 0) << r2.out;
   EXPECT_NE(r2.out.find("6468320 parameters"), std::string::npos) << r2.out;
+  // Vim's bidirectional Mamba: both directions, no decode step.
+  CliRun r3 = run("shapes --layer bimamba --d_model 16 --batch 2 --seqlen 32");
+  ASSERT_EQ(r3.status, 0) << r3.out;
+  EXPECT_NE(r3.out.find("5184 parameters"), std::string::npos) << r3.out;
+  EXPECT_NE(r3.out.find("selective_scan_b (reverse)"), std::string::npos) << r3.out;
+  EXPECT_NE(r3.out.find("no decode step"), std::string::npos) << r3.out;
   CliRun bad = run("shapes --d_model 16 --d_conv 0");
   EXPECT_NE(bad.status, 0);
   EXPECT_NE(bad.out.find("d_conv"), std::string::npos) << bad.out;

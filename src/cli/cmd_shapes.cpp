@@ -4,6 +4,7 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "mamba/nn/bimamba.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/trace.h"
@@ -32,12 +33,16 @@ int trace_layer(Layer& layer, const ShapesOpts& o) {
     trace::Scope scope("  ");
     layer.forward(x);
   }
-  if (o.step) {
-    auto state = layer.new_state(o.batch);
-    Tensor xt({o.batch, o.d_model});
-    std::printf("step (one token of decode):\n");
-    trace::Scope scope("  ");
-    layer.step(xt, state);
+  if constexpr (requires { typename Layer::State; }) {
+    if (o.step) {
+      auto state = layer.new_state(o.batch);
+      Tensor xt({o.batch, o.d_model});
+      std::printf("step (one token of decode):\n");
+      trace::Scope scope("  ");
+      layer.step(xt, state);
+    }
+  } else {
+    std::printf("(no decode step: the layer is bidirectional)\n");
   }
   trace::set_enabled(false);
   return 0;
@@ -48,14 +53,16 @@ Command add_shapes(CLI::App& app) {
   auto o = std::make_shared<ShapesOpts>();
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
-  sub->add_option("--layer", o->layer, "mamba1 or mamba2")
-      ->check(CLI::IsMember({"mamba1", "mamba2"}))
+  sub->add_option("--layer", o->layer,
+                  "mamba1, mamba2 or bimamba (Vim's bidirectional Mamba, forward only)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "bimamba"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
-  sub->add_option("--d_state", o->d_state, "N (default: 16 for mamba1, 128 for mamba2)");
+  sub->add_option("--d_state", o->d_state,
+                  "N (default: 16 for mamba1 and bimamba, 128 for mamba2)");
   sub->add_option("--d_conv", o->d_conv, "K, the conv width")->capture_default_str();
   sub->add_option("--expand", o->expand, "d_inner = expand * d_model")->capture_default_str();
-  sub->add_option("--dt_rank", o->dt_rank, "mamba1: R (default auto = ceil(d_model/16))");
+  sub->add_option("--dt_rank", o->dt_rank, "mamba1, bimamba: R (default auto = ceil(d_model/16))");
   sub->add_option("--headdim", o->headdim, "mamba2: P")->capture_default_str();
   sub->add_option("--ngroups", o->ngroups, "mamba2: G")->capture_default_str();
   sub->add_option("--chunk_size", o->chunk_size, "mamba2: SSD chunk")->capture_default_str();
@@ -69,6 +76,14 @@ Command add_shapes(CLI::App& app) {
               c.dt_rank = o->dt_rank;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               Mamba1 layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "bimamba") {
+              BiMambaConfig c;  // as every released Vim model: (y_f + y_b) / 2
+              c.d_model = o->d_model, c.d_conv = o->d_conv, c.expand = o->expand,
+              c.dt_rank = o->dt_rank, c.if_divide_out = true;
+              c.d_state = o->d_state > 0 ? o->d_state : 16;
+              BiMamba layer(c, 0);
               return trace_layer(layer, *o);
             }
             Mamba2Config c;
