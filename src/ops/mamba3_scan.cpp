@@ -1,0 +1,570 @@
+// Mamba-3 scan: argument checks, the naive sequential reference (forward and backward, in
+// double). See mamba3_scan.h for the recurrence. The backward runs the recurrence in reverse:
+//   G_t = sum_r dy_r q_r^T + alpha_{t+1} G_{t+1}                     (dL/dS_t, (P, N))
+//   dq_r = S_t^T dy_r;  dalpha_t = <G_t, S_{t-1}>;  dbeta_t = <G_t, KV_{t-1}>;  dgamma_t = <G_t,
+//   KV_t> dv_{t,r} += gamma_t G_t k_{t,r} (+ beta_{t+1} G_{t+1} k_{t,r});  dk likewise with G^T v
+// then through sigma / alpha / beta / gamma to Trap, ADT, DT, through the rotations to Q, K,
+// their biases and theta, and through theta's running sum to Angles and DT.
+#include "ops/mamba3_scan.h"
+
+#include <cmath>
+#include <numbers>
+#include <vector>
+
+namespace mamba::ops {
+
+namespace {
+
+void need(const Tensor& t, const char* what, const char* name) {
+  check_defined(t, str(what, ": ", name).c_str());
+}
+
+}  // namespace
+
+Mamba3Dims mamba3_scan_check(const Mamba3ScanArgs& a, const char* what) {
+  Mamba3Dims d;
+  for (auto [t, n] : {std::pair{&a.Q, "Q"},
+                      {&a.K, "K"},
+                      {&a.V, "V"},
+                      {&a.ADT, "ADT"},
+                      {&a.DT, "DT"},
+                      {&a.Trap, "Trap"},
+                      {&a.Q_bias, "Q_bias"},
+                      {&a.K_bias, "K_bias"},
+                      {&a.Angles, "Angles"}})
+    need(*t, what, n);
+  MAMBA_CHECK(a.Q.ndim() == 5, what, ": Q must be (B, L, R, G, N), got ", a.Q.shape_str());
+  MAMBA_CHECK(a.V.ndim() == 4, what, ": V must be (B, L, H, P), got ", a.V.shape_str());
+  MAMBA_CHECK(a.Angles.ndim() == 3, what, ": Angles must be (B, L, S), got ", a.Angles.shape_str());
+  d.batch = a.Q.dim(0), d.L = a.Q.dim(1), d.R = a.Q.dim(2), d.G = a.Q.dim(3), d.N = a.Q.dim(4);
+  d.H = a.V.dim(2), d.P = a.V.dim(3), d.S = a.Angles.dim(2);
+  MAMBA_CHECK(d.G >= 1 && d.H % d.G == 0, what, ": groups G=", d.G,
+              " of Q must divide heads H=", d.H);
+  MAMBA_CHECK(d.R >= 1 && d.N >= 1 && d.P >= 1, what, ": empty R, N or P in Q ", a.Q.shape_str(),
+              " / V ", a.V.shape_str());
+  auto shp = [&](const Tensor& t, const char* n, Shape s) {
+    check_shape(t, str(what, ": ", n).c_str(), s);
+  };
+  shp(a.K, "K", {d.batch, d.L, d.R, d.G, d.N});
+  shp(a.V, "V", {d.batch, d.L, d.H, d.P});
+  shp(a.ADT, "ADT", {d.batch, d.L, d.H});
+  shp(a.DT, "DT", {d.batch, d.L, d.H});
+  shp(a.Trap, "Trap", {d.batch, d.L, d.H});
+  shp(a.Q_bias, "Q_bias", {d.H, d.R, d.N});
+  shp(a.K_bias, "K_bias", {d.H, d.R, d.N});
+  shp(a.Angles, "Angles", {d.batch, d.L, d.S});
+  MAMBA_CHECK(d.S <= d.N / 2, what, ": ", d.S, " rotary angles need 2*S <= N=", d.N);
+  if (a.D.defined()) shp(a.D, "D", {d.H});
+  if (a.Z.defined()) shp(a.Z, "Z", {d.batch, d.L, d.H, d.P});
+  d.mimo = a.mimo_x.defined() || a.mimo_o.defined();
+  if (d.mimo) {
+    need(a.mimo_x, what, "mimo_x");
+    need(a.mimo_o, what, "mimo_o");
+    shp(a.mimo_x, "mimo_x", {d.H, d.R, d.P});
+    shp(a.mimo_o, "mimo_o", {d.H, d.R, d.P});
+    MAMBA_CHECK(a.Z.defined() == a.mimo_z.defined(), what,
+                ": MIMO needs mimo_z exactly when Z is given");
+    if (a.mimo_z.defined()) shp(a.mimo_z, "mimo_z", {d.H, d.R, d.P});
+  } else {
+    MAMBA_CHECK(d.R == 1, what, ": rank R=", d.R, " > 1 needs mimo_x and mimo_o (MIMO)");
+    MAMBA_CHECK(!a.mimo_z.defined(), what, ": mimo_z without mimo_x / mimo_o");
+  }
+  if (a.norm_weight.defined()) shp(a.norm_weight, "norm_weight", {d.H * d.P});
+  const Mamba3States& s = a.initial;
+  const int n = s.angle.defined() + s.ssm.defined() + s.k.defined() + s.v.defined();
+  MAMBA_CHECK(n == 0 || n == 4, what, ": initial states: give all four (angle, ssm, k, v) or none");
+  if (n == 4) {
+    shp(s.angle, "initial angle state", {d.batch, d.H, d.S});
+    shp(s.ssm, "initial ssm state", {d.batch, d.H, d.P, d.N});
+    shp(s.k, "initial k state", {d.batch, d.R, d.H, d.N});
+    shp(s.v, "initial v state", {d.batch, d.H, d.P});
+  }
+  return d;
+}
+
+namespace {
+
+constexpr double kPi = std::numbers::pi;
+
+double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// The index pair rotated by angle j.
+inline void pair_of(bool pairwise, int64_t N, int64_t j, int64_t* i0, int64_t* i1) {
+  if (pairwise) {
+    *i0 = 2 * j, *i1 = 2 * j + 1;
+  } else {
+    *i0 = j, *i1 = j + N / 2;
+  }
+}
+
+// Everything the recurrence of one (b, h) computes, kept for the backward.
+struct Seq {
+  int64_t L, R, N, P, S;
+  std::vector<double> sig, alp, bet, gam, dt;  // (L)
+  std::vector<double> theta;                   // (L, S) unwrapped
+  std::vector<double> q, k;                    // (L, R, N) rotated, with bias
+  std::vector<double> v;                       // (L, R, P) v_r
+  std::vector<double> k0, v0;                  // (R, N), (R, P): k_{-1}, v_{-1}
+  std::vector<double> St;                      // (L + 1, P, N): S_{-1}, S_0, ...
+  std::vector<double> Y;                       // (L, R, P) S q + D v (before norm / gate)
+  std::vector<double> rstd;                    // (L, R) with norm_weight
+  std::vector<double> out;                     // (L, P)
+};
+
+struct Acc {  // read access to the inputs of one (b, h)
+  const Mamba3ScanArgs& a;
+  const Mamba3Dims& d;
+  int64_t b, h, g;
+  int64_t bl(int64_t t) const { return (b * d.L + t) * d.H + h; }
+  const float* Qp(const Tensor& T, int64_t t, int64_t r) const {
+    return T.data() + (((b * d.L + t) * d.R + r) * d.G + g) * d.N;
+  }
+  const float* Vp(const Tensor& T, int64_t t) const { return T.data() + bl(t) * d.P; }
+};
+
+void rotate(double* x, const double* theta, int64_t S, int64_t N, bool pairwise) {
+  for (int64_t j = 0; j < S; ++j) {
+    int64_t i0, i1;
+    pair_of(pairwise, N, j, &i0, &i1);
+    const double c = std::cos(theta[j]), s = std::sin(theta[j]);
+    const double x0 = x[i0], x1 = x[i1];
+    x[i0] = x0 * c - x1 * s;
+    x[i1] = x0 * s + x1 * c;
+  }
+}
+
+void run_forward(const Acc& c, Seq& q) {
+  const Mamba3ScanArgs& a = c.a;
+  const int64_t L = c.d.L, R = c.d.R, N = c.d.N, P = c.d.P, S = c.d.S, H = c.d.H, b = c.b, h = c.h;
+  q.L = L, q.R = R, q.N = N, q.P = P, q.S = S;
+  q.sig.resize(L), q.alp.resize(L), q.bet.resize(L), q.gam.resize(L), q.dt.resize(L);
+  q.theta.assign(L * S, 0.0);
+  q.q.assign(L * R * N, 0.0), q.k.assign(L * R * N, 0.0), q.v.assign(L * R * P, 0.0);
+  q.k0.assign(R * N, 0.0), q.v0.assign(R * P, 0.0);
+  q.St.assign((L + 1) * P * N, 0.0);
+  q.Y.assign(L * R * P, 0.0), q.rstd.assign(L * R, 1.0), q.out.assign(L * P, 0.0);
+  const bool init = a.initial.ssm.defined();
+  auto mx = [&](int64_t r, int64_t p) {
+    return c.d.mimo ? (double)a.mimo_x[(h * R + r) * P + p] : 1.0;
+  };
+  std::vector<double> th(S, 0.0);
+  if (init) {
+    for (int64_t j = 0; j < S; ++j) th[j] = a.initial.angle[(b * H + h) * S + j];
+    for (int64_t i = 0; i < P * N; ++i) q.St[i] = a.initial.ssm[(b * H + h) * P * N + i];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t n = 0; n < N; ++n) q.k0[r * N + n] = a.initial.k[((b * R + r) * H + h) * N + n];
+      for (int64_t p = 0; p < P; ++p) q.v0[r * P + p] = a.initial.v[(b * H + h) * P + p] * mx(r, p);
+    }
+  }
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    const double dt = a.DT[i], sg = sigmoid(a.Trap[i]), al = std::exp((double)a.ADT[i]);
+    q.dt[t] = dt, q.sig[t] = sg, q.alp[t] = al;
+    q.bet[t] = (1 - sg) * dt * al, q.gam[t] = sg * dt;
+    for (int64_t j = 0; j < S; ++j) {
+      th[j] += kPi * std::tanh((double)a.Angles[(b * L + t) * S + j]) * dt;
+      q.theta[t * S + j] = th[j];
+    }
+    const float* Vt = c.Vp(a.V, t);
+    for (int64_t r = 0; r < R; ++r) {
+      double* qr = &q.q[(t * R + r) * N];
+      double* kr = &q.k[(t * R + r) * N];
+      const float *Qt = c.Qp(a.Q, t, r), *Kt = c.Qp(a.K, t, r);
+      for (int64_t n = 0; n < N; ++n) {
+        qr[n] = (double)Qt[n] + a.Q_bias[(h * R + r) * N + n];
+        kr[n] = (double)Kt[n] + a.K_bias[(h * R + r) * N + n];
+      }
+      rotate(qr, &q.theta[t * S], S, N, a.rotate_pairwise);
+      rotate(kr, &q.theta[t * S], S, N, a.rotate_pairwise);
+      for (int64_t p = 0; p < P; ++p) q.v[(t * R + r) * P + p] = Vt[p] * mx(r, p);
+    }
+    // S_t = alpha S_{t-1} + beta sum_r v_{t-1} k_{t-1}^T + gamma sum_r v_t k_t^T
+    const double* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+    const double* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+    const double* Sp = &q.St[t * P * N];
+    double* Sn = &q.St[(t + 1) * P * N];
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t n = 0; n < N; ++n) {
+        double kvp = 0, kvc = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          kvp += vp[r * P + p] * kp[r * N + n];
+          kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+        }
+        Sn[p * N + n] = al * Sp[p * N + n] + q.bet[t] * kvp + q.gam[t] * kvc;
+      }
+    for (int64_t r = 0; r < R; ++r) {
+      double* y = &q.Y[(t * R + r) * P];
+      const double* qr = &q.q[(t * R + r) * N];
+      for (int64_t p = 0; p < P; ++p) {
+        double s = 0;
+        for (int64_t n = 0; n < N; ++n) s += Sn[p * N + n] * qr[n];
+        if (a.D.defined()) s += (double)a.D[h] * q.v[(t * R + r) * P + p];
+        y[p] = s;
+      }
+      double ms = 0;
+      if (a.norm_weight.defined()) {
+        for (int64_t p = 0; p < P; ++p) ms += y[p] * y[p];
+        q.rstd[t * R + r] = 1.0 / std::sqrt(ms / P + a.norm_eps);
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        double o = y[p];
+        if (a.norm_weight.defined()) o *= q.rstd[t * R + r] * a.norm_weight[h * P + p];
+        if (a.Z.defined()) {
+          double z = a.Z[i * P + p];
+          if (a.mimo_z.defined()) z *= a.mimo_z[(h * R + r) * P + p];
+          o *= z * sigmoid(z);
+        }
+        if (c.d.mimo) o *= a.mimo_o[(h * R + r) * P + p];
+        q.out[t * P + p] += o;
+      }
+    }
+  }
+}
+
+Tensor to_tensor(const std::vector<double>& v, Shape s) {
+  Tensor t = Tensor::empty(std::move(s));
+  for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<float>(v[i]);
+  return t;
+}
+
+}  // namespace
+
+std::vector<double> mamba3_scan_ref_f64(const Mamba3ScanArgs& a) {
+  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_ref");
+  std::vector<double> out(d.batch * d.L * d.H * d.P);
+  Seq q;
+  for (int64_t b = 0; b < d.batch; ++b)
+    for (int64_t h = 0; h < d.H; ++h) {
+      run_forward(Acc{a, d, b, h, h / (d.H / d.G)}, q);
+      for (int64_t t = 0; t < d.L; ++t)
+        for (int64_t p = 0; p < d.P; ++p)
+          out[((b * d.L + t) * d.H + h) * d.P + p] = q.out[t * d.P + p];
+    }
+  return out;
+}
+
+Tensor mamba3_scan_ref(const Mamba3ScanArgs& a, Mamba3States* fs) {
+  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_ref");
+  const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S;
+  Tensor out = Tensor::empty({B, L, H, P});
+  if (fs) {
+    fs->angle = Tensor::zeros({B, H, S});
+    fs->ssm = Tensor::zeros({B, H, P, N});
+    fs->k = Tensor::zeros({B, R, H, N});
+    fs->v = Tensor::zeros({B, H, P});
+  }
+  Seq q;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      run_forward(Acc{a, d, b, h, h / (H / d.G)}, q);
+      for (int64_t t = 0; t < L; ++t)
+        for (int64_t p = 0; p < P; ++p)
+          out[((b * L + t) * H + h) * P + p] = static_cast<float>(q.out[t * P + p]);
+      if (!fs) continue;
+      if (L == 0) {
+        if (a.initial.ssm.defined()) {
+          for (int64_t j = 0; j < S; ++j)
+            fs->angle[(b * H + h) * S + j] = a.initial.angle[(b * H + h) * S + j];
+          for (int64_t i = 0; i < P * N; ++i)
+            fs->ssm[(b * H + h) * P * N + i] = a.initial.ssm[(b * H + h) * P * N + i];
+          for (int64_t r = 0; r < R; ++r)
+            for (int64_t n = 0; n < N; ++n)
+              fs->k[((b * R + r) * H + h) * N + n] = a.initial.k[((b * R + r) * H + h) * N + n];
+          for (int64_t p = 0; p < P; ++p)
+            fs->v[(b * H + h) * P + p] = a.initial.v[(b * H + h) * P + p];
+        }
+        continue;
+      }
+      const double two_pi = 2 * kPi;
+      for (int64_t j = 0; j < S; ++j) {
+        const double th = q.theta[(L - 1) * S + j];
+        fs->angle[(b * H + h) * S + j] = static_cast<float>(th - two_pi * std::floor(th / two_pi));
+      }
+      for (int64_t i = 0; i < P * N; ++i)
+        fs->ssm[(b * H + h) * P * N + i] = static_cast<float>(q.St[L * P * N + i]);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t n = 0; n < N; ++n)
+          fs->k[((b * R + r) * H + h) * N + n] = static_cast<float>(q.k[((L - 1) * R + r) * N + n]);
+      for (int64_t p = 0; p < P; ++p)
+        fs->v[(b * H + h) * P + p] = a.V[((b * L + L - 1) * H + h) * P + p];
+    }
+  return out;
+}
+
+Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout) {
+  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_bwd_ref");
+  MAMBA_CHECK(!a.initial.ssm.defined(),
+              "mamba3_scan_bwd_ref: initial states are not differentiated; call without them");
+  const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S, G = d.G;
+  check_shape(dout, "mamba3_scan_bwd_ref: dout", {B, L, H, P});
+  std::vector<double> dQ(a.Q.numel(), 0), dK(a.K.numel(), 0), dV(a.V.numel(), 0);
+  std::vector<double> dADT(B * L * H, 0), dDT(B * L * H, 0), dTrap(B * L * H, 0);
+  std::vector<double> dQb(H * R * N, 0), dKb(H * R * N, 0), dAng(B * L * S, 0), dD(H, 0);
+  std::vector<double> dZ(a.Z.defined() ? a.Z.numel() : 0, 0);
+  std::vector<double> dmx(H * R * P, 0), dmz(H * R * P, 0), dmo(H * R * P, 0), dnw(H * P, 0);
+  Seq q;
+  std::vector<double> dY(L * R * P), dq(L * R * N), dk(L * R * N), dv(L * R * P);
+  std::vector<double> Gm(P * N), dth(L * S);
+  std::vector<double> dal(L), dbe(L), dga(L);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t g = h / (H / G);
+      Acc c{a, d, b, h, g};
+      run_forward(c, q);
+      std::fill(dk.begin(), dk.end(), 0.0);
+      std::fill(dv.begin(), dv.end(), 0.0);
+      std::fill(dth.begin(), dth.end(), 0.0);
+      // Gate, norm, rank contraction: dY (L, R, P).
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t i = c.bl(t);
+        for (int64_t r = 0; r < R; ++r) {
+          const double* y = &q.Y[(t * R + r) * P];
+          double* dy = &dY[(t * R + r) * P];
+          const double rs = q.rstd[t * R + r];
+          for (int64_t p = 0; p < P; ++p) {
+            double go = dout[i * P + p];  // d out / d (gated y_r) contribution
+            const int64_t m = (h * R + r) * P + p;
+            double pre = y[p];
+            if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
+            double gate = 1.0, zz = 0.0;
+            if (a.Z.defined()) {
+              zz = a.Z[i * P + p];
+              if (a.mimo_z.defined()) zz *= a.mimo_z[m];
+              gate = zz * sigmoid(zz);
+            }
+            if (d.mimo) {
+              dmo[m] += go * pre * gate;
+              go *= a.mimo_o[m];
+            }
+            if (a.Z.defined()) {
+              const double sg = sigmoid(zz);
+              const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
+              if (a.mimo_z.defined()) {
+                dZ[i * P + p] += dzz * a.mimo_z[m];
+                dmz[m] += dzz * a.Z[i * P + p];
+              } else {
+                dZ[i * P + p] += dzz;
+              }
+              go *= gate;
+            }
+            dy[p] = go;  // d / d pre
+          }
+          if (a.norm_weight.defined()) {
+            // pre = y * rs * w: dw += dpre * y * rs; dy = rs * u - y * rs^3 * <u, y> / P
+            double uy = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              dnw[h * P + p] += dy[p] * y[p] * rs;
+              dy[p] *= a.norm_weight[h * P + p];
+              uy += dy[p] * y[p];
+            }
+            for (int64_t p = 0; p < P; ++p) dy[p] = rs * dy[p] - y[p] * rs * rs * rs * uy / P;
+          }
+        }
+      }
+      // The recurrence backwards.
+      std::fill(Gm.begin(), Gm.end(), 0.0);  // alpha_{t+1} G_{t+1}
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const double* Sc = &q.St[(t + 1) * P * N];
+        const double* Sp = &q.St[t * P * N];
+        const double* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+        const double* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+        for (int64_t r = 0; r < R; ++r) {
+          const double* dy = &dY[(t * R + r) * P];
+          const double* qr = &q.q[(t * R + r) * N];
+          double* dqr = &dq[(t * R + r) * N];
+          for (int64_t n = 0; n < N; ++n) {
+            double s = 0;
+            for (int64_t p = 0; p < P; ++p) s += Sc[p * N + n] * dy[p];
+            dqr[n] = s;
+          }
+          for (int64_t p = 0; p < P; ++p) {
+            for (int64_t n = 0; n < N; ++n) Gm[p * N + n] += dy[p] * qr[n];
+            if (a.D.defined()) {
+              dD[h] += dy[p] * q.v[(t * R + r) * P + p];
+              dv[(t * R + r) * P + p] += a.D[h] * dy[p];
+            }
+          }
+        }
+        // Gm is now G_t.
+        double da = 0, db = 0, dg = 0;
+        for (int64_t p = 0; p < P; ++p)
+          for (int64_t n = 0; n < N; ++n) {
+            const double gpn = Gm[p * N + n];
+            double kvp = 0, kvc = 0;
+            for (int64_t r = 0; r < R; ++r) {
+              kvp += vp[r * P + p] * kp[r * N + n];
+              kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+            }
+            da += gpn * Sp[p * N + n];
+            db += gpn * kvp;
+            dg += gpn * kvc;
+          }
+        dal[t] = da, dbe[t] = db, dga[t] = dg;
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t p = 0; p < P; ++p) {
+            double sc = 0, sp = 0;
+            for (int64_t n = 0; n < N; ++n) {
+              sc += Gm[p * N + n] * q.k[(t * R + r) * N + n];
+              sp += Gm[p * N + n] * kp[r * N + n];
+            }
+            dv[(t * R + r) * P + p] += q.gam[t] * sc;
+            if (t) dv[((t - 1) * R + r) * P + p] += q.bet[t] * sp;
+          }
+          for (int64_t n = 0; n < N; ++n) {
+            double sc = 0, sp = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              sc += Gm[p * N + n] * q.v[(t * R + r) * P + p];
+              sp += Gm[p * N + n] * vp[r * P + p];
+            }
+            dk[(t * R + r) * N + n] += q.gam[t] * sc;
+            if (t) dk[((t - 1) * R + r) * N + n] += q.bet[t] * sp;
+          }
+        }
+        for (auto& x : Gm) x *= q.alp[t];
+      }
+      // Per step: the scalars, the rotations, the inputs.
+      for (int64_t t = 0; t < L; ++t) {
+        const int64_t i = c.bl(t);
+        const double sg = q.sig[t], al = q.alp[t], dt = q.dt[t];
+        dADT[i] += dal[t] * al + dbe[t] * q.bet[t];
+        dDT[i] += dbe[t] * (1 - sg) * al + dga[t] * sg;
+        const double dsig = -dbe[t] * dt * al + dga[t] * dt;
+        dTrap[i] += dsig * sg * (1 - sg);
+        const float* Vt = c.Vp(a.V, t);
+        for (int64_t r = 0; r < R; ++r) {
+          for (int64_t which = 0; which < 2; ++which) {
+            double* gr = which ? &dk[(t * R + r) * N] : &dq[(t * R + r) * N];
+            const double* xr = which ? &q.k[(t * R + r) * N] : &q.q[(t * R + r) * N];
+            // undo the rotation: d(pre) = R(theta)^T d(rot); dtheta += -g0 x1 + g1 x0 (rotated x)
+            for (int64_t j = 0; j < S; ++j) {
+              int64_t i0, i1;
+              pair_of(a.rotate_pairwise, N, j, &i0, &i1);
+              const double th = q.theta[t * S + j], cs = std::cos(th), sn = std::sin(th);
+              const double g0 = gr[i0], g1 = gr[i1];
+              dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
+              gr[i0] = g0 * cs + g1 * sn;
+              gr[i1] = -g0 * sn + g1 * cs;
+            }
+            std::vector<double>& dX = which ? dK : dQ;
+            std::vector<double>& dXb = which ? dKb : dQb;
+            const int64_t off = (((b * L + t) * R + r) * G + g) * N;
+            for (int64_t n = 0; n < N; ++n) {
+              dX[off + n] += gr[n];
+              dXb[(h * R + r) * N + n] += gr[n];
+            }
+          }
+          for (int64_t p = 0; p < P; ++p) {
+            const double gv = dv[(t * R + r) * P + p];
+            if (d.mimo) {
+              dV[i * P + p] += gv * a.mimo_x[(h * R + r) * P + p];
+              dmx[(h * R + r) * P + p] += gv * Vt[p];
+            } else {
+              dV[i * P + p] += gv;
+            }
+          }
+        }
+      }
+      // theta_t = theta_{t-1} + pi tanh(Angles_t) DT_t: suffix sums of dtheta.
+      std::vector<double> suf(S, 0.0);
+      for (int64_t t = L - 1; t >= 0; --t) {
+        const int64_t i = c.bl(t);
+        for (int64_t j = 0; j < S; ++j) {
+          suf[j] += dth[t * S + j];
+          const double th = std::tanh((double)a.Angles[(b * L + t) * S + j]);
+          dAng[(b * L + t) * S + j] += suf[j] * kPi * (1 - th * th) * q.dt[t];
+          dDT[i] += suf[j] * kPi * th;
+        }
+      }
+    }
+  Mamba3ScanGrads r;
+  r.dQ = to_tensor(dQ, a.Q.shape());
+  r.dK = to_tensor(dK, a.K.shape());
+  r.dV = to_tensor(dV, a.V.shape());
+  r.dADT = to_tensor(dADT, a.ADT.shape());
+  r.dDT = to_tensor(dDT, a.DT.shape());
+  r.dTrap = to_tensor(dTrap, a.Trap.shape());
+  r.dQ_bias = to_tensor(dQb, a.Q_bias.shape());
+  r.dK_bias = to_tensor(dKb, a.K_bias.shape());
+  r.dAngles = to_tensor(dAng, a.Angles.shape());
+  if (a.D.defined()) r.dD = to_tensor(dD, a.D.shape());
+  if (a.Z.defined()) r.dZ = to_tensor(dZ, a.Z.shape());
+  if (d.mimo) {
+    r.dmimo_x = to_tensor(dmx, a.mimo_x.shape());
+    r.dmimo_o = to_tensor(dmo, a.mimo_o.shape());
+    if (a.mimo_z.defined()) r.dmimo_z = to_tensor(dmz, a.mimo_z.shape());
+  }
+  if (a.norm_weight.defined()) r.dnorm_weight = to_tensor(dnw, a.norm_weight.shape());
+  return r;
+}
+
+// ---- discretisation
+// ------------------------------------------------------------------------------
+
+namespace {
+double softplus(double x) { return x > 20.0 ? x : std::log1p(std::exp(x)); }
+// mamba_ssm's heavy_tail_activation (the data-dependent A at e9594ce): 1 + x for x >= 0,
+// 1 / (1 - x) below; positive, continuous and differentiable at 0.
+double heavy_tail(double x) { return x >= 0 ? 1.0 + x : 1.0 / (1.0 - x); }
+double heavy_tail_grad(double x) { return x >= 0 ? 1.0 : 1.0 / ((1.0 - x) * (1.0 - x)); }
+void check_disc(const char* what, const Tensor& dd_dt, const Tensor& dd_A, const Tensor& dt_bias) {
+  check_defined(dd_dt, str(what, ": dd_dt").c_str());
+  check_defined(dd_A, str(what, ": dd_A").c_str());
+  check_defined(dt_bias, str(what, ": dt_bias").c_str());
+  MAMBA_CHECK(dd_dt.ndim() == 2, what, ": dd_dt must be (M, H), got ", dd_dt.shape_str());
+  check_shape(dd_A, str(what, ": dd_A").c_str(), dd_dt.shape());
+  check_shape(dt_bias, str(what, ": dt_bias").c_str(), {dd_dt.dim(1)});
+}
+}  // namespace
+
+void mamba3_discretize_fwd(const Tensor& dd_dt_v, const Tensor& dd_A_v, const Tensor& dt_bias,
+                           double A_floor, Tensor& DT, Tensor& ADT) {
+  check_disc("mamba3_discretize_fwd", dd_dt_v, dd_A_v, dt_bias);
+  const Tensor dd_dt = dd_dt_v.contiguous(), dd_A = dd_A_v.contiguous();
+  const int64_t M = dd_dt.dim(0), H = dd_dt.dim(1);
+  DT = Tensor::empty({M, H});
+  ADT = Tensor::empty({M, H});
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t i = m * H + h;
+      // fp32 sums as the module's (dd_dt + dt_bias in fp32, then softplus)
+      const double dt = softplus(static_cast<float>(dd_dt[i] + dt_bias[h]));
+      const double A = std::min(-heavy_tail(dd_A[i]), -A_floor);
+      DT[i] = static_cast<float>(dt);
+      ADT[i] = static_cast<float>(static_cast<float>(A) * static_cast<float>(dt));
+    }
+}
+
+void mamba3_discretize_bwd(const Tensor& dd_dt_v, const Tensor& dd_A_v, const Tensor& dt_bias,
+                           double A_floor, const Tensor& dDT, const Tensor& dADT,
+                           const Tensor& d_dd_dt, const Tensor& d_dd_A, const Tensor& d_dt_bias) {
+  const char* w = "mamba3_discretize_bwd";
+  check_disc(w, dd_dt_v, dd_A_v, dt_bias);
+  const Tensor dd_dt = dd_dt_v.contiguous(), dd_A = dd_A_v.contiguous();
+  const int64_t M = dd_dt.dim(0), H = dd_dt.dim(1);
+  check_shape(dDT, str(w, ": dDT").c_str(), {M, H});
+  check_shape(dADT, str(w, ": dADT").c_str(), {M, H});
+  check_shape(d_dd_dt, str(w, ": d_dd_dt").c_str(), {M, H});
+  check_shape(d_dd_A, str(w, ": d_dd_A").c_str(), {M, H});
+  check_shape(d_dt_bias, str(w, ": d_dt_bias").c_str(), {H});
+  Tensor gdt = Tensor::empty({M, H}), gA = Tensor::empty({M, H});
+  std::vector<double> db(H, 0.0);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t h = 0; h < H; ++h) {
+      const int64_t i = m * H + h;
+      const double pre = static_cast<float>(dd_dt[i] + dt_bias[h]);
+      const double dt = softplus(pre), f = heavy_tail(dd_A[i]);
+      const bool clamped = -f > -A_floor;
+      const double A = clamped ? -A_floor : -f;
+      const double ddt = dDT[i] + dADT[i] * A;
+      const double g = ddt * (pre > 20.0 ? 1.0 : sigmoid(pre));
+      gdt[i] = static_cast<float>(g);
+      db[h] += g;
+      gA[i] = clamped ? 0.f : static_cast<float>(-dADT[i] * dt * heavy_tail_grad(dd_A[i]));
+    }
+  Tensor(d_dd_dt).copy_from(gdt);
+  Tensor(d_dd_A).copy_from(gA);
+  Tensor dbt = Tensor(d_dt_bias);
+  for (int64_t h = 0; h < H; ++h) dbt[h] += static_cast<float>(db[h]);
+}
+
+}  // namespace mamba::ops
