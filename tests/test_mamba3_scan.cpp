@@ -6,6 +6,7 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 
+#include "mamba/parallel.h"
 #include "ops/mamba3_scan.h"
 #include "test_util.h"
 
@@ -88,6 +89,10 @@ TEST_P(Mamba3ScanGolden, ReferenceMatchesTheKernelOutputAndFinalStates) {
   Tensor out = ops::mamba3_scan_ref(a, &st);
   const Tensor expect = f.tensor("scan.out");
   EXPECT_TRUE(test::close_report(out, expect, scaled(tol::kGoldenF32, expect), name + " scan.out"));
+  // The chunked fp32 kernel at the file's chunk size (37 tokens: ragged last chunk).
+  const int64_t cs = cfg.at("chunk_size").get<int64_t>();
+  EXPECT_TRUE(test::close_report(ops::mamba3_scan_fwd(a, cs), expect,
+                                 scaled(tol::kGoldenF32, expect), name + " scan.out (chunked)"));
   if (!f.has("ssm_state")) return;  // the ngroups=2 file has no step data
   // The golden states are those after stepping all 37 tokens (equal to a cached forward's to
   // <= 4.5e-6, golden README).
@@ -237,6 +242,56 @@ TEST(Mamba3Scan, SplitSequenceWithInitialStatesEqualsFull) {
                                   Tensor::zeros(s2.angle.shape()), {1e-5, 0}, "angle state"));
     }
   }
+}
+
+TEST(Mamba3Scan, ChunkedEqualsReferenceAnyChunkSize) {
+  // The chunked fp32 forward against the sequential double reference: chunk sizes 1, ragged,
+  // equal to and longer than L; SISO, groups, MIMO with the norm, without the gate; with initial
+  // states (output and final states).
+  uint64_t seed = 300;
+  std::vector<Cfg> cfgs(5);
+  cfgs[1].H = 4, cfgs[1].G = 2, cfgs[1].N = 6, cfgs[1].S = 2;
+  cfgs[2].mimo = true, cfgs[2].R = 2, cfgs[2].N = 6, cfgs[2].S = 2, cfgs[2].norm = true;
+  cfgs[3].mimo = true, cfgs[3].R = 3, cfgs[3].z = false, cfgs[3].D = false;
+  cfgs[4].z = false, cfgs[4].norm = true;
+  for (Cfg c : cfgs) {
+    c.L = 19, c.P = 5;
+    for (bool init : {false, true})
+      for (int64_t cs : {1, 4, 7, 19, 64}) {
+        Rng rng(seed++);
+        Mamba3ScanArgs a = make_args(c, rng);
+        if (init) {
+          a.initial.angle = test::randn({c.B, c.H, c.S}, rng);
+          a.initial.ssm = test::randn({c.B, c.H, c.P, c.N}, rng, 0.5);
+          a.initial.k = test::randn({c.B, c.R, c.H, c.N}, rng);
+          a.initial.v = test::randn({c.B, c.H, c.P}, rng);
+        }
+        ops::Mamba3States sr, sf;
+        Tensor yr = ops::mamba3_scan_ref(a, &sr), yf = ops::mamba3_scan_fwd(a, cs, &sf);
+        const std::string tag =
+            str("R=", c.R, " G=", c.G, " norm=", c.norm, " z=", c.z, " init=", init, " chunk=", cs);
+        EXPECT_TRUE(test::all_close(yf, yr, tol::kFastVsRef, tag + " y"));
+        EXPECT_TRUE(test::all_close(sf.ssm, sr.ssm, tol::kFastVsRef, tag + " ssm"));
+        EXPECT_TRUE(test::all_close(sf.k, sr.k, tol::kFastVsRef, tag + " k"));
+        EXPECT_TRUE(test::all_close(sf.v, sr.v, {0, 0}, tag + " v"));
+        EXPECT_TRUE(test::all_close(wrap_diff(sf.angle, sr.angle), Tensor::zeros(sr.angle.shape()),
+                                    {1e-5, 0}, tag + " angle"));
+      }
+  }
+}
+
+TEST(Mamba3Scan, ChunkedIndependentOfThreadCount) {
+  Cfg c;
+  c.B = 3, c.H = 4, c.L = 40, c.N = 8, c.S = 2, c.P = 8;
+  Rng rng(77);
+  Mamba3ScanArgs a = make_args(c, rng);
+  const int saved = num_threads();
+  set_num_threads(1);
+  Tensor y1 = ops::mamba3_scan_fwd(a, 16);
+  set_num_threads(2);
+  Tensor y2 = ops::mamba3_scan_fwd(a, 16);
+  set_num_threads(saved);
+  EXPECT_EQ(test::max_abs_diff(y1, y2), 0.0);  // each (batch, head) is computed alone
 }
 
 TEST(Mamba3Scan, BadArgumentsNameTheTensor) {

@@ -170,7 +170,7 @@ Tensor Mamba3::run(const Tensor& hidden, Saved* saved, const State* init, State*
   a.rotate_pairwise = !cfg_.is_mimo;
   if (init) a.initial = {init->angle, init->ssm, init->k, init->v};
   ops::Mamba3States st;
-  Tensor ys = ops::mamba3_scan_ref(a, fin ? &st : nullptr).reshape({B, L, D_});
+  Tensor ys = ops::mamba3_scan_fwd(a, cfg_.chunk_size, fin ? &st : nullptr).reshape({B, L, D_});
   if (tr)
     trace::op(cfg_.is_mimo ? "mamba3_scan (MIMO)" : "mamba3_scan (SISO)",
               {a.Q.shape(), a.K.shape(), a.V.shape(), a.ADT.shape(), a.Angles.shape()},

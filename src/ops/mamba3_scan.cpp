@@ -11,6 +11,8 @@
 #include <numbers>
 #include <vector>
 
+#include "mamba/parallel.h"
+
 namespace mamba::ops {
 
 namespace {
@@ -495,6 +497,207 @@ Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout)
   }
   if (a.norm_weight.defined()) r.dnorm_weight = to_tensor(dnw, a.norm_weight.shape());
   return r;
+}
+
+// ---- chunked forward (fp32) --------------------------------------------------------------------
+
+namespace {
+
+struct ChunkScratch {
+  std::vector<float> q, k, v;          // (L, R, N), (L, R, N), (L, R, P)
+  std::vector<float> adt, dt, sig;     // (L)
+  std::vector<double> theta;           // (S) running phase
+  std::vector<float> cum, c, sc, ych;  // chunk: (T), (T, T), (T*R, T*R), (T*R, P)
+  std::vector<float> S, kvp;           // (P, N) state; (R*N + R*P) previous token's k, v
+};
+
+void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_t h, int64_t CS,
+                 ChunkScratch& w, float* out, Mamba3States* fs) {
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, H = d.H, G = d.G;
+  const int64_t g = h / (H / G);
+  w.q.resize(L * R * N), w.k.resize(L * R * N), w.v.resize(L * R * P);
+  w.adt.resize(L), w.dt.resize(L), w.sig.resize(L);
+  w.theta.assign(S, 0.0);
+  w.S.assign(P * N, 0.f);
+  w.kvp.assign(R * N + R * P, 0.f);
+  float* kprev = w.kvp.data();
+  float* vprev = w.kvp.data() + R * N;
+  const bool init = a.initial.ssm.defined();
+  auto mx = [&](int64_t r, int64_t p) { return d.mimo ? a.mimo_x[(h * R + r) * P + p] : 1.f; };
+  if (init) {
+    for (int64_t j = 0; j < S; ++j) w.theta[j] = a.initial.angle[(b * H + h) * S + j];
+    for (int64_t i = 0; i < P * N; ++i) w.S[i] = a.initial.ssm[(b * H + h) * P * N + i];
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t n = 0; n < N; ++n) kprev[r * N + n] = a.initial.k[((b * R + r) * H + h) * N + n];
+      for (int64_t p = 0; p < P; ++p)
+        vprev[r * P + p] = a.initial.v[(b * H + h) * P + p] * mx(r, p);
+    }
+  }
+  // Per token: scalars, rotated q / k (with bias), v_r.
+  std::vector<float> cs(S), sn(S);
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = (b * L + t) * H + h;
+    const float dt = a.DT[i];
+    w.adt[t] = a.ADT[i], w.dt[t] = dt, w.sig[t] = static_cast<float>(sigmoid(a.Trap[i]));
+    for (int64_t j = 0; j < S; ++j) {
+      w.theta[j] += kPi * std::tanh((double)a.Angles[(b * L + t) * S + j]) * dt;
+      cs[j] = static_cast<float>(std::cos(w.theta[j])),
+      sn[j] = static_cast<float>(std::sin(w.theta[j]));
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const int64_t off = (((b * L + t) * R + r) * G + g) * N;
+      float* qr = &w.q[(t * R + r) * N];
+      float* kr = &w.k[(t * R + r) * N];
+      for (int64_t n = 0; n < N; ++n) {
+        qr[n] = a.Q[off + n] + a.Q_bias[(h * R + r) * N + n];
+        kr[n] = a.K[off + n] + a.K_bias[(h * R + r) * N + n];
+      }
+      for (int64_t j = 0; j < S; ++j) {
+        int64_t i0, i1;
+        pair_of(a.rotate_pairwise, N, j, &i0, &i1);
+        const float q0 = qr[i0], q1 = qr[i1], k0 = kr[i0], k1 = kr[i1];
+        qr[i0] = q0 * cs[j] - q1 * sn[j], qr[i1] = q0 * sn[j] + q1 * cs[j];
+        kr[i0] = k0 * cs[j] - k1 * sn[j], kr[i1] = k0 * sn[j] + k1 * cs[j];
+      }
+      for (int64_t p = 0; p < P; ++p) w.v[(t * R + r) * P + p] = a.V[i * P + p] * mx(r, p);
+    }
+  }
+  const int64_t T = std::min(CS, L), TR = T * R;
+  w.cum.resize(T), w.c.resize(T * T), w.sc.resize(TR * TR), w.ych.resize(TR * P);
+  const float Dh = a.D.defined() ? a.D[h] : 0.f;
+  for (int64_t t0 = 0; t0 < L; t0 += T) {
+    const int64_t n = std::min(T, L - t0), nr = n * R;
+    // decay from the chunk's start: cum_j = sum_{i <= j} ADT_{t0+i}
+    double acc = 0;
+    for (int64_t j = 0; j < n; ++j) acc += w.adt[t0 + j], w.cum[j] = static_cast<float>(acc);
+    // S_eff = S + (1 - sigma_t0) DT_t0 * sum_r v_prev k_prev^T (the beta term of the first token)
+    const float bsc = (1.f - w.sig[t0]) * w.dt[t0];
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t r = 0; r < R; ++r) {
+        const float vv = bsc * vprev[r * P + p];
+        for (int64_t nn = 0; nn < N; ++nn) w.S[p * N + nn] += vv * kprev[r * N + nn];
+      }
+    // c_ts (t, s in the chunk)
+    for (int64_t t = 0; t < n; ++t)
+      for (int64_t s2 = 0; s2 < n; ++s2) {
+        float c = 0.f;
+        if (s2 < t) {
+          const int64_t ts = t0 + s2;
+          const float shifted = (1.f - w.sig[ts + 1]) * w.dt[ts + 1];
+          c = std::exp(w.cum[t] - w.cum[s2]) * (w.sig[ts] * w.dt[ts] + shifted);
+        } else if (s2 == t) {
+          c = w.sig[t0 + t] * w.dt[t0 + t];
+        }
+        w.c[t * T + s2] = c;
+      }
+    // scores (t r, s r') = c_ts (q_tr . k_sr')
+    const float* qc = &w.q[t0 * R * N];
+    const float* kc = &w.k[t0 * R * N];
+    const float* vc = &w.v[t0 * R * P];
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t t = i / R;
+      for (int64_t j = 0; j < nr; ++j) {
+        const int64_t s2 = j / R;
+        float v = 0.f;
+        if (s2 <= t) {
+          for (int64_t nn = 0; nn < N; ++nn) v += qc[i * N + nn] * kc[j * N + nn];
+          v *= w.c[t * T + s2];
+        }
+        w.sc[i * TR + j] = v;
+      }
+    }
+    // y (t r) = scores V + exp(cum_t) S_eff q_tr + D v_tr
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t t = i / R;
+      float* y = &w.ych[i * P];
+      const float e = std::exp(w.cum[t]);
+      for (int64_t p = 0; p < P; ++p) {
+        float sq = 0.f;
+        for (int64_t nn = 0; nn < N; ++nn) sq += w.S[p * N + nn] * qc[i * N + nn];
+        y[p] = e * sq + Dh * vc[i * P + p];
+      }
+      for (int64_t j = 0; j < (t + 1) * R; ++j) {  // s <= t (the mask)
+        const float sij = w.sc[i * TR + j];
+        for (int64_t p = 0; p < P; ++p) y[p] += sij * vc[j * P + p];
+      }
+    }
+    // The state at the chunk's end: exp(cum_end) S_eff + sum_s c_end,s KV_s
+    const int64_t e = n - 1;
+    const float de = std::exp(w.cum[e]);
+    for (int64_t i = 0; i < P * N; ++i) w.S[i] *= de;
+    for (int64_t s2 = 0; s2 < n; ++s2) {
+      const float c = w.c[e * T + s2];
+      for (int64_t r = 0; r < R; ++r) {
+        const float* kk = &kc[(s2 * R + r) * N];
+        const float* vv = &vc[(s2 * R + r) * P];
+        for (int64_t p = 0; p < P; ++p) {
+          const float cv = c * vv[p];
+          for (int64_t nn = 0; nn < N; ++nn) w.S[p * N + nn] += cv * kk[nn];
+        }
+      }
+    }
+    std::copy_n(&kc[e * R * N], R * N, kprev);
+    std::copy_n(&vc[e * R * P], R * P, vprev);
+    // norm, gate, rank contraction -> out rows (b, t, h)
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t i = (b * L + t0 + t) * H + h;
+      float* o = out + i * P;
+      std::fill(o, o + P, 0.f);
+      for (int64_t r = 0; r < R; ++r) {
+        const float* y = &w.ych[(t * R + r) * P];
+        float rs = 1.f;
+        if (a.norm_weight.defined()) {
+          double ms = 0;
+          for (int64_t p = 0; p < P; ++p) ms += (double)y[p] * y[p];
+          rs = static_cast<float>(1.0 / std::sqrt(ms / P + a.norm_eps));
+        }
+        for (int64_t p = 0; p < P; ++p) {
+          float v = y[p];
+          if (a.norm_weight.defined()) v *= rs * a.norm_weight[h * P + p];
+          if (a.Z.defined()) {
+            float z = a.Z[i * P + p];
+            if (a.mimo_z.defined()) z *= a.mimo_z[(h * R + r) * P + p];
+            v *= z / (1.f + std::exp(-z));
+          }
+          if (d.mimo) v *= a.mimo_o[(h * R + r) * P + p];
+          o[p] += v;
+        }
+      }
+    }
+  }
+  if (!fs) return;
+  const double two_pi = 2 * kPi;
+  for (int64_t j = 0; j < S; ++j)
+    fs->angle[(b * H + h) * S + j] =
+        static_cast<float>(w.theta[j] - two_pi * std::floor(w.theta[j] / two_pi));
+  for (int64_t i = 0; i < P * N; ++i) fs->ssm[(b * H + h) * P * N + i] = w.S[i];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t n = 0; n < N; ++n) fs->k[((b * R + r) * H + h) * N + n] = kprev[r * N + n];
+  for (int64_t p = 0; p < P; ++p)
+    fs->v[(b * H + h) * P + p] = a.V[((b * L + L - 1) * H + h) * P + p];
+}
+
+}  // namespace
+
+Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size, Mamba3States* fs) {
+  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_fwd");
+  MAMBA_CHECK(chunk_size >= 1, "mamba3_scan_fwd: chunk_size must be >= 1, got ", chunk_size);
+  const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S;
+  MAMBA_CHECK(L >= 1, "mamba3_scan_fwd: needs L >= 1, got Q ", a.Q.shape_str());
+  Tensor out = Tensor::empty({B, L, H, P});
+  if (fs) {
+    fs->angle = Tensor::zeros({B, H, S});
+    fs->ssm = Tensor::zeros({B, H, P, N});
+    fs->k = Tensor::zeros({B, R, H, N});
+    fs->v = Tensor::zeros({B, H, P});
+  }
+  float* op = out.data();
+  const int64_t work = std::max<int64_t>(1, L * R * (N + P) * std::min(chunk_size, L));
+  parallel_for(B * H, std::max<int64_t>(1, (1 << 16) / work), [&](int64_t i0, int64_t i1) {
+    ChunkScratch w;
+    for (int64_t i = i0; i < i1; ++i) chunked_one(a, d, i / H, i % H, chunk_size, w, op, fs);
+  });
+  return out;
 }
 
 // ---- discretisation

@@ -63,6 +63,15 @@ Mamba3Dims mamba3_scan_check(const Mamba3ScanArgs& a, const char* what = "mamba3
 // final states. The readable spec and the oracle of the layer and of any faster kernel.
 Tensor mamba3_scan_ref(const Mamba3ScanArgs& a, Mamba3States* final_states = nullptr);
 std::vector<double> mamba3_scan_ref_f64(const Mamba3ScanArgs& a);
+// The chunked forward in fp32 (the fast path of forward / prefill / step): per (batch, head),
+// the sequence in chunks of chunk_size tokens; inside a chunk the output is the masked
+// "attention" form  y_t = sum_{s<=t} c_ts (q_t . k_s) v_s  with c_ts = exp(cum_t - cum_s) *
+// (gamma_s + (1 - sigma_{s+1}) DT_{s+1}) for s < t and c_tt = gamma_t (small GEMMs over the
+// chunk's T*R rows), plus the state carried in from the previous chunk; the state is then
+// advanced to the chunk's end. Same result as the reference for any chunk_size >= 1 (tested for
+// ragged sizes); (batch, head) pairs run in parallel, each writing its own rows (deterministic).
+Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size,
+                       Mamba3States* final_states = nullptr);
 // Gradients of sum(out * dout) by the recurrence run backwards (in double). Initial states are
 // not differentiated (refused).
 Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout);
