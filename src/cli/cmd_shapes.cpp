@@ -7,6 +7,7 @@
 #include "mamba/nn/bimamba.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
+#include "mamba/nn/mamba3.h"
 #include "mamba/trace.h"
 
 namespace mamba::cli {
@@ -18,6 +19,8 @@ struct ShapesOpts {
   double expand = 2;
   int64_t headdim = 64, ngroups = 1, chunk_size = 256, dt_rank = -1;
   bool step = true;
+  bool mimo = false;
+  int64_t rank = 4;
 };
 
 template <class Layer>
@@ -54,18 +57,20 @@ Command add_shapes(CLI::App& app) {
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
   sub->add_option("--layer", o->layer,
-                  "mamba1, mamba2 or bimamba (Vim's bidirectional Mamba, forward only)")
-      ->check(CLI::IsMember({"mamba1", "mamba2", "bimamba"}))
+                  "mamba1, mamba2, mamba3 or bimamba (Vim's bidirectional Mamba, forward only)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "mamba3", "bimamba"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
   sub->add_option("--d_state", o->d_state,
-                  "N (default: 16 for mamba1 and bimamba, 128 for mamba2)");
+                  "N (default: 16 for mamba1 and bimamba, 128 for mamba2 and mamba3)");
   sub->add_option("--d_conv", o->d_conv, "K, the conv width")->capture_default_str();
   sub->add_option("--expand", o->expand, "d_inner = expand * d_model")->capture_default_str();
   sub->add_option("--dt_rank", o->dt_rank, "mamba1, bimamba: R (default auto = ceil(d_model/16))");
-  sub->add_option("--headdim", o->headdim, "mamba2: P")->capture_default_str();
-  sub->add_option("--ngroups", o->ngroups, "mamba2: G")->capture_default_str();
+  sub->add_option("--headdim", o->headdim, "mamba2, mamba3: P")->capture_default_str();
+  sub->add_option("--ngroups", o->ngroups, "mamba2, mamba3: G")->capture_default_str();
   sub->add_option("--chunk_size", o->chunk_size, "mamba2: SSD chunk")->capture_default_str();
+  sub->add_flag("--mimo", o->mimo, "mamba3: MIMO heads");
+  sub->add_option("--rank", o->rank, "mamba3 --mimo: mimo_rank R")->capture_default_str();
   sub->add_option("--batch", o->batch, "B")->capture_default_str();
   sub->add_option("--seqlen", o->seqlen, "L")->capture_default_str();
   sub->add_flag("!--no-step", o->step, "do not trace a decode step");
@@ -76,6 +81,15 @@ Command add_shapes(CLI::App& app) {
               c.dt_rank = o->dt_rank;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               Mamba1 layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "mamba3") {
+              Mamba3Config c;
+              c.d_model = o->d_model, c.expand = o->expand, c.headdim = o->headdim;
+              c.ngroups = o->ngroups, c.chunk_size = o->chunk_size;
+              c.d_state = o->d_state > 0 ? o->d_state : 128;
+              c.is_mimo = o->mimo, c.mimo_rank = o->rank;
+              Mamba3 layer(c, 0);
               return trace_layer(layer, *o);
             }
             if (o->layer == "bimamba") {

@@ -10,16 +10,21 @@
 // (every parameter and the input), step (one token from the angle / ssm / k / v states).
 // Channel-last: activations are (B, L, ·).
 //
-// Status: the scan runs on the naive sequential reference (double accumulation); there is no
-// chunked fast kernel yet, and the layer is not registered as an LM mixer (nn/mixers.h).
+// The forward / prefill / step run the chunked fp32 scan (ops::mamba3_scan_fwd); the backward
+// runs the sequential double reference (correct, slow: no fast backward yet).
 #pragma once
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "mamba/nn/param.h"
 #include "mamba/tensor.h"
 
 namespace mamba {
+
+namespace json_io {
+class KeyReader;
+}
 
 // mamba_ssm's Mamba3 constructor arguments and defaults.
 struct Mamba3Config {
@@ -42,6 +47,14 @@ struct Mamba3Config {
   int64_t rank() const;             // R = mimo_rank if is_mimo, else 1
   int64_t num_rope_angles() const;  // S = (int(d_state * rope_fraction) rounded down to even) / 2
   int64_t d_in_proj() const;        // 2 D + 2 R G N + 3 H + S
+  bool operator==(const Mamba3Config&) const = default;
+
+  // config.json's ssm_cfg (mamba_ssm's keyword arguments of Mamba3), in src/nn/mamba3_json.cpp;
+  // the same contract as Mamba1Config's.
+  static Mamba3Config from_ssm_cfg(json_io::KeyReader& r, int64_t d_model);
+  std::string to_ssm_cfg() const;
+  static const std::vector<std::string>& ssm_cfg_keys();
+  void check_ssm_cfg() const;
 };
 
 // Decode state, mamba_ssm's layouts.
