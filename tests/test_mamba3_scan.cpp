@@ -280,7 +280,49 @@ TEST(Mamba3Scan, ChunkedEqualsReferenceAnyChunkSize) {
   }
 }
 
-TEST(Mamba3Scan, ChunkedIndependentOfThreadCount) {
+TEST(Mamba3Scan, FastBackwardEqualsReference) {
+  // The fp32 parallel backward against the double reference, every gradient, on the configs of
+  // the chunked test (and the reference is checked against finite differences above).
+  uint64_t seed = 500;
+  std::vector<Cfg> cfgs(5);
+  cfgs[1].H = 4, cfgs[1].G = 2, cfgs[1].N = 6, cfgs[1].S = 2;
+  cfgs[2].mimo = true, cfgs[2].R = 2, cfgs[2].N = 6, cfgs[2].S = 2, cfgs[2].norm = true;
+  cfgs[3].mimo = true, cfgs[3].R = 3, cfgs[3].z = false, cfgs[3].D = false;
+  cfgs[4].z = false, cfgs[4].norm = true;
+  for (Cfg c : cfgs) {
+    c.L = 19, c.P = 5;
+    Rng rng(seed++);
+    Mamba3ScanArgs a = make_args(c, rng);
+    Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
+    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd(a, g);
+    const std::string tag = str("R=", c.R, " G=", c.G, " norm=", c.norm, " z=", c.z);
+    const std::tuple<const char*, Tensor*, Tensor*> gs[] = {
+        {"Q", &f.dQ, &r.dQ},
+        {"K", &f.dK, &r.dK},
+        {"V", &f.dV, &r.dV},
+        {"ADT", &f.dADT, &r.dADT},
+        {"DT", &f.dDT, &r.dDT},
+        {"Trap", &f.dTrap, &r.dTrap},
+        {"Q_bias", &f.dQ_bias, &r.dQ_bias},
+        {"K_bias", &f.dK_bias, &r.dK_bias},
+        {"Angles", &f.dAngles, &r.dAngles},
+        {"D", &f.dD, &r.dD},
+        {"Z", &f.dZ, &r.dZ},
+        {"mimo_x", &f.dmimo_x, &r.dmimo_x},
+        {"mimo_z", &f.dmimo_z, &r.dmimo_z},
+        {"mimo_o", &f.dmimo_o, &r.dmimo_o},
+        {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}};
+    for (auto& [nm, fast, ref] : gs) {
+      ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
+      if (ref->defined()) {
+        EXPECT_TRUE(
+            test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref), tag + " d" + nm));
+      }
+    }
+  }
+}
+
+TEST(Mamba3Scan, ChunkedAndFastBackwardIndependentOfThreadCount) {
   Cfg c;
   c.B = 3, c.H = 4, c.L = 40, c.N = 8, c.S = 2, c.P = 8;
   Rng rng(77);
@@ -290,8 +332,21 @@ TEST(Mamba3Scan, ChunkedIndependentOfThreadCount) {
   Tensor y1 = ops::mamba3_scan_fwd(a, 16);
   set_num_threads(2);
   Tensor y2 = ops::mamba3_scan_fwd(a, 16);
+  Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
+  set_num_threads(1);
+  ops::Mamba3ScanGrads g1 = ops::mamba3_scan_bwd(a, g);
+  set_num_threads(2);
+  ops::Mamba3ScanGrads g2 = ops::mamba3_scan_bwd(a, g);
   set_num_threads(saved);
   EXPECT_EQ(test::max_abs_diff(y1, y2), 0.0);  // each (batch, head) is computed alone
+  // backward: shared gradients added in (batch, head) order after the parallel region
+  for (auto [x, y] : {std::pair{&g1.dQ, &g2.dQ},
+                      {&g1.dK, &g2.dK},
+                      {&g1.dAngles, &g2.dAngles},
+                      {&g1.dQ_bias, &g2.dQ_bias},
+                      {&g1.dD, &g2.dD},
+                      {&g1.dV, &g2.dV}})
+    EXPECT_EQ(test::max_abs_diff(*x, *y), 0.0);
 }
 
 TEST(Mamba3Scan, BadArgumentsNameTheTensor) {

@@ -99,19 +99,22 @@ inline void pair_of(bool pairwise, int64_t N, int64_t j, int64_t* i0, int64_t* i
   }
 }
 
-// Everything the recurrence of one (b, h) computes, kept for the backward.
-struct Seq {
+// Everything the recurrence of one (b, h) computes, kept for the backward. T = double for the
+// reference, float for the fast backward (the phases theta stay double in both).
+template <class T>
+struct SeqT {
   int64_t L, R, N, P, S;
-  std::vector<double> sig, alp, bet, gam, dt;  // (L)
-  std::vector<double> theta;                   // (L, S) unwrapped
-  std::vector<double> q, k;                    // (L, R, N) rotated, with bias
-  std::vector<double> v;                       // (L, R, P) v_r
-  std::vector<double> k0, v0;                  // (R, N), (R, P): k_{-1}, v_{-1}
-  std::vector<double> St;                      // (L + 1, P, N): S_{-1}, S_0, ...
-  std::vector<double> Y;                       // (L, R, P) S q + D v (before norm / gate)
-  std::vector<double> rstd;                    // (L, R) with norm_weight
-  std::vector<double> out;                     // (L, P)
+  std::vector<T> sig, alp, bet, gam, dt;  // (L)
+  std::vector<double> theta;              // (L, S) unwrapped
+  std::vector<T> q, k;                    // (L, R, N) rotated, with bias
+  std::vector<T> v;                       // (L, R, P) v_r
+  std::vector<T> k0, v0;                  // (R, N), (R, P): k_{-1}, v_{-1}
+  std::vector<T> St;                      // (L + 1, P, N): S_{-1}, S_0, ...
+  std::vector<T> Y;                       // (L, R, P) S q + D v (before norm / gate)
+  std::vector<T> rstd;                    // (L, R) with norm_weight
+  std::vector<T> out;                     // (L, P)
 };
+using Seq = SeqT<double>;
 
 struct Acc {  // read access to the inputs of one (b, h)
   const Mamba3ScanArgs& a;
@@ -124,7 +127,8 @@ struct Acc {  // read access to the inputs of one (b, h)
   const float* Vp(const Tensor& T, int64_t t) const { return T.data() + bl(t) * d.P; }
 };
 
-void rotate(double* x, const double* theta, int64_t S, int64_t N, bool pairwise) {
+template <class T>
+void rotate(T* x, const double* theta, int64_t S, int64_t N, bool pairwise) {
   for (int64_t j = 0; j < S; ++j) {
     int64_t i0, i1;
     pair_of(pairwise, N, j, &i0, &i1);
@@ -135,7 +139,8 @@ void rotate(double* x, const double* theta, int64_t S, int64_t N, bool pairwise)
   }
 }
 
-void run_forward(const Acc& c, Seq& q) {
+template <class T>
+void run_forward(const Acc& c, SeqT<T>& q) {
   const Mamba3ScanArgs& a = c.a;
   const int64_t L = c.d.L, R = c.d.R, N = c.d.N, P = c.d.P, S = c.d.S, H = c.d.H, b = c.b, h = c.h;
   q.L = L, q.R = R, q.N = N, q.P = P, q.S = S;
@@ -169,8 +174,8 @@ void run_forward(const Acc& c, Seq& q) {
     }
     const float* Vt = c.Vp(a.V, t);
     for (int64_t r = 0; r < R; ++r) {
-      double* qr = &q.q[(t * R + r) * N];
-      double* kr = &q.k[(t * R + r) * N];
+      T* qr = &q.q[(t * R + r) * N];
+      T* kr = &q.k[(t * R + r) * N];
       const float *Qt = c.Qp(a.Q, t, r), *Kt = c.Qp(a.K, t, r);
       for (int64_t n = 0; n < N; ++n) {
         qr[n] = (double)Qt[n] + a.Q_bias[(h * R + r) * N + n];
@@ -181,10 +186,10 @@ void run_forward(const Acc& c, Seq& q) {
       for (int64_t p = 0; p < P; ++p) q.v[(t * R + r) * P + p] = Vt[p] * mx(r, p);
     }
     // S_t = alpha S_{t-1} + beta sum_r v_{t-1} k_{t-1}^T + gamma sum_r v_t k_t^T
-    const double* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
-    const double* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
-    const double* Sp = &q.St[t * P * N];
-    double* Sn = &q.St[(t + 1) * P * N];
+    const T* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+    const T* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+    const T* Sp = &q.St[t * P * N];
+    T* Sn = &q.St[(t + 1) * P * N];
     for (int64_t p = 0; p < P; ++p)
       for (int64_t n = 0; n < N; ++n) {
         double kvp = 0, kvc = 0;
@@ -195,8 +200,8 @@ void run_forward(const Acc& c, Seq& q) {
         Sn[p * N + n] = al * Sp[p * N + n] + q.bet[t] * kvp + q.gam[t] * kvc;
       }
     for (int64_t r = 0; r < R; ++r) {
-      double* y = &q.Y[(t * R + r) * P];
-      const double* qr = &q.q[(t * R + r) * N];
+      T* y = &q.Y[(t * R + r) * P];
+      const T* qr = &q.q[(t * R + r) * N];
       for (int64_t p = 0; p < P; ++p) {
         double s = 0;
         for (int64_t n = 0; n < N; ++n) s += Sn[p * N + n] * qr[n];
@@ -206,7 +211,7 @@ void run_forward(const Acc& c, Seq& q) {
       double ms = 0;
       if (a.norm_weight.defined()) {
         for (int64_t p = 0; p < P; ++p) ms += y[p] * y[p];
-        q.rstd[t * R + r] = 1.0 / std::sqrt(ms / P + a.norm_eps);
+        q.rstd[t * R + r] = static_cast<T>(1.0 / std::sqrt(ms / P + a.norm_eps));
       }
       for (int64_t p = 0; p < P; ++p) {
         double o = y[p];
@@ -221,12 +226,6 @@ void run_forward(const Acc& c, Seq& q) {
       }
     }
   }
-}
-
-Tensor to_tensor(const std::vector<double>& v, Shape s) {
-  Tensor t = Tensor::empty(std::move(s));
-  for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<float>(v[i]);
-  return t;
 }
 
 }  // namespace
@@ -293,210 +292,310 @@ Tensor mamba3_scan_ref(const Mamba3ScanArgs& a, Mamba3States* fs) {
   return out;
 }
 
-Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout) {
-  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_bwd_ref");
-  MAMBA_CHECK(!a.initial.ssm.defined(),
-              "mamba3_scan_bwd_ref: initial states are not differentiated; call without them");
-  const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S, G = d.G;
-  check_shape(dout, "mamba3_scan_bwd_ref: dout", {B, L, H, P});
-  std::vector<double> dQ(a.Q.numel(), 0), dK(a.K.numel(), 0), dV(a.V.numel(), 0);
-  std::vector<double> dADT(B * L * H, 0), dDT(B * L * H, 0), dTrap(B * L * H, 0);
-  std::vector<double> dQb(H * R * N, 0), dKb(H * R * N, 0), dAng(B * L * S, 0), dD(H, 0);
-  std::vector<double> dZ(a.Z.defined() ? a.Z.numel() : 0, 0);
-  std::vector<double> dmx(H * R * P, 0), dmz(H * R * P, 0), dmo(H * R * P, 0), dnw(H * P, 0);
-  Seq q;
-  std::vector<double> dY(L * R * P), dq(L * R * N), dk(L * R * N), dv(L * R * P);
-  std::vector<double> Gm(P * N), dth(L * S);
-  std::vector<double> dal(L), dbe(L), dga(L);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / (H / G);
-      Acc c{a, d, b, h, g};
-      run_forward(c, q);
-      std::fill(dk.begin(), dk.end(), 0.0);
-      std::fill(dv.begin(), dv.end(), 0.0);
-      std::fill(dth.begin(), dth.end(), 0.0);
-      // Gate, norm, rank contraction: dY (L, R, P).
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t i = c.bl(t);
-        for (int64_t r = 0; r < R; ++r) {
-          const double* y = &q.Y[(t * R + r) * P];
-          double* dy = &dY[(t * R + r) * P];
-          const double rs = q.rstd[t * R + r];
-          for (int64_t p = 0; p < P; ++p) {
-            double go = dout[i * P + p];  // d out / d (gated y_r) contribution
-            const int64_t m = (h * R + r) * P + p;
-            double pre = y[p];
-            if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
-            double gate = 1.0, zz = 0.0;
-            if (a.Z.defined()) {
-              zz = a.Z[i * P + p];
-              if (a.mimo_z.defined()) zz *= a.mimo_z[m];
-              gate = zz * sigmoid(zz);
-            }
-            if (d.mimo) {
-              dmo[m] += go * pre * gate;
-              go *= a.mimo_o[m];
-            }
-            if (a.Z.defined()) {
-              const double sg = sigmoid(zz);
-              const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
-              if (a.mimo_z.defined()) {
-                dZ[i * P + p] += dzz * a.mimo_z[m];
-                dmz[m] += dzz * a.Z[i * P + p];
-              } else {
-                dZ[i * P + p] += dzz;
-              }
-              go *= gate;
-            }
-            dy[p] = go;  // d / d pre
-          }
-          if (a.norm_weight.defined()) {
-            // pre = y * rs * w: dw += dpre * y * rs; dy = rs * u - y * rs^3 * <u, y> / P
-            double uy = 0;
-            for (int64_t p = 0; p < P; ++p) {
-              dnw[h * P + p] += dy[p] * y[p] * rs;
-              dy[p] *= a.norm_weight[h * P + p];
-              uy += dy[p] * y[p];
-            }
-            for (int64_t p = 0; p < P; ++p) dy[p] = rs * dy[p] - y[p] * rs * rs * rs * uy / P;
-          }
+namespace {
+
+// The gradients one (b, h) contributes to tensors other (b, h) pairs also reach, indexed locally
+// (the caller adds them in a fixed order): Q, K (L, R, N) of its group, Angles (L, S), and the
+// per-head parameters Q_bias, K_bias (R, N), D, mimo_x / mimo_z / mimo_o (R, P), norm (P).
+template <class T>
+struct ItemGrads {
+  std::vector<T> dQ, dK, dAng, dQb, dKb, dD, dmx, dmz, dmo, dnw;
+  void reset(int64_t L, int64_t R, int64_t N, int64_t P, int64_t S) {
+    for (auto [v, n] : {std::pair{&dQ, L * R * N},
+                        {&dK, L * R * N},
+                        {&dAng, L * S},
+                        {&dQb, R * N},
+                        {&dKb, R * N},
+                        {&dD, int64_t{1}},
+                        {&dmx, R * P},
+                        {&dmz, R * P},
+                        {&dmo, R * P},
+                        {&dnw, P}})
+      v->assign(n, T(0));
+  }
+};
+// The gradients only this (b, h) writes: rows (b, t, h) of V, Z (P each) and ADT, DT, Trap.
+template <class T>
+struct OwnGrads {
+  T *dV, *dZ, *dADT, *dDT, *dTrap;
+};
+template <class T>
+struct BwdWork {
+  SeqT<T> q;
+  std::vector<T> dY, dq, dk, dv, Gm, dal, dbe, dga;
+  std::vector<double> dth, suf;
+};
+
+// Gradients of sum(out * dout) for one (b, h): the recurrence above, run backwards.
+template <class T>
+void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, OwnGrads<T> own) {
+  const Mamba3ScanArgs& a = c.a;
+  const Mamba3Dims& d = c.d;
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, b = c.b, h = c.h;
+  SeqT<T>& q = w.q;
+  run_forward(c, q);
+  it.reset(L, R, N, P, S);
+  w.dY.assign(L * R * P, T(0)), w.dq.assign(L * R * N, T(0)), w.dk.assign(L * R * N, T(0));
+  w.dv.assign(L * R * P, T(0)), w.Gm.assign(P * N, T(0));
+  w.dal.assign(L, T(0)), w.dbe.assign(L, T(0)), w.dga.assign(L, T(0));
+  w.dth.assign(L * S, 0.0), w.suf.assign(S, 0.0);
+  const float* go_p = dout.data();
+  // Gate, norm, rank contraction: dY (L, R, P).
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    for (int64_t r = 0; r < R; ++r) {
+      const T* y = &q.Y[(t * R + r) * P];
+      T* dy = &w.dY[(t * R + r) * P];
+      const double rs = q.rstd[t * R + r];
+      for (int64_t p = 0; p < P; ++p) {
+        double go = go_p[i * P + p];
+        const int64_t m = (h * R + r) * P + p;
+        double pre = y[p];
+        if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
+        double gate = 1.0, zz = 0.0;
+        if (a.Z.defined()) {
+          zz = a.Z[i * P + p];
+          if (a.mimo_z.defined()) zz *= a.mimo_z[m];
+          gate = zz * sigmoid(zz);
         }
+        if (d.mimo) {
+          it.dmo[r * P + p] += static_cast<T>(go * pre * gate);
+          go *= a.mimo_o[m];
+        }
+        if (a.Z.defined()) {
+          const double sg = sigmoid(zz);
+          const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
+          if (a.mimo_z.defined()) {
+            own.dZ[i * P + p] += static_cast<T>(dzz * a.mimo_z[m]);
+            it.dmz[r * P + p] += static_cast<T>(dzz * a.Z[i * P + p]);
+          } else {
+            own.dZ[i * P + p] += static_cast<T>(dzz);
+          }
+          go *= gate;
+        }
+        dy[p] = static_cast<T>(go);  // d / d pre
       }
-      // The recurrence backwards.
-      std::fill(Gm.begin(), Gm.end(), 0.0);  // alpha_{t+1} G_{t+1}
-      for (int64_t t = L - 1; t >= 0; --t) {
-        const double* Sc = &q.St[(t + 1) * P * N];
-        const double* Sp = &q.St[t * P * N];
-        const double* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
-        const double* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
-        for (int64_t r = 0; r < R; ++r) {
-          const double* dy = &dY[(t * R + r) * P];
-          const double* qr = &q.q[(t * R + r) * N];
-          double* dqr = &dq[(t * R + r) * N];
-          for (int64_t n = 0; n < N; ++n) {
-            double s = 0;
-            for (int64_t p = 0; p < P; ++p) s += Sc[p * N + n] * dy[p];
-            dqr[n] = s;
-          }
-          for (int64_t p = 0; p < P; ++p) {
-            for (int64_t n = 0; n < N; ++n) Gm[p * N + n] += dy[p] * qr[n];
-            if (a.D.defined()) {
-              dD[h] += dy[p] * q.v[(t * R + r) * P + p];
-              dv[(t * R + r) * P + p] += a.D[h] * dy[p];
-            }
-          }
+      if (a.norm_weight.defined()) {
+        // pre = y * rs * w: dw += dpre * y * rs; dy = rs * u - y * rs^3 * <u, y> / P
+        double uy = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          it.dnw[p] += static_cast<T>(dy[p] * y[p] * rs);
+          dy[p] *= a.norm_weight[h * P + p];
+          uy += dy[p] * y[p];
         }
-        // Gm is now G_t.
-        double da = 0, db = 0, dg = 0;
         for (int64_t p = 0; p < P; ++p)
-          for (int64_t n = 0; n < N; ++n) {
-            const double gpn = Gm[p * N + n];
-            double kvp = 0, kvc = 0;
-            for (int64_t r = 0; r < R; ++r) {
-              kvp += vp[r * P + p] * kp[r * N + n];
-              kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
-            }
-            da += gpn * Sp[p * N + n];
-            db += gpn * kvp;
-            dg += gpn * kvc;
-          }
-        dal[t] = da, dbe[t] = db, dga[t] = dg;
-        for (int64_t r = 0; r < R; ++r) {
-          for (int64_t p = 0; p < P; ++p) {
-            double sc = 0, sp = 0;
-            for (int64_t n = 0; n < N; ++n) {
-              sc += Gm[p * N + n] * q.k[(t * R + r) * N + n];
-              sp += Gm[p * N + n] * kp[r * N + n];
-            }
-            dv[(t * R + r) * P + p] += q.gam[t] * sc;
-            if (t) dv[((t - 1) * R + r) * P + p] += q.bet[t] * sp;
-          }
-          for (int64_t n = 0; n < N; ++n) {
-            double sc = 0, sp = 0;
-            for (int64_t p = 0; p < P; ++p) {
-              sc += Gm[p * N + n] * q.v[(t * R + r) * P + p];
-              sp += Gm[p * N + n] * vp[r * P + p];
-            }
-            dk[(t * R + r) * N + n] += q.gam[t] * sc;
-            if (t) dk[((t - 1) * R + r) * N + n] += q.bet[t] * sp;
-          }
-        }
-        for (auto& x : Gm) x *= q.alp[t];
+          dy[p] = static_cast<T>(rs * dy[p] - y[p] * rs * rs * rs * uy / P);
       }
-      // Per step: the scalars, the rotations, the inputs.
-      for (int64_t t = 0; t < L; ++t) {
-        const int64_t i = c.bl(t);
-        const double sg = q.sig[t], al = q.alp[t], dt = q.dt[t];
-        dADT[i] += dal[t] * al + dbe[t] * q.bet[t];
-        dDT[i] += dbe[t] * (1 - sg) * al + dga[t] * sg;
-        const double dsig = -dbe[t] * dt * al + dga[t] * dt;
-        dTrap[i] += dsig * sg * (1 - sg);
-        const float* Vt = c.Vp(a.V, t);
-        for (int64_t r = 0; r < R; ++r) {
-          for (int64_t which = 0; which < 2; ++which) {
-            double* gr = which ? &dk[(t * R + r) * N] : &dq[(t * R + r) * N];
-            const double* xr = which ? &q.k[(t * R + r) * N] : &q.q[(t * R + r) * N];
-            // undo the rotation: d(pre) = R(theta)^T d(rot); dtheta += -g0 x1 + g1 x0 (rotated x)
-            for (int64_t j = 0; j < S; ++j) {
-              int64_t i0, i1;
-              pair_of(a.rotate_pairwise, N, j, &i0, &i1);
-              const double th = q.theta[t * S + j], cs = std::cos(th), sn = std::sin(th);
-              const double g0 = gr[i0], g1 = gr[i1];
-              dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
-              gr[i0] = g0 * cs + g1 * sn;
-              gr[i1] = -g0 * sn + g1 * cs;
-            }
-            std::vector<double>& dX = which ? dK : dQ;
-            std::vector<double>& dXb = which ? dKb : dQb;
-            const int64_t off = (((b * L + t) * R + r) * G + g) * N;
-            for (int64_t n = 0; n < N; ++n) {
-              dX[off + n] += gr[n];
-              dXb[(h * R + r) * N + n] += gr[n];
-            }
-          }
-          for (int64_t p = 0; p < P; ++p) {
-            const double gv = dv[(t * R + r) * P + p];
-            if (d.mimo) {
-              dV[i * P + p] += gv * a.mimo_x[(h * R + r) * P + p];
-              dmx[(h * R + r) * P + p] += gv * Vt[p];
-            } else {
-              dV[i * P + p] += gv;
-            }
-          }
-        }
+    }
+  }
+  // The recurrence backwards.
+  T* Gm = w.Gm.data();  // alpha_{t+1} G_{t+1}, then G_t
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const T* Sc = &q.St[(t + 1) * P * N];
+    const T* Sp = &q.St[t * P * N];
+    const T* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+    const T* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+    for (int64_t r = 0; r < R; ++r) {
+      const T* dy = &w.dY[(t * R + r) * P];
+      const T* qr = &q.q[(t * R + r) * N];
+      T* dqr = &w.dq[(t * R + r) * N];
+      for (int64_t n = 0; n < N; ++n) {
+        double sm = 0;
+        for (int64_t p = 0; p < P; ++p) sm += Sc[p * N + n] * dy[p];
+        dqr[n] = static_cast<T>(sm);
       }
-      // theta_t = theta_{t-1} + pi tanh(Angles_t) DT_t: suffix sums of dtheta.
-      std::vector<double> suf(S, 0.0);
-      for (int64_t t = L - 1; t >= 0; --t) {
-        const int64_t i = c.bl(t);
-        for (int64_t j = 0; j < S; ++j) {
-          suf[j] += dth[t * S + j];
-          const double th = std::tanh((double)a.Angles[(b * L + t) * S + j]);
-          dAng[(b * L + t) * S + j] += suf[j] * kPi * (1 - th * th) * q.dt[t];
-          dDT[i] += suf[j] * kPi * th;
+      for (int64_t p = 0; p < P; ++p) {
+        for (int64_t n = 0; n < N; ++n) Gm[p * N + n] += dy[p] * qr[n];
+        if (a.D.defined()) {
+          it.dD[0] += dy[p] * q.v[(t * R + r) * P + p];
+          w.dv[(t * R + r) * P + p] += a.D[h] * dy[p];
         }
       }
     }
-  Mamba3ScanGrads r;
-  r.dQ = to_tensor(dQ, a.Q.shape());
-  r.dK = to_tensor(dK, a.K.shape());
-  r.dV = to_tensor(dV, a.V.shape());
-  r.dADT = to_tensor(dADT, a.ADT.shape());
-  r.dDT = to_tensor(dDT, a.DT.shape());
-  r.dTrap = to_tensor(dTrap, a.Trap.shape());
-  r.dQ_bias = to_tensor(dQb, a.Q_bias.shape());
-  r.dK_bias = to_tensor(dKb, a.K_bias.shape());
-  r.dAngles = to_tensor(dAng, a.Angles.shape());
-  if (a.D.defined()) r.dD = to_tensor(dD, a.D.shape());
-  if (a.Z.defined()) r.dZ = to_tensor(dZ, a.Z.shape());
-  if (d.mimo) {
-    r.dmimo_x = to_tensor(dmx, a.mimo_x.shape());
-    r.dmimo_o = to_tensor(dmo, a.mimo_o.shape());
-    if (a.mimo_z.defined()) r.dmimo_z = to_tensor(dmz, a.mimo_z.shape());
+    double da = 0, db = 0, dg = 0;
+    for (int64_t p = 0; p < P; ++p)
+      for (int64_t n = 0; n < N; ++n) {
+        const double gpn = Gm[p * N + n];
+        double kvp = 0, kvc = 0;
+        for (int64_t r = 0; r < R; ++r) {
+          kvp += vp[r * P + p] * kp[r * N + n];
+          kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+        }
+        da += gpn * Sp[p * N + n];
+        db += gpn * kvp;
+        dg += gpn * kvc;
+      }
+    w.dal[t] = static_cast<T>(da), w.dbe[t] = static_cast<T>(db), w.dga[t] = static_cast<T>(dg);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t p = 0; p < P; ++p) {
+        double sc = 0, sp = 0;
+        for (int64_t n = 0; n < N; ++n) {
+          sc += Gm[p * N + n] * q.k[(t * R + r) * N + n];
+          sp += Gm[p * N + n] * kp[r * N + n];
+        }
+        w.dv[(t * R + r) * P + p] += static_cast<T>(q.gam[t] * sc);
+        if (t) w.dv[((t - 1) * R + r) * P + p] += static_cast<T>(q.bet[t] * sp);
+      }
+      for (int64_t n = 0; n < N; ++n) {
+        double sc = 0, sp = 0;
+        for (int64_t p = 0; p < P; ++p) {
+          sc += Gm[p * N + n] * q.v[(t * R + r) * P + p];
+          sp += Gm[p * N + n] * vp[r * P + p];
+        }
+        w.dk[(t * R + r) * N + n] += static_cast<T>(q.gam[t] * sc);
+        if (t) w.dk[((t - 1) * R + r) * N + n] += static_cast<T>(q.bet[t] * sp);
+      }
+    }
+    const T al = q.alp[t];
+    for (int64_t i = 0; i < P * N; ++i) Gm[i] *= al;
   }
-  if (a.norm_weight.defined()) r.dnorm_weight = to_tensor(dnw, a.norm_weight.shape());
-  return r;
+  // Per step: the scalars, the rotations, the inputs.
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    const double sg = q.sig[t], al = q.alp[t], dt = q.dt[t];
+    own.dADT[i] += static_cast<T>(w.dal[t] * al + w.dbe[t] * q.bet[t]);
+    own.dDT[i] += static_cast<T>(w.dbe[t] * (1 - sg) * al + w.dga[t] * sg);
+    const double dsig = -w.dbe[t] * dt * al + w.dga[t] * dt;
+    own.dTrap[i] += static_cast<T>(dsig * sg * (1 - sg));
+    const float* Vt = c.Vp(a.V, t);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t which = 0; which < 2; ++which) {
+        T* gr = which ? &w.dk[(t * R + r) * N] : &w.dq[(t * R + r) * N];
+        const T* xr = which ? &q.k[(t * R + r) * N] : &q.q[(t * R + r) * N];
+        // undo the rotation: d(pre) = R(theta)^T d(rot); dtheta += -g0 x1 + g1 x0 (rotated x)
+        for (int64_t j = 0; j < S; ++j) {
+          int64_t i0, i1;
+          pair_of(a.rotate_pairwise, N, j, &i0, &i1);
+          const double th = q.theta[t * S + j], cs = std::cos(th), sn = std::sin(th);
+          const double g0 = gr[i0], g1 = gr[i1];
+          w.dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
+          gr[i0] = static_cast<T>(g0 * cs + g1 * sn);
+          gr[i1] = static_cast<T>(-g0 * sn + g1 * cs);
+        }
+        T* dX = which ? &it.dK[(t * R + r) * N] : &it.dQ[(t * R + r) * N];
+        T* dXb = which ? &it.dKb[r * N] : &it.dQb[r * N];
+        for (int64_t n = 0; n < N; ++n) dX[n] += gr[n], dXb[n] += gr[n];
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const T gv = w.dv[(t * R + r) * P + p];
+        if (d.mimo) {
+          own.dV[i * P + p] += gv * a.mimo_x[(h * R + r) * P + p];
+          it.dmx[r * P + p] += gv * Vt[p];
+        } else {
+          own.dV[i * P + p] += gv;
+        }
+      }
+    }
+  }
+  // theta_t = theta_{t-1} + pi tanh(Angles_t) DT_t: suffix sums of dtheta.
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const int64_t i = c.bl(t);
+    for (int64_t j = 0; j < S; ++j) {
+      w.suf[j] += w.dth[t * S + j];
+      const double th = std::tanh((double)a.Angles[(b * L + t) * S + j]);
+      it.dAng[t * S + j] += static_cast<T>(w.suf[j] * kPi * (1 - th * th) * q.dt[t]);
+      own.dDT[i] += static_cast<T>(w.suf[j] * kPi * th);
+    }
+  }
+}
+
+// The shared gradients, as flat arrays in the inputs' layouts (T = double or float).
+template <class T>
+struct AllGrads {
+  std::vector<T> dQ, dK, dV, dADT, dDT, dTrap, dQb, dKb, dAng, dD, dZ, dmx, dmz, dmo, dnw;
+  AllGrads(const Mamba3ScanArgs& a, const Mamba3Dims& d) {
+    const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S;
+    dQ.assign(a.Q.numel(), 0), dK.assign(a.K.numel(), 0), dV.assign(a.V.numel(), 0);
+    dADT.assign(B * L * H, 0), dDT.assign(B * L * H, 0), dTrap.assign(B * L * H, 0);
+    dQb.assign(H * R * N, 0), dKb.assign(H * R * N, 0), dAng.assign(B * L * S, 0);
+    dD.assign(H, 0), dZ.assign(a.Z.defined() ? a.Z.numel() : 0, 0);
+    dmx.assign(H * R * P, 0), dmz.assign(H * R * P, 0), dmo.assign(H * R * P, 0);
+    dnw.assign(H * P, 0);
+  }
+  OwnGrads<T> own() { return {dV.data(), dZ.data(), dADT.data(), dDT.data(), dTrap.data()}; }
+  // Adds item (b, h)'s shared gradients.
+  void add(const Mamba3Dims& d, int64_t b, int64_t h, const ItemGrads<T>& it) {
+    const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, G = d.G, g = h / (d.H / G);
+    for (int64_t t = 0; t < L; ++t)
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t n = 0; n < N; ++n) {
+          const int64_t o = (((b * L + t) * R + r) * G + g) * N + n, j = (t * R + r) * N + n;
+          dQ[o] += it.dQ[j], dK[o] += it.dK[j];
+        }
+    for (int64_t i = 0; i < L * S; ++i) dAng[b * L * S + i] += it.dAng[i];
+    for (int64_t i = 0; i < R * N; ++i)
+      dQb[h * R * N + i] += it.dQb[i], dKb[h * R * N + i] += it.dKb[i];
+    dD[h] += it.dD[0];
+    for (int64_t i = 0; i < R * P; ++i) {
+      dmx[h * R * P + i] += it.dmx[i], dmz[h * R * P + i] += it.dmz[i];
+      dmo[h * R * P + i] += it.dmo[i];
+    }
+    for (int64_t p = 0; p < P; ++p) dnw[h * P + p] += it.dnw[p];
+  }
+  template <class V>
+  static Tensor tensor(const std::vector<V>& v, Shape s) {
+    Tensor t = Tensor::empty(std::move(s));
+    for (int64_t i = 0; i < t.numel(); ++i) t[i] = static_cast<float>(v[i]);
+    return t;
+  }
+  Mamba3ScanGrads result(const Mamba3ScanArgs& a, const Mamba3Dims& d) const {
+    Mamba3ScanGrads r;
+    r.dQ = tensor(dQ, a.Q.shape()), r.dK = tensor(dK, a.K.shape()), r.dV = tensor(dV, a.V.shape());
+    r.dADT = tensor(dADT, a.ADT.shape()), r.dDT = tensor(dDT, a.DT.shape());
+    r.dTrap = tensor(dTrap, a.Trap.shape());
+    r.dQ_bias = tensor(dQb, a.Q_bias.shape()), r.dK_bias = tensor(dKb, a.K_bias.shape());
+    r.dAngles = tensor(dAng, a.Angles.shape());
+    if (a.D.defined()) r.dD = tensor(dD, a.D.shape());
+    if (a.Z.defined()) r.dZ = tensor(dZ, a.Z.shape());
+    if (d.mimo) {
+      r.dmimo_x = tensor(dmx, a.mimo_x.shape());
+      r.dmimo_o = tensor(dmo, a.mimo_o.shape());
+      if (a.mimo_z.defined()) r.dmimo_z = tensor(dmz, a.mimo_z.shape());
+    }
+    if (a.norm_weight.defined()) r.dnorm_weight = tensor(dnw, a.norm_weight.shape());
+    return r;
+  }
+};
+
+Mamba3Dims check_bwd(const Mamba3ScanArgs& a, const Tensor& dout, const char* what) {
+  const Mamba3Dims d = mamba3_scan_check(a, what);
+  MAMBA_CHECK(!a.initial.ssm.defined(), what,
+              ": initial states are not differentiated; call without them");
+  check_shape(dout, str(what, ": dout").c_str(), {d.batch, d.L, d.H, d.P});
+  return d;
+}
+
+}  // namespace
+
+Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout) {
+  const Mamba3Dims d = check_bwd(a, dout, "mamba3_scan_bwd_ref");
+  AllGrads<double> all(a, d);
+  BwdWork<double> w;
+  ItemGrads<double> it;
+  for (int64_t b = 0; b < d.batch; ++b)
+    for (int64_t h = 0; h < d.H; ++h) {
+      bwd_one(Acc{a, d, b, h, h / (d.H / d.G)}, dout, w, it, all.own());
+      all.add(d, b, h, it);
+    }
+  return all.result(a, d);
+}
+
+Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout) {
+  const Mamba3Dims d = check_bwd(a, dout, "mamba3_scan_bwd");
+  const int64_t items = d.batch * d.H;
+  AllGrads<float> all(a, d);
+  // Each (b, h) in parallel; its shared contributions are kept and added in (b, h) order after
+  // the parallel region (bitwise the same for any thread count).
+  std::vector<ItemGrads<float>> parts(static_cast<size_t>(items));
+  parallel_for(items, 1, [&](int64_t i0, int64_t i1) {
+    BwdWork<float> w;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / d.H, h = i % d.H;
+      bwd_one(Acc{a, d, b, h, h / (d.H / d.G)}, dout, w, parts[i], all.own());
+    }
+  });
+  for (int64_t i = 0; i < items; ++i) all.add(d, i / d.H, i % d.H, parts[i]);
+  return all.result(a, d);
 }
 
 // ---- chunked forward (fp32) --------------------------------------------------------------------

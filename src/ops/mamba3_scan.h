@@ -75,6 +75,12 @@ Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size,
 // Gradients of sum(out * dout) by the recurrence run backwards (in double). Initial states are
 // not differentiated (refused).
 Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout);
+// The same in fp32, (batch, head) pairs in parallel (the recurrence of each pair is the
+// reference's, run in float); the gradients several pairs reach (Q, K of a group, Angles, the
+// per-head parameters over the batch) are added in (batch, head) order after the parallel
+// region, so the result does not depend on the thread count. Sequential in time: O(L P N R) per
+// (batch, head), not chunked.
+Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout);
 
 // Mamba-3's per-head discretisation (the module's preprocessing), M = B * L rows:
 //   DT = softplus(dd_dt + dt_bias),  A = min(-f(dd_A), -A_floor),  ADT = A * DT

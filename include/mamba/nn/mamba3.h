@@ -11,7 +11,7 @@
 // Channel-last: activations are (B, L, ·).
 //
 // The forward / prefill / step run the chunked fp32 scan (ops::mamba3_scan_fwd); the backward
-// runs the sequential double reference (correct, slow: no fast backward yet).
+// runs ops::mamba3_scan_bwd (fp32, (batch, head) pairs in parallel, sequential in time).
 #pragma once
 #include <cstdint>
 #include <string>
