@@ -170,6 +170,7 @@ Tensor Mamba3::run(const Tensor& hidden, Saved* saved, const State* init, State*
   a.rotate_pairwise = !cfg_.is_mimo;
   if (init) a.initial = {init->angle, init->ssm, init->k, init->v};
   ops::Mamba3States st;
+  if (fin && fin == init) st = {fin->angle, fin->ssm, fin->k, fin->v};  // step: in place
   Tensor ys = ops::mamba3_scan_fwd(a, cfg_.chunk_size, fin ? &st : nullptr).reshape({B, L, D_});
   if (tr)
     trace::op(cfg_.is_mimo ? "mamba3_scan (MIMO)" : "mamba3_scan (SISO)",
@@ -214,10 +215,8 @@ Tensor Mamba3::step(const Tensor& x, State& state) const {
   const int64_t B = x.dim(0);
   MAMBA_CHECK(B >= 1, "Mamba3::step: x needs B >= 1, got ", x.shape_str());
   check_state(state, B);
-  // One token through the same path, from the state (ngroups between 1 and nheads included).
-  State next;
-  Tensor y = run(x.reshape({B, 1, dm}), nullptr, &state, &next);
-  state = std::move(next);
+  // One token through the same path, the state updated in place (any ngroups dividing nheads).
+  Tensor y = run(x.reshape({B, 1, dm}), nullptr, &state, &state);
   return y.reshape({B, dm});
 }
 

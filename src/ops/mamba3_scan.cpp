@@ -785,10 +785,15 @@ Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size, Mamba3States
   MAMBA_CHECK(L >= 1, "mamba3_scan_fwd: needs L >= 1, got Q ", a.Q.shape_str());
   Tensor out = Tensor::empty({B, L, H, P});
   if (fs) {
-    fs->angle = Tensor::zeros({B, H, S});
-    fs->ssm = Tensor::zeros({B, H, P, N});
-    fs->k = Tensor::zeros({B, R, H, N});
-    fs->v = Tensor::zeros({B, H, P});
+    // Every (b, h) writes its whole slice of each state, after reading its slice of the initial
+    // state: final_states may be the initial states' own tensors (decode updates in place).
+    auto fit = [](Tensor& t, Shape s) {
+      if (!t.defined() || t.shape() != s || !t.is_contiguous()) t = Tensor::empty(std::move(s));
+    };
+    fit(fs->angle, {B, H, S});
+    fit(fs->ssm, {B, H, P, N});
+    fit(fs->k, {B, R, H, N});
+    fit(fs->v, {B, H, P});
   }
   float* op = out.data();
   const int64_t work = std::max<int64_t>(1, L * R * (N + P) * std::min(chunk_size, L));

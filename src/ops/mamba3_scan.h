@@ -70,6 +70,8 @@ std::vector<double> mamba3_scan_ref_f64(const Mamba3ScanArgs& a);
 // chunk's T*R rows), plus the state carried in from the previous chunk; the state is then
 // advanced to the chunk's end. Same result as the reference for any chunk_size >= 1 (tested for
 // ragged sizes); (batch, head) pairs run in parallel, each writing its own rows (deterministic).
+// final_states' tensors are reused when they have the right shapes, and may be a.initial's own
+// (each (batch, head) reads its initial slice before writing its final one): an in-place decode.
 Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size,
                        Mamba3States* final_states = nullptr);
 // Gradients of sum(out * dout) by the recurrence run backwards (in double). Initial states are
