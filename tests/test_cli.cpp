@@ -42,6 +42,22 @@ TEST(Cli, ShapesTracesEveryOpAndCountsParameters) {
   CliRun r2 = run("shapes --layer mamba2 --d_model 1024 --d_state 64 --batch 1 --seqlen 4");
   ASSERT_EQ(r2.status, 0) << r2.out;
   EXPECT_NE(r2.out.find("6468320 parameters"), std::string::npos) << r2.out;
+  // Vim's bidirectional Mamba: both directions, no decode step.
+  CliRun r3 = run("shapes --layer bimamba --d_model 16 --batch 2 --seqlen 32");
+  ASSERT_EQ(r3.status, 0) << r3.out;
+  EXPECT_NE(r3.out.find("5184 parameters"), std::string::npos) << r3.out;
+  EXPECT_NE(r3.out.find("selective_scan_b (reverse)"), std::string::npos) << r3.out;
+  EXPECT_NE(r3.out.find("no decode step"), std::string::npos) << r3.out;
+  // Mamba-3: SISO (its in_proj width 2D + 2GN + 3H + S) and MIMO rank 2 (10032 = golden count).
+  CliRun r4 = run("shapes --layer mamba3 --d_model 32 --d_state 16 --headdim 8 --seqlen 5");
+  ASSERT_EQ(r4.status, 0) << r4.out;
+  EXPECT_NE(r4.out.find("in_proj (2,5,32) -> (2,5,188)"), std::string::npos) << r4.out;
+  EXPECT_NE(r4.out.find("step (one token of decode)"), std::string::npos) << r4.out;
+  CliRun r5 =
+      run("shapes --layer mamba3 --mimo --rank 2 --d_model 32 --d_state 16 --headdim 8 --seqlen 5");
+  ASSERT_EQ(r5.status, 0) << r5.out;
+  EXPECT_NE(r5.out.find("10032 parameters"), std::string::npos) << r5.out;
+  EXPECT_NE(r5.out.find("mamba3_scan (MIMO)"), std::string::npos) << r5.out;
   CliRun bad = run("shapes --d_model 16 --d_conv 0");
   EXPECT_NE(bad.status, 0);
   EXPECT_NE(bad.out.find("d_conv"), std::string::npos) << bad.out;

@@ -139,3 +139,65 @@ TEST(Conv1d, ShapeErrors) {
   Tensor bad_state2({3, 4, 3});
   EXPECT_THROW(ops::causal_conv1d_final_state(x, bad_state2), Error);
 }
+
+// The anti-causal conv (reverse = true, Vim's backward direction): it is flip(conv(flip(x)))
+// over time, fast == reference (every target), and finite differences of its backward in double.
+namespace {
+Tensor flip_time(const Tensor& t) {
+  const int64_t B = t.dim(0), L = t.dim(1), D = t.dim(2);
+  Tensor o(t.shape());
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < L; ++s)
+      for (int64_t d = 0; d < D; ++d) o[(b * L + s) * D + d] = t[(b * L + L - 1 - s) * D + d];
+  return o;
+}
+}  // namespace
+
+TEST_P(Conv1dPerTarget, ReverseEqualsFlippedCausalConv) {
+  Rng rng(3);
+  for (int64_t D : {1, 17, 130})
+    for (int64_t K : {1, 3, 4})
+      for (int64_t L : {1, 5, 19})
+        for (bool silu : {false, true}) {
+          const int64_t B = 2;
+          Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+          Tensor b = test::randn({D}, rng), dy = test::randn({B, L, D}, rng);
+          std::string what = str("D=", D, " K=", K, " L=", L, " silu=", silu);
+          Tensor yr = ops::causal_conv1d_ref(x, w, b, silu, true);
+          EXPECT_TRUE(test::all_close(yr,
+                                      flip_time(ops::causal_conv1d_ref(flip_time(x), w, b, silu)),
+                                      {1e-6, 1e-6}, "ref reverse vs flipped " + what));
+          EXPECT_TRUE(test::all_close(ops::causal_conv1d_fwd(x, w, b, silu, true), yr,
+                                      tol::kFastVsRef, "y " + what));
+          auto g = ops::causal_conv1d_bwd(x, w, b, silu, dy, true);
+          auto r = ops::causal_conv1d_bwd_ref(x, w, b, silu, dy, true);
+          auto f = ops::causal_conv1d_bwd_ref(flip_time(x), w, b, silu, flip_time(dy));
+          EXPECT_TRUE(
+              test::all_close(r.dx, flip_time(f.dx), {1e-6, 1e-5}, "ref dx flipped " + what));
+          EXPECT_TRUE(
+              test::all_close(r.dweight, f.dweight, {1e-6, 1e-5}, "ref dw flipped " + what));
+          EXPECT_TRUE(test::all_close(g.dx, r.dx, tol::kFastVsRef, "dx " + what));
+          EXPECT_TRUE(test::all_close(g.dweight, r.dweight, tol::kFastVsRef, "dw " + what));
+          EXPECT_TRUE(test::all_close(g.dbias, r.dbias, tol::kFastVsRef, "db " + what));
+        }
+}
+
+TEST(Conv1d, ReverseBackwardFiniteDifferencesDouble) {
+  Rng rng(4);
+  for (int64_t K : {1, 3, 4})
+    for (int64_t L : {2, 6})
+      for (bool silu : {false, true}) {
+        const int64_t B = 2, D = 5;
+        Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+        Tensor b = test::randn({D}, rng), g = test::randn({B, L, D}, rng);
+        auto loss = [&] { return dot(ops::causal_conv1d_ref_f64(x, w, b, silu, true), g); };
+        auto grads = ops::causal_conv1d_bwd(x, w, b, silu, g, true);
+        std::string what = str("reverse K=", K, " L=", L, " silu=", silu);
+        EXPECT_TRUE(
+            test::all_close(grads.dx, finite_diff(x, loss), tol::kFiniteDiff, "dx " + what));
+        EXPECT_TRUE(
+            test::all_close(grads.dweight, finite_diff(w, loss), tol::kFiniteDiff, "dw " + what));
+        EXPECT_TRUE(
+            test::all_close(grads.dbias, finite_diff(b, loss), tol::kFiniteDiff, "db " + what));
+      }
+}

@@ -81,3 +81,39 @@ TEST(Elementwise, EmbeddingForwardAnyDtypeAndDeterministicBackward) {
       },
       {"id -1"});
 }
+
+TEST(Elementwise, ScaleAndLayerScaleMatchLoops) {
+  Rng rng(3);
+  for (int64_t M : {1, 5, 33}) {
+    Tensor y = test::randn({M, 6}, rng), s = test::randn({6}, rng), before = y.clone();
+    ops::scale_inplace(y, 0.5f);
+    for (int64_t i = 0; i < y.numel(); ++i) ASSERT_EQ(y[i], before[i] * 0.5f);
+    ops::mul_cols_inplace(y, s);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < 6; ++j) ASSERT_EQ(y[m * 6 + j], before[m * 6 + j] * 0.5f * s[j]);
+    // gradient: ds += sum_m dy[m, j] * x[m, j], in row order
+    Tensor dy = test::randn({M, 6}, rng), ds = test::randn({6}, rng), expect = ds.clone();
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < 6; ++j) expect[j] += dy[m * 6 + j] * before[m * 6 + j];
+    ops::mul_cols_grad(ds, dy, before);
+    EXPECT_EQ(test::max_abs_diff(ds, expect), 0.0);
+    // on a strided view: columns [1, 4) of an (M, 6) matrix
+    Tensor w = before.clone(), s3 = test::randn({3}, rng);
+    ops::mul_cols_inplace(w.cols(1, 3), s3);
+    ops::scale_inplace(w.cols(1, 3), 2.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < 6; ++j)
+        ASSERT_EQ(w[m * 6 + j],
+                  j >= 1 && j < 4 ? before[m * 6 + j] * s3[j - 1] * 2.f : before[m * 6 + j]);
+  }
+  test::expect_error(
+      [] {
+        ops::mul_cols_inplace(Tensor({2, 3}), Tensor({4}));
+      },
+      {"mul_cols_inplace", "(4)"});
+  test::expect_error(
+      [] {
+        ops::mul_cols_grad(Tensor({3}), Tensor({2, 3}), Tensor({3, 3}));
+      },
+      {"mul_cols_grad"});
+}

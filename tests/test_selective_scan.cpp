@@ -120,6 +120,7 @@ struct Cfg {
   int64_t bg = 1, cg = 1;  // groups for the group kind
   bool has_D = true, has_z = true, has_bias = true, softplus = true, has_init = false;
   double delta_lo = 0.0, delta_hi = 0.5;  // delta ~ U(lo, hi), as tests/ops/test_selective_scan.py
+  bool reverse = false;                   // ScanArgs::reverse
 };
 
 std::string describe(const Cfg& c) {
@@ -131,7 +132,7 @@ std::string describe(const Cfg& c) {
   return str("B=", c.B, " L=", c.L, " D=", c.D, " N=", c.N, " Bk=", kind(c.bk, c.bg),
              " Ck=", kind(c.ck, c.cg), " D?", c.has_D, " z?", c.has_z, " bias?", c.has_bias,
              " softplus?", c.softplus, " init?", c.has_init, " delta~U(", c.delta_lo, ",",
-             c.delta_hi, ")");
+             c.delta_hi, ")", c.reverse ? " reverse" : "");
 }
 
 Tensor make_bc(ScanBCKind k, int64_t G, const Cfg& c, Rng& rng) {
@@ -147,6 +148,7 @@ Tensor make_bc(ScanBCKind k, int64_t G, const Cfg& c, Rng& rng) {
 
 ScanArgs make_args(const Cfg& c, Rng& rng) {
   ScanArgs a;
+  a.reverse = c.reverse;
   a.u = test::randn({c.B, c.L, c.D}, rng);
   a.delta = test::rand_uniform({c.B, c.L, c.D}, rng, c.delta_lo, c.delta_hi);
   a.A = test::rand_uniform({c.D, c.N}, rng, -1.5, -0.05);
@@ -353,6 +355,15 @@ TEST(SelectiveScanGrad, FiniteDifferencesEveryInputEveryKind) {
   // One longer sequence across lanes and the backward's checkpoint chunk (64).
   Cfg c;
   c.B = 1, c.L = 67, c.D = 17, c.N = 1, c.has_init = true;
+  check_finite_differences(c, seed++);
+  // The reverse scan (Vim's backward direction): every kind once, and the long case.
+  for (const K& k : kinds) {
+    Cfg r;
+    r.B = 2, r.L = 4, r.D = 3, r.N = 2, r.has_init = true, r.reverse = true;
+    r.bk = k.bk, r.ck = k.ck, r.bg = k.g, r.cg = k.g;
+    check_finite_differences(r, seed++);
+  }
+  c.reverse = true;
   check_finite_differences(c, seed++);
 }
 
@@ -654,5 +665,63 @@ TEST_P(SelectiveScanPerTarget, FastStepMatchesReferenceStep) {
         EXPECT_TRUE(test::all_close(yf, yr, tol::kFastVsRef, tag + " y"));
         EXPECT_TRUE(test::all_close(s_fast, s_ref, tol::kFastVsRef, tag + " state"));
       }
+    }
+}
+
+// ---- reverse scan ------------------------------------------------------------------------------
+
+namespace {
+
+// (B, L, ...) -> the same with time reversed; (D, N) const B/C and undefined tensors unchanged.
+Tensor flip_time(const Tensor& t, int64_t L) {
+  if (!t.defined() || t.ndim() < 3 || t.dim(1) != L) return t;
+  Tensor o(t.shape());
+  const int64_t B = t.dim(0), inner = t.numel() / (B * L);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t s = 0; s < L; ++s)
+      for (int64_t i = 0; i < inner; ++i)
+        o[(b * L + s) * inner + i] = t[(b * L + (L - 1 - s)) * inner + i];
+  return o;
+}
+
+}  // namespace
+
+TEST_P(SelectiveScanPerTarget, ReverseEqualsFlippedScanAndMatchesReference) {
+  // reverse = flip(scan(flip(inputs))) over time: the reference on flipped copies is the oracle
+  // for the reference's reverse flag, which is the oracle for the fast kernels (forward, last
+  // state and every gradient), over every B/C kind and lengths around the backward's chunk (64).
+  uint64_t seed = 7000;
+  struct K {
+    ScanBCKind bk, ck;
+    int64_t g;
+  };
+  const K kinds[] = {{ScanBCKind::Const, ScanBCKind::Const, 1},
+                     {ScanBCKind::Var, ScanBCKind::Var, 1},
+                     {ScanBCKind::Group, ScanBCKind::Group, 3},
+                     {ScanBCKind::Var, ScanBCKind::Const, 1}};
+  for (const K& k : kinds)
+    for (int64_t L : {1, 5, 64, 65, 130}) {
+      Cfg c;
+      c.B = 2, c.L = L, c.D = 33, c.N = L % 2 ? 16 : 5, c.has_init = L % 2 == 1, c.reverse = true;
+      c.bk = k.bk, c.ck = k.ck, c.bg = k.g, c.cg = k.g;
+      Rng rng(seed);
+      ScanArgs a = make_args(c, rng);
+      ScanArgs f = a;  // flipped copies, forward direction
+      f.reverse = false;
+      f.u = flip_time(a.u, L), f.delta = flip_time(a.delta, L), f.z = flip_time(a.z, L);
+      f.B = flip_time(a.B, L), f.C = flip_time(a.C, L);
+      Tensor last_r, last_f;
+      Tensor out_r = selective_scan_ref(a, &last_r);
+      Tensor out_f = flip_time(selective_scan_ref(f, &last_f), L);
+      const std::string tag = describe(c);
+      EXPECT_TRUE(test::all_close(out_r, out_f, {1e-6, 1e-6}, tag + " ref reverse vs flipped"));
+      EXPECT_TRUE(test::all_close(last_r, last_f, {1e-6, 1e-6}, tag + " last reverse vs flipped"));
+      Tensor dout = test::randn({c.B, L, c.D}, rng);
+      ScanGrads gr = selective_scan_bwd_ref(a, dout),
+                gf = selective_scan_bwd_ref(f, flip_time(dout, L));
+      EXPECT_TRUE(test::all_close(gr.du, flip_time(gf.du, L), {1e-6, 1e-5}, tag + " du flipped"));
+      EXPECT_TRUE(test::all_close(gr.dB, flip_time(gf.dB, L), {1e-6, 1e-5}, tag + " dB flipped"));
+      EXPECT_TRUE(test::all_close(gr.dA, gf.dA, {1e-6, 1e-5}, tag + " dA flipped"));
+      check_fast_vs_ref(c, seed++);
     }
 }

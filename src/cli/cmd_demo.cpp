@@ -164,7 +164,12 @@ Command add_demo(CLI::App& app) {
             "any length)\n",
             worst,
             (long long)std::visit(
-                [](const auto& s) { return s.conv_state.numel() + s.ssm_state.numel(); },
+                [](const auto& s) -> int64_t {
+                  if constexpr (requires { s.conv_state; })  // Mamba-1 / Mamba-2
+                    return s.conv_state.numel() + s.ssm_state.numel();
+                  else  // Mamba-3
+                    return s.angle.numel() + s.ssm.numel() + s.k.numel() + s.v.numel();
+                },
                 st.layers.at(0)));
         std::printf(
             "\n== 5. The layers: parameter count vs mamba_ssm, backward vs finite differences\n");

@@ -4,8 +4,10 @@
 #include <iostream>
 
 #include "cli/commands.h"
+#include "mamba/nn/bimamba.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
+#include "mamba/nn/mamba3.h"
 #include "mamba/nn/ss2d.h"
 #include "mamba/trace.h"
 
@@ -21,6 +23,8 @@ struct ShapesOpts {
   int64_t height = 8, width = 8;    // ss2d
   std::string forward_type = "v2";  // ss2d
   bool channel_first = false;       // ss2d
+  bool mimo = false;                // mamba3
+  int64_t rank = 4;                 // mamba3
 };
 
 // VMamba's SS2D: a 2-D layer (no decode step); x is (B, H, W, d_model) or (B, d_model, H, W).
@@ -64,12 +68,16 @@ int trace_layer(Layer& layer, const ShapesOpts& o) {
     trace::Scope scope("  ");
     layer.forward(x);
   }
-  if (o.step) {
-    auto state = layer.new_state(o.batch);
-    Tensor xt({o.batch, o.d_model});
-    std::printf("step (one token of decode):\n");
-    trace::Scope scope("  ");
-    layer.step(xt, state);
+  if constexpr (requires { typename Layer::State; }) {
+    if (o.step) {
+      auto state = layer.new_state(o.batch);
+      Tensor xt({o.batch, o.d_model});
+      std::printf("step (one token of decode):\n");
+      trace::Scope scope("  ");
+      layer.step(xt, state);
+    }
+  } else {
+    std::printf("(no decode step: the layer is bidirectional)\n");
   }
   trace::set_enabled(false);
   return 0;
@@ -80,19 +88,25 @@ Command add_shapes(CLI::App& app) {
   auto o = std::make_shared<ShapesOpts>();
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
-  sub->add_option("--layer", o->layer, "mamba1, mamba2 or ss2d (VMamba's 2-D scan)")
-      ->check(CLI::IsMember({"mamba1", "mamba2", "ss2d"}))
+  sub->add_option("--layer", o->layer,
+                  "mamba1, mamba2, mamba3, bimamba (Vim's bidirectional Mamba, forward only) or "
+                  "ss2d (VMamba's 2-D scan)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "mamba3", "bimamba", "ss2d"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
-  sub->add_option("--d_state", o->d_state, "N (default: 16 for mamba1, 128 for mamba2)");
+  sub->add_option("--d_state", o->d_state,
+                  "N (default: 16 for mamba1, bimamba and ss2d, 128 for mamba2 and mamba3)");
   auto* dconv = sub->add_option("--d_conv", o->d_conv, "K, the conv width (ss2d: 3 unless given)")
                     ->capture_default_str();
   sub->add_option("--expand", o->expand, "d_inner = expand * d_model (ss2d: ssm_ratio)")
       ->capture_default_str();
-  sub->add_option("--dt_rank", o->dt_rank, "mamba1: R (default auto = ceil(d_model/16))");
-  sub->add_option("--headdim", o->headdim, "mamba2: P")->capture_default_str();
-  sub->add_option("--ngroups", o->ngroups, "mamba2: G")->capture_default_str();
+  sub->add_option("--dt_rank", o->dt_rank,
+                  "mamba1, bimamba, ss2d: R (default auto = ceil(d_model/16))");
+  sub->add_option("--headdim", o->headdim, "mamba2, mamba3: P")->capture_default_str();
+  sub->add_option("--ngroups", o->ngroups, "mamba2, mamba3: G")->capture_default_str();
   sub->add_option("--chunk_size", o->chunk_size, "mamba2: SSD chunk")->capture_default_str();
+  sub->add_flag("--mimo", o->mimo, "mamba3: MIMO heads");
+  sub->add_option("--rank", o->rank, "mamba3 --mimo: mimo_rank R")->capture_default_str();
   sub->add_option("--batch", o->batch, "B")->capture_default_str();
   sub->add_option("--seqlen", o->seqlen, "L")->capture_default_str();
   sub->add_flag("!--no-step", o->step, "do not trace a decode step");
@@ -109,6 +123,23 @@ Command add_shapes(CLI::App& app) {
               c.dt_rank = o->dt_rank;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               Mamba1 layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "mamba3") {
+              Mamba3Config c;
+              c.d_model = o->d_model, c.expand = o->expand, c.headdim = o->headdim;
+              c.ngroups = o->ngroups, c.chunk_size = o->chunk_size;
+              c.d_state = o->d_state > 0 ? o->d_state : 128;
+              c.is_mimo = o->mimo, c.mimo_rank = o->rank;
+              Mamba3 layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "bimamba") {
+              BiMambaConfig c;  // as every released Vim model: (y_f + y_b) / 2
+              c.d_model = o->d_model, c.d_conv = o->d_conv, c.expand = o->expand,
+              c.dt_rank = o->dt_rank, c.if_divide_out = true;
+              c.d_state = o->d_state > 0 ? o->d_state : 16;
+              BiMamba layer(c, 0);
               return trace_layer(layer, *o);
             }
             Mamba2Config c;

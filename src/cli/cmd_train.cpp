@@ -56,11 +56,10 @@ std::string hms(double s) {
 // The model config as mamba_ssm's config.json text, parsed by ModelConfig (which resolves
 // every default of the chosen layer).
 ModelConfig model_config(const TrainOpts& o, int64_t vocab) {
-  nlohmann::json ssm = {{"layer", o.layer == "mamba2" ? "Mamba2" : "Mamba1"},
-                        {"d_state", o.d_state},
-                        {"d_conv", o.d_conv},
-                        {"expand", o.expand}};
-  if (o.layer == "mamba2") ssm["headdim"] = o.headdim, ssm["chunk_size"] = o.chunk;
+  const char* layer = o.layer == "mamba2" ? "Mamba2" : o.layer == "mamba3" ? "Mamba3" : "Mamba1";
+  nlohmann::json ssm = {{"layer", layer}, {"d_state", o.d_state}, {"expand", o.expand}};
+  if (o.layer != "mamba3") ssm["d_conv"] = o.d_conv;  // Mamba-3 has no conv
+  if (o.layer != "mamba1") ssm["headdim"] = o.headdim, ssm["chunk_size"] = o.chunk;
   // With per-layer ranges config.json records the range over all layers (the per-layer values are
   // in the train config); each layer's dt_proj.bias is drawn from its own range.
   const double lo = *std::min_element(o.dt_min.begin(), o.dt_min.end());
@@ -134,8 +133,8 @@ Command add_train(CLI::App& app) {
   auto* sub = app.add_subcommand(
       "train", "Train a Mamba LM on Selective Copying, Induction Heads or a text file");
   auto* g = "Model";
-  sub->add_option("--layer", o->layer, "mixer: mamba1 | mamba2")
-      ->check(CLI::IsMember({"mamba1", "mamba2"}))
+  sub->add_option("--layer", o->layer, "mixer: mamba1 | mamba2 | mamba3 (SISO)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "mamba3"}))
       ->capture_default_str()
       ->group(g);
   sub->add_option("--d_model,--d-model", o->d_model, "model width")
@@ -147,16 +146,19 @@ Command add_train(CLI::App& app) {
   sub->add_option("--d_state,--d-state", o->d_state, "SSM state size N")
       ->capture_default_str()
       ->group(g);
-  sub->add_option("--d_conv,--d-conv", o->d_conv, "conv width K")->capture_default_str()->group(g);
+  sub->add_option("--d_conv,--d-conv", o->d_conv, "conv width K (Mamba-1/2; Mamba-3 has no conv)")
+      ->capture_default_str()
+      ->group(g);
   sub->add_option("--expand", o->expand, "d_inner = expand * d_model")
       ->capture_default_str()
       ->group(g);
-  sub->add_option("--headdim", o->headdim, "Mamba-2 head dimension P")
+  sub->add_option("--headdim", o->headdim, "Mamba-2 / Mamba-3 head dimension P")
       ->capture_default_str()
       ->group(g);
   sub->add_option(
          "--chunk", o->chunk,
-         "Mamba-2 SSD chunk size (the CPU kernel uses min(chunk, 64); same result up to rounding)")
+         "Mamba-2 SSD chunk size (the CPU kernel uses min(chunk, 64); same result up to rounding); "
+         "Mamba-3 scan chunk size (same result)")
       ->capture_default_str()
       ->group(g);
   sub->add_option("--vocab", o->vocab, "model vocabulary (0 = the task's or the tokenizer's)")

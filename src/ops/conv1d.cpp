@@ -77,15 +77,23 @@ namespace {
 
 struct ConvDims {
   int64_t B, L, D, K;
+  bool reverse = false;
+  // Source time of tap k for output time t (causal: t-K+1+k; reverse: t+K-1-k); may fall
+  // outside [0, L) (a zero tap).
+  int64_t src(int64_t t, int64_t k) const { return reverse ? t + K - 1 - k : t - K + 1 + k; }
+  // The output time whose tap k reads source time s (the inverse of src).
+  int64_t dst(int64_t s, int64_t k) const { return reverse ? s - K + 1 + k : s + K - 1 - k; }
+  bool in(int64_t t) const { return t >= 0 && t < L; }
 };
 
 // Validates x (B, L, D), weight (D, K), bias (D) optional; names the offending tensor.
-ConvDims check_conv(const char* what, const Tensor& x, const Tensor& weight, const Tensor& bias) {
+ConvDims check_conv(const char* what, const Tensor& x, const Tensor& weight, const Tensor& bias,
+                    bool reverse) {
   check_defined(x, str(what, ": x").c_str());
   check_defined(weight, str(what, ": weight").c_str());
   MAMBA_CHECK(x.ndim() == 3, what, ": x must be (B, L, D), got ", x.shape_str());
   MAMBA_CHECK(weight.ndim() == 2, what, ": weight must be (D, K), got ", weight.shape_str());
-  ConvDims c{x.dim(0), x.dim(1), x.dim(2), weight.dim(1)};
+  ConvDims c{x.dim(0), x.dim(1), x.dim(2), weight.dim(1), reverse};
   MAMBA_CHECK(c.K >= 1, what, ": d_conv K must be >= 1, got weight ", weight.shape_str());
   check_shape(weight, str(what, ": weight").c_str(), {c.D, c.K});
   if (bias.defined()) check_shape(bias, str(what, ": bias").c_str(), {c.D});
@@ -109,8 +117,8 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
                  for (int64_t r = r0; r < r1; ++r) {
                    const int64_t t = r % c.L;
                    for (int64_t k = 0; k < c.K; ++k) {
-                     const int64_t s = t - c.K + 1 + k;  // source time of tap k
-                     src[k] = s >= 0 ? x + (r - t + s) * c.D : nullptr;
+                     const int64_t s = c.src(t, k);  // source time of tap k
+                     src[k] = c.in(s) ? x + (r - t + s) * c.D : nullptr;
                    }
                    HWY_DYNAMIC_DISPATCH(TapsKernel)
                    (src.data(), wT, c.D, c.K, bias, y + r * c.D, c.D);
@@ -120,8 +128,9 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
 
 }  // namespace
 
-Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu) {
-  const ConvDims c = check_conv("causal_conv1d_fwd", x, weight, bias);
+Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                         bool reverse) {
+  const ConvDims c = check_conv("causal_conv1d_fwd", x, weight, bias, reverse);
   Tensor y = Tensor::empty({c.B, c.L, c.D});
   const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
   conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data());
@@ -130,8 +139,8 @@ Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bi
 }
 
 Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                              const Tensor& dy) {
-  const ConvDims c = check_conv("causal_conv1d_bwd", x, weight, bias);
+                              const Tensor& dy, bool reverse) {
+  const ConvDims c = check_conv("causal_conv1d_bwd", x, weight, bias, reverse);
   check_shape(dy, "causal_conv1d_bwd: dy", {c.B, c.L, c.D});
   const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
   // dpre = dy * act'(pre): (B, L, D)
@@ -146,7 +155,8 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
   const float* g = dpre.data();
   const float* xp = x.data();
   Conv1dGrads out;
-  // dx[b, s, :] = sum_k wT[k, :] * dpre[b, s+K-1-k, :]   (taps past the end are absent)
+  // dx[b, s, :] = sum_k wT[k, :] * dpre[b, dst(s, k), :]   (dst = s+K-1-k causal, s-K+1+k
+  // reverse; taps outside [0, L) are absent)
   out.dx = Tensor::empty({c.B, c.L, c.D});
   float* dx = out.dx.data();
   parallel_for(c.B * c.L, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
@@ -155,14 +165,14 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
                  for (int64_t r = r0; r < r1; ++r) {
                    const int64_t s = r % c.L;
                    for (int64_t k = 0; k < c.K; ++k) {
-                     const int64_t t = s + c.K - 1 - k;
-                     src[k] = t < c.L ? g + (r - s + t) * c.D : nullptr;
+                     const int64_t t = c.dst(s, k);
+                     src[k] = c.in(t) ? g + (r - s + t) * c.D : nullptr;
                    }
                    HWY_DYNAMIC_DISPATCH(TapsKernel)
                    (src.data(), wT.data(), c.D, c.K, nullptr, dx + r * c.D, c.D);
                  }
                });
-  // dwT[k, :] = sum_{b,t} dpre[b,t,:] * x[b, t-K+1+k, :]; dbias = sum dpre. Split over
+  // dwT[k, :] = sum_{b,t} dpre[b,t,:] * x[b, src(t, k), :]; dbias = sum dpre. Split over
   // channel blocks so each thread owns its outputs (no reduction, deterministic).
   std::vector<float> dwT(static_cast<size_t>(c.K * c.D), 0.f);
   std::vector<float> db(static_cast<size_t>(c.D), 0.f);
@@ -174,8 +184,8 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
       for (int64_t t = 0; t < c.L; ++t) {
         const float* gr = g + (b * c.L + t) * c.D + d0;
         for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t s = t - c.K + 1 + k;
-          if (s >= 0) {
+          const int64_t s = c.src(t, k);
+          if (c.in(s)) {
             HWY_DYNAMIC_DISPATCH(MulAccKernel)
             (dwT.data() + k * c.D + d0, gr, xp + (b * c.L + s) * c.D + d0, n);
           }
@@ -191,16 +201,16 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
 }
 
 std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                          bool silu) {
-  const ConvDims c = check_conv("causal_conv1d_ref", x, weight, bias);
+                                          bool silu, bool reverse) {
+  const ConvDims c = check_conv("causal_conv1d_ref", x, weight, bias, reverse);
   std::vector<double> y(static_cast<size_t>(c.B * c.L * c.D));
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t t = 0; t < c.L; ++t)
       for (int64_t d = 0; d < c.D; ++d) {
         double acc = bias.defined() ? bias[d] : 0.0;
         for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t s = t - c.K + 1 + k;
-          if (s >= 0) acc += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+          const int64_t s = c.src(t, k);
+          if (c.in(s)) acc += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
         }
         if (silu) acc = acc / (1.0 + std::exp(-acc));
         y[(b * c.L + t) * c.D + d] = acc;
@@ -208,16 +218,17 @@ std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight,
   return y;
 }
 
-Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu) {
-  const std::vector<double> y = causal_conv1d_ref_f64(x, weight, bias, silu);
+Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                         bool reverse) {
+  const std::vector<double> y = causal_conv1d_ref_f64(x, weight, bias, silu, reverse);
   Tensor out = Tensor::empty({x.dim(0), x.dim(1), x.dim(2)});
   for (int64_t i = 0; i < out.numel(); ++i) out[i] = static_cast<float>(y[i]);
   return out;
 }
 
 Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                  bool silu, const Tensor& dy) {
-  const ConvDims c = check_conv("causal_conv1d_bwd_ref", x, weight, bias);
+                                  bool silu, const Tensor& dy, bool reverse) {
+  const ConvDims c = check_conv("causal_conv1d_bwd_ref", x, weight, bias, reverse);
   check_shape(dy, "causal_conv1d_bwd_ref: dy", {c.B, c.L, c.D});
   std::vector<double> dx(x.numel(), 0.0), dw(weight.numel(), 0.0), db(c.D, 0.0);
   for (int64_t b = 0; b < c.B; ++b)
@@ -225,8 +236,8 @@ Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const T
       for (int64_t d = 0; d < c.D; ++d) {
         double pre = bias.defined() ? bias[d] : 0.0;
         for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t s = t - c.K + 1 + k;
-          if (s >= 0) pre += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+          const int64_t s = c.src(t, k);
+          if (c.in(s)) pre += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
         }
         double g = dy[(b * c.L + t) * c.D + d];
         if (silu) {
@@ -235,8 +246,8 @@ Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const T
         }
         db[d] += g;
         for (int64_t k = 0; k < c.K; ++k) {
-          const int64_t s = t - c.K + 1 + k;
-          if (s < 0) continue;
+          const int64_t s = c.src(t, k);
+          if (!c.in(s)) continue;
           dw[d * c.K + k] += g * x[(b * c.L + s) * c.D + d];
           dx[(b * c.L + s) * c.D + d] += g * weight[d * c.K + k];
         }

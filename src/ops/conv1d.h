@@ -3,6 +3,9 @@
 // bias: (D) optional.  y[b,t,d] = act(bias[d] + sum_k weight[d,k] * x[b, t-K+1+k, d]),
 // with x = 0 before t = 0 (or taken from an initial conv_state).
 // conv_state: (B, D, K), mamba_ssm's layout: the last K inputs, oldest first.
+// reverse = true: the anti-causal conv, y[b,t,d] = act(bias[d] + sum_k weight[d,k] * x[b, t+K-1-k,
+// d]) with x = 0 after t = L-1: flip(conv(flip(x))) over time, read in place (Vim's backward
+// direction).
 #pragma once
 #include <vector>
 
@@ -10,21 +13,23 @@
 
 namespace mamba::ops {
 
-Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu);
+Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                         bool reverse = false);
 struct Conv1dGrads {
   Tensor dx, dweight, dbias;  // dbias undefined when bias is
 };
 // Gradients of sum(y * dy), fresh tensors.
 Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                              const Tensor& dy);
+                              const Tensor& dy, bool reverse = false);
 // Naive references (plain loops, double accumulation).
-Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu);
+Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
+                         bool reverse = false);
 // The reference forward evaluated and returned in double (B*L*D values, (B, L, D) order), for
 // finite-difference tests.
 std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                          bool silu);
+                                          bool silu, bool reverse = false);
 Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                  bool silu, const Tensor& dy);
+                                  bool silu, const Tensor& dy, bool reverse = false);
 
 // One decode step: shifts conv_state (B, D, K) left, appends x (B, D), returns y (B, D).
 Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& weight,

@@ -121,6 +121,31 @@ void bias_grad(const Tensor& db, const Tensor& dy) {
     for (int64_t j = 0; j < r.n; ++j) d[j] += r.p[m * r.ld + j];
 }
 
+void scale_inplace(const Tensor& t, float s) {
+  if (!t.defined() || !t.numel()) return;
+  const Rows r = rows_of(t, "scale_inplace: t", t.is_contiguous() ? t.numel() : 0);
+  for (int64_t m = 0; m < r.M; ++m)
+    for (int64_t j = 0; j < r.n; ++j) r.p[m * r.ld + j] *= s;
+}
+
+void mul_cols_inplace(const Tensor& y, const Tensor& s) {
+  check_bias(y, s, "mul_cols_inplace: s");
+  const Rows r = rows_of(y, "mul_cols_inplace: y", y.dim(-1));
+  const float* sp = s.data();
+  for (int64_t m = 0; m < r.M; ++m)
+    for (int64_t j = 0; j < r.n; ++j) r.p[m * r.ld + j] *= sp[j];
+}
+
+void mul_cols_grad(const Tensor& ds, const Tensor& dy, const Tensor& x) {
+  check_bias(dy, ds, "mul_cols_grad: ds");
+  check_same(dy, x, "mul_cols_grad: dy and x");
+  const Rows g = rows_of(dy, "mul_cols_grad: dy", dy.dim(-1));
+  const Rows v = rows_of(x, "mul_cols_grad: x", x.dim(-1));
+  float* d = Tensor(ds).data();
+  for (int64_t m = 0; m < g.M; ++m)
+    for (int64_t j = 0; j < g.n; ++j) d[j] += g.p[m * g.ld + j] * v.p[m * v.ld + j];
+}
+
 Tensor embedding_fwd(const Weight& W, std::span<const int32_t> ids) {
   MAMBA_CHECK(W.defined() && W.shape().size() == 2, "embedding: W must be (V, d), got ",
               W.shape_str());

@@ -31,6 +31,14 @@ void bias_fill(const Tensor& y, const Tensor& b);
 // Bias gradient: db (n) += sum over the rows of dy (M, n), rows in order.
 void bias_grad(const Tensor& db, const Tensor& dy);
 
+// t *= s, every element (t contiguous or a strided view).
+void scale_inplace(const Tensor& t, float s);
+// Per-column scale over the rows of y (M, n): y[m, j] *= s[j] (a layer scale). s: (n).
+void mul_cols_inplace(const Tensor& y, const Tensor& s);
+// Its gradient: ds (n) += sum over the rows of dy[m, :] * x[m, :], rows in order (x the
+// unscaled input, same shape as dy).
+void mul_cols_grad(const Tensor& ds, const Tensor& dy, const Tensor& x);
+
 // Embedding forward: out (n, d) row i = W row ids[i] (fp32 or converted exactly from 16 bits).
 // W: (V, d). Throws naming the first id outside [0, V).
 Tensor embedding_fwd(const Weight& W, std::span<const int32_t> ids);

@@ -73,10 +73,16 @@ struct Plan {
   float *du = nullptr, *ddelta = nullptr, *dz = nullptr, *dA = nullptr, *dB = nullptr,
         *dC = nullptr;
   float *dD = nullptr, *dbias = nullptr, *dh0 = nullptr;
+  bool reverse = false;  // step t reads memory row L-1-t (ScanArgs::reverse)
 
+  // Memory row (b, time) of scan step t: the kernels run over steps t = 0..L-1 and read every
+  // (B, L, ·) tensor through this map, so a reverse scan is a negative stride, not a copy.
+  int64_t row(int64_t b, int64_t t) const { return b * s.L + (reverse ? s.L - 1 - t : t); }
+  // Distance in floats from step t's (B, L, D) row to step t+1's.
+  int64_t step_stride() const { return reverse ? -s.D : s.D; }
   // Offset of the N values of B (or C) for (b, t) and group g.
   int64_t bc_row(ScanBCKind kind, int64_t G, int64_t b, int64_t t, int64_t g) const {
-    return kind == ScanBCKind::Var ? (b * s.L + t) * s.N : ((b * s.L + t) * G + g) * s.N;
+    return kind == ScanBCKind::Var ? row(b, t) * s.N : (row(b, t) * G + g) * s.N;
   }
 };
 
@@ -118,7 +124,7 @@ HWY_INLINE void StorePart(DF d, VF v, float* p, size_t nl, float* tmp) {
 // Prefetches the rows of step t + kPrefetch (offset off of step t) of the (B, L, D) inputs.
 HWY_INLINE void PrefetchAhead(const Plan& p, int64_t t, int64_t off, bool with_out) {
   if (t + scan_detail::kPrefetch >= p.s.L) return;
-  const int64_t o = off + scan_detail::kPrefetch * p.s.D;
+  const int64_t o = off + scan_detail::kPrefetch * p.step_stride();
   hwy::Prefetch(p.u + o);
   hwy::Prefetch(p.delta + o);
   if (p.z) hwy::Prefetch(p.z + o);
@@ -229,7 +235,7 @@ HWY_INLINE VF FwdStep(DF d, int64_t N, size_t lanes, const float* HWY_RESTRICT A
 template <bool kBB, bool kCB>
 void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
   const DF d;
-  const int64_t N = p.s.N, L = p.s.L, D = p.s.D, b = k.b, d0 = k.d0;
+  const int64_t N = p.s.N, D = p.s.D, b = k.b, d0 = k.d0;
   const size_t lanes = k.lanes, nl = k.nl;
   float* tmp = k.tmp.data();
   const VF Dv = p.Dskip ? LoadPart(d, p.Dskip + d0, nl, tmp) : hn::Zero(d);
@@ -237,7 +243,7 @@ void FwdSteps(const Plan& p, Block& k, float* h, int64_t t0, int64_t t1) {
   const VF inf = hn::Set(d, HUGE_VALF);
   const float* As = k.A.data();
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t off = (b * L + t) * D + d0;
+    const int64_t off = p.row(b, t) * D + d0;
     PrefetchAhead(p, t, off, true);
     VF dt = hn::Add(LoadPart(d, p.delta + off, nl, tmp), bias);
     if (p.softplus) dt = sm::Softplus(d, dt);
@@ -406,7 +412,7 @@ void BwdCheckpoints(const Plan& p, Block& k, float* ckpt, float* h, int64_t t0, 
   for (int64_t t = t0; t < t1; ++t) {
     if (t % C == 0) std::memcpy(ckpt + (t / C) * NL, h, NL * sizeof(float));
     if (t + 1 == L) break;  // the last state is not needed
-    const int64_t off = (b * L + t) * D + d0;
+    const int64_t off = p.row(b, t) * D + d0;
     PrefetchAhead(p, t, off, false);
     const VF dt = DeltaT(d, p, k, off, bias, nullptr);
     const VF dtu = hn::Mul(dt, LoadPart(d, p.u + off, nl, tmp));
@@ -446,9 +452,10 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
   std::memcpy(H, w.ckpt.data() + (i * nchunks + c) * NL, NL * sizeof(float));
   // Recompute: H[j+1] = h after step t0+j, E[j] = exp(dt A), Y[j] = y + D u.
   for (int64_t j = 0; j < T; ++j) {
-    const int64_t t = t0 + j, off = (b * L + t) * D + d0;
+    const int64_t t = t0 + j, off = p.row(b, t) * D + d0;
     PrefetchAhead(p, t, off, false);
-    if (t + scan_detail::kPrefetch < L) hwy::Prefetch(p.dout + off + scan_detail::kPrefetch * D);
+    if (t + scan_detail::kPrefetch < L)
+      hwy::Prefetch(p.dout + off + scan_detail::kPrefetch * p.step_stride());
     VF spg;
     const VF dt = DeltaT(d, p, k, off, bias, &spg);
     hn::StoreU(dt, d, w.dtv.data() + j * lanes);
@@ -475,7 +482,7 @@ void BwdChunk(const Plan& p, PartScratch& w, int64_t i, int64_t c) {
   VF dDacc = hn::LoadU(d, w.dDacc.data() + i * lanes),
      dbacc = hn::LoadU(d, w.dbacc.data() + i * lanes);
   for (int64_t j = T - 1; j >= 0; --j) {
-    const int64_t t = t0 + j, off = (b * L + t) * D + d0;
+    const int64_t t = t0 + j, off = p.row(b, t) * D + d0;
     const VF dt = hn::LoadU(d, w.dtv.data() + j * lanes);
     const VF u = LoadPart(d, p.u + off, nl, tmp);
     const VF dtu = hn::Mul(dt, u);
@@ -567,8 +574,17 @@ void BwdPart(const Plan& p, PartScratch& w, int64_t b, int64_t blk0, size_t lane
     if (bvar) std::fill(w.chunkB.begin(), w.chunkB.end(), 0.f);
     if (cvar) std::fill(w.chunkC.begin(), w.chunkC.end(), 0.f);
     for (int64_t i = 0; i < w.nbk; ++i) BwdChunk(p, w, i, c);
-    if (bvar) SumLanes(w.chunkB.data(), T * p.s.b_groups * N, lanes, rowsB + t0 * p.s.b_groups * N);
-    if (cvar) SumLanes(w.chunkC.data(), T * p.s.c_groups * N, lanes, rowsC + t0 * p.s.c_groups * N);
+    // Step t's rows go to its memory time (reverse: L-1-t).
+    for (int64_t j = 0; j < T; ++j) {
+      const int64_t mt = p.row(0, t0 + j);
+      const int64_t GNB = p.s.b_groups * N, GNC = p.s.c_groups * N;
+      if (bvar)
+        SumLanes(w.chunkB.data() + j * GNB * static_cast<int64_t>(lanes), GNB, lanes,
+                 rowsB + mt * GNB);
+      if (cvar)
+        SumLanes(w.chunkC.data() + j * GNC * static_cast<int64_t>(lanes), GNC, lanes,
+                 rowsC + mt * GNC);
+    }
   }
   // Per-channel results: the part owns its channels, batches run one after another.
   for (int64_t i = 0; i < w.nbk; ++i) {
@@ -716,6 +732,7 @@ scan_detail::Plan make_plan(const ScanArgs& a, const ScanDims& s) {
   p.z = a.z.defined() ? a.z.data() : nullptr;
   p.bias = a.delta_bias.defined() ? a.delta_bias.data() : nullptr;
   p.h0 = a.initial_state.defined() ? a.initial_state.data() : nullptr;
+  p.reverse = a.reverse;
   return p;
 }
 }  // namespace

@@ -13,6 +13,11 @@
 //   dt    = softplus?(delta + delta_bias)                 (B, L, D)
 //   h_t   = exp(dt_t * A) * h_{t-1} + dt_t * B_t * u_t     (B, D, N)
 //   out_t = <h_t, C_t> + D * u_t;   out_t *= silu(z_t) if z
+//
+// reverse: the scan runs from t = L-1 down to 0 (h_{t+1} takes the place of h_{t-1}; last_state
+// is the state after t = 0), reading the tensors in place with a negative time stride. This is
+// flip(scan(flip(u), flip(delta), ...)) over time without the flipped copies (Vim's backward
+// direction).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -25,6 +30,7 @@ struct ScanArgs {
   Tensor u, delta, A, B, C;
   Tensor D, z, delta_bias, initial_state;  // optional: leave undefined when absent
   bool delta_softplus = false;
+  bool reverse = false;  // scan over time from the end (see the top of this file)
 };
 
 struct ScanGrads {  // each defined iff the matching input is defined

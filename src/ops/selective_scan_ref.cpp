@@ -85,7 +85,8 @@ void ref_forward(const ScanArgs& a, const ScanDims& s, std::vector<double>& out,
     for (int64_t d = 0; d < D; ++d) {
       for (int64_t n = 0; n < N; ++n)
         h[n] = a.initial_state.defined() ? a.initial_state[(b * D + d) * N + n] : 0.0;
-      for (int64_t t = 0; t < L; ++t) {
+      for (int64_t step = 0; step < L; ++step) {
+        const int64_t t = a.reverse ? L - 1 - step : step;  // the time of this step
         const int64_t idx = (b * L + t) * D + d;
         double dt, unused;
         ref_dt(a, idx, d, &dt, &unused);
@@ -173,18 +174,20 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout) {
   std::vector<double> dA(D * N, 0), dB(a.B.numel(), 0), dC(a.C.numel(), 0), dD(D, 0), dbias(D, 0);
   std::vector<double> dinit(a.initial_state.defined() ? batch * D * N : 0, 0);
   std::vector<double> H((L + 1) * N), dts(L), dsp(L), dys(L), g(N);
+  auto mt = [&](int64_t step) { return a.reverse ? L - 1 - step : step; };  // memory time
 
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t d = 0; d < D; ++d) {
       // Forward, keeping h_t in H[(t+1)*N ...], h_{-1} = initial state in H[0 ...].
       for (int64_t n = 0; n < N; ++n)
         H[n] = a.initial_state.defined() ? a.initial_state[(b * D + d) * N + n] : 0.0;
+      // H, dts, dsp, dys are indexed by step (reverse: step j is time L-1-j).
       for (int64_t t = 0; t < L; ++t) {
-        const int64_t idx = (b * L + t) * D + d;
+        const int64_t idx = (b * L + mt(t)) * D + d;
         ref_dt(a, idx, d, &dts[t], &dsp[t]);
         const double u = a.u[idx];
-        const float* Bp = Bv.at(b, t, d);
-        const float* Cp = Cv.at(b, t, d);
+        const float* Bp = Bv.at(b, mt(t), d);
+        const float* Cp = Cv.at(b, mt(t), d);
         double y = 0;
         for (int64_t n = 0; n < N; ++n) {
           double hn = std::exp(dts[t] * a.A[d * N + n]) * H[t * N + n] + dts[t] * Bp[n] * u;
@@ -207,9 +210,9 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout) {
       // Backward.
       std::fill(g.begin(), g.end(), 0.0);  // carry: exp(dt_{t+1} A) g_{t+1}
       for (int64_t t = L - 1; t >= 0; --t) {
-        const int64_t idx = (b * L + t) * D + d;
+        const int64_t idx = (b * L + mt(t)) * D + d;
         const double u = a.u[idx], dt = dts[t], dy = dys[t];
-        const int64_t bo = Bv.offset(b, t, d), co = Cv.offset(b, t, d);
+        const int64_t bo = Bv.offset(b, mt(t), d), co = Cv.offset(b, mt(t), d);
         double ddt = 0, dus = 0;
         for (int64_t n = 0; n < N; ++n) {
           const double An = a.A[d * N + n], e = std::exp(dt * An);

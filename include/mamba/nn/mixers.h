@@ -21,6 +21,7 @@
 
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
+#include "mamba/nn/mamba3.h"
 
 namespace mamba {
 
@@ -53,7 +54,7 @@ struct MixerSet {
 };
 
 // The registration line: every SSM mixer, in ssm_cfg "layer" order (the first is the default).
-using Mixers = MixerSet<Mamba1, Mamba2>;
+using Mixers = MixerSet<Mamba1, Mamba2, Mamba3>;
 
 using Mixer = Mixers::Layer;
 using MixerConfig = Mixers::Config;
