@@ -19,7 +19,7 @@ same model with attention as its temporal branch, and of the persistence baselin
 observed value repeated). Run from the repository root after installing the package
 (README.md, "Python"):
 
-  python3 examples/spatiotemporal.py            # about a minute on 2 cores
+  python3 examples/spatiotemporal.py            # 300 steps per model: minutes on 2 cores
   python3 examples/spatiotemporal.py --steps 30 # a quick look
 """
 

@@ -14,8 +14,10 @@ Mamba paths a CPU user falls back to, in the same process, with the same threads
 One JSON line per configuration. The torch baselines are slow (seconds to minutes per step at
 L 2048) and the parallel scan holds several (B, L, D, N) tensors: the sequential one runs at
 L' = min(L, --seq-max-len), the parallel one at the longest L' = L / 2^k whose (B, L', D, N) has at
-most --pscan-max-elems elements, and their times are scaled by L / L' (their work is linear in
-L; recorded as "<name>_measured_len"). Measured at full size, never extrapolated: every mambacpp
+most --pscan-max-elems elements, and their times are scaled by L / L' (recorded as
+"<name>_measured_len"). The parallel scan's work is linear in L; the sequential loop's backward
+is not (each step's dA[:, t] gets a gradient the size of the whole tensor), so its scaled figure
+understates it (docs/PERFORMANCE.md). Measured at full size, never extrapolated: every mambacpp
 and core figure. Not a test: run it by hand (docs/PERFORMANCE.md has the figures).
 
   PYTHONPATH=build/python python3 bench/python/bench_torch_mamba.py --threads 2
