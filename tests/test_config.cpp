@@ -208,8 +208,9 @@ TEST(Config, UnknownKeysAreNamed) {
         ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "Mamba2", "dt_rank": 4}})");
       },
       {"'ssm_cfg.dt_rank'", "parameter of Mamba1"});
-  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"layer": "Mamba3"}})"); },
-               {"'ssm_cfg.layer'", "Mamba3"});
+  // An unknown mixer names the registered ones (Mamba3 is one now).
+  expect_error([&] { ModelConfig::parse(R"({"ssm_cfg": {"layer": "Mamba4"}})"); },
+               {"'ssm_cfg.layer'", "Mamba4", "\"Mamba3\""});
   expect_error([&] { ModelConfig::parse(R"({"attn_cfg": {"num_head": 4}})"); },
                {"'attn_cfg.num_head'"});
   expect_error([&] { ModelConfig::parse(with(kHfMamba1, "num_heads", 8)); },
