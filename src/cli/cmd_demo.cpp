@@ -164,7 +164,12 @@ Command add_demo(CLI::App& app) {
             "any length)\n",
             worst,
             (long long)std::visit(
-                [](const auto& s) { return s.conv_state.numel() + s.ssm_state.numel(); },
+                [](const auto& s) -> int64_t {
+                  if constexpr (requires { s.ssm_state; })
+                    return s.conv_state.numel() + s.ssm_state.numel();
+                  else
+                    return 0;  // the demo's model has no attention layer
+                },
                 st.layers.at(0)));
         std::printf(
             "\n== 5. The layers: parameter count vs mamba_ssm, backward vs finite differences\n");
