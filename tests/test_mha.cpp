@@ -366,3 +366,35 @@ TEST(HybridLM, GradientsThroughAttentionMatchFiniteDifferences) {
   }
   EXPECT_GE(checked, 15);
 }
+
+TEST(HybridLM, ConfigPerLayerMixersAndErrorsNameTheField) {
+  ModelConfig c = ModelConfig::load(test::golden_path("lm_hybrid_ckpt/config.json"));
+  EXPECT_TRUE(std::holds_alternative<Mamba2Config>(c.layer_mixer(0)));
+  ASSERT_TRUE(std::holds_alternative<MHAConfig>(c.layer_mixer(1)));
+  const MHAConfig a = std::get<MHAConfig>(c.layer_mixer(1));
+  EXPECT_EQ(a.d_model, 64);
+  EXPECT_EQ(a.num_heads, 4);
+  EXPECT_EQ(a.heads_kv(), 2);
+  EXPECT_EQ(a.head(), 32);
+  EXPECT_EQ(a.rotary_emb_dim, 16);
+  EXPECT_TRUE(a.causal && !a.qkv_proj_bias && !a.out_proj_bias);
+  EXPECT_TRUE(ModelConfig::parse(c.to_json()) == c) << c.to_json();
+  const std::string base =
+      R"({"d_model": 64, "n_layer": 2, "vocab_size": 61, "attn_layer_idx": [1], "attn_cfg": )";
+  auto bad = [&](const std::string& attn, std::initializer_list<const char*> frags) {
+    test::expect_error([&] { ModelConfig::parse(base + attn + "}"); }, frags);
+  };
+  bad(R"({"num_heads": 4, "rotary_emb_dim": 7})", {"'attn_cfg.rotary_emb_dim'"});
+  bad(R"({"num_heads": 4, "rotary_emb_dim": 32})", {"'attn_cfg.rotary_emb_dim'"});
+  bad(R"({"num_heads": 4, "num_heads_kv": 3})", {"'attn_cfg.num_heads_kv'"});
+  bad(R"({"num_heads": 5})", {"'attn_cfg.num_heads'", "does not divide"});
+  bad(R"({"num_heads": 4, "d_conv": -1})", {"'attn_cfg.d_conv'"});
+  bad(R"({"num_heads": 4, "window_size": 8})", {"'attn_cfg.window_size'"});
+  bad(R"({"num_heads": 4, "causal": 1})", {"'attn_cfg.causal'"});
+  test::expect_error([&] { ModelConfig::parse(R"({"d_model": 64, "ssm_cfg": {"layer": "MHA"}})"); },
+                     {"'ssm_cfg.layer'", "attn_layer_idx"});
+  // A model with a head_dim that num_heads does not divide d_model into builds.
+  ModelConfig m = ModelConfig::parse(base + R"({"num_heads": 5, "head_dim": 8, "causal": true}})");
+  MambaLM lm(m, 1);
+  EXPECT_STREQ(lm.blocks()[1].mixer_name(), "MHA");
+}

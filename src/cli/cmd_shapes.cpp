@@ -6,6 +6,7 @@
 #include "cli/commands.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
+#include "mamba/nn/mha.h"
 #include "mamba/trace.h"
 
 namespace mamba::cli {
@@ -17,6 +18,8 @@ struct ShapesOpts {
   double expand = 2;
   int64_t headdim = 64, ngroups = 1, chunk_size = 256, dt_rank = -1;
   bool step = true;
+  int64_t num_heads = 4, num_heads_kv = 0, head_dim = 0, rotary_emb_dim = 0, mlp_dim = 0;
+  bool noncausal = false;
 };
 
 template <class Layer>
@@ -48,8 +51,8 @@ Command add_shapes(CLI::App& app) {
   auto o = std::make_shared<ShapesOpts>();
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
-  sub->add_option("--layer", o->layer, "mamba1 or mamba2")
-      ->check(CLI::IsMember({"mamba1", "mamba2"}))
+  sub->add_option("--layer", o->layer, "mamba1, mamba2 or mha (attention)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "mha"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
   sub->add_option("--d_state", o->d_state, "N (default: 16 for mamba1, 128 for mamba2)");
@@ -59,6 +62,14 @@ Command add_shapes(CLI::App& app) {
   sub->add_option("--headdim", o->headdim, "mamba2: P")->capture_default_str();
   sub->add_option("--ngroups", o->ngroups, "mamba2: G")->capture_default_str();
   sub->add_option("--chunk_size", o->chunk_size, "mamba2: SSD chunk")->capture_default_str();
+  sub->add_option("--num_heads", o->num_heads, "mha: H")->capture_default_str();
+  sub->add_option("--num_heads_kv", o->num_heads_kv, "mha: KV heads (default H)");
+  sub->add_option("--head_dim", o->head_dim, "mha: P (default d_model / H)");
+  sub->add_option("--rotary_emb_dim", o->rotary_emb_dim, "mha: rotary dims per head")
+      ->capture_default_str();
+  sub->add_option("--mlp_dim", o->mlp_dim, "mha: fused MLP width (rounded up to 256)")
+      ->capture_default_str();
+  sub->add_flag("--noncausal", o->noncausal, "mha: non-causal attention");
   sub->add_option("--batch", o->batch, "B")->capture_default_str();
   sub->add_option("--seqlen", o->seqlen, "L")->capture_default_str();
   sub->add_flag("!--no-step", o->step, "do not trace a decode step");
@@ -69,6 +80,14 @@ Command add_shapes(CLI::App& app) {
               c.dt_rank = o->dt_rank;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               Mamba1 layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "mha") {  // d_conv here is MHA's qkv conv (0 = none)
+              MHAConfig c;
+              c.d_model = o->d_model, c.num_heads = o->num_heads, c.num_heads_kv = o->num_heads_kv;
+              c.head_dim = o->head_dim, c.rotary_emb_dim = o->rotary_emb_dim;
+              c.mlp_dim = o->mlp_dim, c.d_conv = o->d_conv, c.causal = !o->noncausal;
+              MHA layer(c, 0);
               return trace_layer(layer, *o);
             }
             Mamba2Config c;
