@@ -26,5 +26,6 @@ Command add_tokenize(CLI::App& app);
 Command add_detokenize(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_eval_task(CLI::App& app);
+Command add_st_forecast(CLI::App& app);
 
 }  // namespace mamba::cli

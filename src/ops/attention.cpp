@@ -1,7 +1,64 @@
 // Attention (GQA, causal / not), rotary embedding and the KV-cache decode step: the blocked
 // online-softmax kernels, their backward, and the naive references. See ops/attention.h.
+// The two inner loops (a row of scores against a transposed key block; y += a x over a head) are
+// Highway kernels, compiled for every target and chosen at run time.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/attention.cpp"
 #include "ops/attention.h"
 
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/highway.h>
+
+HWY_BEFORE_NAMESPACE();
+namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// s[0, nb) = sum_p qs[p] * Kt[p * ld + j]: the key index j across the lanes, p summed in order.
+void RowScoresKernel(const float* qs, const float* Kt, int64_t ld, int64_t P, int64_t nb,
+                     float* s) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t j = 0;
+  for (; j + 2 * N <= nb; j += 2 * N) {
+    auto a0 = hn::Zero(d), a1 = hn::Zero(d);
+    for (int64_t p = 0; p < P; ++p) {
+      const auto q = hn::Set(d, qs[p]);
+      a0 = hn::MulAdd(q, hn::LoadU(d, Kt + p * ld + j), a0);
+      a1 = hn::MulAdd(q, hn::LoadU(d, Kt + p * ld + j + N), a1);
+    }
+    hn::StoreU(a0, d, s + j);
+    hn::StoreU(a1, d, s + j + N);
+  }
+  for (; j + N <= nb; j += N) {
+    auto a0 = hn::Zero(d);
+    for (int64_t p = 0; p < P; ++p)
+      a0 = hn::MulAdd(hn::Set(d, qs[p]), hn::LoadU(d, Kt + p * ld + j), a0);
+    hn::StoreU(a0, d, s + j);
+  }
+  for (; j < nb; ++j) {
+    float a = 0.f;
+    for (int64_t p = 0; p < P; ++p) a += qs[p] * Kt[p * ld + j];
+    s[j] = a;
+  }
+}
+
+// y[0, n) += a * x[0, n)
+void AxpyKernel(float a, const float* x, float* y, int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  const auto va = hn::Set(d, a);
+  int64_t i = 0;
+  for (; i + N <= n; i += N)
+    hn::StoreU(hn::MulAdd(va, hn::LoadU(d, x + i), hn::LoadU(d, y + i)), d, y + i);
+  for (; i < n; ++i) y[i] += a * x[i];
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -11,6 +68,8 @@
 #include "ops/act.h"
 
 namespace mamba::ops {
+HWY_EXPORT(RowScoresKernel);
+HWY_EXPORT(AxpyKernel);
 
 namespace {
 
@@ -57,18 +116,12 @@ void transpose_block(const float* k, int64_t ks, int64_t j0, int64_t nb, int64_t
 }
 
 // s[0, nb) = sum_p qs[p] * Kt[p, :]
-inline void row_scores(const float* __restrict qs, const float* __restrict Kt, int64_t P,
-                       int64_t nb, float* __restrict s) {
-  for (int64_t j = 0; j < nb; ++j) s[j] = 0.f;
-  for (int64_t p = 0; p < P; ++p) {
-    const float a = qs[p];
-    const float* kt = Kt + p * kBk;
-    for (int64_t j = 0; j < nb; ++j) s[j] += a * kt[j];
-  }
+inline void row_scores(const float* qs, const float* Kt, int64_t P, int64_t nb, float* s) {
+  HWY_DYNAMIC_DISPATCH(RowScoresKernel)(qs, Kt, kBk, P, nb, s);
 }
 
-inline void axpy(float a, const float* __restrict x, float* __restrict y, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) y[i] += a * x[i];
+inline void axpy(float a, const float* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(AxpyKernel)(a, x, y, n);
 }
 
 inline float dotf(const float* a, const float* b, int64_t n) {
@@ -476,3 +529,4 @@ AttnGrads attention_bwd_ref(const Tensor& q, const Tensor& k, const Tensor& v, c
 }
 
 }  // namespace mamba::ops
+#endif  // HWY_ONCE
