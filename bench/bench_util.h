@@ -50,6 +50,11 @@ class Args {
       ++i;
     }
   }
+  std::string get_str(const char* name, const std::string& def) const {
+    for (auto& [k, v] : kv_)
+      if (k == name) return v;
+    return def;
+  }
   long get(const char* name, long def) const {
     for (auto& [k, v] : kv_)
       if (k == name) return std::strtol(v.c_str(), nullptr, 10);

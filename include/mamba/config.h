@@ -14,22 +14,9 @@
 
 namespace mamba {
 
-// mamba_ssm MHA keyword arguments (attn_cfg), used for the layers in attn_layer_idx.
-struct AttnConfig {
-  int64_t num_heads = 0;
-  int64_t num_heads_kv = 0;  // 0 = None: num_heads
-  int64_t head_dim = 0;      // 0 = None: d_model / num_heads
-  int64_t mlp_dim = 0;
-  bool qkv_proj_bias = true;
-  bool out_proj_bias = true;
-  double softmax_scale = 0;  // 0 = None: 1/sqrt(head_dim)
-  bool causal = false;
-  int64_t rotary_emb_dim = 0;
-  double rotary_emb_base = 10000.0;
-  bool rotary_emb_interleaved = false;
-  int64_t d_conv = 0;
-  bool operator==(const AttnConfig&) const = default;
-};
+// mamba_ssm MHA keyword arguments (attn_cfg), used for the layers in attn_layer_idx: the MHA
+// mixer's config struct (nn/mha.h).
+using AttnConfig = MHAConfig;
 
 struct ModelConfig {
   int64_t d_model = 0;
@@ -41,7 +28,7 @@ struct ModelConfig {
   // width: mixer() returns ssm_cfg with it applied (the copy parse() stores is already in sync).
   MixerConfig ssm_cfg;
   std::vector<int64_t> attn_layer_idx;  // layers that are MHA instead of the SSM mixer
-  AttnConfig attn_cfg;
+  AttnConfig attn_cfg;                  // their config; attn_cfg.d_model is kept = d_model
   bool rms_norm = true;  // RMSNorm (true) or LayerNorm (false) for block norms and norm_f
   bool residual_in_fp32 = true;
   bool fused_add_norm = true;  // a kernel choice in mamba_ssm; same math either way
@@ -66,6 +53,9 @@ struct ModelConfig {
     return std::get_if<Cfg>(&ssm_cfg);
   }
   bool is_attn_layer(int64_t i) const;
+  // The mixer config of layer i: attn_cfg (an MHAConfig) for the layers in attn_layer_idx,
+  // mixer() for the others.
+  MixerConfig layer_mixer(int64_t i) const;
 
   // Parses config.json text (either key set; detected from the keys). `origin` names the
   // file in error messages.

@@ -28,8 +28,9 @@
 
 namespace mamba {
 
-// Decode state of the whole model: one state per layer (BlockState: its mixer's state). Its size
-// does not depend on how many tokens were seen (constant memory per token).
+// Decode state of the whole model: one state per layer (BlockState: its mixer's state). For the
+// Mamba layers its size does not depend on how many tokens were seen (constant memory per token);
+// an attention layer (attn_layer_idx) keeps a KV cache that grows with the tokens (MHAState).
 struct LMState {
   std::vector<BlockState> layers;
   int64_t batch = 0;

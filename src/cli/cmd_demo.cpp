@@ -165,10 +165,12 @@ Command add_demo(CLI::App& app) {
             worst,
             (long long)std::visit(
                 [](const auto& s) -> int64_t {
-                  if constexpr (requires { s.conv_state; })  // Mamba-1 / Mamba-2
+                  if constexpr (requires { s.ssm_state; })  // Mamba-1 / Mamba-2
                     return s.conv_state.numel() + s.ssm_state.numel();
-                  else  // Mamba-3
+                  else if constexpr (requires { s.angle; })  // Mamba-3
                     return s.angle.numel() + s.ssm.numel() + s.k.numel() + s.v.numel();
+                  else
+                    return 0;  // the demo's model has no attention layer
                 },
                 st.layers.at(0)));
         std::printf(

@@ -8,6 +8,7 @@
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/nn/mamba3.h"
+#include "mamba/nn/mha.h"
 #include "mamba/nn/ss2d.h"
 #include "mamba/trace.h"
 
@@ -25,6 +26,8 @@ struct ShapesOpts {
   bool channel_first = false;       // ss2d
   bool mimo = false;                // mamba3
   int64_t rank = 4;                 // mamba3
+  int64_t num_heads = 4, num_heads_kv = 0, head_dim = 0, rotary_emb_dim = 0, mlp_dim = 0;
+  bool noncausal = false;
 };
 
 // VMamba's SS2D: a 2-D layer (no decode step); x is (B, H, W, d_model) or (B, d_model, H, W).
@@ -89,9 +92,9 @@ Command add_shapes(CLI::App& app) {
   auto* sub = app.add_subcommand(
       "shapes", "Trace one layer: every op of its forward and of one decode step, with shapes");
   sub->add_option("--layer", o->layer,
-                  "mamba1, mamba2, mamba3, bimamba (Vim's bidirectional Mamba, forward only) or "
-                  "ss2d (VMamba's 2-D scan)")
-      ->check(CLI::IsMember({"mamba1", "mamba2", "mamba3", "bimamba", "ss2d"}))
+                  "mamba1, mamba2, mamba3, bimamba (Vim's bidirectional Mamba, forward only), "
+                  "mha (attention) or ss2d (VMamba's 2-D scan)")
+      ->check(CLI::IsMember({"mamba1", "mamba2", "mamba3", "bimamba", "mha", "ss2d"}))
       ->capture_default_str();
   sub->add_option("--d_model", o->d_model, "model width")->capture_default_str();
   sub->add_option("--d_state", o->d_state,
@@ -107,6 +110,14 @@ Command add_shapes(CLI::App& app) {
   sub->add_option("--chunk_size", o->chunk_size, "mamba2: SSD chunk")->capture_default_str();
   sub->add_flag("--mimo", o->mimo, "mamba3: MIMO heads");
   sub->add_option("--rank", o->rank, "mamba3 --mimo: mimo_rank R")->capture_default_str();
+  sub->add_option("--num_heads", o->num_heads, "mha: H")->capture_default_str();
+  sub->add_option("--num_heads_kv", o->num_heads_kv, "mha: KV heads (default H)");
+  sub->add_option("--head_dim", o->head_dim, "mha: P (default d_model / H)");
+  sub->add_option("--rotary_emb_dim", o->rotary_emb_dim, "mha: rotary dims per head")
+      ->capture_default_str();
+  sub->add_option("--mlp_dim", o->mlp_dim, "mha: fused MLP width (rounded up to 256)")
+      ->capture_default_str();
+  sub->add_flag("--noncausal", o->noncausal, "mha: non-causal attention");
   sub->add_option("--batch", o->batch, "B")->capture_default_str();
   sub->add_option("--seqlen", o->seqlen, "L")->capture_default_str();
   sub->add_flag("!--no-step", o->step, "do not trace a decode step");
@@ -140,6 +151,14 @@ Command add_shapes(CLI::App& app) {
               c.dt_rank = o->dt_rank, c.if_divide_out = true;
               c.d_state = o->d_state > 0 ? o->d_state : 16;
               BiMamba layer(c, 0);
+              return trace_layer(layer, *o);
+            }
+            if (o->layer == "mha") {  // d_conv here is MHA's qkv conv (0 = none)
+              MHAConfig c;
+              c.d_model = o->d_model, c.num_heads = o->num_heads, c.num_heads_kv = o->num_heads_kv;
+              c.head_dim = o->head_dim, c.rotary_emb_dim = o->rotary_emb_dim;
+              c.mlp_dim = o->mlp_dim, c.d_conv = o->d_conv, c.causal = !o->noncausal;
+              MHA layer(c, 0);
               return trace_layer(layer, *o);
             }
             Mamba2Config c;

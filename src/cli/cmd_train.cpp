@@ -305,7 +305,14 @@ Command add_train(CLI::App& app) {
             "model: %s%s, d_model %lld, n_layer %lld, d_state %lld, vocab %lld, %lld parameters\n",
             mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective ablation)",
             static_cast<long long>(mc.d_model), static_cast<long long>(mc.n_layer),
-            static_cast<long long>(std::visit([](const auto& m) { return m.d_state; }, mc.ssm_cfg)),
+            static_cast<long long>(std::visit(
+                [](const auto& m) -> int64_t {
+                  if constexpr (requires { m.d_state; })
+                    return m.d_state;
+                  else
+                    return 0;  // ssm_cfg never holds the attention mixer
+                },
+                mc.ssm_cfg)),
             static_cast<long long>(mc.vocab_size),
             static_cast<long long>(tr->model().num_parameters()));
         std::printf(

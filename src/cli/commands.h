@@ -27,5 +27,6 @@ Command add_detokenize(CLI::App& app);
 Command add_train(CLI::App& app);
 Command add_eval_task(CLI::App& app);
 Command add_example(CLI::App& app);  // cmd_example.cpp: `example vision`
+Command add_st_forecast(CLI::App& app);
 
 }  // namespace mamba::cli

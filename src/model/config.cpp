@@ -68,8 +68,12 @@ MixerConfig parse_ssm_cfg(const json& j, int64_t d_model) {
   std::optional<MixerConfig> out;
   Mixers::for_each([&](auto t) {
     using M = typename decltype(t)::type;
-    if (layer == M::kName) out = M::Config::from_ssm_cfg(r, d_model);
+    if constexpr (!is_attention_mixer<M>)
+      if (layer == M::kName) out = M::Config::from_ssm_cfg(r, d_model);
   });
+  MAMBA_CHECK(layer != MHA::kName, "'ssm_cfg.layer' = '", layer,
+              "' is not an SSM layer: attention layers are chosen by attn_layer_idx and configured "
+              "by attn_cfg");
   MAMBA_CHECK(out.has_value(), "'ssm_cfg.layer' = '", layer, "' is not supported (expected one of ",
               Mixers::names(), ")");
   // A key left over: name the mixer it belongs to when it is another one's.
@@ -86,22 +90,11 @@ MixerConfig parse_ssm_cfg(const json& j, int64_t d_model) {
   return *out;
 }
 
-AttnConfig parse_attn_cfg(const json& j) {
+AttnConfig parse_attn_cfg(const json& j, int64_t d_model) {
+  MAMBA_CHECK(j.is_object(), "'attn_cfg' must be an object, got ", j.dump());
   KeyReader r(j, "attn_cfg.");
-  AttnConfig a;
-  a.num_heads = r.integer("num_heads", a.num_heads);
-  a.num_heads_kv = r.integer("num_heads_kv", a.num_heads_kv);
-  a.head_dim = r.integer("head_dim", a.head_dim);
-  a.mlp_dim = r.integer("mlp_dim", a.mlp_dim);
-  a.qkv_proj_bias = r.boolean("qkv_proj_bias", a.qkv_proj_bias);
-  a.out_proj_bias = r.boolean("out_proj_bias", a.out_proj_bias);
-  a.softmax_scale = r.number("softmax_scale", a.softmax_scale);
-  a.causal = r.boolean("causal", a.causal);
-  a.rotary_emb_dim = r.integer("rotary_emb_dim", a.rotary_emb_dim);
-  a.rotary_emb_base = r.number("rotary_emb_base", a.rotary_emb_base);
-  a.rotary_emb_interleaved = r.boolean("rotary_emb_interleaved", a.rotary_emb_interleaved);
-  a.d_conv = r.integer("d_conv", a.d_conv);
-  r.finish("attn_cfg");
+  AttnConfig a = MHAConfig::from_ssm_cfg(r, d_model);
+  r.finish("attn_cfg (mamba_ssm's MHA has no such argument)");
   return a;
 }
 
@@ -124,7 +117,7 @@ ModelConfig parse_mamba_ssm(const json& j) {
     }
   }
   r.ignore({"attn_layer_idx", "attn_cfg"});
-  if (r.has("attn_cfg")) c.attn_cfg = parse_attn_cfg(r.raw("attn_cfg"));
+  if (r.has("attn_cfg")) c.attn_cfg = parse_attn_cfg(r.raw("attn_cfg"), c.d_model);
   c.rms_norm = r.boolean("rms_norm", true);
   c.residual_in_fp32 = r.boolean("residual_in_fp32", true);
   c.fused_add_norm = r.boolean("fused_add_norm", true);
@@ -272,20 +265,9 @@ void ModelConfig::validate() const {
     MAMBA_CHECK(seen.insert(i).second, "'attn_layer_idx' holds ", i, " twice");
   }
   if (!attn_layer_idx.empty()) {
-    const AttnConfig& a = attn_cfg;
-    check_range(a.num_heads, 1, 1 << 12, "attn_cfg.num_heads");
-    check_range(a.num_heads_kv, 0, a.num_heads, "attn_cfg.num_heads_kv");
-    MAMBA_CHECK(a.num_heads_kv == 0 || a.num_heads % a.num_heads_kv == 0,
-                "'attn_cfg.num_heads_kv' = ", a.num_heads_kv,
-                " does not divide 'attn_cfg.num_heads' = ", a.num_heads);
-    MAMBA_CHECK(a.head_dim > 0 || d_model % a.num_heads == 0,
-                "'attn_cfg.num_heads' = ", a.num_heads, " does not divide d_model = ", d_model,
-                " (and attn_cfg.head_dim is not given)");
-    check_range(a.head_dim, 0, 1 << 12, "attn_cfg.head_dim");
-    check_range(a.mlp_dim, 0, 1 << 20, "attn_cfg.mlp_dim");
-    check_range(a.d_conv, 0, 64, "attn_cfg.d_conv");
-    const int64_t hd = a.head_dim ? a.head_dim : d_model / a.num_heads;
-    check_range(a.rotary_emb_dim, 0, hd, "attn_cfg.rotary_emb_dim");
+    MAMBA_CHECK(attn_cfg.d_model == d_model, "'attn_cfg': embed_dim ", attn_cfg.d_model,
+                " differs from d_model = ", d_model);
+    attn_cfg.check_ssm_cfg();
   }
 }
 
@@ -296,6 +278,7 @@ ModelConfig ModelConfig::parse(const std::string& text, const std::string& origi
     const bool hf =
         j.contains("model_type") || j.contains("hidden_size") || j.contains("num_hidden_layers");
     ModelConfig c = hf ? parse_hf(j) : parse_mamba_ssm(j);
+    c.attn_cfg.d_model = c.d_model;
     c.validate();
     return c;
   } catch (const Error& e) {
@@ -318,22 +301,10 @@ std::string ModelConfig::to_json() const {
   const ojson ssm = json_io::parse_python_ojson(
       std::visit([](const auto& m) { return m.to_ssm_cfg(); }, mixer()), "ssm_cfg");
   ojson attn = ojson::object();
-  if (!(attn_cfg == AttnConfig{})) {
-    const AttnConfig& a = attn_cfg;
-    auto opt = [](int64_t v) { return v ? ojson(v) : ojson(nullptr); };
-    attn["num_heads"] = a.num_heads;
-    attn["num_heads_kv"] = opt(a.num_heads_kv);
-    attn["head_dim"] = opt(a.head_dim);
-    attn["mlp_dim"] = a.mlp_dim;
-    attn["qkv_proj_bias"] = a.qkv_proj_bias;
-    attn["out_proj_bias"] = a.out_proj_bias;
-    attn["softmax_scale"] = a.softmax_scale ? ojson(a.softmax_scale) : ojson(nullptr);
-    attn["causal"] = a.causal;
-    attn["rotary_emb_dim"] = a.rotary_emb_dim;
-    attn["rotary_emb_base"] = a.rotary_emb_base;
-    attn["rotary_emb_interleaved"] = a.rotary_emb_interleaved;
-    attn["d_conv"] = a.d_conv;
-  }
+  AttnConfig unset;
+  unset.d_model = d_model;
+  if (!attn_layer_idx.empty() || !(attn_cfg == unset))
+    attn = json_io::parse_python_ojson(attn_cfg.to_ssm_cfg(), "attn_cfg");
   ojson j;
   j["d_model"] = d_model;
   j["d_intermediate"] = d_intermediate;
@@ -409,6 +380,13 @@ std::string ModelConfig::to_hf_json() const {
 
 int64_t ModelConfig::d_inner() const {
   return std::visit([](const auto& m) { return m.d_inner(); }, mixer());
+}
+
+MixerConfig ModelConfig::layer_mixer(int64_t i) const {
+  if (!is_attn_layer(i)) return mixer();
+  AttnConfig a = attn_cfg;
+  a.d_model = d_model;
+  return a;
 }
 
 MixerConfig ModelConfig::mixer() const {

@@ -18,14 +18,15 @@ namespace mamba {
 
 namespace {
 
-// The mixer config of layer i: ssm_cfg with the model's d_model, and the layer's own initial delta
-// range when dt_init gives one.
+// The mixer config of layer i: ssm_cfg with the model's d_model (attn_cfg for an attention layer),
+// and an SSM layer's own initial delta range when dt_init gives one.
 MixerConfig layer_mixer_config(const ModelConfig& cfg,
                                const std::vector<std::pair<double, double>>& dt_init, int64_t i) {
-  MixerConfig m = cfg.mixer();
+  MixerConfig m = cfg.layer_mixer(i);
   std::visit(
       [&](auto& c) {
-        if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
+        if constexpr (requires { c.dt_min; })
+          if (!dt_init.empty()) c.dt_min = dt_init[i].first, c.dt_max = dt_init[i].second;
       },
       m);
   return m;
@@ -94,8 +95,6 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
   MAMBA_CHECK(dt_init.empty() || static_cast<int64_t>(dt_init.size()) == cfg_.n_layer,
               "MambaLM: dt_init needs one {dt_min, dt_max} per layer (n_layer = ", cfg_.n_layer,
               "), got ", dt_init.size());
-  MAMBA_CHECK(cfg_.attn_layer_idx.empty(),
-              "config: attn_layer_idx (hybrid attention layers) is not supported yet");
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
   {

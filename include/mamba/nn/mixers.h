@@ -22,6 +22,7 @@
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/nn/mamba3.h"
+#include "mamba/nn/mha.h"
 
 namespace mamba {
 
@@ -53,13 +54,19 @@ struct MixerSet {
   }
 };
 
-// The registration line: every SSM mixer, in ssm_cfg "layer" order (the first is the default).
-using Mixers = MixerSet<Mamba1, Mamba2, Mamba3>;
+// The registration line: every mixer, in ssm_cfg "layer" order (the first is the default). MHA is
+// the attention mixer: it is chosen per layer by attn_layer_idx and configured by attn_cfg, never
+// by ssm_cfg "layer" (as in mamba_ssm; see is_attention_mixer).
+using Mixers = MixerSet<Mamba1, Mamba2, Mamba3, MHA>;
 
 using Mixer = Mixers::Layer;
 using MixerConfig = Mixers::Config;
 using MixerState = Mixers::State;
 using MixerSaved = Mixers::Saved;
+
+// Attention mixers take their config from attn_cfg (attn_layer_idx), not from ssm_cfg.
+template <class M>
+inline constexpr bool is_attention_mixer = std::is_same_v<M, MHA>;
 
 // The "layer" name of the mixer a config describes.
 inline const char* mixer_name(const MixerConfig& c) {
