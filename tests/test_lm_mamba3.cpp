@@ -3,7 +3,8 @@
 // config.json), logits, greedy generation token for token with its scores (our decode goes
 // through the step path, which the official LM cannot run at this commit: its Mamba3.step
 // refuses (B, 1, d_model), golden README "Found along the way"), prefill + step == the full
-// forward, save / load round trip, config errors naming the key, training lowers the loss.
+// forward, save / load round trip, config errors naming the key, training lowers the loss, 16-bit
+// weights.
 #include <filesystem>
 
 #include "mamba/config.h"
@@ -130,4 +131,38 @@ TEST(LMMamba3, TrainingLossGoesDown) {
     return s / static_cast<double>(b - a);
   };
   EXPECT_LT(mean(55, 60), 0.8 * mean(0, 3));
+}
+
+TEST(LMMamba3, SixteenBitWeights) {
+  // bf16 / f16 storage of the projections and the embedding (inference only): the same logits as
+  // the fp32 model holding the same rounded weights (only the order of fp32 sums differs), and
+  // prefill + step == forward on the 16-bit model.
+  for (WeightDType k : {WeightDType::bf16, WeightDType::f16})
+    for (const char* name : {"lm_mamba3", "lm_mamba3_mimo"}) {
+      const std::string dir = test::golden_path(std::string(name) + "_ckpt");
+      MambaLM half = MambaLM::load(dir), rounded = MambaLM::load(dir), orig = MambaLM::load(dir);
+      half.set_weight_dtype(k);
+      rounded.set_weight_dtype(k);
+      rounded.set_weight_dtype(WeightDType::f32);
+      const int64_t B = 2, L = 9, V = 64;
+      std::vector<int32_t> ids(B * L);
+      Rng rng(5);
+      for (auto& v : ids) v = static_cast<int32_t>(rng.below(61));
+      Tensor lh = half.forward(ids, B, L), lr = rounded.forward(ids, B, L);
+      const std::string what = str(name, " ", weight_dtype_name(k));
+      EXPECT_TRUE(test::all_close(lh, lr, tol::kHalfVsRoundedF32, what + " vs rounded f32"));
+      std::printf("  %s: max |err| vs rounded f32 %.3g, vs original f32 %.3g\n", what.c_str(),
+                  test::max_abs_diff(lh, lr), test::max_abs_diff(lh, orig.forward(ids, B, L)));
+      std::vector<int32_t> pre;
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t t = 0; t < 4; ++t) pre.push_back(ids[b * L + t]);
+      LMState st;
+      half.forward(pre, B, 4, nullptr, &st);
+      for (int64_t t = 4; t < L; ++t) {
+        Tensor lt = half.step({ids[t], ids[L + t]}, st);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t v = 0; v < V; ++v)
+            ASSERT_NEAR(lt[b * V + v], lh[(b * L + t) * V + v], 1e-4) << what << " t=" << t;
+      }
+    }
 }

@@ -28,10 +28,15 @@ std::string preset_json(const std::string& name) {
     return R"({"d_model":2560,"n_layer":64,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba2"},"attn_layer_idx":[9,18,27,36,45,56],"attn_cfg":{"causal":true,"d_conv":4,"head_dim":128,"num_heads":30,"out_proj_bias":false,"qkv_proj_bias":false,"rotary_emb_dim":64},"pad_vocab_size_multiple":16})";
   if (name == "mamba2-2.7b")
     return R"({"d_model":2560,"n_layer":64,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba2"},"pad_vocab_size_multiple":16})";
+  // Mamba-3 at the 130m width and depth with mamba_ssm's Mamba3 defaults (d_state 128, headdim 64,
+  // SISO); there is no released checkpoint, so only the shapes are a choice.
+  if (name == "mamba3-130m")
+    return R"({"d_model":768,"n_layer":24,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba3"},"pad_vocab_size_multiple":16})";
   if (name == "tiny")
     return R"({"d_model":64,"n_layer":2,"vocab_size":256,"ssm_cfg":{"layer":"Mamba1"}})";
   throw Error(str("unknown --preset '", name,
-                  "' (mamba-130m, mamba2-130m, mamba2-2.7b, mamba2attn-2.7b, tiny)"));
+                  "' (mamba-130m, mamba2-130m, mamba3-130m, mamba2-2.7b, mamba2attn-2.7b, "
+                  "tiny)"));
 }
 
 struct Stats {
@@ -60,7 +65,7 @@ Command add_bench(CLI::App& app) {
   src->add_option("--config", o->config, "config.json file (random weights)");
   src->add_option("--preset", o->preset,
                   "random weights with the exact shapes of: mamba-130m, mamba2-130m, mamba2-2.7b, "
-                  "mamba2attn-2.7b, tiny");
+                  "mamba2attn-2.7b, tiny; mamba3-130m (Mamba-3 defaults at that width and depth)");
   src->require_option(1);
   sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")
       ->capture_default_str()
