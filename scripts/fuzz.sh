@@ -58,8 +58,8 @@ run_one() {  # run_one TARGET: runs it, writes its summary line to $build/logs/T
   local rc=$?
   local cpu execs eps last cov ft res=ok
   cpu=$(awk '{printf "%.0f", $1 + $2}' "$build/logs/$t.time" 2>/dev/null)
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}')
-  eps=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | awk '{print $2}')
+  execs=$(grep 'stat::number_of_executed_units:' "$log" | awk '{print $2}')
+  eps=$(grep 'stat::average_exec_per_sec:' "$log" | awk '{print $2}')
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
   cov=$(echo "$last" | grep -o 'cov: [0-9]*' | awk '{print $2}')
   ft=$(echo "$last" | grep -o 'ft: [0-9]*' | awk '{print $2}')
