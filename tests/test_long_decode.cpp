@@ -99,11 +99,11 @@ void run_long_decode(const std::string& ssm_cfg) {
 
 }  // namespace
 
-TEST(LongDecode, Mamba1StepStateEqualsForwardStateUpTo100kTokens) {
+TEST(LongDecode, Mamba1StepStateEqualsForwardStateOverALongDecode) {
   run_long_decode(R"("layer":"Mamba1","d_state":8,"d_conv":4,"expand":2)");
 }
 
-TEST(LongDecode, Mamba2StepStateEqualsForwardStateUpTo100kTokens) {
+TEST(LongDecode, Mamba2StepStateEqualsForwardStateOverALongDecode) {
   run_long_decode(
       R"("layer":"Mamba2","d_state":8,"d_conv":4,"expand":2,"headdim":8,"chunk_size":64)");
 }
