@@ -10,7 +10,11 @@
 # over-cap allocation stops that target and leaves the input in build-fuzz/artifacts/<target>/;
 # the script then exits 1. One summary line per target: executions, execs/s, coverage (cov =
 # edges, ft = features), CPU seconds. Environment: FUZZ_JOBS (default 2) parallel build jobs,
-# FUZZ_PARALLEL (default 1) targets run at once, FUZZ_BUILD (default build-fuzz) the build folder.
+# FUZZ_PARALLEL (default 1) targets run at once, FUZZ_BUILD (default build-fuzz) the build folder,
+# FUZZ_TIMEOUT (default 1) the per-input limit in seconds. libFuzzer measures it in wall-clock
+# time: on a loaded machine a niced fuzzer waits for the CPU for seconds, so an inside-the-limit
+# input can "time out"; there raise FUZZ_TIMEOUT and re-run what is slow alone (each target's
+# log has libFuzzer's slowest_unit_time_sec; fuzz_<target> <file> replays one input).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
@@ -49,7 +53,7 @@ run_one() {  # run_one TARGET: runs it, writes its summary line to $build/logs/T
   mkdir -p "$corpus" "$art"
   local d
   d=$(dict_for "$t")
-  local args=(-max_total_time="$secs" -timeout=1 -malloc_limit_mb=1024 -rss_limit_mb=2048
+  local args=(-max_total_time="$secs" -timeout="${FUZZ_TIMEOUT:-1}" -malloc_limit_mb=1024 -rss_limit_mb=2048
               -print_final_stats=1 -artifact_prefix="$art")
   [ -n "$d" ] && args+=(-dict="$d")
   # CPU time of the fuzzer process (user + system), from bash's `time`.
@@ -58,12 +62,18 @@ run_one() {  # run_one TARGET: runs it, writes its summary line to $build/logs/T
   local rc=$?
   local cpu execs eps last cov ft res=ok
   cpu=$(awk '{printf "%.0f", $1 + $2}' "$build/logs/$t.time" 2>/dev/null)
-  execs=$(grep -o 'stat::number_of_executed_units: [0-9]*' "$log" | awk '{print $2}')
-  eps=$(grep -o 'stat::average_exec_per_sec: [0-9]*' "$log" | awk '{print $2}')
+  execs=$(grep 'stat::number_of_executed_units:' "$log" | awk '{print $2}')
+  eps=$(grep 'stat::average_exec_per_sec:' "$log" | awk '{print $2}')
   last=$(grep -E '^#[0-9]+' "$log" | tail -1)
   cov=$(echo "$last" | grep -o 'cov: [0-9]*' | awk '{print $2}')
   ft=$(echo "$last" | grep -o 'ft: [0-9]*' | awk '{print $2}')
-  if [ "$rc" != 0 ] || ls "$art" | grep -q .; then res="FAILED (see $log, $art)"; fi
+  # slow-unit-* files are inputs over libFuzzer's -report_slow_units (10 s of wall-clock time):
+  # noted, not failures (replay them alone to see their real time).
+  if [ "$rc" != 0 ] || ls "$art" | grep -v '^slow-unit-' | grep -q .; then
+    res="FAILED (see $log, $art)"
+  elif ls "$art" | grep -q '^slow-unit-'; then
+    res="ok ($(ls "$art" | grep -c '^slow-unit-') slow-unit file(s) in $art: replay alone)"
+  fi
   printf '%-15s %10s %9s %7s %7s %8s  %s\n' "$t" "${execs:-?}" "${eps:-?}" "${cov:-?}" \
     "${ft:-?}" "${cpu:-?}" "$res" >"$build/logs/$t.summary"
 }

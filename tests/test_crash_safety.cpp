@@ -38,7 +38,9 @@ const std::vector<std::string> kModelArgs = {
     "--seed",  "5",         "--threads", "1",  "--log-every", "1000", "--eval-batches", "0"};
 
 std::string tmp_dir(const std::string& name) {
-  const fs::path p = fs::temp_directory_path() / ("mamba_crash_" + name);
+  // The process id keeps two runs of the suite on one machine apart.
+  const fs::path p =
+      fs::temp_directory_path() / ("mamba_crash_" + std::to_string(getpid()) + "_" + name);
   fs::remove_all(p);
   return p.string();
 }
@@ -188,6 +190,7 @@ TEST(CrashSafety, SigkillAtRandomMomentsLeavesALoadableBitExactCheckpoint) {
       "chains ran to the end\n",
       trials, run_ms, killed_mid_save, before_first, completed_runs);
   EXPECT_GT(killed_mid_save, 0) << "no kill landed inside a save: the test did not test that";
+  for (const auto& d : {ref, whole, dir, check, tmp_dir("timing"), log}) fs::remove_all(d);
 }
 
 TEST(CrashSafety, DiskFullFailsClearlyAndKeepsThePreviousCheckpoint) {
@@ -211,4 +214,5 @@ TEST(CrashSafety, DiskFullFailsClearlyAndKeepsThePreviousCheckpoint) {
   EXPECT_FALSE(fs::exists(dir + "/.pending"));
   Trainer tr = Trainer::resume(dir);
   EXPECT_EQ(tr.step(), 3);
+  fs::remove_all(dir), fs::remove_all(log);
 }

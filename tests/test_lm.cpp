@@ -8,6 +8,16 @@
 #include "mamba/lm.h"
 #include "test_util.h"
 
+// MAMBA_TEST_ASAN: built with AddressSanitizer (gcc defines __SANITIZE_ADDRESS__; clang 14 only
+// answers __has_feature(address_sanitizer)).
+#if defined(__SANITIZE_ADDRESS__)
+#define MAMBA_TEST_ASAN 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define MAMBA_TEST_ASAN 1
+#endif
+#endif
+
 using namespace mamba;
 
 namespace {
@@ -213,7 +223,7 @@ TEST(LM, TransformersFolderLoadsToSameLogits) {
 // beyond allocator noise), because the state (conv + ssm per layer) has a fixed size.
 TEST(LM, DecodeMemoryDoesNotGrowWithTokens) {
   if (os::current_rss_bytes() == 0) GTEST_SKIP() << "RSS is not measurable on this platform";
-#if defined(__SANITIZE_ADDRESS__)
+#if defined(MAMBA_TEST_ASAN)
   // AddressSanitizer keeps freed blocks in a quarantine (256 MiB by default) instead of
   // reusing them, so RSS grows with every temporary until the quarantine is full.
   GTEST_SKIP() << "RSS is meaningless under AddressSanitizer's quarantine (run the Release build)";
