@@ -18,13 +18,13 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   app.set_version_flag("--version", "mamba.cpp 0.1.0");
   std::vector<mamba::cli::Command> cmds{
-      mamba::cli::add_demo(app),        mamba::cli::add_info(app),
-      mamba::cli::add_shapes(app),      mamba::cli::add_generate(app),
-      mamba::cli::add_score(app),       mamba::cli::add_perplexity(app),
-      mamba::cli::add_bench(app),       mamba::cli::add_convert(app),
-      mamba::cli::add_tokenize(app),    mamba::cli::add_detokenize(app),
-      mamba::cli::add_train(app),       mamba::cli::add_eval_task(app),
-      mamba::cli::add_example(app),     mamba::cli::add_st_forecast(app),
+      mamba::cli::add_demo(app),     mamba::cli::add_info(app),
+      mamba::cli::add_shapes(app),   mamba::cli::add_generate(app),
+      mamba::cli::add_score(app),    mamba::cli::add_perplexity(app),
+      mamba::cli::add_bench(app),    mamba::cli::add_convert(app),
+      mamba::cli::add_tokenize(app), mamba::cli::add_detokenize(app),
+      mamba::cli::add_train(app),    mamba::cli::add_eval_task(app),
+      mamba::cli::add_example(app),  mamba::cli::add_st_forecast(app),
   };
   try {
     app.parse(argc, argv);
