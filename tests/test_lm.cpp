@@ -273,6 +273,8 @@ TEST(LM, CountParametersFromConfigMatchesTheModel) {
       R"("layer":"Mamba1","d_state":5,"d_conv":4,"expand":3,"dt_rank":3,"bias":true,"conv_bias":false)",
       R"("layer":"Mamba2","d_state":4,"d_conv":3,"expand":2,"headdim":8,"ngroups":2)",
       R"("layer":"Mamba2","d_state":8,"d_conv":4,"expand":2,"headdim":4,"d_ssm":16,"bias":true,"rmsnorm":false,"D_has_hdim":true)",
+      R"("layer":"Mamba3","d_state":8,"expand":2,"headdim":8,"ngroups":2)",
+      R"("layer":"Mamba3","d_state":8,"expand":2,"headdim":8,"is_mimo":true,"mimo_rank":2,"rope_fraction":1.0,"is_outproj_norm":true)",
   };
   for (const char* m : mixers)
     for (int d_intermediate : {0, 40})
@@ -286,6 +288,18 @@ TEST(LM, CountParametersFromConfigMatchesTheModel) {
         MambaLM lm(cfg, 1);
         EXPECT_EQ(MambaLM::count_parameters(cfg), lm.num_parameters()) << json;
       }
+  // Hybrids: attention layers (with and without the qkv conv, biases and fused MLP columns).
+  const char* attn[] = {
+      R"("attn_layer_idx":[1],"attn_cfg":{"num_heads":4,"num_heads_kv":2,"head_dim":8,"rotary_emb_dim":4})",
+      R"("attn_layer_idx":[0,2],"attn_cfg":{"num_heads":2,"d_conv":3,"mlp_dim":40,"qkv_proj_bias":false,"out_proj_bias":false})",
+  };
+  for (const char* a : attn) {
+    const std::string json =
+        std::string(R"({"d_model":16,"n_layer":3,"vocab_size":11,"d_intermediate":24,)") + a +
+        R"(,"ssm_cfg":{"layer":"Mamba2","d_state":4,"headdim":8}})";
+    ModelConfig cfg = ModelConfig::parse(json);
+    EXPECT_EQ(MambaLM::count_parameters(cfg), MambaLM(cfg, 1).num_parameters()) << json;
+  }
   // The non-selective ablation (B and C as parameters instead of x_proj / dt_proj).
   ModelConfig cfg = ModelConfig::parse(
       R"({"d_model":16,"n_layer":1,"vocab_size":8,"ssm_cfg":{"d_state":4,"selective":false}})");

@@ -57,15 +57,38 @@ double ssm_mixer_parameters(const C& c) {
   }
 }
 
-// Parameters of one mixer; a mixer type not listed here counts 0.
+// Parameters of one mixer, from its config alone (in doubles: the config is validated, but the
+// products may still be far beyond any memory). Every registered mixer must have a branch: the
+// static_assert stops a new one from silently counting 0.
 double mixer_parameters(const MixerConfig& m) {
   return std::visit(
       [](const auto& c) -> double {
         using C = std::decay_t<decltype(c)>;
-        if constexpr (std::is_same_v<C, Mamba1Config> || std::is_same_v<C, Mamba2Config>)
+        if constexpr (std::is_same_v<C, Mamba1Config> || std::is_same_v<C, Mamba2Config>) {
           return ssm_mixer_parameters(c);
-        else
+        } else if constexpr (std::is_same_v<C, Mamba3Config>) {
+          const double dm = static_cast<double>(c.d_model), D = static_cast<double>(c.d_inner());
+          const double H = static_cast<double>(c.nheads()), R = static_cast<double>(c.rank());
+          const double N = static_cast<double>(c.d_state), P = static_cast<double>(c.headdim);
+          // dt_bias, B_bias, C_bias, [mimo_x, mimo_z, mimo_o], D, in_proj, B_norm, C_norm,
+          // [norm], out_proj
+          double n =
+              H + 2 * H * R * N + H + static_cast<double>(c.d_in_proj()) * dm + 2 * N + dm * D;
+          if (c.is_mimo) n += 3 * H * R * P;
+          if (c.is_outproj_norm) n += D;
+          return n;
+        } else if constexpr (std::is_same_v<C, MHAConfig>) {
+          const double dm = static_cast<double>(c.d_model), qkv = static_cast<double>(c.qkv_dim());
+          const double mlp = static_cast<double>(c.mlp());
+          double n = (qkv + mlp) * dm + dm * (static_cast<double>(c.d_inner()) + mlp / 2);
+          if (c.qkv_proj_bias) n += qkv + mlp;
+          if (c.d_conv > 0) n += qkv * static_cast<double>(c.d_conv) + qkv;
+          if (c.out_proj_bias) n += dm;
+          return n;
+        } else {
+          static_assert(sizeof(C) == 0, "count_parameters: add the new mixer's parameter count");
           return 0.0;
+        }
       },
       m);
 }
