@@ -101,11 +101,14 @@ void perturb(ParamList& ps, Rng& rng) {
 TEST(SS2D, BackwardMatchesDirectionalFiniteDifferences) {
   // Every forward type / layout on a ragged image: the layer backward against a central
   // difference of the fp32 layer forward along a random direction, for x and each parameter.
-  for (auto [ft, cf] : {std::pair<const char*, bool>{"v05_noz", true},
-                        {"v0", false},
-                        {"v05_oact", false},
-                        {"v3_nozact", true},
-                        {"v2_onnone", false}}) {
+  // (Plain variables, not structured bindings: clang 14 cannot capture those in a lambda.)
+  for (const auto& cfg : {std::pair<const char*, bool>{"v05_noz", true},
+                          {"v0", false},
+                          {"v05_oact", false},
+                          {"v3_nozact", true},
+                          {"v2_onnone", false}}) {
+    const char* ft = cfg.first;
+    const bool cf = cfg.second;
     Rng rng(21);
     SS2DConfig c = small_cfg(ft, cf);
     if (std::string(ft) == "v05_noz") c.d_conv = 1;  // also the no-conv path
@@ -295,10 +298,12 @@ TEST(SS2D, ShapeErrorsAndTrace) {
 }
 
 TEST(VSSBlock, PostNormAndBranchesMatchFiniteDifferences) {
-  for (auto [post, ssm_ratio, mlp_ratio] : {std::tuple<bool, double, double>{false, 1.0, 2.0},
-                                            {true, 1.0, 2.0},
-                                            {false, 0.0, 2.0},
-                                            {false, 2.0, 0.0}}) {
+  for (const auto& cfg : {std::tuple<bool, double, double>{false, 1.0, 2.0},
+                          {true, 1.0, 2.0},
+                          {false, 0.0, 2.0},
+                          {false, 2.0, 0.0}}) {
+    const bool post = std::get<0>(cfg);
+    const double ssm_ratio = std::get<1>(cfg), mlp_ratio = std::get<2>(cfg);
     Rng rng(31);
     VSSBlockConfig c;
     c.hidden_dim = 5;
