@@ -8,6 +8,7 @@
 
 #include "mamba/rng.h"
 #include "mamba/trace.h"
+#include "nn/ssm_init.h"
 #include "ops/conv1d.h"
 #include "ops/elementwise.h"
 #include "ops/linear.h"
@@ -98,24 +99,10 @@ BiMamba::BiMamba(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   uni(fwd_.conv_w, static_cast<double>(K));
   if (fwd_.conv_b) uni(fwd_.conv_b, static_cast<double>(K));
   uni(fwd_.xproj_w, static_cast<double>(D));
-  const double dt_std = std::pow(static_cast<double>(R), -0.5) * cfg_.dt_scale;
-  if (cfg_.dt_init == "constant")
-    fwd_.dt_w->value.f32().fill(static_cast<float>(dt_std));
-  else
-    rng.fill_uniform(fwd_.dt_w->value.f32(), -dt_std, dt_std);
-  // dt ~ exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor; bias = softplus^-1(dt).
-  const double lmin = std::log(cfg_.dt_min), lmax = std::log(cfg_.dt_max);
-  Tensor& dt_b = fwd_.dt_b->value.f32();
-  for (int64_t d = 0; d < D; ++d) {
-    const double dt = std::max(std::exp(rng.uniform() * (lmax - lmin) + lmin), cfg_.dt_init_floor);
-    dt_b[d] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
-  }
-  for (Param* a : {fwd_.A_log, bwd_.A_log}) {
-    Tensor& A_log = a->value.f32();
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t n = 0; n < N; ++n)
-        A_log[d * N + n] = static_cast<float>(std::log(double(n + 1)));
-  }
+  nn_init::dt_proj_weight(rng, fwd_.dt_w->value.f32(), R, cfg_.dt_scale, cfg_.dt_init);
+  nn_init::dt_bias(rng, fwd_.dt_b->value.f32().data(), D, cfg_.dt_min, cfg_.dt_max,
+                   cfg_.dt_init_floor);
+  for (Param* a : {fwd_.A_log, bwd_.A_log}) nn_init::a_log_s4d(a->value.f32().data(), D, N);
   fwd_.Dp->value.f32().fill(1.f);
   bwd_.Dp->value.f32().fill(1.f);
   uni(bwd_.conv_w, static_cast<double>(K));

@@ -7,6 +7,7 @@
 
 #include "mamba/rng.h"
 #include "mamba/trace.h"
+#include "nn/ssm_init.h"
 #include "ops/conv1d.h"
 #include "ops/elementwise.h"
 #include "ops/linear.h"
@@ -84,22 +85,10 @@ Mamba1::Mamba1(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   if (conv_b_) uni(conv_b_, static_cast<double>(K));
   if (cfg_.selective) {
     uni(xproj_w_, static_cast<double>(D));
-    const double dt_std = std::pow(static_cast<double>(R), -0.5) * cfg_.dt_scale;
-    if (cfg_.dt_init == "constant")
-      dt_w_->value.f32().fill(static_cast<float>(dt_std));
-    else
-      rng.fill_uniform(dt_w_->value.f32(), -dt_std, dt_std);
+    nn_init::dt_proj_weight(rng, dt_w_->value.f32(), R, cfg_.dt_scale, cfg_.dt_init);
   }
-  // dt ~ exp(U(log dt_min, log dt_max)) clamped below at dt_init_floor; bias = softplus^-1(dt).
-  const double lmin = std::log(cfg_.dt_min), lmax = std::log(cfg_.dt_max);
-  Tensor& dt_b = dt_b_->value.f32();
-  for (int64_t d = 0; d < D; ++d) {
-    const double dt = std::max(std::exp(rng.uniform() * (lmax - lmin) + lmin), cfg_.dt_init_floor);
-    dt_b[d] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
-  }
-  Tensor& A_log = A_log_->value.f32();
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t n = 0; n < N; ++n) A_log[d * N + n] = static_cast<float>(std::log(double(n + 1)));
+  nn_init::dt_bias(rng, dt_b_->value.f32().data(), D, cfg_.dt_min, cfg_.dt_max, cfg_.dt_init_floor);
+  nn_init::a_log_s4d(A_log_->value.f32().data(), D, N);
   Dp_->value.f32().fill(1.f);
   uni(out_w_, static_cast<double>(D));
   if (out_b_) uni(out_b_, static_cast<double>(D));

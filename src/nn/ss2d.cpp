@@ -8,6 +8,7 @@
 
 #include "mamba/rng.h"
 #include "mamba/trace.h"
+#include "nn/ssm_init.h"
 #include "ops/act.h"
 #include "ops/conv2d.h"
 #include "ops/cross_scan.h"
@@ -187,22 +188,12 @@ SS2D::SS2D(const Config& cfg, uint64_t seed) : cfg_(cfg) {
   Tensor& dtw = dt_w_->value.f32();
   Tensor& dtb = dt_b_->value.f32();
   if (cfg_.initialize == "v0") {
-    const double dt_std = std::pow(static_cast<double>(R), -0.5) * cfg_.dt_scale;
-    const double lmin = std::log(cfg_.dt_min), lmax = std::log(cfg_.dt_max);
     for (int64_t k = 0; k < K; ++k) {
       Tensor wk = dtw.select(k);
-      if (cfg_.dt_init == "constant")
-        wk.fill(static_cast<float>(dt_std));
-      else
-        rng.fill_uniform(wk, -dt_std, dt_std);
-      for (int64_t d = 0; d < D; ++d) {
-        const double dt =
-            std::max(std::exp(rng.uniform() * (lmax - lmin) + lmin), cfg_.dt_init_floor);
-        dtb[k * D + d] = static_cast<float>(dt + std::log(-std::expm1(-dt)));
-      }
+      nn_init::dt_proj_weight(rng, wk, R, cfg_.dt_scale, cfg_.dt_init);
+      nn_init::dt_bias(rng, dtb.data() + k * D, D, cfg_.dt_min, cfg_.dt_max, cfg_.dt_init_floor);
     }
-    for (int64_t c = 0; c < K * D; ++c)
-      for (int64_t n = 0; n < N; ++n) A_logs[c * N + n] = static_cast<float>(std::log(n + 1.0));
+    nn_init::a_log_s4d(A_logs.data(), K * D, N);
   } else if (cfg_.initialize == "v1") {
     rng.fill_normal(A_logs);
     rng.fill_normal(dtw, 0, 0.1);
