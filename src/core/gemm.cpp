@@ -9,6 +9,8 @@
 #ifdef MAMBA_HAVE_CBLAS
 #include <cblas.h>
 extern "C" void openblas_set_num_threads(int) __attribute__((weak));
+extern "C" int openblas_get_num_threads(void) __attribute__((weak));
+extern "C" int openblas_get_parallel(void) __attribute__((weak));
 #endif
 
 namespace mamba {
@@ -52,6 +54,32 @@ void gemm_builtin(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha
 }  // namespace
 #endif
 
+#ifdef MAMBA_HAVE_CBLAS
+namespace {
+void sgemm_block(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
+                 int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
+  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
+              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
+              static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+}
+
+// Below this many multiply-adds one BLAS call on one thread is as fast as splitting it.
+constexpr int64_t kSplitMinWork = int64_t{1} << 21;
+
+// The OpenBLAS we link is the OpenMP one (it shares our OpenMP pool), but the library actually
+// loaded is whichever libopenblas.so.0 the process loaded first: in a Python process that
+// imported Debian's torch before mambacpp it is the pthreads OpenBLAS. Its worker threads
+// busy-wait for the next call long after each call returns, so they and our OpenMP threads
+// (which spin the same way) would fight over the cores: the layer's backward ran about 2x
+// slower. openblas_get_parallel(): 0 sequential, 1 pthreads, 2 OpenMP.
+bool blas_has_own_thread_pool() {
+  static const bool own =
+      openblas_get_parallel && openblas_set_num_threads && openblas_get_parallel() == 1;
+  return own;
+}
+}  // namespace
+#endif
+
 void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const float* A,
           int64_t lda, const float* B, int64_t ldb, float beta, float* C, int64_t ldc) {
   MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, "gemm: negative size M=", M, " N=", N, " K=", K);
@@ -74,9 +102,39 @@ void gemm(bool ta, bool tb, int64_t M, int64_t N, int64_t K, float alpha, const 
                   static_cast<int>(ldb), A, incx, beta, C, 1);
     return;
   }
-  cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans,
-              static_cast<int>(M), static_cast<int>(N), static_cast<int>(K), alpha, A,
-              static_cast<int>(lda), B, static_cast<int>(ldb), beta, C, static_cast<int>(ldc));
+  if (blas_has_own_thread_pool() && num_threads() > 1 && !in_parallel() &&
+      M * N * K >= kSplitMinWork) {
+    // A BLAS with its own pthreads pool (see blas_has_own_thread_pool): run it on one thread
+    // per block of C, inside our pool, and restore its thread count for the other users of
+    // that library (torch's matmuls) afterwards.
+    const int saved = openblas_get_num_threads ? openblas_get_num_threads() : 1;
+    openblas_set_num_threads(1);
+    const int64_t parts = num_threads();
+    if (M >= N) {  // blocks of rows of C: rows of op(A)
+      parallel_for(parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t m0 = M * p / parts, m1 = M * (p + 1) / parts;
+          if (m1 > m0)
+            sgemm_block(ta, tb, m1 - m0, N, K, alpha, ta ? A + m0 : A + m0 * lda, lda, B, ldb, beta,
+                        C + m0 * ldc, ldc);
+        }
+      });
+    } else {  // blocks of columns of C: columns of op(B), 16 at a time
+      const int64_t tiles = (N + 15) / 16;
+      parallel_for(parts, 1, [&](int64_t p0, int64_t p1) {
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t n0 = std::min(N, tiles * p / parts * 16);
+          const int64_t n1 = std::min(N, tiles * (p + 1) / parts * 16);
+          if (n1 > n0)
+            sgemm_block(ta, tb, M, n1 - n0, K, alpha, A, lda, tb ? B + n0 * ldb : B + n0, ldb, beta,
+                        C + n0, ldc);
+        }
+      });
+    }
+    openblas_set_num_threads(saved);
+    return;
+  }
+  sgemm_block(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #else
   gemm_builtin(ta, tb, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
 #endif
