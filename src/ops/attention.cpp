@@ -43,6 +43,99 @@ void RowScoresKernel(const float* qs, const float* Kt, int64_t ld, int64_t P, in
   }
 }
 
+// Four rows at once: S[r * ss + j] = sum_p Q[r * qs + p] * Kt[p * ld + j] for r < 4, j < nb. Each
+// key-block load serves four rows (one load per two FMAs instead of one per FMA); every element
+// is summed over p in order from zero with fused multiply-adds, as RowScoresKernel sums it.
+void Scores4Kernel(const float* Q, int64_t qs, const float* Kt, int64_t ld, int64_t P, int64_t nb,
+                   float* S, int64_t ss) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t j = 0;
+  for (; j + 2 * N <= nb; j += 2 * N) {
+    auto a0 = hn::Zero(d), a1 = hn::Zero(d), b0 = hn::Zero(d), b1 = hn::Zero(d);
+    auto c0 = hn::Zero(d), c1 = hn::Zero(d), e0 = hn::Zero(d), e1 = hn::Zero(d);
+    for (int64_t p = 0; p < P; ++p) {
+      const auto k0 = hn::LoadU(d, Kt + p * ld + j), k1 = hn::LoadU(d, Kt + p * ld + j + N);
+      const auto q0 = hn::Set(d, Q[p]), q1 = hn::Set(d, Q[qs + p]);
+      const auto q2 = hn::Set(d, Q[2 * qs + p]), q3 = hn::Set(d, Q[3 * qs + p]);
+      a0 = hn::MulAdd(q0, k0, a0);
+      a1 = hn::MulAdd(q0, k1, a1);
+      b0 = hn::MulAdd(q1, k0, b0);
+      b1 = hn::MulAdd(q1, k1, b1);
+      c0 = hn::MulAdd(q2, k0, c0);
+      c1 = hn::MulAdd(q2, k1, c1);
+      e0 = hn::MulAdd(q3, k0, e0);
+      e1 = hn::MulAdd(q3, k1, e1);
+    }
+    hn::StoreU(a0, d, S + j);
+    hn::StoreU(a1, d, S + j + N);
+    hn::StoreU(b0, d, S + ss + j);
+    hn::StoreU(b1, d, S + ss + j + N);
+    hn::StoreU(c0, d, S + 2 * ss + j);
+    hn::StoreU(c1, d, S + 2 * ss + j + N);
+    hn::StoreU(e0, d, S + 3 * ss + j);
+    hn::StoreU(e1, d, S + 3 * ss + j + N);
+  }
+  if (j < nb)
+    for (int64_t r = 0; r < 4; ++r)
+      RowScoresKernel(Q + r * qs, Kt + j, ld, P, nb - j, S + r * ss + j);
+}
+
+// Two rows at once: acc[r * as + p] += sum_{i < n} w[r * ws + i] * X[i * xs + p] for r < 2 (the
+// probability-weighted sum of value rows). The accumulators stay in registers over all n rows of
+// X, 4 vectors of p at a time, and each X load serves both rows. Each element gets its terms in i
+// order by fused multiply-adds, as n AxpyKernel calls add them.
+void Accum2Kernel(const float* w, int64_t ws, const float* X, int64_t xs, int64_t n, int64_t P,
+                  float* acc, int64_t as) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  float* acc1 = acc + as;
+  int64_t p = 0;
+  for (; p + 4 * N <= P; p += 4 * N) {
+    auto a0 = hn::LoadU(d, acc + p), a1 = hn::LoadU(d, acc + p + N);
+    auto a2 = hn::LoadU(d, acc + p + 2 * N), a3 = hn::LoadU(d, acc + p + 3 * N);
+    auto b0 = hn::LoadU(d, acc1 + p), b1 = hn::LoadU(d, acc1 + p + N);
+    auto b2 = hn::LoadU(d, acc1 + p + 2 * N), b3 = hn::LoadU(d, acc1 + p + 3 * N);
+    for (int64_t i = 0; i < n; ++i) {
+      const float* x = X + i * xs + p;
+      const auto x0 = hn::LoadU(d, x), x1 = hn::LoadU(d, x + N);
+      const auto x2 = hn::LoadU(d, x + 2 * N), x3 = hn::LoadU(d, x + 3 * N);
+      const auto w0 = hn::Set(d, w[i]), w1 = hn::Set(d, w[ws + i]);
+      a0 = hn::MulAdd(w0, x0, a0);
+      a1 = hn::MulAdd(w0, x1, a1);
+      a2 = hn::MulAdd(w0, x2, a2);
+      a3 = hn::MulAdd(w0, x3, a3);
+      b0 = hn::MulAdd(w1, x0, b0);
+      b1 = hn::MulAdd(w1, x1, b1);
+      b2 = hn::MulAdd(w1, x2, b2);
+      b3 = hn::MulAdd(w1, x3, b3);
+    }
+    hn::StoreU(a0, d, acc + p);
+    hn::StoreU(a1, d, acc + p + N);
+    hn::StoreU(a2, d, acc + p + 2 * N);
+    hn::StoreU(a3, d, acc + p + 3 * N);
+    hn::StoreU(b0, d, acc1 + p);
+    hn::StoreU(b1, d, acc1 + p + N);
+    hn::StoreU(b2, d, acc1 + p + 2 * N);
+    hn::StoreU(b3, d, acc1 + p + 3 * N);
+  }
+  for (; p + N <= P; p += N) {
+    auto a0 = hn::LoadU(d, acc + p), b0 = hn::LoadU(d, acc1 + p);
+    for (int64_t i = 0; i < n; ++i) {
+      const auto x0 = hn::LoadU(d, X + i * xs + p);
+      a0 = hn::MulAdd(hn::Set(d, w[i]), x0, a0);
+      b0 = hn::MulAdd(hn::Set(d, w[ws + i]), x0, b0);
+    }
+    hn::StoreU(a0, d, acc + p);
+    hn::StoreU(b0, d, acc1 + p);
+  }
+  for (; p < P; ++p)
+    for (int64_t i = 0; i < n; ++i) {
+      acc[p] += w[i] * X[i * xs + p];
+      acc1[p] += w[ws + i] * X[i * xs + p];
+    }
+}
+
 // y[0, n) += a * x[0, n)
 void AxpyKernel(float a, const float* x, float* y, int64_t n) {
   const hn::ScalableTag<float> d;
@@ -70,6 +163,8 @@ HWY_AFTER_NAMESPACE();
 namespace mamba::ops {
 HWY_EXPORT(RowScoresKernel);
 HWY_EXPORT(AxpyKernel);
+HWY_EXPORT(Scores4Kernel);
+HWY_EXPORT(Accum2Kernel);
 
 namespace {
 
@@ -149,14 +244,21 @@ void attend_block(const float* q, int64_t qs, int64_t i0, int64_t nq, int64_t L,
     l[r] = 0.f;
   }
   const int64_t jend = visible(i0 + nq - 1, L, Lk, causal);
+  int64_t nvis[kBq];
   for (int64_t j0 = 0; j0 < jend; j0 += kBk) {
     const int64_t nb = std::min(kBk, jend - j0);
     transpose_block(k, ks, j0, nb, P, Kt);
+    // Scores of four rows at a time over the whole block (a row that sees fewer keys ignores the
+    // rest), the remaining rows one by one.
+    int64_t r4 = 0;
+    for (; r4 + 4 <= nq; r4 += 4)
+      HWY_DYNAMIC_DISPATCH(Scores4Kernel)(Q + r4 * P, P, Kt, kBk, P, nb, S + r4 * kBk, kBk);
     for (int64_t r = 0; r < nq; ++r) {
       const int64_t nv = std::min(nb, visible(i0 + r, L, Lk, causal) - j0);
+      nvis[r] = std::max<int64_t>(nv, 0);
       if (nv <= 0) continue;
       float* s = S + r * kBk;
-      row_scores(Q + r * P, Kt, P, nv, s);
+      if (r >= r4) row_scores(Q + r * P, Kt, P, nv, s);
       float mx = m[r];
       for (int64_t j = 0; j < nv; ++j) mx = std::max(mx, s[j]);
       const float corr = std::exp(m[r] - mx);  // exp(-inf) = 0 on the first block
@@ -169,8 +271,20 @@ void attend_block(const float* q, int64_t qs, int64_t i0, int64_t nq, int64_t L,
       float* a = acc + r * P;
       if (corr != 1.f)
         for (int64_t p = 0; p < P; ++p) a[p] *= corr;
-      for (int64_t j = 0; j < nv; ++j) axpy(s[j], v + (j0 + j) * ks, a, P);
     }
+    // acc_r += sum_j p_rj v_j, two rows per pass over the value rows both see, then each row's
+    // own remaining keys (the causal diagonal block): every row adds its terms in key order.
+    int64_t r = 0;
+    for (; r + 2 <= nq; r += 2) {
+      const int64_t both = std::min(nvis[r], nvis[r + 1]);
+      if (both > 0) HWY_DYNAMIC_DISPATCH(Accum2Kernel)
+      (S + r * kBk, kBk, v + j0 * ks, ks, both, P, acc + r * P, P);
+      for (int64_t rr = r; rr < r + 2; ++rr)
+        for (int64_t j = both; j < nvis[rr]; ++j)
+          axpy(S[rr * kBk + j], v + (j0 + j) * ks, acc + rr * P, P);
+    }
+    for (; r < nq; ++r)
+      for (int64_t j = 0; j < nvis[r]; ++j) axpy(S[r * kBk + j], v + (j0 + j) * ks, acc + r * P, P);
   }
   for (int64_t r = 0; r < nq; ++r) {
     const float inv = 1.f / l[r];
