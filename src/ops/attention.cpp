@@ -343,13 +343,15 @@ AttnGrads attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
               *dop = dout.data();
   float *dqp = g.dq.data(), *dkpp = dkp.data(), *dvpp = dvp.data();
   parallel_for(d.B * d.H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(static_cast<size_t>(2 * P * kBk + 3 * kBq * kBk + kBq * P + kBq));
+    std::vector<float> buf(static_cast<size_t>(2 * P * kBk + 4 * kBq * kBk + kBq * P + kBq));
+    int64_t nvis[kBq];
     float* Kt = buf.data();
     float* Vt = Kt + P * kBk;
     float* S = Vt + P * kBk;  // probabilities (nq, kBk)
     float* dP = S + kBq * kBk;
     float* dS = dP + kBq * kBk;
-    float* Q = dS + kBq * kBk;  // scaled queries
+    float* Wq = dS + kBq * kBk;  // scale * dS, the weights of dq
+    float* Q = Wq + kBq * kBk;   // scaled queries
     float* Dsum = Q + kBq * P;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t % d.H, b = t / d.H, gk = h / G;
@@ -376,23 +378,50 @@ AttnGrads attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
           const int64_t nb = std::min(kBk, jend - j0);
           transpose_block(kb, ks, j0, nb, P, Kt);
           transpose_block(vb, ks, j0, nb, P, Vt);
+          // Scores S = Q K^T and dP = dO V^T four rows at a time over the whole block, the
+          // remaining rows one by one; lanes a row does not see are zeroed below.
+          int64_t r4 = 0;
+          for (; r4 + 4 <= nq; r4 += 4) {
+            HWY_DYNAMIC_DISPATCH(Scores4Kernel)(Q + r4 * P, P, Kt, kBk, P, nb, S + r4 * kBk, kBk);
+            HWY_DYNAMIC_DISPATCH(Scores4Kernel)
+            (dor + r4 * qs, qs, Vt, kBk, P, nb, dP + r4 * kBk, kBk);
+          }
           for (int64_t r = 0; r < nq; ++r) {
             const int64_t nv =
                 std::max<int64_t>(0, std::min(nb, visible(i0 + r, d.L, d.Lk, o.causal) - j0));
+            nvis[r] = nv;
             float* s = S + r * kBk;
             float* dp = dP + r * kBk;
             float* ds = dS + r * kBk;
-            std::fill(s, s + nb, 0.f);
+            std::fill(s + nv, s + nb, 0.f);
             std::fill(ds, ds + nb, 0.f);
             if (nv == 0) continue;
-            row_scores(Q + r * P, Kt, P, nv, s);
+            if (r >= r4) {
+              row_scores(Q + r * P, Kt, P, nv, s);
+              row_scores(dor + r * qs, Vt, P, nv, dp);  // dP = dO V^T
+            }
             for (int64_t j = 0; j < nv; ++j) s[j] -= lr[r];
-            exp_inplace(s, nv);                       // probabilities
-            row_scores(dor + r * qs, Vt, P, nv, dp);  // dP = dO V^T
-            for (int64_t j = 0; j < nv; ++j) ds[j] = s[j] * (dp[j] - Dsum[r]);
-            float* dq = dqr + r * qs;
-            for (int64_t j = 0; j < nv; ++j) axpy(ds[j] * scale, kb + (j0 + j) * ks, dq, P);
+            exp_inplace(s, nv);  // probabilities
+            float* wq = Wq + r * kBk;
+            for (int64_t j = 0; j < nv; ++j) {
+              ds[j] = s[j] * (dp[j] - Dsum[r]);
+              wq[j] = ds[j] * scale;
+            }
           }
+          // dq_r += sum_j scale dS[r, j] k_j: two rows per pass over the keys both see, then each
+          // row's own remaining keys, every row in key order.
+          int64_t r = 0;
+          for (; r + 2 <= nq; r += 2) {
+            const int64_t both = std::min(nvis[r], nvis[r + 1]);
+            if (both > 0) HWY_DYNAMIC_DISPATCH(Accum2Kernel)
+            (Wq + r * kBk, kBk, kb + j0 * ks, ks, both, P, dqr + r * qs, qs);
+            for (int64_t rr = r; rr < r + 2; ++rr)
+              for (int64_t j = both; j < nvis[rr]; ++j)
+                axpy(Wq[rr * kBk + j], kb + (j0 + j) * ks, dqr + rr * qs, P);
+          }
+          for (; r < nq; ++r)
+            for (int64_t j = 0; j < nvis[r]; ++j)
+              axpy(Wq[r * kBk + j], kb + (j0 + j) * ks, dqr + r * qs, P);
           // dk_j += scale * sum_r dS[r, j] q_r; dv_j += sum_r P[r, j] dO_r (rows in order).
           for (int64_t j = 0; j < nb; ++j) {
             float* dk = dkb + (j0 + j) * kstride;
