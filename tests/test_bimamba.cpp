@@ -129,7 +129,7 @@ TEST(BiMamba, EqualsForwardMambaPlusFlippedMamba) {
     Tensor dxf = mf.backward(sf, g), dxb = flip_time(mb.backward(sb, flip_time(g)));
     for (int64_t i = 0; i < dxf.numel(); ++i) dxf[i] += dxb[i];
     EXPECT_TRUE(close_report(dx, dxf, tol::kFastVsRefGrad, tag + " dx"));
-    for (const auto& p : P.all()) {
+    for (auto& p : P.all()) {
       const std::string& n = p.name;
       Tensor expect_g;
       if (n == "in_proj.weight" || n == "out_proj.weight") {

@@ -58,7 +58,7 @@ void run_golden(int64_t ngroups, const std::string& file, int64_t params) {
   m.params().zero_grad();
   Tensor dx = m.backward(sv, g);
   EXPECT_TRUE(test::all_close(dx, f.tensor("grad_x"), tol::kGoldenGradF32, file + " grad_x"));
-  for (const Param& p : m.params().all())
+  for (Param& p : m.params().all())
     EXPECT_TRUE(test::all_close(p.grad(), f.tensor("grad." + p.name), tol::kGoldenGradF32,
                                 file + " grad." + p.name));
   // step from zero states over every token

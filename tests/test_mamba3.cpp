@@ -132,7 +132,7 @@ TEST_P(Mamba3Golden, ForwardBackwardStepPrefill) {
   Tensor dx = layer.backward(saved, g);
   Tensor gx = f.tensor("grad_x");
   EXPECT_TRUE(close_report(dx, gx, scaled(tol::kGoldenGradF32, gx), name + " grad_x"));
-  for (const auto& p : layer.params().all()) {
+  for (auto& p : layer.params().all()) {
     Tensor e = f.tensor("grad." + p.name);
     EXPECT_TRUE(
         close_report(p.grad(), e, scaled(tol::kGoldenGradF32, e), name + " grad." + p.name));

@@ -175,7 +175,7 @@ TEST(GatedMLP, BackwardFiniteDifferencesInDouble) {
   m.params().zero_grad();
   Tensor dx = m.backward(saved, g);
 
-  const auto& ps = m.params();
+  auto& ps = m.params();
   RefMLP ref{5,
              m.hidden(),
              3,
@@ -367,7 +367,7 @@ TEST(GatedMLP, MovedLayerKeepsItsParameters) {
   b.params().zero_grad();
   b.backward(s, Tensor::full({3, 6}, 1.f));
   double n = 0;
-  for (const auto& p : b.params().all())
+  for (auto& p : b.params().all())
     for (int64_t i = 0; i < p.grad().numel(); ++i) n += std::fabs(p.grad()[i]);
   EXPECT_GT(n, 0.0);
   static_assert(!std::is_copy_constructible_v<GatedMLP>);
