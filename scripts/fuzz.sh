@@ -31,7 +31,9 @@ launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
 if [ ! -f "$build/CMakeCache.txt" ]; then
   CC=clang-14 cmake -S . -B "$build" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DCMAKE_CXX_COMPILER=clang++-14 \
-    "${launcher[@]}" -DMAMBA_FUZZ=ON -DMAMBA_BUILD_TESTS=OFF -DMAMBA_BUILD_BENCH=OFF >/dev/null || exit 2
+    "${launcher[@]}" -DMAMBA_FUZZ=ON -DMAMBA_BUILD_TESTS=OFF -DMAMBA_BUILD_BENCH=OFF \
+    -DMAMBA_HWY_ONLY="$(grep -q '\bavx512f\b' /proc/cpuinfo 2>/dev/null && echo AVX3 || echo AVX2)" \
+    >/dev/null || exit 2
 fi
 names=()
 for t in "${targets[@]}"; do names+=("fuzz_$t"); done

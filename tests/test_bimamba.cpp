@@ -129,24 +129,24 @@ TEST(BiMamba, EqualsForwardMambaPlusFlippedMamba) {
     Tensor dxf = mf.backward(sf, g), dxb = flip_time(mb.backward(sb, flip_time(g)));
     for (int64_t i = 0; i < dxf.numel(); ++i) dxf[i] += dxb[i];
     EXPECT_TRUE(close_report(dx, dxf, tol::kFastVsRefGrad, tag + " dx"));
-    for (const auto& p : P.all()) {
+    for (auto& p : P.all()) {
       const std::string& n = p.name;
       Tensor expect_g;
       if (n == "in_proj.weight" || n == "out_proj.weight") {
-        expect_g = mf.params().get(n).grad.clone();
-        for (int64_t i = 0; i < expect_g.numel(); ++i) expect_g[i] += mb.params().get(n).grad[i];
+        expect_g = mf.params().get(n).grad().clone();
+        for (int64_t i = 0; i < expect_g.numel(); ++i) expect_g[i] += mb.params().get(n).grad()[i];
       } else if (n == "A_b_log") {
-        expect_g = mb.params().get("A_log").grad;
+        expect_g = mb.params().get("A_log").grad();
       } else if (n == "D_b") {
-        expect_g = mb.params().get("D").grad;
+        expect_g = mb.params().get("D").grad();
       } else if (n.find("_b.") != std::string::npos) {
         std::string m = n;
         m.erase(m.find("_b."), 2);
-        expect_g = mb.params().get(m).grad;
+        expect_g = mb.params().get(m).grad();
       } else {
-        expect_g = mf.params().get(n).grad;
+        expect_g = mf.params().get(n).grad();
       }
-      EXPECT_TRUE(close_report(p.grad, expect_g, tol::kFastVsRefGrad, tag + " grad." + n));
+      EXPECT_TRUE(close_report(p.grad(), expect_g, tol::kFastVsRefGrad, tag + " grad." + n));
     }
   }
 }
@@ -186,11 +186,11 @@ TEST(BiMamba, BackwardFiniteDifferences) {
     if (r) std::printf("  %s\n", r.message());
   };
   check(dx, x, "dx");
-  for (auto& p : m.params().all()) check(p.grad, p.value.f32(), "grad." + p.name);
+  for (auto& p : m.params().all()) check(p.grad(), p.value.f32(), "grad." + p.name);
   // Parameter gradients accumulate.
-  Tensor g1 = m.params().get("x_proj_b.weight").grad.clone();
+  Tensor g1 = m.params().get("x_proj_b.weight").grad().clone();
   m.backward(saved, g);
-  Tensor g2 = m.params().get("x_proj_b.weight").grad;
+  Tensor g2 = m.params().get("x_proj_b.weight").grad();
   for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
   EXPECT_TRUE(test::all_close(g2, g1, {1e-6, 1e-6}, "accumulate"));
 }

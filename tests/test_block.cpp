@@ -184,12 +184,12 @@ TEST_P(BlockKinds, SavedActivationsAreAValue) {
   lm.zero_grad();
   lm.backward(sv, g);
   std::vector<Tensor> g1;
-  for (auto& [n, p] : lm.named_parameters()) g1.push_back(p->grad.clone());
+  for (auto& [n, p] : lm.named_parameters()) g1.push_back(p->grad().clone());
   // The same saved activations again: the same gradients, bit for bit.
   lm.zero_grad();
   lm.backward(sv, g);
   size_t i = 0;
-  for (auto& [n, p] : lm.named_parameters()) EXPECT_TRUE(same_bits(p->grad, g1[i++])) << n;
+  for (auto& [n, p] : lm.named_parameters()) EXPECT_TRUE(same_bits(p->grad(), g1[i++])) << n;
   // A moved-from LMSaved is empty; the moved-to one still works.
   LMSaved moved = std::move(sv);
   lm.backward(moved, g);

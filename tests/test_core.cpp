@@ -112,6 +112,41 @@ TEST(Safetensors, RoundTripKeepsValuesOrderAndMetadata) {
   std::remove(p.c_str());
 }
 
+// Loading without an intermediate copy (issue 19 item 3): read_into converts a tensor straight
+// into an fp32 weight (the same values as tensor()) or rounds it into a 16-bit one; release_pages
+// drops the mapped pages (a large tensor here: several whole pages) and the file still reads the
+// same afterwards (the kernel's page cache serves them again).
+TEST(Safetensors, ReadIntoAWeightAndReleasePages) {
+  Rng rng(4);
+  Tensor a = test::randn({64, 300}, rng), b = test::randn({7}, rng);
+  std::string p = tmp_path("into.safetensors");
+  save_safetensors(p, {{"a", a}, {"b", b}});
+  auto f = SafetensorsFile::open(p);
+  Weight wa = Weight::zeros({64, 300}), wb = Weight::zeros({7});
+  f.read_into("a", wa);
+  f.read_into("b", wb);
+  EXPECT_EQ(test::max_abs_diff(wa.f32(), a), 0.0);
+  EXPECT_EQ(test::max_abs_diff(wb.f32(), b), 0.0);
+  Weight half(Tensor({64, 300}), WeightDType::bf16);
+  f.read_into("a", half);
+  Weight want(a, WeightDType::bf16);
+  EXPECT_EQ(test::max_abs_diff(half.to_f32(), want.to_f32()), 0.0);  // the same rounding
+  Weight wrong = Weight::zeros({300, 64});
+  test::expect_error([&] { f.read_into("a", wrong); }, {"'a'", "(64,300)", "(300,64)"});
+  f.release_pages("a");
+  f.release_pages("b");
+  EXPECT_EQ(test::max_abs_diff(f.tensor("a"), a), 0.0);
+  EXPECT_EQ(test::max_abs_diff(f.tensor("b"), b), 0.0);
+  // A file parsed from memory (not mapped): release_pages leaves its bytes alone.
+  std::ifstream in(p, std::ios::binary);
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)),
+                             std::istreambuf_iterator<char>());
+  auto g = SafetensorsFile::parse(std::move(bytes), "in memory");
+  g.release_pages("a");
+  EXPECT_EQ(test::max_abs_diff(g.tensor("a"), a), 0.0);
+  std::filesystem::remove(p);
+}
+
 TEST(Safetensors, ReadsGoldenFile) {
   auto f = SafetensorsFile::open(test::golden_path("mamba1_d16_n64.safetensors"));
   EXPECT_EQ(f.meta("param_count"), "7968");

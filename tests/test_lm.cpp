@@ -1,11 +1,14 @@
 // The language model against mamba_ssm's MambaLMHeadModel (golden files, random weights,
 // Mamba1 and Mamba2 mixers): checkpoint loading, logits, greedy generation token for token,
 // prefill + step == full forward, save/load round trip, bad checkpoints, gradient checks.
+#include <unistd.h>
+
 #include <algorithm>
 #include <filesystem>
 
 #include "mamba/generate.h"
 #include "mamba/lm.h"
+#include "mamba/train.h"
 #include "test_util.h"
 
 // MAMBA_TEST_ASAN: built with AddressSanitizer (gcc defines __SANITIZE_ADDRESS__; clang 14 only
@@ -189,7 +192,7 @@ TEST(LM, BackwardMatchesFiniteDifferences) {
           float lo = p->value.f32()[i];
           p->value.f32()[i] = orig;
           double fd = (lp - lm_) / ((double)hi - lo);
-          EXPECT_NEAR(p->grad[i], fd,
+          EXPECT_NEAR(p->grad()[i], fd,
                       tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
               << layer << " d_intermediate " << d_intermediate << " " << name << "[" << i << "]";
         }
@@ -314,4 +317,86 @@ TEST(LM, ModelTooLargeForMemoryFailsAtOnce) {
   test::expect_error([&] { MambaLM lm(cfg, 0); },
                      {"d_model 65536, n_layer 64", "parameters", "needs", "bytes", "available"});
   test::expect_error([&] { MambaLM lm(cfg, 0, WeightDType::bf16); }, {"needs", "available"});
+}
+
+// Issue 18 item 3, batches: a batch whose activations cannot fit is refused before the forward
+// starts (the logits alone of 2^24 tokens x 65536 ids are 4 PiB here), naming the bytes.
+TEST(LM, BatchTooLargeForMemoryFailsAtOnce) {
+  ModelConfig cfg = ModelConfig::parse(
+      R"({"d_model":16,"n_layer":1,"vocab_size":65536,"ssm_cfg":{"d_state":4,"expand":2}})");
+  MambaLM lm(cfg, 1);
+  const int64_t L = int64_t{1} << 24;
+  std::vector<int32_t> ids(static_cast<size_t>(L), 1);
+  EXPECT_GE(lm.activation_bytes(1, L, true, false), double(L) * 65536 * 4);
+  test::expect_error([&] { lm.forward(ids, 1, L); },
+                     {"a batch of 1 x 16777216 tokens", "needs", "bytes", "available"});
+  LMSaved sv;
+  test::expect_error([&] { lm.forward(ids, 1, L, &sv); }, {"needs", "available"});
+  // forward_last needs only the last position's logits: L - 1 rows of V_pad floats fewer.
+  EXPECT_EQ(lm.activation_bytes(1, L, true, false) - lm.activation_bytes(1, L, false, false),
+            double(L - 1) * 65536 * 4);
+  // Saved activations (training) count every layer on top of the working set.
+  EXPECT_GT(lm.activation_bytes(2, 8, true, true), lm.activation_bytes(2, 8, true, false));
+}
+
+// Issue 18 item 4 / issue 19 item 3: inference (forward, decode, generation, a loaded model)
+// allocates no gradient; gradients come with training (the optimiser allocates them all at once,
+// a backward pass allocates those it touches) and start at zero.
+TEST(LM, InferenceHoldsNoGradientsTrainingAllocatesThem) {
+  for (const char* layer : {"Mamba1", "Mamba2"}) {
+    ModelConfig cfg = ModelConfig::parse(
+        std::string(R"({"d_model":16,"n_layer":2,"vocab_size":11,"ssm_cfg":{"layer":")") + layer +
+        R"(","d_state":4,"d_conv":3,"expand":2)" +
+        (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
+    auto grad_bytes = [](MambaLM& lm) {
+      int64_t n = 0, with = 0;
+      for (auto& [name, p] : lm.named_parameters()) n += p->grad_bytes(), with += p->has_grad();
+      return std::pair<int64_t, int64_t>{n, with};
+    };
+    MambaLM lm(cfg, 1);
+    EXPECT_EQ(grad_bytes(lm), (std::pair<int64_t, int64_t>{0, 0})) << layer << " constructed";
+    const std::vector<int32_t> ids = {1, 2, 3, 4, 5, 6};
+    lm.forward(ids, 2, 3);
+    lm.forward_last(ids, 1, 6);
+    GenerateOptions opt;
+    opt.max_new_tokens = 5;
+    generate(lm, {{1, 2, 3}, {4}}, opt);
+    lm.zero_grad();  // nothing to zero: allocates nothing
+    EXPECT_EQ(grad_bytes(lm), (std::pair<int64_t, int64_t>{0, 0})) << layer << " after inference";
+    const auto dir = std::filesystem::temp_directory_path() /
+                     ("mamba_test_lean_" + std::string(layer) + std::to_string(::getpid()));
+    lm.save(dir.string());
+    MambaLM loaded = MambaLM::load(dir.string());
+    loaded.forward(ids, 1, 6);
+    EXPECT_EQ(grad_bytes(loaded), (std::pair<int64_t, int64_t>{0, 0})) << layer << " loaded";
+    std::filesystem::remove_all(dir);
+
+    // A backward pass allocates the gradients it accumulates into, zeroed first: one backward
+    // gives the same gradients whether they existed before or not.
+    LMSaved sv;
+    Tensor y = lm.forward(ids, 2, 3, &sv);
+    Tensor g = Tensor::full(y.shape(), 0.5f);
+    lm.backward(sv, g);
+    const auto [bytes, with] = grad_bytes(lm);
+    EXPECT_EQ(bytes, 4 * lm.num_parameters()) << layer;  // every parameter gets a gradient
+    std::vector<Tensor> first;
+    for (auto& [name, p] : lm.named_parameters()) first.push_back(p->grad().clone());
+    lm.zero_grad();
+    lm.forward(ids, 2, 3, &sv);
+    lm.backward(sv, g);
+    size_t i = 0;
+    for (auto& [name, p] : lm.named_parameters())
+      EXPECT_EQ(test::max_abs_diff(p->grad(), first[i++]), 0.0) << layer << " " << name;
+
+    // The optimiser allocates every gradient up front (training: checked against the memory).
+    MambaLM fresh(cfg, 1);
+    train::AdamW adam(fresh.named_parameters(), train::AdamWConfig{});
+    EXPECT_EQ(grad_bytes(fresh).first, 4 * fresh.num_parameters()) << layer;
+    EXPECT_EQ(grad_bytes(fresh).second, static_cast<int64_t>(fresh.named_parameters().size()));
+
+    // 16-bit weights: no gradient to allocate, and asking for one says why.
+    MambaLM half(cfg, 1, WeightDType::bf16);
+    test::expect_error([&] { half.named_parameters().front().second->grad(); },
+                       {"backbone.embedding.weight", "bf16", "inference only"});
+  }
 }

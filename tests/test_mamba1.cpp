@@ -243,11 +243,11 @@ TEST(Mamba1, BackwardFiniteDifferences) {
     if (r) std::printf("  %s\n", r.message());
   };
   check(dx, x, "dx");
-  for (auto& p : m.params().all()) check(p.grad, p.value.f32(), "grad." + p.name);
+  for (auto& p : m.params().all()) check(p.grad(), p.value.f32(), "grad." + p.name);
   // Parameter gradients accumulate: a second backward doubles them.
-  Tensor g1 = m.params().get("x_proj.weight").grad.clone();
+  Tensor g1 = m.params().get("x_proj.weight").grad().clone();
   m.backward(saved, g);
-  Tensor g2 = m.params().get("x_proj.weight").grad;
+  Tensor g2 = m.params().get("x_proj.weight").grad();
   for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
   EXPECT_TRUE(test::all_close(g2, g1, {1e-6, 1e-6}, "accumulate"));
 }

@@ -58,8 +58,8 @@ void run_golden(int64_t ngroups, const std::string& file, int64_t params) {
   m.params().zero_grad();
   Tensor dx = m.backward(sv, g);
   EXPECT_TRUE(test::all_close(dx, f.tensor("grad_x"), tol::kGoldenGradF32, file + " grad_x"));
-  for (const Param& p : m.params().all())
-    EXPECT_TRUE(test::all_close(p.grad, f.tensor("grad." + p.name), tol::kGoldenGradF32,
+  for (Param& p : m.params().all())
+    EXPECT_TRUE(test::all_close(p.grad(), f.tensor("grad." + p.name), tol::kGoldenGradF32,
                                 file + " grad." + p.name));
   // step from zero states over every token
   Mamba2State st = m.new_state(x.dim(0));
@@ -208,7 +208,7 @@ TEST(Mamba2, BackwardMatchesDirectionalFiniteDifferences) {
       const double lm = loss();
       p.value.f32().copy_from(orig);
       double an = 0;
-      for (int64_t i = 0; i < dir.numel(); ++i) an += double(p.grad[i]) * dir[i];
+      for (int64_t i = 0; i < dir.numel(); ++i) an += double(p.grad()[i]) * dir[i];
       const double fd = (lp - lm) / (2 * eps);
       EXPECT_NEAR(fd, an, tol::kLayerDirFD.atol + tol::kLayerDirFD.rtol * std::fabs(an))
           << v.name << " " << p.name;
@@ -236,10 +236,10 @@ TEST(Mamba2, BackwardAccumulatesParameterGradients) {
   m.forward(x, &sv);
   m.params().zero_grad();
   m.backward(sv, g);
-  Tensor once = m.params().get("A_log").grad.clone();
+  Tensor once = m.params().get("A_log").grad().clone();
   m.backward(sv, g);
   for (int64_t i = 0; i < once.numel(); ++i)
-    EXPECT_NEAR(m.params().get("A_log").grad[i], 2 * once[i], 1e-5 + 1e-5 * std::fabs(once[i]));
+    EXPECT_NEAR(m.params().get("A_log").grad()[i], 2 * once[i], 1e-5 + 1e-5 * std::fabs(once[i]));
 }
 
 TEST(Mamba2, ConfigErrorsNameTheField) {

@@ -170,7 +170,7 @@ TEST(MHA, BackwardMatchesDirectionalFiniteDifferences) {
           << what << " causal " << causal;
     };
     check(x, dx, "x");
-    for (auto& p : layer.params().all()) check(p.value.f32(), p.grad, p.name);
+    for (auto& p : layer.params().all()) check(p.value.f32(), p.grad(), p.name);
   }
 }
 
@@ -359,7 +359,8 @@ TEST(HybridLM, GradientsThroughAttentionMatchFiniteDifferences) {
       const double lm_ = loss();
       w[i] = w0;
       const double fd = (lp - lm_) / (2 * eps);
-      EXPECT_NEAR(p->grad[i], fd, tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
+      EXPECT_NEAR(p->grad()[i], fd,
+                  tol::kLMFiniteDiff.atol + tol::kLMFiniteDiff.rtol * std::fabs(fd))
           << name << "[" << i << "]";
       ++checked;
     }

@@ -175,7 +175,7 @@ TEST(GatedMLP, BackwardFiniteDifferencesInDouble) {
   m.params().zero_grad();
   Tensor dx = m.backward(saved, g);
 
-  const auto& ps = m.params();
+  auto& ps = m.params();
   RefMLP ref{5,
              m.hidden(),
              3,
@@ -215,16 +215,16 @@ TEST(GatedMLP, BackwardFiniteDifferencesInDouble) {
         close_report(analytic.reshape({analytic.numel()}), fd_of(wrt), tol::kFiniteDiff, what));
   };
   check(dx, xd, "dx");
-  check(ps.get("fc1.weight").grad, ref.w1, "grad.fc1.weight");
-  check(ps.get("fc1.bias").grad, ref.b1, "grad.fc1.bias");
-  check(ps.get("fc2.weight").grad, ref.w2, "grad.fc2.weight");
-  check(ps.get("fc2.bias").grad, ref.b2, "grad.fc2.bias");
+  check(ps.get("fc1.weight").grad(), ref.w1, "grad.fc1.weight");
+  check(ps.get("fc1.bias").grad(), ref.b1, "grad.fc1.bias");
+  check(ps.get("fc2.weight").grad(), ref.w2, "grad.fc2.weight");
+  check(ps.get("fc2.bias").grad(), ref.b2, "grad.fc2.bias");
 
   // Parameter gradients accumulate: a second backward doubles them; dx is written, not added.
-  Tensor g1 = m.params().get("fc1.weight").grad.clone();
+  Tensor g1 = m.params().get("fc1.weight").grad().clone();
   Tensor dx2 = m.backward(saved, g);
   EXPECT_EQ(test::max_abs_diff(dx2, dx), 0.0);
-  Tensor g2 = m.params().get("fc1.weight").grad;
+  Tensor g2 = m.params().get("fc1.weight").grad();
   for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
   EXPECT_TRUE(test::all_close(g2, g1, {1e-6, 1e-6}, "accumulate"));
 }
@@ -367,8 +367,8 @@ TEST(GatedMLP, MovedLayerKeepsItsParameters) {
   b.params().zero_grad();
   b.backward(s, Tensor::full({3, 6}, 1.f));
   double n = 0;
-  for (const auto& p : b.params().all())
-    for (int64_t i = 0; i < p.grad.numel(); ++i) n += std::fabs(p.grad[i]);
+  for (auto& p : b.params().all())
+    for (int64_t i = 0; i < p.grad().numel(); ++i) n += std::fabs(p.grad()[i]);
   EXPECT_GT(n, 0.0);
   static_assert(!std::is_copy_constructible_v<GatedMLP>);
 }

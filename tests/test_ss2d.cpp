@@ -71,7 +71,7 @@ TEST(VSSBlockGolden, ForwardBackward) {
   EXPECT_TRUE(close_report(dx, f.tensor("grad_x"), tol::kGoldenGradF32, name + " grad_x"));
   for (const auto& [n, p] : blk.named_params())
     EXPECT_TRUE(
-        close_report(p->grad, f.tensor("grad." + n), tol::kGoldenGradF32, name + " grad." + n));
+        close_report(p->grad(), f.tensor("grad." + n), tol::kGoldenGradF32, name + " grad." + n));
 }
 
 // ---- layer properties on random weights ---------------------------------------------------
@@ -138,7 +138,7 @@ TEST(SS2D, BackwardMatchesDirectionalFiniteDifferences) {
           << ft << " " << what;
     };
     check(x, dx, "x");
-    for (auto& p : layer.params().all()) check(p.value.f32(), p.grad, p.name);
+    for (auto& p : layer.params().all()) check(p.value.f32(), p.grad(), p.name);
   }
 }
 
@@ -155,7 +155,7 @@ TEST(SS2D, RaggedImagesStridedEqualsCopy) {
     Tensor da = a.backward(sa, g), db = b.backward(sb, g);
     EXPECT_TRUE(test::all_close(da, db, tol::kFastVsRefGrad, str("dx H=", H, " W=", W)));
     for (size_t i = 0; i < a.params().all().size(); ++i)
-      EXPECT_TRUE(test::all_close(a.params().all()[i].grad, b.params().all()[i].grad,
+      EXPECT_TRUE(test::all_close(a.params().all()[i].grad(), b.params().all()[i].grad(),
                                   tol::kFastVsRefGrad, a.params().all()[i].name));
   }
 }
@@ -340,7 +340,7 @@ TEST(VSSBlock, PostNormAndBranchesMatchFiniteDifferences) {
           << what;
     };
     check(x, dx, "x");
-    for (auto& [n, p] : blk.named_params()) check(p->value.f32(), p->grad, n);
+    for (auto& [n, p] : blk.named_params()) check(p->value.f32(), p->grad(), n);
   }
 }
 

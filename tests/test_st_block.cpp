@@ -49,7 +49,7 @@ TEST(STBlock, BackwardMatchesDirectionalFiniteDifferences) {
     Tensor x = test::randn({2, 5, 3, 8}, rng), g = test::randn({2, 5, 3, 8}, rng);
     STBlockSaved sv;
     blk.forward(x, &sv);
-    for (auto& [n, p] : blk.named_parameters()) p->grad.zero();
+    for (auto& [n, p] : blk.named_parameters()) p->grad().zero();
     Tensor dx = blk.backward(sv, g);
     auto loss = [&] {
       Tensor y = blk.forward(x);
@@ -73,7 +73,7 @@ TEST(STBlock, BackwardMatchesDirectionalFiniteDifferences) {
           << kKinds[kind] << " " << what;
     };
     check(x, dx, "x");
-    for (auto& [n, p] : blk.named_parameters()) check(p->value.f32(), p->grad, n);
+    for (auto& [n, p] : blk.named_parameters()) check(p->value.f32(), p->grad(), n);
   }
 }
 

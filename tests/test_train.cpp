@@ -120,10 +120,22 @@ TEST(CrossEntropy, RejectsBadTargets) {
 
 // ---- optimiser ----------------------------------------------------------------------------------
 
+namespace {
+// A free-standing parameter (Param's gradient is private: allocated on first use, or set here).
+Param make_param(const std::string& name, Tensor value, Tensor grad, bool no_weight_decay) {
+  Param p;
+  p.name = name;
+  p.value = Weight(std::move(value));
+  p.set_grad(std::move(grad));
+  p.no_weight_decay = no_weight_decay;
+  return p;
+}
+}  // namespace
+
 TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
-  Param w{"mixer.in_proj.weight", Weight(Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f})),
-          Tensor({2, 2}), false};
-  Param d{"mixer.D", Weight(Tensor::from({2}, {1.f, -0.5f})), Tensor({2}), true};
+  Param w = make_param("mixer.in_proj.weight", Tensor::from({2, 2}, {0.5f, -1.f, 2.f, 0.25f}),
+                       Tensor({2, 2}), false);
+  Param d = make_param("mixer.D", Tensor::from({2}, {1.f, -0.5f}), Tensor({2}), true);
   std::vector<std::pair<std::string, Param*>> ps = {{w.name, &w}, {d.name, &d}};
   AdamWConfig cfg;
   cfg.beta1 = 0.9, cfg.beta2 = 0.95, cfg.eps = 1e-8, cfg.weight_decay = 0.1;
@@ -137,8 +149,8 @@ TEST(AdamW, MatchesAHandComputedUpdateWithDecoupledDecay) {
   const double grads_d[2][2] = {{1.0, -2.0}, {0.5, 0.5}};
   const double lrs[2] = {1e-2, 5e-3};
   for (int t = 1; t <= 2; ++t) {
-    for (int i = 0; i < 4; ++i) w.grad[i] = (float)grads_w[t - 1][i];
-    for (int i = 0; i < 2; ++i) d.grad[i] = (float)grads_d[t - 1][i];
+    for (int i = 0; i < 4; ++i) w.grad()[i] = (float)grads_w[t - 1][i];
+    for (int i = 0; i < 2; ++i) d.grad()[i] = (float)grads_d[t - 1][i];
     opt.step(lrs[t - 1]);
     const double lr = lrs[t - 1], bc1 = 1 - std::pow(0.9, t), bc2 = 1 - std::pow(0.95, t);
     auto upd = [&](double& p, double& m, double& v, double g, bool decay) {
@@ -178,16 +190,16 @@ TEST(AdamW, WeightDecayGroupsFollowTheParamMarks) {
 }
 
 TEST(ClipGradNorm, ScalesToMaxNormOnlyAboveIt) {
-  Param a{"a", Weight(Tensor({3})), Tensor::from({3}, {3.f, 0.f, 4.f}), false};
-  Param b{"b", Weight(Tensor({1})), Tensor::from({1}, {12.f}), false};
+  Param a = make_param("a", Tensor({3}), Tensor::from({3}, {3.f, 0.f, 4.f}), false);
+  Param b = make_param("b", Tensor({1}), Tensor::from({1}, {12.f}), false);
   std::vector<std::pair<std::string, Param*>> ps = {{"a", &a}, {"b", &b}};
   EXPECT_NEAR(clip_grad_norm(ps, 100.0), 13.0, 1e-12);
-  EXPECT_EQ(a.grad[0], 3.f);  // below: untouched
+  EXPECT_EQ(a.grad()[0], 3.f);  // below: untouched
   EXPECT_NEAR(clip_grad_norm(ps, 1.3), 13.0, 1e-12);
-  EXPECT_NEAR(a.grad[0], 0.3, 1e-6);
-  EXPECT_NEAR(b.grad[0], 1.2, 1e-6);
+  EXPECT_NEAR(a.grad()[0], 0.3, 1e-6);
+  EXPECT_NEAR(b.grad()[0], 1.2, 1e-6);
   EXPECT_NEAR(clip_grad_norm(ps, 0.0), 1.3, 1e-6);  // 0 = off: only measures
-  EXPECT_NEAR(b.grad[0], 1.2, 1e-6);
+  EXPECT_NEAR(b.grad()[0], 1.2, 1e-6);
 }
 
 TEST(LRSchedule, LinearWarmupThenCosineToMin) {
@@ -740,7 +752,7 @@ TEST(NonSelectiveLayer, ParamsStepAndGradients) {
     Param& p = m.params().get(name);
     for (int64_t i : {int64_t{0}, p.value.numel() / 2, p.value.numel() - 1}) {
       const double want = fd(p.value.f32()[i]);
-      EXPECT_NEAR(p.grad[i], want, t.atol + t.rtol * std::fabs(want)) << name << "[" << i << "]";
+      EXPECT_NEAR(p.grad()[i], want, t.atol + t.rtol * std::fabs(want)) << name << "[" << i << "]";
     }
   }
   for (int64_t i : {int64_t{0}, int64_t{50}, x.numel() - 1}) {

@@ -96,6 +96,13 @@ class MambaLM {
   // exact for Mamba-1 / Mamba-2 mixers, MLPs, norms, embedding and head; a mixer it does not know
   // counts 0 (a lower bound). The constructor checks the memory this needs before allocating.
   static int64_t count_parameters(const ModelConfig& cfg);
+  // A lower estimate of the activation bytes forward(B, L) holds at once (issue 18 item 3): the
+  // embedding output, residual and block output (3 B L d_model), the widest layer's input
+  // projection (B L in_proj rows), the logits (B L V_pad, or B V_pad for forward_last) and, when
+  // `saved`, every layer's input projection. forward / forward_last check it (from 64 MiB on)
+  // before computing anything, so a batch that cannot fit fails at once with the bytes needed
+  // and available instead of running out of memory layers later. In doubles: any B, L.
+  double activation_bytes(int64_t B, int64_t L, bool all_logits, bool saved) const;
   void zero_grad();
 
   // ids: (B, L) token ids in [0, vocab), row-major. Returns logits (B, L, V_pad).
@@ -137,10 +144,11 @@ class MambaLM {
   Param *emb_ = nullptr, *lm_head_ = nullptr, *norm_f_ = nullptr;
   // Every parameter as fp32 (16-bit ones converted back exactly), in named_parameters() order.
   std::vector<std::pair<std::string, Tensor>> state_f32() const;
-  // load_state_dict over any source: names, their shapes, and each fp32 tensor on demand.
+  // load_state_dict over any source: names, their shapes, and `read` that writes one tensor
+  // (by its name in the source) into a parameter's value, one tensor at a time.
   void load_tensors(const std::vector<std::string>& names,
                     const std::function<Shape(const std::string&)>& shape_of,
-                    const std::function<Tensor(const std::string&)>& get,
+                    const std::function<void(const std::string&, Weight&)>& read,
                     const std::string& origin);
 };
 

@@ -32,15 +32,27 @@ class SafetensorsFile {
   Tensor tensor(const std::string& name) const;
   // The same, and checks the shape (the message names the tensor, expected and actual).
   Tensor tensor(const std::string& name, const Shape& expected) const;
+  // Converts a float tensor straight into `dst` (its shape must be the tensor's): an fp32
+  // destination is written once from the file's bytes, with no intermediate tensor; a 16-bit one
+  // is rounded from one fp32 copy of this tensor. Loading a model copies each tensor once.
+  void read_into(const std::string& name, Weight& dst) const;
+  // For a memory-mapped file: drops the whole pages inside the tensor's bytes from this
+  // process's resident memory (the kernel's page cache keeps them; reading maps them again).
+  // After read_into, so that loading holds the model and at most one tensor of the file, not
+  // the model and the whole file. No-op for a file read into memory.
+  void release_pages(const std::string& name) const;
   std::vector<int64_t> tensor_i64(const std::string& name, Shape* shape = nullptr) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
   std::string meta(const std::string& key) const;  // throws if missing
   const std::string& origin() const { return origin_; }
 
  private:
+  // The float tensor `name` (n elements, as its info says) converted to fp32 into out.
+  void convert(const std::string& name, float* out, int64_t n) const;
   static SafetensorsFile parse_view(std::shared_ptr<const void> keep, const uint8_t* data,
                                     uint64_t size, const std::string& origin);
   std::shared_ptr<const void> keep_;  // owns the bytes: a memory map or a vector
+  const void* map_ = nullptr;         // the os::MappedFile when keep_ is one
   const uint8_t* base_ = nullptr;
   uint64_t size_ = 0;
   uint64_t data_start_ = 0;

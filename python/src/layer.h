@@ -134,8 +134,8 @@ struct PyLayer {
           p.value = mamba::Weight(vals[i]);
         }
         if (!grads.empty()) {
-          old_g.push_back(p.grad);
-          p.grad = grads[i];
+          old_g.push_back(p.grad_if_allocated());
+          p.set_grad(grads[i]);
         }
         ++i;
       }
@@ -144,7 +144,7 @@ struct PyLayer {
       size_t i = 0;
       for (auto& p : pl.all()) {
         if (!old_v.empty()) p.value = std::move(old_v[i]);
-        if (!old_g.empty()) p.grad = std::move(old_g[i]);
+        if (!old_g.empty()) p.set_grad(std::move(old_g[i]));
         ++i;
       }
     }
@@ -307,7 +307,7 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
           [](py::object self) {
             py::dict d;
             for (auto& p : self.template cast<PL&>().pl().all())
-              d[py::str(p.name)] = view_of(p.grad, self);
+              d[py::str(p.name)] = view_of(p.grad(), self);
             return d;
           },
           "dict name -> view of the accumulated gradient (backward adds into it).")

@@ -207,7 +207,7 @@ Command add_demo(CLI::App& app) {
             const double lm2 = loss();
             w[idx] = orig;
             std::printf("  d sum(y*g) / d %s[%lld]: backward %.6f, finite difference %.6f\n", name,
-                        (long long)idx, p.grad[idx], (lp - lm2) / ((double)hi - lo));
+                        (long long)idx, p.grad()[idx], (lp - lm2) / ((double)hi - lo));
           }
         }
         std::printf("\nloss curves: %s/loss.svg; total %.0f s\n", o->out.c_str(),

@@ -150,6 +150,16 @@ MappedFile::MappedFile(const std::string& path) {
 #endif
 }
 
+void MappedFile::drop_pages([[maybe_unused]] uint64_t offset, [[maybe_unused]] uint64_t n) const {
+#if !defined(_WIN32)
+  if (!handle_ || offset >= size_) return;
+  n = std::min(n, size_ - offset);
+  const uint64_t page = static_cast<uint64_t>(::sysconf(_SC_PAGESIZE));
+  const uint64_t b = (offset + page - 1) / page * page, e = (offset + n) / page * page;
+  if (e > b) ::madvise(static_cast<uint8_t*>(handle_) + b, e - b, MADV_DONTNEED);
+#endif
+}
+
 MappedFile::~MappedFile() {
 #if !defined(_WIN32)
   if (handle_) ::munmap(handle_, size_);

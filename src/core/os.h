@@ -28,6 +28,10 @@ class MappedFile {
   MappedFile& operator=(const MappedFile&) = delete;
   const uint8_t* data() const { return data_; }
   uint64_t size() const { return size_; }
+  // Drops the whole pages within bytes [offset, offset + n) from this process's resident memory
+  // (madvise MADV_DONTNEED: a read-only private map of an unchanged file reads them back from the
+  // page cache on the next access). No-op when the file was read rather than mapped.
+  void drop_pages(uint64_t offset, uint64_t n) const;
 
  private:
   const uint8_t* data_ = nullptr;

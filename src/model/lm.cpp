@@ -121,14 +121,15 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
   MAMBA_CHECK(cfg_.rms_norm, "config: rms_norm=false (LayerNorm blocks) is not supported yet");
   const int64_t V = cfg_.padded_vocab(), d = cfg_.d_model;
   {
-    // fp32: value + gradient per parameter; 16-bit: at least the 2-byte value of each (the
-    // matrices' fp32 copies and gradients are released layer by layer as they are converted).
+    // fp32: the value of each parameter (gradients come only when training: the optimiser
+    // checks and allocates them); 16-bit: at least the 2-byte value of each (the matrices' fp32
+    // copies are released layer by layer as they are converted).
     const double n = static_cast<double>(count_parameters(cfg_));
-    const double bytes = n * (dtype == WeightDType::f32 ? 8.0 : 2.0);
+    const double bytes = n * (dtype == WeightDType::f32 ? 4.0 : 2.0);
     os::check_memory(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
                      str("a model of d_model ", d, ", n_layer ", cfg_.n_layer, ", vocab ", V, " (",
                          static_cast<int64_t>(n), " parameters",
-                         dtype == WeightDType::f32 ? ", fp32 values and gradients)" : ")"));
+                         dtype == WeightDType::f32 ? ", fp32 values)" : ")"));
   }
   emb_ = &own_.add_matrix("backbone.embedding.weight", {V, d});
   Rng rng(seed);
@@ -210,7 +211,7 @@ std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
 
 void MambaLM::zero_grad() {
   for (auto& [name, p] : named_parameters())
-    if (p->grad.defined()) p->grad.zero();
+    if (p->has_grad()) p->grad().zero();
 }
 
 void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin) {
@@ -218,12 +219,12 @@ void MambaLM::load_state_dict(const std::map<std::string, Tensor>& sd, const std
   for (const auto& kv : sd) names.push_back(kv.first);
   load_tensors(
       names, [&](const std::string& k) { return sd.at(k).shape(); },
-      [&](const std::string& k) { return sd.at(k); }, origin);
+      [&](const std::string& k, Weight& w) { w.assign(sd.at(k)); }, origin);
 }
 
 void MambaLM::load_tensors(const std::vector<std::string>& names,
                            const std::function<Shape(const std::string&)>& shape_of,
-                           const std::function<Tensor(const std::string&)>& get,
+                           const std::function<void(const std::string&, Weight&)>& read,
                            const std::string& origin) {
   std::map<std::string, std::string> key;  // mamba_ssm name -> name in the source
   for (const auto& k : names) key[cfg_.source_format == "hf" ? hf_to_mamba_ssm_name(k) : k] = k;
@@ -236,7 +237,7 @@ void MambaLM::load_tensors(const std::vector<std::string>& names,
     MAMBA_CHECK(got == expected, origin, ": tensor '", name, "' has shape ", shape_str(got),
                 ", expected ", shape_str(expected));
     // One tensor at a time: a 16-bit model never holds the whole fp32 state dict.
-    p->value.assign(get(it->second));
+    read(it->second, p->value);
     used[name] = true;
   }
   const Shape emb_shape{cfg_.padded_vocab(), cfg_.d_model};
@@ -263,10 +264,17 @@ MambaLM MambaLM::load(const std::string& dir, WeightDType dtype) {
   std::string st = (fs::path(dir) / "model.safetensors").string();
   std::string bin = (fs::path(dir) / "pytorch_model.bin").string();
   if (os::exists(st)) {
-    auto f = SafetensorsFile::open(st);  // memory-mapped: tensors are converted one at a time
+    // Memory-mapped: each tensor is converted straight into its parameter (one copy), then its
+    // pages of the file are dropped, so loading holds the model and at most one tensor of the
+    // file (docs/RELIABILITY.md, "Inference without gradient buffers").
+    auto f = SafetensorsFile::open(st);
     lm.load_tensors(
         f.names(), [&](const std::string& n) { return f.info(n).shape; },
-        [&](const std::string& n) { return f.tensor(n); }, st);
+        [&](const std::string& n, Weight& w) {
+          f.read_into(n, w);
+          f.release_pages(n);
+        },
+        st);
   } else if (os::exists(bin)) {
     lm.load_state_dict(load_torch_state_dict(bin), bin);
   } else {
@@ -328,10 +336,46 @@ Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMS
   return out;  // (B, L, d_model)
 }
 
+double MambaLM::activation_bytes(int64_t B, int64_t L, bool all_logits, bool saved) const {
+  const double BL = static_cast<double>(B) * static_cast<double>(L);
+  const double d = static_cast<double>(cfg_.d_model), V = static_cast<double>(cfg_.padded_vocab());
+  double widest = 0, all_layers = 0;
+  for (int64_t i = 0; i < cfg_.n_layer; ++i) {
+    const double w = std::visit(
+        [](const auto& c) -> double {  // rows of the layer's input projection
+          using C = std::decay_t<decltype(c)>;
+          if constexpr (std::is_same_v<C, Mamba1Config>) {
+            return 2.0 * static_cast<double>(c.d_inner());
+          } else if constexpr (std::is_same_v<C, MHAConfig>) {
+            return static_cast<double>(c.qkv_dim()) + static_cast<double>(c.mlp());
+          } else {
+            return static_cast<double>(c.d_in_proj());  // Mamba-2, Mamba-3
+          }
+        },
+        cfg_.layer_mixer(i));
+    widest = std::max(widest, w);
+    all_layers += w;
+  }
+  const double floats = BL * (3 * d + widest) + (all_logits ? BL : static_cast<double>(B)) * V +
+                        (saved ? BL * all_layers : 0.0);
+  return floats * 4.0;
+}
+
+namespace {
+// Refuses a batch whose activations cannot fit (small ones are not checked: reading the
+// available memory costs a system call or two).
+void check_activation_memory(double bytes, int64_t B, int64_t L) {
+  if (bytes < 64.0 * 1048576.0) return;
+  os::check_memory(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
+                   str("a batch of ", B, " x ", L, " tokens (activations, at least)"));
+}
+}  // namespace
+
 Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* saved,
                         LMState* state) const {
   MAMBA_CHECK(!saved || weight_dtype() == WeightDType::f32, "MambaLM::forward: weights are ",
               weight_dtype_name(weight_dtype()), ": inference only; load in f32 to train");
+  check_activation_memory(activation_bytes(B, L, true, saved != nullptr), B, L);
   Tensor out = backbone(ids, B, L, saved, state);
   Tensor logits = head(out).reshape({B, L, vocab()});
   trace::op("lm_head", {out.shape()}, {logits.shape()});
@@ -340,6 +384,7 @@ Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSa
 
 Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
                              LMState* state) const {
+  check_activation_memory(activation_bytes(B, L, false, false), B, L);
   Tensor out = backbone(ids, B, L, nullptr, state);
   const int64_t d = cfg_.d_model;
   const Tensor last = out.reshape({B, L * d}).cols((L - 1) * d, d);  // (B, d): a strided view
@@ -360,14 +405,14 @@ void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits) {
   const float eps = static_cast<float>(cfg_.norm_epsilon);
   // Head: logits = hidden_final @ W^T (W the embedding when tied: its gradient gets both parts).
   Tensor dhid =
-      ops::linear_bwd(sv.hidden_final, lm_head_->value, dlogits, &lm_head_->grad, nullptr);
+      ops::linear_bwd(sv.hidden_final, lm_head_->value, dlogits, &lm_head_->grad(), nullptr);
   // norm_f.
   auto gf = ops::rms_norm_bwd(sv.residual_final, norm_f_->value.f32(), eps, dhid);
-  ops::add_into(norm_f_->grad, gf.dweight);
+  ops::add_into(norm_f_->grad(), gf.dweight);
   Tensor dres = gf.dx;  // gradient w.r.t. the residual stream; also w.r.t. the last block's output
   for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) blocks_[i].backward(sv.blocks[i], dres);
   // Embedding: scatter-add the residual gradient into the rows of the ids.
-  ops::embedding_bwd(emb_->grad, sv.ids, dres.reshape({M, d}));
+  ops::embedding_bwd(emb_->grad(), sv.ids, dres.reshape({M, d}));
 }
 
 LMState MambaLM::new_state(int64_t batch) const {

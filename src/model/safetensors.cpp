@@ -30,7 +30,9 @@ uint64_t read_le64(const uint8_t* p) {
 
 SafetensorsFile SafetensorsFile::open(const std::string& path) {
   auto m = std::make_shared<os::MappedFile>(path);
-  return parse_view(m, m->data(), m->size(), path);
+  SafetensorsFile f = parse_view(m, m->data(), m->size(), path);
+  f.map_ = m.get();
+  return f;
 }
 
 SafetensorsFile SafetensorsFile::parse(std::vector<uint8_t> bytes, const std::string& origin) {
@@ -140,9 +142,31 @@ std::string SafetensorsFile::meta(const std::string& key) const {
 Tensor SafetensorsFile::tensor(const std::string& name) const {
   const SafetensorInfo& in = info(name);
   Tensor t = Tensor::empty(in.shape);
+  convert(name, t.data(), t.numel());
+  return t;
+}
+
+void SafetensorsFile::read_into(const std::string& name, Weight& dst) const {
+  const SafetensorInfo& in = info(name);
+  MAMBA_CHECK(dst.defined() && in.shape == dst.shape(), origin_, ": tensor '", name, "' has shape ",
+              shape_str(in.shape), ", expected ", dst.shape_str());
+  if (dst.is_f32()) {
+    Tensor& t = dst.f32();
+    convert(name, t.data(), t.numel());
+  } else {
+    dst.assign(tensor(name));
+  }
+}
+
+void SafetensorsFile::release_pages(const std::string& name) const {
+  if (!map_) return;
+  const SafetensorInfo& in = info(name);
+  static_cast<const os::MappedFile*>(map_)->drop_pages(data_start_ + in.begin, in.end - in.begin);
+}
+
+void SafetensorsFile::convert(const std::string& name, float* out, int64_t n) const {
+  const SafetensorInfo& in = info(name);
   const uint8_t* p = base_ + data_start_ + in.begin;
-  float* out = t.data();
-  const int64_t n = t.numel();
   if (in.dtype == "F32") {
     std::memcpy(out, p, static_cast<size_t>(n) * 4);
   } else if (in.dtype == "BF16" || in.dtype == "F16") {
@@ -161,7 +185,6 @@ Tensor SafetensorsFile::tensor(const std::string& name) const {
     throw Error(str(origin_, ": tensor '", name, "' has dtype ", in.dtype,
                     ", expected a float type (F32, F16, BF16, F64)"));
   }
-  return t;
 }
 
 Tensor SafetensorsFile::tensor(const std::string& name, const Shape& expected) const {

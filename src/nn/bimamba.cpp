@@ -222,24 +222,24 @@ Tensor BiMamba::dir_backward(Dir& dir, const Tensor& x, const Tensor& z, const B
   a.delta_softplus = true;
   a.reverse = dir.reverse;
   ops::ScanGrads sg = ops::selective_scan_bwd(a, dy);
-  ops::add_mul_into(dir.A_log->grad, sg.dA, a.A);  // A = -exp(A_log)  =>  dA_log = dA * A
-  ops::add_into(dir.Dp->grad, sg.dD);
-  ops::add_into(dir.dt_b->grad, sg.ddelta_bias);
+  ops::add_mul_into(dir.A_log->grad(), sg.dA, a.A);  // A = -exp(A_log)  =>  dA_log = dA * A
+  ops::add_into(dir.Dp->grad(), sg.dD);
+  ops::add_into(dir.dt_b->grad(), sg.ddelta_bias);
   ops::add_into(dz, sg.dz);
 
   Tensor dx_dbl = Tensor::empty({B, L, E});  // (B, L, R + 2N)
   ops::linear_bwd_into(s.x_dbl.cols(0, R), dir.dt_w->value, sg.ddelta, dx_dbl.cols(0, R), false,
-                       &dir.dt_w->grad, nullptr);
+                       &dir.dt_w->grad(), nullptr);
   ops::copy_into(dx_dbl.cols(R, N), sg.dB);
   ops::copy_into(dx_dbl.cols(R + N, N), sg.dC);
-  Tensor dxc =
-      ops::linear_bwd(s.xc, dir.xproj_w->value, dx_dbl, &dir.xproj_w->grad, nullptr);  // (B, L, D)
+  Tensor dxc = ops::linear_bwd(s.xc, dir.xproj_w->value, dx_dbl, &dir.xproj_w->grad(),
+                               nullptr);  // (B, L, D)
   ops::add_into(dxc, sg.du);
 
   ops::Conv1dGrads cg = ops::causal_conv1d_bwd(x, f32(dir.conv_w).reshape({D, K}),
                                                optional_f32(dir.conv_b), true, dxc, dir.reverse);
-  ops::add_into(dir.conv_w->grad, cg.dweight.reshape(dir.conv_w->grad.shape()));
-  if (dir.conv_b) ops::add_into(dir.conv_b->grad, cg.dbias);
+  ops::add_into(dir.conv_w->grad(), cg.dweight.reshape(dir.conv_w->grad().shape()));
+  if (dir.conv_b) ops::add_into(dir.conv_b->grad(), cg.dbias);
   return cg.dx;
 }
 
@@ -256,13 +256,13 @@ Tensor BiMamba::backward(const Saved& s, const Tensor& dy) {
   Tensor dout = dy;
   if (gamma_) {
     check_shape(s.o, "BiMamba::backward: saved.o", {B, L, dm});
-    ops::mul_cols_grad(gamma_->grad, dy, s.o);
+    ops::mul_cols_grad(gamma_->grad(), dy, s.o);
     dout = dy.clone();
     ops::mul_cols_inplace(dout, f32(gamma_));
   }
   // out_proj, then the merge: both directions receive dy_merge (halved with if_divide_out)
   Tensor dym =
-      ops::linear_bwd(s.y, out_w_->value, dout, &out_w_->grad, optional_grad(out_b_));  // (B,L,D)
+      ops::linear_bwd(s.y, out_w_->value, dout, &out_w_->grad(), optional_grad(out_b_));  // (B,L,D)
   if (cfg_.if_divide_out) ops::scale_inplace(dym, 0.5f);
 
   Tensor dz = Tensor::zeros({B, L, D});
@@ -271,9 +271,9 @@ Tensor BiMamba::backward(const Saved& s, const Tensor& dy) {
 
   // in_proj: rows [0, D) of the weight made x, rows [D, 2D) made z.
   Tensor dhidden = Tensor::empty({B, L, dm});
-  Tensor gW = in_w_->grad;
-  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor(),
-         db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
+  Tensor gW = in_w_->grad();
+  Tensor db0 = in_b_ ? in_b_->grad().narrow(0, D) : Tensor(),
+         db1 = in_b_ ? in_b_->grad().narrow(D, D) : Tensor();
   Tensor gW0 = gW.narrow(0, D), gW1 = gW.narrow(D, D);
   ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), dx, dhidden, false, &gW0,
                        in_b_ ? &db0 : nullptr);

@@ -110,7 +110,7 @@ void Block::backward(const BlockSaved& s, Tensor& dres) {
   if (mlp_) {  // out = mlp(norm2(r2)), r2 = r1 + mixed: dres is d(out) and d(r2) on entry
     Param& norm2 = *norm2_w_;
     auto gn2 = ops::rms_norm_bwd(s.residual2, norm2.value.f32(), eps_, mlp_->backward(s.mlp, dres));
-    ops::add_into(norm2.grad, gn2.dweight);
+    ops::add_into(norm2.grad(), gn2.dweight);
     ops::add_into(dres, gn2.dx);  // now d(r2) in full: the gradient of mixed and of r1
   }
   Tensor dnormed = std::visit(
@@ -124,7 +124,7 @@ void Block::backward(const BlockSaved& s, Tensor& dres) {
       mixer_);
   Param& norm = *norm_w_;
   auto gn = ops::rms_norm_bwd(s.residual, norm.value.f32(), eps_, dnormed);
-  ops::add_into(norm.grad, gn.dweight);
+  ops::add_into(norm.grad(), gn.dweight);
   ops::add_into(dres, gn.dx);
 }
 

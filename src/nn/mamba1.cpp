@@ -212,7 +212,7 @@ Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
 
   // out_proj
   Tensor dyy =
-      ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad, optional_grad(out_b_));  // (B, L, D)
+      ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad(), optional_grad(out_b_));  // (B, L, D)
 
   // selective scan
   ops::ScanArgs args;
@@ -226,40 +226,40 @@ Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
   args.delta_bias = f32(dt_b_);
   args.delta_softplus = true;
   ops::ScanGrads sg = ops::selective_scan_bwd(args, dyy);
-  ops::add_mul_into(A_log_->grad, sg.dA, args.A);  // A = -exp(A_log)  =>  dA_log = dA * A
-  ops::add_into(Dp_->grad, sg.dD);
-  ops::add_into(dt_b_->grad, sg.ddelta_bias);
+  ops::add_mul_into(A_log_->grad(), sg.dA, args.A);  // A = -exp(A_log)  =>  dA_log = dA * A
+  ops::add_into(Dp_->grad(), sg.dD);
+  ops::add_into(dt_b_->grad(), sg.ddelta_bias);
 
   Tensor dxc;  // (B, L, D) gradient of the conv output xc
   if (cfg_.selective) {
     // dt_proj.weight: delta = dt_low W^T with dt_low the first R columns of x_dbl.
     Tensor dx_dbl = Tensor::empty({B, L, E});  // (B, L, R + 2N)
     ops::linear_bwd_into(s.x_dbl.cols(0, R), dt_w_->value, sg.ddelta, dx_dbl.cols(0, R), false,
-                         &dt_w_->grad, nullptr);
+                         &dt_w_->grad(), nullptr);
     ops::copy_into(dx_dbl.cols(R, N), sg.dB);
     ops::copy_into(dx_dbl.cols(R + N, N), sg.dC);
 
     // x_proj; the scan input u is also xc
-    dxc = ops::linear_bwd(s.xc, xproj_w_->value, dx_dbl, &xproj_w_->grad, nullptr);  // (B, L, D)
+    dxc = ops::linear_bwd(s.xc, xproj_w_->value, dx_dbl, &xproj_w_->grad(), nullptr);  // (B, L, D)
     ops::add_into(dxc, sg.du);
   } else {
     // Time-invariant B and C: their (D, N) gradients; xc reaches the output only through u.
-    ops::add_into(B_ssm_->grad, sg.dB);
-    ops::add_into(C_ssm_->grad, sg.dC);
+    ops::add_into(B_ssm_->grad(), sg.dB);
+    ops::add_into(C_ssm_->grad(), sg.dC);
     dxc = sg.du;
   }
 
   // conv1d + SiLU
   ops::Conv1dGrads cg =
       ops::causal_conv1d_bwd(s.x, f32(conv_w_).reshape({D, K}), optional_f32(conv_b_), true, dxc);
-  ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
-  if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
+  ops::add_into(conv_w_->grad(), cg.dweight.reshape(conv_w_->grad().shape()));
+  if (conv_b_) ops::add_into(conv_b_->grad(), cg.dbias);
 
   // in_proj: the x half (rows [0, D) of the weight) got cg.dx, the z half sg.dz.
   Tensor dhidden = Tensor::empty({B, L, dm});  // (B, L, d_model)
-  Tensor gW = in_w_->grad;
-  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor(),
-         db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
+  Tensor gW = in_w_->grad();
+  Tensor db0 = in_b_ ? in_b_->grad().narrow(0, D) : Tensor(),
+         db1 = in_b_ ? in_b_->grad().narrow(D, D) : Tensor();
   Tensor gW0 = gW.narrow(0, D), gW1 = gW.narrow(D, D);
   ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), cg.dx, dhidden, false, &gW0,
                        in_b_ ? &db0 : nullptr);

@@ -197,7 +197,8 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
 
   // out_proj
-  Tensor dy_out = ops::linear_bwd(s.y_out, out_w_->value, dy, &out_w_->grad, optional_grad(out_b_));
+  Tensor dy_out =
+      ops::linear_bwd(s.y_out, out_w_->value, dy, &out_w_->grad(), optional_grad(out_b_));
   // The gradient of in_proj's output, assembled in its column blocks [z0, x0, z, xBC, dt].
   Tensor dzxbcdt = Tensor::empty({B, L, cfg_.d_in_proj()});
   Tensor dyn = dy_out;
@@ -216,14 +217,14 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
     ops::GatedRmsNormGrads ng = ops::gated_rms_norm_bwd(s.y, s.z, f32(norm_w_), kNormEps, dssm / G,
                                                         cfg_.norm_before_gate, dyn);
     dyscan = ng.dx, dz = ng.dz;
-    ops::add_into(norm_w_->grad, ng.dweight);
+    ops::add_into(norm_w_->grad(), ng.dweight);
   }
   // ssd
   ops::SsdGrads sg = ops::ssd_chunked_bwd(s.ssd, dyscan.reshape(s.ssd.x.shape()));
   if (!cfg_.rmsnorm) dz = sg.dz.reshape({B, L, dssm});
-  ops::add_mul_into(A_log_->grad, sg.dA, s.ssd.A);  // A = -exp(A_log): dA_log = dA * A
-  ops::add_into(D_->grad, sg.dD.reshape(D_->grad.shape()));
-  ops::add_into(dt_bias_->grad, sg.ddt_bias);
+  ops::add_mul_into(A_log_->grad(), sg.dA, s.ssd.A);  // A = -exp(A_log): dA_log = dA * A
+  ops::add_into(D_->grad(), sg.dD.reshape(D_->grad().shape()));
+  ops::add_into(dt_bias_->grad(), sg.ddt_bias);
   // conv1d + SiLU
   Tensor dxbc = Tensor::empty({B, L, cd});
   ops::copy_into(dxbc.cols(0, dssm), sg.dx.reshape({B, L, dssm}));
@@ -231,14 +232,14 @@ Tensor Mamba2::backward(const Saved& s, const Tensor& dy) {
   ops::copy_into(dxbc.cols(dssm + G * N, G * N), sg.dC.reshape({B, L, G * N}));
   ops::Conv1dGrads cg = ops::causal_conv1d_bwd(s.xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
                                                optional_f32(conv_b_), true, dxbc);
-  ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
-  if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
+  ops::add_into(conv_w_->grad(), cg.dweight.reshape(conv_w_->grad().shape()));
+  if (conv_b_) ops::add_into(conv_b_->grad(), cg.dbias);
   ops::copy_into(dzxbcdt.cols(2 * dmlp, dssm), dz.reshape({B, L, dssm}));
   ops::copy_into(dzxbcdt.cols(2 * dmlp + dssm, cd), cg.dx);
   ops::copy_into(dzxbcdt.cols(2 * dmlp + dssm + cd, cfg_.nheads()),
                  sg.ddt.reshape({B, L, cfg_.nheads()}));
   // in_proj
-  return ops::linear_bwd(s.hidden, in_w_->value, dzxbcdt, &in_w_->grad, optional_grad(in_b_));
+  return ops::linear_bwd(s.hidden, in_w_->value, dzxbcdt, &in_w_->grad(), optional_grad(in_b_));
 }
 
 Tensor Mamba2::step(const Tensor& xin, State& state) const {

@@ -230,7 +230,7 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
   check_shape(dy, "Mamba3::backward: dy", {B, L, dm});
   check_shape(s.proj, "Mamba3::backward: saved.proj", {B, L, E_});
 
-  Tensor dyy = ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad, nullptr);  // (B, L, D)
+  Tensor dyy = ops::linear_bwd(s.y, out_w_->value, dy, &out_w_->grad(), nullptr);  // (B, L, D)
   Tensor dproj = Tensor::empty({B, L, E_});
   int64_t c = 0;
   auto take = [&](const Tensor& t, int64_t n) {
@@ -253,7 +253,7 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
   if (siso_norm) {
     ops::GatedRmsNormGrads ng =
         ops::gated_rms_norm_bwd(s.y_scan, zc, f32(norm_), kNormEps, P_, true, dyy);
-    ops::add_into(norm_->grad, ng.dweight);
+    ops::add_into(norm_->grad(), ng.dweight);
     ops::copy_into(dz, ng.dz);
     dys = ng.dx;
   }
@@ -272,14 +272,14 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
   }
   a.rotate_pairwise = !cfg_.is_mimo;
   ops::Mamba3ScanGrads g = ops::mamba3_scan_bwd(a, dys.reshape({B, L, H_, P_}));
-  ops::add_into(C_bias_->grad, g.dQ_bias);
-  ops::add_into(B_bias_->grad, g.dK_bias);
-  ops::add_into(Dp_->grad, g.dD);
+  ops::add_into(C_bias_->grad(), g.dQ_bias);
+  ops::add_into(B_bias_->grad(), g.dK_bias);
+  ops::add_into(Dp_->grad(), g.dD);
   if (cfg_.is_mimo) {
-    ops::add_into(mimo_x_->grad, g.dmimo_x);
-    ops::add_into(mimo_z_->grad, g.dmimo_z);
-    ops::add_into(mimo_o_->grad, g.dmimo_o);
-    if (norm_) ops::add_into(norm_->grad, g.dnorm_weight);
+    ops::add_into(mimo_x_->grad(), g.dmimo_x);
+    ops::add_into(mimo_z_->grad(), g.dmimo_z);
+    ops::add_into(mimo_o_->grad(), g.dmimo_o);
+    if (norm_) ops::add_into(norm_->grad(), g.dnorm_weight);
   }
   if (!siso_norm) ops::copy_into(dz, g.dZ.reshape({B, L, D_}));
   ops::copy_into(dx, g.dV.reshape({B, L, D_}));
@@ -288,7 +288,7 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
   ops::mamba3_discretize_bwd(dd_dt.reshape({B * L, H_}), dd_A.reshape({B * L, H_}), f32(dt_bias_),
                              cfg_.A_floor, g.dDT.reshape({B * L, H_}), g.dADT.reshape({B * L, H_}),
                              d_dd_dt.reshape({B * L, H_}), d_dd_A.reshape({B * L, H_}),
-                             dt_bias_->grad);
+                             dt_bias_->grad());
   // RMSNorm of B and C over N.
   ops::RmsNormGrads bg =
       ops::rms_norm_bwd(Bc.contiguous().reshape({B * L * R_ * G_, N_}), f32(B_norm_), kNormEps,
@@ -296,11 +296,11 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
   ops::RmsNormGrads cg =
       ops::rms_norm_bwd(Cc.contiguous().reshape({B * L * R_ * G_, N_}), f32(C_norm_), kNormEps,
                         g.dQ.reshape({B * L * R_ * G_, N_}));
-  ops::add_into(B_norm_->grad, bg.dweight);
-  ops::add_into(C_norm_->grad, cg.dweight);
+  ops::add_into(B_norm_->grad(), bg.dweight);
+  ops::add_into(C_norm_->grad(), cg.dweight);
   ops::copy_into(dBc, bg.dx.reshape({B, L, RGN}));
   ops::copy_into(dCc, cg.dx.reshape({B, L, RGN}));
-  return ops::linear_bwd(s.hidden, in_w_->value, dproj, &in_w_->grad, nullptr);
+  return ops::linear_bwd(s.hidden, in_w_->value, dproj, &in_w_->grad(), nullptr);
 }
 
 }  // namespace mamba

@@ -203,7 +203,7 @@ Tensor MHA::backward(const Saved& s, const Tensor& dy) {
   check_shape(dy, "MHA::backward: dy", {B, L, dm});
   check_shape(s.q, "MHA::backward: saved.q", {B, L, H, P});
 
-  Tensor dcat = ops::linear_bwd(s.cat, out_w_->value, dy, &out_w_->grad, optional_grad(out_b_));
+  Tensor dcat = ops::linear_bwd(s.cat, out_w_->value, dy, &out_w_->grad(), optional_grad(out_b_));
   Tensor dctx = dcat.cols(0, HP).contiguous().reshape({B, L, H, P});
   ops::AttnGrads ag = ops::attention_bwd(s.q, s.k, s.v, s.ctx, s.lse, dctx, attn_opts(cfg_));
   const int64_t zero = 0;
@@ -218,14 +218,14 @@ Tensor MHA::backward(const Saved& s, const Tensor& dy) {
   if (cfg_.d_conv > 0) {
     ops::Conv1dGrads cg = ops::causal_conv1d_bwd(
         s.qkv_pre, f32(conv_w_).reshape({qkv_, cfg_.d_conv}), f32(conv_b_), false, dqkv);
-    ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
-    ops::add_into(conv_b_->grad, cg.dbias);
+    ops::add_into(conv_w_->grad(), cg.dweight.reshape(conv_w_->grad().shape()));
+    ops::add_into(conv_b_->grad(), cg.dbias);
     dqkv = cg.dx;
   }
   Tensor dhidden = Tensor::empty({B, L, dm});
   auto rows = [&](int64_t r0, int64_t n, const Tensor& d, bool acc) {
-    Tensor gW = in_w_->grad.narrow(r0, n);
-    Tensor gb = in_b_ ? in_b_->grad.narrow(r0, n) : Tensor();
+    Tensor gW = in_w_->grad().narrow(r0, n);
+    Tensor gb = in_b_ ? in_b_->grad().narrow(r0, n) : Tensor();
     ops::linear_bwd_into(s.hidden, in_w_->value.rows(r0, n), d, dhidden, acc, &gW,
                          in_b_ ? &gb : nullptr);
   };

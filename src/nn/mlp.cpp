@@ -124,16 +124,16 @@ Tensor GatedMLP::backward(const Saved& s, const Tensor& dy) {
   check_shape(s.h, "GatedMLP::backward: saved.h", hshape);
 
   // fc2
-  Tensor dh = ops::linear_bwd(s.h, fc2_w_->value, dy, &fc2_w_->grad, optional_grad(fc2_b_));
+  Tensor dh = ops::linear_bwd(s.h, fc2_w_->value, dy, &fc2_w_->grad(), optional_grad(fc2_b_));
   // h = value * silu(gate)
   Tensor dvalue = ops::mul(dh, s.act);                          // (..., H)
   Tensor dgate = ops::silu_bwd(s.gate, ops::mul(dh, s.value));  // (..., H)
 
   // fc1: the value half (rows [0, H) of the weight) got dvalue, the gate half dgate.
   Tensor dx = Tensor::empty(s.x.shape());  // (..., in)
-  Tensor gW0 = fc1_w_->grad.narrow(0, H), gW1 = fc1_w_->grad.narrow(H, H);
-  Tensor db0 = fc1_b_ ? fc1_b_->grad.narrow(0, H) : Tensor(),
-         db1 = fc1_b_ ? fc1_b_->grad.narrow(H, H) : Tensor();
+  Tensor gW0 = fc1_w_->grad().narrow(0, H), gW1 = fc1_w_->grad().narrow(H, H);
+  Tensor db0 = fc1_b_ ? fc1_b_->grad().narrow(0, H) : Tensor(),
+         db1 = fc1_b_ ? fc1_b_->grad().narrow(H, H) : Tensor();
   ops::linear_bwd_into(s.x, fc1_w_->value.rows(0, H), dvalue, dx, false, &gW0,
                        fc1_b_ ? &db0 : nullptr);
   ops::linear_bwd_into(s.x, fc1_w_->value.rows(H, H), dgate, dx, true, &gW1,

@@ -9,12 +9,26 @@ const Tensor& optional_f32(const Param* p) {
   return p ? p->value.f32(p->name.c_str()) : none;
 }
 
+Tensor& Param::grad() {
+  if (!grad_.defined()) {
+    MAMBA_CHECK(value.is_f32(), name, ": weights are ", weight_dtype_name(value.dtype()),
+                ": inference only, no gradient; load in f32 to train");
+    grad_ = Tensor(value.shape());
+  }
+  return grad_;
+}
+
+void Param::set_grad(Tensor g) {
+  MAMBA_CHECK(!g.defined() || g.shape() == value.shape(), name, ": gradient of shape ",
+              g.shape_str(), " for a value of shape ", value.shape_str());
+  grad_ = std::move(g);
+}
+
 Param& ParamList::add(const std::string& name, Shape shape, bool no_weight_decay) {
   MAMBA_CHECK(!has(name), "parameter '", name, "' declared twice");
   Param& p = params_.emplace_back();
   p.name = name;
-  p.value = Weight(Tensor(shape));
-  p.grad = Tensor(std::move(shape));
+  p.value = Weight(Tensor(std::move(shape)));
   p.no_weight_decay = no_weight_decay;
   return p;
 }
@@ -49,14 +63,24 @@ int64_t ParamList::count() const {
 
 void ParamList::zero_grad() {
   for (auto& p : params_)
-    if (p.grad.defined()) p.grad.zero();
+    if (p.has_grad()) p.grad().zero();
+}
+
+void ParamList::allocate_grads() {
+  for (auto& p : params_) p.grad();
+}
+
+int64_t ParamList::grad_bytes() const {
+  int64_t n = 0;
+  for (const auto& p : params_) n += p.grad_bytes();
+  return n;
 }
 
 void ParamList::set_weight_dtype(WeightDType t) {
   for (auto& p : params_) {
     if (!p.matrix || p.value.dtype() == t) continue;
     p.value.set_dtype(t);  // one at a time: only one matrix is held in two formats at once
-    p.grad = t == WeightDType::f32 ? Tensor(p.value.shape()) : Tensor();
+    p.release_grad();
   }
 }
 
@@ -73,7 +97,7 @@ void ParamList::check_f32(const char* what) const {
 }
 
 void ParamList::load(const SafetensorsFile& f, const std::string& prefix) {
-  for (auto& p : params_) p.value.assign(f.tensor(prefix + p.name, p.value.shape()));
+  for (auto& p : params_) f.read_into(prefix + p.name, p.value);  // checks the shape
 }
 
 void ParamList::load(const std::map<std::string, Tensor>& tensors, const std::string& prefix) {
@@ -95,7 +119,9 @@ std::vector<std::pair<std::string, Tensor>> ParamList::named(const std::string& 
 std::vector<std::pair<std::string, Tensor>> ParamList::named_grads(
     const std::string& prefix) const {
   std::vector<std::pair<std::string, Tensor>> out;
-  for (const auto& p : params_) out.emplace_back(prefix + p.name, p.grad);
+  for (const auto& p : params_)
+    out.emplace_back(prefix + p.name,
+                     p.has_grad() ? p.grad_if_allocated() : Tensor(p.value.shape()));
   return out;
 }
 

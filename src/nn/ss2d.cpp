@@ -325,7 +325,7 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
   check_shape(dout, "SS2D::backward: dy", {B, H, W, dm});
   check_shape(s.y, "SS2D::backward: saved.y", {B, H, W, D});
 
-  Tensor dyg = ops::linear_bwd(s.yg, out_w_->value, dout, &out_w_->grad, optional_grad(out_b_));
+  Tensor dyg = ops::linear_bwd(s.yg, out_w_->value, dout, &out_w_->grad(), optional_grad(out_b_));
   Tensor dyo = dyg, dz;
   if (cfg_.has_z()) {
     dyo = ops::mul(dyg, s.zs);
@@ -336,8 +336,8 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
   Tensor dy = dyn;
   if (norm_w_) {
     ops::LayerNormGrads lg = ops::layer_norm_bwd(s.y, f32(norm_w_), f32(norm_b_), kNormEps, dyn);
-    ops::add_into(norm_w_->grad, lg.dweight);
-    ops::add_into(norm_b_->grad, lg.dbias);
+    ops::add_into(norm_w_->grad(), lg.dweight);
+    ops::add_into(norm_b_->grad(), lg.dbias);
     dy = lg.dx;
   }
 
@@ -351,9 +351,9 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
   a.dt_rank = R;
   a.delta_softplus = true;
   ops::CrossScanGrads g = ops::cross_scan_bwd(a, dy, impl_of(scan_));
-  ops::add_mul_into(A_logs_->grad, g.dA, a.A);  // A = -exp(A_log)  =>  dA_log = dA * A
-  ops::add_into(Ds_->grad, g.dDs);
-  ops::add_into(dt_b_->grad.reshape({K * D}), g.ddelta_bias);
+  ops::add_mul_into(A_logs_->grad(), g.dA, a.A);  // A = -exp(A_log)  =>  dA_log = dA * A
+  ops::add_into(Ds_->grad(), g.dDs);
+  ops::add_into(dt_b_->grad().reshape({K * D}), g.ddelta_bias);
 
   // dt_projs: fills the dt_r columns of dx_dbl (the kernel wrote B and C)
   {
@@ -361,14 +361,14 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
     const Tensor dxd2 = g.dx_dbl.reshape({B * H * W, K * E});
     const Tensor dd2 = g.ddelta.reshape({B * H * W, K * D});
     for (int64_t k = 0; k < K; ++k) {
-      Tensor gk = dt_w_->grad.select(k);
+      Tensor gk = dt_w_->grad().select(k);
       ops::linear_bwd_into(xd2.cols(k * E, R), Weight(f32(dt_w_).select(k)), dd2.cols(k * D, D),
                            dxd2.cols(k * E, R), false, &gk, nullptr);
     }
   }
   // x_proj; u is also the scan input
   const Weight wx(f32(xproj_w_).reshape({K * E, D}));
-  Tensor gwx = xproj_w_->grad.reshape({K * E, D});
+  Tensor gwx = xproj_w_->grad().reshape({K * E, D});
   Tensor du = ops::linear_bwd(s.u, wx, g.dx_dbl.reshape({B, H, W, K * E}), &gwx, nullptr);
   ops::add_into(du, g.du);
   Tensor dxc = ops::silu_bwd(s.xc, du);
@@ -378,20 +378,20 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
     const int64_t kc = cfg_.d_conv;
     ops::Conv2dGrads cg =
         ops::dwconv2d_bwd(s.x, f32(conv_w_).reshape({D, kc, kc}), optional_f32(conv_b_), dxc);
-    ops::add_into(conv_w_->grad, cg.dweight.reshape(conv_w_->grad.shape()));
-    if (conv_b_) ops::add_into(conv_b_->grad, cg.dbias);
+    ops::add_into(conv_w_->grad(), cg.dweight.reshape(conv_w_->grad().shape()));
+    if (conv_b_) ops::add_into(conv_b_->grad(), cg.dbias);
     dx = cg.dx;
   }
 
   // in_proj: rows [0, D) produced x, rows [D, 2D) z
   Tensor dhidden = Tensor::empty({B, H, W, dm});
-  Tensor gW = in_w_->grad;
-  Tensor db0 = in_b_ ? in_b_->grad.narrow(0, D) : Tensor();
+  Tensor gW = in_w_->grad();
+  Tensor db0 = in_b_ ? in_b_->grad().narrow(0, D) : Tensor();
   Tensor gW0 = gW.narrow(0, D);
   ops::linear_bwd_into(s.hidden, in_w_->value.rows(0, D), dx, dhidden, false, &gW0,
                        in_b_ ? &db0 : nullptr);
   if (cfg_.has_z()) {
-    Tensor db1 = in_b_ ? in_b_->grad.narrow(D, D) : Tensor();
+    Tensor db1 = in_b_ ? in_b_->grad().narrow(D, D) : Tensor();
     Tensor gW1 = gW.narrow(D, D);
     ops::linear_bwd_into(s.hidden, in_w_->value.rows(D, D), dz, dhidden, true, &gW1,
                          in_b_ ? &db1 : nullptr);

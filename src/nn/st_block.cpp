@@ -132,10 +132,10 @@ Tensor STBlock::backward(const Saved& s, const Tensor& dy) {
                 H = cfg_.num_heads, M = B * T;
   check_shape(dy, "STBlock::backward: dy", s.x.shape());
   Tensor dx = dy.clone();  // the residual
-  Tensor dh = ops::linear_bwd(s.h, wh_->value, dy, &wh_->grad, &bh_->grad);
+  Tensor dh = ops::linear_bwd(s.h, wh_->value, dy, &wh_->grad(), &bh_->grad());
   ops::FusionGrads fg = ops::gated_fusion_bwd(s.z, s.hs, s.ht, dh);
-  ops::linear_bwd_into(s.hs, ws_->value, fg.dpre, fg.dhs, true, &ws_->grad, nullptr);
-  ops::linear_bwd_into(s.ht, wt_->value, fg.dpre, fg.dht, true, &wt_->grad, &bz_->grad);
+  ops::linear_bwd_into(s.hs, ws_->value, fg.dpre, fg.dhs, true, &ws_->grad(), nullptr);
+  ops::linear_bwd_into(s.ht, wt_->value, fg.dpre, fg.dht, true, &wt_->grad(), &bz_->grad());
   // temporal branch
   Tensor dht_t = ops::swap_dims12(fg.dht).reshape({B * N, T, C});
   Tensor dxt = std::visit(
@@ -149,16 +149,17 @@ Tensor STBlock::backward(const Saved& s, const Tensor& dy) {
   ops::add_into(dx, ops::swap_dims12(dxt.reshape({B, N, T, C})));
   // spatial branch
   Tensor dctx = ops::linear_bwd(s.ctx.reshape({M, N, C}), wo_->value, fg.dhs.reshape({M, N, C}),
-                                &wo_->grad, nullptr);
+                                &wo_->grad(), nullptr);
   ops::AttnGrads ag =
       ops::attention_bwd(s.q, s.k, s.v, s.ctx, s.lse, dctx.reshape({M, N, H, C / H}), {false, 0});
-  Tensor dxe = ops::linear_bwd(s.xe, wq_->value, ag.dq.reshape({M, N, C}), &wq_->grad, nullptr);
-  ops::linear_bwd_into(s.xe, wk_->value, ag.dk.reshape({M, N, C}), dxe, true, &wk_->grad, nullptr);
-  ops::broadcast_grad(emb_->grad, dxe);
+  Tensor dxe = ops::linear_bwd(s.xe, wq_->value, ag.dq.reshape({M, N, C}), &wq_->grad(), nullptr);
+  ops::linear_bwd_into(s.xe, wk_->value, ag.dk.reshape({M, N, C}), dxe, true, &wk_->grad(),
+                       nullptr);
+  ops::broadcast_grad(emb_->grad(), dxe);
   Tensor dx3 = dx.reshape({M, N, C});
   ops::add_into(dx3, dxe);
   ops::linear_bwd_into(s.x.reshape({M, N, C}), wv_->value, ag.dv.reshape({M, N, C}), dx3, true,
-                       &wv_->grad, nullptr);
+                       &wv_->grad(), nullptr);
   return dx;
 }
 

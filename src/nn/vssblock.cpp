@@ -197,21 +197,21 @@ Tensor VSSBlock::backward_cl(const Saved& s, const Tensor& dy) {
     if (cfg_.post_norm) {
       ops::LayerNormGrads g =
           ops::layer_norm_bwd(s.n2, n2w_->value.f32(), n2b_->value.f32(), kNormEps, dy);
-      ops::add_into(n2w_->grad, g.dweight);
-      ops::add_into(n2b_->grad, g.dbias);
+      ops::add_into(n2w_->grad(), g.dweight);
+      ops::add_into(n2b_->grad(), g.dbias);
       dm = g.dx;
     }
-    Tensor da = ops::linear_bwd(s.a, fc2w_->value, dm, &fc2w_->grad, &fc2b_->grad);
+    Tensor da = ops::linear_bwd(s.a, fc2w_->value, dm, &fc2w_->grad(), &fc2b_->grad());
     Tensor dh = ops::gelu_bwd(s.h, da);
     const Tensor& in = cfg_.post_norm ? s.x1 : s.n2;
-    Tensor din = ops::linear_bwd(in, fc1w_->value, dh, &fc1w_->grad, &fc1b_->grad);
+    Tensor din = ops::linear_bwd(in, fc1w_->value, dh, &fc1w_->grad(), &fc1b_->grad());
     if (cfg_.post_norm) {
       ops::add_into(dx1, din);
     } else {
       ops::LayerNormGrads g =
           ops::layer_norm_bwd(s.x1, n2w_->value.f32(), n2b_->value.f32(), kNormEps, din);
-      ops::add_into(n2w_->grad, g.dweight);
-      ops::add_into(n2b_->grad, g.dbias);
+      ops::add_into(n2w_->grad(), g.dweight);
+      ops::add_into(n2b_->grad(), g.dbias);
       ops::add_into(dx1, g.dx);
     }
   }
@@ -221,15 +221,15 @@ Tensor VSSBlock::backward_cl(const Saved& s, const Tensor& dy) {
     if (cfg_.post_norm) {
       ops::LayerNormGrads g =
           ops::layer_norm_bwd(s.n1, n1w_->value.f32(), n1b_->value.f32(), kNormEps, dx1);
-      ops::add_into(n1w_->grad, g.dweight);
-      ops::add_into(n1b_->grad, g.dbias);
+      ops::add_into(n1w_->grad(), g.dweight);
+      ops::add_into(n1b_->grad(), g.dbias);
       ops::add_into(dx, op_->backward_cl(s.op, g.dx));
     } else {
       Tensor dn = op_->backward_cl(s.op, dx1);
       ops::LayerNormGrads g =
           ops::layer_norm_bwd(s.x, n1w_->value.f32(), n1b_->value.f32(), kNormEps, dn);
-      ops::add_into(n1w_->grad, g.dweight);
-      ops::add_into(n1b_->grad, g.dbias);
+      ops::add_into(n1w_->grad(), g.dweight);
+      ops::add_into(n1b_->grad(), g.dbias);
       ops::add_into(dx, g.dx);
     }
   }

@@ -2,6 +2,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "core/os.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
 
@@ -22,7 +23,17 @@ AdamW::AdamW(std::vector<std::pair<std::string, Param*>> params, AdamWConfig cfg
               cfg_.beta2);
   MAMBA_CHECK(cfg_.eps > 0, "AdamW: eps must be > 0, got ", cfg_.eps);
   MAMBA_CHECK(cfg_.weight_decay >= 0, "AdamW: weight_decay must be >= 0, got ", cfg_.weight_decay);
+  // Training memory beyond the weights: a gradient and two moments per parameter (fp32). The
+  // gradients are allocated here, not with the model (inference never holds them), after one
+  // check of the whole, so a model too large to train fails before anything is taken.
+  double n = 0;
+  for (auto& [name, p] : params_) n += static_cast<double>(p->value.numel());
+  const double bytes = n * 12.0;
+  os::check_memory(
+      bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
+      str("training ", static_cast<int64_t>(n), " parameters (fp32 gradients and AdamW moments)"));
   for (auto& [name, p] : params_) {
+    p->grad();  // throws "inference only" for 16-bit weights
     decay_.push_back(uses_weight_decay(name, *p));
     m_.push_back(Tensor::zeros(p->value.shape()));
     v_.push_back(Tensor::zeros(p->value.shape()));
@@ -43,7 +54,7 @@ void AdamW::step(double lr) {
     Param& p = *params_[i].second;
     const float keep = decay_[i] ? static_cast<float>(1.0 - lr * cfg_.weight_decay) : 1.f;
     float* w = p.value.f32(p.name.c_str()).data();  // throws "inference only" for 16-bit weights
-    const float* g = p.grad.data();
+    const float* g = p.grad().data();
     float* m = m_[i].data();
     float* v = v_[i].data();
     // Element-wise: any split over threads gives the same bits.
@@ -88,17 +99,17 @@ void AdamW::load_state(const std::vector<std::pair<std::string, Tensor>>& tensor
 double clip_grad_norm(const std::vector<std::pair<std::string, Param*>>& params, double max_norm) {
   double sq = 0;
   for (const auto& [name, p] : params) {
-    const float* g = p->grad.data();
+    const float* g = p->grad().data();
     double s = 0;
-    for (int64_t j = 0; j < p->grad.numel(); ++j) s += static_cast<double>(g[j]) * g[j];
+    for (int64_t j = 0; j < p->grad().numel(); ++j) s += static_cast<double>(g[j]) * g[j];
     sq += s;
   }
   const double norm = std::sqrt(sq);
   if (max_norm > 0 && norm > max_norm) {
     const float c = static_cast<float>(max_norm / (norm + 1e-6));
     for (const auto& [name, p] : params) {
-      float* g = p->grad.data();
-      for (int64_t j = 0; j < p->grad.numel(); ++j) g[j] *= c;
+      float* g = p->grad().data();
+      for (int64_t j = 0; j < p->grad().numel(); ++j) g[j] *= c;
     }
   }
   return norm;

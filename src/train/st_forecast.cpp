@@ -107,9 +107,9 @@ struct Forecaster {
     return ops::linear(y, out_w->value, out_b->value.f32());
   }
   void backward(const Saved& s, const Tensor& dpred) {
-    Tensor dy = ops::linear_bwd(s.y, out_w->value, dpred, &out_w->grad, &out_b->grad);
+    Tensor dy = ops::linear_bwd(s.y, out_w->value, dpred, &out_w->grad(), &out_b->grad());
     Tensor dh = blk.backward(s.blk, dy);
-    ops::linear_bwd(s.x, in_w->value, dh, &in_w->grad, &in_b->grad);
+    ops::linear_bwd(s.x, in_w->value, dh, &in_w->grad(), &in_b->grad());
   }
 };
 
@@ -173,7 +173,7 @@ STForecastResult run_st_forecast(const STForecastConfig& cfg,
       loss += e * e * inv;
       d[i] = static_cast<float>(2 * e * inv);
     }
-    for (auto& [n, p] : params) p->grad.zero();
+    for (auto& [n, p] : params) p->grad().zero();
     model.backward(sv, d);
     clip_grad_norm(params, 1.0);
     opt.step(lr_at(step, cfg.steps / 10, cfg.steps, cfg.lr, cfg.lr * 0.1));

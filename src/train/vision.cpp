@@ -83,19 +83,19 @@ struct Shell {
   Tensor head_bwd(const Tensor& feats, const Tensor& pooled, const Tensor& dlogits) {
     const int64_t B = feats.dim(0), L = feats.dim(1), C = feats.dim(2);
     Tensor dp = ops::linear_bwd(pooled, head_w->value, dlogits.reshape({B, kClasses}),
-                                &head_w->grad, &head_b->grad);
+                                &head_w->grad(), &head_b->grad());
     Tensor dxn = Tensor::empty(feats.shape());
     for (int64_t b = 0; b < B; ++b)
       for (int64_t l = 0; l < L; ++l)
         for (int64_t c = 0; c < C; ++c) dxn[(b * L + l) * C + c] = dp[b * C + c] / L;
     ops::LayerNormGrads g =
         ops::layer_norm_bwd(feats, norm_w->value.f32(), norm_b->value.f32(), kEps, dxn);
-    ops::add_into(norm_w->grad, g.dweight);
-    ops::add_into(norm_b->grad, g.dbias);
+    ops::add_into(norm_w->grad(), g.dweight);
+    ops::add_into(norm_b->grad(), g.dbias);
     return g.dx;
   }
   void stem_bwd(const Tensor& img, const Tensor& dx) {
-    ops::linear_bwd(img, stem_w->value, dx, &stem_w->grad, &stem_b->grad);
+    ops::linear_bwd(img, stem_w->value, dx, &stem_w->grad(), &stem_b->grad());
   }
 };
 
@@ -206,8 +206,8 @@ struct Mamba1Classifier : Classifier {
       Tensor dn = layers[i].backward(saved[i], d);
       ops::LayerNormGrads g =
           ops::layer_norm_bwd(ins[i], nw[i]->value.f32(), nb[i]->value.f32(), kEps, dn);
-      ops::add_into(nw[i]->grad, g.dweight);
-      ops::add_into(nb[i]->grad, g.dbias);
+      ops::add_into(nw[i]->grad(), g.dweight);
+      ops::add_into(nb[i]->grad(), g.dbias);
       ops::add_into(d, g.dx);
     }
     shell->stem_bwd(img, d.reshape({img.dim(0), img.dim(1), img.dim(2), d.dim(2)}));
@@ -232,7 +232,7 @@ struct Mamba1Classifier : Classifier {
 };
 
 void zero_grads(const std::vector<std::pair<std::string, Param*>>& ps) {
-  for (auto& [n, p] : ps) p->grad.zero();
+  for (auto& [n, p] : ps) p->grad().zero();
 }
 
 int64_t count(const std::vector<std::pair<std::string, Param*>>& ps) {
