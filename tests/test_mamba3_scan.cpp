@@ -470,9 +470,10 @@ TEST(Mamba3Scan, FastPathsFullVectorsEqualReference) {
                                  {"mimo_o", &f.dmimo_o, &r.dmimo_o},
                                  {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}}) {
       ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
-      if (ref->defined())
+      if (ref->defined()) {
         EXPECT_TRUE(test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref),
                                     tag + " d" + std::string(nm)));
+      }
     }
   }
 }
