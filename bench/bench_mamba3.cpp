@@ -1,7 +1,8 @@
 // Mamba-3 benchmark, JSON lines: one Mamba-3 layer (SISO or MIMO) next to a Mamba-2 layer of the
 // same d_model, d_state and headdim, measured in the same run: forward, forward+backward, decode
 // step; and the scan alone, the chunked fp32 kernel against the sequential double reference (the
-// baseline), with their max difference.
+// baseline), with their max difference; the scan's fp32 backward against the double reference;
+// the decode-step kernel against the chunked forward over one token.
 #include <cmath>
 
 #include "bench_util.h"
@@ -121,5 +122,62 @@ int main(int argc, char** argv) {
       "{\"bench\":\"mamba3_scan\",\"shape\":%s,\"threads\":%d,\"chunked_ms\":%.3f,"
       "\"reference_ms\":%.3f,\"chunked_speedup\":%.1f,\"max_abs_diff\":%.3g}\n",
       shape, num_threads(), t_f * 1e3, t_r * 1e3, t_r / t_f, md);
+  std::fflush(stdout);
+
+  // The scan's backward: fp32 (vectorised rows, (b, h) in parallel) vs the double reference.
+  if (backward) {
+    Tensor g({B, L, H, P});
+    rng.fill_normal(g);
+    ops::Mamba3ScanGrads gf, gr;
+    const double t_bf = bench::median_seconds(reps, [&] { gf = ops::mamba3_scan_bwd(a, g); });
+    const double t_br = bench::median_seconds(1, [&] { gr = ops::mamba3_scan_bwd_ref(a, g); });
+    double mg = 0, mref = 0;
+    for (int64_t i = 0; i < gf.dV.numel(); ++i) {
+      mg = std::max(mg, (double)std::fabs(gf.dV[i] - gr.dV[i]));
+      mref = std::max(mref, (double)std::fabs(gr.dV[i]));
+    }
+    std::printf(
+        "{\"bench\":\"mamba3_scan_bwd\",\"shape\":%s,\"threads\":%d,\"fp32_ms\":%.3f,"
+        "\"reference_ms\":%.3f,\"speedup\":%.1f,\"max_abs_diff_dV\":%.3g,\"max_abs_dV\":%.3g}\n",
+        shape, num_threads(), t_bf * 1e3, t_br * 1e3, t_br / t_bf, mg, mref);
+    std::fflush(stdout);
+  }
+
+  // The decode step: the dedicated kernel vs the chunked forward over one token (the path the
+  // layer's step took before), same states.
+  {
+    auto token0 = [&](const Tensor& x) {
+      Shape s = x.shape();
+      const int64_t inner = x.numel() / (s[0] * s[1]);
+      s[1] = 1;
+      Tensor o = Tensor::empty(s);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < inner; ++i) o[b * inner + i] = x[b * L * inner + i];
+      return o;
+    };
+    ops::Mamba3ScanArgs one = a;
+    for (Tensor* t : {&one.Q, &one.K, &one.V, &one.ADT, &one.DT, &one.Trap, &one.Angles, &one.Z})
+      *t = token0(*t);
+    one.initial.angle = Tensor::zeros({B, H, S}), one.initial.ssm = Tensor({B, H, P, N});
+    rng.fill_normal(one.initial.ssm);
+    one.initial.k = Tensor({B, R, H, N}), one.initial.v = Tensor({B, H, P});
+    rng.fill_normal(one.initial.k);
+    rng.fill_normal(one.initial.v);
+    ops::Mamba3States s1, s2;
+    Tensor y1, y2;
+    const int n = 200;
+    const double t_k = bench::median_seconds(reps, [&] {
+      for (int i = 0; i < n; ++i) y1 = ops::mamba3_scan_step(one, s1);
+    });
+    const double t_c = bench::median_seconds(reps, [&] {
+      for (int i = 0; i < n; ++i) y2 = ops::mamba3_scan_fwd(one, c3.chunk_size, &s2);
+    });
+    double ms = 0;
+    for (int64_t i = 0; i < y1.numel(); ++i) ms = std::max(ms, (double)std::fabs(y1[i] - y2[i]));
+    std::printf(
+        "{\"bench\":\"mamba3_scan_step\",\"shape\":%s,\"threads\":%d,\"step_us\":%.2f,"
+        "\"chunked_one_token_us\":%.2f,\"speedup\":%.1f,\"max_abs_diff\":%.3g}\n",
+        shape, num_threads(), t_k / n * 1e6, t_c / n * 1e6, t_c / t_k, ms);
+  }
   return 0;
 }

@@ -349,6 +349,135 @@ TEST(Mamba3Scan, ChunkedAndFastBackwardIndependentOfThreadCount) {
     EXPECT_EQ(test::max_abs_diff(*x, *y), 0.0);
 }
 
+namespace {
+
+// Tokens [t0, t0 + n) of every (B, L, ...) input of a.
+Mamba3ScanArgs slice_tokens(const Mamba3ScanArgs& a, int64_t L, int64_t t0, int64_t n) {
+  Mamba3ScanArgs p = a;
+  for (Tensor* x : {&p.Q, &p.K, &p.V, &p.ADT, &p.DT, &p.Trap, &p.Angles, &p.Z}) {
+    if (!x->defined()) continue;
+    Shape s = x->shape();
+    const int64_t inner = x->numel() / (s[0] * s[1]);
+    s[1] = n;
+    Tensor o = Tensor::empty(s);
+    for (int64_t b = 0; b < s[0]; ++b)
+      for (int64_t t = 0; t < n; ++t)
+        for (int64_t i = 0; i < inner; ++i)
+          o[(b * n + t) * inner + i] = (*x)[(b * L + t0 + t) * inner + i];
+    *x = o;
+  }
+  return p;
+}
+
+void random_initial(Mamba3ScanArgs& a, const Cfg& c, Rng& rng) {
+  a.initial.angle = test::rand_uniform({c.B, c.H, c.S}, rng, 0.0, 6.0);
+  a.initial.ssm = test::randn({c.B, c.H, c.P, c.N}, rng, 0.5);
+  a.initial.k = test::randn({c.B, c.R, c.H, c.N}, rng);
+  a.initial.v = test::randn({c.B, c.H, c.P}, rng);
+}
+
+// Configs whose N and P cover whole SIMD vectors and a tail (N = 20, 37: 16 + 4, 32 + 5 lanes).
+std::vector<Cfg> wide_cfgs() {
+  std::vector<Cfg> cfgs(5);
+  for (Cfg& c : cfgs) c.N = 20, c.S = 5, c.P = 9, c.L = 23;
+  cfgs[1].H = 4, cfgs[1].G = 2;  // groups
+  cfgs[2].H = 4, cfgs[2].G = 4, cfgs[2].N = 37, cfgs[2].S = 18, cfgs[2].z = false;
+  cfgs[3].mimo = true, cfgs[3].R = 2, cfgs[3].norm = true, cfgs[3].H = 4, cfgs[3].G = 2;
+  cfgs[4].mimo = true, cfgs[4].R = 4, cfgs[4].z = false, cfgs[4].D = false;
+  return cfgs;
+}
+
+}  // namespace
+
+TEST(Mamba3Scan, StepEqualsForwardTokenByToken) {
+  // The decode step, token by token from random initial states, updating them in place, against
+  // the chunked forward over the whole sequence from the same states and the double reference:
+  // SISO, groups (G = 2 and G = H of 4 heads), MIMO rank 2 with the norm and rank 4.
+  uint64_t seed = 900;
+  for (Cfg c : wide_cfgs()) {
+    c.L = 7;
+    Rng rng(seed++);
+    Mamba3ScanArgs a = make_args(c, rng);
+    random_initial(a, c, rng);
+    ops::Mamba3States sf, sr;
+    const Tensor yf = ops::mamba3_scan_fwd(a, 3, &sf), yr = ops::mamba3_scan_ref(a, &sr);
+    ops::Mamba3States st = {a.initial.angle.clone(), a.initial.ssm.clone(), a.initial.k.clone(),
+                            a.initial.v.clone()};
+    const std::string tag = str("R=", c.R, " G=", c.G, " H=", c.H, " N=", c.N, " norm=", c.norm);
+    const int64_t HP = c.H * c.P;
+    Tensor ys = Tensor::empty(yf.shape());
+    for (int64_t t = 0; t < c.L; ++t) {
+      Mamba3ScanArgs one = slice_tokens(a, c.L, t, 1);
+      one.initial = st;
+      const float* ssm_before = st.ssm.data();
+      Tensor y = ops::mamba3_scan_step(one, st);
+      ASSERT_EQ(st.ssm.data(), ssm_before) << tag << ": the state is updated in place";
+      ASSERT_EQ(y.shape(), (Shape{c.B, 1, c.H, c.P}));
+      for (int64_t b = 0; b < c.B; ++b)
+        for (int64_t i = 0; i < HP; ++i) ys[(b * c.L + t) * HP + i] = y[b * HP + i];
+    }
+    EXPECT_TRUE(test::all_close(ys, yf, tol::kStepVsFull, tag + " y vs chunked"));
+    EXPECT_TRUE(test::all_close(ys, yr, tol::kFastVsRef, tag + " y vs reference"));
+    EXPECT_TRUE(test::all_close(st.ssm, sf.ssm, tol::kStepVsFull, tag + " ssm"));
+    EXPECT_TRUE(test::all_close(st.ssm, sr.ssm, tol::kFastVsRef, tag + " ssm vs reference"));
+    EXPECT_TRUE(test::all_close(st.k, sr.k, tol::kFastVsRef, tag + " k"));
+    EXPECT_TRUE(test::all_close(st.v, sr.v, {0, 0}, tag + " v"));
+    EXPECT_TRUE(test::all_close(wrap_diff(st.angle, sr.angle), Tensor::zeros(sr.angle.shape()),
+                                {1e-5, 0}, tag + " angle"));
+  }
+}
+
+TEST(Mamba3Scan, StepArgumentErrors) {
+  Cfg c;
+  Rng rng(3);
+  Mamba3ScanArgs a = make_args(c, rng);
+  ops::Mamba3States st;
+  test::expect_error([&] { ops::mamba3_scan_step(a, st); }, {"mamba3_scan_step", "L = 1"});
+  Mamba3ScanArgs one = slice_tokens(a, c.L, 0, 1);
+  test::expect_error([&] { ops::mamba3_scan_step(one, st); }, {"mamba3_scan_step", "initial"});
+}
+
+TEST(Mamba3Scan, FastPathsFullVectorsEqualReference) {
+  // N, P wide enough for whole SIMD vectors plus tails: the chunked forward (ragged chunks of
+  // 8 over 23 tokens, with and without initial states) and the fp32 backward against the double
+  // reference.
+  uint64_t seed = 950;
+  for (const Cfg& c : wide_cfgs()) {
+    const std::string tag = str("R=", c.R, " G=", c.G, " H=", c.H, " N=", c.N, " norm=", c.norm);
+    for (bool init : {false, true}) {
+      Rng rng(seed++);
+      Mamba3ScanArgs a = make_args(c, rng);
+      if (init) random_initial(a, c, rng);
+      ops::Mamba3States sr, sf;
+      Tensor yr = ops::mamba3_scan_ref(a, &sr), yf = ops::mamba3_scan_fwd(a, 8, &sf);
+      EXPECT_TRUE(test::all_close(yf, yr, tol::kFastVsRef, tag + " y"));
+      EXPECT_TRUE(test::all_close(sf.ssm, sr.ssm, tol::kFastVsRef, tag + " ssm"));
+    }
+    Rng rng(seed++);
+    Mamba3ScanArgs a = make_args(c, rng);
+    Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
+    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd(a, g);
+    for (auto [nm, fast, ref] : {std::tuple{"Q", &f.dQ, &r.dQ},
+                                 {"K", &f.dK, &r.dK},
+                                 {"V", &f.dV, &r.dV},
+                                 {"ADT", &f.dADT, &r.dADT},
+                                 {"DT", &f.dDT, &r.dDT},
+                                 {"Trap", &f.dTrap, &r.dTrap},
+                                 {"Angles", &f.dAngles, &r.dAngles},
+                                 {"D", &f.dD, &r.dD},
+                                 {"Z", &f.dZ, &r.dZ},
+                                 {"mimo_x", &f.dmimo_x, &r.dmimo_x},
+                                 {"mimo_o", &f.dmimo_o, &r.dmimo_o},
+                                 {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}}) {
+      ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
+      if (ref->defined()) {
+        EXPECT_TRUE(test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref),
+                                    tag + " d" + std::string(nm)));
+      }
+    }
+  }
+}
+
 TEST(Mamba3Scan, BadArgumentsNameTheTensor) {
   Cfg c;
   Rng rng(1);

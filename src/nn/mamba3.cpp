@@ -171,7 +171,11 @@ Tensor Mamba3::run(const Tensor& hidden, Saved* saved, const State* init, State*
   if (init) a.initial = {init->angle, init->ssm, init->k, init->v};
   ops::Mamba3States st;
   if (fin && fin == init) st = {fin->angle, fin->ssm, fin->k, fin->v};  // step: in place
-  Tensor ys = ops::mamba3_scan_fwd(a, cfg_.chunk_size, fin ? &st : nullptr).reshape({B, L, D_});
+  // Decode (one token from the state, updated in place): the dedicated step kernel.
+  Tensor ys =
+      (L == 1 && init && fin == init)
+          ? ops::mamba3_scan_step(a, st).reshape({B, L, D_})
+          : ops::mamba3_scan_fwd(a, cfg_.chunk_size, fin ? &st : nullptr).reshape({B, L, D_});
   if (tr)
     trace::op(cfg_.is_mimo ? "mamba3_scan (MIMO)" : "mamba3_scan (SISO)",
               {a.Q.shape(), a.K.shape(), a.V.shape(), a.ADT.shape(), a.Angles.shape()},

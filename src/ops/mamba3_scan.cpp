@@ -5,15 +5,147 @@
 //   KV_t> dv_{t,r} += gamma_t G_t k_{t,r} (+ beta_{t+1} G_{t+1} k_{t,r});  dk likewise with G^T v
 // then through sigma / alpha / beta / gamma to Trap, ADT, DT, through the rotations to Q, K,
 // their biases and theta, and through theta's running sum to Angles and DT.
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "ops/mamba3_scan.cpp"
 #include "ops/mamba3_scan.h"
 
+#include <hwy/foreach_target.h>  // must come before highway.h
+#include <hwy/highway.h>
+
+#include <algorithm>
 #include <cmath>
 #include <numbers>
+#include <type_traits>
 #include <vector>
 
+#include "core/gemm.h"
 #include "mamba/parallel.h"
+#include "ops/act.h"
 
+// The row kernels (compiled once per SIMD target) of the decode step and of the fp32 backward:
+// one token of the recurrence for one head's (P, N) state, one row of N at a time (fp32 lanes,
+// each dot product summed across lanes at the end of its row: a fixed order).
+HWY_BEFORE_NAMESPACE();
 namespace mamba::ops {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+// Sout[p, :] = al Sin[p, :] + sum_r cp[r P + p] kp_r + sum_r cc[r P + p] k_r, then
+// y[r P + p] = Sout[p, :] . q_r. kp, k, q: (R, N); cp, cc, y: (R, P). Sin may be Sout.
+void StateStepKernel(const float* Sin, float* Sout, int64_t P, int64_t N, int64_t R, float al,
+                     const float* kp, const float* cp, const float* k, const float* cc,
+                     const float* q, float* y) {
+  const hn::ScalableTag<float> d;
+  const int64_t V = static_cast<int64_t>(hn::Lanes(d));
+  const auto val = hn::Set(d, al);
+  for (int64_t p = 0; p < P; ++p) {
+    const float* si = Sin + p * N;
+    float* so = Sout + p * N;
+    auto acc = hn::Zero(d);
+    int64_t n = 0;
+    for (; n + V <= N; n += V) {
+      auto sv = hn::Mul(hn::LoadU(d, si + n), val);
+      for (int64_t r = 0; r < R; ++r) {
+        sv = hn::MulAdd(hn::Set(d, cp[r * P + p]), hn::LoadU(d, kp + r * N + n), sv);
+        sv = hn::MulAdd(hn::Set(d, cc[r * P + p]), hn::LoadU(d, k + r * N + n), sv);
+      }
+      hn::StoreU(sv, d, so + n);
+      acc = hn::MulAdd(sv, hn::LoadU(d, q + n), acc);
+    }
+    float tail = 0.f;
+    for (; n < N; ++n) {
+      float sv = si[n] * al;
+      for (int64_t r = 0; r < R; ++r)
+        sv += cp[r * P + p] * kp[r * N + n] + cc[r * P + p] * k[r * N + n];
+      so[n] = sv;
+      tail += sv * q[n];
+    }
+    y[p] = hn::GetLane(hn::SumOfLanes(d, acc)) + tail;
+    for (int64_t r = 1; r < R; ++r) {  // the other ranks' dot products (the row is in L1)
+      const float* qr = q + r * N;
+      auto a2 = hn::Zero(d);
+      int64_t m = 0;
+      for (; m + V <= N; m += V) a2 = hn::MulAdd(hn::LoadU(d, so + m), hn::LoadU(d, qr + m), a2);
+      float t2 = 0.f;
+      for (; m < N; ++m) t2 += so[m] * qr[m];
+      y[r * P + p] = hn::GetLane(hn::SumOfLanes(d, a2)) + t2;
+    }
+  }
+}
+
+// One step of the reverse recurrence for one head, row by row (G = dL/dS_t, (P, N)):
+//   G[p, :] = gscale G[p, :] + sum_r dy[r P + p] q_r       (gscale = alpha_{t+1})
+//   *da = sum_p G[p, :] . Sp[p, :]
+//   dq_r += dy[r P + p] Sc[p, :];  gk[r P + p] = G[p, :] . k_r;  gkp[r P + p] = G[p, :] . kp_r
+//   dk_r += cv[r P + p] G[p, :];   dkp_r += cvp[r P + p] G[p, :]
+// q, k, kp, dq, dk, dkp: (R, N); dy, cv, cvp, gk, gkp: (R, P).
+void BwdStepKernel(float* G, float gscale, const float* Sc, const float* Sp, int64_t P, int64_t N,
+                   int64_t R, const float* dy, const float* q, const float* k, const float* kp,
+                   const float* cv, const float* cvp, float* dq, float* gk, float* gkp, float* dk,
+                   float* dkp, float* da) {
+  const hn::ScalableTag<float> d;
+  const int64_t V = static_cast<int64_t>(hn::Lanes(d));
+  const auto vs = hn::Set(d, gscale);
+  float da_s = 0.f;
+  for (int64_t p = 0; p < P; ++p) {
+    float* g = G + p * N;
+    const float* sc = Sc + p * N;
+    const float* sp = Sp + p * N;
+    auto acc = hn::Zero(d);
+    int64_t n = 0;
+    for (; n + V <= N; n += V) {
+      auto gv = hn::Mul(hn::LoadU(d, g + n), vs);
+      for (int64_t r = 0; r < R; ++r)
+        gv = hn::MulAdd(hn::Set(d, dy[r * P + p]), hn::LoadU(d, q + r * N + n), gv);
+      hn::StoreU(gv, d, g + n);
+      acc = hn::MulAdd(gv, hn::LoadU(d, sp + n), acc);
+    }
+    float tail = 0.f;
+    for (; n < N; ++n) {
+      float gv = g[n] * gscale;
+      for (int64_t r = 0; r < R; ++r) gv += dy[r * P + p] * q[r * N + n];
+      g[n] = gv;
+      tail += gv * sp[n];
+    }
+    da_s += hn::GetLane(hn::SumOfLanes(d, acc)) + tail;
+    for (int64_t r = 0; r < R; ++r) {
+      const auto vdy = hn::Set(d, dy[r * P + p]), vcv = hn::Set(d, cv[r * P + p]),
+                 vcp = hn::Set(d, cvp[r * P + p]);
+      const float *kr = k + r * N, *kpr = kp + r * N;
+      float *dqr = dq + r * N, *dkr = dk + r * N, *dkpr = dkp + r * N;
+      auto a1 = hn::Zero(d), a2 = hn::Zero(d);
+      int64_t m = 0;
+      for (; m + V <= N; m += V) {
+        const auto gv = hn::LoadU(d, g + m);
+        hn::StoreU(hn::MulAdd(vdy, hn::LoadU(d, sc + m), hn::LoadU(d, dqr + m)), d, dqr + m);
+        a1 = hn::MulAdd(gv, hn::LoadU(d, kr + m), a1);
+        a2 = hn::MulAdd(gv, hn::LoadU(d, kpr + m), a2);
+        hn::StoreU(hn::MulAdd(vcv, gv, hn::LoadU(d, dkr + m)), d, dkr + m);
+        hn::StoreU(hn::MulAdd(vcp, gv, hn::LoadU(d, dkpr + m)), d, dkpr + m);
+      }
+      float t1 = 0.f, t2 = 0.f;
+      for (; m < N; ++m) {
+        dqr[m] += dy[r * P + p] * sc[m];
+        t1 += g[m] * kr[m];
+        t2 += g[m] * kpr[m];
+        dkr[m] += cv[r * P + p] * g[m];
+        dkpr[m] += cvp[r * P + p] * g[m];
+      }
+      gk[r * P + p] = hn::GetLane(hn::SumOfLanes(d, a1)) + t1;
+      gkp[r * P + p] = hn::GetLane(hn::SumOfLanes(d, a2)) + t2;
+    }
+  }
+  *da = da_s;
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mamba::ops
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mamba::ops {
+HWY_EXPORT(StateStepKernel);
+HWY_EXPORT(BwdStepKernel);
 
 namespace {
 
@@ -86,6 +218,16 @@ Mamba3Dims mamba3_scan_check(const Mamba3ScanArgs& a, const char* what) {
 
 namespace {
 
+// The kernels index raw rows: every tensor contiguous (a copy only where a view is strided).
+Mamba3ScanArgs contiguous_args(const Mamba3ScanArgs& a) {
+  Mamba3ScanArgs c = a;
+  for (Tensor* t : {&c.Q, &c.K, &c.V, &c.ADT, &c.DT, &c.Trap, &c.Q_bias, &c.K_bias, &c.Angles, &c.D,
+                    &c.Z, &c.mimo_x, &c.mimo_z, &c.mimo_o, &c.norm_weight, &c.initial.angle,
+                    &c.initial.ssm, &c.initial.k, &c.initial.v})
+    if (t->defined() && !t->is_contiguous()) *t = t->contiguous();
+  return c;
+}
+
 constexpr double kPi = std::numbers::pi;
 
 double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
@@ -113,6 +255,7 @@ struct SeqT {
   std::vector<T> Y;                       // (L, R, P) S q + D v (before norm / gate)
   std::vector<T> rstd;                    // (L, R) with norm_weight
   std::vector<T> out;                     // (L, P)
+  std::vector<T> cf;                      // fp32 path: the row kernel's coefficients (2, R, P)
 };
 using Seq = SeqT<double>;
 
@@ -190,24 +333,39 @@ void run_forward(const Acc& c, SeqT<T>& q) {
     const T* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
     const T* Sp = &q.St[t * P * N];
     T* Sn = &q.St[(t + 1) * P * N];
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t n = 0; n < N; ++n) {
-        double kvp = 0, kvc = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          kvp += vp[r * P + p] * kp[r * N + n];
-          kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+    if constexpr (std::is_same_v<T, float>) {
+      // fp32: the vectorised row kernel (the decode step's), then + D v
+      q.cf.resize(2 * R * P);
+      for (int64_t j = 0; j < R * P; ++j)
+        q.cf[j] = q.bet[t] * vp[j], q.cf[R * P + j] = q.gam[t] * q.v[t * R * P + j];
+      HWY_DYNAMIC_DISPATCH(StateStepKernel)
+      (Sp, Sn, P, N, R, q.alp[t], kp, q.cf.data(), &q.k[t * R * N], q.cf.data() + R * P,
+       &q.q[t * R * N], &q.Y[t * R * P]);
+      if (a.D.defined())
+        for (int64_t j = 0; j < R * P; ++j) q.Y[t * R * P + j] += a.D[h] * q.v[t * R * P + j];
+    } else {
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t n = 0; n < N; ++n) {
+          double kvp = 0, kvc = 0;
+          for (int64_t r = 0; r < R; ++r) {
+            kvp += vp[r * P + p] * kp[r * N + n];
+            kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+          }
+          Sn[p * N + n] = al * Sp[p * N + n] + q.bet[t] * kvp + q.gam[t] * kvc;
         }
-        Sn[p * N + n] = al * Sp[p * N + n] + q.bet[t] * kvp + q.gam[t] * kvc;
+      for (int64_t r = 0; r < R; ++r) {
+        T* y = &q.Y[(t * R + r) * P];
+        const T* qr = &q.q[(t * R + r) * N];
+        for (int64_t p = 0; p < P; ++p) {
+          double s = 0;
+          for (int64_t n = 0; n < N; ++n) s += Sn[p * N + n] * qr[n];
+          if (a.D.defined()) s += (double)a.D[h] * q.v[(t * R + r) * P + p];
+          y[p] = s;
+        }
       }
+    }
     for (int64_t r = 0; r < R; ++r) {
       T* y = &q.Y[(t * R + r) * P];
-      const T* qr = &q.q[(t * R + r) * N];
-      for (int64_t p = 0; p < P; ++p) {
-        double s = 0;
-        for (int64_t n = 0; n < N; ++n) s += Sn[p * N + n] * qr[n];
-        if (a.D.defined()) s += (double)a.D[h] * q.v[(t * R + r) * P + p];
-        y[p] = s;
-      }
       double ms = 0;
       if (a.norm_weight.defined()) {
         for (int64_t p = 0; p < P; ++p) ms += y[p] * y[p];
@@ -322,8 +480,8 @@ struct OwnGrads {
 template <class T>
 struct BwdWork {
   SeqT<T> q;
-  std::vector<T> dY, dq, dk, dv, Gm, dal, dbe, dga;
-  std::vector<double> dth, suf;
+  std::vector<T> dY, dq, dk, dv, Gm, dal, dbe, dga, cf;
+  std::vector<double> dth, suf, cs, sn;
 };
 
 // Gradients of sum(out * dout) for one (b, h): the recurrence above, run backwards.
@@ -339,6 +497,7 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
   w.dv.assign(L * R * P, T(0)), w.Gm.assign(P * N, T(0));
   w.dal.assign(L, T(0)), w.dbe.assign(L, T(0)), w.dga.assign(L, T(0));
   w.dth.assign(L * S, 0.0), w.suf.assign(S, 0.0);
+  w.cs.resize(S), w.sn.resize(S);
   const float* go_p = dout.data();
   // Gate, norm, rank contraction: dY (L, R, P).
   for (int64_t t = 0; t < L; ++t) {
@@ -390,64 +549,97 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
   }
   // The recurrence backwards.
   T* Gm = w.Gm.data();  // alpha_{t+1} G_{t+1}, then G_t
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const T* Sc = &q.St[(t + 1) * P * N];
-    const T* Sp = &q.St[t * P * N];
-    const T* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
-    const T* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
-    for (int64_t r = 0; r < R; ++r) {
-      const T* dy = &w.dY[(t * R + r) * P];
-      const T* qr = &q.q[(t * R + r) * N];
-      T* dqr = &w.dq[(t * R + r) * N];
-      for (int64_t n = 0; n < N; ++n) {
-        double sm = 0;
-        for (int64_t p = 0; p < P; ++p) sm += Sc[p * N + n] * dy[p];
-        dqr[n] = static_cast<T>(sm);
+  if constexpr (std::is_same_v<T, float>) {
+    // fp32: one pass of the vectorised row kernel per step; G_{t+1} is scaled by alpha_{t+1}
+    // inside it. cf: gam v_t, bet v_{t-1}, gk, gkp (R, P) each; dk_{-1} goes to a scratch row.
+    w.cf.assign(4 * R * P + R * N, 0.f);
+    float *cv = w.cf.data(), *cvp = cv + R * P, *gk = cvp + R * P, *gkp = gk + R * P;
+    float* dk_scratch = gkp + R * P;
+    const bool hasD = a.D.defined();
+    const float Dh = hasD ? a.D[h] : 0.f;
+    for (int64_t t = L - 1; t >= 0; --t) {
+      const float* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+      const float* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+      const float* vt = &q.v[t * R * P];
+      const float* dy = &w.dY[t * R * P];
+      for (int64_t j = 0; j < R * P; ++j) cv[j] = q.gam[t] * vt[j], cvp[j] = q.bet[t] * vp[j];
+      float da = 0.f;
+      HWY_DYNAMIC_DISPATCH(BwdStepKernel)
+      (Gm, t + 1 < L ? q.alp[t + 1] : 0.f, &q.St[(t + 1) * P * N], &q.St[t * P * N], P, N, R, dy,
+       &q.q[t * R * N], &q.k[t * R * N], kp, cv, cvp, &w.dq[t * R * N], gk, gkp, &w.dk[t * R * N],
+       t ? &w.dk[(t - 1) * R * N] : dk_scratch, &da);
+      float db = 0.f, dg = 0.f;
+      float* dvt = &w.dv[t * R * P];
+      for (int64_t j = 0; j < R * P; ++j) {
+        dg += vt[j] * gk[j];
+        db += vp[j] * gkp[j];
+        dvt[j] += q.gam[t] * gk[j];
+        if (hasD) it.dD[0] += dy[j] * vt[j], dvt[j] += Dh * dy[j];
       }
-      for (int64_t p = 0; p < P; ++p) {
-        for (int64_t n = 0; n < N; ++n) Gm[p * N + n] += dy[p] * qr[n];
-        if (a.D.defined()) {
-          it.dD[0] += dy[p] * q.v[(t * R + r) * P + p];
-          w.dv[(t * R + r) * P + p] += a.D[h] * dy[p];
-        }
-      }
+      if (t)
+        for (int64_t j = 0; j < R * P; ++j) w.dv[(t - 1) * R * P + j] += q.bet[t] * gkp[j];
+      w.dal[t] = da, w.dbe[t] = db, w.dga[t] = dg;
     }
-    double da = 0, db = 0, dg = 0;
-    for (int64_t p = 0; p < P; ++p)
-      for (int64_t n = 0; n < N; ++n) {
-        const double gpn = Gm[p * N + n];
-        double kvp = 0, kvc = 0;
-        for (int64_t r = 0; r < R; ++r) {
-          kvp += vp[r * P + p] * kp[r * N + n];
-          kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
-        }
-        da += gpn * Sp[p * N + n];
-        db += gpn * kvp;
-        dg += gpn * kvc;
-      }
-    w.dal[t] = static_cast<T>(da), w.dbe[t] = static_cast<T>(db), w.dga[t] = static_cast<T>(dg);
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t p = 0; p < P; ++p) {
-        double sc = 0, sp = 0;
+  } else {
+    for (int64_t t = L - 1; t >= 0; --t) {
+      const T* Sc = &q.St[(t + 1) * P * N];
+      const T* Sp = &q.St[t * P * N];
+      const T* kp = t ? &q.k[(t - 1) * R * N] : q.k0.data();
+      const T* vp = t ? &q.v[(t - 1) * R * P] : q.v0.data();
+      for (int64_t r = 0; r < R; ++r) {
+        const T* dy = &w.dY[(t * R + r) * P];
+        const T* qr = &q.q[(t * R + r) * N];
+        T* dqr = &w.dq[(t * R + r) * N];
         for (int64_t n = 0; n < N; ++n) {
-          sc += Gm[p * N + n] * q.k[(t * R + r) * N + n];
-          sp += Gm[p * N + n] * kp[r * N + n];
+          double sm = 0;
+          for (int64_t p = 0; p < P; ++p) sm += Sc[p * N + n] * dy[p];
+          dqr[n] = static_cast<T>(sm);
         }
-        w.dv[(t * R + r) * P + p] += static_cast<T>(q.gam[t] * sc);
-        if (t) w.dv[((t - 1) * R + r) * P + p] += static_cast<T>(q.bet[t] * sp);
-      }
-      for (int64_t n = 0; n < N; ++n) {
-        double sc = 0, sp = 0;
         for (int64_t p = 0; p < P; ++p) {
-          sc += Gm[p * N + n] * q.v[(t * R + r) * P + p];
-          sp += Gm[p * N + n] * vp[r * P + p];
+          for (int64_t n = 0; n < N; ++n) Gm[p * N + n] += dy[p] * qr[n];
+          if (a.D.defined()) {
+            it.dD[0] += dy[p] * q.v[(t * R + r) * P + p];
+            w.dv[(t * R + r) * P + p] += a.D[h] * dy[p];
+          }
         }
-        w.dk[(t * R + r) * N + n] += static_cast<T>(q.gam[t] * sc);
-        if (t) w.dk[((t - 1) * R + r) * N + n] += static_cast<T>(q.bet[t] * sp);
       }
+      double da = 0, db = 0, dg = 0;
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t n = 0; n < N; ++n) {
+          const double gpn = Gm[p * N + n];
+          double kvp = 0, kvc = 0;
+          for (int64_t r = 0; r < R; ++r) {
+            kvp += vp[r * P + p] * kp[r * N + n];
+            kvc += q.v[(t * R + r) * P + p] * q.k[(t * R + r) * N + n];
+          }
+          da += gpn * Sp[p * N + n];
+          db += gpn * kvp;
+          dg += gpn * kvc;
+        }
+      w.dal[t] = static_cast<T>(da), w.dbe[t] = static_cast<T>(db), w.dga[t] = static_cast<T>(dg);
+      for (int64_t r = 0; r < R; ++r) {
+        for (int64_t p = 0; p < P; ++p) {
+          double sc = 0, sp = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            sc += Gm[p * N + n] * q.k[(t * R + r) * N + n];
+            sp += Gm[p * N + n] * kp[r * N + n];
+          }
+          w.dv[(t * R + r) * P + p] += static_cast<T>(q.gam[t] * sc);
+          if (t) w.dv[((t - 1) * R + r) * P + p] += static_cast<T>(q.bet[t] * sp);
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          double sc = 0, sp = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            sc += Gm[p * N + n] * q.v[(t * R + r) * P + p];
+            sp += Gm[p * N + n] * vp[r * P + p];
+          }
+          w.dk[(t * R + r) * N + n] += static_cast<T>(q.gam[t] * sc);
+          if (t) w.dk[((t - 1) * R + r) * N + n] += static_cast<T>(q.bet[t] * sp);
+        }
+      }
+      const T al = q.alp[t];
+      for (int64_t i = 0; i < P * N; ++i) Gm[i] *= al;
     }
-    const T al = q.alp[t];
-    for (int64_t i = 0; i < P * N; ++i) Gm[i] *= al;
   }
   // Per step: the scalars, the rotations, the inputs.
   for (int64_t t = 0; t < L; ++t) {
@@ -458,6 +650,8 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
     const double dsig = -w.dbe[t] * dt * al + w.dga[t] * dt;
     own.dTrap[i] += static_cast<T>(dsig * sg * (1 - sg));
     const float* Vt = c.Vp(a.V, t);
+    for (int64_t j = 0; j < S; ++j)
+      w.cs[j] = std::cos(q.theta[t * S + j]), w.sn[j] = std::sin(q.theta[t * S + j]);
     for (int64_t r = 0; r < R; ++r) {
       for (int64_t which = 0; which < 2; ++which) {
         T* gr = which ? &w.dk[(t * R + r) * N] : &w.dq[(t * R + r) * N];
@@ -466,7 +660,7 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
         for (int64_t j = 0; j < S; ++j) {
           int64_t i0, i1;
           pair_of(a.rotate_pairwise, N, j, &i0, &i1);
-          const double th = q.theta[t * S + j], cs = std::cos(th), sn = std::sin(th);
+          const double cs = w.cs[j], sn = w.sn[j];
           const double g0 = gr[i0], g1 = gr[i1];
           w.dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
           gr[i0] = static_cast<T>(g0 * cs + g1 * sn);
@@ -580,8 +774,10 @@ Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout)
   return all.result(a, d);
 }
 
-Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout) {
-  const Mamba3Dims d = check_bwd(a, dout, "mamba3_scan_bwd");
+Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a_in, const Tensor& dout_in) {
+  const Mamba3Dims d = check_bwd(a_in, dout_in, "mamba3_scan_bwd");
+  const Mamba3ScanArgs a = contiguous_args(a_in);
+  const Tensor dout = dout_in.contiguous();
   const int64_t items = d.batch * d.H;
   AllGrads<float> all(a, d);
   // Each (b, h) in parallel; its shared contributions are kept and added in (b, h) order after
@@ -602,18 +798,90 @@ Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout) {
 
 namespace {
 
+// Token t of head h (batch b): advances the phases theta (S, double) by pi tanh(Angles_t) DT_t,
+// then writes the rotated q_r, k_r with their biases (R, N) and v_r = V_t * mimo_x_r (R, P).
+// cs: (2 S) scratch.
+void prep_token(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_t t, int64_t h,
+                double* theta, float* cs, float* q, float* k, float* v) {
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, H = d.H, G = d.G;
+  const int64_t g = h / (H / G), i = (b * L + t) * H + h;
+  const double dt = a.DT.data()[i];
+  const float* ang = a.Angles.data() + (b * L + t) * S;
+  float* sn = cs + S;
+  for (int64_t j = 0; j < S; ++j) {
+    theta[j] += kPi * std::tanh((double)ang[j]) * dt;
+    cs[j] = static_cast<float>(std::cos(theta[j])), sn[j] = static_cast<float>(std::sin(theta[j]));
+  }
+  const float* Vt = a.V.data() + i * P;
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t off = (((b * L + t) * R + r) * G + g) * N;
+    const float *Qt = a.Q.data() + off, *Kt = a.K.data() + off;
+    const float *qb = a.Q_bias.data() + (h * R + r) * N, *kb = a.K_bias.data() + (h * R + r) * N;
+    float* qr = q + r * N;
+    float* kr = k + r * N;
+    for (int64_t n = 0; n < N; ++n) qr[n] = Qt[n] + qb[n], kr[n] = Kt[n] + kb[n];
+    for (int64_t j = 0; j < S; ++j) {
+      int64_t i0, i1;
+      pair_of(a.rotate_pairwise, N, j, &i0, &i1);
+      const float q0 = qr[i0], q1 = qr[i1], k0 = kr[i0], k1 = kr[i1];
+      qr[i0] = q0 * cs[j] - q1 * sn[j], qr[i1] = q0 * sn[j] + q1 * cs[j];
+      kr[i0] = k0 * cs[j] - k1 * sn[j], kr[i1] = k0 * sn[j] + k1 * cs[j];
+    }
+    float* vr = v + r * P;
+    if (d.mimo) {
+      const float* mx = a.mimo_x.data() + (h * R + r) * P;
+      for (int64_t p = 0; p < P; ++p) vr[p] = Vt[p] * mx[p];
+    } else {
+      std::copy_n(Vt, P, vr);
+    }
+  }
+}
+
+// One token's output row o (P) of head h from its R rows y (R, P) (= S q + D v): the head-wise
+// norm, the gate, the rank contraction; i = (b, t, h) is the row of Z / out.
+void finish_token(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t h, int64_t i,
+                  const float* yr, float* o) {
+  const int64_t R = d.R, P = d.P;
+  const float* Z = a.Z.defined() ? a.Z.data() + i * P : nullptr;
+  const float* mz = a.mimo_z.defined() ? a.mimo_z.data() + h * R * P : nullptr;
+  const float* mo = d.mimo ? a.mimo_o.data() + h * R * P : nullptr;
+  const float* nw = a.norm_weight.defined() ? a.norm_weight.data() + h * P : nullptr;
+  std::fill(o, o + P, 0.f);
+  for (int64_t r = 0; r < R; ++r) {
+    const float* y = yr + r * P;
+    float rs = 1.f;
+    if (nw) {
+      double ms = 0;
+      for (int64_t p = 0; p < P; ++p) ms += (double)y[p] * y[p];
+      rs = static_cast<float>(1.0 / std::sqrt(ms / P + a.norm_eps));
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      float v = y[p];
+      if (nw) v *= rs * nw[p];
+      if (Z) {
+        float z = Z[p];
+        if (mz) z *= mz[r * P + p];
+        v *= z / (1.f + std::exp(-z));
+      }
+      if (mo) v *= mo[r * P + p];
+      o[p] += v;
+    }
+  }
+}
+
 struct ChunkScratch {
   std::vector<float> q, k, v;          // (L, R, N), (L, R, N), (L, R, P)
   std::vector<float> adt, dt, sig;     // (L)
   std::vector<double> theta;           // (S) running phase
   std::vector<float> cum, c, sc, ych;  // chunk: (T), (T, T), (T*R, T*R), (T*R, P)
   std::vector<float> S, kvp;           // (P, N) state; (R*N + R*P) previous token's k, v
+  std::vector<float> vw;               // (T*R, P) the chunk's v rows times c_end,s
+  std::vector<float> cs;               // (2 S) cos, sin of the phases
 };
 
 void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_t h, int64_t CS,
                  ChunkScratch& w, float* out, Mamba3States* fs) {
-  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, H = d.H, G = d.G;
-  const int64_t g = h / (H / G);
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, H = d.H;
   w.q.resize(L * R * N), w.k.resize(L * R * N), w.v.resize(L * R * P);
   w.adt.resize(L), w.dt.resize(L), w.sig.resize(L);
   w.theta.assign(S, 0.0);
@@ -633,36 +901,17 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
     }
   }
   // Per token: scalars, rotated q / k (with bias), v_r.
-  std::vector<float> cs(S), sn(S);
+  w.cs.resize(2 * S);
   for (int64_t t = 0; t < L; ++t) {
     const int64_t i = (b * L + t) * H + h;
-    const float dt = a.DT[i];
-    w.adt[t] = a.ADT[i], w.dt[t] = dt, w.sig[t] = static_cast<float>(sigmoid(a.Trap[i]));
-    for (int64_t j = 0; j < S; ++j) {
-      w.theta[j] += kPi * std::tanh((double)a.Angles[(b * L + t) * S + j]) * dt;
-      cs[j] = static_cast<float>(std::cos(w.theta[j])),
-      sn[j] = static_cast<float>(std::sin(w.theta[j]));
-    }
-    for (int64_t r = 0; r < R; ++r) {
-      const int64_t off = (((b * L + t) * R + r) * G + g) * N;
-      float* qr = &w.q[(t * R + r) * N];
-      float* kr = &w.k[(t * R + r) * N];
-      for (int64_t n = 0; n < N; ++n) {
-        qr[n] = a.Q[off + n] + a.Q_bias[(h * R + r) * N + n];
-        kr[n] = a.K[off + n] + a.K_bias[(h * R + r) * N + n];
-      }
-      for (int64_t j = 0; j < S; ++j) {
-        int64_t i0, i1;
-        pair_of(a.rotate_pairwise, N, j, &i0, &i1);
-        const float q0 = qr[i0], q1 = qr[i1], k0 = kr[i0], k1 = kr[i1];
-        qr[i0] = q0 * cs[j] - q1 * sn[j], qr[i1] = q0 * sn[j] + q1 * cs[j];
-        kr[i0] = k0 * cs[j] - k1 * sn[j], kr[i1] = k0 * sn[j] + k1 * cs[j];
-      }
-      for (int64_t p = 0; p < P; ++p) w.v[(t * R + r) * P + p] = a.V[i * P + p] * mx(r, p);
-    }
+    w.adt[t] = a.ADT.data()[i], w.dt[t] = a.DT.data()[i];
+    w.sig[t] = static_cast<float>(sigmoid(a.Trap.data()[i]));
+    prep_token(a, d, b, t, h, w.theta.data(), w.cs.data(), &w.q[t * R * N], &w.k[t * R * N],
+               &w.v[t * R * P]);
   }
   const int64_t T = std::min(CS, L), TR = T * R;
   w.cum.resize(T), w.c.resize(T * T), w.sc.resize(TR * TR), w.ych.resize(TR * P);
+  w.vw.resize(TR * P);
   const float Dh = a.D.defined() ? a.D[h] : 0.f;
   for (int64_t t0 = 0; t0 < L; t0 += T) {
     const int64_t n = std::min(T, L - t0), nr = n * R;
@@ -674,94 +923,56 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
     for (int64_t p = 0; p < P; ++p)
       for (int64_t r = 0; r < R; ++r) {
         const float vv = bsc * vprev[r * P + p];
-        for (int64_t nn = 0; nn < N; ++nn) w.S[p * N + nn] += vv * kprev[r * N + nn];
+        float* Sr = &w.S[p * N];
+        const float* kr = &kprev[r * N];
+        for (int64_t nn = 0; nn < N; ++nn) Sr[nn] += vv * kr[nn];
       }
-    // c_ts (t, s in the chunk)
-    for (int64_t t = 0; t < n; ++t)
-      for (int64_t s2 = 0; s2 < n; ++s2) {
-        float c = 0.f;
-        if (s2 < t) {
-          const int64_t ts = t0 + s2;
-          const float shifted = (1.f - w.sig[ts + 1]) * w.dt[ts + 1];
-          c = std::exp(w.cum[t] - w.cum[s2]) * (w.sig[ts] * w.dt[ts] + shifted);
-        } else if (s2 == t) {
-          c = w.sig[t0 + t] * w.dt[t0 + t];
-        }
-        w.c[t * T + s2] = c;
+    // c_ts (t, s in the chunk): exp(cum_t - cum_s) (gamma_s + shifted beta_{s+1}) below the
+    // diagonal (one vector exp per row), gamma_t on it, 0 above
+    for (int64_t t = 0; t < n; ++t) {
+      float* ct = &w.c[t * T];
+      for (int64_t s2 = 0; s2 < t; ++s2) ct[s2] = w.cum[t] - w.cum[s2];
+      exp_inplace(ct, t);
+      for (int64_t s2 = 0; s2 < t; ++s2) {
+        const int64_t ts = t0 + s2;
+        ct[s2] *= w.sig[ts] * w.dt[ts] + (1.f - w.sig[ts + 1]) * w.dt[ts + 1];
       }
-    // scores (t r, s r') = c_ts (q_tr . k_sr')
+      ct[t] = w.sig[t0 + t] * w.dt[t0 + t];
+      std::fill(ct + t + 1, ct + n, 0.f);
+    }
     const float* qc = &w.q[t0 * R * N];
     const float* kc = &w.k[t0 * R * N];
     const float* vc = &w.v[t0 * R * P];
+    // scores (t r, s r') = c_ts (q_tr . k_sr'): one GEMM, then the mask and the decays
+    gemm(false, true, nr, nr, N, 1.f, qc, N, kc, N, 0.f, w.sc.data(), TR);
     for (int64_t i = 0; i < nr; ++i) {
-      const int64_t t = i / R;
-      for (int64_t j = 0; j < nr; ++j) {
-        const int64_t s2 = j / R;
-        float v = 0.f;
-        if (s2 <= t) {
-          for (int64_t nn = 0; nn < N; ++nn) v += qc[i * N + nn] * kc[j * N + nn];
-          v *= w.c[t * T + s2];
-        }
-        w.sc[i * TR + j] = v;
-      }
+      const float* ct = &w.c[(i / R) * T];
+      float* si = &w.sc[i * TR];
+      for (int64_t j = 0; j < nr; ++j) si[j] *= ct[j / R];
     }
-    // y (t r) = scores V + exp(cum_t) S_eff q_tr + D v_tr
+    // y (t r) = exp(cum_t) q_tr S_eff^T + D v_tr + scores V
+    gemm(false, true, nr, P, N, 1.f, qc, N, w.S.data(), N, 0.f, w.ych.data(), P);
     for (int64_t i = 0; i < nr; ++i) {
-      const int64_t t = i / R;
+      const float e = std::exp(w.cum[i / R]);
       float* y = &w.ych[i * P];
-      const float e = std::exp(w.cum[t]);
-      for (int64_t p = 0; p < P; ++p) {
-        float sq = 0.f;
-        for (int64_t nn = 0; nn < N; ++nn) sq += w.S[p * N + nn] * qc[i * N + nn];
-        y[p] = e * sq + Dh * vc[i * P + p];
-      }
-      for (int64_t j = 0; j < (t + 1) * R; ++j) {  // s <= t (the mask)
-        const float sij = w.sc[i * TR + j];
-        for (int64_t p = 0; p < P; ++p) y[p] += sij * vc[j * P + p];
-      }
+      const float* vi = &vc[i * P];
+      for (int64_t p = 0; p < P; ++p) y[p] = e * y[p] + Dh * vi[p];
     }
-    // The state at the chunk's end: exp(cum_end) S_eff + sum_s c_end,s KV_s
+    gemm(false, false, nr, P, nr, 1.f, w.sc.data(), TR, vc, P, 1.f, w.ych.data(), P);
+    // The state at the chunk's end: exp(cum_end) S_eff + sum_s c_end,s V_s^T K_s (one GEMM)
     const int64_t e = n - 1;
     const float de = std::exp(w.cum[e]);
     for (int64_t i = 0; i < P * N; ++i) w.S[i] *= de;
-    for (int64_t s2 = 0; s2 < n; ++s2) {
-      const float c = w.c[e * T + s2];
-      for (int64_t r = 0; r < R; ++r) {
-        const float* kk = &kc[(s2 * R + r) * N];
-        const float* vv = &vc[(s2 * R + r) * P];
-        for (int64_t p = 0; p < P; ++p) {
-          const float cv = c * vv[p];
-          for (int64_t nn = 0; nn < N; ++nn) w.S[p * N + nn] += cv * kk[nn];
-        }
-      }
+    for (int64_t j = 0; j < nr; ++j) {
+      const float cj = w.c[e * T + j / R];
+      for (int64_t p = 0; p < P; ++p) w.vw[j * P + p] = cj * vc[j * P + p];
     }
+    gemm(true, false, P, N, nr, 1.f, w.vw.data(), P, kc, N, 1.f, w.S.data(), N);
     std::copy_n(&kc[e * R * N], R * N, kprev);
     std::copy_n(&vc[e * R * P], R * P, vprev);
-    // norm, gate, rank contraction -> out rows (b, t, h)
     for (int64_t t = 0; t < n; ++t) {
       const int64_t i = (b * L + t0 + t) * H + h;
-      float* o = out + i * P;
-      std::fill(o, o + P, 0.f);
-      for (int64_t r = 0; r < R; ++r) {
-        const float* y = &w.ych[(t * R + r) * P];
-        float rs = 1.f;
-        if (a.norm_weight.defined()) {
-          double ms = 0;
-          for (int64_t p = 0; p < P; ++p) ms += (double)y[p] * y[p];
-          rs = static_cast<float>(1.0 / std::sqrt(ms / P + a.norm_eps));
-        }
-        for (int64_t p = 0; p < P; ++p) {
-          float v = y[p];
-          if (a.norm_weight.defined()) v *= rs * a.norm_weight[h * P + p];
-          if (a.Z.defined()) {
-            float z = a.Z[i * P + p];
-            if (a.mimo_z.defined()) z *= a.mimo_z[(h * R + r) * P + p];
-            v *= z / (1.f + std::exp(-z));
-          }
-          if (d.mimo) v *= a.mimo_o[(h * R + r) * P + p];
-          o[p] += v;
-        }
-      }
+      finish_token(a, d, h, i, &w.ych[t * R * P], out + i * P);
     }
   }
   if (!fs) return;
@@ -778,8 +989,9 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
 
 }  // namespace
 
-Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size, Mamba3States* fs) {
-  const Mamba3Dims d = mamba3_scan_check(a, "mamba3_scan_fwd");
+Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a_in, int64_t chunk_size, Mamba3States* fs) {
+  const Mamba3Dims d = mamba3_scan_check(a_in, "mamba3_scan_fwd");
+  const Mamba3ScanArgs a = contiguous_args(a_in);
   MAMBA_CHECK(chunk_size >= 1, "mamba3_scan_fwd: chunk_size must be >= 1, got ", chunk_size);
   const int64_t B = d.batch, L = d.L, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S;
   MAMBA_CHECK(L >= 1, "mamba3_scan_fwd: needs L >= 1, got Q ", a.Q.shape_str());
@@ -801,6 +1013,77 @@ Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size, Mamba3States
     ChunkScratch w;
     for (int64_t i = i0; i < i1; ++i) chunked_one(a, d, i / H, i % H, chunk_size, w, op, fs);
   });
+  return out;
+}
+
+// ---- decode step (fp32) ------------------------------------------------------------------------
+
+namespace {
+
+struct StepScratch {
+  std::vector<double> theta;                  // (S)
+  std::vector<float> cs, q, k, kp, v, cf, y;  // (2S), (R,N) x3, (R,P), (2,R,P), (R,P)
+};
+
+// One token of head h (batch b) from the initial states into the final ones (may be the same
+// tensors: this (b, h)'s slices are read before they are written).
+void step_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_t h, StepScratch& w,
+              float* out, Mamba3States& fs) {
+  const int64_t R = d.R, N = d.N, P = d.P, S = d.S, H = d.H, bh = b * H + h;
+  const Mamba3States& in = a.initial;
+  w.theta.resize(S), w.cs.resize(2 * S), w.q.resize(R * N), w.k.resize(R * N);
+  w.kp.resize(R * N), w.v.resize(R * P), w.cf.resize(2 * R * P), w.y.resize(R * P);
+  for (int64_t j = 0; j < S; ++j) w.theta[j] = in.angle.data()[bh * S + j];
+  for (int64_t r = 0; r < R; ++r)
+    std::copy_n(in.k.data() + ((b * R + r) * H + h) * N, N, &w.kp[r * N]);
+  const int64_t i = b * H + h;  // row (b, t = 0, h) of the (B, 1, H) inputs
+  const float dt = a.DT.data()[i], sg = static_cast<float>(sigmoid(a.Trap.data()[i]));
+  const float al = std::exp(a.ADT.data()[i]);
+  const float bet = (1.f - sg) * dt * al, gam = sg * dt;
+  const float* v0 = in.v.data() + bh * P;
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t p = 0; p < P; ++p)
+      w.cf[r * P + p] = bet * v0[p] * (d.mimo ? a.mimo_x.data()[(h * R + r) * P + p] : 1.f);
+  prep_token(a, d, b, 0, h, w.theta.data(), w.cs.data(), w.q.data(), w.k.data(), w.v.data());
+  for (int64_t j = 0; j < R * P; ++j) w.cf[R * P + j] = gam * w.v[j];
+  HWY_DYNAMIC_DISPATCH(StateStepKernel)
+  (in.ssm.data() + bh * P * N, fs.ssm.data() + bh * P * N, P, N, R, al, w.kp.data(), w.cf.data(),
+   w.k.data(), w.cf.data() + R * P, w.q.data(), w.y.data());
+  if (a.D.defined())
+    for (int64_t j = 0; j < R * P; ++j) w.y[j] += a.D.data()[h] * w.v[j];
+  finish_token(a, d, h, i, w.y.data(), out + i * P);
+  const double two_pi = 2 * kPi;
+  for (int64_t j = 0; j < S; ++j)
+    fs.angle.data()[bh * S + j] =
+        static_cast<float>(w.theta[j] - two_pi * std::floor(w.theta[j] / two_pi));
+  for (int64_t r = 0; r < R; ++r)
+    std::copy_n(&w.k[r * N], N, fs.k.data() + ((b * R + r) * H + h) * N);
+  std::copy_n(a.V.data() + i * P, P, fs.v.data() + bh * P);
+}
+
+}  // namespace
+
+Tensor mamba3_scan_step(const Mamba3ScanArgs& a_in, Mamba3States& fs) {
+  const Mamba3Dims d = mamba3_scan_check(a_in, "mamba3_scan_step");
+  const int64_t B = d.batch, H = d.H, P = d.P, N = d.N, R = d.R, S = d.S;
+  MAMBA_CHECK(d.L == 1, "mamba3_scan_step: one token (L = 1), got Q ", a_in.Q.shape_str());
+  MAMBA_CHECK(a_in.initial.ssm.defined(),
+              "mamba3_scan_step: needs the initial states (angle, ssm, k, v)");
+  const Mamba3ScanArgs a = contiguous_args(a_in);
+  auto fit = [](Tensor& t, Shape s) {
+    if (!t.defined() || t.shape() != s || !t.is_contiguous()) t = Tensor::empty(std::move(s));
+  };
+  fit(fs.angle, {B, H, S});
+  fit(fs.ssm, {B, H, P, N});
+  fit(fs.k, {B, R, H, N});
+  fit(fs.v, {B, H, P});
+  Tensor out = Tensor::empty({B, 1, H, P});
+  float* op = out.data();
+  parallel_for(B * H, std::max<int64_t>(1, (1 << 15) / std::max<int64_t>(1, R * P * N)),
+               [&](int64_t i0, int64_t i1) {
+                 StepScratch w;
+                 for (int64_t i = i0; i < i1; ++i) step_one(a, d, i / H, i % H, w, op, fs);
+               });
   return out;
 }
 
@@ -875,3 +1158,4 @@ void mamba3_discretize_bwd(const Tensor& dd_dt_v, const Tensor& dd_A_v, const Te
 }
 
 }  // namespace mamba::ops
+#endif  // HWY_ONCE

@@ -63,22 +63,31 @@ Mamba3Dims mamba3_scan_check(const Mamba3ScanArgs& a, const char* what = "mamba3
 // final states. The readable spec and the oracle of the layer and of any faster kernel.
 Tensor mamba3_scan_ref(const Mamba3ScanArgs& a, Mamba3States* final_states = nullptr);
 std::vector<double> mamba3_scan_ref_f64(const Mamba3ScanArgs& a);
-// The chunked forward in fp32 (the fast path of forward / prefill / step): per (batch, head),
+// The chunked forward in fp32 (the fast path of forward / prefill): per (batch, head),
 // the sequence in chunks of chunk_size tokens; inside a chunk the output is the masked
 // "attention" form  y_t = sum_{s<=t} c_ts (q_t . k_s) v_s  with c_ts = exp(cum_t - cum_s) *
-// (gamma_s + (1 - sigma_{s+1}) DT_{s+1}) for s < t and c_tt = gamma_t (small GEMMs over the
-// chunk's T*R rows), plus the state carried in from the previous chunk; the state is then
-// advanced to the chunk's end. Same result as the reference for any chunk_size >= 1 (tested for
-// ragged sizes); (batch, head) pairs run in parallel, each writing its own rows (deterministic).
-// final_states' tensors are reused when they have the right shapes, and may be a.initial's own
-// (each (batch, head) reads its initial slice before writing its final one): an in-place decode.
+// (gamma_s + (1 - sigma_{s+1}) DT_{s+1}) for s < t and c_tt = gamma_t, plus the state carried
+// in from the previous chunk; the state is then advanced to the chunk's end. Three GEMMs per
+// chunk over its T*R rows (project gemm(): scores Q K^T, y = Q S^T + scores V, the state update
+// V^T diag(c_end) K) and a vector exp for the decays, as the SSD. Same result as the reference for
+// any chunk_size >= 1 (tested for ragged sizes); (batch, head) pairs run in parallel, each writing
+// its own rows (deterministic). final_states' tensors are reused when they have the right shapes,
+// and may be a.initial's own (each (batch, head) reads its initial slice before writing its final
+// one): an in-place decode.
 Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a, int64_t chunk_size,
                        Mamba3States* final_states = nullptr);
+// The decode step (fp32): one token (L = 1) from a.initial (required), the states advanced into
+// `state` (its tensors reused when they fit; they may be a.initial's own: an in-place update, each
+// (batch, head) reading its slices before writing them). Returns out (B, 1, H, P). Per (batch,
+// head) one pass over the (P, N) state with a Highway row kernel (update, then the R dot
+// products with q); same result as mamba3_scan_fwd over that token, any G dividing H (tested).
+Tensor mamba3_scan_step(const Mamba3ScanArgs& a, Mamba3States& state);
 // Gradients of sum(out * dout) by the recurrence run backwards (in double). Initial states are
 // not differentiated (refused).
 Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout);
 // The same in fp32, (batch, head) pairs in parallel (the recurrence of each pair is the
-// reference's, run in float); the gradients several pairs reach (Q, K of a group, Angles, the
+// reference's, run in float, the per-step state update and the reverse step through Highway row
+// kernels); the gradients several pairs reach (Q, K of a group, Angles, the
 // per-head parameters over the batch) are added in (batch, head) order after the parallel
 // region, so the result does not depend on the thread count. Sequential in time: O(L P N R) per
 // (batch, head), not chunked.
