@@ -2,20 +2,30 @@
 
 The numpy-level API (no torch needed):
 
-- ``Mamba1``, ``Mamba2``: one mixer layer (mamba_ssm's ``Mamba`` / ``Mamba2``): ``forward``,
-  ``backward``, ``step``; parameters as numpy views (``params``, ``grads``).
+- ``Mamba1``, ``Mamba2``, ``Mamba3``, ``MHA``: one mixer layer (mamba_ssm's ``Mamba`` /
+  ``Mamba2`` / ``Mamba3`` / ``MHA``): ``forward``, ``backward``, ``step``; parameters as numpy
+  views (``params``, ``grads``).
+- ``GatedMLP`` (mamba_ssm), ``SS2D`` / ``VSSBlock`` (VMamba), ``BiMamba`` (Vim): ``forward``,
+  ``backward`` (no decode state); ``STBlock``: the spatio-temporal block (``step`` per time
+  step).
 - ``LM``: a whole language model loaded from a folder (``LM.load``), ``forward``, ``step``,
   ``generate``.
 - ``Tokenizer``: the GPT-NeoX byte-level BPE of a ``tokenizer.json``.
 - ``load_safetensors`` / ``save_safetensors``, ``set_num_threads`` / ``num_threads``.
 
-``mambacpp.torch`` holds the PyTorch drop-in modules (``Mamba``, ``Mamba2``,
-``MambaLMHeadModel``). Arrays are float32; C++ errors on bad input raise ``ValueError`` with the
+``mambacpp.torch`` holds the PyTorch drop-in modules (``Mamba``, ``Mamba2``, ``Mamba3``, ``MHA``,
+``GatedMLP``, ``SS2D``, ``VSSBlock``, ``BiMamba``, ``STBlock``, ``MambaLMHeadModel``). Arrays are float32; C++ errors on bad input raise ``ValueError`` with the
 library's message, other failures ``RuntimeError``. Kernels run with the GIL released.
 """
 
 from ._core import (  # noqa: F401
     LM,
+    MHA,
+    SS2D,
+    BiMamba,
+    BiMambaSaved,
+    GatedMLP,
+    GatedMLPSaved,
     LMState,
     Mamba1,
     Mamba1Saved,
@@ -23,6 +33,17 @@ from ._core import (  # noqa: F401
     Mamba2,
     Mamba2Saved,
     Mamba2State,
+    Mamba3,
+    Mamba3Saved,
+    Mamba3State,
+    MHASaved,
+    MHAState,
+    SS2DSaved,
+    STBlock,
+    STBlockSaved,
+    STBlockState,
+    VSSBlock,
+    VSSBlockSaved,
     Tokenizer,
     __version__,
     load_safetensors,
@@ -36,6 +57,13 @@ __all__ = [
     "LMState",
     "Mamba1",
     "Mamba2",
+    "Mamba3",
+    "MHA",
+    "GatedMLP",
+    "SS2D",
+    "VSSBlock",
+    "BiMamba",
+    "STBlock",
     "Tokenizer",
     "__version__",
     "load_safetensors",

@@ -27,6 +27,10 @@
 namespace mambapy {
 void bind_mamba1(py::module_& m);
 void bind_mamba2(py::module_& m);
+void bind_mamba3(py::module_& m);
+void bind_attention(py::module_& m);
+void bind_vision(py::module_& m);
+void bind_st_block(py::module_& m);
 
 namespace {
 
@@ -272,6 +276,10 @@ PYBIND11_MODULE(_core, m) {
   m.def("num_threads", &mamba::num_threads, "Threads the C++ kernels use.");
   mambapy::bind_mamba1(m);
   mambapy::bind_mamba2(m);
+  mambapy::bind_mamba3(m);
+  mambapy::bind_attention(m);
+  mambapy::bind_vision(m);
+  mambapy::bind_st_block(m);
   mambapy::bind_lm(m);
   mambapy::bind_tokenizer(m);
   mambapy::bind_io(m);

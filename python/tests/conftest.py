@@ -50,3 +50,27 @@ def threads():
     n = mambacpp.num_threads()
     yield
     mambacpp.set_num_threads(n)
+
+MAMBA3_CASES = [
+    "mamba3_siso_d32_n16",
+    "mamba3_siso_d48_n32_rope1_norm",
+    "mamba3_siso_d32_g2",
+    "mamba3_mimo_d32_r2",
+    "mamba3_mimo_d32_r4_rope1_norm",
+]
+SS2D_CASES = ["ss2d_v0_d16_n8", "ss2d_v05_d32_n4", "ss2d_v05noz_d24_n4"]
+VSSBLOCK_CASES = ["vssblock_v05noz_d24_n1"]
+BIMAMBA_CASES = ["vim_bimamba_v2_d16_div", "vim_bimamba_v2_d24_n8_nodiv_ls"]
+MHA_CASES = [
+    "mha_d32_h2_hd24_rot16_noncausal",
+    "mha_d48_h6_kv1_conv3_mlp",
+    "mha_d64_h4_kv2_rot8i_conv4",
+    "mha_d64_h4_rot16",
+]
+GATED_MLP_CASES = ["gated_mlp_d40_i72_bias_m16_o24", "gated_mlp_d64_i96"]
+
+
+def scaled(tol, expected):
+    """tests/test_mamba3.cpp's scaled(): the absolute part times max(1, max|expected|) (golden
+    README, case 5)."""
+    return (tol[0] * max(1.0, float(np.abs(np.asarray(expected)).max())), tol[1])
