@@ -2,7 +2,7 @@
 # Builds the libFuzzer targets (tests/fuzz/fuzz_*.cpp; clang-14 + libfuzzer-14-dev, ASan+UBSan)
 # in build-fuzz/ and runs each for SECONDS (default 60), one after the other, under nice -n 19.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     e.g. scripts/fuzz.sh 600 torch_bin config
-# Targets: safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text (default all).
+# Targets: safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text gguf (default all).
 # Each target starts from the seeds in tests/fuzz/corpus/<target>/ (committed, small) plus what
 # earlier runs kept in build-fuzz/corpus/<target>/, with the dictionary tests/fuzz/dict/*.dict
 # that fits it. Limits: 1 s per input (-timeout), 1024 MiB per allocation (-malloc_limit_mb),
@@ -19,7 +19,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 shift || true
-all=(safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text)
+all=(safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text gguf)
 targets=("$@")
 [ ${#targets[@]} -eq 0 ] && targets=("${all[@]}")
 build=${FUZZ_BUILD:-build-fuzz}

@@ -28,6 +28,8 @@
 
 namespace mamba {
 
+enum class GGMLType : uint32_t;  // mamba/gguf.h
+
 // Decode state of the whole model: one state per layer (BlockState: its mixer's state). For the
 // Mamba layers its size does not depend on how many tokens were seen (constant memory per token);
 // an attention layer (attn_layer_idx) keeps a KV cache that grows with the tokens (MHAState).
@@ -67,6 +69,18 @@ class MambaLM {
   // as BF16 / F16 load exactly (fp32 holds their values), so loading one as its own dtype keeps
   // it bit for bit.
   static MambaLM load(const std::string& dir, WeightDType dtype);
+  // `dir` may also be a .gguf file (load_gguf).
+  // A llama.cpp GGUF file of architecture "mamba" or "mamba2" (docs/GGUF.md: the hyper-parameter
+  // keys and tensor names, mapped to mamba_ssm's; F32 / F16 / BF16 / Q8_0 / Q4_0 tensors
+  // dequantised at load, one tensor at a time, then stored as `dtype`).
+  static MambaLM load_gguf(const std::string& path, WeightDType dtype = WeightDType::f32);
+  // Writes the model as a GGUF file in llama.cpp's layout (atomically): 2-D ".weight" matrices
+  // as `type` (Q8_0 / Q4_0 rows not a multiple of 32 fall back to F16, as llama.cpp's converter
+  // does), norms, conv, A, D and biases as F32. tokenizer_json: a tokenizer.json embedded as
+  // llama.cpp's "gpt2" vocabulary; empty writes tokenizer.ggml.model = "none". Throws for a
+  // model llama.cpp cannot represent (attention layers, MLPs, biases, Mamba-3, ...).
+  void save_gguf(const std::string& path, GGMLType type,
+                 const std::string& tokenizer_json = "") const;
   // Loads weights from a state dict (mamba_ssm or transformers names) into this model (16-bit
   // weights are rounded into their storage).
   void load_state_dict(const std::map<std::string, Tensor>& sd, const std::string& origin);

@@ -33,7 +33,12 @@ class Tokenizer {
   static Tokenizer from_json_string(std::string_view json,
                                     const std::string& origin = "tokenizer.json");
   // `dir`/tokenizer.json (a model folder); a clear error when the folder has none.
+  // (`dir` may also be a .gguf file: from_gguf.)
   static Tokenizer from_model_dir(const std::string& dir);
+  // The vocabulary a GGUF file embeds (tokenizer.ggml.model = "gpt2": tokens, token_type,
+  // merges), as the equivalent tokenizer.json (NFC, ByteLevel; CONTROL tokens special added
+  // tokens, USER_DEFINED ones normalised added tokens, UNUSED padding tokens left out).
+  static Tokenizer from_gguf(const std::string& path);
 
   Tokenizer(Tokenizer&&) noexcept;
   Tokenizer& operator=(Tokenizer&&) noexcept;

@@ -32,11 +32,28 @@ std::string preset_json(const std::string& name) {
   // SISO); there is no released checkpoint, so only the shapes are a choice.
   if (name == "mamba3-130m")
     return R"({"d_model":768,"n_layer":24,"vocab_size":50277,"ssm_cfg":{"layer":"Mamba3"},"pad_vocab_size_multiple":16})";
+  // The other released sizes (state-spaces/mamba-* and mamba2-* config.json: d_model, n_layer;
+  // everything else is mamba_ssm's default, as in those configs).
+  struct Size {
+    const char* name;
+    int d_model, n_layer;
+    bool m2;
+  };
+  static const Size sizes[] = {{"mamba-370m", 1024, 48, false}, {"mamba-790m", 1536, 48, false},
+                               {"mamba-1.4b", 2048, 48, false}, {"mamba-2.8b", 2560, 64, false},
+                               {"mamba2-370m", 1024, 48, true}, {"mamba2-780m", 1536, 48, true},
+                               {"mamba2-1.3b", 2048, 48, true}};
+  for (const Size& z : sizes)
+    if (name == z.name)
+      return str(R"({"d_model":)", z.d_model, R"(,"n_layer":)", z.n_layer,
+                 R"(,"vocab_size":50277,"ssm_cfg":{"layer":")", z.m2 ? "Mamba2" : "Mamba1",
+                 R"("},"pad_vocab_size_multiple":)", z.m2 ? 16 : 8, "}");
   if (name == "tiny")
     return R"({"d_model":64,"n_layer":2,"vocab_size":256,"ssm_cfg":{"layer":"Mamba1"}})";
   throw Error(str("unknown --preset '", name,
-                  "' (mamba-130m, mamba2-130m, mamba3-130m, mamba2-2.7b, mamba2attn-2.7b, "
-                  "tiny)"));
+                  "' (mamba-130m, mamba-370m, mamba-790m, mamba-1.4b, mamba-2.8b, mamba2-130m, "
+                  "mamba2-370m, mamba2-780m, mamba2-1.3b, mamba2-2.7b, mamba2attn-2.7b, "
+                  "mamba3-130m, tiny)"));
 }
 
 struct Stats {
@@ -61,11 +78,14 @@ Command add_bench(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   auto* sub = app.add_subcommand("bench", "Prefill and decode tokens/s and peak memory of a model");
   auto* src = sub->add_option_group("model", "what to measure (one of)");
-  src->add_option("--model", o->model, "model folder (config.json + weights)");
+  src->add_option("--model", o->model,
+                  "model folder (config.json + weights) or a llama.cpp .gguf file");
   src->add_option("--config", o->config, "config.json file (random weights)");
-  src->add_option("--preset", o->preset,
-                  "random weights with the exact shapes of: mamba-130m, mamba2-130m, mamba2-2.7b, "
-                  "mamba2attn-2.7b, tiny; mamba3-130m (Mamba-3 defaults at that width and depth)");
+  src->add_option(
+      "--preset", o->preset,
+      "random weights with the exact shapes of: mamba-130m, mamba-370m, mamba-790m, "
+      "mamba-1.4b, mamba-2.8b, mamba2-130m, mamba2-370m, mamba2-780m, mamba2-1.3b, "
+      "mamba2-2.7b, mamba2attn-2.7b, tiny; mamba3-130m (Mamba-3 defaults at that width and depth)");
   src->require_option(1);
   sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")
       ->capture_default_str()

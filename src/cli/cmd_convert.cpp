@@ -1,27 +1,50 @@
 // mambacpp convert: rewrite a model folder (safetensors or pytorch_model.bin, mamba_ssm or
-// transformers names) as model.safetensors + config.json in mamba_ssm's or transformers' layout.
+// transformers names, or a .gguf file) as model.safetensors + config.json in mamba_ssm's or
+// transformers' layout, or as a GGUF file in llama.cpp's layout (--format gguf).
 #include <cstdio>
 #include <memory>
 
 #include "cli/commands.h"
+#include "core/os.h"
+#include "mamba/gguf.h"
 #include "mamba/lm.h"
 
 namespace mamba::cli {
 
 Command add_convert(CLI::App& app) {
   struct Opts {
-    std::string model, out, format = "mamba_ssm";
+    std::string model, out, format = "mamba_ssm", gguf_type = "f32", tokenizer;
   };
   auto o = std::make_shared<Opts>();
   auto* sub = app.add_subcommand(
       "convert", "Rewrite a model folder as safetensors in mamba_ssm's or transformers' layout");
-  sub->add_option("--model", o->model, "input model folder")->required();
-  sub->add_option("--out", o->out, "output folder (created; files written atomically)")->required();
-  sub->add_option("--format", o->format, "mamba_ssm (MambaLMHeadModel) or hf (transformers *-hf)")
-      ->check(CLI::IsMember({"mamba_ssm", "hf"}))
+  sub->add_option("--model", o->model, "input model folder (or .gguf file)")->required();
+  sub->add_option("--out", o->out,
+                  "output folder (created; files written atomically); for gguf the .gguf file")
+      ->required();
+  sub->add_option("--format", o->format,
+                  "mamba_ssm (MambaLMHeadModel), hf (transformers *-hf) or gguf (llama.cpp's "
+                  "layout, docs/GGUF.md)")
+      ->check(CLI::IsMember({"mamba_ssm", "hf", "gguf"}))
       ->capture_default_str();
+  sub->add_option("--gguf-type", o->gguf_type,
+                  "gguf: storage of the 2-D weight matrices (norms, conv, A, D, biases stay f32)")
+      ->check(CLI::IsMember({"f32", "f16", "bf16", "q8_0", "q4_0"}))
+      ->capture_default_str();
+  sub->add_option("--tokenizer", o->tokenizer,
+                  "gguf: tokenizer.json to embed (default: the model folder's, if it has one)");
   return {sub, [o] {
             MambaLM lm = MambaLM::load(o->model);
+            if (o->format == "gguf") {
+              std::string tok = o->tokenizer;
+              if (tok.empty() && os::exists(o->model + "/tokenizer.json"))
+                tok = o->model + "/tokenizer.json";
+              lm.save_gguf(o->out, parse_ggml_type(o->gguf_type), tok);
+              std::printf("wrote %s (GGUF, %s weights, %s, %lld parameters)\n", o->out.c_str(),
+                          o->gguf_type.c_str(), tok.empty() ? "no tokenizer" : tok.c_str(),
+                          (long long)lm.num_parameters());
+              return 0;
+            }
             lm.save(o->out, o->format == "hf");
             std::printf("wrote %s (%s layout, %lld parameters)\n", o->out.c_str(),
                         o->format.c_str(), (long long)lm.num_parameters());

@@ -31,7 +31,8 @@ Command add_generate(CLI::App& app) {
   auto o = std::make_shared<GenOpts>();
   auto* sub = app.add_subcommand("generate", "Generate text (or token ids) from a model folder");
   sub->add_option("--model", o->model,
-                  "model folder: config.json + model.safetensors or pytorch_model.bin")
+                  "model folder: config.json + model.safetensors or pytorch_model.bin; or a "
+                  "llama.cpp .gguf file (docs/GGUF.md)")
       ->required();
   sub->add_option("--prompt", o->prompts,
                   "prompt text; repeat for several prompts, decoded as one batch");

@@ -25,7 +25,7 @@ Command add_score(CLI::App& app) {
   auto o = std::make_shared<Opts>();
   auto* sub =
       app.add_subcommand("score", "Write the logits (B, L, V) of token ids (B, L) as float32 .npy");
-  sub->add_option("--model", o->model, "model folder")->required();
+  sub->add_option("--model", o->model, "model folder or .gguf file")->required();
   sub->add_option("--ids", o->ids, "int64/int32 token ids (B, L) or (L), .npy")
       ->required()
       ->check(CLI::ExistingFile);
@@ -55,7 +55,7 @@ Command add_perplexity(CLI::App& app) {
   };
   auto o = std::make_shared<Opts>();
   auto* sub = app.add_subcommand("perplexity", "Per-token NLL and perplexity of a text file");
-  sub->add_option("--model", o->model, "model folder")->required();
+  sub->add_option("--model", o->model, "model folder or .gguf file")->required();
   sub->add_option("--text", o->text, "UTF-8 text file")->required()->check(CLI::ExistingFile);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model folder's)");
   sub->add_option("--context", o->context, "tokens per window")

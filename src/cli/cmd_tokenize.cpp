@@ -26,7 +26,8 @@ struct TokOpts {
 
 void add_source(CLI::App* sub, TokOpts& o) {
   auto* t = sub->add_option("--tokenizer", o.tokenizer, "tokenizer.json file");
-  auto* m = sub->add_option("--model", o.model, "model folder containing tokenizer.json");
+  auto* m = sub->add_option("--model", o.model,
+                            "model folder containing tokenizer.json, or a .gguf file");
   t->excludes(m);
   m->excludes(t);
 }

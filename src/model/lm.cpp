@@ -258,6 +258,7 @@ MambaLM MambaLM::load(const std::string& dir) { return load(dir, WeightDType::f3
 
 MambaLM MambaLM::load(const std::string& dir, WeightDType dtype) {
   namespace fs = std::filesystem;
+  if (fs::is_regular_file(dir)) return load_gguf(dir, dtype);
   MAMBA_CHECK(fs::is_directory(dir), "model folder '", dir, "' does not exist");
   ModelConfig cfg = ModelConfig::load((fs::path(dir) / "config.json").string());
   MambaLM lm(cfg, 0, dtype);

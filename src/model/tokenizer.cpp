@@ -2,6 +2,7 @@
 #include "mamba/tokenizer.h"
 
 #include <algorithm>
+#include <filesystem>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <queue>
@@ -283,6 +284,7 @@ Tokenizer Tokenizer::from_file(const std::string& path) {
 }
 
 Tokenizer Tokenizer::from_model_dir(const std::string& dir) {
+  if (std::filesystem::is_regular_file(dir)) return from_gguf(dir);
   const std::string path = dir + "/tokenizer.json";
   MAMBA_CHECK(os::exists(path), "no tokenizer.json in model folder '", dir,
               "' (state-spaces/mamba-* checkpoints ship none: they use the GPT-NeoX-20B tokenizer; "
