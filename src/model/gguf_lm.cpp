@@ -180,7 +180,8 @@ MambaLM MambaLM::load_gguf(const std::string& path, WeightDType dtype) {
     return t;
   };
   MambaLM lm(cfg, 0, dtype);
-  lm.load_tensors(names, shape_of, get, path);
+  lm.load_tensors(
+      names, shape_of, [&](const std::string& ours, Weight& w) { w.assign(get(ours)); }, path);
   return lm;
 }
 
