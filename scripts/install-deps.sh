@@ -6,7 +6,9 @@ PKGS=(g++ cmake make libopenblas-dev libopenblas0-openmp libhwy-dev nlohmann-jso
       libcli11-dev libgtest-dev libutf8proc-dev
       # the Python module (MAMBA_PYTHON): build, install with pip, and its tests
       python3-dev pybind11-dev python3-numpy python3-pip python3-setuptools python3-wheel
-      python3-venv python3-pytest python3-torch)
+      python3-venv python3-pytest python3-torch
+      # data-parallel `mambacpp train` over MPI (MAMBA_MPI) and its mpirun tests
+      openmpi-bin libopenmpi-dev)
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -2,18 +2,24 @@
 // the LR schedule, the synthetic-task generators' invariants, loss going down on each task and
 // on a text, gradient accumulation == one big batch, resume == uninterrupted (bitwise),
 // atomic checkpoints, the curves and the CLI.
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <set>
+#include <span>
+#include <thread>
 
 #include "core/os.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
+#include "mamba/train_dist.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -368,6 +374,126 @@ TEST(Train, AccumulationEqualsOneBigBatch) {
   for (size_t i = 0; i < pa.size(); ++i)
     EXPECT_TRUE(test::all_close(pa[i].second->value.f32(), pb[i].second->value.f32(),
                                 tol::kAccumVsBatch, pa[i].first));
+}
+
+namespace {
+// N in-process "ranks" (threads) with train_dist.h's contract: sums in rank order, the same bits
+// everywhere. Lets the data-parallel path of the Trainer (shares, buckets, the per-layer hook) be
+// tested without MPI; tests/mpi/ runs the MPI implementation itself.
+class ThreadGroup {
+ public:
+  explicit ThreadGroup(int n) : n_(n), slots_(static_cast<size_t>(n)) {}
+  // Every rank deposits `in`; each gets the rank-order sum.
+  template <class T>
+  void sum(int rank, std::span<T> v) {
+    {
+      std::unique_lock lk(m_);
+      slots_[static_cast<size_t>(rank)].assign(v.begin(), v.end());
+    }
+    arrive();
+    for (size_t k = 0; k < v.size(); ++k) {
+      T s = static_cast<T>(slots_[0][k]);
+      for (int r = 1; r < n_; ++r) s += static_cast<T>(slots_[static_cast<size_t>(r)][k]);
+      v[k] = s;
+    }
+    arrive();  // nobody overwrites a slot before every rank has read them all
+  }
+  void arrive() {
+    std::unique_lock lk(m_);
+    const int64_t gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0, ++gen_;
+      cv_.notify_all();
+    } else {
+      cv_.wait(lk, [&] { return gen_ != gen; });
+    }
+  }
+  int size() const { return n_; }
+
+ private:
+  int n_;
+  std::vector<std::vector<double>> slots_;  // floats and doubles both fit exactly
+  std::mutex m_;
+  std::condition_variable cv_;
+  int count_ = 0;
+  int64_t gen_ = 0;
+};
+
+class ThreadDist final : public Dist {
+ public:
+  ThreadDist(ThreadGroup& g, int rank) : g_(g), rank_(rank) {}
+  int rank() const override { return rank_; }
+  int size() const override { return g_.size(); }
+  void start_sum(std::span<float> buf) override { pending_.push_back(buf); }
+  void progress() override {}
+  void wait_all() override {
+    for (std::span<float> b : pending_) g_.sum(rank_, b);
+    pending_.clear();
+  }
+  void sum_disjoint(std::span<double> v) override { g_.sum(rank_, v); }
+  void barrier() override { g_.arrive(); }
+  [[noreturn]] void abort(const std::string& m) override { throw Error(m); }
+
+ private:
+  ThreadGroup& g_;
+  int rank_;
+  std::vector<std::span<float>> pending_;
+};
+}  // namespace
+
+// Two ranks with accum 2 (one micro-batch each) are bit for bit one process with accum 2: every
+// step's loss, accuracy and gradient norm, and every parameter after the steps, on both ranks.
+// Small buckets, so the per-layer hook starts several sums. Accum 4 over 2 ranks: within fp32
+// rounding of one process (the gradient sum is (g0+g1)+(g2+g3) instead of ((g0+g1)+g2)+g3).
+TEST(Train, TwoRanksEqualOneProcessWithTheSameAccumulation) {
+  set_num_threads(1);
+  for (int64_t accum : {2, 4}) {
+    TrainConfig c = tiny_train(TaskKind::SelectiveCopy);
+    c.batch = 2, c.accum = accum;
+    Trainer one(c);
+    for (int i = 0; i < 4; ++i) one.train_step();
+    ThreadGroup group(2);
+    std::vector<std::unique_ptr<Trainer>> ranks;
+    std::vector<std::unique_ptr<ThreadDist>> dists;
+    for (int r = 0; r < 2; ++r) {
+      ranks.push_back(std::make_unique<Trainer>(c));
+      dists.push_back(std::make_unique<ThreadDist>(group, r));
+      ranks.back()->set_dist(dists.back().get(), 4096, true);
+    }
+    std::vector<std::thread> th;
+    for (int r = 0; r < 2; ++r)
+      th.emplace_back([&ranks, r] {
+        for (int i = 0; i < 4; ++i) ranks[static_cast<size_t>(r)]->train_step();
+      });
+    for (auto& t : th) t.join();
+    for (int r = 0; r < 2; ++r) {
+      const Trainer& tr = *ranks[static_cast<size_t>(r)];
+      ASSERT_EQ(tr.history().size(), one.history().size());
+      for (size_t i = 0; i < one.history().size(); ++i) {
+        const StepLog &a = tr.history()[i], &b = one.history()[i];
+        if (accum == 2) {
+          EXPECT_EQ(a.loss, b.loss) << "rank " << r << " step " << i;
+          EXPECT_EQ(a.grad_norm, b.grad_norm) << "rank " << r << " step " << i;
+        } else {
+          EXPECT_NEAR(a.loss, b.loss, 1e-6 * b.loss) << "rank " << r << " step " << i;
+        }
+        EXPECT_EQ(a.accuracy, b.accuracy) << "rank " << r << " step " << i;
+        EXPECT_EQ(a.tokens, b.tokens);
+      }
+      auto pa = ranks[static_cast<size_t>(r)]->model().named_parameters();
+      auto pb = one.model().named_parameters();
+      auto p0 = ranks[0]->model().named_parameters();
+      for (size_t i = 0; i < pa.size(); ++i) {
+        const Tensor &va = pa[i].second->value.f32(), &vb = pb[i].second->value.f32();
+        // the ranks always agree with each other bit for bit
+        EXPECT_EQ(std::memcmp(va.data(), p0[i].second->value.f32().data(), va.numel() * 4), 0);
+        if (accum == 2)
+          EXPECT_EQ(std::memcmp(va.data(), vb.data(), va.numel() * 4), 0) << pa[i].first;
+        else
+          EXPECT_TRUE(test::all_close(va, vb, tol::kAccumVsBatch, pa[i].first));
+      }
+    }
+  }
 }
 
 namespace {

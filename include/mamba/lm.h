@@ -129,8 +129,12 @@ class MambaLM {
   Tensor forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
                       LMState* state = nullptr) const;
   // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Throws for weights that are
-  // not fp32 and for an empty `saved` (forward was called without it).
-  void backward(const LMSaved& saved, const Tensor& dlogits);
+  // not fp32 and for an empty `saved` (forward was called without it). layer_done, if set, is
+  // called with i right after block i's backward (from the last block down to 0): from then on
+  // the gradients of backbone.layers.i.* are final for this call (data-parallel training starts
+  // their reduction there, while the blocks below still run).
+  void backward(const LMSaved& saved, const Tensor& dlogits,
+                const std::function<void(int64_t)>& layer_done = {});
 
   LMState new_state(int64_t batch) const;  // zeros
   // One token per sequence: ids (B) -> logits (B, V_pad), advancing state.

@@ -26,6 +26,8 @@
 
 namespace mamba::train {
 
+class Dist;  // train_dist.h
+
 constexpr int32_t kIgnoreIndex = -100;  // targets with this value are not counted (PyTorch's)
 
 // ---- loss ---------------------------------------------------------------------------------------
@@ -206,11 +208,25 @@ class Trainer {
  public:
   explicit Trainer(const TrainConfig& cfg);  // a fresh model from cfg.seed
   // Continues the run saved in `dir` (written by save()): weights, moments, step, data stream.
-  static Trainer resume(const std::string& dir);
+  // finish_pending = false: read only, for the ranks > 0 of a data-parallel job (rank 0 finishes
+  // an interrupted save first, then the others read).
+  static Trainer resume(const std::string& dir, bool finish_pending = true);
   Trainer(Trainer&&) noexcept;
   ~Trainer();
 
-  StepLog train_step();  // one optimiser update (accum micro-batches)
+  // One optimiser update: accum micro-batches of `batch` sequences (the global batch is
+  // batch * accum whatever the number of processes). With accum > 1 or a Dist of several ranks,
+  // each micro-batch's gradient is computed from zero and the gradients are summed in fp32 in
+  // micro-batch order (acc = g0; acc += g1; ...); over ranks, each rank sums its own contiguous
+  // share of the micro-batches the same way and the ranks' partial sums are added in rank order.
+  // So N ranks with accum = N give the bits of one process with the same accum.
+  StepLog train_step();
+  // Data-parallel training (train_dist.h): every rank draws the same micro-batches from the same
+  // data stream and runs forward + backward on its own contiguous share (accum must be a multiple
+  // of dist->size()); gradients are summed in buckets of about bucket_bytes, each started as soon
+  // as the backward of its layers is done (overlap = false: all after the backward, for
+  // measuring the overlap). nullptr = one process. The Dist must outlive the trainer's steps.
+  void set_dist(Dist* dist, size_t bucket_bytes = 4u << 20, bool overlap = true);
   // Starts from the weights of a saved model folder (same config; e.g. a curriculum: train
   // short, continue at a longer length). Only before the first step; moments start at zero.
   void init_weights_from(const std::string& dir);
@@ -238,6 +254,18 @@ class Trainer {
   Rng data_rng_;
   std::unique_ptr<TextData> text_;
   std::vector<StepLog> history_;
+  // Data-parallel state (set_dist): gradient buckets, each a run of whole parameters.
+  struct Bucket {
+    std::vector<size_t> params;  // indices into params_
+    int64_t ready_layer = -1;    // the bucket is final after this block's backward; -1: at the end
+    std::vector<float> buf;      // packed gradients: the accumulator, then the sum over ranks
+  };
+  void plan_buckets();
+  void pack_bucket(Bucket& b, bool first);
+  Dist* dist_ = nullptr;
+  size_t bucket_bytes_ = 4u << 20;
+  bool overlap_ = true;
+  std::vector<Bucket> buckets_;
 };
 
 // ---- curves -------------------------------------------------------------------------------------

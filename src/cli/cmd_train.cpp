@@ -8,6 +8,7 @@
 #include <filesystem>
 #include <memory>
 #include <nlohmann/json.hpp>
+#include <thread>
 #if defined(__GLIBC__)
 #endif
 
@@ -15,6 +16,7 @@
 #include "core/os.h"
 #include "mamba/parallel.h"
 #include "mamba/train.h"
+#include "mamba/train_dist.h"
 
 namespace mamba::cli {
 
@@ -38,6 +40,9 @@ struct TrainOpts {
   std::string save = "train-out", resume, init;
   int threads = 0;
   int64_t eval_batches = 8, eval_batch = 16;
+  // data-parallel (mpirun): peer timeout, gradient bucket size, overlap with the backward
+  double dist_timeout = 120, bucket_mib = 4;
+  bool no_overlap = false;
 };
 
 std::string hms(double s) {
@@ -126,6 +131,8 @@ void print_eval(const char* what, const TaskConfig& t, const train::EvalResult& 
       static_cast<long long>(r.correct), static_cast<long long>(r.counted), 100 * r.seq_accuracy(),
       r.loss);
 }
+// The body of `mambacpp train` (below add_train); dist = nullptr: one process.
+int run_train(const TrainOpts& opts, CLI::App* sub, train::Dist* dist);
 }  // namespace
 
 Command add_train(CLI::App& app) {
@@ -257,128 +264,177 @@ Command add_train(CLI::App& app) {
   sub->add_option("--eval-batch", o->eval_batch, "sequences per eval batch")
       ->capture_default_str()
       ->group(g);
-  return {
-      sub, [o, sub] {
-        set_num_threads(o->threads);
-        os::keep_freed_memory();
-        std::unique_ptr<train::Trainer> tr;
-        std::string save = o->save;
-        if (!o->resume.empty()) {
-          tr = std::make_unique<train::Trainer>(train::Trainer::resume(o->resume));
-          if (sub->get_option("--save")->count() == 0) save = o->resume;
-          if (sub->get_option("--steps")->count()) tr->config().steps = o->steps;
-          if (sub->get_option("--save-every")->count()) tr->config().save_every = o->save_every;
-          std::printf("resumed %s at step %lld\n", o->resume.c_str(),
-                      static_cast<long long>(tr->step()));
-        } else {
-          train::TrainConfig c;
-          c.task.kind = train::parse_task(o->task);
-          c.task.seqlen = o->seqlen, c.task.vocab = o->task_vocab, c.task.n_copy = o->n_copy;
-          c.task.all_positions = o->all_positions;
-          c.task.text_path = o->text, c.task.tokenizer_path = o->tokenizer;
-          int64_t vocab = o->vocab;
-          if (vocab <= 0) {
-            if (c.task.kind != train::TaskKind::Text)
-              vocab = o->task_vocab;
-            else
-              vocab = o->tokenizer.empty() ? 256 : -1;  // -1: from the tokenizer below
-          }
-          if (vocab < 0)
-            vocab = static_cast<int64_t>(train::TextData::load(o->text, o->tokenizer).vocab());
-          set_layer_init(*o, c);  // checks the per-layer lists before model_config reads them
-          c.model = model_config(*o, vocab);
-          c.selective = !o->no_selective;
-          c.batch = o->batch, c.accum = o->accum, c.steps = o->steps, c.warmup = o->warmup;
-          c.lr = o->lr, c.min_lr = std::min(o->min_lr, o->lr), c.clip = o->clip;
-          c.adamw.beta1 = o->beta1, c.adamw.beta2 = o->beta2,
-          c.adamw.weight_decay = o->weight_decay;
-          c.seed = o->seed, c.save_every = o->save_every;
-          tr = std::make_unique<train::Trainer>(c);
-          if (!o->init.empty()) {
-            tr->init_weights_from(o->init);
-            std::printf("initialised from %s\n", o->init.c_str());
-          }
-        }
-        const train::TrainConfig& c = tr->config();
-        const ModelConfig& mc = tr->model().config();
-        std::printf(
-            "model: %s%s, d_model %lld, n_layer %lld, d_state %lld, vocab %lld, %lld parameters\n",
-            mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective ablation)",
-            static_cast<long long>(mc.d_model), static_cast<long long>(mc.n_layer),
-            static_cast<long long>(std::visit(
-                [](const auto& m) -> int64_t {
-                  if constexpr (requires { m.d_state; })
-                    return m.d_state;
-                  else
-                    return 0;  // ssm_cfg never holds the attention mixer
-                },
-                mc.ssm_cfg)),
-            static_cast<long long>(mc.vocab_size),
-            static_cast<long long>(tr->model().num_parameters()));
-        std::printf(
-            "task: %s, seqlen %lld | batch %lld x accum %lld, %lld steps, lr %g (warm-up %lld, "
-            "cosine to %g), "
-            "wd %g, clip %g, seed %llu, %d threads\n",
-            train::task_name(c.task.kind).c_str(), static_cast<long long>(c.task.seqlen),
-            static_cast<long long>(c.batch), static_cast<long long>(c.accum),
-            static_cast<long long>(c.steps), c.lr, static_cast<long long>(c.warmup), c.min_lr,
-            c.adamw.weight_decay, c.clip, static_cast<unsigned long long>(c.seed), num_threads());
-        if (!c.layer_init.empty()) {
-          std::printf("init per layer:");
-          for (size_t i = 0; i < c.layer_init.size(); ++i)
-            std::printf("%s layer %zu delta %g..%g, A x%g", i ? " |" : "", i,
-                        c.layer_init[i].dt_min, c.layer_init[i].dt_max,
-                        c.layer_init[i].A_init_scale);
-          std::printf("\n");
-        }
-        const auto t0 = std::chrono::steady_clock::now();
-        auto last_print = t0;
-        const int64_t first = tr->step();
-        int64_t tokens = 0;
-        while (tr->step() < c.steps) {
-          train::StepLog l = tr->train_step();
-          tokens += l.tokens;
-          const auto now = std::chrono::steady_clock::now();
-          const double el = std::chrono::duration<double>(now - t0).count();
-          const bool due = o->log_every > 0
-                               ? l.step % o->log_every == 0
-                               : std::chrono::duration<double>(now - last_print).count() >= 2.0;
-          if (due || l.step == c.steps || l.step == first + 1) {
-            last_print = now;
-            const double per = el / static_cast<double>(l.step - first);
-            std::printf(
-                "step %6lld/%lld  loss %.4f  acc %5.1f%%  lr %.2e  |g| %.3f  %8.0f tok/s  ETA %s\n",
-                static_cast<long long>(l.step), static_cast<long long>(c.steps), l.loss,
-                100 * l.accuracy, l.lr, l.grad_norm, static_cast<double>(tokens) / el,
-                hms(per * static_cast<double>(c.steps - l.step)).c_str());
-            std::fflush(stdout);
-          }
-          if (c.save_every > 0 && l.step % c.save_every == 0 && l.step < c.steps) {
-            tr->save(save);
-            write_curves(save, tr->history(), "training loss");
-          }
-        }
-        const double secs =
-            std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-        tr->save(save);
-        write_curves(save, tr->history(),
-                     str(mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective)", " on ",
-                         train::task_name(c.task.kind), ", L=", c.task.seqlen));
-        std::printf(
-            "trained %lld steps in %.1f s (%.0f tok/s, peak memory %.0f MiB); checkpoint, loss.csv "
-            "and "
-            "loss.svg in %s\n",
-            static_cast<long long>(tr->step() - first), secs,
-            secs > 0 ? static_cast<double>(tokens) / secs : 0.0,
-            static_cast<double>(os::peak_rss_bytes()) / (1024.0 * 1024.0), save.c_str());
-        if (o->eval_batches > 0) {
-          train::EvalResult r = train::evaluate(tr->model(), c.task, o->eval_batches, o->eval_batch,
-                                                c.seed + 1000003, tr->text());
-          print_eval("eval:", c.task, r);
-        }
-        return 0;
-      }};
+  g = "Data-parallel (under mpirun -np N; accum must be a multiple of N)";
+  sub->add_option("--dist-timeout", o->dist_timeout,
+                  "seconds to wait for a peer process before ending the whole job")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber)
+      ->group(g);
+  sub->add_option("--bucket-mib", o->bucket_mib,
+                  "gradient all-reduce bucket size in MiB (one collective per bucket)")
+      ->capture_default_str()
+      ->check(CLI::PositiveNumber)
+      ->group(g);
+  sub->add_flag("--no-overlap", o->no_overlap,
+                "start the gradient all-reduce only after the whole backward (to measure the "
+                "overlap)")
+      ->group(g);
+  return {sub, [o, sub] {
+            // Under mpirun: one rank per process; rank 0 alone prints and writes files.
+            std::unique_ptr<train::Dist> dist = train::make_mpi_dist(o->dist_timeout);
+            const int rank = dist ? dist->rank() : 0, nproc = dist ? dist->size() : 1;
+            if (rank > 0 && !std::freopen("/dev/null", "w", stdout))
+              throw Error("cannot silence stdout on rank > 0");
+            try {
+              return run_train(*o, sub, dist.get());
+            } catch (const std::exception& e) {
+              if (nproc > 1) dist->abort(e.what());  // ends every rank, no peer left waiting
+              throw;
+            }
+          }};
 }
+
+namespace {
+int run_train(const TrainOpts& opts, CLI::App* sub, train::Dist* dist) {
+  const TrainOpts* o = &opts;
+  const int rank = dist ? dist->rank() : 0, nproc = dist ? dist->size() : 1;
+  // Ranks sharing a machine share its cores (0 = all cores: split between them).
+  if (o->threads == 0 && dist && dist->local_size() > 1)
+    set_num_threads(
+        std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / dist->local_size()));
+  else
+    set_num_threads(o->threads);
+  os::keep_freed_memory();
+  std::unique_ptr<train::Trainer> tr;
+  std::string save = o->save;
+  if (!o->resume.empty()) {
+    // Rank 0 finishes an interrupted save first; then the others read the checkpoint.
+    if (rank == 0) tr = std::make_unique<train::Trainer>(train::Trainer::resume(o->resume));
+    if (dist) dist->barrier();
+    if (rank != 0) tr = std::make_unique<train::Trainer>(train::Trainer::resume(o->resume, false));
+    if (sub->get_option("--save")->count() == 0) save = o->resume;
+    if (sub->get_option("--steps")->count()) tr->config().steps = o->steps;
+    if (sub->get_option("--save-every")->count()) tr->config().save_every = o->save_every;
+    std::printf("resumed %s at step %lld\n", o->resume.c_str(), static_cast<long long>(tr->step()));
+  } else {
+    train::TrainConfig c;
+    c.task.kind = train::parse_task(o->task);
+    c.task.seqlen = o->seqlen, c.task.vocab = o->task_vocab, c.task.n_copy = o->n_copy;
+    c.task.all_positions = o->all_positions;
+    c.task.text_path = o->text, c.task.tokenizer_path = o->tokenizer;
+    int64_t vocab = o->vocab;
+    if (vocab <= 0) {
+      if (c.task.kind != train::TaskKind::Text)
+        vocab = o->task_vocab;
+      else
+        vocab = o->tokenizer.empty() ? 256 : -1;  // -1: from the tokenizer below
+    }
+    if (vocab < 0)
+      vocab = static_cast<int64_t>(train::TextData::load(o->text, o->tokenizer).vocab());
+    set_layer_init(*o, c);  // checks the per-layer lists before model_config reads them
+    c.model = model_config(*o, vocab);
+    c.selective = !o->no_selective;
+    c.batch = o->batch, c.accum = o->accum, c.steps = o->steps, c.warmup = o->warmup;
+    c.lr = o->lr, c.min_lr = std::min(o->min_lr, o->lr), c.clip = o->clip;
+    c.adamw.beta1 = o->beta1, c.adamw.beta2 = o->beta2, c.adamw.weight_decay = o->weight_decay;
+    c.seed = o->seed, c.save_every = o->save_every;
+    tr = std::make_unique<train::Trainer>(c);
+    if (!o->init.empty()) {
+      tr->init_weights_from(o->init);
+      std::printf("initialised from %s\n", o->init.c_str());
+    }
+  }
+  if (dist) tr->set_dist(dist, static_cast<size_t>(o->bucket_mib * (1 << 20)), !o->no_overlap);
+  const train::TrainConfig& c = tr->config();
+  const ModelConfig& mc = tr->model().config();
+  std::printf(
+      "model: %s%s, d_model %lld, n_layer %lld, d_state %lld, vocab %lld, %lld parameters\n",
+      mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective ablation)",
+      static_cast<long long>(mc.d_model), static_cast<long long>(mc.n_layer),
+      static_cast<long long>(std::visit(
+          [](const auto& m) -> int64_t {
+            if constexpr (requires { m.d_state; })
+              return m.d_state;
+            else
+              return 0;  // ssm_cfg never holds the attention mixer
+          },
+          mc.ssm_cfg)),
+      static_cast<long long>(mc.vocab_size), static_cast<long long>(tr->model().num_parameters()));
+  std::printf(
+      "task: %s, seqlen %lld | batch %lld x accum %lld, %lld steps, lr %g (warm-up %lld, "
+      "cosine to %g), "
+      "wd %g, clip %g, seed %llu, %d threads x %d processes\n",
+      train::task_name(c.task.kind).c_str(), static_cast<long long>(c.task.seqlen),
+      static_cast<long long>(c.batch), static_cast<long long>(c.accum),
+      static_cast<long long>(c.steps), c.lr, static_cast<long long>(c.warmup), c.min_lr,
+      c.adamw.weight_decay, c.clip, static_cast<unsigned long long>(c.seed), num_threads(), nproc);
+  if (!c.layer_init.empty()) {
+    std::printf("init per layer:");
+    for (size_t i = 0; i < c.layer_init.size(); ++i)
+      std::printf("%s layer %zu delta %g..%g, A x%g", i ? " |" : "", i, c.layer_init[i].dt_min,
+                  c.layer_init[i].dt_max, c.layer_init[i].A_init_scale);
+    std::printf("\n");
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  auto last_print = t0;
+  const int64_t first = tr->step();
+  int64_t tokens = 0;
+  while (tr->step() < c.steps) {
+    train::StepLog l = tr->train_step();
+    tokens += l.tokens;
+    const auto now = std::chrono::steady_clock::now();
+    const double el = std::chrono::duration<double>(now - t0).count();
+    const bool due = o->log_every > 0
+                         ? l.step % o->log_every == 0
+                         : std::chrono::duration<double>(now - last_print).count() >= 2.0;
+    if (due || l.step == c.steps || l.step == first + 1) {
+      last_print = now;
+      const double per = el / static_cast<double>(l.step - first);
+      std::printf(
+          "step %6lld/%lld  loss %.4f  acc %5.1f%%  lr %.2e  |g| %.3f  %8.0f tok/s  ETA %s\n",
+          static_cast<long long>(l.step), static_cast<long long>(c.steps), l.loss, 100 * l.accuracy,
+          l.lr, l.grad_norm, static_cast<double>(tokens) / el,
+          hms(per * static_cast<double>(c.steps - l.step)).c_str());
+      std::fflush(stdout);
+    }
+    if (rank == 0 && c.save_every > 0 && l.step % c.save_every == 0 && l.step < c.steps) {
+      tr->save(save);
+      write_curves(save, tr->history(), "training loss");
+    }
+  }
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  if (rank == 0) {
+    tr->save(save);
+    write_curves(save, tr->history(),
+                 str(mixer_name(mc.ssm_cfg), c.selective ? "" : " (non-selective)", " on ",
+                     train::task_name(c.task.kind), ", L=", c.task.seqlen));
+  }
+  std::printf(
+      "trained %lld steps in %.1f s (%.0f tok/s, peak memory %.0f MiB); checkpoint, loss.csv "
+      "and "
+      "loss.svg in %s\n",
+      static_cast<long long>(tr->step() - first), secs,
+      secs > 0 ? static_cast<double>(tokens) / secs : 0.0,
+      static_cast<double>(os::peak_rss_bytes()) / (1024.0 * 1024.0), save.c_str());
+  if (dist && nproc > 1 && tr->step() > first) {
+    const train::Dist::Stats st = dist->take_stats();
+    const double n = static_cast<double>(tr->step() - first);
+    std::printf(
+        "gradient all-reduce per step: %.2f MiB sent + %.2f MiB received in %.1f calls; "
+        "%.2f ms not hidden behind the backward (waiting), %.2f ms packing/summing/MPI "
+        "calls%s\n",
+        static_cast<double>(st.bytes_sent) / n / (1 << 20),
+        static_cast<double>(st.bytes_received) / n / (1 << 20), static_cast<double>(st.sums) / n,
+        1e3 * st.wait_s / n, 1e3 * st.busy_s / n, o->no_overlap ? " (--no-overlap)" : "");
+  }
+  if (rank == 0 && o->eval_batches > 0) {
+    train::EvalResult r = train::evaluate(tr->model(), c.task, o->eval_batches, o->eval_batch,
+                                          c.seed + 1000003, tr->text());
+    print_eval("eval:", c.task, r);
+  }
+  return 0;
+}
+}  // namespace
 
 Command add_eval_task(CLI::App& app) {
   struct EvalOpts {

@@ -394,7 +394,8 @@ Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
   return logits;
 }
 
-void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits) {
+void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits,
+                       const std::function<void(int64_t)>& layer_done) {
   MAMBA_CHECK(!sv.empty(), "MambaLM::backward: no saved activations (call forward with saved)");
   MAMBA_CHECK(sv.blocks.size() == blocks_.size(),
               "MambaLM::backward: the saved activations are for ", sv.blocks.size(),
@@ -411,7 +412,10 @@ void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits) {
   auto gf = ops::rms_norm_bwd(sv.residual_final, norm_f_->value.f32(), eps, dhid);
   ops::add_into(norm_f_->grad(), gf.dweight);
   Tensor dres = gf.dx;  // gradient w.r.t. the residual stream; also w.r.t. the last block's output
-  for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) blocks_[i].backward(sv.blocks[i], dres);
+  for (int64_t i = cfg_.n_layer - 1; i >= 0; --i) {
+    blocks_[i].backward(sv.blocks[i], dres);
+    if (layer_done) layer_done(i);
+  }
   // Embedding: scatter-add the residual gradient into the rows of the ids.
   ops::embedding_bwd(emb_->grad(), sv.ids, dres.reshape({M, d}));
 }

@@ -1,7 +1,10 @@
 // The training loop: micro-batches -> forward -> cross-entropy -> backward -> clip -> AdamW,
 // with exact checkpoints (weights, moments, step, data stream, history) written atomically.
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <nlohmann/json.hpp>
 
@@ -9,6 +12,7 @@
 #include "core/os.h"
 #include "mamba/safetensors.h"
 #include "mamba/train.h"
+#include "mamba/train_dist.h"
 
 namespace mamba::train {
 
@@ -54,6 +58,11 @@ MambaLM make_model(const TrainConfig& cfg) {
   return lm;
 }
 }  // namespace
+
+void LocalDist::abort(const std::string& message) {
+  std::fprintf(stderr, "error: %s\n", message.c_str());
+  std::exit(1);
+}
 
 void set_selective(ModelConfig& cfg, bool selective) {
   if (Mamba1Config* m1 = cfg.mixer_if<Mamba1Config>()) {
@@ -203,29 +212,147 @@ Trainer::Trainer(const TrainConfig& cfg, MambaLM lm)
 Trainer::Trainer(Trainer&&) noexcept = default;
 Trainer::~Trainer() = default;
 
+void Trainer::set_dist(Dist* dist, size_t bucket_bytes, bool overlap) {
+  MAMBA_CHECK(bucket_bytes >= sizeof(float), "train: the gradient bucket size must be >= 4 bytes");
+  dist_ = dist;
+  bucket_bytes_ = bucket_bytes;
+  overlap_ = overlap;
+  buckets_.clear();
+}
+
+// Buckets of whole parameters: the blocks' from the last layer down (a bucket closes once it holds
+// bucket_bytes_, and is final when the backward of its lowest layer is done), then one bucket of
+// everything outside the blocks (embedding / LM head, norm_f: final only at the end of backward).
+// The order is the same on every rank, so the ranks' collectives match.
+void Trainer::plan_buckets() {
+  buckets_.clear();
+  const int64_t n_layer = lm_.config().n_layer;
+  std::vector<std::vector<size_t>> by_layer(static_cast<size_t>(n_layer));
+  Bucket rest;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    const std::string& name = params_[i].first;
+    const std::string prefix = "backbone.layers.";
+    int64_t layer = -1;
+    if (name.rfind(prefix, 0) == 0) {
+      size_t end = 0;
+      layer = std::stoll(name.substr(prefix.size()), &end);
+      MAMBA_CHECK(layer >= 0 && layer < n_layer && name[prefix.size() + end] == '.',
+                  "train: unexpected parameter name '", name, "'");
+    }
+    if (layer < 0)
+      rest.params.push_back(i);
+    else
+      by_layer[static_cast<size_t>(layer)].push_back(i);
+  }
+  Bucket cur;
+  size_t bytes = 0;
+  for (int64_t layer = n_layer - 1; layer >= 0; --layer) {
+    for (size_t i : by_layer[static_cast<size_t>(layer)]) {
+      cur.params.push_back(i);
+      bytes += static_cast<size_t>(params_[i].second->value.numel()) * sizeof(float);
+    }
+    if (!cur.params.empty() && (bytes >= bucket_bytes_ || layer == 0)) {
+      cur.ready_layer = layer;
+      buckets_.push_back(std::move(cur));
+      cur = Bucket{};
+      bytes = 0;
+    }
+  }
+  if (!rest.params.empty()) buckets_.push_back(std::move(rest));
+  for (Bucket& b : buckets_) {
+    int64_t n = 0;
+    for (size_t i : b.params) n += params_[i].second->value.numel();
+    b.buf.assign(static_cast<size_t>(n), 0.0f);
+  }
+}
+
+// first: buf = the gradients; otherwise buf += the gradients (fp32, element by element).
+void Trainer::pack_bucket(Bucket& b, bool first) {
+  float* out = b.buf.data();
+  for (size_t i : b.params) {
+    const Tensor& g = params_[i].second->grad();
+    const float* src = g.data();
+    const int64_t n = g.numel();
+    if (first)
+      std::copy(src, src + n, out);
+    else
+      for (int64_t k = 0; k < n; ++k) out[k] += src[k];
+    out += n;
+  }
+}
+
 StepLog Trainer::train_step() {
   const auto t0 = std::chrono::steady_clock::now();
   const int64_t s = opt_.steps();
-  // Draw every micro-batch first, so the loss is the exact mean over the whole update.
+  LocalDist local;
+  Dist& dist = dist_ ? *dist_ : local;
+  const int64_t nproc = dist.size(), rank = dist.rank();
+  MAMBA_CHECK(cfg_.accum % nproc == 0, "train: accum (", cfg_.accum,
+              ") must be a multiple of the number of processes (", nproc,
+              "): the global batch is batch x accum micro-batches, split evenly over them");
+  // Draw every micro-batch first, so the loss is the exact mean over the whole update. Every
+  // rank draws all of them (the same stream), then works on its own share.
   std::vector<Batch> mbs;
-  int64_t total = 0;
+  int64_t total = 0, tokens = 0;
   for (int64_t a = 0; a < cfg_.accum; ++a) {
     mbs.push_back(make_batch(cfg_.task, cfg_.batch, data_rng_, text_.get()));
     total += mbs.back().counted();
+    tokens += mbs.back().B * mbs.back().L;
   }
   MAMBA_CHECK(total > 0, "train: a batch has no counted target positions");
-  lm_.zero_grad();
   double sum_nll = 0;
-  int64_t correct = 0, tokens = 0;
+  int64_t correct = 0;
   Tensor dlogits;
-  for (const Batch& mb : mbs) {
+  if (nproc == 1 && cfg_.accum == 1) {
+    lm_.zero_grad();
     LMSaved saved;
-    Tensor logits = lm_.forward(mb.ids, mb.B, mb.L, &saved);
-    LossResult r = cross_entropy(logits, mb.targets, &dlogits, static_cast<double>(total));
+    Tensor logits = lm_.forward(mbs[0].ids, mbs[0].B, mbs[0].L, &saved);
+    LossResult r = cross_entropy(logits, mbs[0].targets, &dlogits, static_cast<double>(total));
     lm_.backward(saved, dlogits);
-    sum_nll += r.sum_nll;
-    correct += r.correct;
-    tokens += mb.B * mb.L;
+    sum_nll = r.sum_nll;
+    correct = r.correct;
+  } else {
+    if (buckets_.empty()) plan_buckets();
+    const int64_t per = cfg_.accum / nproc, lo = rank * per;
+    // Per micro-batch: sum_nll at [i], correct at [accum + i]; zero where another rank works.
+    std::vector<double> parts(static_cast<size_t>(2 * cfg_.accum), 0.0);
+    for (int64_t j = 0; j < per; ++j) {
+      const Batch& mb = mbs[static_cast<size_t>(lo + j)];
+      const bool first = j == 0, last = j == per - 1;
+      lm_.zero_grad();
+      LMSaved saved;
+      Tensor logits = lm_.forward(mb.ids, mb.B, mb.L, &saved);
+      LossResult r = cross_entropy(logits, mb.targets, &dlogits, static_cast<double>(total));
+      logits = Tensor();
+      auto ready = [&](int64_t layer) {
+        for (Bucket& b : buckets_)
+          if (b.ready_layer == layer) {
+            pack_bucket(b, first);
+            if (last && overlap_) dist.start_sum(b.buf);
+          }
+        dist.progress();
+      };
+      lm_.backward(saved, dlogits, ready);
+      ready(-1);
+      if (last && !overlap_)
+        for (Bucket& b : buckets_) dist.start_sum(b.buf);
+      parts[static_cast<size_t>(lo + j)] = r.sum_nll;
+      parts[static_cast<size_t>(cfg_.accum + lo + j)] = static_cast<double>(r.correct);
+    }
+    dist.wait_all();
+    for (Bucket& b : buckets_) {  // the sums back into the gradients
+      const float* in = b.buf.data();
+      for (size_t i : b.params) {
+        Tensor& g = params_[i].second->grad();
+        std::copy(in, in + g.numel(), g.data());
+        in += g.numel();
+      }
+    }
+    dist.sum_disjoint(parts);
+    for (int64_t i = 0; i < cfg_.accum; ++i) {
+      sum_nll += parts[static_cast<size_t>(i)];
+      correct += static_cast<int64_t>(parts[static_cast<size_t>(cfg_.accum + i)]);
+    }
   }
   StepLog log;
   log.loss = sum_nll / static_cast<double>(total);
@@ -337,8 +464,9 @@ void Trainer::save(const std::string& dir) const {
   finish_pending_save(d);
 }
 
-Trainer Trainer::resume(const std::string& dir) {
-  if (fs::is_directory(dir)) finish_pending_save(dir);  // a save that was interrupted
+Trainer Trainer::resume(const std::string& dir, bool finish_pending) {
+  if (finish_pending && fs::is_directory(dir))
+    finish_pending_save(dir);  // a save that was interrupted
   const std::string sp = (fs::path(dir) / kStateFile).string();
   MAMBA_CHECK(os::exists(sp), "resume: '", dir, "' has no ", kStateFile,
               " (not a training checkpoint)");
