@@ -52,6 +52,51 @@ INSTANTIATE_TEST_SUITE_P(Golden, SS2DGolden,
                          ::testing::Values("ss2d_v05noz_d24_n4", "ss2d_v0_d16_n8",
                                            "ss2d_v05_d32_n4"));
 
+// VMamba's Linear2d keeps nn.Linear's (out, in) weight but loads checkpoints that stored it as a
+// 1x1 conv kernel (out, in, 1, 1): the golden block's Linear2d weights (in_proj / out_proj of the
+// channel-first SS2D, mlp.fc1 / mlp.fc2) rewritten 4-D load to the same outputs; any other 4-D
+// shape, or 4-D on a weight that is not a Linear2d, is refused with the shape.
+TEST(VSSBlockGolden, Linear2dWeightsStoredFourDLoad) {
+  const std::string name = "vssblock_v05noz_d24_n1";
+  auto f = SafetensorsFile::open(test::golden_path(name + ".safetensors"));
+  const VSSBlockConfig cfg = VSSBlockConfig::from_json(f.meta("config"));
+  auto rewrite = [&](const std::string& path, const std::string& key4d, const Shape& extra) {
+    std::vector<std::pair<std::string, Tensor>> ts;
+    int n4 = 0;
+    for (const auto& n : f.names()) {
+      Tensor t = f.tensor(n);
+      const bool l2d = n == "params.op.in_proj.weight" || n == "params.op.out_proj.weight" ||
+                       n == "params.mlp.fc1.weight" || n == "params.mlp.fc2.weight";
+      if ((key4d.empty() && l2d) || n == key4d) {
+        Shape s = t.shape();
+        s.insert(s.end(), extra.begin(), extra.end());
+        t = t.reshape(s);
+        ++n4;
+      }
+      ts.emplace_back(n, t);
+    }
+    save_safetensors(path, ts, f.metadata());
+    return n4;
+  };
+  const std::string dir = ::testing::TempDir();
+  VSSBlock ref(cfg), blk(cfg);
+  ref.load(f, "params.");
+  ASSERT_EQ(rewrite(dir + "/vss_4d.safetensors", "", {1, 1}), 4);  // all four Linear2d weights
+  blk.load(SafetensorsFile::open(dir + "/vss_4d.safetensors"), "params.");
+  const Tensor x = f.tensor("x");
+  const Tensor y0 = ref.forward(x), y1 = blk.forward(x);
+  ASSERT_EQ(y0.shape(), y1.shape());
+  for (int64_t i = 0; i < y0.numel(); ++i) ASSERT_EQ(y0.data()[i], y1.data()[i]) << i;
+  EXPECT_TRUE(close_report(y1, f.tensor("y"), tol::kGoldenF32, name + " y (4-D Linear2d)"));
+
+  VSSBlock bad(cfg);
+  rewrite(dir + "/vss_4d_bad.safetensors", "params.op.in_proj.weight", {1, 2});
+  EXPECT_THROW(bad.load(SafetensorsFile::open(dir + "/vss_4d_bad.safetensors"), "params."), Error);
+  rewrite(dir + "/vss_4d_notl2d.safetensors", "params.op.x_proj_weight", {1});
+  EXPECT_THROW(bad.load(SafetensorsFile::open(dir + "/vss_4d_notl2d.safetensors"), "params."),
+               Error);
+}
+
 TEST(VSSBlockGolden, ForwardBackward) {
   const std::string name = "vssblock_v05noz_d24_n1";
   auto f = SafetensorsFile::open(test::golden_path(name + ".safetensors"));

@@ -585,6 +585,19 @@ def _act_name(act, owner, what):
     raise ValueError(f"{owner}: {what}={act!r}: give an activation class such as nn.SiLU, or its name")
 
 
+def _accept_linear2d_4d(module, keys):
+    """VMamba's Linear2d keeps nn.Linear's (out, in) weight but loads checkpoints that stored it as
+    a 1x1 conv kernel (out, in, 1, 1) by viewing it 2-D; `keys` are the module's Linear2d weights."""
+
+    def hook(state_dict, prefix, *args):
+        for k in keys:
+            t = state_dict.get(prefix + k)
+            if t is not None and t.dim() == 4 and tuple(t.shape[2:]) == (1, 1):
+                state_dict[prefix + k] = t.reshape(t.shape[0], t.shape[1])
+
+    module._register_load_state_dict_pre_hook(hook)
+
+
 class SS2D(_CoreModule):
     """VMamba's SS2D (classification/models/vmamba.py) on mamba.cpp's CPU kernels: the 2-D selective
     scan over four pixel orders with per-direction parameters, VMamba's constructor arguments and
@@ -633,6 +646,7 @@ class SS2D(_CoreModule):
         self.d_model = d_model
         self.channel_first = channel_first
         self.forward_type = forward_type
+        _accept_linear2d_4d(self, ("in_proj.weight", "out_proj.weight"))
 
     def forward(self, x, **kwargs):
         layout = "(B, C, H, W) (channel_first)" if self.channel_first else "(B, H, W, C)"
@@ -694,6 +708,8 @@ class VSSBlock(_CoreModule):
         )
         self.hidden_dim = hidden_dim
         self.channel_first = channel_first
+        _accept_linear2d_4d(
+            self, ("op.in_proj.weight", "op.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight"))
 
     def forward(self, input):
         layout = "(B, C, H, W) (channel_first)" if self.channel_first else "(B, H, W, C)"

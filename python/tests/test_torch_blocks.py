@@ -185,6 +185,33 @@ def test_vssblock_default_layout_and_norm_layer():
         VSSBlock(hidden_dim=8, drop_path=0.1)
 
 
+def test_linear2d_weights_stored_4d_load_as_vmamba_loads_them():
+    # VMamba's Linear2d views a checkpoint's (out, in, 1, 1) conv-kernel weight as (out, in).
+    name = VSSBLOCK_CASES[0]
+    t, _, cfg = golden(name)
+    ref = module_from_golden(name)
+    sd = {k[len("params."):]: torch.from_numpy(v).clone() for k, v in t.items() if k.startswith("params.")}
+    l2d = ("op.in_proj.weight", "op.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    for k in l2d:
+        sd[k] = sd[k][:, :, None, None]
+    blk = VSSBlock(**cfg)
+    blk.load_state_dict(sd)
+    for k in l2d:
+        assert blk.state_dict()[k].shape == ref.state_dict()[k].shape
+    x = torch.from_numpy(t["x"])
+    with torch.no_grad():
+        assert torch.equal(blk(x), ref(x))
+    sd["op.in_proj.weight"] = sd["op.in_proj.weight"].reshape(*sd["op.in_proj.weight"].shape[:2], 1, 1, 1)
+    with pytest.raises(RuntimeError, match="in_proj"):  # any other shape: torch's size mismatch
+        VSSBlock(**cfg).load_state_dict(sd)
+    s = SS2D(16, d_state=4, ssm_ratio=1.0, forward_type="v05_noz", channel_first=True)
+    sd2 = {k: (v[:, :, None, None] if k in ("in_proj.weight", "out_proj.weight") else v)
+           for k, v in s.state_dict().items()}
+    s2 = SS2D(16, d_state=4, ssm_ratio=1.0, forward_type="v05_noz", channel_first=True)
+    s2.load_state_dict(sd2)
+    assert all(torch.equal(a, b) for a, b in zip(s.state_dict().values(), s2.state_dict().values()))
+
+
 def test_constructor_signatures_are_the_official_ones():
     def defaults(cls):
         return {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items() if k != "self"}

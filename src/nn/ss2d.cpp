@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "mamba/rng.h"
+#include "mamba/safetensors.h"
 #include "mamba/trace.h"
 #include "nn/ssm_init.h"
 #include "ops/act.h"
@@ -399,4 +400,25 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
   return dhidden;
 }
 
+
+void load_vmamba_params(ParamList& pl, const SafetensorsFile& f, const std::string& prefix) {
+  auto linear2d = [](const std::string& n) {
+    return n == "in_proj.weight" || n == "out_proj.weight" || n == "mlp.fc1.weight" ||
+           n == "mlp.fc2.weight";
+  };
+  for (auto& p : pl.all()) {
+    const std::string key = prefix + p.name;
+    const Shape want = p.value.shape();
+    if (want.size() == 2 && linear2d(p.name) && f.has(key) &&
+        f.info(key).shape == Shape{want[0], want[1], 1, 1}) {
+      p.value.assign(f.tensor(key).reshape(want));  // Linear2d stored as a 1x1 conv kernel
+      continue;
+    }
+    f.read_into(key, p.value);  // checks the shape
+  }
+}
+
+void SS2D::load(const SafetensorsFile& f, const std::string& prefix) {
+  load_vmamba_params(params_, f, prefix);
+}
 }  // namespace mamba

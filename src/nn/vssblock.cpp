@@ -118,8 +118,8 @@ void VSSBlock::zero_grad() {
 }
 
 void VSSBlock::load(const SafetensorsFile& f, const std::string& prefix) {
-  own_.load(f, prefix);
-  if (op_) op_->params().load(f, prefix + "op.");
+  load_vmamba_params(own_, f, prefix);
+  if (op_) op_->load(f, prefix + "op.");
 }
 
 Tensor VSSBlock::forward(const Tensor& x, Saved* saved) const {

@@ -79,6 +79,15 @@ struct SS2DSaved {
 
 enum class SS2DScan { strided, copy };
 
+class SafetensorsFile;
+
+// Loads `pl` from f (tensor prefix + parameter name), as VMamba loads its modules: a Linear2d
+// weight (in_proj / out_proj of a channel-first SS2D, mlp.fc1 / mlp.fc2 of a channel-first block:
+// the 2-D (out, in) weight of a 1x1 conv) stored 4-D as (out, in, 1, 1), as conv checkpoints keep
+// it, is read as (out, in), like VMamba's Linear2d._load_from_state_dict. Every other shape must
+// match exactly.
+void load_vmamba_params(ParamList& pl, const SafetensorsFile& f, const std::string& prefix);
+
 class SS2D {
  public:
   using Config = SS2DConfig;
@@ -95,6 +104,8 @@ class SS2D {
   const Config& config() const { return cfg_; }
   ParamList& params() { return params_; }
   const ParamList& params() const { return params_; }
+  // Every parameter from tensors named prefix + its VMamba key (load_vmamba_params).
+  void load(const SafetensorsFile& f, const std::string& prefix = "");
 
   // x: (B, H, W, d_model), or (B, d_model, H, W) when channel_first -> the same layout.
   // saved != nullptr keeps what backward needs (fp32 weights only).
