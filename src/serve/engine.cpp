@@ -387,62 +387,81 @@ void Engine::decode_loop() {
       if (stop_) break;
       joining.swap(ready_);
     }
-    // Leave: finished at the last step, or cancelled (a stop string, a disconnect).
     std::vector<std::unique_ptr<Job>> keep;
-    std::vector<int64_t> old_row;
-    int64_t left = 0;
-    for (size_t b = 0; b < running.size(); ++b) {
-      if (done[b]) {
-        ++left;
-        ++finished_;
-      } else if (running[b]->seq->cancelled()) {
-        running[b]->seq->finish(Finish::cancelled);
-        ++left;
-        ++cancelled_;
-      } else {
-        keep.push_back(std::move(running[b]));
-        old_row.push_back(static_cast<int64_t>(b));
+    try {
+      // Leave: finished at the last step, or cancelled (a stop string, a disconnect).
+      std::vector<int64_t> old_row;
+      int64_t left = 0;
+      for (size_t b = 0; b < running.size(); ++b) {
+        if (done[b]) {
+          ++left;
+          ++finished_;
+        } else if (running[b]->seq->cancelled()) {
+          running[b]->seq->finish(Finish::cancelled);
+          ++left;
+          ++cancelled_;
+        } else {
+          keep.push_back(std::move(running[b]));
+          old_row.push_back(static_cast<int64_t>(b));
+        }
       }
-    }
-    if (left > 0 || !joining.empty()) {
-      // Join: a new batch state; kept rows copied from the old one, new rows from their prefill.
-      const int64_t B = static_cast<int64_t>(keep.size() + joining.size());
-      LMState nb;
-      if (B > 0) nb = lm_.new_state(B);
-      for (size_t r = 0; r < keep.size(); ++r)
-        copy_state_row(batch, old_row[r], nb, static_cast<int64_t>(r));
-      const size_t kept = keep.size();
-      for (size_t r = 0; r < joining.size(); ++r) {
-        copy_state_row(joining[r]->state1, 0, nb, static_cast<int64_t>(kept + r));
-        joining[r]->state1 = LMState{};
-        keep.push_back(std::move(joining[r]));
+      if (left > 0 || !joining.empty()) {
+        // Join: a new batch state; kept rows copied from the old one, new rows from their prefill.
+        const int64_t B = static_cast<int64_t>(keep.size() + joining.size());
+        LMState nb;
+        if (B > 0) nb = lm_.new_state(B);
+        for (size_t r = 0; r < keep.size(); ++r)
+          copy_state_row(batch, old_row[r], nb, static_cast<int64_t>(r));
+        const size_t kept = keep.size();
+        for (size_t r = 0; r < joining.size(); ++r) {
+          copy_state_row(joining[r]->state1, 0, nb, static_cast<int64_t>(kept + r));
+          joining[r]->state1 = LMState{};
+          keep.push_back(std::move(joining[r]));
+        }
+        batch = std::move(nb);
+        done.assign(keep.size(), 0);
+        if (left > 0) {
+          std::lock_guard<std::mutex> lk(mu_);
+          in_flight_ -= left;
+        }
+        cv_prefill_.notify_one();
       }
-      batch = std::move(nb);
-      done.assign(keep.size(), 0);
-      if (left > 0) {
+      running = std::move(keep);  // the same rows in the same order when nothing changed
+      batch_size_.store(static_cast<int64_t>(running.size()));
+      if (running.empty()) continue;
+      std::vector<int32_t> ids(running.size());
+      for (size_t b = 0; b < running.size(); ++b) ids[b] = running[b]->next;
+      auto t0 = std::chrono::steady_clock::now();
+      Tensor logits;
+      try {
+        logits = lm_.step(ids, batch);     // (B, V_pad)
+      } catch (const std::exception& e) {  // not expected: every row leaves with the error
+        for (size_t b = 0; b < running.size(); ++b)
+          running[b]->seq->finish(Finish::error, e.what());
+        done.assign(running.size(), 1);
+        continue;
+      }
+      add_to(decode_s_, since(t0));
+      ++steps_;
+      for (size_t b = 0; b < running.size(); ++b)
+        if (!choose(*running[b], logits.data() + static_cast<int64_t>(b) * Vp)) done[b] = 1;
+    } catch (const std::exception& e) {
+      // Not expected (a NaN in the logits, a state that does not fit): every sequence of the
+      // batch ends with the error instead of the process.
+      int64_t n = 0;
+      for (auto* v : {&running, &keep, &joining})
+        for (auto& j : *v)
+          if (j) j->seq->finish(Finish::error, e.what()), ++n;
+      running.clear();
+      done.clear();
+      batch = LMState{};
+      batch_size_.store(0);
+      {
         std::lock_guard<std::mutex> lk(mu_);
-        in_flight_ -= left;
+        in_flight_ -= n;
       }
       cv_prefill_.notify_one();
     }
-    running = std::move(keep);  // the same rows in the same order when nothing changed
-    batch_size_.store(static_cast<int64_t>(running.size()));
-    if (running.empty()) continue;
-    std::vector<int32_t> ids(running.size());
-    for (size_t b = 0; b < running.size(); ++b) ids[b] = running[b]->next;
-    auto t0 = std::chrono::steady_clock::now();
-    Tensor logits;
-    try {
-      logits = lm_.step(ids, batch);     // (B, V_pad)
-    } catch (const std::exception& e) {  // not expected: every row leaves with the error
-      for (size_t b = 0; b < running.size(); ++b) running[b]->seq->finish(Finish::error, e.what());
-      done.assign(running.size(), 1);
-      continue;
-    }
-    add_to(decode_s_, since(t0));
-    ++steps_;
-    for (size_t b = 0; b < running.size(); ++b)
-      if (!choose(*running[b], logits.data() + static_cast<int64_t>(b) * Vp)) done[b] = 1;
   }
   for (auto& j : running) j->seq->finish(Finish::shutdown);
   batch_size_.store(0);
