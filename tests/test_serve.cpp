@@ -78,6 +78,10 @@ struct ServerProc {
   pid_t pid = -1;
   int port = 0;
   std::string log;
+  ServerProc() = default;
+  ServerProc(const ServerProc&) = delete;
+  ServerProc& operator=(const ServerProc&) = delete;
+  ~ServerProc() { stop(); }  // a failed assertion must not leave a server running
   // Starts `mambacpp serve --model <dir> --port 0 <args>` and waits for its "listening" line.
   void start(const std::string& args) {
     static int count = 0;
