@@ -28,5 +28,6 @@ Command add_train(CLI::App& app);
 Command add_eval_task(CLI::App& app);
 Command add_example(CLI::App& app);  // cmd_example.cpp: `example vision`
 Command add_st_forecast(CLI::App& app);
+Command add_serve(CLI::App& app);  // cmd_serve.cpp: the HTTP server (src/serve/)
 
 }  // namespace mamba::cli

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
       mamba::cli::add_tokenize(app), mamba::cli::add_detokenize(app),
       mamba::cli::add_train(app),    mamba::cli::add_eval_task(app),
       mamba::cli::add_example(app),  mamba::cli::add_st_forecast(app),
+      mamba::cli::add_serve(app),
   };
   try {
     app.parse(argc, argv);

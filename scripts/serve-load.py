@@ -1,0 +1,250 @@
+#!/usr/bin/python3
+"""Load and fault figures of `mambacpp serve` (docs/PERFORMANCE.md, "Serving"), loopback only.
+
+Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, then:
+  1. streams: for C in 1, 4, 16, 64 concurrent streaming clients, each sends one greedy request
+     (a 32-token prompt of distinct random ids, --gen tokens); reports aggregate decode tok/s
+     (generated tokens / wall time of the round), p50/p99 time to first token and p50/p99
+     inter-token latency (the gap between streamed chunks, divided by the tokens they carry).
+  2. faults: --requests requests from 16 workers (or until --fault-seconds), a mix of
+     well-formed completions (prompts from a set of 32, max_tokens 1-3, some streamed),
+     malformed JSON, bodies over the limit, wrong field types, max_tokens 0, max_tokens over the
+     limit, and streams the client drops after the first event. Reports failures of well-formed
+     requests (anything but a correct 200) and the server's resident memory after warm-up and
+     at the end.
+Bounded: run it under `flock /tmp/bench.lock` at normal priority; about 2-3 minutes on 2 cores.
+Usage: scripts/serve-load.py [--bin build/mambacpp] [--dtype f32] [--gen 32] [--requests 10000]
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+MAMBA_130M = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba1"},
+              "pad_vocab_size_multiple": 8}
+
+
+def pct(v, q):
+    if not v:
+        return float("nan")
+    v = sorted(v)
+    return v[min(len(v) - 1, int(q * len(v)))]
+
+
+def stream_one(port, prompt, gen):
+    """One streaming request; returns (ttft, [inter-token gaps], tokens)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    body = json.dumps({"prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True,
+                       "ignore_eos": True})
+    t0 = time.perf_counter()
+    c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    ttft, gaps, tokens, last = None, [], 0, None
+    while True:
+        line = r.fp.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line.startswith(b"data: "):
+            continue
+        if line == b"data: [DONE]":
+            break
+        ev = json.loads(line[6:])
+        n = sum(len(ch.get("token_ids", [])) for ch in ev["choices"])
+        if n == 0:
+            continue
+        now = time.perf_counter()
+        if ttft is None:
+            ttft = now - t0
+            n_after = n - 1
+        else:
+            n_after = n
+            gaps.extend([(now - last) / n] * n)
+        last = now
+        tokens += n
+        del n_after
+    c.close()
+    return ttft, gaps, tokens
+
+
+def rss_of(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def fault_request(port, kind, prompts, limit_body):
+    """Returns (well_formed, ok)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    h = {"Content-Type": "application/json"}
+    try:
+        if kind == "good" or kind == "good_stream":
+            p = random.choice(prompts)
+            mt = random.randint(1, 3)
+            stream = kind == "good_stream"
+            c.request("POST", "/v1/completions", json.dumps(
+                {"prompt": p, "max_tokens": mt, "temperature": 0, "ignore_eos": True,
+                 "stream": stream}), h)
+            r = c.getresponse()
+            data = r.read()
+            if r.status != 200:
+                return True, False
+            if stream:
+                ids = []
+                for line in data.split(b"\n\n"):
+                    if line.startswith(b"data: {"):
+                        for ch in json.loads(line[6:])["choices"]:
+                            ids += ch.get("token_ids", [])
+                return True, data.rstrip().endswith(b"data: [DONE]") and len(ids) == mt
+            j = json.loads(data)
+            return True, len(j["choices"][0]["token_ids"]) == mt
+        if kind == "zero":
+            c.request("POST", "/v1/completions", json.dumps(
+                {"prompt": random.choice(prompts), "max_tokens": 0}), h)
+            r = c.getresponse()
+            j = json.loads(r.read())
+            return True, r.status == 200 and j["usage"]["completion_tokens"] == 0
+        if kind == "malformed":
+            c.request("POST", "/v1/completions", '{"prompt": [1, 2', h)
+        elif kind == "oversize":
+            c.request("POST", "/v1/completions",
+                      json.dumps({"prompt": "x" * (limit_body + 100)}), h)
+        elif kind == "badtype":
+            c.request("POST", "/v1/completions", json.dumps({"prompt": [1, 2], "top_p": "x"}), h)
+        elif kind == "huge":
+            c.request("POST", "/v1/completions",
+                      json.dumps({"prompt": [1, 2], "max_tokens": 10 ** 12}), h)
+        elif kind == "disconnect":
+            c.request("POST", "/v1/completions", json.dumps(
+                {"prompt": random.choice(prompts), "max_tokens": 100000, "stream": True,
+                 "ignore_eos": True}), h)
+            r = c.getresponse()
+            r.fp.readline()
+            c.sock.shutdown(socket.SHUT_RDWR)
+            c.close()
+            return False, True
+        r = c.getresponse()
+        r.read()
+        want = {"malformed": 400, "oversize": 413, "badtype": 400, "huge": 400}[kind]
+        return False, r.status == want
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return kind.startswith("good") or kind == "zero", False
+    finally:
+        c.close()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--bin", default="build/mambacpp")
+    ap.add_argument("--dtype", default="f32")
+    ap.add_argument("--gen", type=int, default=32, help="tokens per stream in part 1")
+    ap.add_argument("--streams", default="1,4,16,64")
+    ap.add_argument("--requests", type=int, default=10000)
+    ap.add_argument("--fault-seconds", type=float, default=90)
+    a = ap.parse_args()
+    tmp = tempfile.mkdtemp(prefix="serve_load_")
+    cfg = os.path.join(tmp, "config.json")
+    with open(cfg, "w") as f:
+        json.dump(MAMBA_130M, f)
+    log = open(os.path.join(tmp, "server.log"), "w+")
+    body_kib = 64
+    srv = subprocess.Popen([a.bin, "serve", "--config", cfg, "--port", "0", "--dtype", a.dtype,
+                            "--max-batch", "64", "--max-queue", "512", "--prefix-cache-mib", "512",
+                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "200000"],
+                           stdout=subprocess.PIPE, stderr=log, text=True)
+    line = srv.stdout.readline()
+    m = re.search(r"listening on http://127.0.0.1:(\d+)", line)
+    if not m:
+        sys.exit("server did not start: " + line)
+    port = int(m.group(1))
+    print(f"server pid {srv.pid} port {port}: {line.strip()}")
+    rng = random.Random(1)
+    ok = True
+    try:
+        print("\n## 1. concurrent streams (mamba-130m shapes, random weights, "
+              f"{a.dtype}, prompt 32 tokens, {a.gen} generated, greedy)")
+        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
+        print("|---|---|---|---|")
+        base = None
+        for C in [int(x) for x in a.streams.split(",")]:
+            prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(C) as ex:
+                res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
+            wall = time.perf_counter() - t0
+            toks = sum(r[2] for r in res)
+            ttft = [r[0] for r in res]
+            gaps = [g for r in res for g in r[1]]
+            tps = toks / wall
+            base = base or tps
+            print(f"| {C} | {tps:.1f} ({tps / base:.1f}x) | {pct(ttft, .5):.2f} / "
+                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} |",
+                  flush=True)
+        print(f"\n## 2. faults: up to {a.requests} requests, 16 workers, "
+              f"at most {a.fault_seconds:.0f} s")
+        prompts = [[rng.randrange(50277) for _ in range(8)] for _ in range(32)]
+        kinds = (["good"] * 30 + ["good_stream"] * 10 + ["zero"] * 10 + ["malformed"] * 15 +
+                 ["oversize"] * 10 + ["badtype"] * 10 + ["huge"] * 10 + ["disconnect"] * 5)
+        counts = {}
+        bad = {}
+        lock = threading.Lock()
+        done = [0]
+        rss = {}
+        t_end = time.perf_counter() + a.fault_seconds
+
+        def worker(seed):
+            r = random.Random(seed)
+            while True:
+                with lock:
+                    if done[0] >= a.requests or time.perf_counter() > t_end:
+                        return
+                    done[0] += 1
+                    i = done[0]
+                if i == 1000:
+                    rss["warm"] = rss_of(srv.pid)
+                k = r.choice(kinds)
+                wf, good = fault_request(port, k, prompts, body_kib * 1024)
+                with lock:
+                    counts[k] = counts.get(k, 0) + 1
+                    if not good:
+                        bad[k] = bad.get(k, 0) + 1
+
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(16) as ex:
+            list(ex.map(worker, range(16)))
+        wall = time.perf_counter() - t0
+        time.sleep(1)
+        rss["end"] = rss_of(srv.pid)
+        n = sum(counts.values())
+        wf_n = sum(v for k, v in counts.items() if k in ("good", "good_stream", "zero"))
+        wf_bad = sum(v for k, v in bad.items() if k in ("good", "good_stream", "zero"))
+        print(f"{n} requests in {wall:.1f} s ({n / wall:.0f} req/s): " +
+              ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        print(f"well-formed: {wf_n}, failed: {wf_bad}; unexpected answers to faulty ones: " +
+              str({k: v for k, v in bad.items() if k not in ("good", "good_stream", "zero")}))
+        if "warm" in rss:
+            print(f"server RSS after 1000 requests {rss['warm'] / 2**20:.0f} MiB, at the end "
+                  f"{rss['end'] / 2**20:.0f} MiB")
+        ok = wf_bad == 0
+    finally:
+        srv.terminate()
+        rc = srv.wait(timeout=30)
+        print(f"server exit status after SIGTERM: {rc}")
+        ok = ok and rc == 0
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+// mambacpp serve: an OpenAI-compatible HTTP server (src/serve/, docs/SERVING.md) with continuous
+// batching of recurrent states and a prefix-state cache. Built only when cpp-httplib is found
+// (MAMBA_HAVE_SERVE); otherwise the command says how to get it.
+#include <csignal>
+#include <cstdio>
+#include <memory>
+#include <thread>
+
+#include "cli/cli_util.h"
+#include "cli/commands.h"
+#include "core/os.h"
+#include "mamba/parallel.h"
+#include "mamba/tokenizer.h"
+#if MAMBA_HAVE_SERVE
+#include <pthread.h>
+
+#include "serve/server.h"
+#endif
+
+namespace mamba::cli {
+
+namespace {
+struct ServeOpts {
+  std::string model, config, tokenizer, host = "127.0.0.1", dtype = "f32", api_key, name;
+  int port = 8080, threads = 0;
+  int64_t max_batch = 16, max_queue = 64, prefix_cache_mib = 256, max_body_kib = 1024,
+          max_tokens = 4096, max_prompt_tokens = 8192;
+};
+}  // namespace
+
+Command add_serve(CLI::App& app) {
+  auto o = std::make_shared<ServeOpts>();
+  auto* sub = app.add_subcommand(
+      "serve",
+      "OpenAI-compatible HTTP server: POST /v1/completions (JSON or streamed events), GET "
+      "/v1/models, /health, /metrics; continuous batching and a prefix-state cache "
+      "(docs/SERVING.md)");
+  auto* src = sub->add_option_group("model", "what to serve (one of)");
+  src->add_option("--model", o->model,
+                  "model folder: config.json + model.safetensors or pytorch_model.bin "
+                  "(+ tokenizer.json for text prompts)");
+  src->add_option("--config", o->config,
+                  "config.json file: random weights of that shape (for load tests; no "
+                  "tokenizer unless --tokenizer)");
+  src->require_option(1);
+  sub->add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model folder's)");
+  sub->add_option("--name", o->name, "the model id /v1/models lists (default: the folder's name)");
+  sub->add_option("--host", o->host, "address to listen on")->capture_default_str();
+  sub->add_option("--port", o->port, "port (0: any free port; the chosen one is printed)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 65535));
+  add_dtype_option(sub, o->dtype);
+  sub->add_option("--threads", o->threads, "compute threads (0 = all cores)")
+      ->capture_default_str();
+  sub->add_option("--max-batch", o->max_batch, "sequences decoded together")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{4096}));
+  sub->add_option("--max-queue", o->max_queue,
+                  "sequences waiting for a batch slot; beyond it requests get 429")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 20));
+  sub->add_option("--prefix-cache-mib", o->prefix_cache_mib,
+                  "memory bound of the prefix-state cache in MiB (0 = off)")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  sub->add_option("--api-key", o->api_key,
+                  "require 'Authorization: Bearer KEY' on every endpoint but /health");
+  sub->add_option("--max-body-kib", o->max_body_kib, "largest request body (KiB); beyond: 413")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 20));
+  sub->add_option("--max-tokens-limit", o->max_tokens, "largest max_tokens a request may ask for")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  sub->add_option("--max-prompt-tokens", o->max_prompt_tokens, "longest prompt in tokens")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  return {sub, [o]() -> int {
+#if !MAMBA_HAVE_SERVE
+            (void)o;
+            throw Error(
+                "this mambacpp was built without the HTTP server: install cpp-httplib (Debian: "
+                "apt-get install libcpp-httplib-dev, or scripts/install-deps.sh) and configure "
+                "the build again");
+#else
+            // SIGINT / SIGTERM are taken by one thread (sigwait): block them before any other
+            // thread starts, so every thread inherits the mask.
+            sigset_t sigs;
+            sigemptyset(&sigs);
+            sigaddset(&sigs, SIGINT);
+            sigaddset(&sigs, SIGTERM);
+            pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
+            std::signal(SIGPIPE, SIG_IGN);  // a client gone mid-write is an error return
+            set_num_threads(o->threads);
+            MambaLM lm = o->config.empty()
+                             ? load_model(o->model, o->dtype)
+                             : MambaLM(ModelConfig::load(o->config), 0,
+                                       parse_weight_dtype(o->dtype));
+            std::unique_ptr<Tokenizer> tok;
+            const std::string tok_path =
+                !o->tokenizer.empty() ? o->tokenizer
+                : o->model.empty()    ? std::string()
+                                      : o->model + "/tokenizer.json";
+            if (!tok_path.empty() && os::exists(tok_path))
+              tok = std::make_unique<Tokenizer>(Tokenizer::from_file(tok_path));
+            else if (!o->tokenizer.empty())
+              throw Error("--tokenizer '" + o->tokenizer + "' does not exist");
+            serve::ServerOptions so;
+            so.host = o->host;
+            so.port = o->port;
+            so.model_dir = o->model;
+            so.model_name = o->name;
+            if (so.model_name.empty()) {
+              std::string d = o->model.empty() ? "random" : o->model;
+              while (d.size() > 1 && d.back() == '/') d.pop_back();
+              so.model_name = d.substr(d.find_last_of('/') + 1);
+            }
+            so.api_key = o->api_key;
+            so.max_body_bytes = o->max_body_kib * 1024;
+            so.max_tokens_limit = o->max_tokens;
+            so.max_prompt_tokens = o->max_prompt_tokens;
+            so.vocab_limit = lm.config().vocab_size;
+            if (tok && tok->eos_id()) so.eos_id = *tok->eos_id();
+            if (lm.config().eos_token_id >= 0)
+              so.eos_id = static_cast<int32_t>(lm.config().eos_token_id);
+            so.engine.max_batch = o->max_batch;
+            so.engine.max_queue = o->max_queue;
+            so.engine.prefix_cache_bytes = o->prefix_cache_mib * 1024 * 1024;
+            serve::Server server(lm, tok.get(), so);
+            const int port = server.bind();
+            std::printf("mambacpp serve: model '%s' (%s%s) listening on http://%s:%d\n",
+                        so.model_name.c_str(), o->dtype.c_str(),
+                        tok ? ", with tokenizer" : ", token ids only", o->host.c_str(), port);
+            std::fflush(stdout);
+            std::atomic<bool> over{false};
+            std::thread sig([&] {
+              int s = 0;
+              sigwait(&sigs, &s);
+              if (!over) {
+                std::fprintf(stderr, "mambacpp serve: signal %d, shutting down\n", s);
+                server.stop();
+              }
+            });
+            const bool ok = server.run();
+            if (!over.exchange(true)) pthread_kill(sig.native_handle(), SIGTERM);
+            sig.join();
+            std::fprintf(stderr, "mambacpp serve: stopped\n");
+            return ok ? 0 : 1;
+#endif
+          }};
+}
+
+}  // namespace mamba::cli

@@ -1,0 +1,470 @@
+#include "serve/engine.h"
+
+#include <algorithm>
+#include <cmath>
+#include <type_traits>
+#include <utility>
+
+#include "mamba/error.h"
+
+namespace mamba::serve {
+
+const char* finish_name(Finish f) {
+  switch (f) {
+    case Finish::running:
+      return "running";
+    case Finish::length:
+      return "length";
+    case Finish::eos:
+      return "stop";
+    case Finish::cancelled:
+      return "cancelled";
+    case Finish::shutdown:
+      return "abort";
+    case Finish::error:
+      return "error";
+  }
+  return "error";
+}
+
+// ---- Sequence ----------------------------------------------------------------------------
+
+Finish Sequence::wait(std::vector<TokenEvent>& out, std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lk(mu_);
+  cv_.wait_for(lk, timeout, [&] { return !events_.empty() || finish_ != Finish::running; });
+  for (auto& e : events_) out.push_back(std::move(e));
+  events_.clear();
+  return finish_;
+}
+
+void Sequence::push(TokenEvent e) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    events_.push_back(std::move(e));
+  }
+  cv_.notify_all();
+}
+
+void Sequence::finish(Finish f, std::string err) {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (finish_ != Finish::running) return;
+    finish_ = f;
+    error_ = std::move(err);
+  }
+  cv_.notify_all();
+}
+
+// ---- states --------------------------------------------------------------------------------
+
+namespace {
+template <class S>
+int64_t floats_of(const S& s) {
+  int64_t n = 0;
+  auto add = [&](const Tensor& t) {
+    if (t.defined()) n += t.numel();
+  };
+  if constexpr (requires { s.conv_state; }) add(s.conv_state);
+  if constexpr (requires { s.ssm_state; }) add(s.ssm_state);
+  if constexpr (requires { s.k_cache; }) add(s.k_cache), add(s.v_cache);
+  if constexpr (requires { s.ssm; }) add(s.ssm);
+  if constexpr (requires { s.angle; }) add(s.angle);
+  if constexpr (requires { s.k; }) add(s.k);
+  if constexpr (requires { s.v; }) add(s.v);
+  return n;
+}
+}  // namespace
+
+int64_t state_floats(const LMState& s) {
+  int64_t n = 0;
+  for (const auto& l : s.layers) n += std::visit([](const auto& x) { return floats_of(x); }, l);
+  return n;
+}
+
+void copy_state_row(const LMState& src, int64_t src_b, LMState& dst, int64_t dst_b) {
+  MAMBA_CHECK(src.layers.size() == dst.layers.size(), "serve: states of different models");
+  for (size_t i = 0; i < src.layers.size(); ++i)
+    std::visit(
+        [&](auto& d) {
+          using S = std::decay_t<decltype(d)>;
+          d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
+        },
+        dst.layers[i]);
+}
+
+// ---- PrefixCache ---------------------------------------------------------------------------
+
+PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_t>& prompt) {
+  std::lock_guard<std::mutex> lk(mu_);
+  auto best = lru_.end();
+  for (auto it = lru_.begin(); it != lru_.end(); ++it) {
+    const auto& t = it->tokens;
+    if (t.size() > prompt.size() || (best != lru_.end() && t.size() <= best->tokens.size()))
+      continue;
+    if (std::equal(t.begin(), t.end(), prompt.begin())) best = it;
+  }
+  Hit h;
+  if (best == lru_.end()) return h;
+  lru_.splice(lru_.begin(), lru_, best);  // most recently used
+  h.len = static_cast<int64_t>(best->tokens.size());
+  h.state = lm.new_state(1);
+  copy_state_row(best->state, 0, h.state, 0);
+  h.logits = best->logits;
+  return h;
+}
+
+void PrefixCache::insert(const MambaLM& lm, const std::vector<int32_t>& tokens,
+                         const LMState& state, const std::vector<float>& logits) {
+  const int64_t b =
+      4 * (state_floats(state) + static_cast<int64_t>(logits.size() + tokens.size())) +
+      256;  // + the entry's own bookkeeping
+  if (b > max_bytes_ || tokens.empty()) return;
+  Entry e;
+  e.tokens = tokens;
+  e.state = lm.new_state(1);
+  copy_state_row(state, 0, e.state, 0);
+  e.logits = logits;
+  e.bytes = b;
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto it = lru_.begin(); it != lru_.end(); ++it)
+    if (it->tokens == tokens) {
+      lru_.splice(lru_.begin(), lru_, it);
+      return;
+    }
+  while (!lru_.empty() && bytes_ + b > max_bytes_) {
+    bytes_ -= lru_.back().bytes;
+    lru_.pop_back();
+  }
+  bytes_ += b;
+  lru_.push_front(std::move(e));
+}
+
+int64_t PrefixCache::bytes() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return bytes_;
+}
+
+int64_t PrefixCache::entries() const {
+  std::lock_guard<std::mutex> lk(mu_);
+  return static_cast<int64_t>(lru_.size());
+}
+
+// ---- Engine --------------------------------------------------------------------------------
+
+namespace {
+double since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+void add_to(std::atomic<double>& a, double v) {
+  double cur = a.load();
+  while (!a.compare_exchange_weak(cur, cur + v)) {
+  }
+}
+}  // namespace
+
+Engine::Engine(const MambaLM& lm, EngineOptions opt)
+    : lm_(lm), opt_(opt), cache_(opt.prefix_cache_bytes) {
+  MAMBA_CHECK(opt_.max_batch >= 1, "serve: --max-batch must be >= 1, got ", opt_.max_batch);
+  MAMBA_CHECK(opt_.max_queue >= 0, "serve: --max-queue must be >= 0, got ", opt_.max_queue);
+  MAMBA_CHECK(opt_.prefix_cache_bytes >= 0, "serve: the prefix cache size must be >= 0");
+  prefill_thread_ = std::thread([this] { prefill_loop(); });
+  decode_thread_ = std::thread([this] { decode_loop(); });
+}
+
+Engine::~Engine() { shutdown(); }
+
+std::vector<std::shared_ptr<Sequence>> Engine::submit(const std::vector<SeqRequest>& reqs) {
+  const int64_t V = lm_.vocab();
+  std::vector<std::unique_ptr<Job>> jobs;
+  std::vector<std::shared_ptr<Sequence>> out;
+  for (const auto& r : reqs) {
+    r.sampling.validate();
+    MAMBA_CHECK(!r.prompt.empty(), "prompt: empty prompt");
+    MAMBA_CHECK(r.max_tokens >= 1, "max_tokens: must be >= 1 here");
+    const int64_t lim = r.vocab_limit > 0 ? std::min(r.vocab_limit, V) : V;
+    for (int32_t t : r.prompt)
+      MAMBA_CHECK(t >= 0 && t < lim, "prompt: token id ", t, " is outside the vocabulary [0, ", lim,
+                  ")");
+    auto j = std::make_unique<Job>();
+    j->req = r;
+    j->seq = std::make_shared<Sequence>();
+    j->seq->prompt_len_ = static_cast<int64_t>(r.prompt.size());
+    j->rng = Rng(r.seed);
+    j->history = r.prompt;
+    if (r.frequency_penalty != 0 || r.presence_penalty != 0) j->counts.assign(lim, 0);
+    out.push_back(j->seq);
+    jobs.push_back(std::move(j));
+  }
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_) throw QueueFull("the server is shutting down");
+    const int64_t free_slots = opt_.max_batch - in_flight_;
+    const int64_t waiting = static_cast<int64_t>(pending_.size());
+    if (waiting + static_cast<int64_t>(jobs.size()) >
+        opt_.max_queue + std::max<int64_t>(free_slots, 0))
+      throw QueueFull("the queue is full (" + std::to_string(waiting) + " sequences waiting, " +
+                      "--max-queue " + std::to_string(opt_.max_queue) + ")");
+    for (auto& j : jobs) pending_.push_back(std::move(j));
+  }
+  cv_prefill_.notify_one();
+  return out;
+}
+
+void Engine::shutdown() {
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    if (stop_ && !prefill_thread_.joinable() && !decode_thread_.joinable()) return;
+    stop_ = true;
+  }
+  cv_prefill_.notify_all();
+  cv_decode_.notify_all();
+  if (prefill_thread_.joinable()) prefill_thread_.join();
+  if (decode_thread_.joinable()) decode_thread_.join();
+  std::lock_guard<std::mutex> lk(mu_);
+  for (auto& j : pending_) j->seq->finish(Finish::shutdown);
+  for (auto& j : ready_) j->seq->finish(Finish::shutdown);
+  pending_.clear();
+  ready_.clear();
+}
+
+EngineMetrics Engine::metrics() const {
+  EngineMetrics m;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    m.queue_depth = static_cast<int64_t>(pending_.size());
+  }
+  m.batch_size = batch_size_.load();
+  m.steps = steps_.load();
+  m.prompt_tokens = prompt_tokens_.load();
+  m.prefill_tokens = prefill_tokens_.load();
+  m.generated_tokens = generated_tokens_.load();
+  m.prefill_seconds = prefill_s_.load();
+  m.decode_seconds = decode_s_.load();
+  m.cache_hits = cache_hits_.load();
+  m.cache_misses = cache_misses_.load();
+  m.cache_hit_tokens = cache_hit_tokens_.load();
+  m.cache_bytes = cache_.bytes();
+  m.cache_entries = cache_.entries();
+  m.sequences_finished = finished_.load();
+  m.sequences_cancelled = cancelled_.load();
+  return m;
+}
+
+bool Engine::choose(Job& j, const float* logits) {
+  const int64_t V = j.req.vocab_limit > 0 ? std::min(j.req.vocab_limit, lm_.vocab()) : lm_.vocab();
+  const float* src = logits;
+  std::vector<float> pen;
+  if (!j.counts.empty()) {
+    pen.assign(logits, logits + V);
+    for (int64_t i = 0; i < V; ++i)
+      if (j.counts[i] > 0)
+        pen[i] -=
+            static_cast<float>(j.counts[i]) * j.req.frequency_penalty + j.req.presence_penalty;
+    src = pen.data();
+  }
+  const int32_t id = sample_token(src, V, j.req.sampling, j.rng, j.history);
+  TokenEvent e;
+  e.id = id;
+  if (j.req.top_logprobs >= 0) {
+    // log softmax of the model's own distribution (the raw logits), fp64 sum in index order
+    float mx = logits[0];
+    for (int64_t i = 1; i < V; ++i) mx = std::max(mx, logits[i]);
+    double s = 0;
+    for (int64_t i = 0; i < V; ++i) s += std::exp(static_cast<double>(logits[i]) - mx);
+    const double lse = mx + std::log(s);
+    e.logprob = static_cast<float>(logits[id] - lse);
+    if (j.req.top_logprobs > 0) {
+      std::vector<int32_t> idx(static_cast<size_t>(V));
+      for (int64_t i = 0; i < V; ++i) idx[i] = static_cast<int32_t>(i);
+      const int64_t k = std::min<int64_t>(j.req.top_logprobs, V);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+      });
+      for (int64_t i = 0; i < k; ++i)
+        e.top.emplace_back(idx[i], static_cast<float>(logits[idx[i]] - lse));
+    }
+  }
+  j.history.push_back(id);
+  if (!j.counts.empty()) ++j.counts[id];
+  j.next = id;
+  ++j.generated;
+  if (id == j.req.eos_id) {
+    j.seq->finish(Finish::eos);
+    return false;
+  }
+  ++generated_tokens_;
+  j.seq->push(std::move(e));
+  if (j.generated >= j.req.max_tokens) {
+    j.seq->finish(Finish::length);
+    return false;
+  }
+  return true;
+}
+
+void Engine::prefill(Job& j) {
+  const auto& p = j.req.prompt;
+  const int64_t L = static_cast<int64_t>(p.size());
+  prompt_tokens_ += L;
+  auto t0 = std::chrono::steady_clock::now();
+  std::vector<float> logits;
+  PrefixCache::Hit hit;
+  if (opt_.prefix_cache_bytes > 0) hit = cache_.lookup(lm_, p);
+  // A partial hit continues from the cached state one step per remaining token; the full-sequence
+  // path starts from zeros, so for a long remainder a fresh prefill is faster.
+  const int64_t rest = L - hit.len;
+  const bool exact = hit.len == L && !hit.logits.empty();
+  const bool use_hit = hit.len > 0 && (exact || (rest > 0 && (rest <= 4 || 4 * rest <= hit.len)));
+  if (use_hit) {
+    ++cache_hits_;
+    cache_hit_tokens_ += hit.len;
+    j.seq->cached_len_ = hit.len;
+    j.state1 = std::move(hit.state);
+    if (exact) {
+      logits = std::move(hit.logits);
+    } else {
+      Tensor lg;
+      for (int64_t t = hit.len; t < L; ++t) lg = lm_.step({p[t]}, j.state1);  // (1, V_pad)
+      logits.assign(lg.data(), lg.data() + lm_.vocab());
+      prefill_tokens_ += rest;
+      cache_.insert(lm_, p, j.state1, logits);
+    }
+  } else {
+    if (opt_.prefix_cache_bytes > 0) ++cache_misses_;
+    Tensor lg = lm_.forward_last(p, 1, L, &j.state1);  // (1, V_pad)
+    logits.assign(lg.data(), lg.data() + lm_.vocab());
+    prefill_tokens_ += L;
+    if (opt_.prefix_cache_bytes > 0) cache_.insert(lm_, p, j.state1, logits);
+  }
+  add_to(prefill_s_, since(t0));
+  choose(j, logits.data());
+}
+
+void Engine::prefill_loop() {
+  for (;;) {
+    std::unique_ptr<Job> job;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_prefill_.wait(lk,
+                       [&] { return stop_ || (!pending_.empty() && in_flight_ < opt_.max_batch); });
+      if (stop_) return;
+      job = std::move(pending_.front());
+      pending_.pop_front();
+      ++in_flight_;
+    }
+    bool joins = false;
+    if (job->seq->cancelled()) {
+      job->seq->finish(Finish::cancelled);
+      ++cancelled_;
+    } else {
+      try {
+        prefill(*job);
+        joins = job->generated < job->req.max_tokens && job->next != job->req.eos_id;
+        if (!joins) ++finished_;
+      } catch (const std::exception& e) {
+        job->seq->finish(Finish::error, e.what());
+      }
+    }
+    std::lock_guard<std::mutex> lk(mu_);
+    if (joins) {
+      ready_.push_back(std::move(job));
+      cv_decode_.notify_one();
+    } else {
+      --in_flight_;
+    }
+  }
+}
+
+void Engine::decode_loop() {
+  std::vector<std::unique_ptr<Job>> running;
+  std::vector<char> done;  // per row: finished at the last step
+  LMState batch;
+  const int64_t Vp = lm_.vocab();
+  for (;;) {
+    std::vector<std::unique_ptr<Job>> joining;
+    {
+      std::unique_lock<std::mutex> lk(mu_);
+      cv_decode_.wait(lk, [&] { return stop_ || !ready_.empty() || !running.empty(); });
+      if (stop_) break;
+      joining.swap(ready_);
+    }
+    std::vector<std::unique_ptr<Job>> keep;
+    try {
+      // Leave: finished at the last step, or cancelled (a stop string, a disconnect).
+      std::vector<int64_t> old_row;
+      int64_t left = 0;
+      for (size_t b = 0; b < running.size(); ++b) {
+        if (done[b]) {
+          ++left;
+          ++finished_;
+        } else if (running[b]->seq->cancelled()) {
+          running[b]->seq->finish(Finish::cancelled);
+          ++left;
+          ++cancelled_;
+        } else {
+          keep.push_back(std::move(running[b]));
+          old_row.push_back(static_cast<int64_t>(b));
+        }
+      }
+      if (left > 0 || !joining.empty()) {
+        // Join: a new batch state; kept rows copied from the old one, new rows from their prefill.
+        const int64_t B = static_cast<int64_t>(keep.size() + joining.size());
+        LMState nb;
+        if (B > 0) nb = lm_.new_state(B);
+        for (size_t r = 0; r < keep.size(); ++r)
+          copy_state_row(batch, old_row[r], nb, static_cast<int64_t>(r));
+        const size_t kept = keep.size();
+        for (size_t r = 0; r < joining.size(); ++r) {
+          copy_state_row(joining[r]->state1, 0, nb, static_cast<int64_t>(kept + r));
+          joining[r]->state1 = LMState{};
+          keep.push_back(std::move(joining[r]));
+        }
+        batch = std::move(nb);
+        done.assign(keep.size(), 0);
+        if (left > 0) {
+          std::lock_guard<std::mutex> lk(mu_);
+          in_flight_ -= left;
+        }
+        cv_prefill_.notify_one();
+      }
+      running = std::move(keep);  // the same rows in the same order when nothing changed
+      batch_size_.store(static_cast<int64_t>(running.size()));
+      if (running.empty()) continue;
+      std::vector<int32_t> ids(running.size());
+      for (size_t b = 0; b < running.size(); ++b) ids[b] = running[b]->next;
+      auto t0 = std::chrono::steady_clock::now();
+      Tensor logits;
+      try {
+        logits = lm_.step(ids, batch);     // (B, V_pad)
+      } catch (const std::exception& e) {  // not expected: every row leaves with the error
+        for (size_t b = 0; b < running.size(); ++b)
+          running[b]->seq->finish(Finish::error, e.what());
+        done.assign(running.size(), 1);
+        continue;
+      }
+      add_to(decode_s_, since(t0));
+      ++steps_;
+      for (size_t b = 0; b < running.size(); ++b)
+        if (!choose(*running[b], logits.data() + static_cast<int64_t>(b) * Vp)) done[b] = 1;
+    } catch (const std::exception& e) {
+      // Not expected (a NaN in the logits, a state that does not fit): every sequence of the
+      // batch ends with the error instead of the process.
+      int64_t n = 0;
+      for (auto* v : {&running, &keep, &joining})
+        for (auto& j : *v)
+          if (j) j->seq->finish(Finish::error, e.what()), ++n;
+      running.clear();
+      done.clear();
+      batch = LMState{};
+      batch_size_.store(0);
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        in_flight_ -= n;
+      }
+      cv_prefill_.notify_one();
+    }
+  }
+  for (auto& j : running) j->seq->finish(Finish::shutdown);
+  batch_size_.store(0);
+}
+
+}  // namespace mamba::serve
