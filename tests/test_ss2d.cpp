@@ -60,17 +60,14 @@ TEST(VSSBlockGolden, Linear2dWeightsStoredFourDLoad) {
   const std::string name = "vssblock_v05noz_d24_n1";
   auto f = SafetensorsFile::open(test::golden_path(name + ".safetensors"));
   const VSSBlockConfig cfg = VSSBlockConfig::from_json(f.meta("config"));
-  auto rewrite = [&](const std::string& path, const std::string& key4d, const Shape& extra) {
+  // Writes the golden file again with the tensors chosen by `which` reshaped by `shape_of`.
+  auto rewrite = [&](const std::string& path, auto which, auto shape_of) {
     std::vector<std::pair<std::string, Tensor>> ts;
     int n4 = 0;
     for (const auto& n : f.names()) {
       Tensor t = f.tensor(n);
-      const bool l2d = n == "params.op.in_proj.weight" || n == "params.op.out_proj.weight" ||
-                       n == "params.mlp.fc1.weight" || n == "params.mlp.fc2.weight";
-      if ((key4d.empty() && l2d) || n == key4d) {
-        Shape s = t.shape();
-        s.insert(s.end(), extra.begin(), extra.end());
-        t = t.reshape(s);
+      if (which(n)) {
+        t = t.reshape(shape_of(t.shape()));
         ++n4;
       }
       ts.emplace_back(n, t);
@@ -81,7 +78,12 @@ TEST(VSSBlockGolden, Linear2dWeightsStoredFourDLoad) {
   const std::string dir = ::testing::TempDir();
   VSSBlock ref(cfg), blk(cfg);
   ref.load(f, "params.");
-  ASSERT_EQ(rewrite(dir + "/vss_4d.safetensors", "", {1, 1}), 4);  // all four Linear2d weights
+  auto l2d = [](const std::string& n) {
+    return n == "params.op.in_proj.weight" || n == "params.op.out_proj.weight" ||
+           n == "params.mlp.fc1.weight" || n == "params.mlp.fc2.weight";
+  };
+  auto as_1x1 = [](const Shape& s) { return Shape{s[0], s[1], 1, 1}; };
+  ASSERT_EQ(rewrite(dir + "/vss_4d.safetensors", l2d, as_1x1), 4);  // all four Linear2d weights
   blk.load(SafetensorsFile::open(dir + "/vss_4d.safetensors"), "params.");
   const Tensor x = f.tensor("x");
   const Tensor y0 = ref.forward(x), y1 = blk.forward(x);
@@ -90,9 +92,17 @@ TEST(VSSBlockGolden, Linear2dWeightsStoredFourDLoad) {
   EXPECT_TRUE(close_report(y1, f.tensor("y"), tol::kGoldenF32, name + " y (4-D Linear2d)"));
 
   VSSBlock bad(cfg);
-  rewrite(dir + "/vss_4d_bad.safetensors", "params.op.in_proj.weight", {1, 2});
+  auto is = [](const char* key) { return [key](const std::string& n) { return n == key; }; };
+  // (out, in / 2, 2, 1): 4-D but not a 1x1 kernel of this weight
+  rewrite(dir + "/vss_4d_bad.safetensors", is("params.op.in_proj.weight"), [](const Shape& s) {
+    return Shape{s[0], s[1] / 2, 2, 1};
+  });
   EXPECT_THROW(bad.load(SafetensorsFile::open(dir + "/vss_4d_bad.safetensors"), "params."), Error);
-  rewrite(dir + "/vss_4d_notl2d.safetensors", "params.op.x_proj_weight", {1});
+  // a trailing 1 on a weight that is not a Linear2d
+  rewrite(dir + "/vss_4d_notl2d.safetensors", is("params.op.x_proj_weight"), [](Shape s) {
+    s.push_back(1);
+    return s;
+  });
   EXPECT_THROW(bad.load(SafetensorsFile::open(dir + "/vss_4d_notl2d.safetensors"), "params."),
                Error);
 }

@@ -20,6 +20,7 @@ Arguments that only choose a CUDA code path in mamba_ssm (``use_fast_path``, ``u
 ``sequence_parallel``, ``fused_add_norm``) are accepted and change nothing: the math is the same.
 """
 
+import functools
 import json
 import math
 import os
@@ -585,17 +586,18 @@ def _act_name(act, owner, what):
     raise ValueError(f"{owner}: {what}={act!r}: give an activation class such as nn.SiLU, or its name")
 
 
+def _linear2d_hook(keys, state_dict, prefix, *args):
+    for k in keys:
+        t = state_dict.get(prefix + k)
+        if t is not None and t.dim() == 4 and tuple(t.shape[2:]) == (1, 1):
+            state_dict[prefix + k] = t.reshape(t.shape[0], t.shape[1])
+
+
 def _accept_linear2d_4d(module, keys):
     """VMamba's Linear2d keeps nn.Linear's (out, in) weight but loads checkpoints that stored it as
-    a 1x1 conv kernel (out, in, 1, 1) by viewing it 2-D; `keys` are the module's Linear2d weights."""
-
-    def hook(state_dict, prefix, *args):
-        for k in keys:
-            t = state_dict.get(prefix + k)
-            if t is not None and t.dim() == 4 and tuple(t.shape[2:]) == (1, 1):
-                state_dict[prefix + k] = t.reshape(t.shape[0], t.shape[1])
-
-    module._register_load_state_dict_pre_hook(hook)
+    a 1x1 conv kernel (out, in, 1, 1) by viewing it 2-D; `keys` are the module's Linear2d weights.
+    (A partial of a module-level function: the module stays picklable.)"""
+    module._register_load_state_dict_pre_hook(functools.partial(_linear2d_hook, tuple(keys)))
 
 
 class SS2D(_CoreModule):

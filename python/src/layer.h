@@ -463,7 +463,8 @@ void bind_layer(py::module_& m, const char* name, const char* doc) {
       .def(
           "zero_grad",
           [](PL& self) {
-            for (auto& p : self.params) if (p.second->has_grad()) p.second->grad().zero();
+            for (auto& p : self.params)
+              if (p.second->has_grad()) p.second->grad().zero();
           },
           "Sets every gradient to zero.")
       .def_property_readonly("num_parameters",

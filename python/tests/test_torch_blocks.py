@@ -188,8 +188,8 @@ def test_vssblock_default_layout_and_norm_layer():
 def test_linear2d_weights_stored_4d_load_as_vmamba_loads_them():
     # VMamba's Linear2d views a checkpoint's (out, in, 1, 1) conv-kernel weight as (out, in).
     name = VSSBLOCK_CASES[0]
-    t, _, cfg = golden(name)
-    ref = module_from_golden(name)
+    _, _, cfg = golden(name)
+    ref, t, _ = module_from_golden(name)
     sd = {k[len("params."):]: torch.from_numpy(v).clone() for k, v in t.items() if k.startswith("params.")}
     l2d = ("op.in_proj.weight", "op.out_proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
     for k in l2d:

@@ -400,7 +400,6 @@ Tensor SS2D::backward_cl(const Saved& s, const Tensor& dout) {
   return dhidden;
 }
 
-
 void load_vmamba_params(ParamList& pl, const SafetensorsFile& f, const std::string& prefix) {
   auto linear2d = [](const std::string& n) {
     return n == "in_proj.weight" || n == "out_proj.weight" || n == "mlp.fc1.weight" ||
