@@ -77,7 +77,9 @@ message(STATUS "mamba.cpp Python module: ${Python3_EXECUTABLE} (Python ${Python3
 
 set(MAMBA_PY_PACKAGE_DIR ${PROJECT_BINARY_DIR}/python/mambacpp)
 file(GLOB MAMBA_PY_EXT_SOURCES CONFIGURE_DEPENDS ${PROJECT_SOURCE_DIR}/python/src/*.cpp)
-pybind11_add_module(_core MODULE ${MAMBA_PY_EXT_SOURCES})
+# NO_EXTRAS: no link-time optimisation of the binding glue (the kernels are in libmamba, compiled
+# as usual, and the glue is not hot): its LTO link, serial LTRANS jobs, lengthened CI's build.
+pybind11_add_module(_core MODULE NO_EXTRAS ${MAMBA_PY_EXT_SOURCES})
 target_link_libraries(_core PRIVATE mamba nlohmann_json::nlohmann_json)
 target_include_directories(_core PRIVATE ${PROJECT_SOURCE_DIR}/src ${PROJECT_SOURCE_DIR}/python/src)
 target_compile_definitions(_core PRIVATE MAMBACPP_VERSION="${PROJECT_VERSION}")

@@ -36,6 +36,9 @@ enum class GGMLType : uint32_t;  // mamba/gguf.h
 struct LMState {
   std::vector<BlockState> layers;
   int64_t batch = 0;
+  // Row dst_b of every layer's state = row src_b of src's (a state of the same model): how a
+  // sequence's state joins a batch (generate, serve) or is kept (the prefix cache).
+  void copy_row(int64_t dst_b, const LMState& src, int64_t src_b);
 };
 
 // Activations MambaLM::forward keeps for backward. A plain value: it owns what it holds and frees

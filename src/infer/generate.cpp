@@ -71,18 +71,6 @@ namespace {
 double since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
-// Copies batch row `src_b` of every layer's state in `src` into row `dst_b` of `dst`; each state
-// kind copies its own rows (a fixed-size recurrent state: its tensors' row; see BlockState).
-void copy_state_row(const LMState& src, int64_t src_b, LMState& dst, int64_t dst_b) {
-  MAMBA_CHECK(src.layers.size() == dst.layers.size(), "generate: states of different models");
-  for (size_t i = 0; i < src.layers.size(); ++i)
-    std::visit(
-        [&](auto& d) {
-          using S = std::decay_t<decltype(d)>;
-          d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
-        },
-        dst.layers[i]);
-}
 }  // namespace
 
 GenerateResult generate(const MambaLM& lm, const std::vector<std::vector<int32_t>>& prompts,
@@ -117,7 +105,7 @@ GenerateResult generate(const MambaLM& lm, const std::vector<std::vector<int32_t
     MAMBA_CHECK(!p.empty(), "generate: prompt ", b, " is empty");
     LMState s1;
     Tensor logits = lm.forward_last(p, 1, static_cast<int64_t>(p.size()), &s1);  // (1, V_pad)
-    copy_state_row(s1, 0, state, b);
+    state.copy_row(b, s1, 0);
     choose(b, logits.data());
     res.prefill_tokens += static_cast<int64_t>(p.size());
   }

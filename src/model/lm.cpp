@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <variant>
 
 #include "core/os.h"
 #include "mamba/parallel.h"
@@ -207,6 +208,20 @@ std::vector<std::pair<std::string, Tensor>> MambaLM::state_f32() const {
   for_each_param(
       [&](const std::string& name, Param& p, Block*) { out.emplace_back(name, p.value.to_f32()); });
   return out;
+}
+
+void LMState::copy_row(int64_t dst_b, const LMState& src, int64_t src_b) {
+  MAMBA_CHECK(src.layers.size() == layers.size(), "LMState::copy_row: states of different models (",
+              src.layers.size(), " vs ", layers.size(), " layers)");
+  for (size_t i = 0; i < layers.size(); ++i)
+    std::visit(
+        [&](auto& d) {
+          using S = std::decay_t<decltype(d)>;
+          MAMBA_CHECK(std::holds_alternative<S>(src.layers[i]), "LMState::copy_row: layer ", i,
+                      " holds another mixer's state");
+          d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
+        },
+        layers[i]);
 }
 
 void MambaLM::zero_grad() {

@@ -81,17 +81,6 @@ int64_t state_floats(const LMState& s) {
   return n;
 }
 
-void copy_state_row(const LMState& src, int64_t src_b, LMState& dst, int64_t dst_b) {
-  MAMBA_CHECK(src.layers.size() == dst.layers.size(), "serve: states of different models");
-  for (size_t i = 0; i < src.layers.size(); ++i)
-    std::visit(
-        [&](auto& d) {
-          using S = std::decay_t<decltype(d)>;
-          d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
-        },
-        dst.layers[i]);
-}
-
 // ---- PrefixCache ---------------------------------------------------------------------------
 
 PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_t>& prompt) {
@@ -108,7 +97,7 @@ PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_
   lru_.splice(lru_.begin(), lru_, best);  // most recently used
   h.len = static_cast<int64_t>(best->tokens.size());
   h.state = lm.new_state(1);
-  copy_state_row(best->state, 0, h.state, 0);
+  h.state.copy_row(0, best->state, 0);
   h.logits = best->logits;
   return h;
 }
@@ -122,7 +111,7 @@ void PrefixCache::insert(const MambaLM& lm, const std::vector<int32_t>& tokens,
   Entry e;
   e.tokens = tokens;
   e.state = lm.new_state(1);
-  copy_state_row(state, 0, e.state, 0);
+  e.state.copy_row(0, state, 0);
   e.logits = logits;
   e.bytes = b;
   std::lock_guard<std::mutex> lk(mu_);
@@ -411,10 +400,10 @@ void Engine::decode_loop() {
         LMState nb;
         if (B > 0) nb = lm_.new_state(B);
         for (size_t r = 0; r < keep.size(); ++r)
-          copy_state_row(batch, old_row[r], nb, static_cast<int64_t>(r));
+          nb.copy_row(static_cast<int64_t>(r), batch, old_row[r]);
         const size_t kept = keep.size();
         for (size_t r = 0; r < joining.size(); ++r) {
-          copy_state_row(joining[r]->state1, 0, nb, static_cast<int64_t>(kept + r));
+          nb.copy_row(static_cast<int64_t>(kept + r), joining[r]->state1, 0);
           joining[r]->state1 = LMState{};
           keep.push_back(std::move(joining[r]));
         }
