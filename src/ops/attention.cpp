@@ -219,6 +219,23 @@ inline void axpy(float a, const float* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(AxpyKernel)(a, x, y, n);
 }
 
+// out_r[0, P) += sum_{j < n_r} w[r * kBk + j] * x_j[0, P) for the nq rows r (out_r at out + r *
+// os, x_j at x + j * xs): two rows per pass over the rows of x both use (Accum2Kernel), then each
+// row's own remaining ones (the causal diagonal block); every row adds its terms in j order.
+void accum_rows(const float* w, const int64_t* n, int64_t nq, const float* x, int64_t xs, int64_t P,
+                float* out, int64_t os) {
+  int64_t r = 0;
+  for (; r + 2 <= nq; r += 2) {
+    const int64_t both = std::min(n[r], n[r + 1]);
+    if (both > 0)
+      HWY_DYNAMIC_DISPATCH(Accum2Kernel)(w + r * kBk, kBk, x, xs, both, P, out + r * os, os);
+    for (int64_t rr = r; rr < r + 2; ++rr)
+      for (int64_t j = both; j < n[rr]; ++j) axpy(w[rr * kBk + j], x + j * xs, out + rr * os, P);
+  }
+  for (; r < nq; ++r)
+    for (int64_t j = 0; j < n[r]; ++j) axpy(w[r * kBk + j], x + j * xs, out + r * os, P);
+}
+
 inline float dotf(const float* a, const float* b, int64_t n) {
   float s = 0.f;
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -272,19 +289,8 @@ void attend_block(const float* q, int64_t qs, int64_t i0, int64_t nq, int64_t L,
       if (corr != 1.f)
         for (int64_t p = 0; p < P; ++p) a[p] *= corr;
     }
-    // acc_r += sum_j p_rj v_j, two rows per pass over the value rows both see, then each row's
-    // own remaining keys (the causal diagonal block): every row adds its terms in key order.
-    int64_t r = 0;
-    for (; r + 2 <= nq; r += 2) {
-      const int64_t both = std::min(nvis[r], nvis[r + 1]);
-      if (both > 0) HWY_DYNAMIC_DISPATCH(Accum2Kernel)
-      (S + r * kBk, kBk, v + j0 * ks, ks, both, P, acc + r * P, P);
-      for (int64_t rr = r; rr < r + 2; ++rr)
-        for (int64_t j = both; j < nvis[rr]; ++j)
-          axpy(S[rr * kBk + j], v + (j0 + j) * ks, acc + rr * P, P);
-    }
-    for (; r < nq; ++r)
-      for (int64_t j = 0; j < nvis[r]; ++j) axpy(S[r * kBk + j], v + (j0 + j) * ks, acc + r * P, P);
+    // acc_r += sum_j p_rj v_j
+    accum_rows(S, nvis, nq, v + j0 * ks, ks, P, acc, P);
   }
   for (int64_t r = 0; r < nq; ++r) {
     const float inv = 1.f / l[r];
@@ -408,20 +414,8 @@ AttnGrads attention_bwd(const Tensor& q, const Tensor& k, const Tensor& v, const
               wq[j] = ds[j] * scale;
             }
           }
-          // dq_r += sum_j scale dS[r, j] k_j: two rows per pass over the keys both see, then each
-          // row's own remaining keys, every row in key order.
-          int64_t r = 0;
-          for (; r + 2 <= nq; r += 2) {
-            const int64_t both = std::min(nvis[r], nvis[r + 1]);
-            if (both > 0) HWY_DYNAMIC_DISPATCH(Accum2Kernel)
-            (Wq + r * kBk, kBk, kb + j0 * ks, ks, both, P, dqr + r * qs, qs);
-            for (int64_t rr = r; rr < r + 2; ++rr)
-              for (int64_t j = both; j < nvis[rr]; ++j)
-                axpy(Wq[rr * kBk + j], kb + (j0 + j) * ks, dqr + rr * qs, P);
-          }
-          for (; r < nq; ++r)
-            for (int64_t j = 0; j < nvis[r]; ++j)
-              axpy(Wq[r * kBk + j], kb + (j0 + j) * ks, dqr + r * qs, P);
+          // dq_r += sum_j scale dS[r, j] k_j
+          accum_rows(Wq, nvis, nq, kb + j0 * ks, ks, P, dqr, qs);
           // dk_j += scale * sum_r dS[r, j] q_r; dv_j += sum_r P[r, j] dO_r (rows in order).
           for (int64_t j = 0; j < nb; ++j) {
             float* dk = dkb + (j0 + j) * kstride;
