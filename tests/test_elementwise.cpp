@@ -117,3 +117,19 @@ TEST(Elementwise, ScaleAndLayerScaleMatchLoops) {
       },
       {"mul_cols_grad"});
 }
+
+// log_neg inverts neg_exp (GGUF stores A = -exp(A_log)); anything not finite and negative is
+// refused with the element named.
+TEST(Elementwise, LogNegInvertsNegExpAndRefusesBadA) {
+  const Tensor x = Tensor::from({5}, {-3.f, -0.5f, 0.f, 0.7f, 2.5f});
+  const Tensor back = ops::log_neg(ops::neg_exp(x), "A");
+  for (int64_t i = 0; i < 5; ++i) EXPECT_NEAR(back[i], x[i], 1e-6f) << i;
+  for (float bad : {0.f, 1.f, -INFINITY, NAN}) {
+    try {
+      ops::log_neg(Tensor::from({2}, {-1.f, bad}), "ssm_a");
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find("ssm_a[1]"), std::string::npos) << e.what();
+    }
+  }
+}

@@ -20,6 +20,7 @@
 #include "mamba/gguf.h"
 #include "mamba/lm.h"
 #include "mamba/tokenizer.h"
+#include "ops/elementwise.h"
 
 namespace mamba {
 
@@ -169,14 +170,7 @@ MambaLM MambaLM::load_gguf(const std::string& path, WeightDType dtype) {
   auto get = [&](const std::string& ours) -> Tensor {
     const std::string& g = src.at(ours);
     Tensor t = f.tensor(g).reshape(shape_of(ours));
-    if (ends_with(ours, "mixer.A_log")) {  // A = -exp(A_log) in the file
-      float* p = t.data();
-      for (int64_t i = 0; i < t.numel(); ++i) {
-        MAMBA_CHECK(std::isfinite(p[i]) && p[i] < 0, o, ": ", g, "[", i, "] = ", p[i],
-                    " (A must be negative and finite)");
-        p[i] = static_cast<float>(std::log(-static_cast<double>(p[i])));
-      }
-    }
+    if (ends_with(ours, "mixer.A_log")) return ops::log_neg(t, str(o, ": ", g));  // file: A
     return t;
   };
   MambaLM lm(cfg, 0, dtype);
@@ -321,9 +315,7 @@ void MambaLM::save_gguf(const std::string& path, GGMLType type,
     } else if (rest == "mixer.dt_proj.bias" || rest == "mixer.dt_bias") {
       add(b + "ssm_dt.bias", v);
     } else if (rest == "mixer.A_log") {
-      Tensor A = v.clone();
-      for (int64_t e = 0; e < A.numel(); ++e)
-        A[e] = static_cast<float>(-std::exp(static_cast<double>(A[e])));
+      Tensor A = ops::neg_exp(v);  // llama.cpp stores A = -exp(A_log)
       add(b + "ssm_a", m2 ? A.reshape({A.numel(), 1}) : A);
     } else if (rest == "mixer.D") {
       add(b + "ssm_d", m2 ? v.reshape({v.numel(), 1}) : v);

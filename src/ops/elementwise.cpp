@@ -89,6 +89,18 @@ Tensor neg_exp(const Tensor& x) {
   return a;
 }
 
+Tensor log_neg(const Tensor& x, const std::string& what) {
+  check_defined(x, "log_neg");
+  Tensor a = Tensor::empty(x.shape());
+  const Tensor c = x.contiguous();
+  for (int64_t i = 0; i < a.numel(); ++i) {
+    MAMBA_CHECK(std::isfinite(c[i]) && c[i] < 0, what, "[", i, "] = ", c[i],
+                " (A must be negative and finite)");
+    a[i] = static_cast<float>(std::log(-static_cast<double>(c[i])));
+  }
+  return a;
+}
+
 Tensor neg_exp_fast(const Tensor& x) {
   check_defined(x, "neg_exp_fast");
   Tensor a = x.clone();

@@ -5,6 +5,7 @@
 #pragma once
 #include <cstdint>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "mamba/tensor.h"
@@ -24,6 +25,9 @@ void copy_into(const Tensor& dst, const Tensor& src);
 // ~1 ulp from libm; Mamba-1's A = -exp(A_log) on every decode step).
 Tensor neg_exp(const Tensor& x);
 Tensor neg_exp_fast(const Tensor& x);
+// log(-x), neg_exp's inverse (A_log from A = -exp(A_log), computed in double); throws naming
+// `what` and the index when an element is not finite and negative.
+Tensor log_neg(const Tensor& x, const std::string& what);
 
 // Bias over the rows of y (M, n): y[m, :] += b (bias_add) or = b (bias_fill). b: (n).
 void bias_add(const Tensor& y, const Tensor& b);
