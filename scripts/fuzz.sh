@@ -11,7 +11,7 @@
 # the script then exits 1. One summary line per target: executions, execs/s, coverage (cov =
 # edges, ft = features), CPU seconds. Environment: FUZZ_JOBS (default 2) parallel build jobs,
 # FUZZ_PARALLEL (default 1) targets run at once, FUZZ_BUILD (default build-fuzz) the build folder,
-# FUZZ_TIMEOUT (default 1) the per-input limit in seconds. libFuzzer measures it in wall-clock
+# FUZZ_TIMEOUT (default 1) the per-input limit in seconds, FUZZ_NICE (default 19) the fuzzers' niceness. libFuzzer measures it in wall-clock
 # time: on a loaded machine a niced fuzzer waits for the CPU for seconds, so an inside-the-limit
 # input can "time out"; there raise FUZZ_TIMEOUT and re-run what is slow alone (each target's
 # log has libFuzzer's slowest_unit_time_sec; fuzz_<target> <file> replays one input).
@@ -59,7 +59,7 @@ run_one() {  # run_one TARGET: runs it, writes its summary line to $build/logs/T
               -print_final_stats=1 -artifact_prefix="$art")
   [ -n "$d" ] && args+=(-dict="$d")
   # CPU time of the fuzzer process (user + system), from bash's `time`.
-  ( TIMEFORMAT='%U %S'; time nice -n 19 "$build/fuzz_$t" "${args[@]}" "$corpus" \
+  ( TIMEFORMAT='%U %S'; time nice -n "${FUZZ_NICE:-19}" "$build/fuzz_$t" "${args[@]}" "$corpus" \
       "tests/fuzz/corpus/$t" >"$log" 2>&1 ) 2>"$build/logs/$t.time"
   local rc=$?
   local cpu execs eps last cov ft res=ok

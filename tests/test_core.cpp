@@ -208,6 +208,17 @@ TEST(Safetensors, HostileFilesGiveClearErrors) {
     EXPECT_THROW(f.tensor("a"), Error);  // not a float tensor
     EXPECT_EQ(f.tensor_i64("a").size(), 1u);
   }
+  {  // empty integer tensors (found by fuzz_safetensors: a null memcpy, UBSan)
+    auto b = with_header(
+        R"({"a":{"dtype":"I64","shape":[0],"data_offsets":[0,0]},"b":{"dtype":"I32","shape":[2,0],"data_offsets":[0,0]}})",
+        0);
+    write_all(p, b);
+    auto f = SafetensorsFile::open(p);
+    Shape s;
+    EXPECT_TRUE(f.tensor_i64("a", &s).empty());
+    EXPECT_EQ(s, Shape{0});
+    EXPECT_TRUE(f.tensor_i64("b").empty());
+  }
   std::remove(p.c_str());
 }
 

@@ -201,7 +201,9 @@ std::vector<int64_t> SafetensorsFile::tensor_i64(const std::string& name, Shape*
   int64_t n = shape_numel(in.shape);
   std::vector<int64_t> out(static_cast<size_t>(n));
   if (in.dtype == "I64") {
-    std::memcpy(out.data(), p, static_cast<size_t>(n) * 8);
+    // n may be 0 (shape [0]): out.data() is then null, which memcpy must not get (found by
+    // fuzz_safetensors; Safetensors.HostileFilesGiveClearErrors reads such tensors).
+    if (n > 0) std::memcpy(out.data(), p, static_cast<size_t>(n) * 8);
   } else if (in.dtype == "I32") {
     for (int64_t i = 0; i < n; ++i) {
       int32_t v;
