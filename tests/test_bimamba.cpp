@@ -43,19 +43,6 @@ Tensor flip_time(const Tensor& t) {
   return o;
 }
 
-double loss_of(const Tensor& y, const Tensor& g) {
-  double s = 0;
-  for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
-  return s;
-}
-
-// Every parameter += 0.1 * N(0, 1), as the golden files' init rule.
-template <class Layer>
-void spread(Layer& m, Rng& rng) {
-  for (auto& p : m.params().all())
-    for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] += 0.1f * (float)rng.normal();
-}
-
 }  // namespace
 
 class BiMambaGolden : public ::testing::TestWithParam<const char*> {};
@@ -92,7 +79,7 @@ TEST(BiMamba, EqualsForwardMambaPlusFlippedMamba) {
     BiMambaConfig c;
     c.d_model = 17, c.d_state = 5, c.d_conv = 3, c.dt_rank = 2;
     BiMamba bi(c, 4);
-    spread(bi, rng);
+    test::spread_params(bi, rng);
     Mamba1Config mc;
     mc.d_model = 17, mc.d_state = 5, mc.d_conv = 3, mc.dt_rank = 2;
     Mamba1 mf(mc), mb(mc);
@@ -159,40 +146,11 @@ TEST(BiMamba, BackwardFiniteDifferences) {
   c.d_model = 4, c.d_state = 3, c.d_conv = 3, c.expand = 2, c.dt_rank = 2;
   c.bias = true, c.if_divide_out = true, c.init_layer_scale = 0.7;
   BiMamba m(c, 9);
-  spread(m, rng);
+  test::spread_params(m, rng);
   const int64_t B = 2, L = 5;
   Tensor x = test::randn({B, L, 4}, rng), g = test::randn({B, L, 4}, rng);
-  BiMambaSaved saved;
-  m.forward(x, &saved);
-  m.params().zero_grad();
-  Tensor dx = m.backward(saved, g);
-  const double eps = 3e-3;
-  auto fd_of = [&](Tensor& p) {
-    Tensor fd = Tensor::empty(p.shape());
-    for (int64_t i = 0; i < p.numel(); ++i) {
-      const float orig = p[i];
-      p[i] = (float)(orig + eps);
-      const double hi = p[i], lp = loss_of(m.forward(x), g);
-      p[i] = (float)(orig - eps);
-      const double lo = p[i], lm = loss_of(m.forward(x), g);
-      p[i] = orig;
-      fd[i] = (float)((lp - lm) / (hi - lo));
-    }
-    return fd;
-  };
-  auto check = [&](const Tensor& analytic, Tensor& wrt, const std::string& what) {
-    auto r = test::all_close(analytic, fd_of(wrt), tol::kLayerFiniteDiffF32, what);
-    EXPECT_TRUE(r);
-    if (r) std::printf("  %s\n", r.message());
-  };
-  check(dx, x, "dx");
-  for (auto& p : m.params().all()) check(p.grad(), p.value.f32(), "grad." + p.name);
-  // Parameter gradients accumulate.
-  Tensor g1 = m.params().get("x_proj_b.weight").grad().clone();
-  m.backward(saved, g);
-  Tensor g2 = m.params().get("x_proj_b.weight").grad();
-  for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
-  EXPECT_TRUE(test::all_close(g2, g1, {1e-6, 1e-6}, "accumulate"));
+  const BiMambaSaved saved = test::expect_grads_match_finite_diff(m, x, g, 3e-3);
+  test::expect_grads_accumulate(m, saved, g, "x_proj_b.weight");
 }
 
 TEST(BiMamba, FutureTokensReachThePast) {

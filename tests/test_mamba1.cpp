@@ -50,12 +50,6 @@ Mamba1Config config_from_json(const std::string& js) {
   return c;
 }
 
-double loss_of(const Tensor& y, const Tensor& g) {
-  double s = 0;
-  for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
-  return s;
-}
-
 }  // namespace
 
 using test::close_report;
@@ -214,42 +208,11 @@ TEST(Mamba1, BackwardFiniteDifferences) {
   c.dt_rank = 2;
   c.bias = true;
   Mamba1 m(c, 9);
-  // Spread the parameters a little, as the golden files do, so nothing is degenerate.
-  for (auto& p : m.params().all())
-    for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] += 0.1f * (float)rng.normal();
+  test::spread_params(m, rng);
   const int64_t B = 2, L = 5;
   Tensor x = test::randn({B, L, 4}, rng), g = test::randn({B, L, 4}, rng);
-  Mamba1Saved saved;
-  m.forward(x, &saved);
-  m.params().zero_grad();
-  Tensor dx = m.backward(saved, g);
-  const double eps = 3e-3;
-  auto fd_of = [&](Tensor& p) {
-    Tensor fd = Tensor::empty(p.shape());
-    for (int64_t i = 0; i < p.numel(); ++i) {
-      const float orig = p[i];
-      p[i] = (float)(orig + eps);
-      const double hi = p[i], lp = loss_of(m.forward(x), g);
-      p[i] = (float)(orig - eps);
-      const double lo = p[i], lm = loss_of(m.forward(x), g);
-      p[i] = orig;
-      fd[i] = (float)((lp - lm) / (hi - lo));
-    }
-    return fd;
-  };
-  auto check = [&](const Tensor& analytic, Tensor& wrt, const std::string& what) {
-    auto r = test::all_close(analytic, fd_of(wrt), tol::kLayerFiniteDiffF32, what);
-    EXPECT_TRUE(r);
-    if (r) std::printf("  %s\n", r.message());
-  };
-  check(dx, x, "dx");
-  for (auto& p : m.params().all()) check(p.grad(), p.value.f32(), "grad." + p.name);
-  // Parameter gradients accumulate: a second backward doubles them.
-  Tensor g1 = m.params().get("x_proj.weight").grad().clone();
-  m.backward(saved, g);
-  Tensor g2 = m.params().get("x_proj.weight").grad();
-  for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
-  EXPECT_TRUE(test::all_close(g2, g1, {1e-6, 1e-6}, "accumulate"));
+  const Mamba1Saved saved = test::expect_grads_match_finite_diff(m, x, g, 3e-3);
+  test::expect_grads_accumulate(m, saved, g, "x_proj.weight");
 }
 
 TEST(Mamba1, ConfigValidation) {

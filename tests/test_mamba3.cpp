@@ -86,12 +86,6 @@ void expect_states(const Mamba3State& s, const SafetensorsFile& f, const std::st
   EXPECT_TRUE(close_report(dp, Tensor::zeros(dp.shape()), {1e-5, 0},
                            what + " " + prefix + "angle_state (mod 2 pi)"));
 }
-double loss_of(const Tensor& y, const Tensor& g) {
-  double s = 0;
-  for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
-  return s;
-}
-
 }  // namespace
 
 class Mamba3Golden : public ::testing::TestWithParam<const char*> {};
@@ -174,36 +168,13 @@ TEST(Mamba3, BackwardFiniteDifferences) {
     if (variant == 0) c.ngroups = 2;
     if (variant == 1) c.is_mimo = true, c.mimo_rank = 2;
     Mamba3 m(c, 3);
-    for (auto& p : m.params().all())
-      for (int64_t i = 0; i < p.value.numel(); ++i) p.value.f32()[i] += 0.1f * (float)rng.normal();
+    test::spread_params(m, rng);
     const int64_t B = 2, L = 4;
     Tensor x = test::randn({B, L, 4}, rng), g = test::randn({B, L, 4}, rng);
-    Mamba3Saved saved;
-    m.forward(x, &saved);
-    m.params().zero_grad();
-    Tensor dx = m.backward(saved, g);
     // eps 1e-3, not Mamba1's 3e-3: the rotations and the trapezoid make this loss curved enough
     // that truncation (O(eps^2), measured 0.029 at 3e-3 and 0.25 at 1e-2 on a 3.7 gradient)
     // dominates; at 1e-3 the fp32 noise (~6e-8 * |loss| / 2 eps) stays ~1e-4, under the atol.
-    const double eps = 1e-3;
-    auto fd_of = [&](Tensor& p) {
-      Tensor fd = Tensor::empty(p.shape());
-      for (int64_t i = 0; i < p.numel(); ++i) {
-        const float orig = p[i];
-        p[i] = (float)(orig + eps);
-        const double hi = p[i], lp = loss_of(m.forward(x), g);
-        p[i] = (float)(orig - eps);
-        const double lo = p[i], lm = loss_of(m.forward(x), g);
-        p[i] = orig;
-        fd[i] = (float)((lp - lm) / (hi - lo));
-      }
-      return fd;
-    };
-    const std::string tag = variant ? "mimo " : "siso g2 ";
-    EXPECT_TRUE(test::all_close(dx, fd_of(x), tol::kLayerFiniteDiffF32, tag + "dx"));
-    for (auto& p : m.params().all())
-      EXPECT_TRUE(test::all_close(p.grad(), fd_of(p.value.f32()), tol::kLayerFiniteDiffF32,
-                                  tag + "grad." + p.name));
+    test::expect_grads_match_finite_diff(m, x, g, 1e-3, variant ? "mimo " : "siso g2 ");
   }
 }
 

@@ -20,12 +20,6 @@ std::string names_of(const ParamList& ps) {
   return s;
 }
 
-double loss_of(const Tensor& y, const Tensor& g) {
-  double s = 0;
-  for (int64_t i = 0; i < y.numel(); ++i) s += (double)y[i] * g[i];
-  return s;
-}
-
 }  // namespace
 
 class SS2DGolden : public ::testing::TestWithParam<const char*> {};
@@ -183,7 +177,7 @@ TEST(SS2D, BackwardMatchesDirectionalFiniteDifferences) {
       auto at = [&](double sgn) {
         for (int64_t i = 0; i < v.numel(); ++i)
           v[i] = orig[i] + static_cast<float>(sgn * eps) * dir[i];
-        return loss_of(layer.forward(x), g);
+        return test::loss_dot(layer.forward(x), g);
       };
       const double fd = (at(1) - at(-1)) / (2 * eps);
       v.copy_from(orig);
@@ -384,7 +378,7 @@ TEST(VSSBlock, PostNormAndBranchesMatchFiniteDifferences) {
       auto at = [&](double sgn) {
         for (int64_t i = 0; i < v.numel(); ++i)
           v[i] = orig[i] + static_cast<float>(sgn * eps) * dir[i];
-        return loss_of(blk.forward(x), g);
+        return test::loss_dot(blk.forward(x), g);
       };
       const double fd = (at(1) - at(-1)) / (2 * eps);
       v.copy_from(orig);

@@ -168,6 +168,56 @@ Tensor expect_golden_forward_backward(Layer& layer, const SafetensorsFile& f,
   return y;
 }
 
+// sum(y * g) in double over a layer's fp32 output: the loss of the finite-difference tests.
+inline double loss_dot(const Tensor& y, const Tensor& g) {
+  double s = 0;
+  for (int64_t i = 0; i < y.numel(); ++i) s += static_cast<double>(y[i]) * g[i];
+  return s;
+}
+
+// Every parameter += 0.1 * N(0, 1), as the golden files' init rule: nothing degenerate (zero
+// biases, identical rows) for the finite-difference tests.
+template <class Layer>
+void spread_params(Layer& m, Rng& rng) {
+  for (auto& p : m.params().all())
+    for (int64_t i = 0; i < p.value.numel(); ++i)
+      p.value.f32()[i] += 0.1f * static_cast<float>(rng.normal());
+}
+
+// A layer's backward (dx and every parameter's gradient, from zeroed gradients) against central
+// finite differences of loss_dot(forward(x), g) with step eps (finite_diff). The layer computes
+// in fp32, hence tol::kLayerFiniteDiffF32. `tag` starts every message. Returns the saved
+// activations of the forward, for further checks.
+template <class Layer>
+typename Layer::Saved expect_grads_match_finite_diff(Layer& m, Tensor& x, const Tensor& g,
+                                                     double eps, const std::string& tag = "") {
+  typename Layer::Saved saved;
+  m.forward(x, &saved);
+  m.params().zero_grad();
+  Tensor dx = m.backward(saved, g);
+  const auto loss = [&] { return loss_dot(m.forward(x), g); };
+  const auto check = [&](const Tensor& analytic, Tensor& wrt, const std::string& what) {
+    auto r = all_close(analytic, finite_diff(wrt, loss, eps), tol::kLayerFiniteDiffF32, tag + what);
+    EXPECT_TRUE(r);
+    if (r) std::printf("  %s\n", r.message());
+  };
+  check(dx, x, "dx");
+  for (auto& p : m.params().all()) check(p.grad(), p.value.f32(), "grad." + p.name);
+  return saved;
+}
+
+// Parameter gradients accumulate: a second backward of the same activations doubles the gradient
+// of `param` (after expect_grads_match_finite_diff, which leaves one backward's gradients).
+template <class Layer>
+void expect_grads_accumulate(Layer& m, const typename Layer::Saved& saved, const Tensor& g,
+                             const std::string& param) {
+  Tensor g1 = m.params().get(param).grad().clone();
+  m.backward(saved, g);
+  Tensor g2 = m.params().get(param).grad();
+  for (int64_t i = 0; i < g1.numel(); ++i) g1[i] *= 2;
+  EXPECT_TRUE(all_close(g2, g1, {1e-6, 1e-6}, "accumulate " + param));
+}
+
 // A bad layer config: cfg.validate() and constructing the layer from it both throw mamba::Error,
 // the message naming `field`.
 template <class Layer, class Config>
