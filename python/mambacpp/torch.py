@@ -173,8 +173,11 @@ class _CoreModule(nn.Module):
                 mod.register_parameter(attr, nn.Parameter(torch.empty(shapes[name])))
             p = getattr(mod, attr)
             assert tuple(p.shape) == tuple(shapes[name]), name
-            with torch.no_grad():
-                p.copy_(torch.from_numpy(init[name]))
+            # The parameter's memory is the C++ layer's own (a writable numpy view that keeps the
+            # layer alive): one copy of the weights, not two. Every call still passes the
+            # parameters explicitly, so a parameter whose .data is later replaced (.to(), a
+            # deepcopy) is used as it is.
+            p.data = torch.from_numpy(init[name])
             if attr in no_weight_decay or name in no_weight_decay:
                 p._no_weight_decay = True
             self._param_refs.append((mod, attr))

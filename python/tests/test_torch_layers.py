@@ -115,6 +115,24 @@ def test_state_dict_round_trip_and_torch_save():
         assert not torch.equal(m(x), m4(x))
 
 
+@pytest.mark.parametrize("cls", [Mamba, Mamba2])
+def test_parameters_share_the_cpp_layers_memory(cls):
+    # One copy of the weights: every parameter is the C++ layer's own array (same address), an
+    # in-place update (an optimizer step, load_state_dict) is seen by both, and the layer keeps
+    # working when the module is the only owner.
+    m = cls(32) if cls is Mamba else cls(32, headdim=16)
+    core = m._core.params
+    for name, p in m.named_parameters():
+        assert p.data_ptr() == core[name].__array_interface__["data"][0], name
+    with torch.no_grad():
+        m.out_proj.weight.mul_(2.0)
+    np.testing.assert_array_equal(m.out_proj.weight.detach().numpy(), core["out_proj.weight"])
+    x = torch.randn(1, 5, 32)
+    y = m(x)
+    del core
+    assert torch.equal(m(x), y)
+
+
 def test_mamba_ssm_constructor_signature():
     sig = inspect.signature(Mamba.__init__)
     want = dict(d_state=16, d_conv=4, expand=2, dt_rank="auto", dt_min=0.001, dt_max=0.1, dt_init="random",
