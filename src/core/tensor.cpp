@@ -6,6 +6,10 @@
 #include <cstring>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "core/os.h"
 #include "mamba/parallel.h"
 
@@ -38,18 +42,46 @@ constexpr size_t kAlign = 64;
 // that the OOM killer ends later; one the allocator still refuses is a mamba::Error too, never
 // std::bad_alloc.
 constexpr size_t kCheckedBytes = size_t{64} << 20;
-std::shared_ptr<float> allocate(const Shape& shape, int64_t n) {
+// Large tensors (>= 2 MiB, a huge page; Linux) are mapped straight from the kernel on huge-page
+// boundaries with transparent huge pages requested (madvise: the setting Debian ships), and
+// unmapped when freed. Through malloc they were mmap'ed in 4 KiB pages, one page fault per 4 KiB
+// on first touch, every call: a Mamba layer's forward + backward at B 4, L 2048, d_model 768 took
+// 374,080 faults and 2.2x the time from Python (docs/PERFORMANCE.md, "Stop 23"). Pages the kernel
+// maps are zero, so zeros() of such a tensor skips its memset (`*zeroed` = true).
+constexpr size_t kHugeBytes = size_t{2} << 20;
+std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nullptr) {
   MAMBA_CHECK(static_cast<uint64_t>(n) <= (uint64_t{1} << 61), "tensor of shape ", shape_str(shape),
               " is too large to allocate");
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
   if (bytes >= kCheckedBytes) os::check_memory(bytes, str("a tensor of shape ", shape_str(shape)));
+  auto oom = [&] {
+    return Error(str("out of memory: a tensor of shape ", shape_str(shape), " needs ", bytes,
+                     " bytes; ", os::available_memory_bytes(), " bytes are available"));
+  };
+  if (zeroed) *zeroed = false;
+#if defined(__linux__)
+  if (bytes >= kHugeBytes) {
+    const size_t len = (bytes + 4095) / 4096 * 4096, mapped = len + kHugeBytes;
+    void* base =
+        ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (base == MAP_FAILED) throw oom();
+    // Keep [a, a + len) with `a` on a huge-page boundary; unmap the slack before and after.
+    const uintptr_t b = reinterpret_cast<uintptr_t>(base);
+    const uintptr_t a = (b + kHugeBytes - 1) / kHugeBytes * kHugeBytes;
+    if (a > b) ::munmap(base, a - b);
+    if (b + mapped > a + len) ::munmap(reinterpret_cast<void*>(a + len), b + mapped - (a + len));
+    ::madvise(reinterpret_cast<void*>(a), len, MADV_HUGEPAGE);  // a hint: no error if refused
+    if (zeroed) *zeroed = true;
+    return std::shared_ptr<float>(reinterpret_cast<float*>(a),
+                                  [len](float* q) { ::munmap(q, len); });
+  }
+#endif
   void* p = nullptr;
   try {
     p = ::operator new(bytes, std::align_val_t(kAlign));
   } catch (const std::bad_alloc&) {
-    throw Error(str("out of memory: a tensor of shape ", shape_str(shape), " needs ", bytes,
-                    " bytes; ", os::available_memory_bytes(), " bytes are available"));
+    throw oom();
   }
   return std::shared_ptr<float>(static_cast<float*>(p),
                                 [](float* q) { ::operator delete(q, std::align_val_t(kAlign)); });
@@ -64,7 +96,13 @@ Tensor Tensor::empty(Shape shape) {
   return t;
 }
 
-Tensor::Tensor(Shape shape) : Tensor(empty(std::move(shape))) { zero(); }
+Tensor::Tensor(Shape shape) {
+  numel_ = shape_numel(shape);
+  shape_ = std::move(shape);
+  bool zeroed = false;
+  storage_ = allocate(shape_, numel_, &zeroed);
+  if (!zeroed) zero();
+}
 
 Tensor Tensor::full(Shape shape, float value) {
   Tensor t = empty(std::move(shape));
