@@ -295,6 +295,18 @@ class _DecodeMixer(_CoreModule):
         return cache[self.layer_idx]
 
 
+def _set_mamba1_attributes(m, d_model, d_state, d_conv, expand, dt_rank, use_fast_path, layer_idx):
+    """The attributes mamba_ssm's Mamba (and Vim's, which extends it) sets from its arguments."""
+    m.d_model = d_model
+    m.d_state = d_state
+    m.d_conv = d_conv
+    m.expand = expand
+    m.d_inner = int(expand * d_model)
+    m.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
+    m.use_fast_path = use_fast_path
+    m.layer_idx = layer_idx
+
+
 class Mamba(_DecodeMixer):
     """mamba_ssm.modules.mamba_simple.Mamba on mamba.cpp's CPU kernels (see the module docstring).
 
@@ -329,14 +341,7 @@ class Mamba(_DecodeMixer):
             dt_min=dt_min, dt_max=dt_max, dt_init=dt_init, dt_scale=dt_scale, dt_init_floor=dt_init_floor,
             conv_bias=conv_bias, bias=bias, device=device, dtype=dtype, no_weight_decay=("A_log", "D"),
         )
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.use_fast_path = use_fast_path
-        self.layer_idx = layer_idx
+        _set_mamba1_attributes(self, d_model, d_state, d_conv, expand, dt_rank, use_fast_path, layer_idx)
         self.activation = "silu"
         self.dt_proj.bias._no_reinit = True
 
@@ -769,14 +774,7 @@ class BiMamba(_CoreModule):
             init_layer_scale=init_layer_scale, device=device, dtype=dtype,
             no_weight_decay=("A_log", "D", "A_b_log", "D_b"),
         )
-        self.d_model = d_model
-        self.d_state = d_state
-        self.d_conv = d_conv
-        self.expand = expand
-        self.d_inner = int(expand * d_model)
-        self.dt_rank = math.ceil(d_model / 16) if dt_rank == "auto" else dt_rank
-        self.use_fast_path = use_fast_path
-        self.layer_idx = layer_idx
+        _set_mamba1_attributes(self, d_model, d_state, d_conv, expand, dt_rank, use_fast_path, layer_idx)
         self.bimamba_type = bimamba_type
         self.if_devide_out = if_devide_out
         self.init_layer_scale = init_layer_scale
