@@ -11,7 +11,8 @@
 # the script then exits 1. One summary line per target: executions, execs/s, coverage (cov =
 # edges, ft = features), CPU seconds. Environment: FUZZ_JOBS (default 2) parallel build jobs,
 # FUZZ_PARALLEL (default 1) targets run at once, FUZZ_BUILD (default build-fuzz) the build folder,
-# FUZZ_TIMEOUT (default 1) the per-input limit in seconds, FUZZ_NICE (default 19) the fuzzers' niceness. libFuzzer measures it in wall-clock
+# FUZZ_TIMEOUT (default 1) the per-input limit in seconds, FUZZ_NICE (default 19) the fuzzers'
+# niceness (not SIGSTOP: a stopped fuzzer's inputs "time out"). libFuzzer measures it in wall-clock
 # time: on a loaded machine a niced fuzzer waits for the CPU for seconds, so an inside-the-limit
 # input can "time out"; there raise FUZZ_TIMEOUT and re-run what is slow alone (each target's
 # log has libFuzzer's slowest_unit_time_sec; fuzz_<target> <file> replays one input).
