@@ -387,7 +387,7 @@ std::string py_str_repr(const std::string& s) {
     } else if (c == '\t') {
       out += "\\t";
     } else if (c < 0x20 || c == 0x7F || (c >= 0x80 && c <= 0xA0) || c == 0xAD) {
-      char b[8];
+      char b[16];
       std::snprintf(b, sizeof b, "\\x%02x", c);
       out += b;
     } else {
@@ -539,7 +539,7 @@ void to_json(const Value& v, int indent, int level, std::string& out, const std:
             break;
           default:
             if (c < 0x20) {
-              char b[8];
+              char b[16];
               std::snprintf(b, sizeof b, "\\u%04x", c);
               out += b;
             } else {
