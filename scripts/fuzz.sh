@@ -2,7 +2,9 @@
 # Builds the libFuzzer targets (tests/fuzz/fuzz_*.cpp; clang-14 + libfuzzer-14-dev, ASan+UBSan)
 # in build-fuzz/ and runs each for SECONDS (default 60), one after the other, under nice -n 19.
 #   scripts/fuzz.sh [SECONDS] [TARGET...]     e.g. scripts/fuzz.sh 600 torch_bin config
-# Targets: safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text gguf (default all).
+# Targets: safetensors torch_bin torch_pickle config npy tokenizer_json tokenizer_text gguf (default all),
+# and chat_template (chat templates; needs cpp-httplib for the serve library; not in the default
+# set, which CI runs: name it).
 # Each target starts from the seeds in tests/fuzz/corpus/<target>/ (committed, small) plus what
 # earlier runs kept in build-fuzz/corpus/<target>/, with the dictionary tests/fuzz/dict/*.dict
 # that fits it. Limits: 1 s per input (-timeout), 1024 MiB per allocation (-malloc_limit_mb),
@@ -45,6 +47,7 @@ dict_for() {
     safetensors|config|tokenizer_json) echo tests/fuzz/dict/json.dict ;;
     torch_bin|torch_pickle) echo tests/fuzz/dict/torch_bin.dict ;;
     npy) echo tests/fuzz/dict/npy.dict ;;
+    chat_template) echo tests/fuzz/dict/jinja.dict ;;
     *) echo "" ;;
   esac
 }

@@ -6,6 +6,8 @@ PKGS=(g++ cmake make libopenblas-dev libopenblas0-openmp libhwy-dev nlohmann-jso
       libcli11-dev libgtest-dev libutf8proc-dev
       # `mambacpp serve` (cpp-httplib) and its tests (curl; node + npm below)
       libcpp-httplib-dev curl
+      # the reference renderer test_chat_template compares the chat templates with (Jinja2)
+      python3-jinja2
       # the Python module (MAMBA_PYTHON): build, install with pip, and its tests
       python3-dev pybind11-dev python3-numpy python3-pip python3-setuptools python3-wheel
       python3-venv python3-pytest python3-torch

@@ -15,11 +15,13 @@ TEST(Serve, NeedsHttplib) {
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -74,6 +76,55 @@ std::string model_dir() {
   return dir;
 }
 
+// The same model as a chat model: ChatML's <|im_start|> / <|im_end|> as special added tokens
+// (ids 96, 97; the golden vocabulary has 101 rows), the newline ("Ċ", 98), and a
+// tokenizer_config.json with a ChatML template (plus a role check that raises) and
+// eos_token <|im_end|>.
+const char* const kChatML =
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}";
+
+std::string chat_model_dir() {
+  static const std::string dir = [] {
+    fs::path d = scratch() / "lm_mamba1_chat";
+    fs::create_directories(d);
+    const fs::path base = model_dir();
+    for (const char* f : {"config.json", "model.safetensors"})
+      fs::copy_file(base / f, d / f, fs::copy_options::overwrite_existing);
+    std::ifstream in(base / "tokenizer.json");
+    json tok = json::parse(in);
+    tok["model"]["vocab"]["\xC4\x8A"] = 98;  // "Ċ": the byte-level alphabet's newline
+    int id = 96;
+    for (const char* t : {"<|im_start|>", "<|im_end|>"}) {
+      tok["model"]["vocab"][t] = id;
+      tok["added_tokens"].push_back({{"id", id++},
+                                     {"content", t},
+                                     {"single_word", false},
+                                     {"lstrip", false},
+                                     {"rstrip", false},
+                                     {"normalized", false},
+                                     {"special", true}});
+    }
+    std::ofstream(d / "tokenizer.json") << tok.dump();
+    json cfg = {{"bos_token", "<|endoftext|>"},
+                {"eos_token", {{"__type", "AddedToken"}, {"content", "<|im_end|>"}}},
+                {"chat_template", kChatML}};
+    std::ofstream(d / "tokenizer_config.json") << cfg.dump();
+    return d.string();
+  }();
+  return dir;
+}
+
+// What kChatML renders for these messages with the generation prompt.
+std::string chatml(const std::vector<std::pair<std::string, std::string> >& msgs) {
+  std::string s;
+  for (auto& [role, content] : msgs) s += "<|im_start|>" + role + "\n" + content + "<|im_end|>\n";
+  return s + "<|im_start|>assistant\n";
+}
+
 struct ServerProc {
   pid_t pid = -1;
   int port = 0;
@@ -83,12 +134,11 @@ struct ServerProc {
   ServerProc& operator=(const ServerProc&) = delete;
   ~ServerProc() { stop(); }  // a failed assertion must not leave a server running
   // Starts `mambacpp serve --model <dir> --port 0 <args>` and waits for its "listening" line.
-  void start(const std::string& args) {
+  void start(const std::string& args, const std::string& dir = model_dir()) {
     static int count = 0;
     log = (scratch() / ("server" + std::to_string(count++) + ".log")).string();
-    const std::string cmd = std::string("exec \"") + MAMBA_CLI_PATH + "\" serve --model \"" +
-                            model_dir() + "\" --port 0 --threads 1 " + args + " > \"" + log +
-                            "\" 2>&1";
+    const std::string cmd = std::string("exec \"") + MAMBA_CLI_PATH + "\" serve --model \"" + dir +
+                            "\" --port 0 --threads 1 " + args + " > \"" + log + "\" 2>&1";
     pid = fork();
     if (pid == 0) {
       execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
@@ -641,6 +691,257 @@ TEST(ServeLimits, SigtermEndsStreamsWithAFinalEventAndExitsZero) {
   ASSERT_FALSE(ev.empty()) << out.substr(0, 300);
   EXPECT_EQ(ev.back()["choices"][0]["finish_reason"], "abort");
   EXPECT_TRUE(done);
+}
+
+// ---- /v1/chat/completions (the chat model folder: ChatML template, <|im_end|> ends a turn) ----
+
+class ServeChat : public ::testing::Test {
+ protected:
+  static void SetUpTestSuite() {
+    chat_ = new ServerProc;
+    chat_->start("--max-batch 4 --max-queue 8", chat_model_dir());
+  }
+  static void TearDownTestSuite() {
+    EXPECT_EQ(chat_->stop(), 0) << chat_->read_log();
+    delete chat_;
+  }
+  static ServerProc* chat_;
+};
+ServerProc* ServeChat::chat_ = nullptr;
+
+json chat_body(const json& messages, int max_tokens, json extra = json::object()) {
+  json b = {
+      {"messages", messages}, {"max_tokens", max_tokens}, {"temperature", 0}, {"ignore_eos", true}};
+  for (auto& [k, v] : extra.items()) b[k] = v;
+  return b;
+}
+
+TEST_F(ServeChat, GreedyChatEqualsCompletionOfTheRenderedPrompt) {
+  EXPECT_NE(chat_->read_log().find("/v1/chat/completions: on, chat template from"),
+            std::string::npos)
+      << chat_->read_log();
+  const mamba::Tokenizer tok = mamba::Tokenizer::from_file(chat_model_dir() + "/tokenizer.json");
+  const json messages = json::array({{{"role", "system"}, {"content", "Be brief."}},
+                                     {{"role", "user"}, {"content", "Hi there"}}});
+  const std::string rendered = chatml({{"system", "Be brief."}, {"user", "Hi there"}});
+  const std::vector<int32_t> prompt = tok.encode(rendered);
+  ASSERT_EQ(std::count(prompt.begin(), prompt.end(), 96), 3) << "<|im_start|> is one token";
+  ASSERT_EQ(std::count(prompt.begin(), prompt.end(), 97), 2) << "<|im_end|> is one token";
+  auto r = post(*chat_, "/v1/chat/completions", chat_body(messages, 12).dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  EXPECT_EQ(r.body["object"], "chat.completion");
+  EXPECT_EQ(r.body["id"].get<std::string>().rfind("chatcmpl-", 0), 0u);
+  EXPECT_EQ(r.body["model"], "lm_mamba1_chat");
+  ASSERT_EQ(r.body["choices"].size(), 1u);
+  const json& c = r.body["choices"][0];
+  EXPECT_EQ(c["index"], 0);
+  EXPECT_EQ(c["message"]["role"], "assistant");
+  EXPECT_EQ(c["finish_reason"], "length");
+  EXPECT_TRUE(c["logprobs"].is_null());
+  EXPECT_EQ(r.body["usage"]["prompt_tokens"], prompt.size());
+  EXPECT_EQ(r.body["usage"]["completion_tokens"], 12);
+  // the same ids as /v1/completions on the rendered text, and as `mambacpp generate`
+  auto p = post(*chat_, "/v1/completions", completion_body(rendered, 12).dump());
+  ASSERT_EQ(p.status, 200) << p.raw;
+  EXPECT_EQ(ids_of(c), ids_of(p.body["choices"][0]));
+  EXPECT_EQ(c["message"]["content"], p.body["choices"][0]["text"]);
+  EXPECT_EQ(ids_of(c), generate_ids(prompt, 12));
+  // content as text parts is the same conversation
+  const json parts = json::array(
+      {{{"role", "system"}, {"content", json::array({{{"type", "text"}, {"text", "Be brief."}}})}},
+       {{"role", "user"}, {"content", "Hi there"}}});
+  auto q = post(*chat_, "/v1/chat/completions", chat_body(parts, 12).dump());
+  ASSERT_EQ(q.status, 200) << q.raw;
+  EXPECT_EQ(ids_of(q.body["choices"][0]), ids_of(c));
+}
+
+TEST_F(ServeChat, StreamEqualsNonStream) {
+  const json messages = json::array({{{"role", "user"}, {"content", "Tell me a story"}}});
+  auto whole = post(*chat_, "/v1/chat/completions", chat_body(messages, 16).dump());
+  ASSERT_EQ(whole.status, 200) << whole.raw;
+  auto r = post(
+      *chat_, "/v1/chat/completions",
+      chat_body(messages, 16, {{"stream", true}, {"stream_options", {{"include_usage", true}}}})
+          .dump());
+  ASSERT_EQ(r.status, 200) << r.raw;
+  bool done = false;
+  auto events = sse(r.raw, &done);
+  EXPECT_TRUE(done);
+  ASSERT_GT(events.size(), 3u) << r.raw;
+  // the first chunk carries the role; then content deltas; the last choice chunk the reason
+  EXPECT_EQ(events[0]["choices"][0]["delta"]["role"], "assistant");
+  std::string text, finish;
+  std::vector<int32_t> ids;
+  json usage;
+  std::set<std::string> chunk_ids;
+  for (auto& e : events) {
+    EXPECT_EQ(e["object"], "chat.completion.chunk");
+    chunk_ids.insert(e["id"].get<std::string>());
+    if (e.contains("usage")) usage = e["usage"];
+    for (auto& c : e["choices"]) {
+      EXPECT_FALSE(c.contains("text"));
+      if (c["delta"].contains("content")) text += c["delta"]["content"].get<std::string>();
+      if (c.contains("token_ids"))
+        for (auto id : c["token_ids"]) ids.push_back(id.get<int32_t>());
+      if (!c["finish_reason"].is_null()) finish = c["finish_reason"];
+    }
+  }
+  EXPECT_EQ(chunk_ids.size(), 1u);
+  EXPECT_EQ(text, whole.body["choices"][0]["message"]["content"]);
+  EXPECT_EQ(ids, ids_of(whole.body["choices"][0]));
+  EXPECT_EQ(finish, "length");
+  EXPECT_EQ(usage["completion_tokens"], 16);
+  EXPECT_EQ(usage["prompt_tokens"], whole.body["usage"]["prompt_tokens"]);
+}
+
+TEST_F(ServeChat, SamplingNAndLogprobs) {
+  const json messages = json::array({{{"role", "user"}, {"content", "ab"}}});
+  const json b = {{"messages", messages}, {"max_completion_tokens", 6},
+                  {"temperature", 1.0},   {"n", 2},
+                  {"seed", 11},           {"logprobs", true},
+                  {"top_logprobs", 2},    {"ignore_eos", true}};
+  auto x = post(*chat_, "/v1/chat/completions", b.dump());
+  auto y = post(*chat_, "/v1/chat/completions", b.dump());
+  ASSERT_EQ(x.status, 200) << x.raw;
+  ASSERT_EQ(x.body["choices"].size(), 2u);
+  EXPECT_EQ(x.body["usage"]["completion_tokens"], 12);
+  for (size_t i = 0; i < 2; ++i) {
+    const json& c = x.body["choices"][i];
+    EXPECT_EQ(c["index"], i);
+    EXPECT_EQ(ids_of(c), ids_of(y.body["choices"][i])) << "seeded: reproducible";
+    const json& lp = c["logprobs"]["content"];
+    ASSERT_EQ(lp.size(), 6u) << c.dump();
+    for (auto& t : lp) {
+      EXPECT_LE(t["logprob"].get<double>(), 0.0);
+      EXPECT_EQ(t["top_logprobs"].size(), 2u);
+      EXPECT_TRUE(t["bytes"].is_array());
+      EXPECT_EQ(t["token"].get<std::string>().size(), t["bytes"].size());
+    }
+  }
+}
+
+TEST_F(ServeChat, ErrorsNameTheField) {
+  auto p = [&](const json& b) { return post(*chat_, "/v1/chat/completions", b.dump()); };
+  const json ok = json::array({{{"role", "user"}, {"content", "hi"}}});
+  expect_error(post(*chat_, "/v1/chat/completions", "{nope"), 400, "", "invalid JSON");
+  expect_error(p(json::array()), 400, "", "not an object");
+  expect_error(p({{"max_tokens", 2}}), 400, "messages", "no messages");
+  expect_error(p({{"messages", json::array()}}), 400, "messages", "empty messages");
+  expect_error(p({{"messages", "hi"}}), 400, "messages", "messages a string");
+  expect_error(p({{"messages", json::array({{{"content", "x"}}})}}), 400, "messages", "no role");
+  expect_error(p({{"messages", json::array({{{"role", "user"}}})}}), 400, "messages", "no content");
+  expect_error(p({{"messages", json::array({{{"role", "user"}, {"content", 5}}})}}), 400,
+               "messages", "content a number");
+  expect_error(p({{"messages",
+                   json::array({{{"role", "user"},
+                                 {"content", json::array({{{"type", "image_url"},
+                                                           {"image_url", {{"url", "x"}}}}})}}})}}),
+               400, "messages", "an image part");
+  // the template's own raise_exception, with its message
+  auto r = p({{"messages", json::array({{{"role", "wizard"}, {"content", "x"}}})}});
+  expect_error(r, 400, "messages", "template raise_exception");
+  EXPECT_NE(r.raw.find("Unknown role: wizard"), std::string::npos) << r.raw;
+  EXPECT_EQ(r.body["error"]["code"], "chat_template_error");
+  // the sampling fields, as in /v1/completions
+  expect_error(p(chat_body(ok, 2, {{"temperature", "hot"}})), 400, "temperature", "type");
+  expect_error(p(chat_body(ok, 2, {{"top_p", 2}})), 400, "top_p", "range");
+  expect_error(p(chat_body(ok, 2, {{"n", 0}})), 400, "n", "n = 0");
+  expect_error(p(chat_body(ok, 2, {{"stop", 5}})), 400, "stop", "stop type");
+  expect_error(p(chat_body(ok, 2, {{"max_completion_tokens", -1}})), 400, "max_completion_tokens",
+               "negative max_completion_tokens");
+  expect_error(p(chat_body(ok, -1)), 400, "max_tokens", "negative max_tokens");
+  expect_error(p(chat_body(ok, 2, {{"logprobs", 3}})), 400, "logprobs", "logprobs not a bool");
+  expect_error(p(chat_body(ok, 2, {{"top_logprobs", 2}})), 400, "top_logprobs",
+               "top_logprobs without logprobs");
+  expect_error(p(chat_body(ok, 2, {{"logprobs", true}, {"top_logprobs", 21}})), 400, "top_logprobs",
+               "top_logprobs range");
+  expect_error(p(chat_body(ok, 2, {{"tools", json::array({{{"type", "function"}}})}})), 400,
+               "tools", "tools");
+  expect_error(p(chat_body(ok, 2, {{"response_format", {{"type", "json_object"}}}})), 400,
+               "response_format", "json mode");
+  expect_error(p(chat_body(ok, 2, {{"model", "gpt-4"}})), 404, "model", "unknown model");
+  // too long once rendered (the limit is on the rendered prompt's tokens)
+  expect_error(
+      p(chat_body(json::array({{{"role", "user"}, {"content", std::string(9000, 'a')}}}), 2)), 400,
+      "messages", "too many tokens");
+  // max_tokens 0 answers without generating
+  auto z = p(chat_body(ok, 0));
+  ASSERT_EQ(z.status, 200) << z.raw;
+  EXPECT_EQ(z.body["choices"][0]["message"]["content"], "");
+  EXPECT_EQ(z.body["usage"]["completion_tokens"], 0);
+  EXPECT_EQ(get(*chat_, "/health").status, 200);
+}
+
+TEST_F(ServeChat, OfficialOpenAINodeClient) {
+  int rc = 0;
+  sh("command -v node && command -v npm", &rc);
+  if (rc != 0) GTEST_SKIP() << "node / npm not installed: the openai client test is skipped";
+  const fs::path dir = fs::temp_directory_path() / "mamba_serve_openai_npm";
+  fs::create_directories(dir);
+  if (!fs::exists(dir / "node_modules" / "openai" / "package.json")) {
+    const std::string out = sh("cd '" + dir.string() +
+                                   "' && timeout 120 npm install --no-audit --no-fund "
+                                   "--loglevel=error openai@4",
+                               &rc);
+    if (rc != 0) GTEST_SKIP() << "npm could not install the openai package (no network?): " << out;
+  }
+  fs::copy_file(fs::path(MAMBA_SERVE_SCRIPTS) / "openai_chat_client.mjs", dir / "chat_client.mjs",
+                fs::copy_options::overwrite_existing);
+  const std::string out = sh("cd '" + dir.string() + "' && BASE_URL=" + chat_->url() +
+                                 "/v1 MODEL=lm_mamba1_chat timeout 60 node chat_client.mjs",
+                             &rc);
+  ASSERT_EQ(rc, 0) << out;
+  json j = json::parse(out.substr(out.find('{')), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << out;
+  // the client's answer equals ours for the same request
+  const json messages = json::array({{{"role", "system"}, {"content", "You are terse."}},
+                                     {{"role", "user"}, {"content", "Say something"}}});
+  auto r = post(*chat_, "/v1/chat/completions", chat_body(messages, 10).dump());
+  ASSERT_EQ(r.status, 200);
+  EXPECT_EQ(j["content"], r.body["choices"][0]["message"]["content"]);
+  EXPECT_EQ(j["finish"], "length");
+  EXPECT_EQ(j["status"], 400);
+  EXPECT_GT(j["chunks"].get<int>(), 2);
+}
+
+TEST(ServeChatTemplate, UnusableTemplatesAreReported) {
+  // a folder whose template uses a construct the renderer does not support: the server starts,
+  // says why chat is off, answers 501 naming the construct, and completions still work
+  const fs::path d = scratch() / "lm_mamba1_macro";
+  fs::create_directories(d);
+  for (const char* f : {"config.json", "model.safetensors", "tokenizer.json"})
+    fs::copy_file(fs::path(chat_model_dir()) / f, d / f, fs::copy_options::overwrite_existing);
+  std::ofstream(d / "tokenizer_config.json")
+      << json{{"chat_template", "{% macro turn(m) %}{{ m.content }}{% endmacro %}"}}.dump();
+  ServerProc s;
+  s.start("", d.string());
+  EXPECT_NE(s.read_log().find("/v1/chat/completions: off (501)"), std::string::npos)
+      << s.read_log();
+  auto r = post(s, "/v1/chat/completions",
+                chat_body(json::array({{{"role", "user"}, {"content", "x"}}}), 2).dump());
+  expect_error(r, 501, "", "unsupported template");
+  EXPECT_EQ(r.body["error"]["code"], "chat_template_unsupported");
+  EXPECT_NE(r.raw.find("macro"), std::string::npos) << r.raw;
+  EXPECT_NE(r.raw.find("line 1, column 1"), std::string::npos) << r.raw;
+  EXPECT_EQ(post(s, "/v1/completions", completion_body("ab", 2).dump()).status, 200);
+  EXPECT_EQ(s.stop(), 0) << s.read_log();
+
+  // --chat-template FILE: a good one turns chat on for the base folder (no template of its own)
+  const fs::path good = scratch() / "chatml.jinja", broken = scratch() / "broken.jinja";
+  std::ofstream(good) << kChatML;
+  std::ofstream(broken) << "{% for m in messages %}{{ m.content | wordwrap }}{% endfor %}";
+  ServerProc t;
+  t.start("--chat-template '" + good.string() + "'");
+  auto c = post(t, "/v1/chat/completions",
+                chat_body(json::array({{{"role", "user"}, {"content", "x"}}}), 3).dump());
+  EXPECT_EQ(c.status, 200) << c.raw;
+  EXPECT_EQ(t.stop(), 0) << t.read_log();
+  // a broken --chat-template is an error at start, naming the construct and where it is
+  auto bad_start = mamba::test::run_cli("serve --model \"" + model_dir() +
+                                        "\" --port 0 --chat-template \"" + broken.string() + "\"");
+  EXPECT_NE(bad_start.status, 0);
+  EXPECT_NE(bad_start.out.find("filter 'wordwrap'"), std::string::npos) << bad_start.out;
+  EXPECT_NE(bad_start.out.find("line 1, column 37"), std::string::npos) << bad_start.out;
 }
 
 }  // namespace

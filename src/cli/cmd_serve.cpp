@@ -21,7 +21,8 @@ namespace mamba::cli {
 
 namespace {
 struct ServeOpts {
-  std::string model, config, tokenizer, host = "127.0.0.1", dtype = "f32", api_key, name;
+  std::string model, config, tokenizer, host = "127.0.0.1", dtype = "f32", api_key, name,
+                                        chat_template;
   int port = 8080, threads = 0;
   int64_t max_batch = 16, max_queue = 64, prefix_cache_mib = 256, max_body_kib = 1024,
           max_tokens = 4096, max_prompt_tokens = 8192;
@@ -32,9 +33,9 @@ Command add_serve(CLI::App& app) {
   auto o = std::make_shared<ServeOpts>();
   auto* sub = app.add_subcommand(
       "serve",
-      "OpenAI-compatible HTTP server: POST /v1/completions (JSON or streamed events), GET "
-      "/v1/models, /health, /metrics; continuous batching and a prefix-state cache "
-      "(docs/SERVING.md)");
+      "OpenAI-compatible HTTP server: POST /v1/completions and (with a chat template) "
+      "/v1/chat/completions (JSON or streamed events), GET /v1/models, /health, /metrics; "
+      "continuous batching and a prefix-state cache (docs/SERVING.md)");
   auto* src = sub->add_option_group("model", "what to serve (one of)");
   src->add_option("--model", o->model,
                   "model folder: config.json + model.safetensors or pytorch_model.bin "
@@ -44,6 +45,9 @@ Command add_serve(CLI::App& app) {
                   "tokenizer unless --tokenizer)");
   src->require_option(1);
   sub->add_option("--tokenizer", o->tokenizer, "tokenizer.json (default: the model folder's)");
+  sub->add_option("--chat-template", o->chat_template,
+                  "Jinja chat template file for /v1/chat/completions, instead of the model "
+                  "folder's (tokenizer_config.json chat_template or chat_template.jinja)");
   sub->add_option("--name", o->name, "the model id /v1/models lists (default: the folder's name)");
   sub->add_option("--host", o->host, "address to listen on")->capture_default_str();
   sub->add_option("--port", o->port, "port (0: any free port; the chosen one is printed)")
@@ -108,6 +112,7 @@ Command add_serve(CLI::App& app) {
             so.host = o->host;
             so.port = o->port;
             so.model_dir = o->model;
+            so.chat_template_file = o->chat_template;
             so.model_name = o->name;
             if (so.model_name.empty()) {
               std::string d = o->model.empty() ? "random" : o->model;
@@ -130,6 +135,7 @@ Command add_serve(CLI::App& app) {
             std::printf("mambacpp serve: model '%s' (%s%s) listening on http://%s:%d\n",
                         so.model_name.c_str(), o->dtype.c_str(),
                         tok ? ", with tokenizer" : ", token ids only", o->host.c_str(), port);
+            std::printf("mambacpp serve: %s\n", server.chat_status().c_str());
             std::fflush(stdout);
             std::atomic<bool> over{false};
             std::thread sig([&] {

@@ -15,6 +15,7 @@
 
 #include "core/os.h"
 #include "mamba/error.h"
+#include "serve/chat_template.h"
 
 namespace mamba::serve {
 
@@ -130,6 +131,26 @@ struct ChoiceText {
     return json{
         {"tokens", toks}, {"token_logprobs", lps}, {"top_logprobs", tops}, {"text_offset", offs}};
   }
+  // The chat form of the same: {"content": [{token, logprob, bytes, top_logprobs: [...]}]}.
+  json chat_logprobs(size_t from, size_t to) const {
+    auto entry = [&](int32_t id, float lp) {
+      const std::string b = tok ? tok->token_bytes(id) : std::string();
+      std::vector<int> bytes(b.begin(), b.end());
+      for (auto& x : bytes) x &= 0xFF;
+      return json{
+          {"token", tok ? utf8_lossy(b) : std::to_string(id)}, {"logprob", lp}, {"bytes", bytes}};
+    };
+    json content = json::array();
+    for (size_t i = from; i < to && i < events.size(); ++i) {
+      if (stopped && offsets[i] >= text.size() && i > 0) break;
+      json e = entry(events[i].id, events[i].logprob);
+      json tops = json::array();
+      for (auto& [id, lp] : events[i].top) tops.push_back(entry(id, lp));
+      e["top_logprobs"] = tops;
+      content.push_back(e);
+    }
+    return json{{"content", content}};
+  }
 };
 
 // A parsed /v1/completions request.
@@ -177,10 +198,62 @@ struct Server::Impl {
   std::atomic<int64_t> streams_open{0};
   std::mt19937_64 seed_rng{std::random_device{}()};
   std::mutex seed_mu;
+  // /v1/chat/completions: the parsed template (null: no template, or chat_error says why it
+  // cannot be used), where it came from, the special tokens it sees, the end-of-turn id
+  std::unique_ptr<ChatTemplate> chat;
+  std::string chat_error, chat_origin;
+  nlohmann::ordered_json chat_vars = nlohmann::ordered_json::object();
+  int32_t chat_eos = -1;
 
   Impl(const MambaLM& m, const Tokenizer* t, ServerOptions o) : lm(m), tok(t), opt(std::move(o)) {
+    load_chat();
     engine = std::make_unique<Engine>(lm, opt.engine);
     routes();
+  }
+
+  // The folder's chat template (or --chat-template's): parsed now, so that an unsupported
+  // construct is reported when the server starts, not at the first request.
+  void load_chat() {
+    const std::string& file = opt.chat_template_file;
+    std::optional<ChatTemplateSource> src;
+    try {
+      src = find_chat_template(opt.model_dir);
+    } catch (const Error& e) {
+      if (file.empty()) {
+        chat_error = e.what();
+        return;
+      }
+    }
+    if (!file.empty()) {
+      MAMBA_CHECK(os::exists(file), "--chat-template '", file, "' does not exist");
+      const std::vector<uint8_t> bytes = os::read_file(file, 16 << 20);
+      ChatTemplateSource s;
+      s.source.assign(bytes.begin(), bytes.end());
+      s.origin = file;
+      if (src) s.special_tokens = src->special_tokens;
+      src = std::move(s);
+    }
+    if (!src) return;
+    chat_origin = src->origin;
+    for (auto& [k, v] : src->special_tokens.items()) chat_vars[k] = v;
+    try {
+      chat = std::make_unique<ChatTemplate>(ChatTemplate::parse(src->source, src->origin));
+    } catch (const Error& e) {
+      if (!file.empty()) throw;
+      chat_error = e.what();
+      return;
+    }
+    if (!tok) {
+      chat.reset();
+      chat_error = "the model has a chat template (" + chat_origin +
+                   ") but no tokenizer.json to turn the rendered conversation into tokens";
+      return;
+    }
+    // the end of an assistant turn: the template's eos_token when the tokenizer has it as one
+    // token (e.g. ChatML's <|im_end|>), else the model's end-of-text id
+    chat_eos = opt.eos_id;
+    if (chat_vars.contains("eos_token") && chat_vars["eos_token"].is_string())
+      if (auto id = tok->find_token(chat_vars["eos_token"].get<std::string>())) chat_eos = *id;
   }
 
   std::string endpoint(const std::string& path) const {
@@ -405,7 +478,15 @@ struct Server::Impl {
       send_error(res, e);
       return;
     }
-    const std::string id = "cmpl-" + std::to_string(next_id++);
+    generate(c, res, false);
+  }
+
+  // Submits a parsed request and answers it: JSON, or server-sent events when c->stream; in
+  // OpenAI's chat shapes (chat.completion, chat.completion.chunk with deltas) when `chat`.
+  void generate(const std::shared_ptr<Completion>& c, httplib::Response& res, bool chat) {
+    const std::string id = (chat ? "chatcmpl-" : "cmpl-") + std::to_string(next_id++);
+    const char* object = chat ? "chat.completion" : "text_completion";
+    const char* chunk_object = chat ? "chat.completion.chunk" : "text_completion";
     const int64_t created = static_cast<int64_t>(std::time(nullptr));
     const size_t nchoices = c->prompts.size() * static_cast<size_t>(c->n);
     int64_t prompt_tokens = 0;
@@ -483,15 +564,20 @@ struct Server::Impl {
         auto& ch = (*choices)[i];
         completion_tokens += static_cast<int64_t>(ch.ids.size());
         json o;
-        o["text"] = (c->echo ? c->prompt_texts[i / c->n] : std::string()) + ch.take(true);
         o["index"] = i;
-        o["logprobs"] = c->logprobs >= 0 ? ch.logprobs(0, ch.events.size()) : json(nullptr);
+        if (chat) {
+          o["message"] = {{"role", "assistant"}, {"content", ch.take(true)}};
+          o["logprobs"] = c->logprobs >= 0 ? ch.chat_logprobs(0, ch.events.size()) : json(nullptr);
+        } else {
+          o["text"] = (c->echo ? c->prompt_texts[i / c->n] : std::string()) + ch.take(true);
+          o["logprobs"] = c->logprobs >= 0 ? ch.logprobs(0, ch.events.size()) : json(nullptr);
+        }
         o["finish_reason"] = finish_name(ch.finish);
         o["token_ids"] = ch.ids;
         out_choices.push_back(o);
       }
       json out{{"id", id},
-               {"object", "text_completion"},
+               {"object", object},
                {"created", created},
                {"model", opt.model_name},
                {"choices", out_choices},
@@ -514,11 +600,11 @@ struct Server::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_chunked_content_provider(
         "text/event-stream",
-        [this, c, id, created, nchoices, choices, seqs, st, pump, prompt_tokens](
-            size_t, httplib::DataSink& sink) {
+        [this, c, id, chat, chunk_object, created, nchoices, choices, seqs, st, pump,
+         prompt_tokens](size_t, httplib::DataSink& sink) {
           auto chunk = [&](json ch) {
             json o{{"id", id},
-                   {"object", "text_completion"},
+                   {"object", chunk_object},
                    {"created", created},
                    {"model", opt.model_name},
                    {"choices", json::array({std::move(ch)})}};
@@ -527,6 +613,13 @@ struct Server::Impl {
           };
           if (!st->echoed) {
             st->echoed = true;
+            if (chat)  // OpenAI's first chunk of each choice: the role
+              for (size_t i = 0; i < nchoices; ++i)
+                if (!chunk(json{{"index", i},
+                                {"delta", {{"role", "assistant"}, {"content", ""}}},
+                                {"logprobs", nullptr},
+                                {"finish_reason", nullptr}}))
+                  return false;
             if (c->echo)
               for (size_t i = 0; i < nchoices; ++i)
                 if (!chunk(json{{"text", c->prompt_texts[i / c->n]},
@@ -543,8 +636,15 @@ struct Server::Impl {
             std::string t = ch.take(fin);
             const size_t nev = ch.events.size();
             if (t.empty() && ch.ids.size() == st->ids_sent[i] && !fin) return true;
-            json o{{"text", t}, {"index", i}};
-            o["logprobs"] = c->logprobs >= 0 ? ch.logprobs(st->lp_sent[i], nev) : json(nullptr);
+            json o{{"index", i}};
+            if (chat) {
+              o["delta"] = t.empty() ? json::object() : json{{"content", t}};
+              o["logprobs"] =
+                  c->logprobs >= 0 ? ch.chat_logprobs(st->lp_sent[i], nev) : json(nullptr);
+            } else {
+              o["text"] = t;
+              o["logprobs"] = c->logprobs >= 0 ? ch.logprobs(st->lp_sent[i], nev) : json(nullptr);
+            }
             st->lp_sent[i] = nev;
             o["finish_reason"] = fin ? json(finish_name(ch.finish)) : json(nullptr);
             o["token_ids"] = std::vector<int32_t>(
@@ -562,7 +662,7 @@ struct Server::Impl {
             int64_t ct = 0;
             for (auto& ch : *choices) ct += static_cast<int64_t>(ch.ids.size());
             json o{{"id", id},
-                   {"object", "text_completion"},
+                   {"object", chunk_object},
                    {"created", created},
                    {"model", opt.model_name},
                    {"choices", json::array()},
@@ -580,6 +680,168 @@ struct Server::Impl {
           for (auto& s : seqs) s->cancel();
           --streams_open;
         });
+  }
+
+  // ---- /v1/chat/completions ----
+  void chat_completions(const httplib::Request& req, httplib::Response& res) {
+    if (draining) {
+      send_error(res,
+                 ApiError{503, "the server is shutting down", "server_error", "", "shutting_down"});
+      return;
+    }
+    if (!chat) {
+      if (chat_error.empty())
+        send_error(res, ApiError{404,
+                                 "This is not a chat model (its folder has no chat template in "
+                                 "tokenizer_config.json or chat_template.jinja), so "
+                                 "/v1/chat/completions is not available: use /v1/completions, "
+                                 "or start the server with --chat-template FILE",
+                                 "invalid_request_error", "model", "model_not_chat"});
+      else
+        send_error(res, ApiError{501,
+                                 "This model's chat template cannot be used, so "
+                                 "/v1/chat/completions is not available: " +
+                                     chat_error,
+                                 "invalid_request_error", "", "chat_template_unsupported"});
+      return;
+    }
+    using ojson = nlohmann::ordered_json;
+    ojson body;  // ordered: the messages reach the template (and its tojson) as sent
+    try {
+      body = ojson::parse(req.body);
+    } catch (const ojson::exception& e) {
+      send_error(res, bad("", std::string("the request body is not valid JSON: ") + e.what()));
+      return;
+    }
+    std::shared_ptr<Completion> c;
+    try {
+      c = std::make_shared<Completion>(parse_chat(body, json::parse(req.body)));
+    } catch (const ApiError& e) {
+      send_error(res, e);
+      return;
+    }
+    generate(c, res, true);
+  }
+
+  // The chat request: `messages` rendered by the template and tokenized; the sampling fields
+  // are /v1/completions' (parse()), with max_completion_tokens for max_tokens and
+  // logprobs (bool) + top_logprobs (0-20) in chat's form.
+  Completion parse_chat(const nlohmann::ordered_json& body, json plain) {
+    using ojson = nlohmann::ordered_json;
+    if (!body.is_object()) throw bad("", "the request body must be a JSON object");
+    if (!body.contains("messages")) throw bad("messages", "'messages' is required");
+    const ojson& m = body["messages"];
+    if (!m.is_array() || m.empty())
+      throw bad("messages", "'messages' must be a non-empty array of {role, content} objects");
+    ojson msgs = ojson::array();
+    for (size_t i = 0; i < m.size(); ++i) {
+      const std::string at = "'messages[" + std::to_string(i) + "]";
+      const ojson& x = m[i];
+      if (!x.is_object()) throw bad("messages", at + "' must be an object");
+      if (!x.contains("role") || !x["role"].is_string() || x["role"].get<std::string>().empty())
+        throw bad("messages", at + ".role' must be a non-empty string");
+      ojson msg = x;
+      const ojson* content = x.contains("content") ? &x["content"] : nullptr;
+      if (!content || content->is_null()) {
+        throw bad("messages", at + ".content' is required (a string or an array of text parts)");
+      } else if (content->is_array()) {  // text parts, joined by newlines (as vLLM does)
+        std::string text;
+        for (size_t k = 0; k < content->size(); ++k) {
+          const ojson& part = (*content)[k];
+          if (!part.is_object() || part.value("type", "") != "text" || !part.contains("text") ||
+              !part["text"].is_string())
+            throw bad("messages", at + ".content[" + std::to_string(k) +
+                                      "]' must be {\"type\": \"text\", \"text\": string}: "
+                                      "only text content is supported");
+          if (k) text += "\n";
+          text += part["text"].get<std::string>();
+        }
+        msg["content"] = text;
+      } else if (!content->is_string()) {
+        throw bad("messages", at + ".content' must be a string or an array of text parts");
+      }
+      msgs.push_back(std::move(msg));
+    }
+    for (const char* k : {"tools", "functions"})
+      if (body.contains(k) && !body[k].is_null() && !(body[k].is_array() && body[k].empty()))
+        throw bad(k, std::string("'") + k + "' (tool calling) is not supported by this server");
+    if (body.contains("response_format") && !body["response_format"].is_null() &&
+        !(body["response_format"].is_object() &&
+          body["response_format"].value("type", "") == "text"))
+      throw bad("response_format", "only 'response_format' {\"type\": \"text\"} is supported");
+    bool gen_prompt = true;
+    if (body.contains("add_generation_prompt") && !body["add_generation_prompt"].is_null()) {
+      if (!body["add_generation_prompt"].is_boolean())
+        throw bad("add_generation_prompt", "'add_generation_prompt' must be a boolean");
+      gen_prompt = body["add_generation_prompt"].get<bool>();
+    }
+    ojson vars = chat_vars;
+    vars["messages"] = std::move(msgs);
+    vars["add_generation_prompt"] = gen_prompt;
+    std::string text;
+    try {
+      text = chat->render(vars);
+    } catch (const ChatTemplateError& e) {
+      ApiError err = bad("messages", e.raised() ? std::string("the model's chat template refused "
+                                                              "these messages: ") +
+                                                      e.what()
+                                                : std::string("the model's chat template failed "
+                                                              "on these messages: ") +
+                                                      e.what());
+      err.code = "chat_template_error";
+      throw err;
+    }
+    std::vector<int32_t> ids;
+    try {
+      ids = tok->encode(text);
+    } catch (const Error& e) {
+      throw bad("messages",
+                std::string("the rendered conversation cannot be tokenized: ") + e.what());
+    }
+    if (ids.empty()) throw bad("messages", "the rendered conversation has no tokens");
+    if (static_cast<int64_t>(ids.size()) > opt.max_prompt_tokens)
+      throw bad("messages", "the rendered conversation has " + std::to_string(ids.size()) +
+                                " tokens; this server accepts at most " +
+                                std::to_string(opt.max_prompt_tokens) + " (--max-prompt-tokens)");
+    // the rest through the completions parser
+    const bool mct =
+        plain.contains("max_completion_tokens") && !plain["max_completion_tokens"].is_null();
+    if (mct) plain["max_tokens"] = plain["max_completion_tokens"];
+    int top = -1;
+    if (plain.contains("logprobs") && !plain["logprobs"].is_null()) {
+      if (!plain["logprobs"].is_boolean())
+        throw bad("logprobs", "'logprobs' must be a boolean (chat completions)");
+      if (plain["logprobs"].get<bool>()) top = 0;
+    }
+    if (plain.contains("top_logprobs") && !plain["top_logprobs"].is_null()) {
+      const json& t = plain["top_logprobs"];
+      if (!t.is_number_integer() || t.get<int64_t>() < 0 || t.get<int64_t>() > 20)
+        throw bad("top_logprobs", "'top_logprobs' must be an integer in [0, 20]");
+      if (top < 0) throw bad("top_logprobs", "'top_logprobs' needs 'logprobs': true");
+      top = static_cast<int>(t.get<int64_t>());
+    }
+    for (const char* k : {"messages", "prompt", "echo", "suffix", "best_of", "logprobs",
+                          "top_logprobs", "max_completion_tokens", "add_generation_prompt"})
+      plain.erase(k);
+    plain["prompt"] = ids;
+    Completion c;
+    try {
+      c = parse(plain);
+    } catch (ApiError& e) {
+      if (e.param == "prompt") e.param = "messages";
+      if (e.param == "max_tokens" && mct) {
+        e.param = "max_completion_tokens";
+        e.message = "'max_completion_tokens'" + e.message.substr(e.message.find(' '));
+      }
+      throw;
+    }
+    c.prompt_texts = {text};
+    c.logprobs = top;
+    c.base.top_logprobs = top;
+    const bool ignore_eos = plain.contains("ignore_eos") && plain["ignore_eos"].is_boolean() &&
+                            plain["ignore_eos"].get<bool>();
+    if (!ignore_eos) c.base.eos_id = chat_eos;  // the end of the assistant's turn
+    return c;
   }
 
   // ---- routes ----
@@ -637,29 +899,8 @@ struct Server::Impl {
     http.Post("/v1/completions", [this](const httplib::Request& req, httplib::Response& res) {
       completions(req, res);
     });
-    http.Post("/v1/chat/completions", [this](const httplib::Request&, httplib::Response& res) {
-      std::string cfg;
-      const std::string path = opt.model_dir + "/tokenizer_config.json";
-      bool has_template = false;
-      if (!opt.model_dir.empty() && os::exists(path)) {
-        try {
-          json t = json::parse(os::read_file(path));
-          has_template = t.is_object() && t.contains("chat_template");
-        } catch (const std::exception&) {
-        }
-      }
-      if (has_template)
-        send_error(res, ApiError{501,
-                                 "This model folder has a chat template, but this server does not "
-                                 "render chat templates yet: format the conversation yourself and "
-                                 "use /v1/completions",
-                                 "invalid_request_error", "", "chat_template_unsupported"});
-      else
-        send_error(res, ApiError{404,
-                                 "This is not a chat model (its folder has no chat template in "
-                                 "tokenizer_config.json), so /v1/chat/completions is not "
-                                 "available: use /v1/completions",
-                                 "invalid_request_error", "model", "model_not_chat"});
+    http.Post("/v1/chat/completions", [this](const httplib::Request& req, httplib::Response& res) {
+      chat_completions(req, res);
     });
     auto model_obj = [this] {
       return json{
@@ -772,6 +1013,13 @@ int Server::bind() {
 }
 
 bool Server::run() { return impl_->http.listen_after_bind(); }
+
+std::string Server::chat_status() const {
+  const auto& i = *impl_;
+  if (i.chat) return "/v1/chat/completions: on, chat template from " + i.chat_origin;
+  if (!i.chat_error.empty()) return "/v1/chat/completions: off (501): " + i.chat_error;
+  return "/v1/chat/completions: off (404): the model folder has no chat template";
+}
 
 void Server::stop() {
   impl_->draining = true;
