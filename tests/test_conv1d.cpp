@@ -201,3 +201,77 @@ TEST(Conv1d, ReverseBackwardFiniteDifferencesDouble) {
             test::all_close(grads.dbias, finite_diff(b, loss), tol::kFiniteDiff, "db " + what));
       }
 }
+
+// Continuing from a conv_state (chunked prefill): the taps before t = 0 read the state's last K-1
+// inputs. Fast == reference (every target); the forward of x[s:] from the state advanced over
+// x[:s] equals the whole forward's rows [s, L); advancing a zero state equals final_state, and
+// advancing piece by piece equals the whole sequence's final state (also for pieces shorter than
+// K, where part of the old window is kept).
+namespace {
+Tensor rows(const Tensor& x, int64_t t0, int64_t n) {
+  const int64_t B = x.dim(0), L = x.dim(1), D = x.dim(2);
+  return x.reshape({B, L * D}).cols(t0 * D, n * D).contiguous().reshape({B, n, D});
+}
+}  // namespace
+
+TEST_P(Conv1dPerTarget, InitialStateFastMatchesReference) {
+  Rng rng(5);
+  for (int64_t D : {1, 17, 33})
+    for (int64_t K : {1, 3, 4})
+      for (int64_t L : {1, 2, 7})
+        for (bool silu : {false, true}) {
+          const int64_t B = 2;
+          Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+          Tensor b = test::randn({D}, rng), st = test::randn({B, D, K}, rng);
+          EXPECT_TRUE(test::all_close(ops::causal_conv1d_fwd(x, w, b, silu, false, st),
+                                      ops::causal_conv1d_ref(x, w, b, silu, false, st),
+                                      tol::kFastVsRef, str("D=", D, " K=", K, " L=", L)));
+        }
+}
+
+TEST(Conv1d, ContinuedFromStateEqualsWholeSequence) {
+  Rng rng(6);
+  for (int64_t K : {1, 2, 4})
+    for (int64_t L : {1, 3, 9}) {
+      const int64_t B = 2, D = 17;
+      Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+      Tensor b = test::randn({D}, rng);
+      Tensor y = ops::causal_conv1d_ref(x, w, b, true);
+      Tensor fin = Tensor::zeros({B, D, K});
+      ops::causal_conv1d_final_state(x, fin);
+      Tensor adv = Tensor::zeros({B, D, K});
+      ops::causal_conv1d_advance_state(adv, x);
+      const std::string what = str("K=", K, " L=", L);
+      EXPECT_TRUE(test::all_close(adv, fin, {0, 0}, "advance from zeros " + what));
+      for (int64_t s = 1; s < L; ++s) {
+        Tensor st = Tensor::zeros({B, D, K});
+        ops::causal_conv1d_advance_state(st, rows(x, 0, s));
+        EXPECT_TRUE(
+            test::all_close(ops::causal_conv1d_fwd(rows(x, s, L - s), w, b, true, false, st),
+                            rows(y, s, L - s), tol::kFastVsRef, "rest " + what));
+        EXPECT_TRUE(
+            test::all_close(ops::causal_conv1d_ref(rows(x, s, L - s), w, b, true, false, st),
+                            rows(y, s, L - s), tol::kFastVsRef, "rest (ref) " + what));
+        // One token at a time from s on: the window kept across pieces shorter than K.
+        for (int64_t t = s; t < L; ++t) ops::causal_conv1d_advance_state(st, rows(x, t, 1));
+        EXPECT_TRUE(test::all_close(st, fin, {0, 0}, str("advanced in pieces ", what, " s=", s)));
+      }
+    }
+}
+
+TEST(Conv1d, InitialStateErrors) {
+  Tensor x({2, 5, 4}), w({4, 3}), b({4});
+  test::expect_error(
+      [&] {
+        ops::causal_conv1d_fwd(x, w, b, true, false, Tensor({2, 4, 2}));
+      },
+      {"causal_conv1d_fwd: initial_state", "expected shape (2,4,3)"});
+  test::expect_error(
+      [&] {
+        ops::causal_conv1d_fwd(x, w, b, true, true, Tensor({2, 4, 3}));
+      },
+      {"initial state needs the causal direction"});
+  Tensor st({1, 4, 3});
+  test::expect_error([&] { ops::causal_conv1d_advance_state(st, x); },
+                     {"causal_conv1d_advance_state: conv_state", "expected shape (2,4,3)"});
+}

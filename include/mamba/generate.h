@@ -1,5 +1,5 @@
-// Sampling and generation: prefill with the full-sequence path (which returns the decode
-// state), then one step per token with that constant-size state.
+// Sampling and generation: prefill with the full-sequence path (chunked, MambaLM::prefill, which
+// leaves the decode state), then one step per token with that constant-size state.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -32,6 +32,9 @@ struct GenerateOptions {
   int32_t eos_id = -1;       // stop a sequence when it produces this id (-1 = never)
   int64_t vocab_limit = -1;  // sample only ids < vocab_limit (the real vocabulary; -1 = all)
   bool keep_scores = false;  // keep the logits that chose each token
+  // Prompts are prefilled this many tokens at a time (MambaLM::prefill; 0 = in one piece): the
+  // activations held are bounded by the chunk, not by the prompt length.
+  int64_t prefill_chunk = MambaLM::kDefaultPrefillChunk;
   // Called as each token is produced: (sequence index, token id).
   std::function<void(int64_t, int32_t)> on_token;
 };

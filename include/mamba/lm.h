@@ -131,6 +131,19 @@ class MambaLM {
   // where the other positions' logits are not needed (saves a (L-1) x V x d_model GEMM).
   Tensor forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
                       LMState* state = nullptr) const;
+  // Prefill that CONTINUES from a decode state: ids (B, L) are the tokens after those `state` has
+  // seen (new_state(B) for a fresh prompt; or a prefix's state, e.g. from a cache); returns the
+  // logits of the last position (B, V_pad) and leaves `state` after the last token. Equal to
+  // forward_last of the whole sequence and to L steps (within fp32 rounding, tests/test_prefill).
+  // chunk > 0 runs the tokens through the model `chunk` at a time (the last chunk may be shorter),
+  // so the activations held are those of B x chunk tokens, not B x L; 0 = one piece. A state of
+  // another batch size, model or layer kind is refused before anything is computed. Inference
+  // only (nothing is saved for backward).
+  Tensor prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMState& state,
+                 int64_t chunk = 0) const;
+  // The chunk generate, bench and serve use by default (the measurements behind the choice:
+  // docs/PERFORMANCE.md, "Chunked prefill").
+  static constexpr int64_t kDefaultPrefillChunk = 256;
   // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Throws for weights that are
   // not fp32 and for an empty `saved` (forward was called without it). layer_done, if set, is
   // called with i right after block i's backward (from the last block down to 0): from then on

@@ -71,7 +71,7 @@ double seconds(std::chrono::steady_clock::time_point t0) {
 Command add_bench(CLI::App& app) {
   struct Opts {
     std::string model, config, preset, dtype = "f32";
-    int64_t prompt = 512, gen = 128, batch = 1;
+    int64_t prompt = 512, gen = 128, batch = 1, prefill_chunk = MambaLM::kDefaultPrefillChunk;
     int threads = 0, reps = 3;
     bool json = false;
   };
@@ -90,6 +90,11 @@ Command add_bench(CLI::App& app) {
   sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
+  sub->add_option("--prefill-chunk", o->prefill_chunk,
+                  "prefill the prompt this many tokens at a time (MambaLM::prefill: activation "
+                  "memory bounded by the chunk; 0 = the whole prompt in one piece)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   sub->add_option("--gen", o->gen, "tokens to decode")
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
@@ -128,9 +133,10 @@ Command add_bench(CLI::App& app) {
         for (auto& v : ids) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
         std::vector<double> pre, dec;
         for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
-          LMState st;
+          LMState st = lm->new_state(B);
           auto t0 = std::chrono::steady_clock::now();
-          lm->forward_last(ids, B, o->prompt, &st);  // prefill: logits of the last position only
+          // prefill (chunked): logits of the last position only
+          lm->prefill(ids, B, o->prompt, st, o->prefill_chunk);
           double tp = seconds(t0);
           std::vector<int32_t> tok(static_cast<size_t>(B));
           for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
@@ -154,18 +160,20 @@ Command add_bench(CLI::App& app) {
         if (o->json) {
           std::printf(
               "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\","
-              "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"gen\":%lld,"
+              "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"prefill_chunk\":%lld,\"gen\":%lld,"
               "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
               "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
-              (long long)o->prompt, (long long)o->gen, o->reps, p.median, p.min, p.max, d.median,
-              d.min, d.max, rss, rss_loaded, rss_end);
+              (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
+              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end);
         } else {
-          std::printf("model: %s, %lld parameters, %s weights, %d threads, batch %lld\n",
-                      what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
-                      num_threads(), (long long)B);
+          std::printf(
+              "model: %s, %lld parameters, %s weights, %d threads, batch %lld, prefill chunk %s\n",
+              what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(),
+              (long long)B,
+              o->prefill_chunk > 0 ? std::to_string(o->prefill_chunk).c_str() : "off (one piece)");
           std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
           std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median,
                       p.min, p.max);

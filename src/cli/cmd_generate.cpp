@@ -24,6 +24,7 @@ struct GenOpts {
   bool greedy = false, no_eos = false, quiet = false;
   uint64_t seed = 0;
   int threads = 0;
+  int64_t prefill_chunk = MambaLM::kDefaultPrefillChunk;
 };
 }  // namespace
 
@@ -56,6 +57,11 @@ Command add_generate(CLI::App& app) {
   sub->add_flag("--no-eos", o->no_eos, "do not stop at the end-of-text token");
   sub->add_flag("-q,--quiet", o->quiet, "no streaming; print only the final texts and timings");
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
+  sub->add_option("--prefill-chunk", o->prefill_chunk,
+                  "prefill prompts this many tokens at a time (bounds the activation memory by "
+                  "the chunk; 0 = the whole prompt in one piece)")
+      ->capture_default_str()
+      ->check(CLI::NonNegativeNumber);
   add_dtype_option(sub, o->dtype);
   return {sub, [o] {
             set_num_threads(o->threads);
@@ -77,6 +83,7 @@ Command add_generate(CLI::App& app) {
             }
             GenerateOptions g;
             g.max_new_tokens = o->max_new_tokens;
+            g.prefill_chunk = o->prefill_chunk;
             g.sampling.greedy = o->greedy;
             g.sampling.temperature = o->temperature;
             g.sampling.top_k = o->top_k;

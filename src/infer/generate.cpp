@@ -98,13 +98,17 @@ GenerateResult generate(const MambaLM& lm, const std::vector<std::vector<int32_t
     if (t == opt.eos_id) done[b] = 1;
   };
   if (opt.max_new_tokens == 0) return res;
-  // Prefill: one full-sequence forward per prompt (lengths may differ), then stack the states.
+  // Prefill: each prompt alone (lengths may differ), in chunks of opt.prefill_chunk tokens, then
+  // stack the states.
+  MAMBA_CHECK(opt.prefill_chunk >= 0, "generate: prefill_chunk must be >= 0, got ",
+              opt.prefill_chunk);
   auto t0 = std::chrono::steady_clock::now();
   for (int64_t b = 0; b < B; ++b) {
     const auto& p = prompts[b];
     MAMBA_CHECK(!p.empty(), "generate: prompt ", b, " is empty");
-    LMState s1;
-    Tensor logits = lm.forward_last(p, 1, static_cast<int64_t>(p.size()), &s1);  // (1, V_pad)
+    LMState s1 = lm.new_state(1);
+    Tensor logits = lm.prefill(p, 1, static_cast<int64_t>(p.size()), s1,
+                               opt.prefill_chunk);  // (1, V_pad)
     state.copy_row(b, s1, 0);
     choose(b, logits.data());
     res.prefill_tokens += static_cast<int64_t>(p.size());

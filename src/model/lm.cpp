@@ -409,6 +409,48 @@ Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
   return logits;
 }
 
+Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMState& state,
+                        int64_t chunk) const {
+  MAMBA_CHECK(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L,
+              "MambaLM::prefill: expected ", B, "x", L, " = ", B * L, " ids, got ", ids.size());
+  MAMBA_CHECK(chunk >= 0, "MambaLM::prefill: chunk must be >= 0 (0 = one piece), got ", chunk);
+  MAMBA_CHECK(state.batch == B, "MambaLM::prefill: state is for batch ", state.batch,
+              ", got B = ", B);
+  MAMBA_CHECK(state.layers.size() == blocks_.size(), "MambaLM::prefill: state has ",
+              state.layers.size(), " layers, the model ", blocks_.size());
+  for (size_t i = 0; i < blocks_.size(); ++i)  // every kind before anything is advanced
+    MAMBA_CHECK(state.layers[i].index() == blocks_[i].mixer().index(), "MambaLM::prefill: layer ",
+                i, " is a ", blocks_[i].mixer_name(), " layer but its state is another mixer's");
+  const int64_t Q = chunk > 0 ? std::min(chunk, L) : L, d = cfg_.d_model;
+  check_activation_memory(activation_bytes(B, Q, false, false), B, Q);
+  std::vector<int32_t> part;  // the chunk's ids (B, n) when B > 1
+  Tensor logits;
+  for (int64_t c0 = 0; c0 < L; c0 += Q) {
+    const int64_t n = std::min(Q, L - c0);
+    std::span<const int32_t> cids = ids.subspan(static_cast<size_t>(c0), static_cast<size_t>(n));
+    if (B > 1) {
+      part.resize(static_cast<size_t>(B * n));
+      for (int64_t b = 0; b < B; ++b)
+        std::copy_n(ids.begin() + b * L + c0, n, part.begin() + b * n);
+      cids = part;
+    }
+    Tensor hidden = embed(cids, B, n);
+    Tensor residual;
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      trace::Scope scope(str("layers.", i, "."));
+      hidden = blocks_[i].prefill(hidden, residual, state.layers[i]);
+    }
+    if (c0 + n < L) continue;  // the head only for the last position of the last chunk
+    Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
+                                       static_cast<float>(cfg_.norm_epsilon));
+    trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
+    const Tensor last = out.reshape({B, n * d}).cols((n - 1) * d, d);  // (B, d): a strided view
+    logits = head(last);
+    trace::op("lm_head", {last.shape()}, {logits.shape()});
+  }
+  return logits;  // (B, V_pad)
+}
+
 void MambaLM::backward(const LMSaved& sv, const Tensor& dlogits,
                        const std::function<void(int64_t)>& layer_done) {
   MAMBA_CHECK(!sv.empty(), "MambaLM::backward: no saved activations (call forward with saved)");

@@ -88,6 +88,24 @@ Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
   return mlp_part(mixed, residual, saved);
 }
 
+Tensor Block::prefill(const Tensor& hidden, Tensor& residual, BlockState& state) const {
+  Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
+  Tensor mixed;
+  {
+    trace::Scope scope("mixer.");
+    mixed = std::visit(
+        [&](auto& m) {
+          using S = typename std::decay_t<decltype(m)>::State;
+          S* st = std::get_if<S>(&state);
+          MAMBA_CHECK(st != nullptr, "Block::prefill: the state is not a ",
+                      std::decay_t<decltype(m)>::kName, " state");
+          return m.prefill(normed, *st);
+        },
+        mixer_);
+  }
+  return mlp_part(mixed, residual, nullptr);
+}
+
 Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) const {
   Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
   Tensor mixed;

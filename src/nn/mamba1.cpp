@@ -115,16 +115,31 @@ void Mamba1::check_state(const Mamba1State& s, int64_t batch) const {
 
 // ---- forward ------------------------------------------------------------------------------------
 
+void Mamba1::check_input(const Tensor& hidden, const char* what) const {
+  const int64_t dm = cfg_.d_model;
+  check_defined(hidden, str(what, ": hidden").c_str());
+  MAMBA_CHECK(hidden.ndim() == 3, what, ": hidden must be (B, L, d_model=", dm, "), got ",
+              hidden.shape_str());
+  check_shape(hidden, str(what, ": hidden").c_str(), {-1, -1, dm});
+  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1, what,
+              ": hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+}
+
 Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
-  const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
-  check_defined(hidden, "Mamba1::forward: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "Mamba1::forward: hidden must be (B, L, d_model=", dm, "), got ",
-              hidden.shape_str());
-  check_shape(hidden, "Mamba1::forward: hidden", {-1, -1, dm});
-  const int64_t B = hidden.dim(0), L = hidden.dim(1);
-  MAMBA_CHECK(B >= 1 && L >= 1, "Mamba1::forward: hidden needs B >= 1 and L >= 1, got ",
-              hidden.shape_str());
+  check_input(hidden, "Mamba1::forward");
   if (saved) params_.check_f32("Mamba1::forward");  // "inference only" for 16-bit weights
+  return run(hidden, saved, nullptr, state);
+}
+
+Tensor Mamba1::prefill(const Tensor& hidden, State& state) const {
+  check_input(hidden, "Mamba1::prefill");
+  check_state(state, hidden.dim(0));
+  return run(hidden, nullptr, &state, &state);
+}
+
+Tensor Mamba1::run(const Tensor& hidden, Saved* saved, const State* init, State* state) const {
+  const int64_t D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
+  const int64_t B = hidden.dim(0), L = hidden.dim(1);
   const bool tr = trace::enabled();
   const Tensor& in_b = optional_f32(in_b_);
 
@@ -139,7 +154,8 @@ Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
 
   // causal depthwise conv + SiLU
   const Tensor conv_w2 = f32(conv_w_).reshape({D, K});
-  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, optional_f32(conv_b_), true);  // (B, L, D)
+  Tensor xc = ops::causal_conv1d_fwd(x, conv_w2, optional_f32(conv_b_), true, false,
+                                     init ? init->conv_state : Tensor());  // (B, L, D)
   if (tr) trace::op("conv1d", {x.shape()}, {xc.shape()});
 
   Tensor x_dbl, Bm, Cm;                     // selective only
@@ -167,6 +183,7 @@ Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
   args.z = z;
   args.delta_bias = f32(dt_b_);
   args.delta_softplus = true;
+  if (init) args.initial_state = init->ssm_state;
   if (!cfg_.selective) args.B = f32(B_ssm_), args.C = f32(C_ssm_);  // const (D, N): time-invariant
   Tensor last;
   Tensor y = ops::selective_scan_fwd(args, state ? &last : nullptr);  // (B, L, D)
@@ -180,8 +197,13 @@ Tensor Mamba1::forward(const Tensor& hidden, Saved* saved, State* state) const {
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
 
   if (state) {
-    state->conv_state = Tensor::zeros({B, D, K});
-    ops::causal_conv1d_final_state(x, state->conv_state);
+    if (init) {  // continued: the window advances past x (state may be init itself)
+      if (state != init) state->conv_state = init->conv_state.clone();
+      ops::causal_conv1d_advance_state(state->conv_state, x);
+    } else {
+      state->conv_state = Tensor::zeros({B, D, K});
+      ops::causal_conv1d_final_state(x, state->conv_state);
+    }
     state->ssm_state = last;
   }
   if (saved) {

@@ -128,14 +128,35 @@ Tensor Mamba2::mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0
   return y_out;
 }
 
-Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
-  check_defined(hidden, "Mamba2::forward: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "Mamba2::forward: hidden must be (B, L, d_model), got ",
+void Mamba2::check_input(const Tensor& hidden, const char* what) const {
+  check_defined(hidden, str(what, ": hidden").c_str());
+  MAMBA_CHECK(hidden.ndim() == 3, what, ": hidden must be (B, L, d_model), got ",
               hidden.shape_str());
-  const int64_t B = hidden.dim(0), L = hidden.dim(1);
-  check_shape(hidden, "Mamba2::forward: hidden", {B, L, cfg_.d_model});
-  MAMBA_CHECK(B > 0 && L > 0, "Mamba2::forward: empty input ", hidden.shape_str());
+  check_shape(hidden, str(what, ": hidden").c_str(), {hidden.dim(0), hidden.dim(1), cfg_.d_model});
+  MAMBA_CHECK(hidden.dim(0) > 0 && hidden.dim(1) > 0, what, ": empty input ", hidden.shape_str());
+}
+
+void Mamba2::check_state(const State& s, int64_t batch, const char* what) const {
+  check_shape(s.conv_state, str(what, ": conv_state").c_str(),
+              {batch, cfg_.conv_dim(), cfg_.d_conv});
+  check_shape(s.ssm_state, str(what, ": ssm_state").c_str(),
+              {batch, cfg_.nheads(), cfg_.headdim, cfg_.d_state});
+}
+
+Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
+  check_input(hidden, "Mamba2::forward");
   if (saved) params_.check_f32("Mamba2::forward");  // "inference only" for 16-bit weights
+  return run(hidden, saved, nullptr, state);
+}
+
+Tensor Mamba2::prefill(const Tensor& hidden, State& state) const {
+  check_input(hidden, "Mamba2::prefill");
+  check_state(state, hidden.dim(0), "Mamba2::prefill");
+  return run(hidden, nullptr, &state, &state);
+}
+
+Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State* state) const {
+  const int64_t B = hidden.dim(0), L = hidden.dim(1);
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
@@ -150,19 +171,26 @@ Tensor Mamba2::forward(const Tensor& hidden, Saved* saved, State* state) const {
   Tensor xbc_raw = zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
   Tensor dt = zxbcdt.cols(2 * dmlp + dssm + cd, H).contiguous();
   if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
-  if (state) {
-    state->conv_state = Tensor::zeros({B, cd, cfg_.d_conv});
-    ops::causal_conv1d_final_state(xbc_raw, state->conv_state);
-  }
-  // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN)
+  // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN), continued from init's window if given
   Tensor xbc = ops::causal_conv1d_fwd(xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
-                                      optional_f32(conv_b_), true);
+                                      optional_f32(conv_b_), true, false,
+                                      init ? init->conv_state : Tensor());
+  if (state) {
+    if (init) {  // state may be init itself: the window is read above, advanced here
+      if (state != init) state->conv_state = init->conv_state.clone();
+      ops::causal_conv1d_advance_state(state->conv_state, xbc_raw);
+    } else {
+      state->conv_state = Tensor::zeros({B, cd, cfg_.d_conv});
+      ops::causal_conv1d_final_state(xbc_raw, state->conv_state);
+    }
+  }
   if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc.shape()});
   Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, L, H, P});
   Tensor Bm = xbc.cols(dssm, G * N).contiguous().reshape({B, L, G, N});
   Tensor Cm = xbc.cols(dssm + G * N, G * N).contiguous().reshape({B, L, G, N});
   // ssd: y (B, L, H, P)
   ops::SsdArgs args = ssd_args(x, dt, Bm, Cm, z.reshape({B, L, H, P}));
+  if (init) args.initial_states = init->ssm_state;
   Tensor fin;
   Tensor y = ops::ssd_chunked(args, state ? &fin : nullptr).reshape({B, L, dssm});
   if (tr)
@@ -249,8 +277,7 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   check_shape(xin, "Mamba2::step: x", {B, cfg_.d_model});
   const int64_t H = cfg_.nheads(), P = cfg_.headdim, G = cfg_.ngroups, N = cfg_.d_state;
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
-  check_shape(state.conv_state, "Mamba2::step: conv_state", {B, cd, cfg_.d_conv});
-  check_shape(state.ssm_state, "Mamba2::step: ssm_state", {B, H, P, N});
+  check_state(state, B, "Mamba2::step");
   const bool tr = trace::enabled();
 
   Tensor zxbcdt = ops::linear(xin, in_w_->value, optional_f32(in_b_));

@@ -211,6 +211,20 @@ Tensor Mamba3::forward(const Tensor& hidden, Saved* saved, State* state) const {
   return run(hidden, saved, nullptr, state);
 }
 
+Tensor Mamba3::prefill(const Tensor& hidden, State& state) const {
+  const int64_t dm = cfg_.d_model;
+  check_defined(hidden, "Mamba3::prefill: hidden");
+  MAMBA_CHECK(hidden.ndim() == 3, "Mamba3::prefill: hidden must be (B, L, d_model=", dm, "), got ",
+              hidden.shape_str());
+  check_shape(hidden, "Mamba3::prefill: hidden", {-1, -1, dm});
+  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1,
+              "Mamba3::prefill: hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+  check_state(state, hidden.dim(0));
+  // The sequence path from the state, advancing it in place (the scan reads each (batch, head)'s
+  // initial slice before it writes the final one).
+  return run(hidden, nullptr, &state, &state);
+}
+
 Tensor Mamba3::step(const Tensor& x, State& state) const {
   const int64_t dm = cfg_.d_model;
   check_defined(x, "Mamba3::step: x");

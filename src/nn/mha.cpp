@@ -125,16 +125,36 @@ void MHA::check_state(const State& s, int64_t batch) const {
 
 // ---- forward ------------------------------------------------------------------------------------
 
+void MHA::check_input(const Tensor& hidden, const char* what) const {
+  const int64_t dm = cfg_.d_model;
+  check_defined(hidden, str(what, ": hidden").c_str());
+  MAMBA_CHECK(hidden.ndim() == 3, what, ": hidden must be (B, L, d_model=", dm, "), got ",
+              hidden.shape_str());
+  check_shape(hidden, str(what, ": hidden").c_str(), {-1, -1, dm});
+  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1, what,
+              ": hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+}
+
 Tensor MHA::forward(const Tensor& hidden, Saved* saved, State* state) const {
-  const int64_t dm = cfg_.d_model, H = H_, KV = KV_, P = P_, HP = H * P, KVP = KV * P;
-  check_defined(hidden, "MHA::forward: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "MHA::forward: hidden must be (B, L, d_model=", dm, "), got ",
-              hidden.shape_str());
-  check_shape(hidden, "MHA::forward: hidden", {-1, -1, dm});
-  const int64_t B = hidden.dim(0), L = hidden.dim(1);
-  MAMBA_CHECK(B >= 1 && L >= 1, "MHA::forward: hidden needs B >= 1 and L >= 1, got ",
-              hidden.shape_str());
+  check_input(hidden, "MHA::forward");
   if (saved) params_.check_f32("MHA::forward");
+  return run(hidden, saved, nullptr, state);
+}
+
+Tensor MHA::prefill(const Tensor& hidden, State& state) const {
+  check_input(hidden, "MHA::prefill");
+  check_state(state, hidden.dim(0));
+  const bool empty =
+      std::all_of(state.len.begin(), state.len.end(), [](int64_t n) { return n == 0; });
+  MAMBA_CHECK(cfg_.causal || empty,
+              "MHA::prefill: a non-causal attention layer cannot continue from a cached state (its "
+              "forward lets every token see the later ones); prefill it in one piece");
+  return run(hidden, nullptr, &state, nullptr);
+}
+
+Tensor MHA::run(const Tensor& hidden, Saved* saved, State* cont, State* state) const {
+  const int64_t H = H_, KV = KV_, P = P_, HP = H * P, KVP = KV * P;
+  const int64_t B = hidden.dim(0), L = hidden.dim(1);
   const bool tr = trace::enabled();
   const Tensor& in_b = optional_f32(in_b_);
   auto bias = [&](int64_t r0, int64_t n) { return in_b.defined() ? in_b.narrow(r0, n) : Tensor(); };
@@ -151,22 +171,47 @@ Tensor MHA::forward(const Tensor& hidden, Saved* saved, State* state) const {
   if (tr) trace::op("in_proj", {hidden.shape()}, {{B, L, qkv_ + mlp_}});
   Tensor qkvc = qkv;
   if (cfg_.d_conv > 0) {
-    qkvc =
-        ops::causal_conv1d_fwd(qkv, f32(conv_w_).reshape({qkv_, cfg_.d_conv}), f32(conv_b_), false);
+    qkvc = ops::causal_conv1d_fwd(qkv, f32(conv_w_).reshape({qkv_, cfg_.d_conv}), f32(conv_b_),
+                                  false, false, cont ? cont->conv_state : Tensor());
     if (tr) trace::op("conv1d", {qkv.shape()}, {qkvc.shape()});
+    if (cont) ops::causal_conv1d_advance_state(cont->conv_state, qkv);
   }
   Tensor q = qkvc.cols(0, HP).contiguous().reshape({B, L, H, P});
   Tensor k = qkvc.cols(HP, KVP).contiguous().reshape({B, L, KV, P});
   Tensor v = qkvc.cols(HP + KVP, KVP).contiguous().reshape({B, L, KV, P});
   const int64_t zero = 0;
+  // Positions: row b's tokens follow the len[b] it has cached (0 for a fresh forward).
+  const std::span<const int64_t> pos0 =
+      cont ? std::span<const int64_t>(cont->len) : std::span<const int64_t>(&zero, 1);
   if (cfg_.rotary_emb_dim > 0) {
-    ops::rotary_inplace(q, {&zero, 1}, rotary_opts(cfg_));
-    ops::rotary_inplace(k, {&zero, 1}, rotary_opts(cfg_));
+    ops::rotary_inplace(q, pos0, rotary_opts(cfg_));
+    ops::rotary_inplace(k, pos0, rotary_opts(cfg_));
     if (tr) trace::op("rotary", {q.shape(), k.shape()}, {q.shape(), k.shape()});
   }
-  Tensor lse;
-  Tensor ctx = ops::attention_fwd(q, k, v, attn_opts(cfg_), saved ? &lse : nullptr);
-  if (tr) trace::op("attention", {q.shape(), k.shape(), v.shape()}, {ctx.shape()});
+  Tensor lse, ctx;
+  if (!cont) {
+    ctx = ops::attention_fwd(q, k, v, attn_opts(cfg_), saved ? &lse : nullptr);
+    if (tr) trace::op("attention", {q.shape(), k.shape(), v.shape()}, {ctx.shape()});
+  } else {
+    // Append the chunk's keys / values to each row's cache, then attend each row's queries over
+    // its len[b] + L keys (the causal mask aligned to the bottom-right: query t sees the cached
+    // keys and the chunk's keys up to t). Rows may hold different lengths: one call per row.
+    cont->reserve(*std::max_element(cont->len.begin(), cont->len.end()) + L);
+    ctx = Tensor::empty({B, L, H, P});
+    for (int64_t b = 0; b < B; ++b) {
+      const int64_t n0 = cont->len[b], n = n0 + L;
+      ops::copy_into(cont->k_cache.select(b).narrow(n0, L), k.select(b));
+      ops::copy_into(cont->v_cache.select(b).narrow(n0, L), v.select(b));
+      Tensor kb = cont->k_cache.select(b).narrow(0, n).reshape({1, n, KV, P});
+      Tensor vb = cont->v_cache.select(b).narrow(0, n).reshape({1, n, KV, P});
+      ops::copy_into(ctx.select(b),
+                     ops::attention_fwd(q.select(b).reshape({1, L, H, P}), kb, vb, attn_opts(cfg_))
+                         .reshape({L, H, P}));
+      cont->len[b] = n;
+    }
+    if (tr)
+      trace::op("attention (over the cache)", {q.shape(), cont->k_cache.shape()}, {ctx.shape()});
+  }
 
   Tensor cat = ctx.reshape({B, L, HP});  // (B, L, H*P [+ mlp/2])
   if (mlp_ > 0) {

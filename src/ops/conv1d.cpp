@@ -78,6 +78,7 @@ namespace {
 struct ConvDims {
   int64_t B, L, D, K;
   bool reverse = false;
+  bool has_init = false;  // an initial conv_state: taps before t = 0 read it (causal only)
   // Source time of tap k for output time t (causal: t-K+1+k; reverse: t+K-1-k); may fall
   // outside [0, L) (a zero tap).
   int64_t src(int64_t t, int64_t k) const { return reverse ? t + K - 1 - k : t - K + 1 + k; }
@@ -86,9 +87,10 @@ struct ConvDims {
   bool in(int64_t t) const { return t >= 0 && t < L; }
 };
 
-// Validates x (B, L, D), weight (D, K), bias (D) optional; names the offending tensor.
+// Validates x (B, L, D), weight (D, K), bias (D) optional, initial_state (B, D, K) optional;
+// names the offending tensor.
 ConvDims check_conv(const char* what, const Tensor& x, const Tensor& weight, const Tensor& bias,
-                    bool reverse) {
+                    bool reverse, const Tensor& initial_state = Tensor()) {
   check_defined(x, str(what, ": x").c_str());
   check_defined(weight, str(what, ": weight").c_str());
   MAMBA_CHECK(x.ndim() == 3, what, ": x must be (B, L, D), got ", x.shape_str());
@@ -97,7 +99,24 @@ ConvDims check_conv(const char* what, const Tensor& x, const Tensor& weight, con
   MAMBA_CHECK(c.K >= 1, what, ": d_conv K must be >= 1, got weight ", weight.shape_str());
   check_shape(weight, str(what, ": weight").c_str(), {c.D, c.K});
   if (bias.defined()) check_shape(bias, str(what, ": bias").c_str(), {c.D});
+  if (initial_state.defined()) {
+    MAMBA_CHECK(!reverse, what, ": an initial state needs the causal direction (reverse = false)");
+    check_shape(initial_state, str(what, ": initial_state").c_str(), {c.B, c.D, c.K});
+    c.has_init = true;
+  }
   return c;
+}
+
+// The inputs before t = 0 an initial conv_state (B, D, K) provides, channel-last: (B, K-1, D),
+// row j = input at time j - (K-1), i.e. state[b, :, j + 1] (state[b, :, 0] is the oldest input,
+// which no tap of the continued sequence reaches).
+std::vector<float> history_rows(const Tensor& state, int64_t B, int64_t D, int64_t K) {
+  std::vector<float> h(static_cast<size_t>(B * (K - 1) * D));
+  const float* s = state.data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t j = 0; j + 1 < K; ++j)
+      for (int64_t d = 0; d < D; ++d) h[(b * (K - 1) + j) * D + d] = s[(b * D + d) * K + j + 1];
+  return h;
 }
 
 // weight (D, K) -> wT (K, D)
@@ -108,8 +127,10 @@ std::vector<float> transpose_weight(const Tensor& weight, int64_t D, int64_t K) 
   return wT;
 }
 
-// pre-activation forward (no SiLU): y (B, L, D)
-void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* bias, float* y) {
+// pre-activation forward (no SiLU): y (B, L, D). hist: history_rows of an initial state, or null
+// (zeros before t = 0).
+void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* bias, float* y,
+              const float* hist = nullptr) {
   const int64_t rows = c.B * c.L;
   parallel_for(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
                [&](int64_t r0, int64_t r1) {
@@ -118,7 +139,10 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
                    const int64_t t = r % c.L;
                    for (int64_t k = 0; k < c.K; ++k) {
                      const int64_t s = c.src(t, k);  // source time of tap k
-                     src[k] = c.in(s) ? x + (r - t + s) * c.D : nullptr;
+                     src[k] = c.in(s) ? x + (r - t + s) * c.D
+                              : (hist && s < 0)
+                                  ? hist + ((r / c.L) * (c.K - 1) + (c.K - 1 + s)) * c.D
+                                  : nullptr;
                    }
                    HWY_DYNAMIC_DISPATCH(TapsKernel)
                    (src.data(), wT, c.D, c.K, bias, y + r * c.D, c.D);
@@ -129,11 +153,14 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
 }  // namespace
 
 Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                         bool reverse) {
-  const ConvDims c = check_conv("causal_conv1d_fwd", x, weight, bias, reverse);
+                         bool reverse, const Tensor& initial_state) {
+  const ConvDims c = check_conv("causal_conv1d_fwd", x, weight, bias, reverse, initial_state);
   Tensor y = Tensor::empty({c.B, c.L, c.D});
   const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
-  conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data());
+  const std::vector<float> hist =
+      c.has_init ? history_rows(initial_state, c.B, c.D, c.K) : std::vector<float>();
+  conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data(),
+           c.has_init ? hist.data() : nullptr);
   if (silu) ops::silu(y.data(), y.data(), y.numel());
   return y;
 }
@@ -201,8 +228,8 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
 }
 
 std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                          bool silu, bool reverse) {
-  const ConvDims c = check_conv("causal_conv1d_ref", x, weight, bias, reverse);
+                                          bool silu, bool reverse, const Tensor& initial_state) {
+  const ConvDims c = check_conv("causal_conv1d_ref", x, weight, bias, reverse, initial_state);
   std::vector<double> y(static_cast<size_t>(c.B * c.L * c.D));
   for (int64_t b = 0; b < c.B; ++b)
     for (int64_t t = 0; t < c.L; ++t)
@@ -210,7 +237,11 @@ std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight,
         double acc = bias.defined() ? bias[d] : 0.0;
         for (int64_t k = 0; k < c.K; ++k) {
           const int64_t s = c.src(t, k);
-          if (c.in(s)) acc += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+          if (c.in(s)) {
+            acc += (double)weight[d * c.K + k] * x[(b * c.L + s) * c.D + d];
+          } else if (c.has_init && s < 0) {  // input at time s < 0: the state's entry K + s
+            acc += (double)weight[d * c.K + k] * initial_state[(b * c.D + d) * c.K + c.K + s];
+          }
         }
         if (silu) acc = acc / (1.0 + std::exp(-acc));
         y[(b * c.L + t) * c.D + d] = acc;
@@ -219,8 +250,9 @@ std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight,
 }
 
 Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                         bool reverse) {
-  const std::vector<double> y = causal_conv1d_ref_f64(x, weight, bias, silu, reverse);
+                         bool reverse, const Tensor& initial_state) {
+  const std::vector<double> y =
+      causal_conv1d_ref_f64(x, weight, bias, silu, reverse, initial_state);
   Tensor out = Tensor::empty({x.dim(0), x.dim(1), x.dim(2)});
   for (int64_t i = 0; i < out.numel(); ++i) out[i] = static_cast<float>(y[i]);
   return out;
@@ -312,6 +344,32 @@ void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state) {
         const int64_t t = L - K + k;
         conv_state[(b * D + d) * K + k] = t >= 0 ? x[(b * L + t) * D + d] : 0.f;
       }
+}
+
+void causal_conv1d_advance_state(Tensor& conv_state, const Tensor& x) {
+  check_defined(x, "causal_conv1d_advance_state: x");
+  MAMBA_CHECK(x.ndim() == 3, "causal_conv1d_advance_state: x must be (B, L, D), got ",
+              x.shape_str());
+  const int64_t B = x.dim(0), L = x.dim(1), D = x.dim(2);
+  check_defined(conv_state, "causal_conv1d_advance_state: conv_state");
+  MAMBA_CHECK(conv_state.ndim() == 3 && conv_state.dim(2) >= 1,
+              "causal_conv1d_advance_state: conv_state must be (B, D, K) with K >= 1, got ",
+              conv_state.shape_str());
+  const int64_t K = conv_state.dim(2);
+  check_shape(conv_state, "causal_conv1d_advance_state: conv_state", {B, D, K});
+  float* st = conv_state.data();
+  const float* xp = x.data();
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < D; ++d) {
+      float* s = st + (b * D + d) * K;
+      // Entry k of the new state is the input at time L - K + k of the continued sequence: from
+      // x when that time is >= 0, else the old state's entry k + L (ascending k reads ahead of
+      // where it writes, so the shift is in place).
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t t = L - K + k;
+        s[k] = t >= 0 ? xp[(b * L + t) * D + d] : s[k + L];
+      }
+    }
 }
 
 }  // namespace mamba::ops

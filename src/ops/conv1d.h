@@ -3,6 +3,9 @@
 // bias: (D) optional.  y[b,t,d] = act(bias[d] + sum_k weight[d,k] * x[b, t-K+1+k, d]),
 // with x = 0 before t = 0 (or taken from an initial conv_state).
 // conv_state: (B, D, K), mamba_ssm's layout: the last K inputs, oldest first.
+// initial_state (optional, causal only): a conv_state (B, D, K) the sequence continues from: the
+// taps before t = 0 read its last K-1 inputs instead of zeros (chunked prefill: the forward of
+// a chunk after a prefix equals the forward of prefix + chunk at the chunk's positions).
 // reverse = true: the anti-causal conv, y[b,t,d] = act(bias[d] + sum_k weight[d,k] * x[b, t+K-1-k,
 // d]) with x = 0 after t = L-1: flip(conv(flip(x))) over time, read in place (Vim's backward
 // direction).
@@ -14,7 +17,7 @@
 namespace mamba::ops {
 
 Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                         bool reverse = false);
+                         bool reverse = false, const Tensor& initial_state = Tensor());
 struct Conv1dGrads {
   Tensor dx, dweight, dbias;  // dbias undefined when bias is
 };
@@ -23,11 +26,12 @@ Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tenso
                               const Tensor& dy, bool reverse = false);
 // Naive references (plain loops, double accumulation).
 Tensor causal_conv1d_ref(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
-                         bool reverse = false);
+                         bool reverse = false, const Tensor& initial_state = Tensor());
 // The reference forward evaluated and returned in double (B*L*D values, (B, L, D) order), for
 // finite-difference tests.
 std::vector<double> causal_conv1d_ref_f64(const Tensor& x, const Tensor& weight, const Tensor& bias,
-                                          bool silu, bool reverse = false);
+                                          bool silu, bool reverse = false,
+                                          const Tensor& initial_state = Tensor());
 Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const Tensor& bias,
                                   bool silu, const Tensor& dy, bool reverse = false);
 
@@ -37,5 +41,10 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
 // The conv_state a prefill over x (B, L, D) leaves: the last K inputs, zero-padded on the left
 // when L < K. Writes conv_state (B, D, K).
 void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state);
+// The same from a state the sequence continues from: conv_state (B, D, K) becomes the last K
+// inputs of [its own K, x (B, L, D)] (for L < K it keeps its newest K - L). Applied to a zero
+// state it equals causal_conv1d_final_state; applied to a prefill's state it gives the state of
+// the longer sequence (chunked prefill).
+void causal_conv1d_advance_state(Tensor& conv_state, const Tensor& x);
 
 }  // namespace mamba::ops

@@ -47,6 +47,9 @@ class Block {
   // activations for backward / the decode state after the last token (prefill).
   Tensor forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved = nullptr,
                  BlockState* state = nullptr) const;
+  // The forward continued from a decode state (chunked prefill): hidden, residual (B, L, d_model)
+  // of the L tokens after those `state` has seen; state advanced by them. Inference only.
+  Tensor prefill(const Tensor& hidden, Tensor& residual, BlockState& state) const;
   // One token: hidden, residual (B, d_model), state advanced.
   Tensor step(const Tensor& hidden, Tensor& residual, BlockState& state) const;
   // dres (B, L, d_model): on entry the gradient of this block's output and of the residual stream

@@ -99,6 +99,11 @@ class Mamba1 {
   // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs (fp32
   // weights only); state != nullptr receives the conv/ssm states after the last token (prefill).
   Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
+  // The forward continued from a decode state (chunked prefill): hidden (B, L, d_model) are the
+  // L tokens after those `state` has seen (new_state(B) for none); returns (B, L, d_model), equal
+  // to the forward of the whole sequence at those positions (and to L steps), and advances state
+  // by the L tokens. Inference only (nothing saved for backward).
+  Tensor prefill(const Tensor& hidden, State& state) const;
   // dy: (B, L, d_model) -> dx (B, L, d_model); parameter gradients accumulate (+=) into params().
   // Throws "… inference only; load in f32 to train" when the weights are not fp32.
   Tensor backward(const Saved& saved, const Tensor& dy);
@@ -109,6 +114,10 @@ class Mamba1 {
  private:
   Tensor A() const;  // (D, N) = -exp(A_log)
   void check_state(const State& s, int64_t batch) const;
+  void check_input(const Tensor& hidden, const char* what) const;  // (B >= 1, L >= 1, d_model)
+  // The shared sequence path: init (optional) the state the sequence continues from, state
+  // (optional, may be init) receives the state after the last token.
+  Tensor run(const Tensor& hidden, Saved* saved, const State* init, State* state) const;
   const Tensor& f32(const Param* p) const { return p->value.f32(p->name.c_str()); }
 
   Config cfg_;

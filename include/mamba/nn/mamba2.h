@@ -115,6 +115,9 @@ class Mamba2 {
   // hidden: (B, L, d_model) -> (B, L, d_model). saved != nullptr keeps what backward needs (fp32
   // weights only); state != nullptr receives the decode state after the last token (prefill).
   Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
+  // The forward continued from a decode state (chunked prefill), as Mamba1::prefill: hidden (B, L,
+  // d_model) after the tokens `state` has seen; returns (B, L, d_model) and advances state.
+  Tensor prefill(const Tensor& hidden, State& state) const;
   // dy: (B, L, d_model). Returns dhidden (B, L, d_model); accumulates parameter grads (+=).
   // Throws "… inference only; load in f32 to train" when the weights are not fp32.
   Tensor backward(const Saved& saved, const Tensor& dy);
@@ -125,6 +128,10 @@ class Mamba2 {
 
  private:
   Tensor A() const;  // -exp(A_log): (H)
+  void check_input(const Tensor& hidden, const char* what) const;
+  void check_state(const State& s, int64_t batch, const char* what) const;
+  // The shared sequence path (see Mamba1::run): init optional, state may be init.
+  Tensor run(const Tensor& hidden, Saved* saved, const State* init, State* state) const;
   Tensor mlp_gate_cat(const Tensor& yn, const Tensor& z0, const Tensor& x0) const;
   ops::SsdArgs ssd_args(const Tensor& x, const Tensor& dt, const Tensor& B, const Tensor& C,
                         const Tensor& z) const;

@@ -100,6 +100,9 @@ class Mamba3 {
   // hidden: (B, L, d_model) -> (B, L, d_model). saved: what backward needs; state: receives the
   // decode state after the last token (prefill).
   Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
+  // The forward continued from a decode state (chunked prefill), as Mamba1::prefill: hidden (B, L,
+  // d_model) after the tokens `state` has seen; returns (B, L, d_model) and advances state.
+  Tensor prefill(const Tensor& hidden, State& state) const;
   // dy: (B, L, d_model) -> dx; parameter gradients accumulate (+=).
   Tensor backward(const Saved& saved, const Tensor& dy);
   State new_state(int64_t batch) const;  // zeros

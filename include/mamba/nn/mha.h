@@ -104,6 +104,12 @@ class MHA {
   // hidden: (B, L, d_model) -> (B, L, d_model). state != nullptr receives the KV cache and conv
   // window after the last token (prefill: positions 0..L-1).
   Tensor forward(const Tensor& hidden, Saved* saved = nullptr, State* state = nullptr) const;
+  // The forward continued from a decode state (chunked prefill): hidden (B, L, d_model) are the
+  // tokens after row b's len[b] cached ones; their keys / values are appended to the cache
+  // (rotary positions and the causal mask offset by len[b]), the conv window advances, len[b] +=
+  // L. Equals the forward of the whole sequence at those positions (and L steps). A non-causal
+  // layer can only prefill from an empty cache (throws otherwise). Inference only.
+  Tensor prefill(const Tensor& hidden, State& state) const;
   Tensor backward(const Saved& saved, const Tensor& dy);
   State new_state(int64_t batch) const;  // empty cache, zero conv window
   // x: (B, d_model) -> (B, d_model); row b is at position state.len[b] (then len[b] += 1).
@@ -112,6 +118,10 @@ class MHA {
  private:
   const Tensor& f32(const Param* p) const { return p->value.f32(p->name.c_str()); }
   void check_state(const State& s, int64_t batch) const;
+  void check_input(const Tensor& hidden, const char* what) const;
+  // The shared sequence path: cont (optional) the state the sequence continues from, advanced in
+  // place; state (optional, only without cont) receives a fresh prefill's state.
+  Tensor run(const Tensor& hidden, Saved* saved, State* cont, State* state) const;
   // [context (B*, H*P) | up * silu(gate)] through out_proj: the tail shared by forward and step.
   Config cfg_;
   int64_t H_, KV_, P_, qkv_, mlp_;  // heads, kv heads, head dim, qkv_dim, rounded mlp_dim

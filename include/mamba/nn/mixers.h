@@ -5,7 +5,8 @@
 //   static constexpr const char* kName      its ssm_cfg "layer" name in config.json
 //   Config::from_ssm_cfg / to_ssm_cfg / ssm_cfg_keys / check_ssm_cfg   its config.json keys
 //   ParamList& params(); forward(hidden, Saved*, State*) const; backward(saved, dy);
-//   new_state(batch) const; step(x, State&) const
+//   new_state(batch) const; step(x, State&) const; prefill(hidden, State&) const (the forward
+//   continued from a state and advancing it: chunked prefill, equal to L steps)
 //   State::copy_row(dst_b, src, src_b): batch row copy (generate stacks prefilled states)
 // MixerSet turns the list into the variants used by ModelConfig (MixerConfig), Block (Mixer) and
 // the model's decode state / saved activations (MixerState / MixerSaved); the index of an
