@@ -143,7 +143,7 @@ class MambaLM {
                  int64_t chunk = 0) const;
   // The chunk generate, bench and serve use by default (the measurements behind the choice:
   // docs/PERFORMANCE.md, "Chunked prefill").
-  static constexpr int64_t kDefaultPrefillChunk = 256;
+  static constexpr int64_t kDefaultPrefillChunk = 192;
   // dlogits: (B, L, V_pad). Accumulates every parameter gradient (+=). Throws for weights that are
   // not fp32 and for an empty `saved` (forward was called without it). layer_done, if set, is
   // called with i right after block i's backward (from the last block down to 0): from then on

@@ -42,13 +42,17 @@ constexpr size_t kAlign = 64;
 // that the OOM killer ends later; one the allocator still refuses is a mamba::Error too, never
 // std::bad_alloc.
 constexpr size_t kCheckedBytes = size_t{64} << 20;
-// Large tensors (>= 2 MiB, a huge page; Linux) are mapped straight from the kernel on huge-page
+// Large tensors (>= 32 MiB; Linux) are mapped straight from the kernel on huge-page (2 MiB)
 // boundaries with transparent huge pages requested (madvise: the setting Debian ships), and
-// unmapped when freed. Through malloc they were mmap'ed in 4 KiB pages, one page fault per 4 KiB
-// on first touch, every call: a Mamba layer's forward + backward at B 4, L 2048, d_model 768 took
-// 374,080 faults and 2.2x the time from Python (docs/PERFORMANCE.md, "Stop 23"). Pages the kernel
-// maps are zero, so zeros() of such a tensor skips its memset (`*zeroed` = true).
+// unmapped when freed. glibc serves them with fresh 4 KiB pages on every call (32 MiB is the
+// most its adaptive mmap threshold reaches), one page fault per 4 KiB on first touch: a Mamba
+// layer's forward + backward at B 4, L 2048, d_model 768 took 374,080 faults and 2.5x the time
+// from Python. Smaller tensors stay with malloc, which reuses freed memory without any fault
+// (mapping them too halved an LM's one-shot prefill at 512 tokens: fresh huge pages to zero for
+// every 3-6 MiB activation). docs/PERFORMANCE.md, "Stop 23". Pages the kernel maps are zero, so
+// zeros() of such a tensor skips its memset (`*zeroed` = true).
 constexpr size_t kHugeBytes = size_t{2} << 20;
+constexpr size_t kMapBytes = size_t{32} << 20;
 std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nullptr) {
   MAMBA_CHECK(static_cast<uint64_t>(n) <= (uint64_t{1} << 61), "tensor of shape ", shape_str(shape),
               " is too large to allocate");
@@ -61,7 +65,7 @@ std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nu
   };
   if (zeroed) *zeroed = false;
 #if defined(__linux__)
-  if (bytes >= kHugeBytes) {
+  if (bytes >= kMapBytes) {
     const size_t len = (bytes + 4095) / 4096 * 4096, mapped = len + kHugeBytes;
     void* base =
         ::mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
