@@ -88,7 +88,11 @@ Tensor Block::forward(const Tensor& hidden, Tensor& residual, BlockSaved* saved,
   return mlp_part(mixed, residual, saved);
 }
 
-Tensor Block::prefill(const Tensor& hidden, Tensor& residual, BlockState& state) const {
+// prefill and step: add + norm, then `call(mixer, its state)` on the mixer's own state kind
+// (a state of another kind is refused, naming `what`), then the MLP part.
+template <class Call>
+Tensor Block::with_state(const Tensor& hidden, Tensor& residual, BlockState& state,
+                         const char* what, Call&& call) const {
   Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
   Tensor mixed;
   {
@@ -97,31 +101,23 @@ Tensor Block::prefill(const Tensor& hidden, Tensor& residual, BlockState& state)
         [&](auto& m) {
           using S = typename std::decay_t<decltype(m)>::State;
           S* st = std::get_if<S>(&state);
-          MAMBA_CHECK(st != nullptr, "Block::prefill: the state is not a ",
+          MAMBA_CHECK(st != nullptr, what, ": the state is not a ",
                       std::decay_t<decltype(m)>::kName, " state");
-          return m.prefill(normed, *st);
+          return call(m, normed, *st);
         },
         mixer_);
   }
   return mlp_part(mixed, residual, nullptr);
 }
 
+Tensor Block::prefill(const Tensor& hidden, Tensor& residual, BlockState& state) const {
+  return with_state(hidden, residual, state, "Block::prefill",
+                    [](auto& m, const Tensor& x, auto& st) { return m.prefill(x, st); });
+}
+
 Tensor Block::step(const Tensor& hidden, Tensor& residual, BlockState& state) const {
-  Tensor normed = add_norm(hidden, residual, *norm_w_, "add+norm");
-  Tensor mixed;
-  {
-    trace::Scope scope("mixer.");
-    mixed = std::visit(
-        [&](auto& m) {
-          using S = typename std::decay_t<decltype(m)>::State;
-          S* st = std::get_if<S>(&state);
-          MAMBA_CHECK(st != nullptr, "Block::step: the state is not a ",
-                      std::decay_t<decltype(m)>::kName, " state");
-          return m.step(normed, *st);
-        },
-        mixer_);
-  }
-  return mlp_part(mixed, residual, nullptr);
+  return with_state(hidden, residual, state, "Block::step",
+                    [](auto& m, const Tensor& x, auto& st) { return m.step(x, st); });
 }
 
 void Block::backward(const BlockSaved& s, Tensor& dres) {

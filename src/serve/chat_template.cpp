@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "core/os.h"
+#include "model/tokenizer_text.h"
 
 namespace mamba::serve {
 
@@ -191,24 +192,6 @@ uint32_t decode_cp(const std::string& s, size_t p, size_t* len) {
   return cp;
 }
 
-void encode_cp(uint32_t cp, std::string& out) {
-  if (cp < 0x80) {
-    out += static_cast<char>(cp);
-  } else if (cp < 0x800) {
-    out += static_cast<char>(0xC0 | (cp >> 6));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else if (cp < 0x10000) {
-    out += static_cast<char>(0xE0 | (cp >> 12));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  } else {
-    out += static_cast<char>(0xF0 | (cp >> 18));
-    out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-    out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-    out += static_cast<char>(0x80 | (cp & 0x3F));
-  }
-}
-
 // Python's str.isspace() for a code point.
 bool py_space(uint32_t c) {
   return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 ||
@@ -308,7 +291,7 @@ std::string py_case(const std::string& s, char mode) {
       prev_cased = cp_cased_letter(c);
     }
     first = false;
-    encode_cp(r, out);
+    tok::utf8_append(out, static_cast<char32_t>(r));
     p += n;
   }
   return out;

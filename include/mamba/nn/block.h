@@ -76,6 +76,9 @@ class Block {
                   const char* what) const;
   // The mixer's output through the MLP sub-block, when there is one.
   Tensor mlp_part(const Tensor& mixed, Tensor& residual, BlockSaved* saved) const;
+  template <class Call>  // prefill / step: the shared add+norm, state check and MLP (block.cpp)
+  Tensor with_state(const Tensor& hidden, Tensor& residual, BlockState& state, const char* what,
+                    Call&& call) const;
 
   Mixer mixer_;
   std::optional<GatedMLP> mlp_;
