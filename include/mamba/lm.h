@@ -164,6 +164,8 @@ class MambaLM {
  private:
   Tensor embed(std::span<const int32_t> ids, int64_t B, int64_t L) const;  // (B, L, d_model)
   Tensor head(const Tensor& hidden) const;                                 // (M, V_pad)
+  Tensor final_norm(const Tensor& hidden, Tensor& residual) const;    // residual += hidden; norm_f
+  Tensor last_logits(const Tensor& out, int64_t B, int64_t L) const;  // head of position L - 1
   // Embedding, blocks and norm_f: the normed hidden state (B, L, d_model).
   Tensor backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMSaved* sv,
                   LMState* state) const;

@@ -345,11 +345,24 @@ Tensor MambaLM::backbone(std::span<const int32_t> ids, int64_t B, int64_t L, LMS
     hidden = blocks_[i].forward(hidden, residual, sv ? &sv->blocks[i] : nullptr,
                                 state ? &state->layers[i] : nullptr);
   }
+  Tensor out = final_norm(hidden, residual);
+  if (sv) sv->residual_final = residual, sv->hidden_final = out;
+  return out;  // (B, L, d_model)
+}
+
+Tensor MambaLM::final_norm(const Tensor& hidden, Tensor& residual) const {
   Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
                                      static_cast<float>(cfg_.norm_epsilon));
   trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
-  if (sv) sv->residual_final = residual, sv->hidden_final = out;
-  return out;  // (B, L, d_model)
+  return out;
+}
+
+Tensor MambaLM::last_logits(const Tensor& out, int64_t B, int64_t L) const {
+  const int64_t d = cfg_.d_model;
+  const Tensor last = out.reshape({B, L * d}).cols((L - 1) * d, d);  // (B, d): a strided view
+  Tensor logits = head(last);
+  trace::op("lm_head", {last.shape()}, {logits.shape()});
+  return logits;  // (B, V_pad)
 }
 
 double MambaLM::activation_bytes(int64_t B, int64_t L, bool all_logits, bool saved) const {
@@ -401,12 +414,7 @@ Tensor MambaLM::forward(std::span<const int32_t> ids, int64_t B, int64_t L, LMSa
 Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
                              LMState* state) const {
   check_activation_memory(activation_bytes(B, L, false, false), B, L);
-  Tensor out = backbone(ids, B, L, nullptr, state);
-  const int64_t d = cfg_.d_model;
-  const Tensor last = out.reshape({B, L * d}).cols((L - 1) * d, d);  // (B, d): a strided view
-  Tensor logits = head(last);
-  trace::op("lm_head", {last.shape()}, {logits.shape()});
-  return logits;
+  return last_logits(backbone(ids, B, L, nullptr, state), B, L);
 }
 
 Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMState& state,
@@ -421,7 +429,7 @@ Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMSt
   for (size_t i = 0; i < blocks_.size(); ++i)  // every kind before anything is advanced
     MAMBA_CHECK(state.layers[i].index() == blocks_[i].mixer().index(), "MambaLM::prefill: layer ",
                 i, " is a ", blocks_[i].mixer_name(), " layer but its state is another mixer's");
-  const int64_t Q = chunk > 0 ? std::min(chunk, L) : L, d = cfg_.d_model;
+  const int64_t Q = chunk > 0 ? std::min(chunk, L) : L;
   check_activation_memory(activation_bytes(B, Q, false, false), B, Q);
   std::vector<int32_t> part;  // the chunk's ids (B, n) when B > 1
   Tensor logits;
@@ -441,12 +449,7 @@ Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMSt
       hidden = blocks_[i].prefill(hidden, residual, state.layers[i]);
     }
     if (c0 + n < L) continue;  // the head only for the last position of the last chunk
-    Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
-                                       static_cast<float>(cfg_.norm_epsilon));
-    trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
-    const Tensor last = out.reshape({B, n * d}).cols((n - 1) * d, d);  // (B, d): a strided view
-    logits = head(last);
-    trace::op("lm_head", {last.shape()}, {logits.shape()});
+    logits = last_logits(final_norm(hidden, residual), B, n);
   }
   return logits;  // (B, V_pad)
 }

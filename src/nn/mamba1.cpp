@@ -197,13 +197,10 @@ Tensor Mamba1::run(const Tensor& hidden, Saved* saved, const State* init, State*
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
 
   if (state) {
-    if (init) {  // continued: the window advances past x (state may be init itself)
-      if (state != init) state->conv_state = init->conv_state.clone();
-      ops::causal_conv1d_advance_state(state->conv_state, x);
-    } else {
-      state->conv_state = Tensor::zeros({B, D, K});
-      ops::causal_conv1d_final_state(x, state->conv_state);
-    }
+    // The window advanced past x: from init's (state may be init itself) or from zeros.
+    if (state != init)
+      state->conv_state = init ? init->conv_state.clone() : Tensor::zeros({B, D, K});
+    ops::causal_conv1d_advance_state(state->conv_state, x);
     state->ssm_state = last;
   }
   if (saved) {

@@ -176,13 +176,10 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
                                       optional_f32(conv_b_), true, false,
                                       init ? init->conv_state : Tensor());
   if (state) {
-    if (init) {  // state may be init itself: the window is read above, advanced here
-      if (state != init) state->conv_state = init->conv_state.clone();
-      ops::causal_conv1d_advance_state(state->conv_state, xbc_raw);
-    } else {
-      state->conv_state = Tensor::zeros({B, cd, cfg_.d_conv});
-      ops::causal_conv1d_final_state(xbc_raw, state->conv_state);
-    }
+    // The window advanced past xbc_raw: from init's (state may be init itself) or from zeros.
+    if (state != init)
+      state->conv_state = init ? init->conv_state.clone() : Tensor::zeros({B, cd, cfg_.d_conv});
+    ops::causal_conv1d_advance_state(state->conv_state, xbc_raw);
   }
   if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc.shape()});
   Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, L, H, P});

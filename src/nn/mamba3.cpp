@@ -199,26 +199,26 @@ Tensor Mamba3::run(const Tensor& hidden, Saved* saved, const State* init, State*
   return out;
 }
 
-Tensor Mamba3::forward(const Tensor& hidden, Saved* saved, State* state) const {
-  const int64_t dm = cfg_.d_model;
-  check_defined(hidden, "Mamba3::forward: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "Mamba3::forward: hidden must be (B, L, d_model=", dm, "), got ",
+namespace {
+// hidden must be (B, L, d_model) with B, L >= 1; `what` names the caller.
+void check_hidden(const Tensor& hidden, int64_t dm, const char* what) {
+  check_defined(hidden, str(what, ": hidden").c_str());
+  MAMBA_CHECK(hidden.ndim() == 3, what, ": hidden must be (B, L, d_model=", dm, "), got ",
               hidden.shape_str());
-  check_shape(hidden, "Mamba3::forward: hidden", {-1, -1, dm});
-  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1,
-              "Mamba3::forward: hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+  check_shape(hidden, str(what, ": hidden").c_str(), {-1, -1, dm});
+  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1, what,
+              ": hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+}
+}  // namespace
+
+Tensor Mamba3::forward(const Tensor& hidden, Saved* saved, State* state) const {
+  check_hidden(hidden, cfg_.d_model, "Mamba3::forward");
   if (saved) params_.check_f32("Mamba3::forward");
   return run(hidden, saved, nullptr, state);
 }
 
 Tensor Mamba3::prefill(const Tensor& hidden, State& state) const {
-  const int64_t dm = cfg_.d_model;
-  check_defined(hidden, "Mamba3::prefill: hidden");
-  MAMBA_CHECK(hidden.ndim() == 3, "Mamba3::prefill: hidden must be (B, L, d_model=", dm, "), got ",
-              hidden.shape_str());
-  check_shape(hidden, "Mamba3::prefill: hidden", {-1, -1, dm});
-  MAMBA_CHECK(hidden.dim(0) >= 1 && hidden.dim(1) >= 1,
-              "Mamba3::prefill: hidden needs B >= 1 and L >= 1, got ", hidden.shape_str());
+  check_hidden(hidden, cfg_.d_model, "Mamba3::prefill");
   check_state(state, hidden.dim(0));
   // The sequence path from the state, advancing it in place (the scan reads each (batch, head)'s
   // initial slice before it writes the final one).

@@ -328,22 +328,11 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   return y;
 }
 
+// The state after x from a zero (left-padded) window: the window advanced past x.
 void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state) {
-  check_defined(x, "causal_conv1d_final_state: x");
-  MAMBA_CHECK(x.ndim() == 3, "causal_conv1d_final_state: x must be (B, L, D), got ", x.shape_str());
-  const int64_t B = x.dim(0), L = x.dim(1), D = x.dim(2);
   check_defined(conv_state, "causal_conv1d_final_state: conv_state");
-  MAMBA_CHECK(conv_state.ndim() == 3 && conv_state.dim(2) >= 1,
-              "causal_conv1d_final_state: conv_state must be (B, D, K) with K >= 1, got ",
-              conv_state.shape_str());
-  const int64_t K = conv_state.dim(2);
-  check_shape(conv_state, "causal_conv1d_final_state: conv_state", {B, D, K});
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t t = L - K + k;
-        conv_state[(b * D + d) * K + k] = t >= 0 ? x[(b * L + t) * D + d] : 0.f;
-      }
+  conv_state.zero();
+  causal_conv1d_advance_state(conv_state, x);
 }
 
 void causal_conv1d_advance_state(Tensor& conv_state, const Tensor& x) {

@@ -42,9 +42,9 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
 // when L < K. Writes conv_state (B, D, K).
 void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state);
 // The same from a state the sequence continues from: conv_state (B, D, K) becomes the last K
-// inputs of [its own K, x (B, L, D)] (for L < K it keeps its newest K - L). Applied to a zero
-// state it equals causal_conv1d_final_state; applied to a prefill's state it gives the state of
-// the longer sequence (chunked prefill).
+// inputs of [its own K, x (B, L, D)] (for L < K it keeps its newest K - L).
+// causal_conv1d_final_state is this applied to a zero state; applied to a prefill's state it
+// gives the state of the longer sequence (chunked prefill).
 void causal_conv1d_advance_state(Tensor& conv_state, const Tensor& x);
 
 }  // namespace mamba::ops
