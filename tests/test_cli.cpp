@@ -167,6 +167,48 @@ TEST(Cli, ConvertRoundTripsLayouts) {
   std::filesystem::remove_all(back);
 }
 
+// convert --preset writes a random model of a preset's shapes (here as a GGUF file); bench --json
+// reports what one token costs it. The expected bytes and FLOPs are counted here from the tiny
+// preset's hyper-parameters (d_model 64, 2 Mamba-1 layers, vocab 256, mamba_ssm's defaults).
+TEST(Cli, ConvertPresetAndBenchTokenCost) {
+  const std::string gguf = tmp("preset_tiny.gguf");
+  CliRun c = run("convert --preset tiny --format gguf --out " + gguf);
+  ASSERT_EQ(c.status, 0) << c.out;
+  MambaLM lm = MambaLM::load_gguf(gguf);
+  EXPECT_EQ(lm.config().d_model, 64);
+  EXPECT_EQ(lm.blocks().size(), 2u);
+  CliRun b = run("bench --model " + gguf + " --prompt 8 --gen 2 --reps 1 --threads 1 --json");
+  ASSERT_EQ(b.status, 0) << b.out;
+  const auto j = nlohmann::json::parse(b.out.substr(b.out.find('{')));
+  const int64_t d = 64, di = 128, N = 16, R = 4, K = 4, V = 256, layers = 2;
+  const int64_t proj = d * 2 * di + di * (R + 2 * N) + di * R + di * d;  // in, x, dt, out
+  const int64_t layer =
+      proj + di * K + di /*conv bias*/ + di * N /*A_log*/ + di /*D*/ + di /*dt bias*/ + d /*norm*/;
+  EXPECT_EQ(j["prefill_flops_per_token"].get<int64_t>(), 2 * proj * layers);
+  EXPECT_EQ(j["decode_flops_per_token"].get<int64_t>(), 2 * proj * layers + 2 * V * d);
+  // f32 weights, the tied head read whole: every parameter's 4 bytes.
+  EXPECT_EQ(j["decode_weight_bytes"].get<int64_t>(), 4 * (layers * layer + V * d + d));
+  EXPECT_EQ(j["decode_weight_bytes"].get<int64_t>(), 4 * j["params"].get<int64_t>());
+  EXPECT_EQ(j["state_bytes"].get<int64_t>(), 4 * layers * (di * K + di * N));
+  CliRun both = run("convert --preset tiny --model x --out " + gguf);
+  EXPECT_NE(both.status, 0);
+  CliRun unknown = run("convert --preset mamba-9b --out " + gguf);
+  EXPECT_NE(unknown.status, 0);
+  EXPECT_NE(unknown.out.find("unknown --preset 'mamba-9b'"), std::string::npos) << unknown.out;
+  std::filesystem::remove(gguf);
+}
+
+// info --measure: the machine's FMA peak and read bandwidth, as numbers (their size is the
+// machine's; a small buffer keeps this quick).
+TEST(Cli, InfoMeasuresBounds) {
+  CliRun r = run("info --measure --mib 16 --threads 1 --json");
+  ASSERT_EQ(r.status, 0) << r.out;
+  const auto j = nlohmann::json::parse(r.out.substr(r.out.find('{')));
+  EXPECT_GT(j["fma_gflops"].get<double>(), 0.1);
+  EXPECT_GT(j["read_gbs"].get<double>(), 0.1);
+  EXPECT_EQ(j["threads"].get<int>(), 1);
+}
+
 // Issue 18, item 3: `bench --config` with a model far larger than memory used to run for half a
 // minute with no output; now it stops at once with the bytes needed and available.
 TEST(Cli, ModelLargerThanMemoryIsRefusedWithBytesNeeded) {

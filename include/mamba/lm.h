@@ -39,6 +39,22 @@ struct LMState {
   // Row dst_b of every layer's state = row src_b of src's (a state of the same model): how a
   // sequence's state joins a batch (generate, serve) or is kept (the prefix cache).
   void copy_row(int64_t dst_b, const LMState& src, int64_t src_b);
+  // Floats held by every layer's state tensors, all rows (an attention layer's KV cache at its
+  // allocated capacity).
+  int64_t floats() const;
+};
+
+// What one token costs the model, for the bounds in docs/PERFORMANCE.md (bench --json prints it).
+struct TokenCost {
+  // Stored bytes of every parameter a decode step reads: all of them at their storage type,
+  // except an untied embedding (a step reads one row of it).
+  int64_t decode_weight_bytes = 0;
+  int64_t state_bytes = 0;    // one sequence's decode state (read and written every step)
+  int64_t prefill_flops = 0;  // 2 x the projections' weights (multiply-adds per token; the head
+                              // excluded: prefill needs the last position's logits only)
+  int64_t decode_flops = 0;   // prefill_flops + the head's 2 x V_pad x d_model
+  // Not counted: the scan / SSD, conv, norms and attention scores (a few % of the FLOPs at the
+  // released shapes for Mamba-1, more for Mamba-2's SSD), so FLOP bounds are upper bounds.
 };
 
 // Activations MambaLM::forward keeps for backward. A plain value: it owns what it holds and frees
@@ -109,6 +125,8 @@ class MambaLM {
   // With 16-bit weights the converted ones have undefined value and grad (see set_weight_dtype).
   std::vector<std::pair<std::string, Param*>> named_parameters();
   int64_t num_parameters() const;
+  // Bytes and FLOPs of one token of this model as it is stored now (see TokenCost).
+  TokenCost token_cost() const;
   // The number of parameters a model of `cfg` has, from the config alone (nothing allocated):
   // exact for Mamba-1 / Mamba-2 mixers, MLPs, norms, embedding and head; a mixer it does not know
   // counts 0 (a lower bound). The constructor checks the memory this needs before allocating.

@@ -10,6 +10,15 @@
 
 namespace mamba::cli {
 
+// The config JSON of a --preset (random weights with the exact shapes of a released model;
+// defined in cmd_bench.cpp). Throws naming the known presets for an unknown name.
+std::string preset_json(const std::string& name);
+// The presets' names, for --help.
+inline constexpr const char* kPresetNames =
+    "mamba-130m, mamba-370m, mamba-790m, mamba-1.4b, mamba-2.8b, mamba2-130m, mamba2-370m, "
+    "mamba2-780m, mamba2-1.3b, mamba2-2.7b, mamba2attn-2.7b, tiny; mamba3-130m (Mamba-3 "
+    "defaults at that width and depth)";
+
 // Token ids (B, L) from an int .npy file (int64 or int32; a 1-D array is one sequence).
 inline std::vector<std::vector<int32_t>> read_npy_ids(const std::string& path) {
   NpyArray a = read_npy(path);

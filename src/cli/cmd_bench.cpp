@@ -15,7 +15,6 @@
 
 namespace mamba::cli {
 
-namespace {
 // Random-weight configs with the exact shapes of the state-spaces checkpoints.
 std::string preset_json(const std::string& name) {
   if (name == "mamba-130m")
@@ -56,6 +55,8 @@ std::string preset_json(const std::string& name) {
                   "mamba3-130m, tiny)"));
 }
 
+namespace {
+
 struct Stats {
   double median, min, max;
 };
@@ -81,11 +82,8 @@ Command add_bench(CLI::App& app) {
   src->add_option("--model", o->model,
                   "model folder (config.json + weights) or a llama.cpp .gguf file");
   src->add_option("--config", o->config, "config.json file (random weights)");
-  src->add_option(
-      "--preset", o->preset,
-      "random weights with the exact shapes of: mamba-130m, mamba-370m, mamba-790m, "
-      "mamba-1.4b, mamba-2.8b, mamba2-130m, mamba2-370m, mamba2-780m, mamba2-1.3b, "
-      "mamba2-2.7b, mamba2attn-2.7b, tiny; mamba3-130m (Mamba-3 defaults at that width and depth)");
+  src->add_option("--preset", o->preset,
+                  std::string("random weights with the exact shapes of: ") + kPresetNames);
   src->require_option(1);
   sub->add_option("--prompt", o->prompt, "prompt tokens for the prefill")
       ->capture_default_str()
@@ -155,6 +153,7 @@ Command add_bench(CLI::App& app) {
                          B * o->prompt / tp, B * o->gen / td, r == 0 ? " (warm-up)" : "");
         }
         Stats p = stats(pre), d = stats(dec);
+        const TokenCost cost = lm->token_cost();
         double rss = os::peak_rss_bytes() / 1048576.0,
                rss_end = os::current_rss_bytes() / 1048576.0;
         if (o->json) {
@@ -163,11 +162,15 @@ Command add_bench(CLI::App& app) {
               "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"prefill_chunk\":%lld,\"gen\":%lld,"
               "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
-              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
+              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f,\"decode_weight_bytes\":%lld,"
+              "\"state_bytes\":%lld,\"prefill_flops_per_token\":%lld,"
+              "\"decode_flops_per_token\":%lld}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
               (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
-              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end);
+              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end,
+              (long long)cost.decode_weight_bytes, (long long)cost.state_bytes,
+              (long long)cost.prefill_flops, (long long)cost.decode_flops);
         } else {
           std::printf(
               "model: %s, %lld parameters, %s weights, %d threads, batch %lld, prefill chunk %s\n",
@@ -182,6 +185,11 @@ Command add_bench(CLI::App& app) {
                       B > 1 ? str(" x ", B, " sequences").c_str() : "", d.median, d.min, d.max);
           std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss,
                       rss_loaded, rss_end);
+          std::printf(
+              "per token: a decode step reads %.1f MB of weights and %.1f KB of state (read and "
+              "written); projections %.1f MFLOP in prefill, %.1f with the head in decode\n",
+              cost.decode_weight_bytes / 1e6, cost.state_bytes / 1e3, cost.prefill_flops / 1e6,
+              cost.decode_flops / 1e6);
         }
         return 0;
       }};

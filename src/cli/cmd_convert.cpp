@@ -1,9 +1,12 @@
 // mambacpp convert: rewrite a model folder (safetensors or pytorch_model.bin, mamba_ssm or
 // transformers names, or a .gguf file) as model.safetensors + config.json in mamba_ssm's or
-// transformers' layout, or as a GGUF file in llama.cpp's layout (--format gguf).
+// transformers' layout, or as a GGUF file in llama.cpp's layout (--format gguf). --preset /
+// --config write a model of random weights instead (the shapes of a released model: test files
+// for other engines, e.g. llama.cpp's llama-bench in scripts/bench-llamacpp.py).
 #include <cstdio>
 #include <memory>
 
+#include "cli/cli_util.h"
 #include "cli/commands.h"
 #include "core/os.h"
 #include "mamba/gguf.h"
@@ -13,12 +16,21 @@ namespace mamba::cli {
 
 Command add_convert(CLI::App& app) {
   struct Opts {
-    std::string model, out, format = "mamba_ssm", gguf_type = "f32", tokenizer;
+    std::string model, config, preset, out, format = "mamba_ssm", gguf_type = "f32", tokenizer;
+    uint64_t seed = 0;
   };
   auto o = std::make_shared<Opts>();
   auto* sub = app.add_subcommand(
       "convert", "Rewrite a model folder as safetensors in mamba_ssm's or transformers' layout");
-  sub->add_option("--model", o->model, "input model folder (or .gguf file)")->required();
+  auto* src = sub->add_option_group("input", "what to write (one of)");
+  src->add_option("--model", o->model, "input model folder (or .gguf file)");
+  src->add_option("--config", o->config, "config.json file: a model of random weights");
+  src->add_option(
+      "--preset", o->preset,
+      std::string("a model of random weights with the exact shapes of: ") + kPresetNames);
+  src->require_option(1);
+  sub->add_option("--seed", o->seed, "--config / --preset: seed of the random initialisation")
+      ->capture_default_str();
   sub->add_option("--out", o->out,
                   "output folder (created; files written atomically); for gguf the .gguf file")
       ->required();
@@ -34,10 +46,15 @@ Command add_convert(CLI::App& app) {
   sub->add_option("--tokenizer", o->tokenizer,
                   "gguf: tokenizer.json to embed (default: the model folder's, if it has one)");
   return {sub, [o] {
-            MambaLM lm = MambaLM::load(o->model);
+            MambaLM lm = !o->model.empty()
+                             ? MambaLM::load(o->model)
+                             : MambaLM(!o->config.empty()
+                                           ? ModelConfig::load(o->config)
+                                           : ModelConfig::parse(preset_json(o->preset), o->preset),
+                                       o->seed);
             if (o->format == "gguf") {
               std::string tok = o->tokenizer;
-              if (tok.empty() && os::exists(o->model + "/tokenizer.json"))
+              if (tok.empty() && !o->model.empty() && os::exists(o->model + "/tokenizer.json"))
                 tok = o->model + "/tokenizer.json";
               lm.save_gguf(o->out, parse_ggml_type(o->gguf_type), tok);
               std::printf("wrote %s (GGUF, %s weights, %s, %lld parameters)\n", o->out.c_str(),

@@ -14,7 +14,8 @@ int main(int argc, char** argv) {
   // could not be written, instead of the process dying of SIGXFSZ mid-save.
   std::signal(SIGXFSZ, SIG_IGN);
 #endif
-  CLI::App app{"mambacpp: Mamba selective state-space models (Mamba-1, Mamba-2) on the CPU"};
+  CLI::App app{
+      "mambacpp: Mamba selective state-space models (Mamba-1, Mamba-2, Mamba-3) on the CPU"};
   app.require_subcommand(1);
   app.set_version_flag("--version", "mamba.cpp 0.1.0");
   std::vector<mamba::cli::Command> cmds{

@@ -195,6 +195,18 @@ int64_t MambaLM::num_parameters() const {
   return n;
 }
 
+TokenCost MambaLM::token_cost() const {
+  TokenCost c;
+  for_each_param([&](const std::string& name, Param& p, Block*) {
+    const bool emb = name == "backbone.embedding.weight", head = name == "lm_head.weight";
+    if (!emb || cfg_.tie_embeddings) c.decode_weight_bytes += p.value.bytes();
+    if (p.matrix && !emb && !head) c.prefill_flops += 2 * p.value.numel();
+  });
+  c.state_bytes = 4 * new_state(1).floats();
+  c.decode_flops = c.prefill_flops + 2 * vocab() * cfg_.d_model;
+  return c;
+}
+
 void MambaLM::set_weight_dtype(WeightDType t) {
   for (Block& b : blocks_) {  // layer by layer: each releases its fp32 copies
     b.mixer_params().set_weight_dtype(t);
@@ -222,6 +234,26 @@ void LMState::copy_row(int64_t dst_b, const LMState& src, int64_t src_b) {
           d.copy_row(dst_b, std::get<S>(src.layers[i]), src_b);
         },
         layers[i]);
+}
+
+int64_t LMState::floats() const {
+  int64_t n = 0;
+  auto add = [&](const Tensor& t) {
+    if (t.defined()) n += t.numel();
+  };
+  for (const auto& l : layers)
+    std::visit(
+        [&](const auto& s) {
+          if constexpr (requires { s.conv_state; }) add(s.conv_state);
+          if constexpr (requires { s.ssm_state; }) add(s.ssm_state);
+          if constexpr (requires { s.k_cache; }) add(s.k_cache), add(s.v_cache);
+          if constexpr (requires { s.ssm; }) add(s.ssm);
+          if constexpr (requires { s.angle; }) add(s.angle);
+          if constexpr (requires { s.k; }) add(s.k);
+          if constexpr (requires { s.v; }) add(s.v);
+        },
+        l);
+  return n;
 }
 
 void MambaLM::zero_grad() {
