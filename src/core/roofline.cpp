@@ -72,6 +72,23 @@ double now_s() {
   return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
 }
 std::atomic<float> g_sink{0.f};  // keeps the measured work observable
+
+// Runs work(t) on every thread t = 0..T-1 at once, `reps` times; the shortest wall time (the
+// results go to g_sink so the work cannot be dropped).
+template <class F>
+double best_parallel_seconds(int64_t T, int reps, F&& work) {
+  double best = 1e300;
+  for (int r = 0; r < reps; ++r) {
+    std::vector<float> out(static_cast<size_t>(T));
+    const double t0 = now_s();
+    parallel_for(T, 1, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) out[static_cast<size_t>(t)] = work(t);
+    });
+    best = std::min(best, now_s() - t0);
+    for (float v : out) g_sink = g_sink + v;
+  }
+  return best;
+}
 }  // namespace
 
 double measure_fma_gflops(double seconds, int reps) {
@@ -87,19 +104,10 @@ double measure_fma_gflops(double seconds, int reps) {
     iters *= 2;
   }
   iters *= 8;
-  double best = 0;
-  for (int r = 0; r < reps; ++r) {
-    std::vector<float> out(static_cast<size_t>(T));
-    const double t0 = now_s();
-    parallel_for(T, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        out[static_cast<size_t>(t)] = HWY_DYNAMIC_DISPATCH(FmaChains)(iters, 1.f + t);
-    });
-    const double dt = now_s() - t0;
-    for (float v : out) g_sink = g_sink + v;
-    best = std::max(best, static_cast<double>(T) * iters * 16 * lanes * 2 / dt / 1e9);
-  }
-  return best;
+  const double dt = best_parallel_seconds(T, reps, [&](int64_t t) {
+    return HWY_DYNAMIC_DISPATCH(FmaChains)(iters, 1.f + static_cast<float>(t));
+  });
+  return static_cast<double>(T) * iters * 16 * lanes * 2 / dt / 1e9;
 }
 
 double measure_read_gbs(int64_t mib, int reps) {
@@ -113,19 +121,10 @@ double measure_read_gbs(int64_t mib, int reps) {
     for (int64_t t = b; t < e; ++t)
       std::fill(buf.get() + t * per, buf.get() + (t + 1) * per, 1.f / static_cast<float>(t + 1));
   });
-  double best = 0;
-  for (int r = 0; r < reps; ++r) {
-    std::vector<float> out(static_cast<size_t>(T));
-    const double t0 = now_s();
-    parallel_for(T, 1, [&](int64_t b, int64_t e) {
-      for (int64_t t = b; t < e; ++t)
-        out[static_cast<size_t>(t)] = HWY_DYNAMIC_DISPATCH(SumFloats)(buf.get() + t * per, per);
-    });
-    const double dt = now_s() - t0;
-    for (float v : out) g_sink = g_sink + v;
-    best = std::max(best, static_cast<double>(T * per) * 4 / dt / 1e9);
-  }
-  return best;
+  const double dt = best_parallel_seconds(T, reps, [&](int64_t t) {
+    return HWY_DYNAMIC_DISPATCH(SumFloats)(buf.get() + t * per, per);
+  });
+  return static_cast<double>(T * per) * 4 / dt / 1e9;
 }
 
 }  // namespace mamba
