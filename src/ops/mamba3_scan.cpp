@@ -505,18 +505,18 @@ void finish_token_bwd(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t h, i
       const int64_t m = (h * R + r) * P + p;
       double pre = y[p];
       if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
-      double gate = 1.0, zz = 0.0;
+      double gate = 1.0, zz = 0.0, sg = 0.0;
       if (a.Z.defined()) {
         zz = a.Z[i * P + p];
         if (a.mimo_z.defined()) zz *= a.mimo_z[m];
-        gate = zz * sigmoid(zz);
+        sg = sigmoid(zz);
+        gate = zz * sg;
       }
       if (d.mimo) {
         it.dmo[r * P + p] += static_cast<T>(go * pre * gate);
         go *= a.mimo_o[m];
       }
       if (a.Z.defined()) {
-        const double sg = sigmoid(zz);
         const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
         if (a.mimo_z.defined()) {
           own.dZ[i * P + p] += static_cast<T>(dzz * a.mimo_z[m]);
