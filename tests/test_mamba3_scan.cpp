@@ -1,8 +1,11 @@
 // The Mamba-3 scan reference (ops/mamba3_scan.h): against the scan kernel's own inputs and output
 // in every golden file (scan.*: SISO, SISO with 2 groups, MIMO rank 2 and rank 4 with the fused
 // head-wise norm) and the states after the last token; its backward against finite differences
-// in double (SISO, groups, MIMO, norm, every input); argument errors.
+// in double (SISO, groups, MIMO, norm, every input); the chunked forward, the decode step and the
+// two fp32 backwards (the chunked one at ragged chunk sizes, and the token-by-token recurrence)
+// against it; determinism; argument errors.
 #include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <numbers>
 
@@ -138,6 +141,63 @@ Mamba3ScanArgs make_args(const Cfg& c, Rng& rng) {
   if (c.norm) a.norm_weight = test::rand_uniform({c.H * c.P}, rng, 0.5, 1.5);
   a.rotate_pairwise = !c.mimo;
   return a;
+}
+
+// Every gradient of a fast backward against the reference's (kFastVsRefGrad scaled by the
+// reference's magnitude); each defined exactly when the reference's is.
+void expect_grads_close(ops::Mamba3ScanGrads& f, ops::Mamba3ScanGrads& r, const std::string& tag) {
+  const std::tuple<const char*, Tensor*, Tensor*> gs[] = {
+      {"Q", &f.dQ, &r.dQ},
+      {"K", &f.dK, &r.dK},
+      {"V", &f.dV, &r.dV},
+      {"ADT", &f.dADT, &r.dADT},
+      {"DT", &f.dDT, &r.dDT},
+      {"Trap", &f.dTrap, &r.dTrap},
+      {"Q_bias", &f.dQ_bias, &r.dQ_bias},
+      {"K_bias", &f.dK_bias, &r.dK_bias},
+      {"Angles", &f.dAngles, &r.dAngles},
+      {"D", &f.dD, &r.dD},
+      {"Z", &f.dZ, &r.dZ},
+      {"mimo_x", &f.dmimo_x, &r.dmimo_x},
+      {"mimo_z", &f.dmimo_z, &r.dmimo_z},
+      {"mimo_o", &f.dmimo_o, &r.dmimo_o},
+      {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}};
+  for (auto& [nm, fast, ref] : gs) {
+    ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
+    if (ref->defined()) {
+      EXPECT_TRUE(test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref),
+                                  tag + " d" + std::string(nm)));
+    }
+  }
+}
+
+// Every gradient of two runs bit-identical.
+void expect_grads_identical(const ops::Mamba3ScanGrads& x, const ops::Mamba3ScanGrads& y,
+                            const std::string& tag) {
+  const std::tuple<const char*, const Tensor*, const Tensor*> gs[] = {
+      {"Q", &x.dQ, &y.dQ},
+      {"K", &x.dK, &y.dK},
+      {"V", &x.dV, &y.dV},
+      {"ADT", &x.dADT, &y.dADT},
+      {"DT", &x.dDT, &y.dDT},
+      {"Trap", &x.dTrap, &y.dTrap},
+      {"Q_bias", &x.dQ_bias, &y.dQ_bias},
+      {"K_bias", &x.dK_bias, &y.dK_bias},
+      {"Angles", &x.dAngles, &y.dAngles},
+      {"D", &x.dD, &y.dD},
+      {"Z", &x.dZ, &y.dZ},
+      {"mimo_x", &x.dmimo_x, &y.dmimo_x},
+      {"mimo_z", &x.dmimo_z, &y.dmimo_z},
+      {"mimo_o", &x.dmimo_o, &y.dmimo_o},
+      {"norm_weight", &x.dnorm_weight, &y.dnorm_weight}};
+  for (auto& [nm, u, v] : gs) {
+    ASSERT_EQ(u->defined(), v->defined()) << tag << " " << nm;
+    if (u->defined()) {
+      ASSERT_EQ(u->shape(), v->shape()) << tag << " " << nm;
+      EXPECT_EQ(std::memcmp(u->data(), v->data(), u->numel() * sizeof(float)), 0)
+          << tag << " d" << nm << " differs between runs";
+    }
+  }
 }
 
 void check_fd(const Cfg& c, uint64_t seed, const std::string& tag) {
@@ -281,8 +341,9 @@ TEST(Mamba3Scan, ChunkedEqualsReferenceAnyChunkSize) {
 }
 
 TEST(Mamba3Scan, FastBackwardEqualsReference) {
-  // The fp32 parallel backward against the double reference, every gradient, on the configs of
-  // the chunked test (and the reference is checked against finite differences above).
+  // The fp32 backwards against the double reference, every gradient, on the configs of the
+  // chunked test (and the reference is checked against finite differences above): the
+  // token-by-token recurrence and the chunked backward at chunk sizes 1, ragged, L and > L.
   uint64_t seed = 500;
   std::vector<Cfg> cfgs(5);
   cfgs[1].H = 4, cfgs[1].G = 2, cfgs[1].N = 6, cfgs[1].S = 2;
@@ -294,30 +355,12 @@ TEST(Mamba3Scan, FastBackwardEqualsReference) {
     Rng rng(seed++);
     Mamba3ScanArgs a = make_args(c, rng);
     Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
-    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd(a, g);
+    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd_seq(a, g);
     const std::string tag = str("R=", c.R, " G=", c.G, " norm=", c.norm, " z=", c.z);
-    const std::tuple<const char*, Tensor*, Tensor*> gs[] = {
-        {"Q", &f.dQ, &r.dQ},
-        {"K", &f.dK, &r.dK},
-        {"V", &f.dV, &r.dV},
-        {"ADT", &f.dADT, &r.dADT},
-        {"DT", &f.dDT, &r.dDT},
-        {"Trap", &f.dTrap, &r.dTrap},
-        {"Q_bias", &f.dQ_bias, &r.dQ_bias},
-        {"K_bias", &f.dK_bias, &r.dK_bias},
-        {"Angles", &f.dAngles, &r.dAngles},
-        {"D", &f.dD, &r.dD},
-        {"Z", &f.dZ, &r.dZ},
-        {"mimo_x", &f.dmimo_x, &r.dmimo_x},
-        {"mimo_z", &f.dmimo_z, &r.dmimo_z},
-        {"mimo_o", &f.dmimo_o, &r.dmimo_o},
-        {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}};
-    for (auto& [nm, fast, ref] : gs) {
-      ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
-      if (ref->defined()) {
-        EXPECT_TRUE(
-            test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref), tag + " d" + nm));
-      }
+    expect_grads_close(f, r, tag + " (recurrence)");
+    for (int64_t cs : {1, 4, 7, 19, 64}) {
+      ops::Mamba3ScanGrads fc = ops::mamba3_scan_bwd(a, g, cs);
+      expect_grads_close(fc, r, tag + str(" (chunked ", cs, ")"));
     }
   }
 }
@@ -334,10 +377,13 @@ TEST(Mamba3Scan, ChunkedAndFastBackwardIndependentOfThreadCount) {
   Tensor y2 = ops::mamba3_scan_fwd(a, 16);
   Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
   set_num_threads(1);
-  ops::Mamba3ScanGrads g1 = ops::mamba3_scan_bwd(a, g);
+  ops::Mamba3ScanGrads g1 = ops::mamba3_scan_bwd_seq(a, g);
+  ops::Mamba3ScanGrads c1 = ops::mamba3_scan_bwd(a, g, 16);
   set_num_threads(2);
-  ops::Mamba3ScanGrads g2 = ops::mamba3_scan_bwd(a, g);
+  ops::Mamba3ScanGrads g2 = ops::mamba3_scan_bwd_seq(a, g);
+  ops::Mamba3ScanGrads c2 = ops::mamba3_scan_bwd(a, g, 16);
   set_num_threads(saved);
+  expect_grads_identical(c1, c2, "chunked backward, 1 vs 2 threads");
   EXPECT_EQ(test::max_abs_diff(y1, y2), 0.0);  // each (batch, head) is computed alone
   // backward: shared gradients added in (batch, head) order after the parallel region
   for (auto [x, y] : {std::pair{&g1.dQ, &g2.dQ},
@@ -456,26 +502,42 @@ TEST(Mamba3Scan, FastPathsFullVectorsEqualReference) {
     Rng rng(seed++);
     Mamba3ScanArgs a = make_args(c, rng);
     Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
-    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd(a, g);
-    for (auto [nm, fast, ref] : {std::tuple{"Q", &f.dQ, &r.dQ},
-                                 {"K", &f.dK, &r.dK},
-                                 {"V", &f.dV, &r.dV},
-                                 {"ADT", &f.dADT, &r.dADT},
-                                 {"DT", &f.dDT, &r.dDT},
-                                 {"Trap", &f.dTrap, &r.dTrap},
-                                 {"Angles", &f.dAngles, &r.dAngles},
-                                 {"D", &f.dD, &r.dD},
-                                 {"Z", &f.dZ, &r.dZ},
-                                 {"mimo_x", &f.dmimo_x, &r.dmimo_x},
-                                 {"mimo_o", &f.dmimo_o, &r.dmimo_o},
-                                 {"norm_weight", &f.dnorm_weight, &r.dnorm_weight}}) {
-      ASSERT_EQ(fast->defined(), ref->defined()) << tag << " " << nm;
-      if (ref->defined()) {
-        EXPECT_TRUE(test::all_close(*fast, *ref, scaled(tol::kFastVsRefGrad, *ref),
-                                    tag + " d" + std::string(nm)));
-      }
+    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g), f = ops::mamba3_scan_bwd_seq(a, g);
+    expect_grads_close(f, r, tag + " (recurrence)");
+    ops::Mamba3ScanGrads fc = ops::mamba3_scan_bwd(a, g, 8);
+    expect_grads_close(fc, r, tag + " (chunked 8)");
+  }
+}
+
+TEST(Mamba3Scan, ChunkedBackwardRaggedChunksEqualReference) {
+  // The chunked backward against the double reference over 23 tokens: chunks of 1, 5 and 8
+  // (ragged last chunk), 23 (one chunk) and 64 (> L); SISO with G = 1, 2 (of 4 heads) and G = H
+  // without the gate, MIMO R = 2 (groups, norm) and R = 4; N = 20 / 37 and P = 9 (whole SIMD
+  // vectors plus tails); batch 2.
+  uint64_t seed = 1200;
+  for (const Cfg& c : wide_cfgs()) {
+    Rng rng(seed++);
+    Mamba3ScanArgs a = make_args(c, rng);
+    Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
+    ops::Mamba3ScanGrads r = ops::mamba3_scan_bwd_ref(a, g);
+    const std::string tag = str("R=", c.R, " G=", c.G, " H=", c.H, " N=", c.N, " norm=", c.norm);
+    for (int64_t cs : {1, 5, 8, 23, 64}) {
+      ops::Mamba3ScanGrads f = ops::mamba3_scan_bwd(a, g, cs);
+      expect_grads_close(f, r, tag + str(" chunk=", cs));
     }
   }
+}
+
+TEST(Mamba3Scan, ChunkedBackwardDeterministic) {
+  // Two runs bit-identical (same thread count), MIMO R = 2 with groups and the norm, a ragged
+  // last chunk; and the chunk_size argument is checked.
+  Cfg c = wide_cfgs()[3];
+  Rng rng(1300);
+  Mamba3ScanArgs a = make_args(c, rng);
+  Tensor g = test::randn({c.B, c.L, c.H, c.P}, rng);
+  ops::Mamba3ScanGrads x = ops::mamba3_scan_bwd(a, g, 8), y = ops::mamba3_scan_bwd(a, g, 8);
+  expect_grads_identical(x, y, "two runs");
+  test::expect_error([&] { ops::mamba3_scan_bwd(a, g, 0); }, {"mamba3_scan_bwd", "chunk_size"});
 }
 
 TEST(Mamba3Scan, BadArgumentsNameTheTensor) {

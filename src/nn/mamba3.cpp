@@ -289,7 +289,7 @@ Tensor Mamba3::backward(const Saved& s, const Tensor& dy) {
     if (norm_) a.norm_weight = f32(norm_);
   }
   a.rotate_pairwise = !cfg_.is_mimo;
-  ops::Mamba3ScanGrads g = ops::mamba3_scan_bwd(a, dys.reshape({B, L, H_, P_}));
+  ops::Mamba3ScanGrads g = ops::mamba3_scan_bwd(a, dys.reshape({B, L, H_, P_}), cfg_.chunk_size);
   ops::add_into(C_bias_->grad(), g.dQ_bias);
   ops::add_into(B_bias_->grad(), g.dK_bias);
   ops::add_into(Dp_->grad(), g.dD);

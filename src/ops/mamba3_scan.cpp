@@ -484,12 +484,127 @@ struct BwdWork {
   std::vector<double> dth, suf, cs, sn;
 };
 
+// Backward of one token's output stage (the head-wise norm, the gate, the rank contraction) for
+// row i = (b, t, h): from go (P), the gradient of out_t, to dy (R, P), the gradient of the rows
+// y_r = S q_r + D v_r (R, P); adds the gate / norm / mimo_o gradients to it and own.dZ.
+template <class T>
+void finish_token_bwd(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t h, int64_t i,
+                      const T* yr, const float* go_row, T* dyr, ItemGrads<T>& it, OwnGrads<T> own) {
+  const int64_t R = d.R, P = d.P;
+  for (int64_t r = 0; r < R; ++r) {
+    const T* y = yr + r * P;
+    T* dy = dyr + r * P;
+    double rs = 1.0;
+    if (a.norm_weight.defined()) {
+      double ms = 0;
+      for (int64_t p = 0; p < P; ++p) ms += (double)y[p] * y[p];
+      rs = static_cast<T>(1.0 / std::sqrt(ms / P + a.norm_eps));
+    }
+    for (int64_t p = 0; p < P; ++p) {
+      double go = go_row[p];
+      const int64_t m = (h * R + r) * P + p;
+      double pre = y[p];
+      if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
+      double gate = 1.0, zz = 0.0, sg = 0.0;
+      if (a.Z.defined()) {
+        zz = a.Z[i * P + p];
+        if (a.mimo_z.defined()) zz *= a.mimo_z[m];
+        sg = sigmoid(zz);
+        gate = zz * sg;
+      }
+      if (d.mimo) {
+        it.dmo[r * P + p] += static_cast<T>(go * pre * gate);
+        go *= a.mimo_o[m];
+      }
+      if (a.Z.defined()) {
+        const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
+        if (a.mimo_z.defined()) {
+          own.dZ[i * P + p] += static_cast<T>(dzz * a.mimo_z[m]);
+          it.dmz[r * P + p] += static_cast<T>(dzz * a.Z[i * P + p]);
+        } else {
+          own.dZ[i * P + p] += static_cast<T>(dzz);
+        }
+        go *= gate;
+      }
+      dy[p] = static_cast<T>(go);  // d / d pre
+    }
+    if (a.norm_weight.defined()) {
+      // pre = y * rs * w: dw += dpre * y * rs; dy = rs * u - y * rs^3 * <u, y> / P
+      double uy = 0;
+      for (int64_t p = 0; p < P; ++p) {
+        it.dnw[p] += static_cast<T>(dy[p] * y[p] * rs);
+        dy[p] *= a.norm_weight[h * P + p];
+        uy += dy[p] * y[p];
+      }
+      for (int64_t p = 0; p < P; ++p)
+        dy[p] = static_cast<T>(rs * dy[p] - y[p] * rs * rs * rs * uy / P);
+    }
+  }
+}
+
+// Backward of the prep stage of one (b, h) over all L tokens: from the gradients of the rotated
+// q_r, k_r (L, R, N; overwritten with those of the unrotated ones) and of v_r (L, R, P) to Q, K,
+// their biases, V, mimo_x, the phases and through their running sum to Angles and DT.
+// theta: (L, S) unwrapped phases; q, k: (L, R, N) rotated; dt: (L). dth, suf, cs, sn: scratch.
+template <class T>
+void prep_bwd(const Acc& c, const double* theta, const T* q, const T* k, const T* dt, T* dq, T* dk,
+              const T* dv, std::vector<double>& dth, std::vector<double>& suf,
+              std::vector<double>& cs, std::vector<double>& sn, ItemGrads<T>& it, OwnGrads<T> own) {
+  const Mamba3ScanArgs& a = c.a;
+  const Mamba3Dims& d = c.d;
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, b = c.b, h = c.h;
+  dth.assign(L * S, 0.0), suf.assign(S, 0.0), cs.resize(S), sn.resize(S);
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    const float* Vt = c.Vp(a.V, t);
+    for (int64_t j = 0; j < S; ++j)
+      cs[j] = std::cos(theta[t * S + j]), sn[j] = std::sin(theta[t * S + j]);
+    for (int64_t r = 0; r < R; ++r) {
+      for (int64_t which = 0; which < 2; ++which) {
+        T* gr = which ? &dk[(t * R + r) * N] : &dq[(t * R + r) * N];
+        const T* xr = which ? &k[(t * R + r) * N] : &q[(t * R + r) * N];
+        // undo the rotation: d(pre) = R(theta)^T d(rot); dtheta += -g0 x1 + g1 x0 (rotated x)
+        for (int64_t j = 0; j < S; ++j) {
+          int64_t i0, i1;
+          pair_of(a.rotate_pairwise, N, j, &i0, &i1);
+          const double g0 = gr[i0], g1 = gr[i1];
+          dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
+          gr[i0] = static_cast<T>(g0 * cs[j] + g1 * sn[j]);
+          gr[i1] = static_cast<T>(-g0 * sn[j] + g1 * cs[j]);
+        }
+        T* dX = which ? &it.dK[(t * R + r) * N] : &it.dQ[(t * R + r) * N];
+        T* dXb = which ? &it.dKb[r * N] : &it.dQb[r * N];
+        for (int64_t n = 0; n < N; ++n) dX[n] += gr[n], dXb[n] += gr[n];
+      }
+      for (int64_t p = 0; p < P; ++p) {
+        const T gv = dv[(t * R + r) * P + p];
+        if (d.mimo) {
+          own.dV[i * P + p] += gv * a.mimo_x[(h * R + r) * P + p];
+          it.dmx[r * P + p] += gv * Vt[p];
+        } else {
+          own.dV[i * P + p] += gv;
+        }
+      }
+    }
+  }
+  // theta_t = theta_{t-1} + pi tanh(Angles_t) DT_t: suffix sums of dtheta.
+  for (int64_t t = L - 1; t >= 0; --t) {
+    const int64_t i = c.bl(t);
+    for (int64_t j = 0; j < S; ++j) {
+      suf[j] += dth[t * S + j];
+      const double th = std::tanh((double)a.Angles[(b * L + t) * S + j]);
+      it.dAng[t * S + j] += static_cast<T>(suf[j] * kPi * (1 - th * th) * dt[t]);
+      own.dDT[i] += static_cast<T>(suf[j] * kPi * th);
+    }
+  }
+}
+
 // Gradients of sum(out * dout) for one (b, h): the recurrence above, run backwards.
 template <class T>
 void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, OwnGrads<T> own) {
   const Mamba3ScanArgs& a = c.a;
   const Mamba3Dims& d = c.d;
-  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, b = c.b, h = c.h;
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, h = c.h;
   SeqT<T>& q = w.q;
   run_forward(c, q);
   it.reset(L, R, N, P, S);
@@ -502,50 +617,7 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
   // Gate, norm, rank contraction: dY (L, R, P).
   for (int64_t t = 0; t < L; ++t) {
     const int64_t i = c.bl(t);
-    for (int64_t r = 0; r < R; ++r) {
-      const T* y = &q.Y[(t * R + r) * P];
-      T* dy = &w.dY[(t * R + r) * P];
-      const double rs = q.rstd[t * R + r];
-      for (int64_t p = 0; p < P; ++p) {
-        double go = go_p[i * P + p];
-        const int64_t m = (h * R + r) * P + p;
-        double pre = y[p];
-        if (a.norm_weight.defined()) pre *= rs * a.norm_weight[h * P + p];
-        double gate = 1.0, zz = 0.0;
-        if (a.Z.defined()) {
-          zz = a.Z[i * P + p];
-          if (a.mimo_z.defined()) zz *= a.mimo_z[m];
-          gate = zz * sigmoid(zz);
-        }
-        if (d.mimo) {
-          it.dmo[r * P + p] += static_cast<T>(go * pre * gate);
-          go *= a.mimo_o[m];
-        }
-        if (a.Z.defined()) {
-          const double sg = sigmoid(zz);
-          const double dzz = go * pre * sg * (1.0 + zz * (1.0 - sg));
-          if (a.mimo_z.defined()) {
-            own.dZ[i * P + p] += static_cast<T>(dzz * a.mimo_z[m]);
-            it.dmz[r * P + p] += static_cast<T>(dzz * a.Z[i * P + p]);
-          } else {
-            own.dZ[i * P + p] += static_cast<T>(dzz);
-          }
-          go *= gate;
-        }
-        dy[p] = static_cast<T>(go);  // d / d pre
-      }
-      if (a.norm_weight.defined()) {
-        // pre = y * rs * w: dw += dpre * y * rs; dy = rs * u - y * rs^3 * <u, y> / P
-        double uy = 0;
-        for (int64_t p = 0; p < P; ++p) {
-          it.dnw[p] += static_cast<T>(dy[p] * y[p] * rs);
-          dy[p] *= a.norm_weight[h * P + p];
-          uy += dy[p] * y[p];
-        }
-        for (int64_t p = 0; p < P; ++p)
-          dy[p] = static_cast<T>(rs * dy[p] - y[p] * rs * rs * rs * uy / P);
-      }
-    }
+    finish_token_bwd(a, d, h, i, &q.Y[t * R * P], go_p + i * P, &w.dY[t * R * P], it, own);
   }
   // The recurrence backwards.
   T* Gm = w.Gm.data();  // alpha_{t+1} G_{t+1}, then G_t
@@ -641,7 +713,7 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
       for (int64_t i = 0; i < P * N; ++i) Gm[i] *= al;
     }
   }
-  // Per step: the scalars, the rotations, the inputs.
+  // Per step: the scalars, then the rotations, the inputs.
   for (int64_t t = 0; t < L; ++t) {
     const int64_t i = c.bl(t);
     const double sg = q.sig[t], al = q.alp[t], dt = q.dt[t];
@@ -649,48 +721,9 @@ void bwd_one(const Acc& c, const Tensor& dout, BwdWork<T>& w, ItemGrads<T>& it, 
     own.dDT[i] += static_cast<T>(w.dbe[t] * (1 - sg) * al + w.dga[t] * sg);
     const double dsig = -w.dbe[t] * dt * al + w.dga[t] * dt;
     own.dTrap[i] += static_cast<T>(dsig * sg * (1 - sg));
-    const float* Vt = c.Vp(a.V, t);
-    for (int64_t j = 0; j < S; ++j)
-      w.cs[j] = std::cos(q.theta[t * S + j]), w.sn[j] = std::sin(q.theta[t * S + j]);
-    for (int64_t r = 0; r < R; ++r) {
-      for (int64_t which = 0; which < 2; ++which) {
-        T* gr = which ? &w.dk[(t * R + r) * N] : &w.dq[(t * R + r) * N];
-        const T* xr = which ? &q.k[(t * R + r) * N] : &q.q[(t * R + r) * N];
-        // undo the rotation: d(pre) = R(theta)^T d(rot); dtheta += -g0 x1 + g1 x0 (rotated x)
-        for (int64_t j = 0; j < S; ++j) {
-          int64_t i0, i1;
-          pair_of(a.rotate_pairwise, N, j, &i0, &i1);
-          const double cs = w.cs[j], sn = w.sn[j];
-          const double g0 = gr[i0], g1 = gr[i1];
-          w.dth[t * S + j] += -g0 * xr[i1] + g1 * xr[i0];
-          gr[i0] = static_cast<T>(g0 * cs + g1 * sn);
-          gr[i1] = static_cast<T>(-g0 * sn + g1 * cs);
-        }
-        T* dX = which ? &it.dK[(t * R + r) * N] : &it.dQ[(t * R + r) * N];
-        T* dXb = which ? &it.dKb[r * N] : &it.dQb[r * N];
-        for (int64_t n = 0; n < N; ++n) dX[n] += gr[n], dXb[n] += gr[n];
-      }
-      for (int64_t p = 0; p < P; ++p) {
-        const T gv = w.dv[(t * R + r) * P + p];
-        if (d.mimo) {
-          own.dV[i * P + p] += gv * a.mimo_x[(h * R + r) * P + p];
-          it.dmx[r * P + p] += gv * Vt[p];
-        } else {
-          own.dV[i * P + p] += gv;
-        }
-      }
-    }
   }
-  // theta_t = theta_{t-1} + pi tanh(Angles_t) DT_t: suffix sums of dtheta.
-  for (int64_t t = L - 1; t >= 0; --t) {
-    const int64_t i = c.bl(t);
-    for (int64_t j = 0; j < S; ++j) {
-      w.suf[j] += w.dth[t * S + j];
-      const double th = std::tanh((double)a.Angles[(b * L + t) * S + j]);
-      it.dAng[t * S + j] += static_cast<T>(w.suf[j] * kPi * (1 - th * th) * q.dt[t]);
-      own.dDT[i] += static_cast<T>(w.suf[j] * kPi * th);
-    }
-  }
+  prep_bwd(c, q.theta.data(), q.q.data(), q.k.data(), q.dt.data(), w.dq.data(), w.dk.data(),
+           w.dv.data(), w.dth, w.suf, w.cs, w.sn, it, own);
 }
 
 // The shared gradients, as flat arrays in the inputs' layouts (T = double or float).
@@ -774,8 +807,8 @@ Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout)
   return all.result(a, d);
 }
 
-Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a_in, const Tensor& dout_in) {
-  const Mamba3Dims d = check_bwd(a_in, dout_in, "mamba3_scan_bwd");
+Mamba3ScanGrads mamba3_scan_bwd_seq(const Mamba3ScanArgs& a_in, const Tensor& dout_in) {
+  const Mamba3Dims d = check_bwd(a_in, dout_in, "mamba3_scan_bwd_seq");
   const Mamba3ScanArgs a = contiguous_args(a_in);
   const Tensor dout = dout_in.contiguous();
   const int64_t items = d.batch * d.H;
@@ -877,10 +910,36 @@ struct ChunkScratch {
   std::vector<float> S, kvp;           // (P, N) state; (R*N + R*P) previous token's k, v
   std::vector<float> vw;               // (T*R, P) the chunk's v rows times c_end,s
   std::vector<float> cs;               // (2 S) cos, sin of the phases
+  // Kept for the chunked backward (keep = true): the phases of every token (L, S), the state
+  // entering each chunk after its first token's beta term (S_eff, (chunks, P, N)), the rows
+  // y = S q + D v (L, R, P), and the decays exp(cum_t - cum_s) of the current chunk (T, T).
+  std::vector<double> th_all;
+  std::vector<float> Seff, Y, E;
 };
 
+// The intra-chunk coefficients of tokens [t0, t0 + n) (w.cum must hold the chunk's cumulative
+// decays): c_ts = exp(cum_t - cum_s) (gamma_s + (1 - sigma_{s+1}) DT_{s+1}) below the diagonal
+// (one vector exp per row), gamma_t on it, 0 above, in w.c (rows of T); with E, the bare decays
+// exp(cum_t - cum_s) (s < t) too.
+void chunk_coeffs(ChunkScratch& w, int64_t t0, int64_t n, int64_t T, float* E) {
+  for (int64_t t = 0; t < n; ++t) {
+    float* ct = &w.c[t * T];
+    for (int64_t s2 = 0; s2 < t; ++s2) ct[s2] = w.cum[t] - w.cum[s2];
+    exp_inplace(ct, t);
+    if (E) std::copy_n(ct, t, E + t * T);
+    for (int64_t s2 = 0; s2 < t; ++s2) {
+      const int64_t ts = t0 + s2;
+      ct[s2] *= w.sig[ts] * w.dt[ts] + (1.f - w.sig[ts + 1]) * w.dt[ts + 1];
+    }
+    ct[t] = w.sig[t0 + t] * w.dt[t0 + t];
+    std::fill(ct + t + 1, ct + n, 0.f);
+  }
+}
+
+// The chunked forward of one (b, h). keep = false: writes out's rows (and fs). keep = true (the
+// backward's recomputation): writes nothing out, keeps w.th_all, w.Seff and w.Y instead.
 void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_t h, int64_t CS,
-                 ChunkScratch& w, float* out, Mamba3States* fs) {
+                 ChunkScratch& w, float* out, Mamba3States* fs, bool keep = false) {
   const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, H = d.H;
   w.q.resize(L * R * N), w.k.resize(L * R * N), w.v.resize(L * R * P);
   w.adt.resize(L), w.dt.resize(L), w.sig.resize(L);
@@ -902,16 +961,19 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
   }
   // Per token: scalars, rotated q / k (with bias), v_r.
   w.cs.resize(2 * S);
+  if (keep) w.th_all.resize(L * S);
   for (int64_t t = 0; t < L; ++t) {
     const int64_t i = (b * L + t) * H + h;
     w.adt[t] = a.ADT.data()[i], w.dt[t] = a.DT.data()[i];
     w.sig[t] = static_cast<float>(sigmoid(a.Trap.data()[i]));
     prep_token(a, d, b, t, h, w.theta.data(), w.cs.data(), &w.q[t * R * N], &w.k[t * R * N],
                &w.v[t * R * P]);
+    if (keep) std::copy_n(w.theta.data(), S, &w.th_all[t * S]);
   }
   const int64_t T = std::min(CS, L), TR = T * R;
   w.cum.resize(T), w.c.resize(T * T), w.sc.resize(TR * TR), w.ych.resize(TR * P);
   w.vw.resize(TR * P);
+  if (keep) w.Seff.resize(((L + T - 1) / T) * P * N), w.Y.resize(L * R * P);
   const float Dh = a.D.defined() ? a.D[h] : 0.f;
   for (int64_t t0 = 0; t0 < L; t0 += T) {
     const int64_t n = std::min(T, L - t0), nr = n * R;
@@ -927,19 +989,8 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
         const float* kr = &kprev[r * N];
         for (int64_t nn = 0; nn < N; ++nn) Sr[nn] += vv * kr[nn];
       }
-    // c_ts (t, s in the chunk): exp(cum_t - cum_s) (gamma_s + shifted beta_{s+1}) below the
-    // diagonal (one vector exp per row), gamma_t on it, 0 above
-    for (int64_t t = 0; t < n; ++t) {
-      float* ct = &w.c[t * T];
-      for (int64_t s2 = 0; s2 < t; ++s2) ct[s2] = w.cum[t] - w.cum[s2];
-      exp_inplace(ct, t);
-      for (int64_t s2 = 0; s2 < t; ++s2) {
-        const int64_t ts = t0 + s2;
-        ct[s2] *= w.sig[ts] * w.dt[ts] + (1.f - w.sig[ts + 1]) * w.dt[ts + 1];
-      }
-      ct[t] = w.sig[t0 + t] * w.dt[t0 + t];
-      std::fill(ct + t + 1, ct + n, 0.f);
-    }
+    if (keep) std::copy_n(w.S.data(), P * N, &w.Seff[(t0 / T) * P * N]);
+    chunk_coeffs(w, t0, n, T, nullptr);
     const float* qc = &w.q[t0 * R * N];
     const float* kc = &w.k[t0 * R * N];
     const float* vc = &w.v[t0 * R * P];
@@ -951,14 +1002,15 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
       for (int64_t j = 0; j < nr; ++j) si[j] *= ct[j / R];
     }
     // y (t r) = exp(cum_t) q_tr S_eff^T + D v_tr + scores V
-    gemm(false, true, nr, P, N, 1.f, qc, N, w.S.data(), N, 0.f, w.ych.data(), P);
+    float* ych = keep ? &w.Y[t0 * R * P] : w.ych.data();
+    gemm(false, true, nr, P, N, 1.f, qc, N, w.S.data(), N, 0.f, ych, P);
     for (int64_t i = 0; i < nr; ++i) {
       const float e = std::exp(w.cum[i / R]);
-      float* y = &w.ych[i * P];
+      float* y = &ych[i * P];
       const float* vi = &vc[i * P];
       for (int64_t p = 0; p < P; ++p) y[p] = e * y[p] + Dh * vi[p];
     }
-    gemm(false, false, nr, P, nr, 1.f, w.sc.data(), TR, vc, P, 1.f, w.ych.data(), P);
+    gemm(false, false, nr, P, nr, 1.f, w.sc.data(), TR, vc, P, 1.f, ych, P);
     // The state at the chunk's end: exp(cum_end) S_eff + sum_s c_end,s V_s^T K_s (one GEMM)
     const int64_t e = n - 1;
     const float de = std::exp(w.cum[e]);
@@ -970,6 +1022,7 @@ void chunked_one(const Mamba3ScanArgs& a, const Mamba3Dims& d, int64_t b, int64_
     gemm(true, false, P, N, nr, 1.f, w.vw.data(), P, kc, N, 1.f, w.S.data(), N);
     std::copy_n(&kc[e * R * N], R * N, kprev);
     std::copy_n(&vc[e * R * P], R * P, vprev);
+    if (keep) continue;
     for (int64_t t = 0; t < n; ++t) {
       const int64_t i = (b * L + t0 + t) * H + h;
       finish_token(a, d, h, i, &w.ych[t * R * P], out + i * P);
@@ -1014,6 +1067,192 @@ Tensor mamba3_scan_fwd(const Mamba3ScanArgs& a_in, int64_t chunk_size, Mamba3Sta
     for (int64_t i = i0; i < i1; ++i) chunked_one(a, d, i / H, i % H, chunk_size, w, op, fs);
   });
   return out;
+}
+
+// ---- chunked backward (fp32) -------------------------------------------------------------------
+//
+// Per chunk of tokens t0..t0+n-1 (rows i = (t, r), as the forward's), with E_ts = exp(cum_t -
+// cum_s), u_t = (1 - sigma_t) DT_t, c the forward's coefficients and S_eff the state entering
+// the chunk after its first token's beta term:
+//   Y     = diag(exp(cum)) Q S_eff^T + D V + (c o Q K^T) V
+//   S_end = exp(cum_e) S_eff + V^T diag(c_e,.) K,     S_eff = S_in + u_t0 sum_r v_{t0-1,r}
+//   k_{t0-1,r}^T
+// Given dY and dS_end (the gradient carried back from the next chunk; zero after the last), the
+// GEMMs: dM = dY V^T, dV += (c o QK^T)^T dY, dQ += (c o dM) K, dK += (c o dM)^T Q (the masked
+// products), dQ += diag(exp(cum)) dY S_eff, dK += diag(c_e,.) V dS_end, dV += diag(c_e,.) K
+// dS_end^T, dS_eff = exp(cum_e) dS_end + dY^T diag(exp(cum)) Q; the coefficients' gradients dc_ts =
+// sum_{r, r'} dM o QK^T (+ the S_end term's row) go to cum (then ADT by suffix sums), gamma and u;
+// the S_eff term gives the previous token's k, v and u_t0. dS_in = dS_eff.
+
+namespace {
+
+struct ChunkBwdWork {
+  ChunkScratch f;                       // the recomputed forward (keep = true)
+  std::vector<float> dY, dq, dk, dv;    // (L, R, P), (L, R, N) x2, (L, R, P)
+  std::vector<float> dgam, du, dadt;    // (L): gradients of gamma_t, u_t, ADT_t
+  std::vector<float> dS, dSn;           // (P, N): of the state leaving / entering the chunk
+  std::vector<float> A, dM, dcc, dcum;  // (T R, T R) x2, (T, T), (T)
+  std::vector<float> tN, tP, qe;        // (T R, N), (T R, P), (T R, N) scratch
+  std::vector<double> dth, suf, cs, sn;
+};
+
+void chunked_bwd_one(const Acc& c, int64_t CS, const float* go, ChunkBwdWork& w,
+                     ItemGrads<float>& it, OwnGrads<float> own) {
+  const Mamba3ScanArgs& a = c.a;
+  const Mamba3Dims& d = c.d;
+  const int64_t L = d.L, R = d.R, N = d.N, P = d.P, S = d.S, b = c.b, h = c.h;
+  it.reset(L, R, N, P, S);
+  if (L == 0) return;
+  ChunkScratch& f = w.f;
+  chunked_one(a, d, b, h, CS, f, nullptr, nullptr, true);
+  const int64_t T = std::min(CS, L), TR = T * R;
+  w.dY.resize(L * R * P), w.dq.assign(L * R * N, 0.f), w.dk.assign(L * R * N, 0.f);
+  w.dv.assign(L * R * P, 0.f);
+  w.dgam.assign(L, 0.f), w.du.assign(L, 0.f), w.dadt.assign(L, 0.f);
+  w.dS.assign(P * N, 0.f), w.dSn.resize(P * N);
+  w.A.resize(TR * TR), w.dM.resize(TR * TR), w.dcc.resize(T * T), w.dcum.resize(T);
+  w.tN.resize(TR * N), w.tP.resize(TR * P), w.qe.resize(TR * N);
+  f.E.resize(T * T);
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    finish_token_bwd(a, d, h, i, &f.Y[t * R * P], go + i * P, &w.dY[t * R * P], it, own);
+  }
+  const bool hasD = a.D.defined();
+  const float Dh = hasD ? a.D[h] : 0.f;
+  double dD = 0;
+  float *A = w.A.data(), *dM = w.dM.data(), *dcc = w.dcc.data(), *dcum = w.dcum.data();
+  float *tN = w.tN.data(), *tP = w.tP.data(), *qe = w.qe.data();
+  const int64_t nch = (L + T - 1) / T;
+  for (int64_t ci = nch - 1; ci >= 0; --ci) {
+    const int64_t t0 = ci * T, n = std::min(T, L - t0), nr = n * R, e = n - 1;
+    double acc = 0;
+    for (int64_t j = 0; j < n; ++j) acc += f.adt[t0 + j], f.cum[j] = static_cast<float>(acc);
+    chunk_coeffs(f, t0, n, T, f.E.data());
+    const float *qc = &f.q[t0 * R * N], *kc = &f.k[t0 * R * N], *vc = &f.v[t0 * R * P];
+    const float *Se = &f.Seff[ci * P * N], *dy = &w.dY[t0 * R * P];
+    float *dqc = &w.dq[t0 * R * N], *dkc = &w.dk[t0 * R * N], *dvc = &w.dv[t0 * R * P];
+    float *dS = w.dS.data(), *dSn = w.dSn.data();
+    std::fill(dcum, dcum + n, 0.f);
+    std::fill(dcc, dcc + n * T, 0.f);
+    // The masked intra-chunk products: A = Q K^T, dM = dY V^T; dc_ts += sum dM o A; then
+    // A <- c o A (the forward's scores), dM <- c o dM (the gradient of Q K^T).
+    gemm(false, true, nr, nr, N, 1.f, qc, N, kc, N, 0.f, A, TR);
+    gemm(false, true, nr, nr, P, 1.f, dy, P, vc, P, 0.f, dM, TR);
+    for (int64_t i = 0; i < nr; ++i) {
+      const int64_t ti = i / R, jn = (ti + 1) * R;
+      const float* ct = &f.c[ti * T];
+      float *Ai = A + i * TR, *dMi = dM + i * TR, *dci = dcc + ti * T;
+      for (int64_t j = 0; j < jn; ++j) {
+        dci[j / R] += dMi[j] * Ai[j];
+        Ai[j] *= ct[j / R], dMi[j] *= ct[j / R];
+      }
+      std::fill(Ai + jn, Ai + nr, 0.f);
+      std::fill(dMi + jn, dMi + nr, 0.f);
+    }
+    gemm(true, false, nr, P, nr, 1.f, A, TR, dy, P, 1.f, dvc, P);
+    gemm(false, false, nr, N, nr, 1.f, dM, TR, kc, N, 1.f, dqc, N);
+    gemm(true, false, nr, N, nr, 1.f, dM, TR, qc, N, 1.f, dkc, N);
+    // y += exp(cum_t) q S_eff^T: dQ += exp(cum) dY S_eff, dcum_t += exp(cum_t) (dY S_eff) . q
+    gemm(false, false, nr, N, P, 1.f, dy, P, Se, N, 0.f, tN, N);
+    for (int64_t i = 0; i < nr; ++i) {
+      const float et = std::exp(f.cum[i / R]);
+      const float *ti = tN + i * N, *qi = qc + i * N;
+      float *dqi = dqc + i * N, *qei = qe + i * N;
+      double s = 0;
+      for (int64_t k = 0; k < N; ++k) {
+        s += double(ti[k]) * qi[k];
+        dqi[k] += et * ti[k];
+        qei[k] = et * qi[k];
+      }
+      dcum[i / R] += static_cast<float>(et * s);
+    }
+    if (hasD)
+      for (int64_t j = 0; j < nr * P; ++j) dD += double(dy[j]) * vc[j], dvc[j] += Dh * dy[j];
+    // S_end = exp(cum_e) S_eff + sum_j c_e,t(j) v_j k_j^T
+    const float de = std::exp(f.cum[e]);
+    {
+      double s = 0;
+      for (int64_t k = 0; k < P * N; ++k) s += double(dS[k]) * Se[k];
+      dcum[e] += static_cast<float>(de * s);
+    }
+    gemm(false, false, nr, N, P, 1.f, vc, P, dS, N, 0.f, tN, N);  // V dS_end
+    gemm(false, true, nr, P, N, 1.f, kc, N, dS, N, 0.f, tP, P);   // K dS_end^T
+    for (int64_t j = 0; j < nr; ++j) {
+      const float cj = f.c[e * T + j / R];
+      const float *tj = tN + j * N, *kj = kc + j * N;
+      float* dkj = dkc + j * N;
+      double s = 0;
+      for (int64_t k = 0; k < N; ++k) s += double(tj[k]) * kj[k], dkj[k] += cj * tj[k];
+      dcc[e * T + j / R] += static_cast<float>(s);
+      for (int64_t p = 0; p < P; ++p) dvc[j * P + p] += cj * tP[j * P + p];
+    }
+    // dS_eff = exp(cum_e) dS_end + dY^T diag(exp(cum)) Q
+    for (int64_t k = 0; k < P * N; ++k) dSn[k] = de * dS[k];
+    gemm(true, false, P, N, nr, 1.f, dy, P, qe, N, 1.f, dSn, N);
+    // c_ts = E_ts (gamma_s + u_{s+1}) below the diagonal, gamma_t on it
+    for (int64_t t = 0; t < n; ++t) {
+      const float *ct = &f.c[t * T], *Et = &f.E[t * T], *gt = dcc + t * T;
+      for (int64_t s2 = 0; s2 < t; ++s2) {
+        const float v = gt[s2] * ct[s2], df = gt[s2] * Et[s2];
+        dcum[t] += v, dcum[s2] -= v;
+        w.dgam[t0 + s2] += df, w.du[t0 + s2 + 1] += df;
+      }
+      w.dgam[t0 + t] += gt[t];
+    }
+    // cum_j = sum_{i <= j} ADT_{t0+i}: suffix sums
+    float sfx = 0.f;
+    for (int64_t k = n - 1; k >= 0; --k) sfx += dcum[k], w.dadt[t0 + k] = sfx;
+    // S_eff = S_in + u_t0 sum_r v_{t0-1,r} k_{t0-1,r}^T (initial states are not differentiated:
+    // for t0 = 0 the previous token is the zero initial state and u_0 gets nothing)
+    if (t0 > 0) {
+      const float u0 = (1.f - f.sig[t0]) * f.dt[t0];
+      const float *kp = &f.k[(t0 - 1) * R * N], *vp = &f.v[(t0 - 1) * R * P];
+      float *dkp = &w.dk[(t0 - 1) * R * N], *dvp = &w.dv[(t0 - 1) * R * P];
+      gemm(false, false, R, N, P, 1.f, vp, P, dSn, N, 0.f, tN, N);  // v dS_eff (R, N)
+      gemm(false, true, R, P, N, 1.f, kp, N, dSn, N, 0.f, tP, P);   // k dS_eff^T (R, P)
+      double s = 0;
+      for (int64_t k = 0; k < R * N; ++k) s += double(tN[k]) * kp[k], dkp[k] += u0 * tN[k];
+      for (int64_t k = 0; k < R * P; ++k) dvp[k] += u0 * tP[k];
+      w.du[t0] += static_cast<float>(s);
+    }
+    std::swap(w.dS, w.dSn);
+  }
+  if (hasD) it.dD[0] += static_cast<float>(dD);
+  // gamma = sigma DT, u = (1 - sigma) DT, sigma = sigmoid(Trap)
+  for (int64_t t = 0; t < L; ++t) {
+    const int64_t i = c.bl(t);
+    const float sg = f.sig[t], dt = f.dt[t];
+    own.dADT[i] += w.dadt[t];
+    own.dDT[i] += w.dgam[t] * sg + w.du[t] * (1.f - sg);
+    own.dTrap[i] += (w.dgam[t] - w.du[t]) * dt * sg * (1.f - sg);
+  }
+  prep_bwd(c, f.th_all.data(), f.q.data(), f.k.data(), f.dt.data(), w.dq.data(), w.dk.data(),
+           w.dv.data(), w.dth, w.suf, w.cs, w.sn, it, own);
+}
+
+}  // namespace
+
+Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a_in, const Tensor& dout_in,
+                                int64_t chunk_size) {
+  const Mamba3Dims d = check_bwd(a_in, dout_in, "mamba3_scan_bwd");
+  MAMBA_CHECK(chunk_size >= 1, "mamba3_scan_bwd: chunk_size must be >= 1, got ", chunk_size);
+  const Mamba3ScanArgs a = contiguous_args(a_in);
+  const Tensor dout = dout_in.contiguous();
+  const int64_t items = d.batch * d.H;
+  AllGrads<float> all(a, d);
+  // Each (b, h) in parallel, writing only its own rows of V, Z, ADT, DT, Trap; its shared
+  // contributions are kept and added in (b, h) order after the parallel region.
+  std::vector<ItemGrads<float>> parts(static_cast<size_t>(items));
+  parallel_for(items, 1, [&](int64_t i0, int64_t i1) {
+    ChunkBwdWork w;
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / d.H, h = i % d.H;
+      chunked_bwd_one(Acc{a, d, b, h, h / (d.H / d.G)}, chunk_size, dout.data(), w, parts[i],
+                      all.own());
+    }
+  });
+  for (int64_t i = 0; i < items; ++i) all.add(d, i / d.H, i % d.H, parts[i]);
+  return all.result(a, d);
 }
 
 // ---- decode step (fp32) ------------------------------------------------------------------------

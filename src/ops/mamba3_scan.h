@@ -85,13 +85,24 @@ Tensor mamba3_scan_step(const Mamba3ScanArgs& a, Mamba3States& state);
 // Gradients of sum(out * dout) by the recurrence run backwards (in double). Initial states are
 // not differentiated (refused).
 Mamba3ScanGrads mamba3_scan_bwd_ref(const Mamba3ScanArgs& a, const Tensor& dout);
-// The same in fp32, (batch, head) pairs in parallel (the recurrence of each pair is the
-// reference's, run in float, the per-step state update and the reverse step through Highway row
-// kernels); the gradients several pairs reach (Q, K of a group, Angles, the
-// per-head parameters over the batch) are added in (batch, head) order after the parallel
-// region, so the result does not depend on the thread count. Sequential in time: O(L P N R) per
-// (batch, head), not chunked.
-Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout);
+// The fast backward (fp32), chunked like the forward: per (batch, head) the forward is
+// recomputed in chunks of chunk_size tokens (keeping each chunk's entering state and the rows
+// S q + D v), then the chunks are walked backwards carrying the state's gradient: per chunk the
+// gradients of Q, K, V and of the decay / trapezoid coefficients by GEMMs over its T*R rows
+// (Q K^T, dY V^T, the masked products and their transposes, dY S_eff, V dS, K dS^T, the state
+// gradient dY^T Q), then the prep stage backwards per token (rotations, biases, mimo_x, the
+// phases' running sum to Angles and DT) as the reference does. O(L T R (N + P) + L R N P) per
+// (batch, head). (batch, head) pairs run in parallel; the gradients several pairs reach (Q, K of
+// a group, Angles, the per-head parameters over the batch) are added in (batch, head) order after
+// the parallel region, so the result does not depend on the thread count. Same gradients as
+// mamba3_scan_bwd_ref for any chunk_size >= 1 (tested for ragged sizes). Initial states are not
+// differentiated (refused), as in the reference.
+Mamba3ScanGrads mamba3_scan_bwd(const Mamba3ScanArgs& a, const Tensor& dout, int64_t chunk_size);
+// The fp32 recurrence run backwards token by token (the reference's, in float, the per-step
+// state update and the reverse step through Highway row kernels), (batch, head) pairs in parallel
+// with the same fixed-order reduction: O(L P N R) per (batch, head) but one pass over the (P, N)
+// state per token. Kept as a second fast-path reference for mamba3_scan_bwd (tested against both).
+Mamba3ScanGrads mamba3_scan_bwd_seq(const Mamba3ScanArgs& a, const Tensor& dout);
 
 // Mamba-3's per-head discretisation (the module's preprocessing), M = B * L rows:
 //   DT = softplus(dd_dt + dt_bias),  A = min(-f(dd_A), -A_floor),  ADT = A * DT

@@ -11,7 +11,8 @@
 // Channel-last: activations are (B, L, ·).
 //
 // The forward / prefill / step run the chunked fp32 scan (ops::mamba3_scan_fwd); the backward
-// runs ops::mamba3_scan_bwd (fp32, (batch, head) pairs in parallel, sequential in time).
+// runs ops::mamba3_scan_bwd (fp32, chunked with GEMMs at chunk_size, (batch, head) pairs in
+// parallel).
 #pragma once
 #include <cstdint>
 #include <string>
