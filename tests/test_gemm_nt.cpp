@@ -2,7 +2,8 @@
 // and f16 weights, on sizes that leave partial panels / weight blocks, with leading dimensions
 // larger than the rows, accumulation onto y, and across thread counts. GemmNtPerTarget/... runs the
 // packed kernel and the dispatching entry point (the packed kernel on 512-bit targets, the BLAS
-// fallback on the others) once per compiled SIMD target (hwy_gtest.h).
+// fallback on the others) once per compiled SIMD target (hwy_gtest.h). GemmF32... and
+// GemmF32PerTarget/... do the same for the backward pass's fp32 products gemm_nn and gemm_tn.
 #include <hwy/tests/hwy_gtest.h>
 
 #include <cfloat>
@@ -176,5 +177,157 @@ TEST_P(GemmNtPerTarget, PackedKernelAndDispatchMatchReference) {
             gemm_nt(d.x.data(), M, d.ldx, d.W, N, K, yd.data(), d.ldy, acc);
             ASSERT_TRUE(within_bound(d, c, yd, yr))
                 << "gemm_nt (packed active: " << gemm_nt_packed_active() << ")";
+          }
+}
+
+// ---- gemm_nn / gemm_tn: the backward pass's fp32 products on the same tile ---------------------
+
+namespace {
+
+struct F32Case {
+  bool trans_a;  // gemm_tn: A stored (K, M); gemm_nn: A stored (M, K)
+  int64_t M, N, K;
+  bool accumulate;
+};
+
+struct F32Data {
+  int64_t lda, ldb, ldc;
+  std::vector<float> a, b, c0;
+};
+
+F32Data make_f32(const F32Case& c, Rng& rng) {
+  F32Data d;
+  d.lda = (c.trans_a ? c.M : c.K) + 3, d.ldb = c.N + 5, d.ldc = c.N + 2;
+  d.a.resize(static_cast<size_t>(std::max<int64_t>((c.trans_a ? c.K : c.M) * d.lda, 1)));
+  d.b.resize(static_cast<size_t>(std::max<int64_t>(c.K * d.ldb, 1)));
+  d.c0.resize(static_cast<size_t>(std::max<int64_t>(c.M * d.ldc, 1)));
+  for (float& v : d.a) v = static_cast<float>(rng.normal());
+  for (float& v : d.b) v = static_cast<float>(rng.normal());
+  for (float& v : d.c0) v = static_cast<float>(rng.normal());
+  return d;
+}
+
+float a_at(const F32Data& d, const F32Case& c, int64_t m, int64_t k) {
+  return c.trans_a ? d.a[k * d.lda + m] : d.a[m * d.lda + k];
+}
+
+using F32Fn = void (*)(int64_t, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                       float*, int64_t, bool);
+
+std::vector<float> run_f32(F32Fn nn, F32Fn tn, const F32Case& c, const F32Data& d) {
+  std::vector<float> out = d.c0;
+  (c.trans_a ? tn : nn)(c.M, c.N, c.K, d.a.data(), d.lda, d.b.data(), d.ldb, out.data(), d.ldc,
+                        c.accumulate);
+  return out;
+}
+
+// The same recursive-summation bound as within_bound above, and the padding of C untouched.
+::testing::AssertionResult f32_within_bound(const F32Data& d, const F32Case& c,
+                                            const std::vector<float>& y,
+                                            const std::vector<float>& yref) {
+  const double gamma = (c.K + 2) * static_cast<double>(FLT_EPSILON);
+  for (int64_t m = 0; m < c.M; ++m) {
+    for (int64_t n = 0; n < c.N; ++n) {
+      double mag = c.accumulate ? std::fabs(d.c0[m * d.ldc + n]) : 0.0;
+      for (int64_t k = 0; k < c.K; ++k) mag += std::fabs(a_at(d, c, m, k) * d.b[k * d.ldb + n]);
+      const double err = std::fabs(static_cast<double>(y[m * d.ldc + n]) - yref[m * d.ldc + n]);
+      if (err > gamma * mag + 1e-30)
+        return ::testing::AssertionFailure()
+               << (c.trans_a ? "gemm_tn" : "gemm_nn") << " M=" << c.M << " N=" << c.N
+               << " K=" << c.K << " acc=" << c.accumulate << ": C[" << m << "][" << n
+               << "] = " << y[m * d.ldc + n] << ", reference " << yref[m * d.ldc + n] << ", error "
+               << err << " > bound " << gamma * mag;
+    }
+    for (int64_t n = c.N; n < d.ldc; ++n)
+      if (y[m * d.ldc + n] != d.c0[m * d.ldc + n])
+        return ::testing::AssertionFailure()
+               << "padding column " << n << " of row " << m << " was written";
+  }
+  return ::testing::AssertionSuccess();
+}
+
+}  // namespace
+
+TEST(GemmF32, PackedNnAndTnMatchReferenceOnAwkwardSizes) {
+  // Sizes around the tile (2 vectors of rows by 12), 1, and a long contraction; either operand
+  // may end up on the panels (the kernel picks), so both shapes of each product are covered.
+  Rng rng(21);
+  int checked = 0;
+  for (bool ta : {false, true})
+    for (int64_t M : {1, 13, 40, 70})
+      for (int64_t N : {1, 5, 12, 37})
+        for (int64_t K : {1, 3, 33, 130})
+          for (bool acc : {false, true}) {
+            const F32Case c{ta, M, N, K, acc};
+            const F32Data d = make_f32(c, rng);
+            const std::vector<float> yr = run_f32(gemm_nn_ref, gemm_tn_ref, c, d);
+            ASSERT_TRUE(f32_within_bound(d, c, run_f32(gemm_nn_packed, gemm_tn_packed, c, d), yr));
+            ASSERT_TRUE(f32_within_bound(d, c, run_f32(gemm_nn, gemm_tn, c, d), yr))
+                << "dispatch (packed active: " << gemm_nt_packed_active() << ")";
+            ++checked;
+          }
+  EXPECT_EQ(checked, 2 * 4 * 4 * 4 * 2);
+}
+
+TEST(GemmF32, ZeroSizesAndBadArguments) {
+  std::vector<float> a(64, 1.f), b(64, 1.f), c(64, 7.f);
+  for (F32Fn f : {gemm_nn, gemm_tn, gemm_nn_packed, gemm_tn_packed, gemm_nn_ref, gemm_tn_ref}) {
+    // M = 0 or N = 0: nothing written; K = 0: C = 0, or unchanged when accumulating
+    f(0, 4, 4, a.data(), 4, b.data(), 4, c.data(), 4, false);
+    f(4, 0, 4, a.data(), 4, b.data(), 4, c.data(), 4, false);
+    EXPECT_EQ(c, std::vector<float>(64, 7.f));
+    f(4, 4, 0, a.data(), 4, b.data(), 4, c.data(), 4, true);
+    EXPECT_EQ(c, std::vector<float>(64, 7.f));
+    f(4, 4, 0, a.data(), 4, b.data(), 4, c.data(), 4, false);
+    EXPECT_EQ(std::vector<float>(c.begin(), c.begin() + 16), std::vector<float>(16, 0.f));
+    std::fill(c.begin(), c.end(), 7.f);
+    EXPECT_THROW(f(-1, 4, 4, a.data(), 4, b.data(), 4, c.data(), 4, false), Error);
+    EXPECT_THROW(f(4, 4, 4, a.data(), 3, b.data(), 4, c.data(), 4, false), Error);  // lda
+    EXPECT_THROW(f(4, 4, 4, a.data(), 4, b.data(), 3, c.data(), 4, false), Error);  // ldb < N
+    EXPECT_THROW(f(4, 4, 4, a.data(), 4, b.data(), 4, c.data(), 3, false), Error);  // ldc < N
+    EXPECT_THROW(f(4, 4, 4, nullptr, 4, b.data(), 4, c.data(), 4, false), Error);
+  }
+  // gemm_tn's A is (K, M): lda must cover M, not K
+  EXPECT_NO_THROW(gemm_tn(8, 4, 2, a.data(), 8, b.data(), 4, c.data(), 4, false));
+  EXPECT_THROW(gemm_tn(8, 4, 2, a.data(), 4, b.data(), 4, c.data(), 4, false), Error);
+}
+
+TEST(GemmF32, BackwardSizedProductsAreThreadIndependent) {
+  // Projection-backward-like shapes: several panels and several block chunks per thread, on
+  // either side of the kernel's panel choice; each C element is one sequential sum over k, so
+  // 1 and 2 threads agree bitwise.
+  Rng rng(22);
+  const int saved = num_threads();
+  for (const F32Case& c : {F32Case{false, 100, 300, 70, false}, F32Case{true, 90, 200, 150, true},
+                           F32Case{true, 300, 40, 64, false}}) {
+    const F32Data d = make_f32(c, rng);
+    const std::vector<float> yr = run_f32(gemm_nn_ref, gemm_tn_ref, c, d);
+    set_num_threads(1);
+    const std::vector<float> y1 = run_f32(gemm_nn_packed, gemm_tn_packed, c, d);
+    set_num_threads(2);
+    const std::vector<float> y2 = run_f32(gemm_nn_packed, gemm_tn_packed, c, d);
+    set_num_threads(saved);
+    EXPECT_TRUE(f32_within_bound(d, c, y1, yr));
+    EXPECT_EQ(y1, y2) << "trans_a=" << c.trans_a << " M=" << c.M << " N=" << c.N;
+  }
+}
+
+class GemmF32PerTarget : public hwy::TestWithParamTarget {};
+HWY_TARGET_INSTANTIATE_TEST_SUITE_P(GemmF32PerTarget);
+
+TEST_P(GemmF32PerTarget, PackedKernelAndDispatchMatchReference) {
+  Rng rng(23);
+  for (bool ta : {false, true})
+    for (int64_t M : {1, 33})
+      for (int64_t N : {5, 13})
+        for (int64_t K : {3, 33})
+          for (bool acc : {false, true}) {
+            const F32Case c{ta, M, N, K, acc};
+            const F32Data d = make_f32(c, rng);
+            const std::vector<float> yr = run_f32(gemm_nn_ref, gemm_tn_ref, c, d);
+            ASSERT_TRUE(f32_within_bound(d, c, run_f32(gemm_nn_packed, gemm_tn_packed, c, d), yr))
+                << "packed, " << hwy::TargetName(GetParam());
+            ASSERT_TRUE(f32_within_bound(d, c, run_f32(gemm_nn, gemm_tn, c, d), yr))
+                << "dispatch, " << hwy::TargetName(GetParam());
           }
 }

@@ -119,6 +119,8 @@ def torch_mamba(m, x, scan):
 
 
 def run(args):
+    if args.keep_freed_memory:
+        mambacpp.keep_freed_memory()
     torch.set_num_threads(args.threads)
     mambacpp.set_num_threads(args.threads)
     for d_model, L, batch in [(d, l, b) for d in args.d_model for l in args.seqlen for b in args.batch]:
@@ -155,7 +157,8 @@ def run(args):
                    seqlen=L, batch=batch, threads=args.threads, torch=torch.__version__,
                    mambacpp_s=round(t_ours, 5), core_s=round(t_core, 5),
                    python_overhead=round(t_ours / t_core - 1, 4),
-                   python_overhead_median_pair=round(pair_overhead, 4), reps=args.reps)
+                   python_overhead_median_pair=round(pair_overhead, 4), reps=args.reps,
+                   keep_freed_memory=args.keep_freed_memory)
         if args.check:  # the torch paths compute the same layer (checked at a small length)
             with torch.no_grad():
                 xs = x[:, :64]
@@ -202,6 +205,9 @@ def main():
     p.add_argument("--no-seq", action="store_true", help="skip the sequential torch baseline")
     p.add_argument("--no-pscan", action="store_true", help="skip the parallel-scan torch baseline")
     p.add_argument("--check", action="store_true", help="check the torch paths against mambacpp first")
+    p.add_argument("--keep-freed-memory", action="store_true",
+                   help="call mambacpp.keep_freed_memory() first (the process's malloc keeps freed "
+                        "memory: fewer page faults for mambacpp and torch alike)")
     run(p.parse_args())
 
 

@@ -11,7 +11,8 @@ The numpy-level API (no torch needed):
 - ``LM``: a whole language model loaded from a folder (``LM.load``), ``forward``, ``step``,
   ``generate``.
 - ``Tokenizer``: the GPT-NeoX byte-level BPE of a ``tokenizer.json``.
-- ``load_safetensors`` / ``save_safetensors``, ``set_num_threads`` / ``num_threads``.
+- ``load_safetensors`` / ``save_safetensors``, ``set_num_threads`` / ``num_threads``,
+  ``keep_freed_memory`` (opt-in allocator policy for training loops).
 
 ``mambacpp.torch`` holds the PyTorch drop-in modules (``Mamba``, ``Mamba2``, ``Mamba3``, ``MHA``,
 ``GatedMLP``, ``SS2D``, ``VSSBlock``, ``BiMamba``, ``STBlock``, ``MambaLMHeadModel``). Arrays are float32; C++ errors on bad input raise ``ValueError`` with the
@@ -46,6 +47,7 @@ from ._core import (  # noqa: F401
     VSSBlockSaved,
     Tokenizer,
     __version__,
+    keep_freed_memory,
     load_safetensors,
     num_threads,
     save_safetensors,
@@ -66,6 +68,7 @@ __all__ = [
     "STBlock",
     "Tokenizer",
     "__version__",
+    "keep_freed_memory",
     "load_safetensors",
     "num_threads",
     "save_safetensors",

@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/os.h"
 #include "mamba/error.h"
 #include "mamba/generate.h"
 #include "mamba/lm.h"
@@ -274,6 +275,12 @@ PYBIND11_MODULE(_core, m) {
   m.def("set_num_threads", &mamba::set_num_threads, py::arg("n"),
         "Threads of the C++ kernels (and of the BLAS); n <= 0: all cores.");
   m.def("num_threads", &mamba::num_threads, "Threads the C++ kernels use.");
+  m.def("keep_freed_memory", &mamba::os::keep_freed_memory,
+        "Opt-in allocator policy for loops that allocate and free the same large arrays (every "
+        "training step): freed memory stays in the process (glibc: blocks below 1 GiB come from "
+        "the heap, which is not trimmed below 1 GiB free) instead of being page-faulted back in "
+        "on every call. It changes the whole process's malloc (torch's and numpy's arrays too); "
+        "call it once, at start. A no-op outside glibc. See docs/PERFORMANCE.md.");
   mambapy::bind_mamba1(m);
   mambapy::bind_mamba2(m);
   mambapy::bind_mamba3(m);

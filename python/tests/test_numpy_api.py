@@ -221,3 +221,32 @@ def test_safetensors_round_trip(tmp_path):
     assert meta == {"k": "v"} and list(back) == ["w", "b"] or set(back) == {"w", "b"}
     for k in a:
         np.testing.assert_array_equal(back[k], a[k])
+
+
+def test_keep_freed_memory_changes_no_result():
+    # The opt-in allocator policy is process-wide, so it runs in a child process: a layer's
+    # forward + backward (arrays freed and allocated again between calls) gives bitwise the
+    # same output and input gradient before and after the call.
+    import subprocess
+    import sys
+
+    code = """
+import numpy as np, mambacpp
+rng = np.random.default_rng(0)
+layer = mambacpp.Mamba1(32, d_state=4)
+x = rng.standard_normal((2, 40, 32)).astype(np.float32)
+g = rng.standard_normal((2, 40, 32)).astype(np.float32)
+def run():
+    y, saved = layer.forward(x, save=True)
+    return y, layer.backward(saved, g)
+y0, dx0 = run()
+assert mambacpp.keep_freed_memory() is None
+for _ in range(3):
+    y1, dx1 = run()
+    assert np.array_equal(y0, y1) and np.array_equal(dx0, dx1)
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env=dict(os.environ))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"

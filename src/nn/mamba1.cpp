@@ -158,8 +158,9 @@ Tensor Mamba1::run(const Tensor& hidden, Saved* saved, const State* init, State*
                                      init ? init->conv_state : Tensor());  // (B, L, D)
   if (tr) trace::op("conv1d", {x.shape()}, {xc.shape()});
 
-  Tensor x_dbl, Bm, Cm;                     // selective only
-  Tensor delta = Tensor::zeros({B, L, D});  // (B, L, D); stays 0 when not selective
+  Tensor x_dbl, Bm, Cm;  // selective only
+  // (B, L, D): written by dt_proj when selective, 0 otherwise
+  Tensor delta = cfg_.selective ? Tensor::empty({B, L, D}) : Tensor::zeros({B, L, D});
   if (cfg_.selective) {
     // x_proj -> [dt_low | B | C]
     x_dbl = ops::linear(xc, xproj_w_->value);  // (B, L, R + 2N)

@@ -149,6 +149,123 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
   });
 }
 
+// ---- fp32 products of the backward pass (gemm_nn, gemm_tn) on the same tile -------------------
+// C (R, S) = sum_k A(r, k) B(k, s). Each operand is seen through its free index f (r of A, s of
+// B) and the contraction index k; element (f, k) sits at p[k * ld + f] when f is the contiguous
+// index, at p[f * ld + k] otherwise.
+struct Operand {
+  const float* p;
+  int64_t ld;
+  bool f_contig;
+};
+
+// d[k * W + i] = X(f0 + i, k) for i < fn, 0 for fn <= i < W, k in [0, K): a panel (W = 2 vectors)
+// or a block (W = kNB) as Tile reads them. A contiguous free index is copied row by row; a
+// contiguous k is transposed in blocks of 8 x 16 that stay in L1 (as GemmNtKernel packs x).
+HWY_INLINE void PackOperand(const Operand& X, int64_t f0, int64_t fn, int64_t W, int64_t K,
+                            float* HWY_RESTRICT d) {
+  if (X.f_contig) {
+    for (int64_t k = 0; k < K; ++k) {
+      const float* s = X.p + k * X.ld + f0;
+      float* dk = d + k * W;
+      for (int64_t i = 0; i < fn; ++i) dk[i] = s[i];
+      for (int64_t i = fn; i < W; ++i) dk[i] = 0.f;
+    }
+    return;
+  }
+  for (int64_t i0 = 0; i0 < fn; i0 += 8)
+    for (int64_t k0 = 0; k0 < K; k0 += 16) {
+      const int64_t kn = std::min<int64_t>(16, K - k0);
+      for (int64_t i = i0; i < std::min(fn, i0 + 8); ++i) {
+        const float* xr = X.p + (f0 + i) * X.ld + k0;
+        for (int64_t kk = 0; kk < kn; ++kk) d[(k0 + kk) * W + i] = xr[kk];
+      }
+    }
+  if (fn < W)
+    for (int64_t k = 0; k < K; ++k) std::fill(d + k * W + fn, d + (k + 1) * W, 0.f);
+}
+
+// C (R, S) [ldc] (+)= A B with the loop structure of GemmNtKernel: one operand in panels of
+// 2 * lanes (all packed up front), the other in blocks of kNB that the threads split, each C
+// element one sequential fp32 sum over k (so the result does not depend on the thread count or
+// on which operand is paneled). The operand whose split wastes less padding per thread becomes
+// the panels; when that is B, a tile holds C^T and is stored row by row.
+void GemmF32Kernel(Operand A, int64_t R, Operand B, int64_t S, int64_t K, float* C, int64_t ldc,
+                   bool accumulate) {
+  const hn::ScalableTag<float> df;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
+  const int64_t T = std::max(1, num_threads());
+  // Tiles the busiest thread computes with P on the panels and Q on the blocks.
+  auto cost = [&](int64_t P, int64_t Q) {
+    const int64_t nb = (Q + kNB - 1) / kNB;
+    return ((nb + T - 1) / T) * ((P + MP - 1) / MP) * (MP * kNB);
+  };
+  const bool swap = cost(S, R) < cost(R, S);
+  const Operand& Pop = swap ? B : A;
+  const Operand& Qop = swap ? A : B;
+  const int64_t P = swap ? S : R, Q = swap ? R : S;
+
+  const int64_t np = (P + MP - 1) / MP;
+  static thread_local Aligned<float> pp_buf;
+  float* pp = pp_buf.get(static_cast<size_t>(np * MP * K));
+  parallel_for(np, 1, [&](int64_t pb, int64_t pe) {
+    for (int64_t p = pb; p < pe; ++p)
+      PackOperand(Pop, p * MP, std::min(MP, P - p * MP), MP, K, pp + p * MP * K);
+  });
+
+  const int64_t nb = (Q + kNB - 1) / kNB;
+  const int64_t G = std::max<int64_t>(1, (384 << 10) / (K * MP * 4));
+  const int64_t chunk = std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
+  parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
+    static thread_local Aligned<float> qk_buf, tile_buf;
+    float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
+    for (int64_t c0 = bb; c0 < be; c0 += chunk) {
+      const int64_t c1 = std::min(be, c0 + chunk);
+      float* qk = qk_buf.get(static_cast<size_t>((c1 - c0) * kNB * K));
+      for (int64_t b = c0; b < c1; ++b)
+        PackOperand(Qop, b * kNB, std::min(kNB, Q - b * kNB), kNB, K, qk + (b - c0) * kNB * K);
+      for (int64_t g0 = 0; g0 < np; g0 += G)
+        for (int64_t b = c0; b < c1; ++b) {
+          const int64_t q0 = b * kNB, nr = std::min(kNB, Q - q0);
+          for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
+            Tile(pp + p * MP * K, qk + (b - c0) * kNB * K, K, tile);
+            const int64_t p0 = p * MP, mr = std::min(MP, P - p0);
+            if (!swap) {  // tile[j][i] = C(p0 + i, q0 + j)
+              for (int64_t i = 0; i < mr; ++i) {
+                float* cr = C + (p0 + i) * ldc + q0;
+                if (accumulate)
+                  for (int64_t j = 0; j < nr; ++j) cr[j] += tile[j * MP + i];
+                else
+                  for (int64_t j = 0; j < nr; ++j) cr[j] = tile[j * MP + i];
+              }
+            } else {  // tile[j][i] = C(q0 + j, p0 + i)
+              for (int64_t j = 0; j < nr; ++j) {
+                float* cr = C + (q0 + j) * ldc + p0;
+                const float* tj = tile + j * MP;
+                if (accumulate)
+                  for (int64_t i = 0; i < mr; ++i) cr[i] += tj[i];
+                else
+                  for (int64_t i = 0; i < mr; ++i) cr[i] = tj[i];
+              }
+            }
+          }
+        }
+    }
+  });
+}
+
+// C (M, N) (+)= A (M, K) [lda] B (K, N) [ldb]
+void GemmNnKernel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  GemmF32Kernel(Operand{A, lda, false}, M, Operand{B, ldb, true}, N, K, C, ldc, accumulate);
+}
+
+// C (M, N) (+)= A^T B, A stored (K, M) [lda], B (K, N) [ldb]
+void GemmTnKernel(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                  int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  GemmF32Kernel(Operand{A, lda, true}, M, Operand{B, ldb, true}, N, K, C, ldc, accumulate);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
 HWY_AFTER_NAMESPACE();
@@ -244,6 +361,80 @@ void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N
       }
       y[m * ldy + n] = static_cast<float>(acc);
     }
+}
+
+// ---- gemm_nn / gemm_tn -------------------------------------------------------------------------
+
+HWY_EXPORT(GemmNnKernel);
+HWY_EXPORT(GemmTnKernel);
+
+namespace {
+// trans_a: A stored (K, M) (gemm_tn), else (M, K) (gemm_nn); B (K, N); C (M, N).
+void check_gemm_f32(const char* what, bool trans_a, int64_t M, int64_t N, int64_t K, const float* A,
+                    int64_t lda, const float* B, int64_t ldb, const float* C, int64_t ldc) {
+  MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, what, ": negative size M=", M, " N=", N, " K=", K);
+  const int64_t arow = trans_a ? M : K;
+  MAMBA_CHECK(lda >= arow && ldb >= N && ldc >= N, what, ": leading dimensions lda ", lda, ", ldb ",
+              ldb, ", ldc ", ldc, " must be >= ", arow, ", N ", N, ", N ", N);
+  MAMBA_CHECK((A && B && C) || M == 0 || N == 0 || K == 0, what, ": null pointer");
+  MAMBA_CHECK(C || M == 0 || N == 0, what, ": null pointer");
+}
+
+void gemm_f32_dispatch(const char* what, bool trans_a, bool packed, int64_t M, int64_t N, int64_t K,
+                       const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+                       int64_t ldc, bool accumulate) {
+  check_gemm_f32(what, trans_a, M, N, K, A, lda, B, ldb, C, ldc);
+  if (M == 0 || N == 0) return;
+  if (K == 0) return zero_or_keep(C, M, N, ldc, accumulate);
+  if (!packed) {
+    gemm(trans_a, false, M, N, K, 1.f, A, lda, B, ldb, accumulate ? 1.f : 0.f, C, ldc);
+    return;
+  }
+  if (trans_a)
+    HWY_DYNAMIC_DISPATCH(GemmTnKernel)(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+  else
+    HWY_DYNAMIC_DISPATCH(GemmNnKernel)(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+void gemm_f32_ref(const char* what, bool trans_a, int64_t M, int64_t N, int64_t K, const float* A,
+                  int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+                  bool accumulate) {
+  check_gemm_f32(what, trans_a, M, N, K, A, lda, B, ldb, C, ldc);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t n = 0; n < N; ++n) {
+      double acc = accumulate ? C[m * ldc + n] : 0.0;
+      for (int64_t k = 0; k < K; ++k)
+        acc += static_cast<double>(trans_a ? A[k * lda + m] : A[m * lda + k]) * B[k * ldb + n];
+      C[m * ldc + n] = static_cast<float>(acc);
+    }
+}
+}  // namespace
+
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_dispatch("gemm_nn", false, gemm_nt_packed_active(), M, N, K, A, lda, B, ldb, C, ldc,
+                    accumulate);
+}
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_dispatch("gemm_tn", true, gemm_nt_packed_active(), M, N, K, A, lda, B, ldb, C, ldc,
+                    accumulate);
+}
+void gemm_nn_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_dispatch("gemm_nn_packed", false, true, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+void gemm_tn_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_dispatch("gemm_tn_packed", true, true, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+void gemm_nn_ref(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_ref("gemm_nn_ref", false, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+void gemm_tn_ref(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  gemm_f32_ref("gemm_tn_ref", true, M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 }  // namespace mamba::ops

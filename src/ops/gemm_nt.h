@@ -43,4 +43,24 @@ bool gemm_nt_packed_active();
 void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
                  float* y, int64_t ldy, bool accumulate);
 
+// The backward pass's fp32 products on the same packed tile (the BLAS where gemm_nt_packed_active()
+// is false), every C element one sequential fp32 sum over k, whatever the thread count:
+//   gemm_nn: C (M, N) [ldc] = A (M, K) [lda] B (K, N) [ldb]      (a linear's dx = dy W)
+//   gemm_tn: C (M, N) [ldc] = A^T B, A stored (K, M) [lda]        (a linear's dW = dy^T x)
+// plus the previous C when accumulate is true. Throws on negative sizes or leading dimensions
+// smaller than the rows. The _packed variants run the packed kernel on any SIMD target (for the
+// tests), the _ref ones are plain loops with double accumulation.
+void gemm_nn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_tn(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+             int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_nn_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_tn_packed(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                    int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_nn_ref(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate);
+void gemm_tn_ref(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda, const float* B,
+                 int64_t ldb, float* C, int64_t ldc, bool accumulate);
+
 }  // namespace mamba::ops

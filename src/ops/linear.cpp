@@ -116,18 +116,18 @@ void linear_bwd_into(const Tensor& x, const Weight& W, const Tensor& dy, const T
     return;
   }
   // dx (M, in) = dy (M, out) W (out, in)
-  gemm(false, false, d.M, d.in, d.out, 1.f, dy.view_data(), dy.row_stride(), Wf.data(), d.in,
-       accumulate_dx ? 1.f : 0.f, dx.view_data(), dx.row_stride());
+  gemm_nn(d.M, d.in, d.out, dy.view_data(), dy.row_stride(), Wf.data(), d.in, dx.view_data(),
+          dx.row_stride(), accumulate_dx);
   // dW (out, in) += dy^T (out, M) x (M, in)
   if (dW)
-    gemm(true, false, d.out, d.in, d.M, 1.f, dy.view_data(), dy.row_stride(), x.view_data(),
-         x.row_stride(), 1.f, dW->data(), d.in);
+    gemm_tn(d.out, d.in, d.M, dy.view_data(), dy.row_stride(), x.view_data(), x.row_stride(),
+            dW->data(), d.in, true);
   if (db) bias_grad(*db, dy.reshape({d.M, d.out}));
 }
 
 Tensor linear_bwd(const Tensor& x, const Weight& W, const Tensor& dy, Tensor* dW, Tensor* db) {
   check_defined(x, "linear_bwd: x");
-  Tensor dx = Tensor::zeros(x.shape());
+  Tensor dx = Tensor::empty(x.shape());  // every element written (accumulate_dx = false)
   linear_bwd_into(x, W, dy, dx, false, dW, db);
   return dx;
 }

@@ -10,7 +10,8 @@
 //             M <= 1: the BLAS (a GEMV), bias put in y first (beta = 1).
 //   16-bit W: M <= 16: the streaming kernel; M > 16: ops::gemm_nt; then the bias added.
 // Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
-// the BLAS, db += the row sums of dy (bias_grad).
+// ops::gemm_nn / ops::gemm_tn (the packed tile, or the BLAS where gemm_nt is on the BLAS),
+// db += the row sums of dy (bias_grad).
 #pragma once
 #include <vector>
 
