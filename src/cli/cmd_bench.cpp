@@ -157,17 +157,20 @@ Command add_bench(CLI::App& app) {
         Stats p = stats(pre), d = stats(dec);
         double rss = os::peak_rss_bytes() / 1048576.0,
                rss_end = os::current_rss_bytes() / 1048576.0;
+        int64_t wbytes = 0;  // every parameter's storage (a tied head counted once)
+        for (auto& [name, prm] : lm->named_parameters()) wbytes += prm->value.bytes();
+        const double wmib = static_cast<double>(wbytes) / 1048576.0;
         if (o->json) {
           std::printf(
               "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\","
               "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"prefill_chunk\":%lld,\"gen\":%lld,"
               "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
-              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f}\n",
+              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f,\"weight_mib\":%.1f}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
               (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
-              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end);
+              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end, wmib);
         } else {
           std::printf(
               "model: %s, %lld parameters, %s weights, %d threads, batch %lld, prefill chunk %s\n",
@@ -182,6 +185,7 @@ Command add_bench(CLI::App& app) {
                       B > 1 ? str(" x ", B, " sequences").c_str() : "", d.median, d.min, d.max);
           std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss,
                       rss_loaded, rss_end);
+          std::printf("weights: %.1f MiB\n", wmib);
         }
         return 0;
       }};
