@@ -12,7 +12,7 @@ OMP_NUM_THREADS=2 build/bench_ssd --threads 2 --ref 0 --sweep 1 --layer 1 --reps
 build/bench_gemm_nt --reps 7 > "$O/gemm_nt_t2.jsonl"
 build/bench_gemm_nt --reps 5 --threads 1 > "$O/gemm_nt_t1.jsonl"
 for m in mamba-130m mamba2-130m; do
-  for dt in f32 bf16 f16; do
+  for dt in f32 bf16 f16 q8_0 q4_0; do
     for t in 2 1; do
       build/mambacpp bench --preset $m --prompt 512 --gen 128 --reps 3 --threads $t --dtype $dt --json \
         > "$O/lm_${m}_${dt}_t$t.json"

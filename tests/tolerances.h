@@ -90,3 +90,21 @@ constexpr Tol kBf16VsF32Logits{3e-2, 1e-2};
 // measured 8.4e-4 (Mamba1), 1.0e-3 (Mamba2).
 constexpr Tol kF16VsF32Logits{4e-3, 1.5e-3};
 }  // namespace mamba::tol
+
+namespace mamba::tol {
+// Quantised weights (test_quant_weights.cpp). A q8_0 / q4_0 model against the fp32 model holding
+// the SAME dequantised weights (every d * q is exact in fp32): only the order of the fp32 sums
+// differs (the streaming kernel's per-block vectors, or dequantise + packed GEMM, vs the BLAS),
+// as for 16-bit weights: a few fp32 ulps on O(1) logits.
+constexpr Tol kQuantVsDequantF32{1e-5, 1e-4};
+// Against the ORIGINAL fp32 model: the quantisation error itself. q8_0 moves each weight by up
+// to half a step of amax / 127 of its block (~4x bf16's 2^-9 relative); measured in the tiny
+// test models (d_model 64, logits up to 2.3): max |err| 0.021 (Mamba1), 0.037 (Mamba2), so
+// 0.1 abs + 2e-2 rel leaves a ~2.5x margin. q4_0's step is amax / 8 (16x coarser): measured
+// max |err| 0.38 (Mamba1), 0.61 (Mamba2) on logits up to 2.3 / 1.5, so 1.5 abs + 0.1 rel; this
+// bound is loose by nature (it only catches a gross error) — the correctness of the q4_0 kernels
+// is checked by kQuantVsDequantF32, and the quantisation's effect on a trained model by the
+// perplexity in docs/PERFORMANCE.md.
+constexpr Tol kQ8_0VsF32Logits{1e-1, 2e-2};
+constexpr Tol kQ4_0VsF32Logits{1.5, 1e-1};
+}  // namespace mamba::tol

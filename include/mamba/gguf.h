@@ -10,9 +10,10 @@
 // length); GGUFTensorInfo::shape is the PyTorch order (the reverse), so a (out, in) matrix has
 // shape {out, in} here and ne {in, out} in the file.
 //
-// Element types read: F32, F16, BF16, Q8_0, Q4_0 (tensor() dequantises to fp32). Other ggml
-// types (Q4_1, K-quants, IQ*, ...) are listed by name but tensor() refuses them with an error
-// naming the type.
+// Element types read: F32, F16, BF16, Q8_0, Q4_0 (tensor() dequantises to fp32; raw() gives the
+// bytes as stored, which MambaLM::load_gguf copies as they are into a weight of the same type).
+// Other ggml types (Q4_1, K-quants, IQ*, ...) are listed by name but tensor() refuses them with an
+// error naming the type.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -102,6 +103,8 @@ class GGUFFile {
   // fp32 copy of a tensor in the PyTorch order (dequantised for Q8_0 / Q4_0); throws for a
   // missing name or an unsupported type (naming it).
   Tensor tensor(const std::string& name) const;
+  // The tensor's bytes as stored (info(name).nbytes of them, in its ggml type's layout).
+  const uint8_t* raw(const std::string& name) const;
 
  private:
   static GGUFFile parse_view(std::shared_ptr<const void> keep, const uint8_t* data, uint64_t size,

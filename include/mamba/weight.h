@@ -1,12 +1,20 @@
-// Weight: the storage of one parameter tensor. fp32 (a Tensor: trainable), or bf16 / f16
-// (16-bit values, rounded to nearest even: inference only). The layers never see the format:
+// Weight: the storage of one parameter tensor. fp32 (a Tensor: trainable), bf16 / f16 (16-bit
+// values, rounded to nearest even: inference only), or q8_0 / q4_0 (ggml's block-quantised
+// formats, byte for byte as GGUF stores them: inference only). The layers never see the format:
 // they call ops::linear / ops::embedding_fwd on a Weight and the op picks the kernel.
 //
-// Where quantised block formats go (q8_0, q4_0, as GGUF stores them): add the enum value below,
-// its name in weight_dtype_name / parse_weight_dtype, a block-size rule in Weight::bytes(), the
-// conversions in set_dtype / to_f32 / row_to_f32 (src/core/weight.cpp), and the kernels in
-// ops::linear (src/ops/linear.cpp). The storage stays one aligned byte buffer with a row pitch
-// (row_bytes()), so rows(r0, n) views work for them too (a block never spans two rows).
+// Quantised formats: each row is cut into blocks of 32 values (a row length that is not a
+// multiple of 32 cannot be stored: an error naming the tensor). A block is an f16 scale d (2
+// bytes, little-endian) followed by
+//   q8_0: 32 int8 q, value = d * q                                       (34 bytes per block)
+//   q4_0: 16 bytes; byte j holds element j in its low nibble and element j + 16 in its high
+//         nibble, value = d * (nibble - 8)                               (18 bytes per block)
+// Quantisation is ggml's reference one (round to nearest): q8_0 d = amax / 127, q = round(x / d)
+// (halves away from zero); q4_0 d = max / -8 with max the value of largest magnitude (its sign
+// kept), nibble = min(15, trunc(x / d + 8.5)); 1/d is taken from the fp32 d before d is rounded
+// to f16. Every dequantised value d * q is exact in fp32.
+// The storage is one aligned byte buffer; rows are row_bytes() apart, so rows(r0, n) views work
+// for every format (a block never spans two rows).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -22,14 +30,31 @@ enum class WeightDType {
   f32,
   bf16,
   f16,
-  // q8_0, q4_0: quantised blocks (next; see the top of this file)
+  q8_0,  // blocks of 32: f16 scale + 32 int8 (8.5 bits per value)
+  q4_0,  // blocks of 32: f16 scale + 16 bytes of nibbles (4.5 bits per value)
 };
-const char* weight_dtype_name(WeightDType t);  // "f32", "bf16", "f16"
-// Parses "f32" | "bf16" | "f16" (also "fp32", "float32", "bfloat16", "fp16", "float16");
-// throws mamba::Error naming the value otherwise.
+const char* weight_dtype_name(WeightDType t);  // "f32", "bf16", "f16", "q8_0", "q4_0"
+// Parses "f32" | "bf16" | "f16" | "q8_0" | "q4_0" (also "fp32", "float32", "bfloat16", "fp16",
+// "float16", "q8", "q4"); throws mamba::Error naming the value otherwise.
 WeightDType parse_weight_dtype(const std::string& s);
-// Bytes per element of an element-wise format (4 for f32, 2 for bf16 / f16).
+// Bytes per element of an element-wise format (4 for f32, 2 for bf16 / f16); throws for a
+// quantised one (use weight_row_bytes).
 int64_t weight_dtype_size(WeightDType t);
+inline bool is_quantised(WeightDType t) { return t == WeightDType::q8_0 || t == WeightDType::q4_0; }
+// Values per block: 32 for q8_0 / q4_0, 1 for the element-wise formats.
+inline int64_t weight_block_size(WeightDType t) { return is_quantised(t) ? 32 : 1; }
+// Bytes of a row of n values (n a multiple of weight_block_size(t)).
+int64_t weight_row_bytes(WeightDType t, int64_t n);
+
+// Block quantisation (q8_0 / q4_0 only; n a multiple of 32; throws otherwise, or for a value
+// that is not finite). quantise_blocks: ggml's reference rounding (top of this file).
+// dequantise_blocks: vectorised, exact. The _ref versions are plain scalar loops (tests).
+void quantise_blocks(const float* src, void* dst, int64_t n, WeightDType t);
+void dequantise_blocks(const void* src, float* dst, int64_t n, WeightDType t);
+void quantise_blocks_ref(const float* src, void* dst, int64_t n, WeightDType t);
+void dequantise_blocks_ref(const void* src, float* dst, int64_t n, WeightDType t);
+// n values of one row in any format, starting at `row`, as fp32 (exact).
+void weight_row_to_f32(const void* row, WeightDType t, int64_t n, float* dst);
 
 // Scalar conversions, round to nearest even (bf16 keeps NaN as a quiet NaN; f16 overflows to
 // +-inf). Every 16-bit value is exactly representable in fp32.
@@ -52,7 +77,7 @@ class Weight {
   Weight(const Tensor& values, WeightDType dtype);  // converted copy (fp32: shared)
   static Weight zeros(Shape shape) { return Weight(Tensor::zeros(std::move(shape))); }
 
-  bool defined() const { return f32_.defined() || half_ != nullptr; }
+  bool defined() const { return f32_.defined() || buf_ != nullptr; }
   WeightDType dtype() const { return dtype_; }
   bool is_f32() const { return dtype_ == WeightDType::f32; }
   const Shape& shape() const { return shape_; }
@@ -60,27 +85,35 @@ class Weight {
   // As a matrix: rows = shape[0], cols = the product of the other dimensions.
   int64_t rows() const { return shape_.empty() ? 1 : shape_[0]; }
   int64_t cols() const { return rows() ? numel_ / rows() : 0; }
-  int64_t bytes() const { return numel_ * weight_dtype_size(dtype_); }  // of this view's values
+  int64_t row_bytes() const { return weight_row_bytes(dtype_, cols()); }
+  int64_t bytes() const { return rows() * row_bytes(); }  // of this view's values
   std::string shape_str() const { return mamba::shape_str(shape_); }
 
   // The fp32 values (trainable). Throws "…: weights are bf16: inference only; load in f32 to
-  // train" when the storage is not fp32. `what` names the caller in the message.
+  // train" when the storage is not fp32 (the same for q8_0 / q4_0). `what` names the caller.
   const Tensor& f32(const char* what = "weight") const;
   Tensor& f32(const char* what = "weight");
   // The values as fp32: the tensor itself when fp32 (shared), an exact converted copy otherwise.
   Tensor to_f32() const;
   // Row r (cols() values) as fp32 into dst.
   void row_to_f32(int64_t r, float* dst) const;
-  // Copies values in (shape must equal shape()), rounding into 16-bit storage.
+  // Copies values in (shape must equal shape()), rounding into 16-bit storage or quantising.
   void assign(const Tensor& values);
+  // Copies this weight's storage bytes in as they are (bytes() of them, in this dtype's layout:
+  // e.g. a GGUF tensor of the same type), no conversion.
+  void assign_raw(const void* data, int64_t nbytes);
   // Converts in place, releasing the old storage (views made by rows() keep theirs alive).
-  // bf16 / f16 round to nearest even; f32 converts back exactly.
-  void set_dtype(WeightDType t);
+  // bf16 / f16 round to nearest even; q8_0 / q4_0 quantise (from the exact fp32 values of the
+  // current storage); f32 converts back exactly. A quantised dtype needs cols() % 32 == 0:
+  // otherwise throws "<what>: q8_0 stores rows of whole blocks of 32 values; shape ... has rows
+  // of N values".
+  void set_dtype(WeightDType t, const std::string& what = "weight");
   // View of rows [r0, r0 + n) sharing storage: shape (n, ...).
   Weight rows(int64_t r0, int64_t n) const;
 
-  // For kernels: row r's first element (float* for f32, uint16_t* for bf16 / f16); rows are
-  // row_pitch() elements apart (= cols(): a Weight is contiguous).
+  // For kernels: row r's first element (float* for f32, uint16_t* for bf16 / f16, the first
+  // block's bytes for q8_0 / q4_0); rows are row_pitch() values (row_bytes() bytes) apart
+  // (= cols(): a Weight is contiguous).
   const void* row_ptr(int64_t r) const;
   int64_t row_pitch() const { return cols(); }
 
@@ -88,8 +121,8 @@ class Weight {
   WeightDType dtype_ = WeightDType::f32;
   Shape shape_;
   int64_t numel_ = 0;
-  Tensor f32_;                      // dtype f32
-  std::shared_ptr<uint16_t> half_;  // dtype bf16 / f16 (64-byte aligned), + offset_ elements
+  Tensor f32_;                    // dtype f32
+  std::shared_ptr<uint8_t> buf_;  // other dtypes (64-byte aligned), from offset_ bytes on
   int64_t offset_ = 0;
 };
 

@@ -83,7 +83,8 @@ void bind_lm(py::module_& m) {
             return PyLM{std::make_shared<mamba::MambaLM>(mamba::MambaLM::load(dir, t))};
           },
           py::arg("folder"), py::arg("dtype") = "f32",
-          "Loads a model folder; dtype 'f32' (default), 'bf16' or 'f16' for the large weights.")
+          "Loads a model folder; dtype 'f32' (default), 'bf16', 'f16', 'q8_0' or 'q4_0' for the "
+          "large weights.")
       .def_property_readonly("config", [](const PyLM& s) { return lm_config(*s.lm); })
       .def_property_readonly(
           "vocab", [](const PyLM& s) { return s.lm->vocab(); },

@@ -52,11 +52,16 @@ inline void write_npy_ids(const std::string& path, const std::vector<std::vector
 // --dtype: the storage of the large weights for inference (commands that run a model).
 inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
   return sub
-      ->add_option("--dtype", dtype,
-                   "weight storage: f32, or bf16 / f16 (16-bit projections and embedding/lm_head, "
-                   "converted on load, fp32 accumulation; about half the memory traffic of decode)")
+      ->add_option(
+          "--dtype", dtype,
+          "weight storage: f32, or bf16 / f16 (16-bit projections and embedding/lm_head, "
+          "converted on load, fp32 accumulation; about half the memory traffic of decode), "
+          "or q8_0 / q4_0 (ggml's 8-bit / 4-bit blocks of 32 with an f16 scale, 8.5 / 4.5 "
+          "bits per weight, quantised on load; a GGUF tensor already in that format is "
+          "kept as it is; matrices whose rows are not whole blocks, e.g. Mamba-1's "
+          "dt_proj, stay f32; fp32 activations and accumulation). Inference only")
       ->capture_default_str()
-      ->check(CLI::IsMember({"f32", "bf16", "f16"}));
+      ->check(CLI::IsMember({"f32", "bf16", "f16", "q8_0", "q4_0"}));
 }
 
 // Loads a model folder with the given --dtype and releases the fp32 copies' memory.

@@ -156,19 +156,22 @@ Command add_bench(CLI::App& app) {
         const TokenCost cost = lm->token_cost();
         double rss = os::peak_rss_bytes() / 1048576.0,
                rss_end = os::current_rss_bytes() / 1048576.0;
+        int64_t wbytes = 0;  // every parameter's storage (a tied head counted once)
+        for (auto& [name, prm] : lm->named_parameters()) wbytes += prm->value.bytes();
+        const double wmib = static_cast<double>(wbytes) / 1048576.0;
         if (o->json) {
           std::printf(
               "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\","
               "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"prefill_chunk\":%lld,\"gen\":%lld,"
               "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
-              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f,\"decode_weight_bytes\":%lld,"
-              "\"state_bytes\":%lld,\"prefill_flops_per_token\":%lld,"
+              "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f,\"weight_mib\":%.1f,"
+              "\"decode_weight_bytes\":%lld,\"state_bytes\":%lld,\"prefill_flops_per_token\":%lld,"
               "\"decode_flops_per_token\":%lld}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
               (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
-              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end,
+              p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end, wmib,
               (long long)cost.decode_weight_bytes, (long long)cost.state_bytes,
               (long long)cost.prefill_flops, (long long)cost.decode_flops);
         } else {
@@ -186,10 +189,11 @@ Command add_bench(CLI::App& app) {
           std::printf("peak RSS: %.1f MiB (after load: %.1f MiB, at the end: %.1f MiB)\n", rss,
                       rss_loaded, rss_end);
           std::printf(
-              "per token: a decode step reads %.1f MB of weights and %.1f KB of state (read and "
-              "written); projections %.1f MFLOP in prefill, %.1f with the head in decode\n",
-              cost.decode_weight_bytes / 1e6, cost.state_bytes / 1e3, cost.prefill_flops / 1e6,
-              cost.decode_flops / 1e6);
+              "weights: %.1f MiB; per token: a decode step reads %.1f MB of weights and %.1f KB "
+              "of state (read and written); projections %.1f MFLOP in prefill, %.1f with the "
+              "head in decode\n",
+              wmib, cost.decode_weight_bytes / 1e6, cost.state_bytes / 1e3,
+              cost.prefill_flops / 1e6, cost.decode_flops / 1e6);
         }
         return 0;
       }};

@@ -1,5 +1,5 @@
-// Weight storage: fp32 / bf16 / f16 and the conversions between them (scalar, and arrays with a
-// Highway kernel following the dispatch pattern of src/ops/act.cpp).
+// Weight storage: fp32 / bf16 / f16 / q8_0 / q4_0 and the conversions between them (scalar, and
+// arrays with Highway kernels following the dispatch pattern of src/ops/act.cpp).
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "core/weight.cpp"
 #include "mamba/weight.h"
@@ -46,6 +46,47 @@ void FromHalfKernel(const uint16_t* src, float* dst, int64_t n, bool bf16) {
     FromHalfT<false>(src, dst, n);
 }
 
+// nb blocks of q8_0 / q4_0 at src to 32 * nb fp32 values: integers widened to int32, converted,
+// times the block's scale (exact: an 11-bit scale times an integer of at most 8 bits).
+template <bool kQ4>
+void DequantT(const uint8_t* src, float* dst, int64_t nb) {
+  const hn::CappedTag<float, 16> df;  // at most 16 lanes: a vector never spans two blocks
+  const hn::RebindToSigned<decltype(df)> di;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
+  constexpr int64_t kBytes = kQ4 ? 18 : 34;
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* q = src + b * kBytes;
+    float* o = dst + 32 * b;
+    const auto d = hn::Set(df, f16_to_f32(static_cast<uint16_t>(q[0] | (q[1] << 8))));
+    if constexpr (kQ4) {
+      const hn::Rebind<uint8_t, decltype(df)> du8;
+      const auto lo = hn::Set(di, 15), eight = hn::Set(di, 8);
+      for (int64_t j = 0; j < 16; j += NL) {
+        const auto u = hn::PromoteTo(di, hn::LoadU(du8, q + 2 + j));
+        hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::Sub(hn::And(u, lo), eight)), d), df, o + j);
+        hn::StoreU(hn::Mul(hn::ConvertTo(df, hn::Sub(hn::ShiftRight<4>(u), eight)), d), df,
+                   o + 16 + j);
+      }
+    } else {
+      const hn::Rebind<int8_t, decltype(df)> d8;
+      for (int64_t j = 0; j < 32; j += NL)
+        hn::StoreU(
+            hn::Mul(hn::ConvertTo(
+                        df, hn::PromoteTo(
+                                di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(q + 2 + j)))),
+                    d),
+            df, o + j);
+    }
+  }
+}
+
+void DequantKernel(const uint8_t* src, float* dst, int64_t nb, bool q4) {
+  if (q4)
+    DequantT<true>(src, dst, nb);
+  else
+    DequantT<false>(src, dst, nb);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba
 HWY_AFTER_NAMESPACE();
@@ -53,6 +94,7 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace mamba {
 HWY_EXPORT(FromHalfKernel);
+HWY_EXPORT(DequantKernel);
 
 const char* weight_dtype_name(WeightDType t) {
   switch (t) {
@@ -62,6 +104,10 @@ const char* weight_dtype_name(WeightDType t) {
       return "bf16";
     case WeightDType::f16:
       return "f16";
+    case WeightDType::q8_0:
+      return "q8_0";
+    case WeightDType::q4_0:
+      return "q4_0";
   }
   return "?";
 }
@@ -70,10 +116,31 @@ WeightDType parse_weight_dtype(const std::string& s) {
   if (s == "f32" || s == "fp32" || s == "float32") return WeightDType::f32;
   if (s == "bf16" || s == "bfloat16") return WeightDType::bf16;
   if (s == "f16" || s == "fp16" || s == "float16") return WeightDType::f16;
-  throw Error(str("weight dtype: expected f32, bf16 or f16, got '", s, "'"));
+  if (s == "q8_0" || s == "q8") return WeightDType::q8_0;
+  if (s == "q4_0" || s == "q4") return WeightDType::q4_0;
+  throw Error(str("weight dtype: expected f32, bf16, f16, q8_0 or q4_0, got '", s, "'"));
 }
 
-int64_t weight_dtype_size(WeightDType t) { return t == WeightDType::f32 ? 4 : 2; }
+int64_t weight_dtype_size(WeightDType t) {
+  MAMBA_CHECK(!is_quantised(t), "weight_dtype_size: ", weight_dtype_name(t),
+              " is a block format (use weight_row_bytes)");
+  return t == WeightDType::f32 ? 4 : 2;
+}
+
+int64_t weight_row_bytes(WeightDType t, int64_t n) {
+  switch (t) {
+    case WeightDType::f32:
+      return 4 * n;
+    case WeightDType::bf16:
+    case WeightDType::f16:
+      return 2 * n;
+    case WeightDType::q8_0:
+      return n / 32 * 34;
+    case WeightDType::q4_0:
+      return n / 32 * 18;
+  }
+  return 0;
+}
 
 // ---- scalar conversions -------------------------------------------------------------------------
 
@@ -165,17 +232,101 @@ void from_half(const uint16_t* src, float* dst, int64_t n, WeightDType kind) {
   HWY_DYNAMIC_DISPATCH(FromHalfKernel)(src, dst, n, kind == WeightDType::bf16);
 }
 
+// ---- block quantisation (ggml's q8_0 / q4_0; the rules are at the top of mamba/weight.h) -------
+
+namespace {
+void check_blocks(const char* what, int64_t n, WeightDType t) {
+  MAMBA_CHECK(is_quantised(t), what, ": ", weight_dtype_name(t), " is not a block format");
+  MAMBA_CHECK(n >= 0 && n % 32 == 0, what, ": ", n, " values are not whole blocks of 32");
+}
+uint16_t rd16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
+void wr16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v), p[1] = static_cast<uint8_t>(v >> 8);
+}
+
+// One block of 32 values x into o (34 or 18 bytes).
+void quantise_block(const float* x, uint8_t* o, bool q4) {
+  if (!q4) {
+    float amax = 0.f;
+    for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(x[j]));
+    const float d = amax / 127.f, id = d != 0.f ? 1.f / d : 0.f;
+    wr16(o, f32_to_f16(d));
+    for (int j = 0; j < 32; ++j)
+      o[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(x[j] * id)));
+    return;
+  }
+  float amax = 0.f, mx = 0.f;  // the value of largest magnitude (the first one), with its sign
+  for (int j = 0; j < 32; ++j)
+    if (amax < std::fabs(x[j])) amax = std::fabs(x[j]), mx = x[j];
+  const float d = mx / -8.f, id = d != 0.f ? 1.f / d : 0.f;
+  wr16(o, f32_to_f16(d));
+  for (int j = 0; j < 16; ++j) {
+    // x * id + 8.5 lies in [0.5, 16.5]: truncation rounds x * id + 8 to nearest (halves up).
+    const int lo = std::min(15, static_cast<int>(static_cast<int8_t>(x[j] * id + 8.5f)));
+    const int hi = std::min(15, static_cast<int>(static_cast<int8_t>(x[j + 16] * id + 8.5f)));
+    o[2 + j] = static_cast<uint8_t>(lo | (hi << 4));
+  }
+}
+}  // namespace
+
+void quantise_blocks(const float* src, void* dst, int64_t n, WeightDType t) {
+  check_blocks("quantise_blocks", n, t);
+  for (int64_t i = 0; i < n; ++i)
+    MAMBA_CHECK(std::isfinite(src[i]), "quantise_blocks: ", weight_dtype_name(t), " value #", i,
+                " is not finite (", src[i], ")");
+  const bool q4 = t == WeightDType::q4_0;
+  const int64_t bb = q4 ? 18 : 34;
+  uint8_t* o = static_cast<uint8_t*>(dst);
+  parallel_for(n / 32, 2048, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) quantise_block(src + 32 * i, o + bb * i, q4);
+  });
+}
+
+void dequantise_blocks(const void* src, float* dst, int64_t n, WeightDType t) {
+  check_blocks("dequantise_blocks", n, t);
+  HWY_DYNAMIC_DISPATCH(DequantKernel)
+  (static_cast<const uint8_t*>(src), dst, n / 32, t == WeightDType::q4_0);
+}
+
+void dequantise_blocks_ref(const void* src, float* dst, int64_t n, WeightDType t) {
+  check_blocks("dequantise_blocks_ref", n, t);
+  const uint8_t* p = static_cast<const uint8_t*>(src);
+  for (int64_t b = 0; b < n / 32; ++b) {
+    if (t == WeightDType::q8_0) {
+      const uint8_t* q = p + 34 * b;
+      const float d = f16_to_f32(rd16(q));
+      for (int j = 0; j < 32; ++j)
+        dst[32 * b + j] = d * static_cast<float>(static_cast<int8_t>(q[2 + j]));
+    } else {
+      const uint8_t* q = p + 18 * b;
+      const float d = f16_to_f32(rd16(q));
+      for (int j = 0; j < 16; ++j) {
+        dst[32 * b + j] = d * static_cast<float>((q[2 + j] & 0x0F) - 8);
+        dst[32 * b + j + 16] = d * static_cast<float>((q[2 + j] >> 4) - 8);
+      }
+    }
+  }
+}
+
+void weight_row_to_f32(const void* row, WeightDType t, int64_t n, float* dst) {
+  if (t == WeightDType::f32)
+    std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
+  else if (is_quantised(t))
+    dequantise_blocks(row, dst, n, t);
+  else
+    from_half(static_cast<const uint16_t*>(row), dst, n, t);
+}
+
 // ---- Weight -------------------------------------------------------------------------------------
 
 namespace {
-std::shared_ptr<uint16_t> allocate_half(int64_t n) {
+std::shared_ptr<uint8_t> allocate_bytes(int64_t n) {
   constexpr size_t kAlign = 64;
-  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * 2;
+  size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1));
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
   void* p = ::operator new(bytes, std::align_val_t(kAlign));
-  return std::shared_ptr<uint16_t>(static_cast<uint16_t*>(p), [](uint16_t* q) {
-    ::operator delete(q, std::align_val_t(kAlign));
-  });
+  return std::shared_ptr<uint8_t>(
+      static_cast<uint8_t*>(p), [](uint8_t* q) { ::operator delete(q, std::align_val_t(kAlign)); });
 }
 }  // namespace
 
@@ -204,18 +355,14 @@ Tensor Weight::to_f32() const {
   MAMBA_CHECK(defined(), "Weight::to_f32: weight is undefined");
   if (is_f32()) return f32_;
   Tensor t = Tensor::empty(shape_);
-  from_half(half_.get() + offset_, t.data(), numel_, dtype_);
+  weight_row_to_f32(buf_.get() + offset_, dtype_, numel_, t.data());  // rows are contiguous
   return t;
 }
 
 void Weight::row_to_f32(int64_t r, float* dst) const {
   MAMBA_CHECK(defined() && r >= 0 && r < rows(), "Weight::row_to_f32: row ", r,
               " out of range [0, ", rows(), ")");
-  const int64_t c = cols();
-  if (is_f32())
-    std::copy_n(f32_.data() + r * c, c, dst);
-  else
-    from_half(half_.get() + offset_ + r * c, dst, c, dtype_);
+  weight_row_to_f32(row_ptr(r), dtype_, cols(), dst);
 }
 
 void Weight::assign(const Tensor& values) {
@@ -228,21 +375,41 @@ void Weight::assign(const Tensor& values) {
     return;
   }
   const Tensor v = values.is_contiguous() ? values : values.contiguous();
-  to_half(v.data(), half_.get() + offset_, numel_, dtype_);
+  uint8_t* dst = buf_.get() + offset_;
+  if (is_quantised(dtype_))
+    quantise_blocks(v.data(), dst, numel_, dtype_);
+  else
+    to_half(v.data(), reinterpret_cast<uint16_t*>(dst), numel_, dtype_);
 }
 
-void Weight::set_dtype(WeightDType t) {
-  MAMBA_CHECK(defined(), "Weight::set_dtype: weight is undefined");
+void Weight::assign_raw(const void* data, int64_t nbytes) {
+  MAMBA_CHECK(defined(), "Weight::assign_raw: weight is undefined");
+  MAMBA_CHECK(nbytes == bytes(), "Weight::assign_raw: ", nbytes, " bytes for a ",
+              weight_dtype_name(dtype_), " weight of shape ", shape_str(), " (", bytes(),
+              " bytes)");
+  void* dst = is_f32() ? static_cast<void*>(f32_.data()) : buf_.get() + offset_;
+  std::memcpy(dst, data, static_cast<size_t>(nbytes));
+}
+
+void Weight::set_dtype(WeightDType t, const std::string& what) {
+  MAMBA_CHECK(defined(), what, ": Weight::set_dtype: weight is undefined");
   if (t == dtype_) return;
+  if (is_quantised(t))
+    MAMBA_CHECK(!shape_.empty() && cols() % 32 == 0, what, ": ", weight_dtype_name(t),
+                " stores rows of whole blocks of 32 values; shape ", shape_str(), " has rows of ",
+                cols(), " values");
   if (t == WeightDType::f32) {
     f32_ = to_f32();  // exact
-    half_.reset();
+    buf_.reset();
     offset_ = 0;
   } else {
-    const Tensor src = to_f32();  // fp32 itself, or the exact values of the other 16-bit kind
-    std::shared_ptr<uint16_t> h = allocate_half(numel_);
-    to_half(src.data(), h.get(), numel_, t);
-    half_ = std::move(h);
+    const Tensor src = to_f32();  // fp32 itself, or the exact values of another storage
+    std::shared_ptr<uint8_t> b = allocate_bytes(rows() * weight_row_bytes(t, cols()));
+    if (is_quantised(t))
+      quantise_blocks(src.data(), b.get(), numel_, t);
+    else
+      to_half(src.data(), reinterpret_cast<uint16_t*>(b.get()), numel_, t);
+    buf_ = std::move(b);
     offset_ = 0;
     f32_ = Tensor();  // releases the fp32 memory (if nothing else holds it)
   }
@@ -259,13 +426,13 @@ Weight Weight::rows(int64_t r0, int64_t n) const {
   if (is_f32())
     w.f32_ = f32_.narrow(r0, n);
   else
-    w.offset_ = offset_ + r0 * cols();
+    w.offset_ = offset_ + r0 * row_bytes();
   return w;
 }
 
 const void* Weight::row_ptr(int64_t r) const {
   if (is_f32()) return f32_.data() + r * cols();
-  return half_.get() + offset_ + r * cols();
+  return buf_.get() + offset_ + r * row_bytes();
 }
 
 }  // namespace mamba

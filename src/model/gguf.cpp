@@ -221,34 +221,11 @@ std::vector<uint8_t> ggml_quantize(GGMLType t, const float* x, int64_t n) {
     case GGMLType::BF16:
       for (int64_t i = 0; i < n; ++i) put16(o + 2 * i, f32_to_bf16(x[i]));
       break;
-    case GGMLType::Q8_0:
-      for (int64_t b = 0; b < n / 32; ++b) {
-        const float* xb = x + 32 * b;
-        uint8_t* ob = o + 34 * b;
-        float amax = 0;
-        for (int j = 0; j < 32; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float d = amax / 127.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        put16(ob, f32_to_f16(d));
-        for (int j = 0; j < 32; ++j)
-          ob[2 + j] = static_cast<uint8_t>(static_cast<int8_t>(std::round(xb[j] * id)));
-      }
+    case GGMLType::Q8_0:  // ggml's reference rounding: mamba/weight.h
+      quantise_blocks(x, o, n, WeightDType::q8_0);
       break;
     case GGMLType::Q4_0:
-      for (int64_t b = 0; b < n / 32; ++b) {
-        const float* xb = x + 32 * b;
-        uint8_t* ob = o + 18 * b;
-        float amax = 0, mx = 0;  // the value of largest magnitude, with its sign
-        for (int j = 0; j < 32; ++j)
-          if (std::fabs(xb[j]) > amax) amax = std::fabs(xb[j]), mx = xb[j];
-        const float d = mx / -8.0f, id = d != 0.0f ? 1.0f / d : 0.0f;
-        put16(ob, f32_to_f16(d));
-        for (int j = 0; j < 16; ++j) {
-          const int q0 = std::min(15, static_cast<int>(static_cast<int8_t>(xb[j] * id + 8.5f)));
-          const int q1 =
-              std::min(15, static_cast<int>(static_cast<int8_t>(xb[j + 16] * id + 8.5f)));
-          ob[2 + j] = static_cast<uint8_t>(q0 | (q1 << 4));
-        }
-      }
+      quantise_blocks(x, o, n, WeightDType::q4_0);
       break;
   }
   return out;
@@ -266,22 +243,10 @@ void ggml_dequantize(GGMLType t, const uint8_t* p, int64_t n, float* out) {
       for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(rd16(p + 2 * i));
       return;
     case GGMLType::Q8_0:
-      for (int64_t b = 0; b < n / 32; ++b) {
-        const uint8_t* q = p + 34 * b;
-        const float d = f16_to_f32(rd16(q));
-        for (int j = 0; j < 32; ++j)
-          out[32 * b + j] = d * static_cast<float>(static_cast<int8_t>(q[2 + j]));
-      }
+      dequantise_blocks(p, out, n, WeightDType::q8_0);
       return;
     case GGMLType::Q4_0:
-      for (int64_t b = 0; b < n / 32; ++b) {
-        const uint8_t* q = p + 18 * b;
-        const float d = f16_to_f32(rd16(q));
-        for (int j = 0; j < 16; ++j) {
-          out[32 * b + j] = d * static_cast<float>((q[2 + j] & 0x0F) - 8);
-          out[32 * b + j + 16] = d * static_cast<float>((q[2 + j] >> 4) - 8);
-        }
-      }
+      dequantise_blocks(p, out, n, WeightDType::q4_0);
       return;
   }
   throw Error(str("ggml_dequantize: unsupported type ", ggml_type_name(static_cast<uint32_t>(t))));
@@ -505,6 +470,10 @@ Tensor GGUFFile::tensor(const std::string& name) const {
   ggml_dequantize(static_cast<GGMLType>(in.type), base_ + data_start_ + in.offset, t.numel(),
                   t.data());
   return t;
+}
+
+const uint8_t* GGUFFile::raw(const std::string& name) const {
+  return base_ + data_start_ + info(name).offset;
 }
 
 // ---- writer ----

@@ -174,8 +174,33 @@ MambaLM MambaLM::load_gguf(const std::string& path, WeightDType dtype) {
     return t;
   };
   MambaLM lm(cfg, 0, dtype);
+  // A tensor stored in the weight's own format is copied byte for byte (a Q8_0 / Q4_0 file read
+  // with --dtype q8_0 / q4_0 keeps its blocks: no requantisation); others are converted.
+  auto same_format = [](uint32_t gt, WeightDType wt) {
+    switch (wt) {
+      case WeightDType::f32:
+        return gt == static_cast<uint32_t>(GGMLType::F32);
+      case WeightDType::f16:
+        return gt == static_cast<uint32_t>(GGMLType::F16);
+      case WeightDType::bf16:
+        return gt == static_cast<uint32_t>(GGMLType::BF16);
+      case WeightDType::q8_0:
+        return gt == static_cast<uint32_t>(GGMLType::Q8_0);
+      case WeightDType::q4_0:
+        return gt == static_cast<uint32_t>(GGMLType::Q4_0);
+    }
+    return false;
+  };
   lm.load_tensors(
-      names, shape_of, [&](const std::string& ours, Weight& w) { w.assign(get(ours)); }, path);
+      names, shape_of,
+      [&](const std::string& ours, Weight& w) {
+        const GGUFTensorInfo& in = f.info(src.at(ours));
+        if (!w.is_f32() && same_format(in.type, w.dtype()) && !ends_with(ours, "mixer.A_log"))
+          w.assign_raw(f.raw(src.at(ours)), static_cast<int64_t>(in.nbytes));
+        else
+          w.assign(get(ours));
+      },
+      path);
   return lm;
 }
 

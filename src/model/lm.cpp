@@ -126,7 +126,10 @@ MambaLM::MambaLM(const ModelConfig& cfg, uint64_t seed, WeightDType dtype,
     // checks and allocates them); 16-bit: at least the 2-byte value of each (the matrices' fp32
     // copies are released layer by layer as they are converted).
     const double n = static_cast<double>(count_parameters(cfg_));
-    const double bytes = n * (dtype == WeightDType::f32 ? 4.0 : 2.0);
+    const double bytes = n * (dtype == WeightDType::f32    ? 4.0
+                              : dtype == WeightDType::q8_0 ? 34.0 / 32
+                              : dtype == WeightDType::q4_0 ? 18.0 / 32
+                                                           : 2.0);
     os::check_memory(bytes >= 1.8e19 ? UINT64_MAX : static_cast<uint64_t>(bytes),
                      str("a model of d_model ", d, ", n_layer ", cfg_.n_layer, ", vocab ", V, " (",
                          static_cast<int64_t>(n), " parameters",

@@ -78,15 +78,19 @@ int64_t ParamList::grad_bytes() const {
 
 void ParamList::set_weight_dtype(WeightDType t) {
   for (auto& p : params_) {
-    if (!p.matrix || p.value.dtype() == t) continue;
-    p.value.set_dtype(t);  // one at a time: only one matrix is held in two formats at once
+    if (!p.matrix) continue;
+    // A block format needs rows of whole blocks; other matrices (Mamba-1's dt_proj, rank 48)
+    // stay fp32 (param.h).
+    const WeightDType tp = p.value.cols() % weight_block_size(t) == 0 ? t : WeightDType::f32;
+    if (p.value.dtype() == tp) continue;
+    p.value.set_dtype(tp, p.name);  // one at a time: only one matrix is held in two formats
     p.release_grad();
   }
 }
 
 WeightDType ParamList::weight_dtype() const {
   for (const auto& p : params_)
-    if (p.matrix) return p.value.dtype();
+    if (p.matrix && !p.value.is_f32()) return p.value.dtype();
   return WeightDType::f32;
 }
 

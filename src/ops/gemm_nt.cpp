@@ -54,12 +54,10 @@ HWY_INLINE void Tile(const float* HWY_RESTRICT xp, const float* HWY_RESTRICT wk,
   }
 }
 
-// fp32 copy of `n` weights of one row (16-bit ones widened exactly by ops::from_half).
+// fp32 copy of `n` weights of one row (16-bit ones widened, q8_0 / q4_0 blocks dequantised,
+// exactly: mamba::weight_row_to_f32).
 HWY_INLINE void RowToF32(const void* row, WeightDType t, int64_t n, float* dst) {
-  if (t == WeightDType::f32)
-    std::memcpy(dst, row, static_cast<size_t>(n) * sizeof(float));
-  else
-    from_half(static_cast<const uint16_t*>(row), dst, n, t);
+  weight_row_to_f32(row, t, n, dst);
 }
 
 template <class T>
@@ -79,8 +77,8 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
                   float* y, int64_t ldy, bool accumulate) {
   const hn::ScalableTag<float> df;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
-  const int64_t np = (M + MP - 1) / MP;  // panels of x rows
-  const int64_t wbytes = W.dtype == WeightDType::f32 ? 4 : 2;
+  const int64_t np = (M + MP - 1) / MP;                  // panels of x rows
+  const int64_t wrow = weight_row_bytes(W.dtype, W.ld);  // bytes from one weight row to the next
   const char* wbase = static_cast<const char*>(W.data);
 
   // 1. x^T in panels: xp[p][k][i] = x[p*MP + i][k], rows past M zero. Blocks of 8 rows x 16 k
@@ -123,7 +121,7 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
         for (int64_t j = 0; j < kNB; ++j) {
           const int64_t n = b * kNB + j;
           if (n < N) {
-            RowToF32(wbase + n * W.ld * wbytes, W.dtype, K, row);
+            RowToF32(wbase + n * wrow, W.dtype, K, row);
             for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = row[k];
           } else {
             for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = 0.f;
@@ -282,11 +280,13 @@ void check_gemm_nt(const char* what, const float* x, int64_t M, int64_t ldx, con
   MAMBA_CHECK(ldx >= K && W.ld >= K && ldy >= N, what, ": leading dimensions ldx ", ldx, ", ldw ",
               W.ld, ", ldy ", ldy, " must be >= K ", K, ", K, N ", N);
   MAMBA_CHECK((x && y && W.data) || M == 0 || N == 0, what, ": null pointer");
+  MAMBA_CHECK(K % weight_block_size(W.dtype) == 0 && W.ld % weight_block_size(W.dtype) == 0, what,
+              ": ", weight_dtype_name(W.dtype), " weights need K ", K, " and ldw ", W.ld,
+              " to be whole blocks of ", weight_block_size(W.dtype));
 }
 
 const void* row_ptr(const WeightRows& W, int64_t r) {
-  const size_t bytes = W.dtype == WeightDType::f32 ? 4 : 2;
-  return static_cast<const char*>(W.data) + static_cast<size_t>(r * W.ld) * bytes;
+  return static_cast<const char*>(W.data) + r * weight_row_bytes(W.dtype, W.ld);
 }
 
 void zero_or_keep(float* y, int64_t M, int64_t N, int64_t ldy, bool accumulate) {
@@ -337,10 +337,10 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
     for (int64_t rb = b; rb < e; rb += block) {
       const int64_t nb = std::min(block, e - rb);
       if (W.ld == K)
-        from_half(static_cast<const uint16_t*>(row_ptr(W, rb)), s.data(), nb * K, W.dtype);
+        weight_row_to_f32(row_ptr(W, rb), W.dtype, nb * K, s.data());
       else
         for (int64_t r = 0; r < nb; ++r)
-          from_half(static_cast<const uint16_t*>(row_ptr(W, rb + r)), s.data() + r * K, K, W.dtype);
+          weight_row_to_f32(row_ptr(W, rb + r), W.dtype, K, s.data() + r * K);
       gemm(false, true, M, nb, K, 1.f, x, ldx, s.data(), K, accumulate ? 1.f : 0.f, y + rb, ldy);
     }
   });
@@ -349,18 +349,21 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
 void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
                  float* y, int64_t ldy, bool accumulate) {
   check_gemm_nt("gemm_nt_ref", x, M, ldx, W, N, K, y, ldy);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t n = 0; n < N; ++n) {
+  std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
+  for (int64_t n = 0; n < N; ++n) {
+    if (is_quantised(W.dtype))
+      dequantise_blocks_ref(row_ptr(W, n), w.data(), K, W.dtype);  // the scalar decoder
+    else
+      for (int64_t k = 0; k < K; ++k)
+        w[k] = W.dtype == WeightDType::f32
+                   ? static_cast<const float*>(row_ptr(W, n))[k]
+                   : half_to_f32(static_cast<const uint16_t*>(row_ptr(W, n))[k], W.dtype);
+    for (int64_t m = 0; m < M; ++m) {
       double acc = accumulate ? y[m * ldy + n] : 0.0;
-      const void* r = row_ptr(W, n);
-      for (int64_t k = 0; k < K; ++k) {
-        const double w = W.dtype == WeightDType::f32
-                             ? static_cast<const float*>(r)[k]
-                             : half_to_f32(static_cast<const uint16_t*>(r)[k], W.dtype);
-        acc += static_cast<double>(x[m * ldx + k]) * w;
-      }
+      for (int64_t k = 0; k < K; ++k) acc += static_cast<double>(x[m * ldx + k]) * w[k];
       y[m * ldy + n] = static_cast<float>(acc);
     }
+  }
 }
 
 // ---- gemm_nn / gemm_tn -------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 // ops::gemm_nt, the projections' prefill GEMM ("NT": the second operand transposed, as BLAS names
-// it): y (M, N) = x (M, K) W^T for a weight W (N, K) stored row-major in fp32, bf16 or f16, every
-// product and sum in fp32.
+// it): y (M, N) = x (M, K) W^T for a weight W (N, K) stored row-major in fp32, bf16, f16, q8_0 or
+// q4_0, every product and sum in fp32.
 //
 // The kernel (src/ops/gemm_nt.cpp): x is packed once per call into panels of 2 vectors of rows,
 // transposed (K, 2 * lanes); W is taken 12 rows at a time, converted to fp32 and transposed
@@ -18,7 +18,9 @@
 namespace mamba::ops {
 
 // The weight operand: rows [0, N) start at `data` (fp32 `float*` when dtype is f32, 16-bit
-// `uint16_t*` otherwise), row r at data + r * ld elements.
+// `uint16_t*` for bf16 / f16, the blocks' bytes for q8_0 / q4_0), row r at data + r * ld elements
+// (weight_row_bytes(dtype, r * ld) bytes; K and ld whole blocks for q8_0 / q4_0, which the
+// kernel dequantises row by row with the 16-bit ones' conversion step).
 struct WeightRows {
   const void* data = nullptr;
   WeightDType dtype = WeightDType::f32;

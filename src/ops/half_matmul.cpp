@@ -1,6 +1,6 @@
-// The streaming matmul for small M (decode): fp32, bf16 or f16 weights times fp32 activations with
-// fp32 accumulation, and its naive reference. Highway kernels follow the dispatch pattern of
-// src/ops/act.cpp.
+// The streaming matmul for small M (decode): fp32, bf16, f16, q8_0 or q4_0 weights times fp32
+// activations with fp32 accumulation, and its naive reference. Highway kernels follow the dispatch
+// pattern of src/ops/act.cpp.
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "ops/half_matmul.cpp"
 #include "ops/half_matmul.h"
@@ -202,6 +202,116 @@ void GemvF32Kernel(const float* x, int64_t M, int64_t ldx, const float* W, int64
   parallel_for(n, grain, [&](int64_t b, int64_t e) { GemvRowsT<kF32>(a, M, W, b, e); });
 }
 
+// ---- q8_0 / q4_0 weights (blocks of 32, mamba/weight.h) ----------------------------------------
+// The same streaming scheme: for each block of 32 columns, each of the RT rows' block is widened
+// to fp32 in registers (integers promoted to int32, converted, times the block's f16 scale
+// broadcast: exact) and used for all MT inputs. Vectors hold at most 16 lanes, so one never spans
+// two blocks; every row is whole blocks (cols % 32 == 0, checked by the caller).
+
+// The f16 scale at p (little-endian) in every lane.
+template <class DF>
+HWY_INLINE hn::Vec<DF> BlockScale(DF df, const uint8_t* p) {
+  const hn::Rebind<uint16_t, DF> du16;
+  const hn::Rebind<hwy::float16_t, DF> dh;
+  return hn::PromoteTo(df,
+                       hn::BitCast(dh, hn::Set(du16, static_cast<uint16_t>(p[0] | (p[1] << 8)))));
+}
+
+template <bool kQ4, int MT, int RT>
+HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64_t rowb, float* y) {
+  const hn::CappedTag<float, 16> df;
+  const hn::RebindToSigned<decltype(df)> di;
+  using V = hn::Vec<decltype(df)>;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), nb = a.cols / 32;
+  constexpr int64_t BB = kQ4 ? 18 : 34;  // bytes per block
+  V acc[MT][RT];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < RT; ++r) acc[m][r] = hn::Zero(df);
+  for (int64_t blk = 0; blk < nb; ++blk) {
+    const uint8_t* wb = w + blk * BB;
+    for (int r = 0; r < RT; ++r) hwy::Prefetch(wb + (RT + r) * rowb);
+    V d[RT];
+    for (int r = 0; r < RT; ++r) d[r] = BlockScale(df, wb + r * rowb);
+    const float* xb = x + blk * 32;
+    if constexpr (kQ4) {
+      const hn::Rebind<uint8_t, decltype(df)> du8;
+      const auto lo = hn::Set(di, 15), eight = hn::Set(di, 8);
+      for (int64_t j = 0; j < 16; j += NL) {
+        V wl[RT], wh[RT];
+        for (int r = 0; r < RT; ++r) {
+          const auto u = hn::PromoteTo(di, hn::LoadU(du8, wb + r * rowb + 2 + j));
+          wl[r] = hn::Mul(hn::ConvertTo(df, hn::Sub(hn::And(u, lo), eight)), d[r]);
+          wh[r] = hn::Mul(hn::ConvertTo(df, hn::Sub(hn::ShiftRight<4>(u), eight)), d[r]);
+        }
+        for (int m = 0; m < MT; ++m) {
+          const V xl = hn::LoadU(df, xb + m * a.ldx + j),
+                  xh = hn::LoadU(df, xb + m * a.ldx + 16 + j);
+          for (int r = 0; r < RT; ++r)
+            acc[m][r] = hn::MulAdd(xh, wh[r], hn::MulAdd(xl, wl[r], acc[m][r]));
+        }
+      }
+    } else {
+      const hn::Rebind<int8_t, decltype(df)> d8;
+      for (int64_t j = 0; j < 32; j += NL) {
+        V wv[RT];
+        for (int r = 0; r < RT; ++r)
+          wv[r] = hn::Mul(
+              hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(
+                                                                    wb + r * rowb + 2 + j)))),
+              d[r]);
+        for (int m = 0; m < MT; ++m) {
+          const V xv = hn::LoadU(df, xb + m * a.ldx + j);
+          for (int r = 0; r < RT; ++r) acc[m][r] = hn::MulAdd(xv, wv[r], acc[m][r]);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < RT; ++r) y[m * a.ldy + r] = hn::GetLane(hn::SumOfLanes(df, acc[m][r]));
+}
+
+template <bool kQ4, int RT>
+HWY_INLINE void QRowBlock(const GemvArgs& a, int64_t M, const uint8_t* w, int64_t rowb, float* y) {
+  int64_t m = 0;
+  auto tile = [&](auto mt) {
+    QTile<kQ4, decltype(mt)::value, RT>(a, a.x + m * a.ldx, w, rowb, y + m * a.ldy);
+  };
+  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>());
+  switch (M - m) {
+    case 3:
+      tile(std::integral_constant<int, 3>());
+      break;
+    case 2:
+      tile(std::integral_constant<int, 2>());
+      break;
+    case 1:
+      tile(std::integral_constant<int, 1>());
+      break;
+    default:
+      break;
+  }
+}
+
+template <bool kQ4>
+void QGemvRowsT(const GemvArgs& a, int64_t M, const uint8_t* W, int64_t rowb, int64_t rb,
+                int64_t re) {
+  int64_t r = rb;
+  for (; r + 4 <= re; r += 4) QRowBlock<kQ4, 4>(a, M, W + r * rowb, rowb, a.y + r);
+  for (; r < re; ++r) QRowBlock<kQ4, 1>(a, M, W + r * rowb, rowb, a.y + r);
+}
+
+// y (M, n) = x (M, cols) W (n, cols)^T for q8_0 / q4_0 blocks (rows rowb bytes apart).
+void QGemvKernel(const float* x, int64_t M, int64_t ldx, const uint8_t* W, int64_t rowb,
+                 int64_t cols, int64_t n, float* y, int64_t ldy, bool q4, int64_t grain) {
+  GemvArgs a{x, ldx, x, 0, cols, y, ldy};
+  parallel_for(n, grain, [&](int64_t b, int64_t e) {
+    if (q4)
+      QGemvRowsT<true>(a, M, W, rowb, b, e);
+    else
+      QGemvRowsT<false>(a, M, W, rowb, b, e);
+  });
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
 HWY_AFTER_NAMESPACE();
@@ -210,6 +320,7 @@ HWY_AFTER_NAMESPACE();
 namespace mamba::ops {
 HWY_EXPORT(GemvKernel);
 HWY_EXPORT(GemvF32Kernel);
+HWY_EXPORT(QGemvKernel);
 
 namespace {
 void check_args(const char* what, int64_t M, int64_t ldx, const Weight& W, int64_t ldy) {
@@ -231,11 +342,20 @@ void stream_matmul(const float* x, int64_t M, int64_t ldx, const Weight& W, floa
   check_args("stream_matmul", M, ldx, W, ldy);
   const int64_t n = W.rows(), cols = W.cols();
   if (M == 0 || n == 0) return;
-  if (W.is_f32()) HWY_DYNAMIC_DISPATCH(GemvF32Kernel)
-  (x, M, ldx, static_cast<const float*>(W.row_ptr(0)), cols, n, y, ldy, gemv_grain(cols));
-  else HWY_DYNAMIC_DISPATCH(GemvKernel)(x, M, ldx, static_cast<const uint16_t*>(W.row_ptr(0)), cols,
-                                        n, y, ldy, W.dtype() == WeightDType::bf16,
-                                        gemv_grain(cols));
+  if (W.is_f32()) {
+    HWY_DYNAMIC_DISPATCH(GemvF32Kernel)
+    (x, M, ldx, static_cast<const float*>(W.row_ptr(0)), cols, n, y, ldy, gemv_grain(cols));
+  } else if (is_quantised(W.dtype())) {
+    MAMBA_CHECK(cols % 32 == 0, "stream_matmul: ", weight_dtype_name(W.dtype()), " rows of ", cols,
+                " values are not whole blocks of 32");
+    HWY_DYNAMIC_DISPATCH(QGemvKernel)
+    (x, M, ldx, static_cast<const uint8_t*>(W.row_ptr(0)), W.row_bytes(), cols, n, y, ldy,
+     W.dtype() == WeightDType::q4_0, gemv_grain(cols));
+  } else {
+    HWY_DYNAMIC_DISPATCH(GemvKernel)
+    (x, M, ldx, static_cast<const uint16_t*>(W.row_ptr(0)), cols, n, y, ldy,
+     W.dtype() == WeightDType::bf16, gemv_grain(cols));
+  }
 }
 
 void stream_matmul_ref(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y,

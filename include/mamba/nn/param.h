@@ -15,8 +15,8 @@ namespace mamba {
 class SafetensorsFile;
 
 struct Param {
-  std::string name;              // e.g. "in_proj.weight"
-  Weight value;                  // fp32, or bf16 / f16 for a matrix after set_weight_dtype
+  std::string name;  // e.g. "in_proj.weight"
+  Weight value;      // fp32, or bf16 / f16 / q8_0 / q4_0 for a matrix after set_weight_dtype
   bool no_weight_decay = false;  // A_log, D, dt biases, norms, biases (as the reference marks them)
   bool matrix = false;  // a large matrix whose storage set_weight_dtype changes (projections,
                         // embedding, lm_head); norms, conv, A_log, D and biases stay fp32
@@ -73,9 +73,12 @@ class ParamList {
 
   // Storage of the matrices (Param::matrix). bf16 / f16: converted (round to nearest even), their
   // fp32 values and gradients released (inference only: Weight::f32() and layers' backward throw).
-  // f32: converted back exactly (gradients come on first use, zeroed).
+  // f32: converted back exactly (gradients come on first use, zeroed). q8_0 / q4_0: the matrices
+  // whose rows are whole blocks of 32 values are quantised (ggml's rounding, mamba/weight.h); a
+  // matrix with another row length (Mamba-1's dt_proj, whose rows are dt_rank = 48 values at
+  // 130m) stays fp32, as llama.cpp's quantiser also leaves such small matrices unquantised.
   void set_weight_dtype(WeightDType t);
-  // The matrices' storage (f32 when the list has none).
+  // The matrices' storage: the first one not in fp32 (f32 when there is none).
   WeightDType weight_dtype() const;
   // Throws "<what>: weights are bf16: inference only; load in f32 to train (<name>)" unless every
   // parameter is fp32 (training needs fp32 values and gradients).
