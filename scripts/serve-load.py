@@ -14,6 +14,13 @@ Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, t
      at the end.
 Bounded: run it under `flock /tmp/bench.lock` at normal priority; about 2-3 minutes on 2 cores.
 Usage: scripts/serve-load.py [--bin build/mambacpp] [--dtype f32] [--gen 32] [--requests 10000]
+
+With --long-prompt N it measures only this instead (docs/PERFORMANCE.md, "Chunked prefill in the
+server"): one greedy stream runs; once it has streamed 20 tokens, a request with an N-token prompt
+(max_tokens 1) arrives; the stream goes on until that request is answered and 20 tokens more.
+Reports the stream's median inter-token gap before the long prompt, its largest gap while the
+long prompt was prefilled, and the long request's latency. --server-args passes options to the
+server (e.g. "--prefill-chunk 128").
 """
 import argparse
 import http.client
@@ -75,6 +82,54 @@ def stream_one(port, prompt, gen):
         del n_after
     c.close()
     return ttft, gaps, tokens
+
+
+def long_prompt_probe(port, n, rng):
+    """The stream's gaps around an n-token prompt's arrival: (median gap before, max gap while
+    the long prompt was in flight, its latency, gaps in flight) in seconds."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/completions", json.dumps(
+        {"prompt": [rng.randrange(50277) for _ in range(32)], "max_tokens": 1000000,
+         "temperature": 0, "stream": True, "ignore_eos": True}),
+        {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    times, marks, long_res = [], {}, {}
+
+    def send_long():
+        lc = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": [rng.randrange(50277) for _ in range(n)], "max_tokens": 1,
+                           "temperature": 0})
+        marks["sent"] = time.perf_counter()
+        lc.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        lr = lc.getresponse()
+        long_res["status"] = lr.status
+        lr.read()
+        marks["answered"] = time.perf_counter()
+        lc.close()
+
+    th = None
+    while True:
+        line = r.fp.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: {"):
+            continue
+        times.append(time.perf_counter())
+        if len(times) == 20:
+            th = threading.Thread(target=send_long)
+            th.start()
+        if "answered" in marks and times[-1] > marks["answered"] and \
+                sum(t > marks["answered"] for t in times) >= 20:
+            break
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    th.join()
+    assert long_res.get("status") == 200, long_res
+    gaps = [(times[i - 1], times[i] - times[i - 1]) for i in range(1, len(times))]
+    before = [g for t, g in gaps if t < marks["sent"]]
+    during = [g for t, g in gaps if marks["sent"] <= t < marks["answered"] + 0.5]
+    return pct(before, .5), max(during), marks["answered"] - marks["sent"], during
 
 
 def rss_of(pid):
@@ -153,16 +208,21 @@ def main():
     ap.add_argument("--streams", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--fault-seconds", type=float, default=90)
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="measure only a stream's gaps while a prompt of this many tokens arrives")
+    ap.add_argument("--server-args", default="", help="extra options for mambacpp serve")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="serve_load_")
     cfg = os.path.join(tmp, "config.json")
     with open(cfg, "w") as f:
         json.dump(MAMBA_130M, f)
     log = open(os.path.join(tmp, "server.log"), "w+")
-    body_kib = 64
+    body_kib = max(64, a.long_prompt * 8 // 1024)
     srv = subprocess.Popen([a.bin, "serve", "--config", cfg, "--port", "0", "--dtype", a.dtype,
                             "--max-batch", "64", "--max-queue", "512", "--prefix-cache-mib", "512",
-                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "200000"],
+                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "2000000",
+                            "--max-prompt-tokens", str(max(8192, a.long_prompt))] +
+                           a.server_args.split(),
                            stdout=subprocess.PIPE, stderr=log, text=True)
     line = srv.stdout.readline()
     m = re.search(r"listening on http://127.0.0.1:(\d+)", line)
@@ -173,6 +233,13 @@ def main():
     rng = random.Random(1)
     ok = True
     try:
+        if a.long_prompt > 0:
+            b, worst, lat, during = long_prompt_probe(port, a.long_prompt, rng)
+            print(f"long prompt {a.long_prompt} tokens ({a.server_args or 'default options'}): "
+                  f"stream gap before {1e3 * b:.0f} ms (median); while it was prefilled: max gap "
+                  f"{1e3 * worst:.0f} ms, median {1e3 * pct(during, .5):.0f} ms over "
+                  f"{len(during)} tokens; long request answered in {lat:.2f} s", flush=True)
+            return
         print("\n## 1. concurrent streams (mamba-130m shapes, random weights, "
               f"{a.dtype}, prompt 32 tokens, {a.gen} generated, greedy)")
         print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
