@@ -2,10 +2,13 @@
 """Load and fault figures of `mambacpp serve` (docs/PERFORMANCE.md, "Serving"), loopback only.
 
 Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, then:
-  1. streams: for C in 1, 4, 16, 64 concurrent streaming clients, each sends one greedy request
-     (a 32-token prompt of distinct random ids, --gen tokens); reports aggregate decode tok/s
+  1. streams (after one untimed warm-up request): for C in 1, 4, 16, 64 concurrent streaming
+     clients, each sends one greedy request (a 32-token prompt of distinct random ids, --gen
+     tokens); reports aggregate decode tok/s
      (generated tokens / wall time of the round), p50/p99 time to first token and p50/p99
-     inter-token latency (the gap between streamed chunks, divided by the tokens they carry).
+     inter-token latency (the gap between streamed chunks, divided by the tokens they carry),
+     and the server's own prefill seconds / prefill calls and decode seconds / steps in the
+     round (from /metrics; prefill and decode run on two threads, so they overlap).
   2. faults: --requests requests from 16 workers (or until --fault-seconds), a mix of
      well-formed completions (prompts from a set of 32, max_tokens 1-3, some streamed),
      malformed JSON, bodies over the limit, wrong field types, max_tokens 0, max_tokens over the
@@ -15,8 +18,7 @@ Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, t
 Bounded: run it under `flock /tmp/bench.lock` at normal priority; about 2-3 minutes on 2 cores.
 Usage: scripts/serve-load.py [--bin build/mambacpp] [--dtype f32] [--gen 32] [--requests 10000]
 
-With --long-prompt N it measures only this instead (docs/PERFORMANCE.md, "Chunked prefill in the
-server"): one greedy stream runs; once it has streamed 20 tokens, a request with an N-token prompt
+With --long-prompt N it measures only this instead (docs/PERFORMANCE.md, "Serving"): one greedy stream runs; once it has streamed 20 tokens, a request with an N-token prompt
 (max_tokens 1) arrives; the stream goes on until that request is answered and 20 tokens more.
 Reports the stream's median inter-token gap before the long prompt, its largest gap while the
 long prompt was prefilled, and the long request's latency. --server-args passes options to the
@@ -132,6 +134,20 @@ def long_prompt_probe(port, n, rng):
     return pct(before, .5), max(during), marks["answered"] - marks["sent"], during
 
 
+def server_metrics(port):
+    """The server's counters from /metrics (name -> value; unlabelled ones)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            out[parts[0]] = float(parts[1])
+    return out
+
+
 def rss_of(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -242,22 +258,35 @@ def main():
             return
         print("\n## 1. concurrent streams (mamba-130m shapes, random weights, "
               f"{a.dtype}, prompt 32 tokens, {a.gen} generated, greedy)")
-        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
-        print("|---|---|---|---|")
+        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+              "server: prefill s / calls, decode s / steps |")
+        print("|---|---|---|---|---|")
+        # Warm-up, untimed: the server's first request pays its first-touch page faults (its
+        # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
+        stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
         base = None
         for C in [int(x) for x in a.streams.split(",")]:
             prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
+            m0 = server_metrics(port)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(C) as ex:
                 res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
             wall = time.perf_counter() - t0
+            m1 = server_metrics(port)
+
+            def d(k):
+                return m1.get(k, float("nan")) - m0.get(k, float("nan"))
             toks = sum(r[2] for r in res)
             ttft = [r[0] for r in res]
             gaps = [g for r in res for g in r[1]]
             tps = toks / wall
             base = base or tps
             print(f"| {C} | {tps:.1f} ({tps / base:.1f}x) | {pct(ttft, .5):.2f} / "
-                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} |",
+                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
+                  f"{d('mambacpp_prefill_seconds_total'):.2f} / "
+                  f"{d('mambacpp_prefill_calls_total'):.0f}, "
+                  f"{d('mambacpp_decode_seconds_total'):.2f} / "
+                  f"{d('mambacpp_decode_steps_total'):.0f} |",
                   flush=True)
         print(f"\n## 2. faults: up to {a.requests} requests, 16 workers, "
               f"at most {a.fault_seconds:.0f} s")
