@@ -1062,7 +1062,9 @@ TEST(ServeEngine, PromptsPrefilledTogetherGiveTheirOwnIds) {
     for (size_t i = 0; i < prompts.size(); ++i) {
       SeqRun r = finish_ids(seqs[i]);
       EXPECT_EQ(r.ids, generate_ids(lm, prompts[i], 6)) << "round " << round << " prompt " << i;
-      if (round == 1) EXPECT_EQ(r.cached, static_cast<int64_t>(prompts[i].size())) << i;
+      if (round == 1) {
+        EXPECT_EQ(r.cached, static_cast<int64_t>(prompts[i].size())) << i;
+      }
     }
   }
 }

@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "mamba/error.h"
+#include "mamba/parallel.h"
 
 namespace mamba::serve {
 
@@ -181,8 +182,17 @@ Engine::Engine(const MambaLM& lm, EngineOptions opt)
               opt_.prefill_chunk);
   MAMBA_CHECK(opt_.prefill_batch_tokens >= 1, "serve: --prefill-batch-tokens must be >= 1, got ",
               opt_.prefill_batch_tokens);
-  prefill_thread_ = std::thread([this] { prefill_loop(); });
-  decode_thread_ = std::thread([this] { decode_loop(); });
+  // OpenMP's thread count is per thread: a new thread would start with all cores, not with what
+  // the caller set (`serve --threads N`), so each engine thread takes the caller's.
+  const int threads = num_threads();
+  prefill_thread_ = std::thread([this, threads] {
+    set_num_threads(threads);
+    prefill_loop();
+  });
+  decode_thread_ = std::thread([this, threads] {
+    set_num_threads(threads);
+    decode_loop();
+  });
 }
 
 Engine::~Engine() { shutdown(); }

@@ -1,7 +1,8 @@
 // The serving engine behind `mambacpp serve`: continuous batching of recurrent states and a
 // prefix-state cache, independent of HTTP (src/serve/server.cpp speaks HTTP; tests drive both).
 //
-// Threads (a const MambaLM is shared by all of them, each with its own LMState):
+// Threads (a const MambaLM is shared by all of them, each with its own LMState; each computes with
+// the thread count of the thread that constructed the Engine, mamba::num_threads()):
 //   prefill thread   takes the submitted sequences in FIFO order, as many as there are free slots
 //                    (fewer than max_batch in flight); takes each prompt's longest cached prefix
 //                    from the prefix cache; prefills the prompts that start at the same position
