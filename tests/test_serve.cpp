@@ -503,7 +503,7 @@ TEST_F(Serve, PrefixCacheGivesTheSameIds) {
   const std::vector<int32_t> sys = {12, 40, 41, 77, 3, 3, 9, 60, 61, 62, 63, 18, 19, 20, 88, 5};
   std::vector<json> prompts = {json(sys)};
   auto longer = sys;
-  longer.insert(longer.end(), {33, 34});  // a partial hit: 2 tokens stepped after the cached 16
+  longer.insert(longer.end(), {33, 34});  // a partial hit: 2 tokens prefilled after the cached 16
   prompts.push_back(json(longer));
   prompts.push_back(json(sys));  // an exact hit: state and logits from the cache
   auto before = get(*main_, "/metrics").raw;

@@ -29,7 +29,7 @@ struct ServeOpts {
   // serve::EngineOptions' defaults (engine.h is not included without cpp-httplib)
   struct {
     int64_t cache_block = 384, prefill_chunk = MambaLM::kDefaultPrefillChunk,
-            prefill_batch_tokens = 1024;
+            prefill_batch_tokens = 256;
   } engine;
 };
 }  // namespace
