@@ -2,10 +2,13 @@
 """Load and fault figures of `mambacpp serve` (docs/PERFORMANCE.md, "Serving"), loopback only.
 
 Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, then:
-  1. streams: for C in 1, 4, 16, 64 concurrent streaming clients, each sends one greedy request
-     (a 32-token prompt of distinct random ids, --gen tokens); reports aggregate decode tok/s
+  1. streams (after one untimed warm-up request): for C in 1, 4, 16, 64 concurrent streaming
+     clients, each sends one greedy request (a 32-token prompt of distinct random ids, --gen
+     tokens); reports aggregate decode tok/s
      (generated tokens / wall time of the round), p50/p99 time to first token and p50/p99
-     inter-token latency (the gap between streamed chunks, divided by the tokens they carry).
+     inter-token latency (the gap between streamed chunks, divided by the tokens they carry),
+     and the server's own prefill seconds / prefill calls and decode seconds / steps in the
+     round (from /metrics; prefill and decode run on two threads, so they overlap).
   2. faults: --requests requests from 16 workers (or until --fault-seconds), a mix of
      well-formed completions (prompts from a set of 32, max_tokens 1-3, some streamed),
      malformed JSON, bodies over the limit, wrong field types, max_tokens 0, max_tokens over the
@@ -14,6 +17,12 @@ Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, t
      at the end.
 Bounded: run it under `flock /tmp/bench.lock` at normal priority; about 2-3 minutes on 2 cores.
 Usage: scripts/serve-load.py [--bin build/mambacpp] [--dtype f32] [--gen 32] [--requests 10000]
+
+With --long-prompt N it measures only this instead (docs/PERFORMANCE.md, "Serving"): one greedy stream runs; once it has streamed 20 tokens, a request with an N-token prompt
+(max_tokens 1) arrives; the stream goes on until that request is answered and 20 tokens more.
+Reports the stream's median inter-token gap before the long prompt, its largest gap while the
+long prompt was prefilled, and the long request's latency. --server-args passes options to the
+server (e.g. "--prefill-chunk 128").
 """
 import argparse
 import http.client
@@ -75,6 +84,68 @@ def stream_one(port, prompt, gen):
         del n_after
     c.close()
     return ttft, gaps, tokens
+
+
+def long_prompt_probe(port, n, rng):
+    """The stream's gaps around an n-token prompt's arrival: (median gap before, max gap while
+    the long prompt was in flight, its latency, gaps in flight) in seconds."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    c.request("POST", "/v1/completions", json.dumps(
+        {"prompt": [rng.randrange(50277) for _ in range(32)], "max_tokens": 1000000,
+         "temperature": 0, "stream": True, "ignore_eos": True}),
+        {"Content-Type": "application/json"})
+    r = c.getresponse()
+    assert r.status == 200, r.read()
+    times, marks, long_res = [], {}, {}
+
+    def send_long():
+        lc = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": [rng.randrange(50277) for _ in range(n)], "max_tokens": 1,
+                           "temperature": 0})
+        marks["sent"] = time.perf_counter()
+        lc.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        lr = lc.getresponse()
+        long_res["status"] = lr.status
+        lr.read()
+        marks["answered"] = time.perf_counter()
+        lc.close()
+
+    th = None
+    while True:
+        line = r.fp.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: {"):
+            continue
+        times.append(time.perf_counter())
+        if len(times) == 20:
+            th = threading.Thread(target=send_long)
+            th.start()
+        if "answered" in marks and times[-1] > marks["answered"] and \
+                sum(t > marks["answered"] for t in times) >= 20:
+            break
+    c.sock.shutdown(socket.SHUT_RDWR)
+    c.close()
+    th.join()
+    assert long_res.get("status") == 200, long_res
+    gaps = [(times[i - 1], times[i] - times[i - 1]) for i in range(1, len(times))]
+    before = [g for t, g in gaps if t < marks["sent"]]
+    during = [g for t, g in gaps if marks["sent"] <= t < marks["answered"] + 0.5]
+    return pct(before, .5), max(during), marks["answered"] - marks["sent"], during
+
+
+def server_metrics(port):
+    """The server's counters from /metrics (name -> value; unlabelled ones)."""
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("GET", "/metrics")
+    text = c.getresponse().read().decode()
+    c.close()
+    out = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and not line.startswith("#"):
+            out[parts[0]] = float(parts[1])
+    return out
 
 
 def rss_of(pid):
@@ -153,16 +224,21 @@ def main():
     ap.add_argument("--streams", default="1,4,16,64")
     ap.add_argument("--requests", type=int, default=10000)
     ap.add_argument("--fault-seconds", type=float, default=90)
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="measure only a stream's gaps while a prompt of this many tokens arrives")
+    ap.add_argument("--server-args", default="", help="extra options for mambacpp serve")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="serve_load_")
     cfg = os.path.join(tmp, "config.json")
     with open(cfg, "w") as f:
         json.dump(MAMBA_130M, f)
     log = open(os.path.join(tmp, "server.log"), "w+")
-    body_kib = 64
+    body_kib = max(64, a.long_prompt * 8 // 1024)
     srv = subprocess.Popen([a.bin, "serve", "--config", cfg, "--port", "0", "--dtype", a.dtype,
                             "--max-batch", "64", "--max-queue", "512", "--prefix-cache-mib", "512",
-                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "200000"],
+                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "2000000",
+                            "--max-prompt-tokens", str(max(8192, a.long_prompt))] +
+                           a.server_args.split(),
                            stdout=subprocess.PIPE, stderr=log, text=True)
     line = srv.stdout.readline()
     m = re.search(r"listening on http://127.0.0.1:(\d+)", line)
@@ -173,24 +249,44 @@ def main():
     rng = random.Random(1)
     ok = True
     try:
+        if a.long_prompt > 0:
+            b, worst, lat, during = long_prompt_probe(port, a.long_prompt, rng)
+            print(f"long prompt {a.long_prompt} tokens ({a.server_args or 'default options'}): "
+                  f"stream gap before {1e3 * b:.0f} ms (median); while it was prefilled: max gap "
+                  f"{1e3 * worst:.0f} ms, median {1e3 * pct(during, .5):.0f} ms over "
+                  f"{len(during)} tokens; long request answered in {lat:.2f} s", flush=True)
+            return
         print("\n## 1. concurrent streams (mamba-130m shapes, random weights, "
               f"{a.dtype}, prompt 32 tokens, {a.gen} generated, greedy)")
-        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) |")
-        print("|---|---|---|---|")
+        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+              "server: prefill s / calls, decode s / steps |")
+        print("|---|---|---|---|---|")
+        # Warm-up, untimed: the server's first request pays its first-touch page faults (its
+        # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
+        stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
         base = None
         for C in [int(x) for x in a.streams.split(",")]:
             prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
+            m0 = server_metrics(port)
             t0 = time.perf_counter()
             with ThreadPoolExecutor(C) as ex:
                 res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
             wall = time.perf_counter() - t0
+            m1 = server_metrics(port)
+
+            def d(k):
+                return m1.get(k, float("nan")) - m0.get(k, float("nan"))
             toks = sum(r[2] for r in res)
             ttft = [r[0] for r in res]
             gaps = [g for r in res for g in r[1]]
             tps = toks / wall
             base = base or tps
             print(f"| {C} | {tps:.1f} ({tps / base:.1f}x) | {pct(ttft, .5):.2f} / "
-                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} |",
+                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
+                  f"{d('mambacpp_prefill_seconds_total'):.2f} / "
+                  f"{d('mambacpp_prefill_calls_total'):.0f}, "
+                  f"{d('mambacpp_decode_seconds_total'):.2f} / "
+                  f"{d('mambacpp_decode_steps_total'):.0f} |",
                   flush=True)
         print(f"\n## 2. faults: up to {a.requests} requests, 16 workers, "
               f"at most {a.fault_seconds:.0f} s")

@@ -28,6 +28,7 @@ TEST(Serve, NeedsHttplib) {
 
 #include "mamba/tokenizer.h"
 #include "model/npy.h"
+#include "serve/engine.h"
 #include "test_util.h"
 
 namespace fs = std::filesystem;
@@ -502,7 +503,7 @@ TEST_F(Serve, PrefixCacheGivesTheSameIds) {
   const std::vector<int32_t> sys = {12, 40, 41, 77, 3, 3, 9, 60, 61, 62, 63, 18, 19, 20, 88, 5};
   std::vector<json> prompts = {json(sys)};
   auto longer = sys;
-  longer.insert(longer.end(), {33, 34});  // a partial hit: 2 tokens stepped after the cached 16
+  longer.insert(longer.end(), {33, 34});  // a partial hit: 2 tokens prefilled after the cached 16
   prompts.push_back(json(longer));
   prompts.push_back(json(sys));  // an exact hit: state and logits from the cache
   auto before = get(*main_, "/metrics").raw;
@@ -942,6 +943,130 @@ TEST(ServeChatTemplate, UnusableTemplatesAreReported) {
   EXPECT_NE(bad_start.status, 0);
   EXPECT_NE(bad_start.out.find("filter 'wordwrap'"), std::string::npos) << bad_start.out;
   EXPECT_NE(bad_start.out.find("line 1, column 37"), std::string::npos) << bad_start.out;
+}
+
+// ---- the engine itself (no HTTP): batched prefill and the block-boundary cache ---------------
+
+struct SeqRun {
+  std::vector<int32_t> ids;
+  int64_t cached = 0;
+};
+
+// Waits for the sequence to finish; its ids and the prompt tokens it took from the cache.
+SeqRun finish_ids(const std::shared_ptr<mamba::serve::Sequence>& seq) {
+  std::vector<mamba::serve::TokenEvent> ev;
+  while (seq->wait(ev, std::chrono::milliseconds(100)) == mamba::serve::Finish::running) {
+  }
+  SeqRun r;
+  for (auto& e : ev) r.ids.push_back(e.id);
+  r.cached = seq->cached_tokens();
+  return r;
+}
+
+mamba::serve::SeqRequest greedy_request(const std::vector<int32_t>& prompt, int64_t n) {
+  mamba::serve::SeqRequest r;
+  r.prompt = prompt;
+  r.max_tokens = n;
+  r.sampling.greedy = true;
+  r.vocab_limit = 101;
+  return r;
+}
+
+std::vector<int32_t> random_prompt(size_t n, uint64_t seed) {
+  mamba::Rng rng(seed);
+  std::vector<int32_t> p(n);
+  for (auto& t : p) t = static_cast<int32_t>(1 + rng.below(100));
+  return p;
+}
+
+std::vector<int32_t> generate_ids(const mamba::MambaLM& lm, const std::vector<int32_t>& prompt,
+                                  int64_t n) {
+  mamba::GenerateOptions g;
+  g.max_new_tokens = n, g.sampling.greedy = true, g.vocab_limit = 101;
+  return mamba::generate(lm, {prompt}, g).tokens[0];
+}
+
+TEST(ServeEngine, PrefixCacheBlockBoundariesGiveTheSameIds) {
+  const mamba::MambaLM lm = mamba::MambaLM::load(model_dir());
+  mamba::serve::EngineOptions with;
+  with.prefix_cache_bytes = 64 << 20, with.prefill_chunk = 3, with.cache_block = 8;
+  mamba::serve::EngineOptions without = with;
+  without.prefix_cache_bytes = 0;
+  mamba::serve::Engine cached(lm, with), plain(lm, without);
+  const std::vector<int32_t> P = random_prompt(21, 1);  // boundaries at 8 and 16, end at 21
+  auto extend = [&](size_t keep, const std::vector<int32_t>& more) {
+    std::vector<int32_t> q(P.begin(), P.begin() + static_cast<std::ptrdiff_t>(keep));
+    q.insert(q.end(), more.begin(), more.end());
+    return q;
+  };
+  struct Case {
+    const char* what;
+    std::vector<int32_t> prompt;
+    int64_t cached;  // prompt tokens taken from the cache
+  };
+  const std::vector<Case> cases = {
+      {"miss (fills the cache)", P, 0},
+      {"exact hit", P, 21},
+      {"boundary hit: shares 19 tokens, continues from 16", extend(19, {7, 8, 9, 10}), 16},
+      {"partial hit: extends the prompt", extend(21, {5, 6, 7, 8, 9}), 21},
+      {"boundary hit inside the extension's own first block", extend(10, {90}), 8},
+      {"prompt = a boundary (no logits there): continues from the boundary before", extend(16, {}),
+       8},
+      {"shares 5 tokens: below the first boundary, a miss", extend(5, {3, 3, 3}), 0},
+  };
+  for (const auto& c : cases) {
+    SeqRun a = finish_ids(cached.submit({greedy_request(c.prompt, 10)})[0]);
+    SeqRun b = finish_ids(plain.submit({greedy_request(c.prompt, 10)})[0]);
+    ASSERT_EQ(a.ids.size(), 10u) << c.what;
+    EXPECT_EQ(a.ids, b.ids) << c.what;
+    EXPECT_EQ(a.cached, c.cached) << c.what;
+    EXPECT_EQ(b.cached, 0) << c.what;
+    EXPECT_EQ(a.ids, generate_ids(lm, c.prompt, 10)) << c.what;
+  }
+  // the boundary at 16 gained its logits when the prompt ending there ran: now an exact hit
+  EXPECT_EQ(finish_ids(cached.submit({greedy_request(extend(16, {}), 10)})[0]).cached, 16);
+  const auto m = cached.metrics();
+  EXPECT_GE(m.cache_entries, 4);
+  EXPECT_LE(m.cache_bytes, with.prefix_cache_bytes);
+  EXPECT_EQ(plain.metrics().cache_entries, 0);
+}
+
+TEST(ServeEngine, PromptsPrefilledTogetherGiveTheirOwnIds) {
+  const mamba::MambaLM lm = mamba::MambaLM::load(model_dir());
+  // Submitted at once, the prompts are prefilled together: rows leave as their prompt ends.
+  std::vector<std::vector<int32_t> > prompts;
+  for (size_t n : {7, 12, 7, 7, 12, 7}) prompts.push_back(random_prompt(n, 10 + prompts.size()));
+  std::vector<mamba::serve::SeqRequest> reqs;
+  for (const auto& p : prompts) reqs.push_back(greedy_request(p, 6));
+  mamba::serve::EngineOptions o;
+  o.max_batch = 8, o.prefill_chunk = 3, o.prefill_batch_tokens = 64;
+  {
+    mamba::serve::Engine e(lm, o);
+    auto seqs = e.submit(reqs);
+    for (size_t i = 0; i < prompts.size(); ++i)
+      EXPECT_EQ(finish_ids(seqs[i]).ids, generate_ids(lm, prompts[i], 6)) << "prompt " << i;
+    // one call for the six rows up to 7 tokens, one for the two left (not one per prompt)
+    EXPECT_EQ(e.metrics().prefill_calls, 2);
+    EXPECT_EQ(e.metrics().prefill_tokens, 4 * 7 + 2 * 12);
+  }
+  // With the cache (blocks of 4) and a budget of 8 tokens per chunk: groups of at most 2-3 rows,
+  // segments cut at the block boundaries; a second round takes every prompt from the cache.
+  o.prefill_batch_tokens = 8, o.prefix_cache_bytes = 64 << 20, o.cache_block = 4;
+  prompts.push_back(random_prompt(1, 30));
+  prompts.push_back(random_prompt(5, 31));
+  reqs.push_back(greedy_request(prompts[6], 6));
+  reqs.push_back(greedy_request(prompts[7], 6));
+  mamba::serve::Engine e(lm, o);
+  for (int round = 0; round < 2; ++round) {
+    auto seqs = e.submit(reqs);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      SeqRun r = finish_ids(seqs[i]);
+      EXPECT_EQ(r.ids, generate_ids(lm, prompts[i], 6)) << "round " << round << " prompt " << i;
+      if (round == 1) {
+        EXPECT_EQ(r.cached, static_cast<int64_t>(prompts[i].size())) << i;
+      }
+    }
+  }
 }
 
 }  // namespace

@@ -26,6 +26,11 @@ struct ServeOpts {
   int port = 8080, threads = 0;
   int64_t max_batch = 16, max_queue = 64, prefix_cache_mib = 256, max_body_kib = 1024,
           max_tokens = 4096, max_prompt_tokens = 8192;
+  // serve::EngineOptions' defaults (engine.h is not included without cpp-httplib)
+  struct {
+    int64_t cache_block = 384, prefill_chunk = MambaLM::kDefaultPrefillChunk,
+            prefill_batch_tokens = 256;
+  } engine;
 };
 }  // namespace
 
@@ -67,6 +72,21 @@ Command add_serve(CLI::App& app) {
                   "memory bound of the prefix-state cache in MiB (0 = off)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
+  sub->add_option("--prefix-cache-block", o->engine.cache_block,
+                  "the prefix cache also keeps a prompt's state every this many tokens, so a "
+                  "prompt sharing only its start continues from the last shared boundary")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  sub->add_option("--prefill-chunk", o->engine.prefill_chunk,
+                  "prompt tokens per row per prefill chunk (MambaLM::prefill): bounds the "
+                  "prefill's activation memory")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  sub->add_option("--prefill-batch-tokens", o->engine.prefill_batch_tokens,
+                  "queued prompts are prefilled together as the rows of one batch, at most this "
+                  "many tokens per chunk over all rows")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   sub->add_option("--api-key", o->api_key,
                   "require 'Authorization: Bearer KEY' on every endpoint but /health");
   sub->add_option("--max-body-kib", o->max_body_kib, "largest request body (KiB); beyond: 413")
@@ -130,6 +150,9 @@ Command add_serve(CLI::App& app) {
             so.engine.max_batch = o->max_batch;
             so.engine.max_queue = o->max_queue;
             so.engine.prefix_cache_bytes = o->prefix_cache_mib * 1024 * 1024;
+            so.engine.cache_block = o->engine.cache_block;
+            so.engine.prefill_chunk = o->engine.prefill_chunk;
+            so.engine.prefill_batch_tokens = o->engine.prefill_batch_tokens;
             serve::Server server(lm, tok.get(), so);
             const int port = server.bind();
             std::printf("mambacpp serve: model '%s' (%s%s) listening on http://%s:%d\n",

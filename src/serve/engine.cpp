@@ -6,6 +6,7 @@
 #include <utility>
 
 #include "mamba/error.h"
+#include "mamba/parallel.h"
 
 namespace mamba::serve {
 
@@ -34,6 +35,11 @@ Finish Sequence::wait(std::vector<TokenEvent>& out, std::chrono::milliseconds ti
   cv_.wait_for(lk, timeout, [&] { return !events_.empty() || finish_ != Finish::running; });
   for (auto& e : events_) out.push_back(std::move(e));
   events_.clear();
+  return finish_;
+}
+
+Finish Sequence::state() {
+  std::lock_guard<std::mutex> lk(mu_);
   return finish_;
 }
 
@@ -90,6 +96,8 @@ PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_
     const auto& t = it->tokens;
     if (t.size() > prompt.size() || (best != lru_.end() && t.size() <= best->tokens.size()))
       continue;
+    // A block-boundary entry has no logits: usable only with at least one token left to prefill.
+    if (it->logits.empty() && t.size() == prompt.size()) continue;
     if (std::equal(t.begin(), t.end(), prompt.begin())) best = it;
   }
   Hit h;
@@ -102,24 +110,36 @@ PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_
   return h;
 }
 
-void PrefixCache::insert(const MambaLM& lm, const std::vector<int32_t>& tokens,
-                         const LMState& state, const std::vector<float>& logits) {
-  const int64_t b =
-      4 * (state_floats(state) + static_cast<int64_t>(logits.size() + tokens.size())) +
-      256;  // + the entry's own bookkeeping
+void PrefixCache::insert(const MambaLM& lm, std::span<const int32_t> tokens, const LMState& state,
+                         int64_t row, std::span<const float> logits) {
+  const int64_t b = 4 * (state_floats(state) / state.batch +
+                         static_cast<int64_t>(logits.size() + tokens.size())) +
+                    256;  // + the entry's own bookkeeping
   if (b > max_bytes_ || tokens.empty()) return;
-  Entry e;
-  e.tokens = tokens;
+  {
+    std::lock_guard<std::mutex> lk(mu_);
+    for (auto it = lru_.begin(); it != lru_.end(); ++it)
+      if (std::ranges::equal(it->tokens, tokens)) {
+        lru_.splice(lru_.begin(), lru_, it);
+        if (it->logits.empty() && !logits.empty()) {  // a boundary that is now a prompt end too
+          bytes_ += b - it->bytes;
+          it->bytes = b;
+          it->logits.assign(logits.begin(), logits.end());
+          while (bytes_ > max_bytes_ && lru_.size() > 1) {
+            bytes_ -= lru_.back().bytes;
+            lru_.pop_back();
+          }
+        }
+        return;
+      }
+  }
+  Entry e;  // the copy is made outside the lock
+  e.tokens.assign(tokens.begin(), tokens.end());
   e.state = lm.new_state(1);
-  e.state.copy_row(0, state, 0);
-  e.logits = logits;
+  e.state.copy_row(0, state, row);
+  e.logits.assign(logits.begin(), logits.end());
   e.bytes = b;
   std::lock_guard<std::mutex> lk(mu_);
-  for (auto it = lru_.begin(); it != lru_.end(); ++it)
-    if (it->tokens == tokens) {
-      lru_.splice(lru_.begin(), lru_, it);
-      return;
-    }
   while (!lru_.empty() && bytes_ + b > max_bytes_) {
     bytes_ -= lru_.back().bytes;
     lru_.pop_back();
@@ -156,8 +176,23 @@ Engine::Engine(const MambaLM& lm, EngineOptions opt)
   MAMBA_CHECK(opt_.max_batch >= 1, "serve: --max-batch must be >= 1, got ", opt_.max_batch);
   MAMBA_CHECK(opt_.max_queue >= 0, "serve: --max-queue must be >= 0, got ", opt_.max_queue);
   MAMBA_CHECK(opt_.prefix_cache_bytes >= 0, "serve: the prefix cache size must be >= 0");
-  prefill_thread_ = std::thread([this] { prefill_loop(); });
-  decode_thread_ = std::thread([this] { decode_loop(); });
+  MAMBA_CHECK(opt_.cache_block >= 1, "serve: --prefix-cache-block must be >= 1, got ",
+              opt_.cache_block);
+  MAMBA_CHECK(opt_.prefill_chunk >= 1, "serve: --prefill-chunk must be >= 1, got ",
+              opt_.prefill_chunk);
+  MAMBA_CHECK(opt_.prefill_batch_tokens >= 1, "serve: --prefill-batch-tokens must be >= 1, got ",
+              opt_.prefill_batch_tokens);
+  // OpenMP's thread count is per thread: a new thread would start with all cores, not with what
+  // the caller set (`serve --threads N`), so each engine thread takes the caller's.
+  const int threads = num_threads();
+  prefill_thread_ = std::thread([this, threads] {
+    set_num_threads(threads);
+    prefill_loop();
+  });
+  decode_thread_ = std::thread([this, threads] {
+    set_num_threads(threads);
+    decode_loop();
+  });
 }
 
 Engine::~Engine() { shutdown(); }
@@ -224,6 +259,7 @@ EngineMetrics Engine::metrics() const {
   }
   m.batch_size = batch_size_.load();
   m.steps = steps_.load();
+  m.prefill_calls = prefill_calls_.load();
   m.prompt_tokens = prompt_tokens_.load();
   m.prefill_tokens = prefill_tokens_.load();
   m.generated_tokens = generated_tokens_.load();
@@ -290,76 +326,177 @@ bool Engine::choose(Job& j, const float* logits) {
   return true;
 }
 
-void Engine::prefill(Job& j) {
+bool Engine::start_prefill(Job& j) {
   const auto& p = j.req.prompt;
   const int64_t L = static_cast<int64_t>(p.size());
   prompt_tokens_ += L;
+  if (opt_.prefix_cache_bytes <= 0) return true;
   auto t0 = std::chrono::steady_clock::now();
-  std::vector<float> logits;
-  PrefixCache::Hit hit;
-  if (opt_.prefix_cache_bytes > 0) hit = cache_.lookup(lm_, p);
-  // A partial hit continues from the cached state one step per remaining token; the full-sequence
-  // path starts from zeros, so for a long remainder a fresh prefill is faster.
-  const int64_t rest = L - hit.len;
-  const bool exact = hit.len == L && !hit.logits.empty();
-  const bool use_hit = hit.len > 0 && (exact || (rest > 0 && (rest <= 4 || 4 * rest <= hit.len)));
-  if (use_hit) {
-    ++cache_hits_;
-    cache_hit_tokens_ += hit.len;
-    j.seq->cached_len_ = hit.len;
-    j.state1 = std::move(hit.state);
-    if (exact) {
-      logits = std::move(hit.logits);
-    } else {
-      Tensor lg;
-      for (int64_t t = hit.len; t < L; ++t) lg = lm_.step({p[t]}, j.state1);  // (1, V_pad)
-      logits.assign(lg.data(), lg.data() + lm_.vocab());
-      prefill_tokens_ += rest;
-      cache_.insert(lm_, p, j.state1, logits);
-    }
-  } else {
-    if (opt_.prefix_cache_bytes > 0) ++cache_misses_;
-    Tensor lg = lm_.forward_last(p, 1, L, &j.state1);  // (1, V_pad)
-    logits.assign(lg.data(), lg.data() + lm_.vocab());
-    prefill_tokens_ += L;
-    if (opt_.prefix_cache_bytes > 0) cache_.insert(lm_, p, j.state1, logits);
+  PrefixCache::Hit hit = cache_.lookup(lm_, p);
+  if (hit.len == 0) {
+    ++cache_misses_;
+    return true;
   }
+  ++cache_hits_;
+  cache_hit_tokens_ += hit.len;
+  j.seq->cached_len_ = hit.len;
+  j.pos = hit.len;
+  j.state1 = std::move(hit.state);
   add_to(prefill_s_, since(t0));
-  choose(j, logits.data());
+  if (hit.len < L) return true;  // the rest is prefilled from the cached state
+  choose(j, hit.logits.data());  // an exact hit: the prompt's own state and logits
+  return false;
+}
+
+void Engine::prefilled(JobPtr j) {
+  const Finish f = j->seq->state();
+  const bool joins = f == Finish::running;
+  if (f == Finish::length || f == Finish::eos) ++finished_;
+  std::lock_guard<std::mutex> lk(mu_);
+  if (joins) {
+    ready_.push_back(std::move(j));
+    cv_decode_.notify_one();
+  } else {
+    --in_flight_;
+  }
+}
+
+void Engine::prefill_group(std::vector<JobPtr> rows) {
+  const bool cache = opt_.prefix_cache_bytes > 0;
+  const int64_t blk = opt_.cache_block, Vp = lm_.vocab();
+  int64_t pos = rows[0]->pos;
+  auto len = [](const JobPtr& j) { return static_cast<int64_t>(j->req.prompt.size()); };
+  std::stable_sort(rows.begin(), rows.end(),
+                   [&](const JobPtr& a, const JobPtr& b) { return len(a) < len(b); });
+  LMState st = lm_.new_state(static_cast<int64_t>(rows.size()));
+  for (size_t r = 0; r < rows.size(); ++r)
+    if (rows[r]->state1.batch > 0) st.copy_row(static_cast<int64_t>(r), rows[r]->state1, 0);
+  std::vector<int32_t> ids;
+  try {
+    while (!rows.empty()) {
+      // Rows that left (cancelled, or the server stopping) free their slot at once.
+      bool stopping;
+      {
+        std::lock_guard<std::mutex> lk(mu_);
+        stopping = stop_;
+      }
+      std::vector<int64_t> keep;
+      for (size_t r = 0; r < rows.size(); ++r) {
+        if (stopping) {
+          rows[r]->seq->finish(Finish::shutdown);
+        } else if (rows[r]->seq->cancelled()) {
+          rows[r]->seq->finish(Finish::cancelled);
+          ++cancelled_;
+        } else {
+          keep.push_back(static_cast<int64_t>(r));
+          continue;
+        }
+        prefilled(std::move(rows[r]));
+      }
+      if (keep.size() < rows.size()) {
+        std::vector<JobPtr> kept;
+        LMState ks;
+        if (!keep.empty()) ks = lm_.new_state(static_cast<int64_t>(keep.size()));
+        for (size_t k = 0; k < keep.size(); ++k) {
+          ks.copy_row(static_cast<int64_t>(k), st, keep[k]);
+          kept.push_back(std::move(rows[keep[k]]));
+        }
+        rows = std::move(kept);
+        st = std::move(ks);
+        if (rows.empty()) return;
+      }
+      // The segment: up to the next block boundary (when caching) or the shortest prompt's end.
+      const int64_t B = static_cast<int64_t>(rows.size());
+      int64_t end = len(rows[0]);
+      if (cache) end = std::min(end, (pos / blk + 1) * blk);
+      const int64_t n = end - pos;
+      ids.resize(static_cast<size_t>(B * n));
+      for (int64_t r = 0; r < B; ++r)
+        std::copy_n(rows[r]->req.prompt.begin() + pos, n, ids.begin() + r * n);
+      auto t0 = std::chrono::steady_clock::now();
+      // At most prefill_batch_tokens per chunk over the B rows (one token per row at least).
+      const int64_t chunk =
+          std::min({opt_.prefill_chunk, n, std::max<int64_t>(1, opt_.prefill_batch_tokens / B)});
+      Tensor lg = lm_.prefill(ids, B, n, st, chunk);  // (B, V_pad)
+      pos = end;
+      ++prefill_calls_;
+      prefill_tokens_ += B * n;
+      // Cache every row at a block boundary (no logits) or at its prompt's end (with them).
+      int64_t done = 0;  // rows whose prompt ends here (the first ones: sorted by length)
+      while (done < B && len(rows[done]) == pos) ++done;
+      if (cache)
+        for (int64_t r = 0; r < B; ++r)
+          if (r < done || pos % blk == 0)
+            cache_.insert(lm_, std::span<const int32_t>(rows[r]->req.prompt).first(pos), st, r,
+                          r < done ? std::span<const float>(lg.data() + r * Vp, lm_.vocab())
+                                   : std::span<const float>());
+      add_to(prefill_s_, since(t0));
+      if (done == 0) continue;
+      // Rows whose prompt ended: sample the first token, hand the state to the scheduler.
+      for (int64_t r = 0; r < done; ++r) {
+        rows[r]->state1 = lm_.new_state(1);
+        rows[r]->state1.copy_row(0, st, r);
+        choose(*rows[r], lg.data() + r * Vp);
+        prefilled(std::move(rows[r]));
+      }
+      rows.erase(rows.begin(), rows.begin() + done);
+      if (rows.empty()) return;
+      LMState rest = lm_.new_state(B - done);
+      for (int64_t r = done; r < B; ++r) rest.copy_row(r - done, st, r);
+      st = std::move(rest);
+    }
+  } catch (const std::exception& e) {  // not expected (the activations do not fit, ...)
+    for (auto& j : rows)
+      if (j) j->seq->finish(Finish::error, e.what()), prefilled(std::move(j));
+  }
 }
 
 void Engine::prefill_loop() {
   for (;;) {
-    std::unique_ptr<Job> job;
+    std::vector<JobPtr> taken;
     {
       std::unique_lock<std::mutex> lk(mu_);
       cv_prefill_.wait(lk,
                        [&] { return stop_ || (!pending_.empty() && in_flight_ < opt_.max_batch); });
       if (stop_) return;
-      job = std::move(pending_.front());
-      pending_.pop_front();
-      ++in_flight_;
-    }
-    bool joins = false;
-    if (job->seq->cancelled()) {
-      job->seq->finish(Finish::cancelled);
-      ++cancelled_;
-    } else {
-      try {
-        prefill(*job);
-        joins = job->generated < job->req.max_tokens && job->next != job->req.eos_id;
-        if (!joins) ++finished_;
-      } catch (const std::exception& e) {
-        job->seq->finish(Finish::error, e.what());
+      while (!pending_.empty() && in_flight_ < opt_.max_batch) {
+        taken.push_back(std::move(pending_.front()));
+        pending_.pop_front();
+        ++in_flight_;
       }
     }
-    std::lock_guard<std::mutex> lk(mu_);
-    if (joins) {
-      ready_.push_back(std::move(job));
-      cv_decode_.notify_one();
-    } else {
-      --in_flight_;
+    // Cache lookups (an exact hit is done at once), then groups of jobs that start at the same
+    // position, in the order of their first job, at most prefill_batch_tokens per chunk.
+    std::vector<std::vector<JobPtr>> groups;
+    std::vector<int64_t> group_pos;
+    for (auto& j : taken) {
+      if (j->seq->cancelled()) {
+        j->seq->finish(Finish::cancelled);
+        ++cancelled_;
+        prefilled(std::move(j));
+        continue;
+      }
+      bool more = false;
+      try {
+        more = start_prefill(*j);
+      } catch (const std::exception& e) {
+        j->seq->finish(Finish::error, e.what());
+      }
+      if (!more) {
+        prefilled(std::move(j));
+        continue;
+      }
+      const int64_t per_row =
+          std::min(opt_.prefill_chunk, static_cast<int64_t>(j->req.prompt.size()) - j->pos);
+      const int64_t max_rows = std::max<int64_t>(1, opt_.prefill_batch_tokens / per_row);
+      size_t g = 0;
+      while (g < groups.size() &&
+             (group_pos[g] != j->pos || static_cast<int64_t>(groups[g].size()) >= max_rows))
+        ++g;
+      if (g == groups.size()) groups.emplace_back(), group_pos.push_back(j->pos);
+      groups[g].push_back(std::move(j));
     }
+    for (auto& g : groups) prefill_group(std::move(g));
   }
 }
 

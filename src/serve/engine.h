@@ -1,19 +1,26 @@
 // The serving engine behind `mambacpp serve`: continuous batching of recurrent states and a
 // prefix-state cache, independent of HTTP (src/serve/server.cpp speaks HTTP; tests drive both).
 //
-// Threads (a const MambaLM is shared by all of them, each with its own LMState):
-//   prefill thread   takes submitted sequences in FIFO order, while fewer than max_batch are in
-//                    flight; prefills each prompt alone (batch 1, MambaLM::forward_last) or takes
-//                    its state from the prefix cache; samples the first token; hands the
-//                    batch-1 state to the scheduler. It runs beside the decode steps, so a long
-//                    prompt delays only its own first token, never the running streams.
+// Threads (a const MambaLM is shared by all of them, each with its own LMState; each computes with
+// the thread count of the thread that constructed the Engine, mamba::num_threads()):
+//   prefill thread   takes the submitted sequences in FIFO order, as many as there are free slots
+//                    (fewer than max_batch in flight); takes each prompt's longest cached prefix
+//                    from the prefix cache; prefills the prompts that start at the same position
+//                    together, as the rows of one batch (MambaLM::prefill continuing their states,
+//                    at most prefill_batch_tokens per call), segment by segment: a segment ends at
+//                    the next cache block boundary or at the end of the shortest prompt still in
+//                    the batch, whose row then leaves with its first token sampled and its batch-1
+//                    state handed to the scheduler. It runs beside the decode steps, so a long
+//                    prompt delays its own first token and slows the running streams only by
+//                    sharing the cores (docs/PERFORMANCE.md, "Serving").
 //   scheduler thread steps every running sequence together (one MambaLM::step over a batch
 //                    state of B rows), samples each row with that sequence's own sampler and
 //                    RNG, and delivers the tokens. Between steps, prefilled sequences join
 //                    (their row copied in, State::copy_row) and finished or cancelled ones leave.
 // A sequence's tokens depend on its prompt, its parameters and its seed only: the same prompt
-// gives the same greedy ids alone or in any batch, up to the float differences of batched vs
-// single-row GEMMs (argmax is what the tests compare).
+// gives the same greedy ids alone or in any batch (decode or prefill), with or without the prefix
+// cache, up to the float differences of batched vs single-row GEMMs and of where the prefill is cut
+// into chunks (argmax is what the tests compare).
 #pragma once
 #include <atomic>
 #include <chrono>
@@ -23,6 +30,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <thread>
 #include <vector>
@@ -70,6 +78,7 @@ class Sequence {
 
  private:
   friend class Engine;
+  Finish state();
   void push(TokenEvent e);
   void finish(Finish f, std::string err = {});
 
@@ -82,22 +91,26 @@ class Sequence {
   int64_t prompt_len_ = 0, cached_len_ = 0;
 };
 
-// LRU of model states at the end of prompts (and the logits of the prompt's last position),
-// bounded in bytes. A lookup finds the longest cached prompt that is a prefix of the new one.
+// LRU of model states at the end of prompts (with the logits of the prompt's last position) and
+// at block boundaries inside them (without logits), bounded in bytes. A lookup finds the longest
+// cached token sequence that is a prefix of the new prompt; an entry without logits only when it
+// is shorter than the prompt (the rest is prefilled from its state).
 class PrefixCache {
  public:
   explicit PrefixCache(int64_t max_bytes) : max_bytes_(max_bytes) {}
   struct Hit {
     int64_t len = 0;            // tokens covered (0: miss)
     LMState state;              // a deep copy (batch 1) of the state after those tokens
-    std::vector<float> logits;  // the logits after the last of them (for an exact hit)
+    std::vector<float> logits;  // the logits after the last of them (prompt ends only)
   };
   // lm: to allocate the copy of the state.
   Hit lookup(const MambaLM& lm, const std::vector<int32_t>& prompt);
-  // Stores a deep copy of `state` (batch 1) after `tokens`; evicts least recently used entries
-  // beyond the bound; an entry larger than the bound is not stored.
-  void insert(const MambaLM& lm, const std::vector<int32_t>& tokens, const LMState& state,
-              const std::vector<float>& logits);
+  // Stores a deep copy of row `row` of `state` after `tokens` (logits empty for a block
+  // boundary); evicts least recently used entries beyond the bound; an entry larger than the
+  // bound is not stored. An entry for the same tokens is refreshed (and gains the logits if it had
+  // none).
+  void insert(const MambaLM& lm, std::span<const int32_t> tokens, const LMState& state, int64_t row,
+              std::span<const float> logits);
   int64_t bytes() const;
   int64_t entries() const;
 
@@ -122,10 +135,19 @@ struct EngineOptions {
   int64_t max_batch = 16;          // sequences decoded together
   int64_t max_queue = 64;          // sequences waiting for a slot; beyond: QueueFull
   int64_t prefix_cache_bytes = 0;  // 0 = no prefix cache
+  // The prefix cache also keeps the state every cache_block prompt tokens (>= 1), so a prompt
+  // sharing only the start of a cached one continues from the longest shared block boundary.
+  int64_t cache_block = 384;
+  // Tokens per row per MambaLM::prefill chunk (>= 1; bounds the prefill's activations).
+  int64_t prefill_chunk = MambaLM::kDefaultPrefillChunk;
+  // Prompts prefilled together: at most this many tokens per chunk over all rows (>= 1; a prompt
+  // longer than it is prefilled alone, prefill_chunk at a time).
+  int64_t prefill_batch_tokens = 256;
 };
 
 struct EngineMetrics {
   int64_t queue_depth = 0, batch_size = 0, steps = 0;
+  int64_t prefill_calls = 0;  // MambaLM::prefill calls (each may carry several prompts)
   int64_t prompt_tokens = 0, prefill_tokens = 0, generated_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;
   int64_t cache_hits = 0, cache_misses = 0, cache_hit_tokens = 0, cache_bytes = 0,
@@ -158,13 +180,22 @@ class Engine {
     Rng rng;
     std::vector<int32_t> history;  // prompt + generated (repetition penalty)
     std::vector<int32_t> counts;   // generated count per id (frequency / presence penalty)
-    LMState state1;                // batch-1 state after prefill, until it joins the batch
+    LMState state1;                // batch-1 state after prefill (or a cache hit), until it joins
+    int64_t pos = 0;               // prompt tokens already in state1 (a cache hit's length)
     int32_t next = 0;              // the last sampled token (the next step's input)
     int64_t generated = 0;
   };
+  using JobPtr = std::unique_ptr<Job>;
   void prefill_loop();
   void decode_loop();
-  void prefill(Job& j);
+  // Looks up the prefix cache; an exact hit samples the first token. Returns true when the
+  // prompt still has tokens to prefill.
+  bool start_prefill(Job& j);
+  // Prefills jobs that start at the same position together (rows of one batch), handing each to
+  // the scheduler as its prompt ends.
+  void prefill_group(std::vector<JobPtr> rows);
+  // A job whose prefill is over (first token sampled, or failed): joins the batch or leaves.
+  void prefilled(JobPtr j);
   // Samples from logits (V_pad), delivers the token; returns false when the job is finished.
   bool choose(Job& j, const float* logits);
 
@@ -179,9 +210,9 @@ class Engine {
   bool stop_ = false;
   std::thread prefill_thread_, decode_thread_;
   // metrics
-  std::atomic<int64_t> batch_size_{0}, steps_{0}, prompt_tokens_{0}, prefill_tokens_{0},
-      generated_tokens_{0}, cache_hits_{0}, cache_misses_{0}, cache_hit_tokens_{0}, finished_{0},
-      cancelled_{0};
+  std::atomic<int64_t> batch_size_{0}, steps_{0}, prefill_calls_{0}, prompt_tokens_{0},
+      prefill_tokens_{0}, generated_tokens_{0}, cache_hits_{0}, cache_misses_{0},
+      cache_hit_tokens_{0}, finished_{0}, cancelled_{0};
   std::atomic<double> prefill_s_{0}, decode_s_{0};
 };
 

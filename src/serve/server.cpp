@@ -961,6 +961,9 @@ struct Server::Impl {
            static_cast<double>(m.batch_size));
     metric("mambacpp_decode_steps_total", "counter", "batched decode steps",
            static_cast<double>(m.steps));
+    metric("mambacpp_prefill_calls_total", "counter",
+           "batched prefill calls (one per segment of the prompts prefilled together)",
+           static_cast<double>(m.prefill_calls));
     metric("mambacpp_prefill_seconds_total", "counter", "seconds spent in prefill",
            m.prefill_seconds);
     metric("mambacpp_decode_seconds_total", "counter", "seconds spent in batched decode steps",
