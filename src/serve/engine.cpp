@@ -61,32 +61,6 @@ void Sequence::finish(Finish f, std::string err) {
   cv_.notify_all();
 }
 
-// ---- states --------------------------------------------------------------------------------
-
-namespace {
-template <class S>
-int64_t floats_of(const S& s) {
-  int64_t n = 0;
-  auto add = [&](const Tensor& t) {
-    if (t.defined()) n += t.numel();
-  };
-  if constexpr (requires { s.conv_state; }) add(s.conv_state);
-  if constexpr (requires { s.ssm_state; }) add(s.ssm_state);
-  if constexpr (requires { s.k_cache; }) add(s.k_cache), add(s.v_cache);
-  if constexpr (requires { s.ssm; }) add(s.ssm);
-  if constexpr (requires { s.angle; }) add(s.angle);
-  if constexpr (requires { s.k; }) add(s.k);
-  if constexpr (requires { s.v; }) add(s.v);
-  return n;
-}
-}  // namespace
-
-int64_t state_floats(const LMState& s) {
-  int64_t n = 0;
-  for (const auto& l : s.layers) n += std::visit([](const auto& x) { return floats_of(x); }, l);
-  return n;
-}
-
 // ---- PrefixCache ---------------------------------------------------------------------------
 
 PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_t>& prompt) {
@@ -112,9 +86,9 @@ PrefixCache::Hit PrefixCache::lookup(const MambaLM& lm, const std::vector<int32_
 
 void PrefixCache::insert(const MambaLM& lm, std::span<const int32_t> tokens, const LMState& state,
                          int64_t row, std::span<const float> logits) {
-  const int64_t b = 4 * (state_floats(state) / state.batch +
-                         static_cast<int64_t>(logits.size() + tokens.size())) +
-                    256;  // + the entry's own bookkeeping
+  const int64_t b =
+      4 * (state.floats() / state.batch + static_cast<int64_t>(logits.size() + tokens.size())) +
+      256;  // + the entry's own bookkeeping
   if (b > max_bytes_ || tokens.empty()) return;
   {
     std::lock_guard<std::mutex> lk(mu_);

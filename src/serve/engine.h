@@ -126,11 +126,6 @@ class PrefixCache {
   int64_t max_bytes_ = 0, bytes_ = 0;
 };
 
-// Floats held by a state (every layer's tensors).
-int64_t state_floats(const LMState& s);
-// dst row dst_b = src row src_b, for every layer (each state kind copies its own row).
-void copy_state_row(const LMState& src, int64_t src_b, LMState& dst, int64_t dst_b);
-
 struct EngineOptions {
   int64_t max_batch = 16;          // sequences decoded together
   int64_t max_queue = 64;          // sequences waiting for a slot; beyond: QueueFull
