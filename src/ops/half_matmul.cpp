@@ -138,26 +138,32 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const W
     }
 }
 
-template <int K, int RT>
-HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float* y) {
+// The M input rows in tiles of 4, then one tile of the 3, 2 or 1 left: tile(m, rows) with rows a
+// std::integral_constant (the tile kernels take the row count as a template argument).
+template <class F>
+HWY_INLINE void ForEachRowTile(int64_t M, F&& tile) {
   int64_t m = 0;
-  auto tile = [&](auto mt) {
-    Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
-  };
-  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>());
+  for (; m + 4 <= M; m += 4) tile(m, std::integral_constant<int, 4>());
   switch (M - m) {
     case 3:
-      tile(std::integral_constant<int, 3>());
+      tile(m, std::integral_constant<int, 3>());
       break;
     case 2:
-      tile(std::integral_constant<int, 2>());
+      tile(m, std::integral_constant<int, 2>());
       break;
     case 1:
-      tile(std::integral_constant<int, 1>());
+      tile(m, std::integral_constant<int, 1>());
       break;
     default:
       break;
   }
+}
+
+template <int K, int RT>
+HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float* y) {
+  ForEachRowTile(M, [&](int64_t m, auto mt) {
+    Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
+  });
 }
 
 // Output columns [rb, re) (W points at the range's first row, y at its first column).
@@ -272,24 +278,9 @@ HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64
 
 template <bool kQ4, int RT>
 HWY_INLINE void QRowBlock(const GemvArgs& a, int64_t M, const uint8_t* w, int64_t rowb, float* y) {
-  int64_t m = 0;
-  auto tile = [&](auto mt) {
+  ForEachRowTile(M, [&](int64_t m, auto mt) {
     QTile<kQ4, decltype(mt)::value, RT>(a, a.x + m * a.ldx, w, rowb, y + m * a.ldy);
-  };
-  for (; m + 4 <= M; m += 4) tile(std::integral_constant<int, 4>());
-  switch (M - m) {
-    case 3:
-      tile(std::integral_constant<int, 3>());
-      break;
-    case 2:
-      tile(std::integral_constant<int, 2>());
-      break;
-    case 1:
-      tile(std::integral_constant<int, 1>());
-      break;
-    default:
-      break;
-  }
+  });
 }
 
 template <bool kQ4>
