@@ -11,7 +11,7 @@ Tensors (values chosen so that each type holds them exactly; the test rebuilds t
   q4   (1, 64) Q4_0  block b: d = 0.5 * (b + 1); nibble n_j = j % 16 -> v = d * (n_j - 8),
                      value j < 16 in the low nibble of byte j, value j >= 16 in the high nibble
                      of byte j - 16
-  q4k  (1, 256) Q4_K (unsupported by the reader: listed, refused by tensor())
+  q4k  (1, 256) Q4_K, all-zero block (the test also retypes it to Q2_K, which is refused)
 """
 import struct
 import sys

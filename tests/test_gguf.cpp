@@ -1,5 +1,6 @@
 // GGUF: the reader against a file written independently (scripts/make_gguf_fixture.py), hostile
 // files, the Q8_0 / Q4_0 rounding bounds, and MambaLM / Tokenizer round trips through GGUF.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -102,7 +103,23 @@ TEST(Gguf, ReadsIndependentlyWrittenFile) {
     return 0.5f * static_cast<float>(i / 32 + 1) * static_cast<float>(i % 32 % 16 - 8);
   });
   EXPECT_EQ(f.info("q4k").type, 12u);
-  test::expect_error([&] { (void)f.tensor("q4k"); }, {"'q4k'", "Q4_K", "not supported"});
+  // Q4_K is read (dequantised); its all-zero block (d = dmin = 0) is 256 zeros. Its values are
+  // checked against llama.cpp's in test_llamacpp_fixtures.cpp.
+  const Tensor q4k = f.tensor("q4k");
+  ASSERT_EQ(q4k.numel(), 256);
+  for (int64_t i = 0; i < 256; ++i) EXPECT_EQ(q4k.data()[i], 0.0f);
+  // The same file with that tensor's type changed to Q2_K (84 bytes a block: still inside the
+  // data) is listed and refused by name.
+  std::vector<uint8_t> bytes = read_bytes(test::data_path("gguf/types.gguf"));
+  const std::string key = std::string("\x03\0\0\0\0\0\0\0q4k", 11);
+  auto at = std::search(bytes.begin(), bytes.end(), key.begin(), key.end());
+  ASSERT_NE(at, bytes.end());
+  const size_t type_at = static_cast<size_t>(at - bytes.begin()) + 11 + 4 + 2 * 8;
+  ASSERT_EQ(bytes[type_at], 12);
+  bytes[type_at] = 10;
+  GGUFFile g = GGUFFile::parse(bytes, "q2k.gguf");
+  EXPECT_EQ(g.info("q4k").type, 10u);
+  test::expect_error([&] { (void)g.tensor("q4k"); }, {"'q4k'", "Q2_K", "not supported"});
 }
 
 TEST(Gguf, EveryTruncationIsRefused) {
@@ -178,10 +195,12 @@ TEST(Gguf, HostileTensors) {
   expect_refused(one_tensor({1ull << 32, 1ull << 32}, 0, 0, 32), "bad or too large dimension");
   expect_refused(one_tensor({1, 1, 1, 1, 1}, 0, 0, 32), "5 dimensions");
   expect_refused(one_tensor({}, 0, 0, 32), "0 dimensions");
-  expect_refused(one_tensor({16}, 8, 0, 64), "block size");  // Q8_0 rows of 16
-  expect_refused(one_tensor({32}, 8, 0, 33), "outside");     // one Q8_0 block needs 34 bytes
-  expect_refused(one_tensor({256}, 14, 0, 256), "Q6_K");     // listed, refused when read
-  expect_refused(one_tensor({256}, 14, 0, 200), "outside");  // its 210 bytes still checked
+  expect_refused(one_tensor({16}, 8, 0, 64), "block size");    // Q8_0 rows of 16
+  expect_refused(one_tensor({32}, 8, 0, 33), "outside");       // one Q8_0 block needs 34 bytes
+  expect_refused(one_tensor({256}, 13, 0, 256), "Q5_K");       // listed, refused when read
+  expect_refused(one_tensor({256}, 13, 0, 170), "outside");    // its 176 bytes still checked
+  expect_refused(one_tensor({256}, 14, 0, 200), "outside");    // Q6_K: 210 bytes a block
+  expect_refused(one_tensor({64}, 12, 0, 256), "block size");  // Q4_K rows of 64
   expect_refused(one_tensor({32}, 99, 0, 256), "unknown or removed ggml type type 99");
   {
     Bytes b;  // two tensors sharing bytes

@@ -10,10 +10,11 @@
 // length); GGUFTensorInfo::shape is the PyTorch order (the reverse), so a (out, in) matrix has
 // shape {out, in} here and ne {in, out} in the file.
 //
-// Element types read: F32, F16, BF16, Q8_0, Q4_0 (tensor() dequantises to fp32; raw() gives the
-// bytes as stored, which MambaLM::load_gguf copies as they are into a weight of the same type).
-// Other ggml types (Q4_1, K-quants, IQ*, ...) are listed by name but tensor() refuses them with an
-// error naming the type.
+// Element types read: F32, F16, BF16, Q8_0, Q4_0, and (dequantised only) Q5_0, Q4_K, Q6_K, the
+// types llama-quantize puts into its Q4_0 / Q4_K_M files beside the main type (tensor()
+// dequantises to fp32; raw() gives the bytes as stored, which MambaLM::load_gguf copies as they
+// are into a weight of the same type). Other ggml types (Q4_1, Q5_1, Q2_K, Q3_K, Q5_K, IQ*, ...)
+// are listed by name but tensor() refuses them with an error naming the type.
 #pragma once
 #include <cstdint>
 #include <map>
@@ -26,7 +27,17 @@
 namespace mamba {
 
 // ggml's tensor element types (the numbers are the file's).
-enum class GGMLType : uint32_t { F32 = 0, F16 = 1, Q4_0 = 2, Q8_0 = 8, BF16 = 30 };
+// Q5_0 / Q4_K / Q6_K are read only (dequantised); the writer stores F32, F16, BF16, Q8_0, Q4_0.
+enum class GGMLType : uint32_t {
+  F32 = 0,
+  F16 = 1,
+  Q4_0 = 2,
+  Q5_0 = 6,
+  Q8_0 = 8,
+  Q4_K = 12,
+  Q6_K = 14,
+  BF16 = 30
+};
 // The name of any ggml type number ("Q4_K", "IQ2_XS", ...; "type 99" for an unknown one).
 std::string ggml_type_name(uint32_t type);
 // Parses "f32" | "f16" | "bf16" | "q8_0" | "q4_0" (case-insensitive); throws otherwise.
@@ -120,12 +131,15 @@ class GGUFFile {
   std::vector<std::string> order_;
 };
 
-// Bytes of n elements of a type (n a multiple of its block size: 32 for Q8_0 / Q4_0).
+// Bytes of n elements of a type (n a multiple of its block size: 32 for Q8_0 / Q4_0 / Q5_0, 256
+// for Q4_K / Q6_K).
 uint64_t ggml_nbytes(GGMLType t, int64_t n);
-int64_t ggml_block_size(GGMLType t);  // 1, or 32 for Q8_0 / Q4_0
+int64_t ggml_block_size(GGMLType t);  // 1, 32 (Q8_0 / Q4_0 / Q5_0) or 256 (Q4_K / Q6_K)
 // Element conversion (ggml's reference rounding for Q8_0 / Q4_0: per block of 32, d = amax/127
 // (Q8_0) or d = max/-8 with max the signed value of largest magnitude (Q4_0), stored as f16).
+// ggml_quantize writes F32 / F16 / BF16 / Q8_0 / Q4_0 and refuses the read-only types.
 std::vector<uint8_t> ggml_quantize(GGMLType t, const float* x, int64_t n);
+// Any type of GGMLType; n a whole number of blocks.
 void ggml_dequantize(GGMLType t, const uint8_t* src, int64_t n, float* out);
 
 // Writes a GGUF v3 file (atomically): metadata in the order added, then the tensors.

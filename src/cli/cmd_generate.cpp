@@ -1,6 +1,7 @@
 // mambacpp generate: prompt(s) -> prefill -> step decoding with constant-size state.
 // Streams text as tokens arrive; prints prefill and decode tokens/s at the end.
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 
@@ -71,8 +72,18 @@ Command add_generate(CLI::App& app) {
             std::unique_ptr<Tokenizer> tok;
             std::string tok_path =
                 o->tokenizer.empty() ? o->model + "/tokenizer.json" : o->tokenizer;
-            if (os::exists(tok_path))
+            if (o->tokenizer.empty() && std::filesystem::is_regular_file(o->model)) {
+              // a GGUF file: the vocabulary in its metadata (needed for --prompt; with --ids
+              // a file without one still generates ids)
+              tok_path = o->model + " (tokenizer.ggml.*)";
+              try {
+                tok = std::make_unique<Tokenizer>(Tokenizer::from_gguf(o->model));
+              } catch (const Error&) {
+                if (!o->prompts.empty()) throw;
+              }
+            } else if (os::exists(tok_path)) {
               tok = std::make_unique<Tokenizer>(Tokenizer::from_file(tok_path));
+            }
             std::vector<std::vector<int32_t>> prompts;
             if (!o->prompts.empty()) {
               MAMBA_CHECK(tok, "no tokenizer: '", tok_path,

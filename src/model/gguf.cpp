@@ -127,6 +127,76 @@ bool is_int_type(GGUFType t) {
 
 uint16_t rd16(const uint8_t* p) { return static_cast<uint16_t>(p[0] | (p[1] << 8)); }
 
+// The read-only block types, from ggml's published block layouts (docs/GGUF.md). Each value is
+// d * q (minus m for Q4_K) with the scale products formed in fp32, as ggml's reference
+// dequantisation does, so the result is the same fp32 value.
+//
+// Q5_0: 32 values; f16 d, 4 bytes holding the 5th bit of each value (bit j of value j), 16 bytes
+// of low nibbles (byte j: value j in the low half, value j + 16 in the high half); q - 16.
+void dequant_q5_0(const uint8_t* b, float* y) {
+  const float d = f16_to_f32(rd16(b));
+  const uint32_t hi = static_cast<uint32_t>(b[2]) | static_cast<uint32_t>(b[3]) << 8 |
+                      static_cast<uint32_t>(b[4]) << 16 | static_cast<uint32_t>(b[5]) << 24;
+  const uint8_t* qs = b + 6;
+  for (int j = 0; j < 16; ++j) {
+    const int lo = (qs[j] & 0xF) | static_cast<int>((hi >> j) & 1u) << 4;
+    const int up = (qs[j] >> 4) | static_cast<int>((hi >> (j + 16)) & 1u) << 4;
+    y[j] = d * static_cast<float>(lo - 16);
+    y[j + 16] = d * static_cast<float>(up - 16);
+  }
+}
+
+// Q4_K: 256 values in 8 sub-blocks of 32; f16 d, f16 dmin, 12 bytes packing 8 six-bit scales and
+// 8 six-bit mins, 128 bytes of nibbles. Sub-blocks 2i and 2i+1 share 32 bytes: the low nibbles
+// are sub-block 2i, the high nibbles 2i+1. value = d * scale * q - dmin * min.
+void q4_k_scale_min(int j, const uint8_t* s, int& sc, int& m) {
+  if (j < 4) {
+    sc = s[j] & 63, m = s[j + 4] & 63;
+  } else {  // low 4 bits in bytes 8..11, the top 2 bits in the top bits of bytes 0..7
+    sc = (s[j + 4] & 0xF) | (s[j - 4] >> 6) << 4;
+    m = (s[j + 4] >> 4) | (s[j] >> 6) << 4;
+  }
+}
+void dequant_q4_k(const uint8_t* b, float* y) {
+  const float d = f16_to_f32(rd16(b)), dmin = f16_to_f32(rd16(b + 2));
+  const uint8_t* sc = b + 4;
+  const uint8_t* q = b + 16;
+  for (int i = 0; i < 4; ++i, q += 32, y += 64) {
+    int s0, m0, s1, m1;
+    q4_k_scale_min(2 * i, sc, s0, m0);
+    q4_k_scale_min(2 * i + 1, sc, s1, m1);
+    const float d0 = d * static_cast<float>(s0), c0 = dmin * static_cast<float>(m0);
+    const float d1 = d * static_cast<float>(s1), c1 = dmin * static_cast<float>(m1);
+    for (int l = 0; l < 32; ++l) {
+      y[l] = d0 * static_cast<float>(q[l] & 0xF) - c0;
+      y[l + 32] = d1 * static_cast<float>(q[l] >> 4) - c1;
+    }
+  }
+}
+
+// Q6_K: 256 values in two halves of 128; 128 bytes of low nibbles (ql), 64 bytes of 2-bit highs
+// (qh), 16 int8 scales (one per 16 values), f16 d; q - 32. In each half, for l < 32: ql[l] low /
+// high nibble are values l / l + 64, ql[l + 32] low / high are l + 32 / l + 96, and qh[l] bits
+// 0-1, 2-3, 4-5, 6-7 are the top bits of values l, l + 32, l + 64, l + 96.
+void dequant_q6_k(const uint8_t* b, float* y) {
+  const uint8_t* ql = b;
+  const uint8_t* qh = b + 128;
+  const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+  const float d = f16_to_f32(rd16(b + 208));
+  for (int h = 0; h < 2; ++h, ql += 64, qh += 32, sc += 8, y += 128)
+    for (int l = 0; l < 32; ++l) {
+      const int is = l / 16;
+      const int q0 = ((ql[l] & 0xF) | ((qh[l] >> 0) & 3) << 4) - 32;
+      const int q1 = ((ql[l + 32] & 0xF) | ((qh[l] >> 2) & 3) << 4) - 32;
+      const int q2 = ((ql[l] >> 4) | ((qh[l] >> 4) & 3) << 4) - 32;
+      const int q3 = ((ql[l + 32] >> 4) | ((qh[l] >> 6) & 3) << 4) - 32;
+      y[l] = d * static_cast<float>(sc[is]) * static_cast<float>(q0);
+      y[l + 32] = d * static_cast<float>(sc[is + 2]) * static_cast<float>(q1);
+      y[l + 64] = d * static_cast<float>(sc[is + 4]) * static_cast<float>(q2);
+      y[l + 96] = d * static_cast<float>(sc[is + 6]) * static_cast<float>(q3);
+    }
+}
+
 }  // namespace
 
 std::string ggml_type_name(uint32_t type) {
@@ -181,7 +251,22 @@ GGMLType parse_ggml_type(const std::string& s) {
   throw Error(str("GGUF tensor type '", s, "' is not one of f32, f16, bf16, q8_0, q4_0"));
 }
 
-int64_t ggml_block_size(GGMLType t) { return t == GGMLType::Q8_0 || t == GGMLType::Q4_0 ? 32 : 1; }
+int64_t ggml_block_size(GGMLType t) {
+  switch (t) {
+    case GGMLType::F32:
+    case GGMLType::F16:
+    case GGMLType::BF16:
+      return 1;
+    case GGMLType::Q8_0:
+    case GGMLType::Q4_0:
+    case GGMLType::Q5_0:
+      return 32;
+    case GGMLType::Q4_K:
+    case GGMLType::Q6_K:
+      return 256;
+  }
+  throw Error(str("ggml_block_size: unsupported type ", ggml_type_name(static_cast<uint32_t>(t))));
+}
 
 uint64_t ggml_nbytes(GGMLType t, int64_t n) {
   const uint64_t un = static_cast<uint64_t>(n);
@@ -195,6 +280,12 @@ uint64_t ggml_nbytes(GGMLType t, int64_t n) {
       return un / 32 * 34;  // f16 scale + 32 int8
     case GGMLType::Q4_0:
       return un / 32 * 18;  // f16 scale + 16 bytes of nibbles
+    case GGMLType::Q5_0:
+      return un / 32 * 22;  // f16 scale + 4 bytes of 5th bits + 16 bytes of nibbles
+    case GGMLType::Q4_K:
+      return un / 256 * 144;  // f16 d, f16 dmin, 12 bytes of 6-bit scales / mins, 128 of nibbles
+    case GGMLType::Q6_K:
+      return un / 256 * 210;  // 128 bytes low nibbles, 64 of 2-bit highs, 16 int8 scales, f16 d
   }
   throw Error(str("ggml_nbytes: unsupported type ", ggml_type_name(static_cast<uint32_t>(t))));
 }
@@ -227,6 +318,11 @@ std::vector<uint8_t> ggml_quantize(GGMLType t, const float* x, int64_t n) {
     case GGMLType::Q4_0:
       quantise_blocks(x, o, n, WeightDType::q4_0);
       break;
+    case GGMLType::Q5_0:
+    case GGMLType::Q4_K:
+    case GGMLType::Q6_K:
+      throw Error(str("GGUF ", ggml_type_name(static_cast<uint32_t>(t)),
+                      " is read only; the writer stores f32, f16, bf16, q8_0 or q4_0"));
   }
   return out;
 }
@@ -247,6 +343,15 @@ void ggml_dequantize(GGMLType t, const uint8_t* p, int64_t n, float* out) {
       return;
     case GGMLType::Q4_0:
       dequantise_blocks(p, out, n, WeightDType::q4_0);
+      return;
+    case GGMLType::Q5_0:
+      for (int64_t b = 0; b < n / 32; ++b) dequant_q5_0(p + 22 * b, out + 32 * b);
+      return;
+    case GGMLType::Q4_K:
+      for (int64_t b = 0; b < n / 256; ++b) dequant_q4_k(p + 144 * b, out + 256 * b);
+      return;
+    case GGMLType::Q6_K:
+      for (int64_t b = 0; b < n / 256; ++b) dequant_q6_k(p + 210 * b, out + 256 * b);
       return;
   }
   throw Error(str("ggml_dequantize: unsupported type ", ggml_type_name(static_cast<uint32_t>(t))));
@@ -462,10 +567,11 @@ Tensor GGUFFile::tensor(const std::string& name) const {
   const GGUFTensorInfo& in = info(name);
   const GGMLType gt = static_cast<GGMLType>(in.type);
   const bool supported = gt == GGMLType::F32 || gt == GGMLType::F16 || gt == GGMLType::BF16 ||
-                         gt == GGMLType::Q8_0 || gt == GGMLType::Q4_0;
+                         gt == GGMLType::Q8_0 || gt == GGMLType::Q4_0 || gt == GGMLType::Q5_0 ||
+                         gt == GGMLType::Q4_K || gt == GGMLType::Q6_K;
   MAMBA_CHECK(supported, origin_, ": tensor '", name, "' has type ", ggml_type_name(in.type),
-              ", which is not supported (F32, F16, BF16, Q8_0 and Q4_0 are; re-quantise the model "
-              "to one of them, e.g. with llama-quantize)");
+              ", which is not supported (F32, F16, BF16, Q8_0, Q4_0, Q5_0, Q4_K and Q6_K are; "
+              "re-quantise the model to one of them, e.g. with llama-quantize)");
   Tensor t = Tensor::empty(in.shape);
   ggml_dequantize(static_cast<GGMLType>(in.type), base_ + data_start_ + in.offset, t.numel(),
                   t.data());

@@ -241,6 +241,9 @@ void MambaLM::save_gguf(const std::string& path, GGMLType type,
   w.add_u32(k + "feed_forward_length", 0);
   w.add_u32(k + "attention.head_count", 0);
   w.add_u32(k + "block_count", static_cast<uint32_t>(c.n_layer));
+  // llama.cpp sizes the vocabulary from tokenizer.ggml.tokens, or, for tokenizer.ggml.model
+  // "none", from this key (without it a file with no tokenizer fails to load there).
+  w.add_u32(k + "vocab_size", static_cast<uint32_t>(c.padded_vocab()));
   const int64_t d_inner = m1 ? m1->d_inner() : m2->d_inner();
   w.add_u32(k + "ssm.conv_kernel", static_cast<uint32_t>(m1 ? m1->d_conv : m2->d_conv));
   w.add_u32(k + "ssm.inner_size", static_cast<uint32_t>(d_inner));
