@@ -191,10 +191,39 @@ MambaLM MambaLM::load_gguf(const std::string& path, WeightDType dtype) {
     }
     return false;
   };
+  // With a 16-bit or quantised --dtype, a tensor the file holds in another of our weight formats
+  // keeps that format too, as llama.cpp computes with it (llama-quantize's Q4_0 files hold a Q8_0
+  // or Q6_K embedding / head and F16 dt_proj: requantising those to q4_0 would lose precision
+  // llama.cpp keeps); Q5_0 / Q4_K / Q6_K, which we only dequantise, become q8_0 under a quantised
+  // --dtype (within their own rounding, where q4_0 would add a coarser one).
+  auto own_format = [](uint32_t gt, WeightDType& wt) {
+    switch (static_cast<GGMLType>(gt)) {
+      case GGMLType::F16:
+        return wt = WeightDType::f16, true;
+      case GGMLType::BF16:
+        return wt = WeightDType::bf16, true;
+      case GGMLType::Q8_0:
+        return wt = WeightDType::q8_0, true;
+      case GGMLType::Q4_0:
+        return wt = WeightDType::q4_0, true;
+      default:
+        return false;
+    }
+  };
+  const bool quantised = dtype == WeightDType::q8_0 || dtype == WeightDType::q4_0;
   lm.load_tensors(
       names, shape_of,
       [&](const std::string& ours, Weight& w) {
         const GGUFTensorInfo& in = f.info(src.at(ours));
+        const GGMLType gt = static_cast<GGMLType>(in.type);
+        const bool matrix = w.shape().size() == 2 && !ends_with(ours, "mixer.A_log") &&
+                            !ends_with(ours, "mixer.conv1d.weight");
+        WeightDType keep = w.dtype();
+        if (dtype != WeightDType::f32 && matrix && own_format(in.type, keep) && keep != w.dtype())
+          w.set_dtype(keep, ours);
+        else if (quantised && matrix && w.dtype() == dtype &&
+                 (gt == GGMLType::Q5_0 || gt == GGMLType::Q4_K || gt == GGMLType::Q6_K))
+          w.set_dtype(WeightDType::q8_0, ours);
         if (!w.is_f32() && same_format(in.type, w.dtype()) && !ends_with(ours, "mixer.A_log"))
           w.assign_raw(f.raw(src.at(ours)), static_cast<int64_t>(in.nbytes));
         else
