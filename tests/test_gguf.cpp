@@ -360,6 +360,12 @@ TEST(Gguf, RefusesWhatLlamaCppCannotHold) {
   c.ssm_cfg = m;
   MambaLM lm(c, 1);
   test::expect_error([&] { lm.save_gguf(tmp_path("x.gguf"), GGMLType::F32); }, {"MLP layers"});
+  // llama.cpp's Mamba-1 graph takes d_inner = 2 * d_model only
+  c.d_intermediate = 0;
+  m.expand = 3;
+  c.ssm_cfg = m;
+  MambaLM e3(c, 1);
+  test::expect_error([&] { e3.save_gguf(tmp_path("x.gguf"), GGMLType::F32); }, {"expand=2"});
 }
 
 TEST(Gguf, LoaderRefusesWrongArchitectureAndNames) {

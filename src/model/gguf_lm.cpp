@@ -246,9 +246,10 @@ void MambaLM::save_gguf(const std::string& path, GGMLType type,
   const Mamba2Config* m2 = std::get_if<Mamba2Config>(&mc);
   MAMBA_CHECK(m1 || m2, "save_gguf: only Mamba-1 and Mamba-2 models can be written as GGUF");
   if (m1)
-    MAMBA_CHECK(m1->selective && !m1->bias && m1->conv_bias,
+    MAMBA_CHECK(m1->selective && !m1->bias && m1->conv_bias && m1->d_inner() == 2 * c.d_model,
                 "save_gguf: llama.cpp's Mamba-1 "
-                "needs selective=true, bias=false, conv_bias=true");
+                "needs selective=true, bias=false, conv_bias=true and expand=2 (it refuses "
+                "another d_inner)");
   if (m2)
     MAMBA_CHECK(!m2->bias && m2->conv_bias && m2->rmsnorm && !m2->norm_before_gate &&
                     !m2->D_has_hdim && m2->ssm_dim() == m2->d_inner() &&
