@@ -54,6 +54,33 @@ HWY_INLINE void Tile(const float* HWY_RESTRICT xp, const float* HWY_RESTRICT wk,
   }
 }
 
+// Tile with fp32 weight rows read where they are stored: weight row j of the block at
+// w + j * ldw (no packed copy: the prefill no longer re-packs every weight per call, i.e. per
+// chunk). The same products and sums, in the same order, as Tile on a packed block.
+// Rows past nr (a partial last block) repeat row nr - 1; their results are not stored.
+HWY_INLINE void TileRows(const float* HWY_RESTRICT xp, const float* HWY_RESTRICT w, int64_t ldw,
+                         int64_t nr, int64_t K, float* HWY_RESTRICT T) {
+  const hn::ScalableTag<float> df;
+  using V = hn::Vec<decltype(df)>;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
+  const float* r[kNB];
+  for (int j = 0; j < kNB; ++j) r[j] = w + std::min<int64_t>(j, nr - 1) * ldw;
+  V a0[kNB], a1[kNB];
+  for (int j = 0; j < kNB; ++j) a0[j] = a1[j] = hn::Zero(df);
+  for (int64_t k = 0; k < K; ++k) {
+    const V x0 = hn::Load(df, xp + k * 2 * NL), x1 = hn::Load(df, xp + k * 2 * NL + NL);
+    for (int j = 0; j < kNB; ++j) {
+      const V wv = hn::Set(df, r[j][k]);
+      a0[j] = hn::MulAdd(x0, wv, a0[j]);
+      a1[j] = hn::MulAdd(x1, wv, a1[j]);
+    }
+  }
+  for (int j = 0; j < kNB; ++j) {
+    hn::Store(a0[j], df, T + j * 2 * NL);
+    hn::Store(a1[j], df, T + j * 2 * NL + NL);
+  }
+}
+
 // fp32 copy of `n` weights of one row (16-bit ones widened, q8_0 / q4_0 blocks dequantised,
 // exactly: mamba::weight_row_to_f32).
 HWY_INLINE void RowToF32(const void* row, WeightDType t, int64_t n, float* dst) {
@@ -102,38 +129,35 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
     }
   });
 
-  // 2. Threads split the blocks of kNB weight rows. Per thread: a chunk of its blocks is
-  //    converted + transposed into wk (~2 MB), then x is swept in groups of panels (~384 KB, L2)
-  //    against every block of the chunk (kNB * K floats, L1 / L2).
+  // 2. Threads split the blocks of kNB weight rows; x is swept in groups of panels (~384 KB, L2)
+  //    against every block of the thread's rows, a block (kNB rows) staying in L1 / L2 across the
+  //    group. fp32 weights are read where they are stored; other types are converted to fp32 a
+  //    chunk of blocks at a time (~2 MB, rows kept row-major: a vectorised conversion, no
+  //    transposition), then swept the same way. Both on TileRows.
   const int64_t nb = (N + kNB - 1) / kNB;
   const int64_t G = std::max<int64_t>(1, (384 << 10) / (K * MP * 4));
-  const int64_t chunk = std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
   const int64_t T = std::max(1, num_threads());
+  const bool direct = W.dtype == WeightDType::f32;
+  const int64_t chunk = direct ? nb : std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
   parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
-    static thread_local Aligned<float> wk_buf, row_buf, tile_buf;
+    static thread_local Aligned<float> wf_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
-    float* row = row_buf.get(static_cast<size_t>(K));
     for (int64_t c0 = bb; c0 < be; c0 += chunk) {
-      const int64_t c1 = std::min(be, c0 + chunk);
-      float* wk = wk_buf.get(static_cast<size_t>((c1 - c0) * kNB * K));
-      for (int64_t b = c0; b < c1; ++b) {
-        float* w = wk + (b - c0) * kNB * K;
-        for (int64_t j = 0; j < kNB; ++j) {
-          const int64_t n = b * kNB + j;
-          if (n < N) {
-            RowToF32(wbase + n * wrow, W.dtype, K, row);
-            for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = row[k];
-          } else {
-            for (int64_t k = 0; k < K; ++k) w[k * kNB + j] = 0.f;
-          }
-        }
+      const int64_t c1 = std::min(be, c0 + chunk), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
+      // rows [r0, r1) as fp32: row n at w0 + (n - r0) * ldw
+      const float* w0 = static_cast<const float*>(W.data) + r0 * W.ld;
+      int64_t ldw = W.ld;
+      if (!direct) {
+        float* wf = wf_buf.get(static_cast<size_t>((r1 - r0) * K));
+        for (int64_t n = r0; n < r1; ++n) RowToF32(wbase + n * wrow, W.dtype, K, wf + (n - r0) * K);
+        w0 = wf, ldw = K;
       }
       for (int64_t g0 = 0; g0 < np; g0 += G)
         for (int64_t b = c0; b < c1; ++b) {
           const int64_t n0 = b * kNB, nr = std::min(kNB, N - n0);
           for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
-            Tile(xp + p * MP * K, wk + (b - c0) * kNB * K, K, tile);
-            const int64_t mr = std::min(MP, M - p * MP);
+            TileRows(xp + p * MP * K, w0 + (n0 - r0) * ldw, ldw, nr, K, tile);
+            const int64_t mr = std::min(MP, M - p * MP);  // tile[j][i] -> y[p*MP + i][n0 + j]
             for (int64_t i = 0; i < mr; ++i) {
               float* yr = y + (p * MP + i) * ldy + n0;
               if (accumulate)

@@ -3,8 +3,9 @@
 // q4_0, every product and sum in fp32.
 //
 // The kernel (src/ops/gemm_nt.cpp): x is packed once per call into panels of 2 vectors of rows,
-// transposed (K, 2 * lanes); W is taken 12 rows at a time, converted to fp32 and transposed
-// (K, 12); a tile of 2 x 12 vector accumulators (2 * lanes rows of x by 12 weight rows) runs over
+// transposed (K, 2 * lanes); W is taken 12 rows at a time where it is stored (fp32: no copy; other
+// types converted to fp32 rows a chunk at a time, row-major), each weight broadcast from its row;
+// a tile of 2 x 12 vector accumulators (2 * lanes rows of x by 12 weight rows) runs over
 // the whole K, so each y element is one sequential fp32 sum over k. Threads split the weight rows;
 // x is swept in groups of panels that stay in the L2 cache. It needs 32 vector registers:
 // ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512), where it is ~1.5x
