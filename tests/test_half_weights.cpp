@@ -239,6 +239,46 @@ TEST(HalfMatmul, F32StreamingPathMatchesReference) {
       {"linear"});
 }
 
+// The multi-row register tiles (2 <= M <= 16) on every M, fp32 and 16-bit weights, column
+// counts around the vector widths (the scalar column tail), a row count that no tile height
+// divides, padded leading dimensions: against the double reference; then determinism: a second
+// call is bitwise equal, and row m's outputs do not depend on M or on the tile it fell in (every
+// output is the same per-lane k order, one lane sum, then the tail).
+TEST(HalfMatmul, MultiRowTilesEveryM) {
+  Rng rng(21);
+  for (WeightDType k : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
+    for (int64_t cols : {1, 7, 16, 31, 33, 47, 97}) {
+      const int64_t n = 23, ldx = cols + 5, ldy = n + 3;
+      Tensor W = test::rand_uniform({n, cols}, rng, -1.0, 1.0);
+      const Weight Wk(W, k);
+      Tensor x = test::randn({ops::kHalfGemvMaxM, ldx}, rng);
+      std::vector<float> y16(static_cast<size_t>(ops::kHalfGemvMaxM * ldy), 7.f);
+      ops::stream_matmul(x.data(), ops::kHalfGemvMaxM, ldx, Wk, y16.data(), ldy);
+      for (int64_t M = 2; M <= ops::kHalfGemvMaxM; ++M) {
+        const std::string what = str(weight_dtype_name(k), " cols ", cols, " M ", M);
+        std::vector<float> y(static_cast<size_t>(M * ldy), 7.f), y2(y.size(), 7.f), yr(y.size());
+        ops::stream_matmul(x.data(), M, ldx, Wk, y.data(), ldy);
+        ops::stream_matmul(x.data(), M, ldx, Wk, y2.data(), ldy);
+        ops::stream_matmul_ref(x.data(), M, ldx, Wk, yr.data(), ldy);
+        for (int64_t m = 0; m < M; ++m)
+          for (int64_t j = 0; j < ldy; ++j) {
+            const size_t i = static_cast<size_t>(m * ldy + j);
+            if (j >= n) {
+              ASSERT_EQ(y[i], 7.f) << what << ": padding overwritten";
+              continue;
+            }
+            const double e = yr[i];
+            ASSERT_NEAR(y[i], e, tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::fabs(e))
+                << what << " m " << m << " j " << j;
+            ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), std::bit_cast<uint32_t>(y2[i]))
+                << what << ": a repeated call differs";
+            ASSERT_EQ(std::bit_cast<uint32_t>(y[i]), std::bit_cast<uint32_t>(y16[i]))
+                << what << " m " << m << ": differs from the same row in a 16-row call";
+          }
+      }
+    }
+}
+
 // ---- whole models ------------------------------------------------------------------------------
 
 namespace {
