@@ -145,9 +145,11 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
     for (int64_t c0 = bb; c0 < be; c0 += chunk) {
       const int64_t c1 = std::min(be, c0 + chunk), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
       // rows [r0, r1) as fp32: row n at w0 + (n - r0) * ldw
-      const float* w0 = static_cast<const float*>(W.data) + r0 * W.ld;
+      const float* w0 = nullptr;
       int64_t ldw = W.ld;
-      if (!direct) {
+      if (direct) {
+        w0 = static_cast<const float*>(W.data) + r0 * W.ld;
+      } else {
         float* wf = wf_buf.get(static_cast<size_t>((r1 - r0) * K));
         for (int64_t n = r0; n < r1; ++n) RowToF32(wbase + n * wrow, W.dtype, K, wf + (n - r0) * K);
         w0 = wf, ldw = K;
