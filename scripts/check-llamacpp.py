@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import unicodedata
 
 import numpy as np
 
@@ -183,23 +184,37 @@ def check_tokenize(args, work):
     files = [("ours", g)] + ([("llama.cpp's ggml-vocab-gpt-neox", args.vocab_gguf)]
                              if args.vocab_gguf else [])
     for label, f in files:
-        bad = []
+        bad, known = [], []
         for i, c in enumerate(cases):
             tf = os.path.join(work, "text.txt")
             open(tf, "w", encoding="utf-8", newline="").write(c["text"])
+            # llama.cpp's vocabulary file has no tokenizer.ggml.pre; its Mamba converter writes
+            # "mpt" for this vocabulary (GPT-2's split), without it llama.cpp uses another split
+            pre = ["--override-kv", "tokenizer.ggml.pre=str:mpt"] if f == args.vocab_gguf else []
             r = run([os.path.join(args.bin, "llama-tokenize"), "-m", f, "-f", tf, "--ids",
-                     "--log-disable", "--no-bos"])
+                     "--log-disable", "--no-bos"] + pre)
             if r.returncode:  # older builds have no --no-bos
                 r = run([os.path.join(args.bin, "llama-tokenize"), "-m", f, "-f", tf, "--ids",
                          "--log-disable"])
             theirs = json.loads(r.stdout.strip().split("\n")[-1]) if r.returncode == 0 else None
             o = run([args.mambacpp, "tokenize", "--model", f, "--file", tf])
             ours = json.loads(o.stdout) if o.returncode == 0 else None
-            if not (theirs == ours == c["ids"]):
+            # GPT-NeoX-20B's tokenizer.json normalises to NFC; llama.cpp's BPE does not, so on a
+            # text that is not in NFC form llama.cpp's ids differ from Hugging Face's (and ours).
+            nfc = unicodedata.normalize("NFC", c["text"]) == c["text"]
+            # llama.cpp's own file: judged on our ids only (llama.cpp differs there, docs/GGUF.md)
+            strict = f != args.vocab_gguf
+            if ours != c["ids"] or (theirs != c["ids"] and nfc and strict):
                 bad.append((i, c["text"][:30], theirs == c["ids"], ours == c["ids"]))
+            elif theirs != c["ids"]:
+                known.append(i)  # not NFC, or llama.cpp's vocabulary file
         report(f"tokenize {label}", not bad,
-               f"{len(cases) - len(bad)}/{len(cases)} held texts: llama-tokenize = ours = golden"
-               + (f"; differing (case, text, llama ok, ours ok): {bad}" if bad else ""))
+               f"{len(cases) - len(bad) - len(known)}/{len(cases)} held texts: llama-tokenize = "
+               "ours = golden" + (f"; differing (case, text, llama ok, ours ok): {bad}" if bad
+                                  else "")
+               + (f"; cases {known}: not in NFC form, llama.cpp does not normalise (ours = golden)"
+                  if known else "")
+               + ("" if f != args.vocab_gguf else " (llama-tokenize not judged on this file)"))
 
 
 def make_fixtures(args, work):

@@ -416,6 +416,18 @@ void expect_same_tokenizer(const std::string& json_path, int64_t vocab,
     EXPECT_EQ(b.encode(t), a.encode(t)) << t;
     EXPECT_EQ(b.decode(a.encode(t)), a.decode(a.encode(t))) << t;
   }
+  // Another pre-tokenizer split (same length, so the file stays valid) is refused by name.
+  std::vector<uint8_t> bytes = read_bytes(p);
+  const std::string pre = std::string("\x05\0\0\0\0\0\0\0gpt-2", 13);
+  auto at = std::search(bytes.begin(), bytes.end(), pre.begin(), pre.end());
+  ASSERT_NE(at, bytes.end());
+  std::memcpy(&*(at + 8), "qwen2", 5);
+  const std::string q = tmp_path("tok_qwen2.gguf");
+  std::ofstream(q, std::ios::binary)
+      .write(reinterpret_cast<const char*>(bytes.data()),
+             static_cast<std::streamsize>(bytes.size()));
+  test::expect_error([&] { (void)Tokenizer::from_model_dir(q); }, {"'qwen2'", "--tokenizer"});
+  fs::remove(q);
   fs::remove(p);
 }
 

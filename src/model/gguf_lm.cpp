@@ -400,6 +400,18 @@ Tokenizer Tokenizer::from_gguf(const std::string& path) {
   MAMBA_CHECK(model == "gpt2", o, ": tokenizer.ggml.model is '", model,
               "'; only \"gpt2\" (byte-level BPE, GPT-NeoX's kind) is supported; pass a "
               "tokenizer.json with --tokenizer");
+  // The pre-tokenizer: ours is GPT-2's / GPT-NeoX's ByteLevel split, which llama.cpp applies for
+  // these names (its converter writes "gpt-2", or "mpt" for Mamba's built-in GPT-NeoX vocabulary).
+  // Another split (llama-bpe, qwen2, ...) would give other ids: refused. Absent: taken as
+  // GPT-NeoX's (llama.cpp then falls back to its "default" split, which differs; docs/GGUF.md).
+  if (f.has_key("tokenizer.ggml.pre")) {
+    const std::string pre = f.get_string("tokenizer.ggml.pre");
+    static const std::set<std::string> gpt2_split = {"gpt-2",   "mpt",     "olmo",    "phi-2",
+                                                     "jina-es", "jina-de", "gigachat"};
+    MAMBA_CHECK(gpt2_split.count(pre) != 0, o, ": tokenizer.ggml.pre is '", pre,
+                "'; only GPT-2's byte-level split (\"gpt-2\", \"mpt\", ...) is supported; pass "
+                "a tokenizer.json with --tokenizer");
+  }
   const auto& tokens = f.get_strings("tokenizer.ggml.tokens");
   const auto& merges = f.get_strings("tokenizer.ggml.merges");
   std::vector<int64_t> types(tokens.size(), kNormal);
