@@ -274,7 +274,7 @@ TEST(TensorCache, ReusesFreedStorageWithinTheLimit) {
   os::set_tensor_cache_limit(0);  // start empty
   EXPECT_EQ(os::tensor_cache_bytes(), 0u);
   os::set_tensor_cache_limit(uint64_t{3} << 20);  // 3 MiB
-  const int64_t n = 1 << 18;                       // 1 MiB of floats
+  const int64_t n = 1 << 18;                      // 1 MiB of floats
   const float* first = nullptr;
   {
     Tensor a = Tensor::empty({n});

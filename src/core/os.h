@@ -66,7 +66,8 @@ void clear_tensor_cache();      // hands every cached block back to the system
 // Memory this process can still take, in bytes: the smallest of the system's available memory
 // (Linux: MemAvailable), the room left under a cgroup v2 memory.max, and the room left under an
 // address-space rlimit; plus what the process freed but keeps for reuse (glibc's free heap
-// blocks, see keep_freed_memory, and the tensor cache's blocks). 0 where none of them is known (then checks below pass).
+// blocks, see keep_freed_memory, and the tensor cache's blocks). 0 where none of them is known
+// (then checks below pass).
 uint64_t available_memory_bytes();
 // Throws mamba::Error "<what> needs N bytes (X GiB), but only M bytes (Y GiB) are available"
 // when `bytes` is more than available_memory_bytes() (known), before anything is allocated.

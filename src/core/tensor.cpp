@@ -114,7 +114,8 @@ class StorageCache {
     size_t best = blocks_.size();
     for (size_t i = 0; i < blocks_.size(); ++i) {
       const size_t c = blocks_[i].bytes;
-      if (c >= bytes && c - bytes <= bytes / 8 && (best == blocks_.size() || c < blocks_[best].bytes))
+      if (c >= bytes && c - bytes <= bytes / 8 &&
+          (best == blocks_.size() || c < blocks_[best].bytes))
         best = i;
     }
     if (best == blocks_.size()) return {};
@@ -132,7 +133,8 @@ class StorageCache {
         out.push_back(b);
       } else {
         size_t drop = 0;
-        while (held_ + b.bytes > limit_) held_ -= blocks_[drop].bytes, out.push_back(blocks_[drop++]);
+        while (held_ + b.bytes > limit_)
+          held_ -= blocks_[drop].bytes, out.push_back(blocks_[drop++]);
         blocks_.erase(blocks_.begin(), blocks_.begin() + static_cast<std::ptrdiff_t>(drop));
         blocks_.push_back(b);
         held_ += b.bytes;
@@ -182,9 +184,8 @@ StorageCache& storage_cache() {
 
 std::shared_ptr<float> own(const Block& b) {
   if (b.bytes < kCacheMin)
-    return std::shared_ptr<float>(static_cast<float*>(b.p), [](float* q) {
-      ::operator delete(q, std::align_val_t(kAlign));
-    });
+    return std::shared_ptr<float>(static_cast<float*>(b.p),
+                                  [](float* q) { ::operator delete(q, std::align_val_t(kAlign)); });
   return std::shared_ptr<float>(static_cast<float*>(b.p), [b](float*) { storage_cache().give(b); });
 }
 
