@@ -1,9 +1,12 @@
 // Core: tensor views and shape checks, GEMM against a naive loop, parallel_for coverage,
 // safetensors round trip and hostile files, atomic writes.
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <thread>
+#include <vector>
 
 #include "core/gemm.h"
 #include "mamba/parallel.h"
@@ -261,4 +264,92 @@ TEST(Os, HugeAllocationsFailWithBytesNeededAndAvailable) {
   EXPECT_EQ(t.numel(), 16 << 20);
   // Past the shape arithmetic's own limit: a clear error too.
   test::expect_error([] { Tensor::empty({int64_t{1} << 62}); }, {"too large to allocate"});
+}
+
+// The tensor cache (os::set_tensor_cache_limit): freed storage of 128 KiB and more is reused by
+// the next tensor it fits (at most 1/8 larger), the bytes it holds never exceed the limit (oldest
+// blocks go first), reused storage handed out by zeros() is zeroed, and limit 0 empties it.
+TEST(TensorCache, ReusesFreedStorageWithinTheLimit) {
+  const uint64_t saved_limit = os::tensor_cache_limit();
+  os::set_tensor_cache_limit(0);  // start empty
+  EXPECT_EQ(os::tensor_cache_bytes(), 0u);
+  os::set_tensor_cache_limit(uint64_t{3} << 20);  // 3 MiB
+  const int64_t n = 1 << 18;                      // 1 MiB of floats
+  const float* first = nullptr;
+  {
+    Tensor a = Tensor::empty({n});
+    first = a.data();
+    a.fill(7.f);
+  }
+  EXPECT_EQ(os::tensor_cache_bytes(), uint64_t{1} << 20);
+  {
+    Tensor b = Tensor::zeros({n});  // the same block, zeroed
+    EXPECT_EQ(b.data(), first);
+    EXPECT_EQ(os::tensor_cache_bytes(), 0u);
+    for (int64_t i = 0; i < n; ++i) ASSERT_EQ(b.data()[i], 0.f) << i;
+  }
+  {
+    Tensor c = Tensor::empty({n + n / 8 + 64});  // more than 1/8 larger: not this block
+    EXPECT_NE(c.data(), first);
+    Tensor d = Tensor::empty({n - n / 16});  // the block is at most 1/8 larger: takes it
+    EXPECT_EQ(d.data(), first);
+  }
+  // Small tensors are never cached.
+  const uint64_t held = os::tensor_cache_bytes();
+  { Tensor s = Tensor::empty({1000}); }
+  EXPECT_EQ(os::tensor_cache_bytes(), held);
+  // The limit holds: five 1 MiB blocks freed, at most three kept.
+  {
+    std::vector<Tensor> ts;
+    for (int i = 0; i < 5; ++i) ts.push_back(Tensor::empty({n}));
+  }
+  EXPECT_LE(os::tensor_cache_bytes(), uint64_t{3} << 20);
+  EXPECT_GE(os::tensor_cache_bytes(), uint64_t{2} << 20);
+  // A block larger than the limit is handed back at once.
+  { Tensor big = Tensor::empty({4 * n}); }
+  EXPECT_LE(os::tensor_cache_bytes(), uint64_t{3} << 20);
+  os::clear_tensor_cache();
+  EXPECT_EQ(os::tensor_cache_bytes(), 0u);
+  EXPECT_EQ(os::tensor_cache_limit(), uint64_t{3} << 20);
+  os::set_tensor_cache_limit(saved_limit);
+}
+
+// Large tensors (mapped straight from the kernel, >= 32 MiB) are cached too; zeros() must clear
+// a reused mapping (fresh mappings are zero already and skip the memset).
+TEST(TensorCache, ReusedLargeMappingIsZeroedByZeros) {
+  const uint64_t saved_limit = os::tensor_cache_limit();
+  os::set_tensor_cache_limit(uint64_t{64} << 20);
+  const int64_t n = int64_t{8} << 20;  // 32 MiB
+  const float* first = nullptr;
+  {
+    Tensor a = Tensor::full({n}, 3.f);
+    first = a.data();
+  }
+  Tensor b({n});
+  EXPECT_EQ(b.data(), first);
+  int64_t nonzero = 0;
+  for (int64_t i = 0; i < n; ++i) nonzero += b.data()[i] != 0.f;
+  EXPECT_EQ(nonzero, 0);
+  os::set_tensor_cache_limit(saved_limit);
+}
+
+// Several threads allocating and freeing through the cache at once: every tensor keeps its own
+// values (no block handed out twice).
+TEST(TensorCache, ThreadsShareTheCacheSafely) {
+  const uint64_t saved_limit = os::tensor_cache_limit();
+  os::set_tensor_cache_limit(uint64_t{8} << 20);
+  std::vector<std::thread> th;
+  std::atomic<int> bad{0};
+  for (int k = 0; k < 4; ++k)
+    th.emplace_back([k, &bad] {
+      for (int it = 0; it < 50; ++it) {
+        Tensor a = Tensor::full({(1 << 16) + 16 * (it % 3)}, static_cast<float>(k));
+        Tensor b = Tensor::full({1 << 16}, static_cast<float>(k + 10));
+        std::this_thread::yield();
+        if (a.data()[a.numel() - 1] != static_cast<float>(k) || b.data()[0] != k + 10.f) ++bad;
+      }
+    });
+  for (auto& t : th) t.join();
+  EXPECT_EQ(bad.load(), 0);
+  os::set_tensor_cache_limit(saved_limit);
 }

@@ -12,7 +12,9 @@ The numpy-level API (no torch needed):
   ``generate``.
 - ``Tokenizer``: the GPT-NeoX byte-level BPE of a ``tokenizer.json``.
 - ``load_safetensors`` / ``save_safetensors``, ``set_num_threads`` / ``num_threads``,
-  ``keep_freed_memory`` (opt-in allocator policy for training loops).
+  ``keep_freed_memory`` (opt-in allocator policy for training loops), ``set_tensor_cache_limit`` /
+  ``tensor_cache_limit`` / ``tensor_cache_bytes`` / ``clear_tensor_cache`` (the C++ library's
+  bounded cache of its freed arrays' memory).
 
 ``mambacpp.torch`` holds the PyTorch drop-in modules (``Mamba``, ``Mamba2``, ``Mamba3``, ``MHA``,
 ``GatedMLP``, ``SS2D``, ``VSSBlock``, ``BiMamba``, ``STBlock``, ``MambaLMHeadModel``). Arrays are float32; C++ errors on bad input raise ``ValueError`` with the
@@ -47,11 +49,15 @@ from ._core import (  # noqa: F401
     VSSBlockSaved,
     Tokenizer,
     __version__,
+    clear_tensor_cache,
     keep_freed_memory,
     load_safetensors,
     num_threads,
     save_safetensors,
     set_num_threads,
+    set_tensor_cache_limit,
+    tensor_cache_bytes,
+    tensor_cache_limit,
 )
 
 __all__ = [
@@ -73,4 +79,8 @@ __all__ = [
     "num_threads",
     "save_safetensors",
     "set_num_threads",
+    "set_tensor_cache_limit",
+    "tensor_cache_bytes",
+    "tensor_cache_limit",
+    "clear_tensor_cache",
 ]

@@ -106,7 +106,9 @@ class _LayerFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         params = ctx.saved_tensors[1:]
-        grads = [torch.zeros(p.shape, dtype=torch.float32) for p in params]
+        # Zeroed buffers from the C++ library's tensor cache (reused memory: no page faults on
+        # every call, as torch.zeros of a fresh block has).
+        grads = [torch.from_numpy(_core._zeros(tuple(p.shape))) for p in params]
         dx = ctx.core.backward(
             ctx.saved,
             _np(dy.to(torch.float32)),

@@ -282,6 +282,35 @@ PYBIND11_MODULE(_core, m) {
         "the heap, which is not trimmed below 1 GiB free) instead of being page-faulted back in "
         "on every call. It changes the whole process's malloc (torch's and numpy's arrays too); "
         "call it once, at start. A no-op outside glibc. See docs/PERFORMANCE.md.");
+  m.def(
+      "set_tensor_cache_limit",
+      [](int64_t bytes) {
+        if (bytes < 0)
+          throw mamba::Error(mamba::str("set_tensor_cache_limit: bytes must be >= 0, got ", bytes));
+        mamba::os::set_tensor_cache_limit(static_cast<uint64_t>(bytes));
+      },
+      py::arg("bytes"),
+      "Limit of the C++ library's tensor cache in bytes: the memory of its freed arrays of 128 KiB "
+      "and more is kept (oldest dropped first) and reused by the next array it fits, so repeated "
+      "calls (forward + backward every training step) do not page-fault fresh memory in. Only the "
+      "library's own arrays, never torch's or numpy's. Default: 1 GiB or 1/8 of the physical "
+      "memory, whichever is smaller; 0 turns it off and empties it.");
+  m.def(
+      "_zeros",
+      [](const std::vector<int64_t>& shape) {
+        for (int64_t d : shape)
+          if (d < 0) throw mamba::Error(mamba::str("_zeros: negative dimension ", d));
+        return mambapy::array_of(mamba::Tensor::zeros(mamba::Shape(shape.begin(), shape.end())));
+      },
+      py::arg("shape"),
+      "A zeroed float32 array in the C++ library's memory (from its tensor cache when a freed "
+      "block fits): mambacpp.torch's gradient buffers.");
+  m.def("tensor_cache_limit", &mamba::os::tensor_cache_limit,
+        "The tensor cache's limit in bytes (see set_tensor_cache_limit).");
+  m.def("tensor_cache_bytes", &mamba::os::tensor_cache_bytes,
+        "Bytes the tensor cache holds now (freed arrays awaiting reuse).");
+  m.def("clear_tensor_cache", &mamba::os::clear_tensor_cache,
+        "Hands every block the tensor cache holds back to the system (the limit is unchanged).");
   mambapy::bind_mamba1(m);
   mambapy::bind_mamba2(m);
   mambapy::bind_mamba3(m);

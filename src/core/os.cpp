@@ -174,6 +174,7 @@ void keep_freed_memory() {
 }
 
 void release_freed_memory() {
+  clear_tensor_cache();
 #if defined(__GLIBC__)
   malloc_trim(0);
 #endif
@@ -239,6 +240,7 @@ uint64_t available_memory_bytes() {
     avail += mi.fordblks + mi.fsmblks;
   }
 #endif
+  if (avail > 0) avail += tensor_cache_bytes();  // reused (or handed back) before asking for more
   return avail;
 }
 

@@ -49,12 +49,25 @@ class MappedFile {
 void keep_freed_memory();
 // Hands memory freed so far back to the OS once (e.g. after a model's fp32 weights were
 // converted to 16 bits and released, which keep_freed_memory would otherwise keep resident).
+// Also empties the tensor cache below.
 void release_freed_memory();
+
+// The tensor cache: the storage of freed tensors of 128 KiB and more is kept, up to a limit, and
+// reused by the next tensor it fits (at most 1/8 larger), so the activations of repeated calls
+// (a layer's forward + backward, a training step) do not page-fault fresh memory in every time.
+// Unlike keep_freed_memory it holds only the library's own tensors, never the rest of the
+// process's memory. Default limit: 1 GiB or 1/8 of the physical memory, whichever is smaller;
+// 0 in AddressSanitizer builds (reuse would hide a use after free). Thread-safe.
+void set_tensor_cache_limit(uint64_t bytes);  // 0 turns the cache off and empties it
+uint64_t tensor_cache_limit();
+uint64_t tensor_cache_bytes();  // held now (freed tensors' storage awaiting reuse)
+void clear_tensor_cache();      // hands every cached block back to the system
 
 // Memory this process can still take, in bytes: the smallest of the system's available memory
 // (Linux: MemAvailable), the room left under a cgroup v2 memory.max, and the room left under an
 // address-space rlimit; plus what the process freed but keeps for reuse (glibc's free heap
-// blocks, see keep_freed_memory). 0 where none of them is known (then checks below pass).
+// blocks, see keep_freed_memory, and the tensor cache's blocks). 0 where none of them is known
+// (then checks below pass).
 uint64_t available_memory_bytes();
 // Throws mamba::Error "<what> needs N bytes (X GiB), but only M bytes (Y GiB) are available"
 // when `bytes` is more than available_memory_bytes() (known), before anything is allocated.

@@ -4,10 +4,13 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <mutex>
 #include <new>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
+#include <unistd.h>
 #endif
 
 #include "core/os.h"
@@ -53,17 +56,162 @@ constexpr size_t kCheckedBytes = size_t{64} << 20;
 // zeros() of such a tensor skips its memset (`*zeroed` = true).
 constexpr size_t kHugeBytes = size_t{2} << 20;
 constexpr size_t kMapBytes = size_t{32} << 20;
+
+// ---- the cache of freed storage ----
+// Freed blocks of kCacheMin bytes and more are kept, up to a limit in bytes, and handed to the
+// next tensor whose size they fit (at most 1/8 larger): the same shapes come back on every call
+// of a layer, a training step or a benchmark repetition, and each fresh block costs one page
+// fault per 4 KiB on first touch (glibc unmaps blocks >= 128 KiB on free unless the process opted
+// into os::keep_freed_memory). A Mamba-1 layer's forward + backward from Python (d_model 768,
+// B 4, L 1024) took ~49,000 faults per call without it (docs/PERFORMANCE.md, "Stop 25"). Oldest
+// blocks go first when the limit is reached. Off in sanitizer builds: a reused block would hide
+// a use after free from AddressSanitizer.
+constexpr size_t kCacheMin = size_t{128} << 10;
+#if defined(__SANITIZE_ADDRESS__)
+#define MAMBA_TENSOR_CACHE_DEFAULT_OFF 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(memory_sanitizer)
+#define MAMBA_TENSOR_CACHE_DEFAULT_OFF 1
+#endif
+#endif
+
+uint64_t default_cache_limit() {
+#if defined(MAMBA_TENSOR_CACHE_DEFAULT_OFF)
+  return 0;
+#else
+  uint64_t lim = uint64_t{1} << 30;  // 1 GiB, at most 1/8 of the physical memory
+#if defined(__linux__)
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGESIZE);
+  if (pages > 0 && page > 0)
+    lim = std::min(lim, static_cast<uint64_t>(pages) * static_cast<uint64_t>(page) / 8);
+#endif
+  return lim;
+#endif
+}
+
+// A block of storage: `bytes` is its capacity; `mapped` = from mmap (else operator new).
+struct Block {
+  void* p = nullptr;
+  size_t bytes = 0;
+  bool mapped = false;
+};
+
+void release_block(const Block& b) {
+#if defined(__linux__)
+  if (b.mapped) {
+    ::munmap(b.p, b.bytes);
+    return;
+  }
+#endif
+  ::operator delete(b.p, std::align_val_t(kAlign));
+}
+
+class StorageCache {
+ public:
+  // A cached block of capacity in [bytes, bytes + bytes / 8] (the smallest), or p == nullptr.
+  Block take(size_t bytes) {
+    std::lock_guard<std::mutex> lock(mu_);
+    size_t best = blocks_.size();
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      const size_t c = blocks_[i].bytes;
+      if (c >= bytes && c - bytes <= bytes / 8 &&
+          (best == blocks_.size() || c < blocks_[best].bytes))
+        best = i;
+    }
+    if (best == blocks_.size()) return {};
+    const Block b = blocks_[best];
+    blocks_.erase(blocks_.begin() + static_cast<std::ptrdiff_t>(best));
+    held_ -= b.bytes;
+    return b;
+  }
+  // Keeps b (evicting the oldest blocks to stay within the limit) or releases it.
+  void give(const Block& b) {
+    std::vector<Block> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (b.bytes > limit_) {
+        out.push_back(b);
+      } else {
+        size_t drop = 0;
+        while (held_ + b.bytes > limit_)
+          held_ -= blocks_[drop].bytes, out.push_back(blocks_[drop++]);
+        blocks_.erase(blocks_.begin(), blocks_.begin() + static_cast<std::ptrdiff_t>(drop));
+        blocks_.push_back(b);
+        held_ += b.bytes;
+      }
+    }
+    for (const Block& o : out) release_block(o);  // outside the lock
+  }
+  void set_limit(uint64_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      limit_ = bytes;
+    }
+    trim();
+  }
+  uint64_t limit() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return limit_;
+  }
+  uint64_t held() {
+    std::lock_guard<std::mutex> lock(mu_);
+    return held_;
+  }
+  // Releases the oldest blocks until at most `keep` bytes are held.
+  void trim(uint64_t keep = UINT64_MAX) {
+    std::vector<Block> out;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      keep = std::min(keep, limit_);
+      size_t drop = 0;
+      while (held_ > keep) held_ -= blocks_[drop].bytes, out.push_back(blocks_[drop++]);
+      blocks_.erase(blocks_.begin(), blocks_.begin() + static_cast<std::ptrdiff_t>(drop));
+    }
+    for (const Block& o : out) release_block(o);
+  }
+
+ private:
+  std::mutex mu_;
+  std::vector<Block> blocks_;  // oldest first
+  uint64_t held_ = 0, limit_ = default_cache_limit();
+};
+
+// Never destroyed: tensors with static storage duration may be freed after main returns.
+StorageCache& storage_cache() {
+  static StorageCache* c = new StorageCache;
+  return *c;
+}
+
+std::shared_ptr<float> own(const Block& b) {
+  if (b.bytes < kCacheMin)
+    return std::shared_ptr<float>(static_cast<float*>(b.p),
+                                  [](float* q) { ::operator delete(q, std::align_val_t(kAlign)); });
+  return std::shared_ptr<float>(static_cast<float*>(b.p), [b](float*) { storage_cache().give(b); });
+}
+
 std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nullptr) {
   MAMBA_CHECK(static_cast<uint64_t>(n) <= (uint64_t{1} << 61), "tensor of shape ", shape_str(shape),
               " is too large to allocate");
   size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(float);
   bytes = (bytes + kAlign - 1) / kAlign * kAlign;
-  if (bytes >= kCheckedBytes) os::check_memory(bytes, str("a tensor of shape ", shape_str(shape)));
+  if (zeroed) *zeroed = false;
+  if (bytes >= kCacheMin) {
+    const Block b = storage_cache().take(bytes);
+    if (b.p) return own(b);
+  }
+  if (bytes >= kCheckedBytes) {
+    // Memory the cache holds is counted as available; hand it back first if it is needed.
+    const uint64_t held = storage_cache().held();
+    if (held > 0) {
+      const uint64_t avail = os::available_memory_bytes();
+      if (avail != 0 && avail < bytes + held) storage_cache().trim(0);
+    }
+    os::check_memory(bytes, str("a tensor of shape ", shape_str(shape)));
+  }
   auto oom = [&] {
     return Error(str("out of memory: a tensor of shape ", shape_str(shape), " needs ", bytes,
                      " bytes; ", os::available_memory_bytes(), " bytes are available"));
   };
-  if (zeroed) *zeroed = false;
 #if defined(__linux__)
   if (bytes >= kMapBytes) {
     const size_t len = (bytes + 4095) / 4096 * 4096, mapped = len + kHugeBytes;
@@ -77,8 +225,7 @@ std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nu
     if (b + mapped > a + len) ::munmap(reinterpret_cast<void*>(a + len), b + mapped - (a + len));
     ::madvise(reinterpret_cast<void*>(a), len, MADV_HUGEPAGE);  // a hint: no error if refused
     if (zeroed) *zeroed = true;
-    return std::shared_ptr<float>(reinterpret_cast<float*>(a),
-                                  [len](float* q) { ::munmap(q, len); });
+    return own({reinterpret_cast<void*>(a), len, true});
   }
 #endif
   void* p = nullptr;
@@ -87,10 +234,14 @@ std::shared_ptr<float> allocate(const Shape& shape, int64_t n, bool* zeroed = nu
   } catch (const std::bad_alloc&) {
     throw oom();
   }
-  return std::shared_ptr<float>(static_cast<float*>(p),
-                                [](float* q) { ::operator delete(q, std::align_val_t(kAlign)); });
+  return own({p, bytes, false});
 }
 }  // namespace
+
+void os::set_tensor_cache_limit(uint64_t bytes) { storage_cache().set_limit(bytes); }
+uint64_t os::tensor_cache_limit() { return storage_cache().limit(); }
+uint64_t os::tensor_cache_bytes() { return storage_cache().held(); }
+void os::clear_tensor_cache() { storage_cache().trim(0); }
 
 Tensor Tensor::empty(Shape shape) {
   Tensor t;

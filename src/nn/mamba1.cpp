@@ -259,9 +259,9 @@ Tensor Mamba1::backward(const Saved& s, const Tensor& dy) {
     ops::copy_into(dx_dbl.cols(R, N), sg.dB);
     ops::copy_into(dx_dbl.cols(R + N, N), sg.dC);
 
-    // x_proj; the scan input u is also xc
-    dxc = ops::linear_bwd(s.xc, xproj_w_->value, dx_dbl, &xproj_w_->grad(), nullptr);  // (B, L, D)
-    ops::add_into(dxc, sg.du);
+    // x_proj; the scan input u is also xc: its gradient is added to the scan's du in place.
+    ops::linear_bwd_into(s.xc, xproj_w_->value, dx_dbl, sg.du, true, &xproj_w_->grad(), nullptr);
+    dxc = sg.du;  // (B, L, D)
   } else {
     // Time-invariant B and C: their (D, N) gradients; xc reaches the output only through u.
     ops::add_into(B_ssm_->grad(), sg.dB);
