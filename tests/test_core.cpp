@@ -1,10 +1,12 @@
 // Core: tensor views and shape checks, GEMM against a naive loop, parallel_for coverage,
 // safetensors round trip and hostile files, atomic writes.
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <thread>
 #include <vector>
 
@@ -78,6 +80,88 @@ TEST(Parallel, CoversRangeExactlyOnce) {
     });
     for (int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[i], 1);
   }
+}
+
+// with_team (a decode step's threads): parallel_for inside it cuts the same ranges and runs range
+// c on thread c, as an OpenMP region does; many calls in a row, nested calls, calls from inside a
+// range, one thread, and an exception from the body (rethrown after the team stopped, the team
+// usable again).
+TEST(Parallel, TeamRunsTheSameRangesOnTheSameThreads) {
+  const int threads = num_threads();
+  auto ranges = [](int64_t n, int64_t grain) {
+    std::vector<std::pair<int64_t, int64_t>> r;
+    std::vector<int> tid;
+    std::mutex mu;
+    parallel_for(n, grain, [&](int64_t b, int64_t e) {
+      std::lock_guard<std::mutex> lock(mu);
+      r.emplace_back(b, e);
+    });
+    std::sort(r.begin(), r.end());
+    return r;
+  };
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> outside, inside;
+  const std::vector<std::pair<int64_t, int64_t>> cases{{1, 1}, {7, 3},   {1000, 3}, {1000, 600},
+                                                       {5, 1}, {64, 64}, {65, 64}};
+  for (auto [n, g] : cases) outside.push_back(ranges(n, g));
+  int64_t calls = 0;
+  with_team([&] {
+    EXPECT_TRUE(in_parallel() || threads == 1);
+    for (int rep = 0; rep < 200; ++rep)  // many hand-offs in a row
+      for (size_t c = 0; c < cases.size(); ++c) {
+        auto r = ranges(cases[c].first, cases[c].second);
+        if (rep == 0) inside.push_back(r);
+        ASSERT_EQ(r, inside[c]) << "rep " << rep;
+        ++calls;
+      }
+    // A parallel_for inside a range runs inline on that range's thread.
+    std::vector<int> hits(100, 0);
+    parallel_for(4, 1, [&](int64_t b, int64_t e) {
+      for (int64_t q = b; q < e; ++q)
+        parallel_for(25, 1, [&](int64_t b2, int64_t e2) {
+          EXPECT_EQ(b2, 0);
+          EXPECT_EQ(e2, 25);
+          for (int64_t i = b2; i < e2; ++i) hits[q * 25 + i]++;
+        });
+    });
+    for (int h : hits) EXPECT_EQ(h, 1);
+    // A nested with_team runs its body directly.
+    bool ran = false;
+    with_team([&] { ran = true; });
+    EXPECT_TRUE(ran);
+  });
+  EXPECT_EQ(calls, 200 * static_cast<int64_t>(cases.size()));
+  EXPECT_EQ(inside, outside);
+  // The first range runs on the calling thread, inside the team as outside; the others not.
+  auto first_range_here = [&] {
+    const auto me = std::this_thread::get_id();
+    std::vector<int> here(static_cast<size_t>(threads), -1);
+    parallel_for(threads, 1, [&](int64_t b, int64_t) {
+      here[static_cast<size_t>(b)] = std::this_thread::get_id() == me;
+    });
+    return here;
+  };
+  std::vector<int> h_in;
+  with_team([&] { h_in = first_range_here(); });
+  EXPECT_EQ(h_in, first_range_here());
+  EXPECT_EQ(h_in[0], 1);
+  // An exception from the body comes out after the team stopped; the next team works.
+  test::expect_error([] { with_team([] { throw Error("body failed"); }); }, {"body failed"});
+  std::atomic<int64_t> sum{0};
+  with_team([&] {
+    parallel_for(1000, 10, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) sum += i;
+    });
+  });
+  EXPECT_EQ(sum.load(), 999 * 1000 / 2);
+  // One thread: the body runs directly.
+  set_num_threads(1);
+  bool ran = false;
+  with_team([&] {
+    ran = true;
+    EXPECT_EQ(detail::parallel_chunks(1000, 1), 1);
+  });
+  EXPECT_TRUE(ran);
+  set_num_threads(threads);
 }
 
 namespace {

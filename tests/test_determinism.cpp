@@ -10,9 +10,11 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <variant>
 #include <vector>
 
 #include "mamba/config.h"
+#include "mamba/lm.h"
 #include "mamba/nn/mamba1.h"
 #include "mamba/nn/mamba2.h"
 #include "mamba/parallel.h"
@@ -161,4 +163,46 @@ TEST(Determinism, Mamba1LMTrainingRepeatsBitForBit) {
 
 TEST(Determinism, Mamba2LMTrainingRepeatsBitForBit) {
   expect_repeatable("mamba2 LM", [] { return lm_run("Mamba2"); });
+}
+
+// Decode steps (MambaLM::step in its thread team, mamba/parallel.h with_team): 4 tokens of batch 1
+// or 2, fp32 or q4_0 weights, Mamba-1 and Mamba-2, at d_model 384 so that the step's
+// splits are real at 2+ threads (in_proj rows, the conv rows at B = 2, A = -exp(A_log), the state
+// update's 768 channels or 12 heads); logits and the final states must repeat bit for bit.
+namespace {
+Named decode_run(const std::string& layer, WeightDType dt, int64_t B) {
+  const std::string ssm = layer == "Mamba2" ? R"({"layer": "Mamba2", "d_state": 64, "headdim": 64})"
+                                            : R"({"layer": "Mamba1", "d_state": 16})";
+  MambaLM lm(ModelConfig::parse(
+                 str(R"({"d_model": 384, "n_layer": 1, "vocab_size": 64, "ssm_cfg": )", ssm, "}")),
+             7, dt);
+  LMState st = lm.new_state(B);
+  Named r;
+  for (int t = 0; t < 4; ++t) {
+    std::vector<int32_t> ids;
+    for (int64_t b = 0; b < B; ++b) ids.push_back(static_cast<int32_t>((5 * t + 3 * b + 1) % 64));
+    r.emplace_back(str("logits", t), lm.step(ids, st));
+  }
+  std::visit(
+      [&](const auto& s) {
+        if constexpr (requires { s.conv_state; }) r.emplace_back("conv_state", s.conv_state);
+        if constexpr (requires { s.ssm_state; }) r.emplace_back("ssm_state", s.ssm_state);
+      },
+      st.layers[0]);
+  return r;
+}
+}  // namespace
+
+TEST(Determinism, DecodeStepsRepeatBitForBit) {
+  const struct {
+    const char* layer;
+    WeightDType dt;
+    int64_t B;
+  } cases[] = {{"Mamba1", WeightDType::f32, 1},
+               {"Mamba1", WeightDType::q4_0, 2},
+               {"Mamba2", WeightDType::f32, 2},
+               {"Mamba2", WeightDType::q4_0, 1}};
+  for (const auto& c : cases)
+    expect_repeatable(str(c.layer, " ", weight_dtype_name(c.dt), " B=", c.B).c_str(),
+                      [&] { return decode_run(c.layer, c.dt, c.B); });
 }

@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "mamba/lm.h"
+#include "mamba/parallel.h"
 #include "model/npy.h"
 #include "ops/half_matmul.h"
 #include "ops/linear.h"
@@ -183,6 +184,36 @@ TEST(HalfMatmul, EveryCompiledTargetMatchesReference) {
   }
   hwy::SetSupportedTargetsForTest(0);
   EXPECT_GE(tested, 1);
+}
+
+// The single-sequence decode product (M = 1) for every storage: rows split over threads, so it is
+// run repeatedly, with 1 and with all threads, and inside a decode team (with_team): every row's
+// sum is formed the same way whatever the split (4-row tiles and single rows accumulate alike),
+// so all give the same bits; and it matches the double reference. Rows n = 301 (odd, several
+// tasks per thread), cols 96 (whole blocks of 32 for q8_0 / q4_0).
+TEST(HalfMatmul, SingleRowIsBitwiseReproducibleAcrossRunsAndThreads) {
+  Rng rng(21);
+  const int threads = num_threads();
+  const int64_t n = 301, cols = 96;
+  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16, WeightDType::q8_0,
+                        WeightDType::q4_0}) {
+    Weight W(test::rand_uniform({n, cols}, rng, -1.0, 1.0), t);
+    Tensor x = test::randn({1, cols}, rng);
+    Tensor y0({1, n}), y({1, n}), yr({1, n});
+    ops::stream_matmul(x.data(), 1, cols, W, y0.data(), n);
+    ops::stream_matmul_ref(x.data(), 1, cols, W, yr.data(), n);
+    EXPECT_TRUE(test::all_close(y0, yr, tol::kFastVsRef, weight_dtype_name(t)));
+    for (int rep = 0; rep < 10; ++rep) {
+      ops::stream_matmul(x.data(), 1, cols, W, y.data(), n);
+      ASSERT_EQ(0, std::memcmp(y.data(), y0.data(), sizeof(float) * n)) << weight_dtype_name(t);
+    }
+    with_team([&] { ops::stream_matmul(x.data(), 1, cols, W, y.data(), n); });
+    EXPECT_EQ(0, std::memcmp(y.data(), y0.data(), sizeof(float) * n)) << weight_dtype_name(t);
+    set_num_threads(1);
+    ops::stream_matmul(x.data(), 1, cols, W, y.data(), n);
+    set_num_threads(threads);
+    EXPECT_EQ(0, std::memcmp(y.data(), y0.data(), sizeof(float) * n)) << weight_dtype_name(t);
+  }
 }
 
 TEST(HalfMatmul, LinearAndBadArguments) {

@@ -67,7 +67,7 @@ TEST(Linear, ShapeErrors) {
 }
 
 // ops::linear on strided views (column blocks of a wider matrix) must give the bits of the same
-// call on packed copies, for every kernel path (M = 1: BLAS GEMV; 2..16: streaming; > 16: gemm_nt)
+// call on packed copies, for every kernel path (M = 1 and 2..16: streaming; > 16: gemm_nt)
 // and every storage.
 TEST(Linear, StridedViewsMatchCopiesBitwise) {
   Rng rng(5);

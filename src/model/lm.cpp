@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cmath>
 #include <filesystem>
+#include <optional>
 #include <variant>
 
 #include "core/os.h"
@@ -528,15 +529,23 @@ Tensor MambaLM::step(std::span<const int32_t> ids, LMState& state) const {
               " ids");
   MAMBA_CHECK(state.layers.size() == blocks_.size(), "MambaLM::step: state has ",
               state.layers.size(), " layers, the model ", blocks_.size());
-  Tensor hidden = embed(ids, B, 1).reshape({B, cfg_.d_model});
-  Tensor residual;
-  for (size_t i = 0; i < blocks_.size(); ++i) {
-    trace::Scope scope(str("layers.", i, "."));
-    hidden = blocks_[i].step(hidden, residual, state.layers[i]);
-  }
-  Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
-                                     static_cast<float>(cfg_.norm_epsilon));
-  return head(out);
+  // One team of threads for the whole token: its ~10 parallel_for calls per layer then cost a
+  // hand-off each instead of an OpenMP parallel region each (mamba/parallel.h, with_team).
+  Tensor logits;
+  with_team([&] {
+    Tensor hidden = embed(ids, B, 1).reshape({B, cfg_.d_model});
+    Tensor residual;
+    const bool tr = trace::enabled();
+    for (size_t i = 0; i < blocks_.size(); ++i) {
+      std::optional<trace::Scope> scope;
+      if (tr) scope.emplace(str("layers.", i, "."));
+      hidden = blocks_[i].step(hidden, residual, state.layers[i]);
+    }
+    Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
+                                       static_cast<float>(cfg_.norm_epsilon));
+    logits = head(out);
+  });
+  return logits;
 }
 
 }  // namespace mamba

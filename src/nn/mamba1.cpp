@@ -302,12 +302,11 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
   const bool tr = trace::enabled();
   const Tensor& in_b = optional_f32(in_b_);
 
-  Tensor x = Tensor::empty({B, D});  // (B, D)
-  Tensor z = Tensor::empty({B, D});  // (B, D)
-  ops::linear_into(hidden, in_w_->value.rows(0, D), in_b.defined() ? in_b.narrow(0, D) : Tensor(),
-                   x);
-  ops::linear_into(hidden, in_w_->value.rows(D, D), in_b.defined() ? in_b.narrow(D, D) : Tensor(),
-                   z);
+  // One product for x and z (one pass over the threads instead of two; every row is computed as
+  // it would be alone), then the halves as their own (B, D) tensors.
+  const Tensor xz = ops::linear(hidden, in_w_->value, in_b);  // (B, 2D)
+  const Tensor x = xz.cols(0, D).contiguous();                // (B, D)
+  const Tensor z = xz.cols(D, D).contiguous();                // (B, D)
   if (tr) trace::op("in_proj", {hidden.shape()}, {{B, 2 * D}});
 
   Tensor xc = ops::causal_conv1d_update(state.conv_state, x, f32(conv_w_).reshape({D, K}),

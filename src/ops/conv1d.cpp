@@ -313,8 +313,9 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   float* st = conv_state.data();
   const float *xp = x.data(), *wp = weight.data(), *bp = bias.defined() ? bias.data() : nullptr;
   float* yp = y.data();
-  // (batch, channel) rows are independent: threads only for batched decode's larger B * D.
-  parallel_for(B * D, 16384, [&](int64_t i0, int64_t i1) {
+  // (batch, channel) rows are independent: pieces of >= 1024 rows (a few us; a decode step runs
+  // in a team, mamba/parallel.h, where a hand-off costs well under that).
+  parallel_for(B * D, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0, d = i0 % D; i < i1; ++i, d = d + 1 == D ? 0 : d + 1) {
       float* s = st + i * K;
       for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "mamba/parallel.h"
 #include "ops/act.h"
 
 namespace mamba::ops {
@@ -103,10 +104,20 @@ Tensor log_neg(const Tensor& x, const std::string& what) {
 
 Tensor neg_exp_fast(const Tensor& x) {
   check_defined(x, "neg_exp_fast");
-  Tensor a = x.clone();
+  const Tensor xc = x.contiguous();
+  Tensor a = Tensor::empty(x.shape());
+  const float* src = xc.data();
   float* p = a.data();
-  exp_inplace(p, a.numel());
-  for (int64_t i = 0; i < a.numel(); ++i) p[i] = -p[i];
+  // Mamba-1's decode step calls this every token (A = -exp(A_log), D x N values): split over
+  // threads in pieces of 64 values, so every value takes the same (vector or scalar tail) path
+  // whatever the split.
+  const int64_t n = a.numel(), pieces = (n + 63) / 64;
+  parallel_for(pieces, 128, [&](int64_t pb, int64_t pe) {
+    const int64_t b = pb * 64, e = std::min(n, pe * 64);
+    std::copy(src + b, src + e, p + b);
+    exp_inplace(p + b, e - b);
+    for (int64_t i = b; i < e; ++i) p[i] = -p[i];
+  });
   return a;
 }
 

@@ -208,6 +208,35 @@ void GemvF32Kernel(const float* x, int64_t M, int64_t ldx, const float* W, int64
   parallel_for(n, grain, [&](int64_t b, int64_t e) { GemvRowsT<kF32>(a, M, W, b, e); });
 }
 
+// ---- M = 1 (single-sequence decode), fp32 / f16 / bf16 weights ---------------------------------
+// Its own entry, beside the batched tiles above (M >= 2), so either can change without moving the
+// other: y (n) = W (n, cols) x (cols), rows of 4 then single rows, split over threads in static
+// ranges of >= grain rows (Tile<K, 1, RT>: every row's sum is formed the same whatever the split).
+void Gemv1Kernel(const float* x, const void* W, int kind, int64_t cols, int64_t n, float* y,
+                 int64_t grain) {
+  GemvArgs a{x, cols, x, 0, cols, y, n};
+  thread_local std::vector<float> xd;
+  if (kind == kBF16K && kPairedBF16) {  // the inputs regrouped once, as in GemvKernel
+    const hn::ScalableTag<float> df;
+    const int64_t B2 = 2 * static_cast<int64_t>(hn::Lanes(df)), full = cols / B2 * B2;
+    xd.resize(static_cast<size_t>(std::max<int64_t>(full, 1)));
+    for (int64_t b = 0; b < full; b += B2)
+      for (int64_t i = 0; i < B2 / 2; ++i) {
+        xd[b + i] = x[b + 2 * i];
+        xd[b + B2 / 2 + i] = x[b + 2 * i + 1];
+      }
+    a.xd = xd.data(), a.ldxd = full;
+  }
+  parallel_for(n, grain, [&](int64_t b, int64_t e) {
+    if (kind == kF32)
+      GemvRowsT<kF32>(a, 1, static_cast<const float*>(W), b, e);
+    else if (kind == kBF16K)
+      GemvRowsT<kBF16K>(a, 1, static_cast<const uint16_t*>(W), b, e);
+    else
+      GemvRowsT<kF16>(a, 1, static_cast<const uint16_t*>(W), b, e);
+  });
+}
+
 // ---- q8_0 / q4_0 weights (blocks of 32, mamba/weight.h) ----------------------------------------
 // The same streaming scheme: for each block of 32 columns, each of the RT rows' block is widened
 // to fp32 in registers (integers promoted to int32, converted, times the block's f16 scale
@@ -219,9 +248,22 @@ template <class DF>
 HWY_INLINE hn::Vec<DF> BlockScale(DF df, const uint8_t* p) {
   const hn::Rebind<uint16_t, DF> du16;
   const hn::Rebind<hwy::float16_t, DF> dh;
-  return hn::PromoteTo(df,
-                       hn::BitCast(dh, hn::Set(du16, static_cast<uint16_t>(p[0] | (p[1] << 8)))));
+  uint16_t h;
+  std::memcpy(&h, p, 2);  // one 16-bit load and broadcast (the format is little-endian, as x86)
+#if HWY_IS_BIG_ENDIAN
+  h = static_cast<uint16_t>((h >> 8) | (h << 8));
+#endif
+  return hn::PromoteTo(df, hn::BitCast(dh, hn::Set(du16, h)));
 }
+
+// q4_0 codes through a table where vectors hold 16 fp32 lanes (AVX-512): the 16 values
+// (n - 8) * d of a block's scale d, so one lane permutation gives each weight already scaled
+// (the same products as the widening path: (n - 8) * d is exact in fp32).
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+constexpr bool kQ4Table = true;
+#else
+constexpr bool kQ4Table = false;
+#endif
 
 template <bool kQ4, int MT, int RT>
 HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64_t rowb, float* y) {
@@ -239,7 +281,27 @@ HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64
     V d[RT];
     for (int r = 0; r < RT; ++r) d[r] = BlockScale(df, wb + r * rowb);
     const float* xb = x + blk * 32;
-    if constexpr (kQ4) {
+    if constexpr (kQ4 && kQ4Table) {
+      // NL == 16: one load of the 16 code bytes, low nibbles (values 0..15) and high nibbles
+      // (16..31) through the block's scaled table.
+      const hn::Rebind<uint8_t, decltype(df)> du8;
+      alignas(64) static constexpr float kCodes[16] = {-8, -7, -6, -5, -4, -3, -2, -1,
+                                                       0,  1,  2,  3,  4,  5,  6,  7};
+      const V codes = hn::Load(df, kCodes);
+      const auto lo = hn::Set(di, 15);
+      V wl[RT], wh[RT];
+      for (int r = 0; r < RT; ++r) {
+        const V table = hn::Mul(codes, d[r]);
+        const auto u = hn::PromoteTo(di, hn::LoadU(du8, wb + r * rowb + 2));
+        wl[r] = hn::TableLookupLanes(table, hn::IndicesFromVec(df, hn::And(u, lo)));
+        wh[r] = hn::TableLookupLanes(table, hn::IndicesFromVec(df, hn::ShiftRight<4>(u)));
+      }
+      for (int m = 0; m < MT; ++m) {
+        const V xl = hn::LoadU(df, xb + m * a.ldx), xh = hn::LoadU(df, xb + m * a.ldx + 16);
+        for (int r = 0; r < RT; ++r)
+          acc[m][r] = hn::MulAdd(xh, wh[r], hn::MulAdd(xl, wl[r], acc[m][r]));
+      }
+    } else if constexpr (kQ4) {
       const hn::Rebind<uint8_t, decltype(df)> du8;
       const auto lo = hn::Set(di, 15), eight = hn::Set(di, 8);
       for (int64_t j = 0; j < 16; j += NL) {
@@ -312,6 +374,7 @@ namespace mamba::ops {
 HWY_EXPORT(GemvKernel);
 HWY_EXPORT(GemvF32Kernel);
 HWY_EXPORT(QGemvKernel);
+HWY_EXPORT(Gemv1Kernel);
 
 namespace {
 void check_args(const char* what, int64_t M, int64_t ldx, const Weight& W, int64_t ldy) {
@@ -333,7 +396,10 @@ void stream_matmul(const float* x, int64_t M, int64_t ldx, const Weight& W, floa
   check_args("stream_matmul", M, ldx, W, ldy);
   const int64_t n = W.rows(), cols = W.cols();
   if (M == 0 || n == 0) return;
-  if (W.is_f32()) {
+  if (M == 1 && !is_quantised(W.dtype())) {  // single-sequence decode
+    const int kind = W.is_f32() ? 2 : W.dtype() == WeightDType::bf16 ? 1 : 0;  // WKind
+    HWY_DYNAMIC_DISPATCH(Gemv1Kernel)(x, W.row_ptr(0), kind, cols, n, y, gemv_grain(cols));
+  } else if (W.is_f32()) {
     HWY_DYNAMIC_DISPATCH(GemvF32Kernel)
     (x, M, ldx, static_cast<const float*>(W.row_ptr(0)), cols, n, y, ldy, gemv_grain(cols));
   } else if (is_quantised(W.dtype())) {

@@ -1,7 +1,7 @@
 // The streaming matmul for few rows (decode, batched decode): y (M, n) = x (M, cols) W^T with
 // each weight row read once for all M inputs (decode is bound by the weight bytes), converted in
 // registers for 16-bit and q8_0 / q4_0 storage; fp32 accumulation. ops::linear (mamba/ops/linear.h)
-// chooses it for 2 <= M <= kHalfGemvMaxM (fp32 weights) or M <= kHalfGemvMaxM (16-bit, q8_0, q4_0);
+// chooses it for M <= kHalfGemvMaxM (any storage);
 // larger M goes to ops::gemm_nt. Callers normally use ops::linear.
 #pragma once
 #include <cstdint>

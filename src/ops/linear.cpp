@@ -48,12 +48,9 @@ void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, floa
             accumulate);
     return;
   }
-  if (W.is_f32() && d.M <= 1) {  // one row: a GEMV through the BLAS
-    gemm(false, true, d.M, d.out, d.in, 1.f, x, ldx, static_cast<const float*>(W.row_ptr(0)),
-         W.row_pitch(), accumulate ? 1.f : 0.f, y, ldy);
-    return;
-  }
-  // decode, batched decode: stream each weight row once for all M rows
+  // decode, batched decode: stream each weight row once for all M rows (M = 1 too: the BLAS's
+  // GEMV opened its own parallel region and reached ~60% of the read bandwidth; see
+  // docs/PERFORMANCE.md, "Decode against the bandwidth bound")
   if (!accumulate) {
     stream_matmul(x, d.M, ldx, W, y, ldy);
     return;
@@ -80,9 +77,9 @@ void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor
     if (b.defined()) bias_add(y2, b);
     return;
   }
-  // fp32 weights with M <= 1 or M > 16: the bias goes in first and the product is accumulated;
-  // everywhere else the bias is added after the product.
-  const bool bias_first = b.defined() && W.is_f32() && (d.M <= 1 || d.M > kHalfGemvMaxM);
+  // fp32 weights with M > 16: the bias goes in first and the product is accumulated; everywhere
+  // else the bias is added after the product.
+  const bool bias_first = b.defined() && W.is_f32() && d.M > kHalfGemvMaxM;
   if (bias_first) {
     if (accumulate)
       bias_add(y2, b);

@@ -6,8 +6,7 @@
 //
 // The kernel, one choice for every caller (ops/gemm_nt.h, ops/half_matmul.h, mamba/gemm.h):
 //   fp32 W:   M > 16: the packed prefill GEMM ops::gemm_nt, bias put in y first and accumulated;
-//             2 <= M <= 16: the streaming kernel, then the bias added;
-//             M <= 1: the BLAS (a GEMV), bias put in y first (beta = 1).
+//             M <= 16: the streaming kernel (decode: M = 1 too), then the bias added;
 //   16-bit W: M <= 16: the streaming kernel; M > 16: ops::gemm_nt; then the bias added.
 // Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
 // ops::gemm_nn / ops::gemm_tn (the packed tile, or the BLAS where gemm_nt is on the BLAS),
