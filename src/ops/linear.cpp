@@ -50,7 +50,7 @@ void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, floa
   }
   // decode, batched decode: stream each weight row once for all M rows (M = 1 too: the BLAS's
   // GEMV opened its own parallel region and reached ~60% of the read bandwidth; see
-  // docs/PERFORMANCE.md, "Decode against the bandwidth bound")
+  // docs/PERFORMANCE.md, "Decode: one thread team per token")
   if (!accumulate) {
     stream_matmul(x, d.M, ldx, W, y, ldy);
     return;
