@@ -11,8 +11,8 @@ and copies nothing from it; it runs its binaries (-t 2):
             llama-simple and llama-completion and generate; their greedy text equals ours
             (`mambacpp generate --greedy`) for F32 / F16.
   ids       with --logits-tool (a small program linked against libllama that prints llama.cpp's
-            greedy ids for given prompt ids and writes the logits it chose them from; it is not
-            part of this repository, see tests/data/llamacpp/README.md): for the trained tiny
+            greedy ids for given prompt ids and writes the logits it chose them from:
+            scripts/llamacpp-logits.cpp, compiled by hand against your llama.cpp build): for the trained tiny
             models in tests/data/llamacpp, the files we write from them and the files
             llama-quantize writes from them (F16, BF16, Q8_0, Q4_0, Q4_K_M, Q6_K), our greedy ids
             equal llama.cpp's and our logits lie within the tolerance of the type.

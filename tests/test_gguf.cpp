@@ -20,10 +20,19 @@ namespace fs = std::filesystem;
 
 std::vector<uint8_t> read_bytes(const std::string& p) { return os::read_file(p, 1ull << 30); }
 
+// This process's scratch folder, removed with everything in it when the process exits.
+struct ScratchDir {
+  fs::path d = fs::temp_directory_path() / ("mamba_test_gguf_" + std::to_string(getpid()));
+  ScratchDir() { fs::create_directories(d); }
+  ~ScratchDir() {
+    std::error_code ec;
+    fs::remove_all(d, ec);
+  }
+};
+
 std::string tmp_path(const std::string& name) {
-  const fs::path d = fs::temp_directory_path() / ("mamba_test_gguf_" + std::to_string(getpid()));
-  fs::create_directories(d);
-  return (d / name).string();
+  static const ScratchDir dir;
+  return (dir.d / name).string();
 }
 
 // A GGUF parse that must fail with a mamba::Error mentioning `frag`.
