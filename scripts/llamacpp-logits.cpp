@@ -2,7 +2,7 @@
 // scripts/check-llamacpp.py (tests/data/llamacpp/README.md). Not part of the build: it is compiled
 // by hand against a llama.cpp build made outside this repository, e.g.
 //
-//   g++ -O2 -std=c++17 scripts/llamacpp-logits.cpp -I LLAMA/include -I LLAMA/ggml/include \
+//   g++ -O2 -std=c++17 scripts/llamacpp-logits.cpp -I LLAMA/include -I LLAMA/ggml/include
 //       -L LLAMA/build/bin -lllama -Wl,-rpath,LLAMA/build/bin -o /tmp/llamacpp-logits
 //
 // Usage: llamacpp-logits MODEL.gguf ID,ID,... N_NEW THREADS OUT.f32
