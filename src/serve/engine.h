@@ -204,6 +204,29 @@ class Engine {
   int64_t in_flight_ = 0;                     // prefilling + ready + running
   bool stop_ = false;
   std::thread prefill_thread_, decode_thread_;
+  // The compute turn: prefill chunks and decode steps take turns on the cores, first come first
+  // served (a ticket lock), so the two threads never compute at once (two thread teams on the
+  // same cores would each run at half speed and spin against each other).
+  class Turn {
+   public:
+    explicit Turn(Engine& e) : e_(e) { acquire(); }
+    ~Turn() {
+      if (held_) release();
+    }
+    Turn(const Turn&) = delete;
+    Turn& operator=(const Turn&) = delete;
+    void acquire();
+    void release();
+    double waited() const { return waited_; }  // seconds spent waiting for the turn
+
+   private:
+    Engine& e_;
+    bool held_ = false;
+    double waited_ = 0;
+  };
+  std::mutex turn_mu_;
+  std::condition_variable turn_cv_;
+  uint64_t turn_next_ = 0, turn_serving_ = 0;  // tickets: the next to give, the one computing
   // metrics
   std::atomic<int64_t> batch_size_{0}, steps_{0}, prefill_calls_{0}, prompt_tokens_{0},
       prefill_tokens_{0}, generated_tokens_{0}, cache_hits_{0}, cache_misses_{0},
