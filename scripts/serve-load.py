@@ -9,7 +9,9 @@ Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, t
      inter-token latency (the gap between streamed chunks, divided by the tokens they carry),
      and the server's own prefill seconds / prefill calls and decode seconds / steps in the
      round (from /metrics; prefill chunks and decode steps take turns on the cores, so the two
-     add up to at most the round's wall time).
+     add up to at most the round's wall time), and the CPU seconds the server process used
+     in the round (user + system, all threads: what the round cost on a loaded machine, where
+     the wall time depends on the share the server gets).
      --url URL drives an already-running OpenAI-compatible server instead of starting one
      (e.g. llama.cpp's llama-server on a GGUF of the same model): part 1 only, the same prompts
      (token ids) and requests; tokens are counted from `token_ids`, or one per streamed event
@@ -169,6 +171,15 @@ def server_metrics(port):
     return out
 
 
+def cpu_seconds_of(pid):
+    """User + system CPU seconds of a process and its threads so far (/proc/PID/stat)."""
+    if not pid:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_of(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -237,14 +248,14 @@ def fault_request(port, kind, prompts, limit_body):
         c.close()
 
 
-def streams_part(a, port, rng):
-    """Part 1: the rounds of concurrent streams."""
+def streams_part(a, port, rng, pid=None):
+    """Part 1: the rounds of concurrent streams (pid: the server's, for its CPU seconds)."""
     print("\n## 1. concurrent streams (" + (f"the server at {a.url}" if EXTERNAL else
                                            f"mamba-130m shapes, random weights, {a.dtype}") +
           f", prompt 32 tokens, {a.gen} generated, greedy)")
     print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-          "server: prefill s / calls, decode s / steps |")
-    print("|---|---|---|---|---|")
+          "server: prefill s / calls, decode s / steps | server CPU s |")
+    print("|---|---|---|---|---|---|")
     # Warm-up, untimed: the server's first request pays its first-touch page faults (its
     # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
     stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
@@ -252,10 +263,12 @@ def streams_part(a, port, rng):
     for C in [int(x) for x in a.streams.split(",")]:
         prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
         m0 = server_metrics(port)
+        c0 = cpu_seconds_of(pid)
         t0 = time.perf_counter()
         with ThreadPoolExecutor(C) as ex:
             res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
         wall = time.perf_counter() - t0
+        cpu = cpu_seconds_of(pid) - c0
         m1 = server_metrics(port)
 
         def d(k):
@@ -271,7 +284,7 @@ def streams_part(a, port, rng):
                                     f"{d('mambacpp_decode_steps_total'):.0f}")
         print(f"| {C} | {tps:.1f} ({tps / base:.2f}x) | {pct(ttft, .5):.2f} / "
               f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
-              f"{srv} |", flush=True)
+              f"{srv} | {cpu:.2f} |", flush=True)
 
 
 def main():
@@ -288,12 +301,14 @@ def main():
     ap.add_argument("--url", default="",
                     help="drive this already-running OpenAI-compatible server instead (e.g. "
                          "llama.cpp's llama-server, http://127.0.0.1:PORT): part 1 only")
+    ap.add_argument("--pid", type=int, default=0,
+                    help="with --url: the server's process id (for its CPU seconds)")
     a = ap.parse_args()
     if a.url:
         global HOST, EXTERNAL
         u = urllib.parse.urlsplit(a.url)
         HOST, EXTERNAL = u.hostname, True
-        streams_part(a, u.port or 80, random.Random(1))
+        streams_part(a, u.port or 80, random.Random(1), a.pid)
         return
 
     tmp = tempfile.mkdtemp(prefix="serve_load_")
@@ -324,7 +339,7 @@ def main():
                   f"{1e3 * worst:.0f} ms, median {1e3 * pct(during, .5):.0f} ms over "
                   f"{len(during)} tokens; long request answered in {lat:.2f} s", flush=True)
             return
-        streams_part(a, port, rng)
+        streams_part(a, port, rng, srv.pid)
         print(f"\n## 2. faults: up to {a.requests} requests, 16 workers, "
               f"at most {a.fault_seconds:.0f} s")
         prompts = [[rng.randrange(50277) for _ in range(8)] for _ in range(32)]

@@ -10,13 +10,17 @@
 //                    at most prefill_batch_tokens per call), segment by segment: a segment ends at
 //                    the next cache block boundary or at the end of the shortest prompt still in
 //                    the batch, whose row then leaves with its first token sampled and its batch-1
-//                    state handed to the scheduler. It runs beside the decode steps, so a long
-//                    prompt delays its own first token and slows the running streams only by
-//                    sharing the cores (docs/PERFORMANCE.md, "Serving").
+//                    state handed to the scheduler.
 //   scheduler thread steps every running sequence together (one MambaLM::step over a batch
 //                    state of B rows), samples each row with that sequence's own sampler and
 //                    RNG, and delivers the tokens. Between steps, prefilled sequences join
 //                    (their row copied in, State::copy_row) and finished or cancelled ones leave.
+// The compute turn: the two threads never compute at once (each would run its thread team on the
+// same cores, both at half speed, spinning against each other). A prefill chunk (at most
+// prefill_chunk tokens per row and prefill_batch_tokens in all) and a decode step each take the
+// turn, first come first served: while both have work they alternate, so a running stream waits
+// at most one chunk per token while a long prompt is prefilled, and a prompt waits at most one
+// step per chunk (docs/PERFORMANCE.md, "Serving", stop 26).
 // A sequence's tokens depend on its prompt, its parameters and its seed only: the same prompt
 // gives the same greedy ids alone or in any batch (decode or prefill), with or without the prefix
 // cache, up to the float differences of batched vs single-row GEMMs and of where the prefill is cut
