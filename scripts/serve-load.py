@@ -8,7 +8,14 @@ Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, t
      (generated tokens / wall time of the round), p50/p99 time to first token and p50/p99
      inter-token latency (the gap between streamed chunks, divided by the tokens they carry),
      and the server's own prefill seconds / prefill calls and decode seconds / steps in the
-     round (from /metrics; prefill and decode run on two threads, so they overlap).
+     round (from /metrics; prefill chunks and decode steps take turns on the cores, so the two
+     add up to at most the round's wall time), and the CPU seconds the server process used
+     in the round (user + system, all threads: what the round cost on a loaded machine, where
+     the wall time depends on the share the server gets).
+     --url URL drives an already-running OpenAI-compatible server instead of starting one
+     (e.g. llama.cpp's llama-server on a GGUF of the same model): part 1 only, the same prompts
+     (token ids) and requests; tokens are counted from `token_ids`, or one per streamed event
+     and the final `usage` when the server does not send ids (stream_one).
   2. faults: --requests requests from 16 workers (or until --fault-seconds), a mix of
      well-formed completions (prompts from a set of 32, max_tokens 1-3, some streamed),
      malformed JSON, bodies over the limit, wrong field types, max_tokens 0, max_tokens over the
@@ -36,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 MAMBA_130M = {"d_model": 768, "n_layer": 24, "vocab_size": 50277, "ssm_cfg": {"layer": "Mamba1"},
@@ -49,16 +57,26 @@ def pct(v, q):
     return v[min(len(v) - 1, int(q * len(v)))]
 
 
+HOST = "127.0.0.1"
+EXTERNAL = False  # --url: a server this script did not start
+
+
 def stream_one(port, prompt, gen):
-    """One streaming request; returns (ttft, [inter-token gaps], tokens)."""
-    c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    """One streaming request; returns (ttft, [inter-token gaps], tokens).
+
+    An event's tokens are its `token_ids` (mambacpp); a server that does not send them (e.g.
+    llama.cpp's llama-server) counts one token per event that carries a choice without a
+    finish_reason (llama-server sends one event per sampled token, except a token that ends in
+    an incomplete UTF-8 character, whose text comes with the next event), and the total is its
+    final `usage.completion_tokens` when it sends one."""
+    c = http.client.HTTPConnection(HOST, port, timeout=600)
     body = json.dumps({"prompt": prompt, "max_tokens": gen, "temperature": 0, "stream": True,
-                       "ignore_eos": True})
+                       "ignore_eos": True, "stream_options": {"include_usage": True}})
     t0 = time.perf_counter()
     c.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
     r = c.getresponse()
     assert r.status == 200, r.read()
-    ttft, gaps, tokens, last = None, [], 0, None
+    ttft, gaps, tokens, last, usage = None, [], 0, None, None
     while True:
         line = r.fp.readline()
         if not line:
@@ -69,7 +87,10 @@ def stream_one(port, prompt, gen):
         if line == b"data: [DONE]":
             break
         ev = json.loads(line[6:])
-        n = sum(len(ch.get("token_ids", [])) for ch in ev["choices"])
+        if ev.get("usage"):
+            usage = ev["usage"].get("completion_tokens")
+        n = sum(len(ch["token_ids"]) if "token_ids" in ch else
+                int(ch.get("finish_reason") is None) for ch in ev.get("choices", []))
         if n == 0:
             continue
         now = time.perf_counter()
@@ -83,7 +104,7 @@ def stream_one(port, prompt, gen):
         tokens += n
         del n_after
     c.close()
-    return ttft, gaps, tokens
+    return ttft, gaps, usage if usage is not None else tokens
 
 
 def long_prompt_probe(port, n, rng):
@@ -136,6 +157,8 @@ def long_prompt_probe(port, n, rng):
 
 def server_metrics(port):
     """The server's counters from /metrics (name -> value; unlabelled ones)."""
+    if HOST != "127.0.0.1" or EXTERNAL:
+        return {}
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
     c.request("GET", "/metrics")
     text = c.getresponse().read().decode()
@@ -146,6 +169,15 @@ def server_metrics(port):
         if len(parts) == 2 and not line.startswith("#"):
             out[parts[0]] = float(parts[1])
     return out
+
+
+def cpu_seconds_of(pid):
+    """User + system CPU seconds of a process and its threads so far (/proc/PID/stat)."""
+    if not pid:
+        return float("nan")
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_of(pid):
@@ -216,6 +248,45 @@ def fault_request(port, kind, prompts, limit_body):
         c.close()
 
 
+def streams_part(a, port, rng, pid=None):
+    """Part 1: the rounds of concurrent streams (pid: the server's, for its CPU seconds)."""
+    print("\n## 1. concurrent streams (" + (f"the server at {a.url}" if EXTERNAL else
+                                           f"mamba-130m shapes, random weights, {a.dtype}") +
+          f", prompt 32 tokens, {a.gen} generated, greedy)")
+    print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
+          "server: prefill s / calls, decode s / steps | server CPU s |")
+    print("|---|---|---|---|---|---|")
+    # Warm-up, untimed: the server's first request pays its first-touch page faults (its
+    # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
+    stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
+    base = None
+    for C in [int(x) for x in a.streams.split(",")]:
+        prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
+        m0 = server_metrics(port)
+        c0 = cpu_seconds_of(pid)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(C) as ex:
+            res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds_of(pid) - c0
+        m1 = server_metrics(port)
+
+        def d(k):
+            return m1.get(k, float("nan")) - m0.get(k, float("nan"))
+        toks = sum(r[2] for r in res)
+        ttft = [r[0] for r in res]
+        gaps = [g for r in res for g in r[1]]
+        tps = toks / wall
+        base = base or tps
+        srv = "-" if EXTERNAL else (f"{d('mambacpp_prefill_seconds_total'):.2f} / "
+                                    f"{d('mambacpp_prefill_calls_total'):.0f}, "
+                                    f"{d('mambacpp_decode_seconds_total'):.2f} / "
+                                    f"{d('mambacpp_decode_steps_total'):.0f}")
+        print(f"| {C} | {tps:.1f} ({tps / base:.2f}x) | {pct(ttft, .5):.2f} / "
+              f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
+              f"{srv} | {cpu:.2f} |", flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--bin", default="build/mambacpp")
@@ -227,7 +298,19 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="measure only a stream's gaps while a prompt of this many tokens arrives")
     ap.add_argument("--server-args", default="", help="extra options for mambacpp serve")
+    ap.add_argument("--url", default="",
+                    help="drive this already-running OpenAI-compatible server instead (e.g. "
+                         "llama.cpp's llama-server, http://127.0.0.1:PORT): part 1 only")
+    ap.add_argument("--pid", type=int, default=0,
+                    help="with --url: the server's process id (for its CPU seconds)")
     a = ap.parse_args()
+    if a.url:
+        global HOST, EXTERNAL
+        u = urllib.parse.urlsplit(a.url)
+        HOST, EXTERNAL = u.hostname, True
+        streams_part(a, u.port or 80, random.Random(1), a.pid)
+        return
+
     tmp = tempfile.mkdtemp(prefix="serve_load_")
     cfg = os.path.join(tmp, "config.json")
     with open(cfg, "w") as f:
@@ -256,38 +339,7 @@ def main():
                   f"{1e3 * worst:.0f} ms, median {1e3 * pct(during, .5):.0f} ms over "
                   f"{len(during)} tokens; long request answered in {lat:.2f} s", flush=True)
             return
-        print("\n## 1. concurrent streams (mamba-130m shapes, random weights, "
-              f"{a.dtype}, prompt 32 tokens, {a.gen} generated, greedy)")
-        print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-              "server: prefill s / calls, decode s / steps |")
-        print("|---|---|---|---|---|")
-        # Warm-up, untimed: the server's first request pays its first-touch page faults (its
-        # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
-        stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
-        base = None
-        for C in [int(x) for x in a.streams.split(",")]:
-            prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
-            m0 = server_metrics(port)
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(C) as ex:
-                res = list(ex.map(lambda p: stream_one(port, p, a.gen), prompts))
-            wall = time.perf_counter() - t0
-            m1 = server_metrics(port)
-
-            def d(k):
-                return m1.get(k, float("nan")) - m0.get(k, float("nan"))
-            toks = sum(r[2] for r in res)
-            ttft = [r[0] for r in res]
-            gaps = [g for r in res for g in r[1]]
-            tps = toks / wall
-            base = base or tps
-            print(f"| {C} | {tps:.1f} ({tps / base:.1f}x) | {pct(ttft, .5):.2f} / "
-                  f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
-                  f"{d('mambacpp_prefill_seconds_total'):.2f} / "
-                  f"{d('mambacpp_prefill_calls_total'):.0f}, "
-                  f"{d('mambacpp_decode_seconds_total'):.2f} / "
-                  f"{d('mambacpp_decode_steps_total'):.0f} |",
-                  flush=True)
+        streams_part(a, port, rng, srv.pid)
         print(f"\n## 2. faults: up to {a.requests} requests, 16 workers, "
               f"at most {a.fault_seconds:.0f} s")
         prompts = [[rng.randrange(50277) for _ in range(8)] for _ in range(32)]

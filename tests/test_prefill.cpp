@@ -259,6 +259,15 @@ TEST_P(PrefillLM, PiecesAndChunksEqualOneShotAndSteps) {
     EXPECT_TRUE(test::all_close(lm.prefill(ids, B, L, sc, chunk), want, tol::kStepVsFull,
                                 str("chunk ", chunk)));
     EXPECT_TRUE(same_lm_state(sc, ref, str("chunk ", chunk)));
+    // between_chunks (the serving engine's compute turn) runs after every chunk but the last and
+    // changes nothing in the result.
+    LMState sb = lm.new_state(B);
+    int64_t calls = 0;
+    Tensor with_cb = lm.prefill(ids, B, L, sb, chunk, [&] { ++calls; });
+    EXPECT_EQ(calls, (L + chunk - 1) / chunk - 1) << "chunk " << chunk;
+    LMState sn = lm.new_state(B);
+    EXPECT_TRUE(test::all_close(with_cb, lm.prefill(ids, B, L, sn, chunk), tol::Tol{0, 0},
+                                str("between_chunks, chunk ", chunk)));
   }
 
   // A prefix through prefill (chunked), the rest through prefill again: a partial cache hit.

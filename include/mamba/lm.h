@@ -156,9 +156,11 @@ class MambaLM {
   // chunk > 0 runs the tokens through the model `chunk` at a time (the last chunk may be shorter),
   // so the activations held are those of B x chunk tokens, not B x L; 0 = one piece. A state of
   // another batch size, model or layer kind is refused before anything is computed. Inference
-  // only (nothing is saved for backward).
+  // only (nothing is saved for backward). between_chunks, if set, is called after every chunk but
+  // the last (the serving engine hands the cores to a decode step there); it must not touch
+  // `state`.
   Tensor prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMState& state,
-                 int64_t chunk = 0) const;
+                 int64_t chunk = 0, const std::function<void()>& between_chunks = {}) const;
   // The chunk generate, bench and serve use by default (the measurements behind the choice:
   // docs/PERFORMANCE.md, "Chunked prefill").
   static constexpr int64_t kDefaultPrefillChunk = 192;

@@ -79,7 +79,8 @@ Command add_serve(CLI::App& app) {
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   sub->add_option("--prefill-chunk", o->engine.prefill_chunk,
                   "prompt tokens per row per prefill chunk (MambaLM::prefill): bounds the "
-                  "prefill's activation memory")
+                  "prefill's activation memory, and how long a decode step waits while a "
+                  "prompt is prefilled (chunks and steps take turns)")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
   sub->add_option("--prefill-batch-tokens", o->engine.prefill_batch_tokens,

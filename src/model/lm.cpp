@@ -454,7 +454,7 @@ Tensor MambaLM::forward_last(std::span<const int32_t> ids, int64_t B, int64_t L,
 }
 
 Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMState& state,
-                        int64_t chunk) const {
+                        int64_t chunk, const std::function<void()>& between_chunks) const {
   MAMBA_CHECK(B >= 1 && L >= 1 && static_cast<int64_t>(ids.size()) == B * L,
               "MambaLM::prefill: expected ", B, "x", L, " = ", B * L, " ids, got ", ids.size());
   MAMBA_CHECK(chunk >= 0, "MambaLM::prefill: chunk must be >= 0 (0 = one piece), got ", chunk);
@@ -484,7 +484,10 @@ Tensor MambaLM::prefill(std::span<const int32_t> ids, int64_t B, int64_t L, LMSt
       trace::Scope scope(str("layers.", i, "."));
       hidden = blocks_[i].prefill(hidden, residual, state.layers[i]);
     }
-    if (c0 + n < L) continue;  // the head only for the last position of the last chunk
+    if (c0 + n < L) {  // the head only for the last position of the last chunk
+      if (between_chunks) between_chunks();
+      continue;
+    }
     logits = last_logits(final_norm(hidden, residual), B, n);
   }
   return logits;  // (B, V_pad)

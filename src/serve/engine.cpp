@@ -145,6 +145,24 @@ void add_to(std::atomic<double>& a, double v) {
 }
 }  // namespace
 
+void Engine::Turn::acquire() {
+  const auto t0 = std::chrono::steady_clock::now();
+  std::unique_lock<std::mutex> lk(e_.turn_mu_);
+  const uint64_t ticket = e_.turn_next_++;
+  e_.turn_cv_.wait(lk, [&] { return e_.turn_serving_ == ticket; });
+  held_ = true;
+  waited_ += since(t0);
+}
+
+void Engine::Turn::release() {
+  {
+    std::lock_guard<std::mutex> lk(e_.turn_mu_);
+    ++e_.turn_serving_;
+    held_ = false;
+  }
+  e_.turn_cv_.notify_all();
+}
+
 Engine::Engine(const MambaLM& lm, EngineOptions opt)
     : lm_(lm), opt_(opt), cache_(opt.prefix_cache_bytes) {
   MAMBA_CHECK(opt_.max_batch >= 1, "serve: --max-batch must be >= 1, got ", opt_.max_batch);
@@ -391,7 +409,17 @@ void Engine::prefill_group(std::vector<JobPtr> rows) {
       // At most prefill_batch_tokens per chunk over the B rows (one token per row at least).
       const int64_t chunk =
           std::min({opt_.prefill_chunk, n, std::max<int64_t>(1, opt_.prefill_batch_tokens / B)});
-      Tensor lg = lm_.prefill(ids, B, n, st, chunk);  // (B, V_pad)
+      double waited = 0;
+      Tensor lg;
+      {
+        // One chunk per turn: a decode step waiting for the cores goes between two chunks.
+        Turn turn(*this);
+        lg = lm_.prefill(ids, B, n, st, chunk, [&] {
+          turn.release();
+          turn.acquire();
+        });  // (B, V_pad)
+        waited = turn.waited();
+      }
       pos = end;
       ++prefill_calls_;
       prefill_tokens_ += B * n;
@@ -404,7 +432,7 @@ void Engine::prefill_group(std::vector<JobPtr> rows) {
             cache_.insert(lm_, std::span<const int32_t>(rows[r]->req.prompt).first(pos), st, r,
                           r < done ? std::span<const float>(lg.data() + r * Vp, lm_.vocab())
                                    : std::span<const float>());
-      add_to(prefill_s_, since(t0));
+      add_to(prefill_s_, since(t0) - waited);
       if (done == 0) continue;
       // Rows whose prompt ended: sample the first token, hand the state to the scheduler.
       for (int64_t r = 0; r < done; ++r) {
@@ -531,9 +559,11 @@ void Engine::decode_loop() {
       if (running.empty()) continue;
       std::vector<int32_t> ids(running.size());
       for (size_t b = 0; b < running.size(); ++b) ids[b] = running[b]->next;
-      auto t0 = std::chrono::steady_clock::now();
       Tensor logits;
+      std::chrono::steady_clock::time_point t0;
       try {
+        Turn turn(*this);  // waits for at most one prefill chunk
+        t0 = std::chrono::steady_clock::now();
         logits = lm_.step(ids, batch);     // (B, V_pad)
       } catch (const std::exception& e) {  // not expected: every row leaves with the error
         for (size_t b = 0; b < running.size(); ++b)

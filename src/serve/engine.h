@@ -10,13 +10,17 @@
 //                    at most prefill_batch_tokens per call), segment by segment: a segment ends at
 //                    the next cache block boundary or at the end of the shortest prompt still in
 //                    the batch, whose row then leaves with its first token sampled and its batch-1
-//                    state handed to the scheduler. It runs beside the decode steps, so a long
-//                    prompt delays its own first token and slows the running streams only by
-//                    sharing the cores (docs/PERFORMANCE.md, "Serving").
+//                    state handed to the scheduler.
 //   scheduler thread steps every running sequence together (one MambaLM::step over a batch
 //                    state of B rows), samples each row with that sequence's own sampler and
 //                    RNG, and delivers the tokens. Between steps, prefilled sequences join
 //                    (their row copied in, State::copy_row) and finished or cancelled ones leave.
+// The compute turn: the two threads never compute at once (each would run its thread team on the
+// same cores, both at half speed, spinning against each other). A prefill chunk (at most
+// prefill_chunk tokens per row and prefill_batch_tokens in all) and a decode step each take the
+// turn, first come first served: while both have work they alternate, so a running stream waits
+// at most one chunk per token while a long prompt is prefilled, and a prompt waits at most one
+// step per chunk (docs/PERFORMANCE.md, "Serving", stop 26).
 // A sequence's tokens depend on its prompt, its parameters and its seed only: the same prompt
 // gives the same greedy ids alone or in any batch (decode or prefill), with or without the prefix
 // cache, up to the float differences of batched vs single-row GEMMs and of where the prefill is cut
@@ -204,6 +208,29 @@ class Engine {
   int64_t in_flight_ = 0;                     // prefilling + ready + running
   bool stop_ = false;
   std::thread prefill_thread_, decode_thread_;
+  // The compute turn: prefill chunks and decode steps take turns on the cores, first come first
+  // served (a ticket lock), so the two threads never compute at once (two thread teams on the
+  // same cores would each run at half speed and spin against each other).
+  class Turn {
+   public:
+    explicit Turn(Engine& e) : e_(e) { acquire(); }
+    ~Turn() {
+      if (held_) release();
+    }
+    Turn(const Turn&) = delete;
+    Turn& operator=(const Turn&) = delete;
+    void acquire();
+    void release();
+    double waited() const { return waited_; }  // seconds spent waiting for the turn
+
+   private:
+    Engine& e_;
+    bool held_ = false;
+    double waited_ = 0;
+  };
+  std::mutex turn_mu_;
+  std::condition_variable turn_cv_;
+  uint64_t turn_next_ = 0, turn_serving_ = 0;  // tickets: the next to give, the one computing
   // metrics
   std::atomic<int64_t> batch_size_{0}, steps_{0}, prefill_calls_{0}, prompt_tokens_{0},
       prefill_tokens_{0}, generated_tokens_{0}, cache_hits_{0}, cache_misses_{0},
