@@ -213,22 +213,28 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
   });
 }
 
-// Chunk-major: for each chunk, C B^T of its (b, g) blocks, then every (b, h) in parallel. One
-// chunk's C B^T, B, C and X stay in cache for all heads, so the cost per token does not grow
-// with L (a head-major loop re-reads the whole sequence's C B^T once per head). The forward
-// alone keeps one chunk's C B^T; the backward (keep_states) keeps all of them and the states.
+// Chunks at a time: the chunks are taken in runs of kRunChunks; for each run, C B^T of its
+// chunks (every (b, g)) in one parallel region, then every (b, h) in parallel over the run's
+// chunks in order. One run's C B^T, B, C and X stay in cache for all heads, so the cost per token
+// does not grow with L (a head-major loop over the whole sequence re-reads its C B^T once per
+// head), and a prefill chunk of up to kRunChunks * Q tokens opens two parallel regions per layer,
+// not two per chunk (the C B^T of one (b, g) alone, outside a region, also ran the BLAS's own
+// threads on a 64 x 64 x 128 product). The forward alone keeps one run's C B^T; the backward
+// (keep_states) keeps all of them and the states.
+constexpr int64_t kRunChunks = 4;
+
 void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& dtp, float* ypre,
                      float* fin, ChunkFwd& cf, bool keep_states) {
   const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
   const int64_t Q = std::max<int64_t>(1, std::min(a.chunk_size, L));
   const int64_t nc = (L + Q - 1) / Q;
   const int64_t HP = H * P, GN = G * N;
-  Tensor cb_chunk;  // (B, G, Q, Q): the current chunk's C B^T when not keeping all of them
+  Tensor cb_run;  // (B, G, kRunChunks, Q, Q): the run's C B^T (lower triangles) when not keeping
   if (keep_states) {
     compute_cb(a, d, Q, nc, cf.cb);
     cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
   } else {
-    cb_chunk = Tensor::empty({B * G * Q * Q});
+    cb_run = Tensor::empty({B * G * kRunChunks * Q * Q});
   }
   Tensor hs_all = Tensor::empty({B * H * P * N});  // running state of every (b, h): (B, H, P, N)
   if (a.initial_states.defined())
@@ -236,19 +242,27 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
   else
     std::fill_n(hs_all.data(), B * H * P * N, 0.f);
 
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+  for (int64_t r0 = 0; r0 < nc; r0 += kRunChunks) {
+    const int64_t r1 = std::min(nc, r0 + kRunChunks), nr = r1 - r0;
     if (!keep_states) {
-      parallel_for(B * G, grain_for(Q * Q * N), [&](int64_t begin, int64_t end) {
+      // C B^T, rows i and columns j <= i only (M reads nothing above the diagonal); each chunk
+      // in two row blocks of about equal triangle area, so a run of one chunk uses 2 threads.
+      parallel_for(B * G * nr * 2, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / G, g = i % G;
-          const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+          const int64_t half = i % 2, c = r0 + (i / 2) % nr, bg = i / (2 * nr);
+          const int64_t b = bg / G, g = bg % G;
+          const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+          const int64_t split = std::min(Qc, static_cast<int64_t>(std::lround(Qc * 0.7071)));
+          const int64_t i0 = half ? split : 0, i1 = half ? Qc : split;
+          if (i1 <= i0) continue;
+          const float* Cp = a.C.data() + ((b * L + t0 + i0) * G + g) * N;
           const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
-          gemm(false, true, Qc, Qc, N, 1.f, Cp, GN, Bp, GN, 0.f, cb_chunk.data() + i * Q * Q, Q);
+          float* out = cb_run.data() + ((bg * kRunChunks + (c - r0)) * Q + i0) * Q;
+          gemm(false, true, i1 - i0, i1, N, 1.f, Cp, GN, Bp, GN, 0.f, out, Q);
         }
       });
     }
-    parallel_for(B * H, grain_for(Q * P * N), [&](int64_t begin, int64_t end) {
+    parallel_for(B * H, grain_for(nr * Q * P * N), [&](int64_t begin, int64_t end) {
       // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
       thread_local std::vector<double> cs;
       thread_local std::vector<float> E, M, Bw;
@@ -257,47 +271,54 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
         const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
         const float A = a.A[hd];
         float* hs = hs_all.data() + bh * P * N;
-        if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
-        const float* dtc = dtp.data() + (b * L + t0) * H + hd;
-        chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
-        const float* cbp = keep_states ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
-                                       : cb_chunk.data() + (b * G + g) * Q * Q;
-        for (int64_t i = 0; i < Qc; ++i)
-          for (int64_t j = 0; j < Qc; ++j)
-            M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
-        const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
-        const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
-        const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
-        float* yp = ypre + ((b * L + t0) * H + hd) * P;
-        // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
-        const bool zero_state = c == 0 && !a.initial_states.defined();
-        if (!zero_state) {
-          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs, N, 0.f, yp, HP);
+        for (int64_t c = r0; c < r1; ++c) {
+          const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+          if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
+          const float* dtc = dtp.data() + (b * L + t0) * H + hd;
+          chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
+          const float* cbp = keep_states
+                                 ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
+                                 : cb_run.data() + ((b * G + g) * kRunChunks + (c - r0)) * Q * Q;
           for (int64_t i = 0; i < Qc; ++i) {
-            const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
-            for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
+            for (int64_t j = 0; j <= i; ++j)
+              M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
+            for (int64_t j = i + 1; j < Qc; ++j) M[i * Q + j] = 0.f;
           }
-        }
-        // intra-chunk: y += M X
-        gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
-        // skip connection: y += D x
-        if (a.D.defined()) {
-          for (int64_t i = 0; i < Qc; ++i)
-            for (int64_t p = 0; p < P; ++p)
-              yp[i * HP + p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[i * HP + p];
-        }
-        // state: S = exp(cs_last) S + X^T diag(w) B
-        const double last = cs[Qc - 1];
-        for (int64_t j = 0; j < Qc; ++j) {
-          const float w = static_cast<float>(std::exp(std::min(last - cs[j], 88.0))) * dtc[j * H];
-          for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
-        }
-        const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
-        for (int64_t i = 0; i < P * N; ++i) hs[i] *= el;
-        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs, N);
-        if (c == nc - 1) {
-          if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
-          if (fin) std::copy_n(hs, P * N, fin + bh * P * N);
+          const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
+          const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+          const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+          float* yp = ypre + ((b * L + t0) * H + hd) * P;
+          // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
+          const bool zero_state = c == 0 && !a.initial_states.defined();
+          if (!zero_state) {
+            gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs, N, 0.f, yp, HP);
+            for (int64_t i = 0; i < Qc; ++i) {
+              const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
+              for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
+            }
+          }
+          // intra-chunk: y += M X
+          gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
+          // skip connection: y += D x
+          if (a.D.defined()) {
+            for (int64_t i = 0; i < Qc; ++i)
+              for (int64_t p = 0; p < P; ++p)
+                yp[i * HP + p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[i * HP + p];
+          }
+          // state: S = exp(cs_last) S + X^T diag(w) B
+          const double last = cs[Qc - 1];
+          for (int64_t j = 0; j < Qc; ++j) {
+            const float w = static_cast<float>(std::exp(std::min(last - cs[j], 88.0))) * dtc[j * H];
+            for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
+          }
+          const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
+          for (int64_t i = 0; i < P * N; ++i) hs[i] *= el;
+          gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs, N);
+          if (c == nc - 1) {
+            if (keep_states)
+              std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
+            if (fin) std::copy_n(hs, P * N, fin + bh * P * N);
+          }
         }
       }
     });
