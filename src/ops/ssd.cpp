@@ -221,10 +221,11 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
 // chunks (every (b, g)) in one parallel region, then every (b, h) in parallel over the run's
 // chunks in order. One run's C B^T, B, C and X stay in cache for all heads, so the cost per token
 // does not grow with L (a head-major loop over the whole sequence re-reads its C B^T once per
-// head), and a prefill chunk of up to kRunChunks * Q tokens opens two parallel regions per layer,
-// not two per chunk (the C B^T of one (b, g) alone, outside a region, also ran the BLAS's own
-// threads on a 64 x 64 x 128 product). The forward alone keeps one run's C B^T; the backward
-// (keep_states) keeps all of them and the states.
+// head), and a prefill chunk of up to kRunChunks * Q tokens opens two parallel regions per layer
+// (three with the entering states' transposition), not two per chunk (the C B^T of one (b, g)
+// alone, outside a region, also ran the BLAS's own threads on a 64 x 64 x 128 product). The
+// forward alone keeps one run's C B^T; the backward (keep_states) keeps all of them and the
+// states.
 constexpr int64_t kRunChunks = 4;
 
 void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& dtp, float* ypre,
