@@ -130,7 +130,7 @@ std::vector<float> transpose_weight(const Tensor& weight, int64_t D, int64_t K) 
 // pre-activation forward (no SiLU): y (B, L, D). hist: history_rows of an initial state, or null
 // (zeros before t = 0).
 void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* bias, float* y,
-              const float* hist = nullptr) {
+              const float* hist = nullptr, bool silu = false) {
   const int64_t rows = c.B * c.L;
   parallel_for(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
                [&](int64_t r0, int64_t r1) {
@@ -146,6 +146,8 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
                    }
                    HWY_DYNAMIC_DISPATCH(TapsKernel)
                    (src.data(), wT, c.D, c.K, bias, y + r * c.D, c.D);
+                   // the activation on the row while it is in cache (and on every thread)
+                   if (silu) ops::silu(y + r * c.D, y + r * c.D, c.D);
                  }
                });
 }
@@ -160,8 +162,7 @@ Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bi
   const std::vector<float> hist =
       c.has_init ? history_rows(initial_state, c.B, c.D, c.K) : std::vector<float>();
   conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data(),
-           c.has_init ? hist.data() : nullptr);
-  if (silu) ops::silu(y.data(), y.data(), y.numel());
+           c.has_init ? hist.data() : nullptr, silu);
   return y;
 }
 

@@ -36,9 +36,19 @@ void check_eps(const char* what, float eps) {
 
 int64_t row_grain(int64_t d) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)); }
 
+// The sum of squares in 16 interleaved fp32 partial sums (element i into partial i % 16, which
+// the compiler keeps in one vector register), then the partials added in order and the tail:
+// a fixed order (the same bits on every run and thread count) without one long dependent chain
+// of adds (a sequential sum over a 1536-wide row took ~1.3 us, most of the gated norm).
 float group_rstd(const float* u, int64_t n, float eps) {
+  constexpr int64_t kLanes = 16;
+  float part[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int64_t l = 0; l < kLanes; ++l) part[l] += u[i + l] * u[i + l];
   float ss = 0.f;
-  for (int64_t i = 0; i < n; ++i) ss += u[i] * u[i];
+  for (int64_t l = 0; l < kLanes; ++l) ss += part[l];
+  for (; i < n; ++i) ss += u[i] * u[i];
   return 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
 }
 

@@ -186,17 +186,21 @@ struct ChunkFwd {
 };
 
 // Cumulative log-decay of one chunk in double, and the decay matrix E (Qc, Qc) lower triangle
-// (exp(cs_i - cs_j), j <= i; zero above), through the vectorised exp.
+// (exp(cs_i - cs_j), j <= i; zero above), through the vectorised exp: one call over the whole
+// block (the exponent clamped at 88, so the entries above the diagonal, zeroed after, stay finite)
+// rather than one per row, whose short rows ended in scalar exps (most of the cost).
 void chunk_decay(const float* dtp, int64_t stride, int64_t Qc, float A, std::vector<double>& cs,
                  float* E, int64_t Q) {
   double acc = 0;
   for (int64_t i = 0; i < Qc; ++i) acc += double(dtp[i * stride]) * A, cs[i] = acc;
   for (int64_t i = 0; i < Qc; ++i) {
     float* row = E + i * Q;
-    for (int64_t j = 0; j <= i; ++j) row[j] = static_cast<float>(std::min(cs[i] - cs[j], 88.0));
-    exp_inplace(row, i + 1);
-    for (int64_t j = i + 1; j < Qc; ++j) row[j] = 0.f;
+    const double ci = cs[i];
+    for (int64_t j = 0; j < Qc; ++j) row[j] = static_cast<float>(std::min(ci - cs[j], 88.0));
+    for (int64_t j = Qc; j < Q; ++j) row[j] = 0.f;  // the gap of a ragged chunk, kept finite
   }
+  exp_inplace(E, Qc * Q);
+  for (int64_t i = 0; i < Qc; ++i) std::fill(E + i * Q + i + 1, E + i * Q + Qc, 0.f);
 }
 
 void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& cb) {
@@ -213,91 +217,133 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
   });
 }
 
-// Chunk-major: for each chunk, C B^T of its (b, g) blocks, then every (b, h) in parallel. One
-// chunk's C B^T, B, C and X stay in cache for all heads, so the cost per token does not grow
-// with L (a head-major loop re-reads the whole sequence's C B^T once per head). The forward
-// alone keeps one chunk's C B^T; the backward (keep_states) keeps all of them and the states.
+// Chunks at a time: the chunks are taken in runs of kRunChunks; for each run, C B^T of its
+// chunks (every (b, g)) in one parallel region, then every (b, h) in parallel over the run's
+// chunks in order. One run's C B^T, B, C and X stay in cache for all heads, so the cost per token
+// does not grow with L (a head-major loop over the whole sequence re-reads its C B^T once per
+// head), and a prefill chunk of up to kRunChunks * Q tokens opens two parallel regions per layer
+// (three with the entering states' transposition), not two per chunk (the C B^T of one (b, g)
+// alone, outside a region, also ran the BLAS's own threads on a 64 x 64 x 128 product). The
+// forward alone keeps one run's C B^T; the backward (keep_states) keeps all of them and the
+// states.
+constexpr int64_t kRunChunks = 4;
+
 void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& dtp, float* ypre,
                      float* fin, ChunkFwd& cf, bool keep_states) {
   const int64_t B = d.B, L = d.L, H = d.H, P = d.P, G = d.G, N = d.N;
   const int64_t Q = std::max<int64_t>(1, std::min(a.chunk_size, L));
   const int64_t nc = (L + Q - 1) / Q;
   const int64_t HP = H * P, GN = G * N;
-  Tensor cb_chunk;  // (B, G, Q, Q): the current chunk's C B^T when not keeping all of them
+  Tensor cb_run;  // (B, G, kRunChunks, Q, Q): the run's C B^T (lower triangles) when not keeping
   if (keep_states) {
     compute_cb(a, d, Q, nc, cf.cb);
     cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
   } else {
-    cb_chunk = Tensor::empty({B * G * Q * Q});
+    cb_run = Tensor::empty({B * G * kRunChunks * Q * Q});
   }
-  Tensor hs_all = Tensor::empty({B * H * P * N});  // running state of every (b, h): (B, H, P, N)
-  if (a.initial_states.defined())
-    std::copy_n(a.initial_states.data(), B * H * P * N, hs_all.data());
-  else
+  // The running state of every (b, h), stored transposed, (B, H, N, P): the chunk's
+  // C S^T is then a plain (Qc, N) x (N, P) product (the BLAS's NT path on these small shapes
+  // was ~2x slower than its NN one).
+  Tensor hs_all = Tensor::empty({B * H * N * P});
+  auto transpose = [&](const float* src, float* dst, int64_t rows, int64_t cols) {
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t q = 0; q < cols; ++q) dst[q * rows + r] = src[r * cols + q];
+  };
+  if (a.initial_states.defined()) {
+    parallel_for(B * H, grain_for(P * N), [&](int64_t begin, int64_t end) {
+      for (int64_t bh = begin; bh < end; ++bh)
+        transpose(a.initial_states.data() + bh * P * N, hs_all.data() + bh * N * P, P, N);
+    });
+  } else {
     std::fill_n(hs_all.data(), B * H * P * N, 0.f);
+  }
+  // D is folded into the diagonal of M (y += (M + D I) X) when it is one scalar per head.
+  const bool d_in_m = a.D.defined() && !d.d_hdim;
 
-  for (int64_t c = 0; c < nc; ++c) {
-    const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+  for (int64_t r0 = 0; r0 < nc; r0 += kRunChunks) {
+    const int64_t r1 = std::min(nc, r0 + kRunChunks), nr = r1 - r0;
     if (!keep_states) {
-      parallel_for(B * G, grain_for(Q * Q * N), [&](int64_t begin, int64_t end) {
+      // C B^T, rows i and columns j <= i only (M reads nothing above the diagonal); each chunk
+      // in two row blocks of about equal triangle area, so a run of one chunk uses 2 threads.
+      parallel_for(B * G * nr * 2, 1, [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / G, g = i % G;
-          const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+          const int64_t half = i % 2, c = r0 + (i / 2) % nr, bg = i / (2 * nr);
+          const int64_t b = bg / G, g = bg % G;
+          const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+          const int64_t split = std::min(Qc, static_cast<int64_t>(std::lround(Qc * 0.7071)));
+          const int64_t i0 = half ? split : 0, i1 = half ? Qc : split;
+          if (i1 <= i0) continue;
+          const float* Cp = a.C.data() + ((b * L + t0 + i0) * G + g) * N;
           const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
-          gemm(false, true, Qc, Qc, N, 1.f, Cp, GN, Bp, GN, 0.f, cb_chunk.data() + i * Q * Q, Q);
+          float* out = cb_run.data() + ((bg * kRunChunks + (c - r0)) * Q + i0) * Q;
+          gemm(false, true, i1 - i0, i1, N, 1.f, Cp, GN, Bp, GN, 0.f, out, Q);
         }
       });
     }
-    parallel_for(B * H, grain_for(Q * P * N), [&](int64_t begin, int64_t end) {
+    parallel_for(B * H, grain_for(nr * Q * P * N), [&](int64_t begin, int64_t end) {
       // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
       thread_local std::vector<double> cs;
-      thread_local std::vector<float> E, M, Bw;
-      cs.resize(Q), E.resize(Q * Q), M.resize(Q * Q), Bw.resize(Q * N);
+      thread_local std::vector<float> E, M, Bw, dtv, ecs;
+      cs.resize(Q), E.resize(Q * Q), M.resize(Q * Q), Bw.resize(Q * N), dtv.resize(Q),
+          ecs.resize(Q);
       for (int64_t bh = begin; bh < end; ++bh) {
         const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
         const float A = a.A[hd];
-        float* hs = hs_all.data() + bh * P * N;
-        if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + c) * P * N);
-        const float* dtc = dtp.data() + (b * L + t0) * H + hd;
-        chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
-        const float* cbp = keep_states ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
-                                       : cb_chunk.data() + (b * G + g) * Q * Q;
-        for (int64_t i = 0; i < Qc; ++i)
-          for (int64_t j = 0; j < Qc; ++j)
-            M[i * Q + j] = cbp[i * Q + j] * E[i * Q + j] * dtc[j * H];
-        const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
-        const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
-        const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
-        float* yp = ypre + ((b * L + t0) * H + hd) * P;
-        // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
-        const bool zero_state = c == 0 && !a.initial_states.defined();
-        if (!zero_state) {
-          gemm(false, true, Qc, P, N, 1.f, Cp, GN, hs, N, 0.f, yp, HP);
+        const float* Dp = a.D.defined() ? a.D.data() + (d.d_hdim ? hd * P : hd) : nullptr;
+        float* hs = hs_all.data() + bh * N * P;  // S^T: (N, P)
+        for (int64_t c = r0; c < r1; ++c) {
+          const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
+          if (keep_states) transpose(hs, cf.states.data() + (bh * (nc + 1) + c) * P * N, N, P);
+          const float* dtc = dtp.data() + (b * L + t0) * H + hd;
+          for (int64_t j = 0; j < Qc; ++j) dtv[j] = dtc[j * H];
+          chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
+          const float* cbp = keep_states
+                                 ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
+                                 : cb_run.data() + ((b * G + g) * kRunChunks + (c - r0)) * Q * Q;
           for (int64_t i = 0; i < Qc; ++i) {
-            const float e = static_cast<float>(std::exp(std::min(cs[i], 88.0)));
-            for (int64_t p = 0; p < P; ++p) yp[i * HP + p] *= e;
+            float* Mi = M.data() + i * Q;
+            const float* ci = cbp + i * Q;
+            const float* ei = E.data() + i * Q;
+            for (int64_t j = 0; j <= i; ++j) Mi[j] = ci[j] * ei[j] * dtv[j];
+            for (int64_t j = i + 1; j < Qc; ++j) Mi[j] = 0.f;
+            if (d_in_m) Mi[i] += Dp[0];
           }
-        }
-        // intra-chunk: y += M X
-        gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
-        // skip connection: y += D x
-        if (a.D.defined()) {
-          for (int64_t i = 0; i < Qc; ++i)
-            for (int64_t p = 0; p < P; ++p)
-              yp[i * HP + p] += a.D[d.d_hdim ? hd * P + p : hd] * xp[i * HP + p];
-        }
-        // state: S = exp(cs_last) S + X^T diag(w) B
-        const double last = cs[Qc - 1];
-        for (int64_t j = 0; j < Qc; ++j) {
-          const float w = static_cast<float>(std::exp(std::min(last - cs[j], 88.0))) * dtc[j * H];
-          for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
-        }
-        const float el = static_cast<float>(std::exp(std::min(last, 88.0)));
-        for (int64_t i = 0; i < P * N; ++i) hs[i] *= el;
-        gemm(true, false, P, N, Qc, 1.f, xp, HP, Bw.data(), N, 1.f, hs, N);
-        if (c == nc - 1) {
-          if (keep_states) std::copy_n(hs, P * N, cf.states.data() + (bh * (nc + 1) + nc) * P * N);
-          if (fin) std::copy_n(hs, P * N, fin + bh * P * N);
+          const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
+          const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
+          const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
+          float* yp = ypre + ((b * L + t0) * H + hd) * P;
+          // exp(cs_i) (the last one is the chunk's decay of the entering state)
+          for (int64_t i = 0; i < Qc; ++i) ecs[i] = static_cast<float>(std::min(cs[i], 88.0));
+          exp_inplace(ecs.data(), Qc);
+          // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
+          const bool zero_state = c == 0 && !a.initial_states.defined();
+          if (!zero_state) {
+            gemm(false, false, Qc, P, N, 1.f, Cp, GN, hs, P, 0.f, yp, HP);
+            for (int64_t i = 0; i < Qc; ++i) {
+              const float e = ecs[i];
+              float* yi = yp + i * HP;
+              for (int64_t p = 0; p < P; ++p) yi[p] *= e;
+            }
+          }
+          // intra-chunk (and the skip connection when D is in M): y += M X
+          gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
+          // skip connection with D (H, P): y += D x
+          if (Dp && !d_in_m) {
+            for (int64_t i = 0; i < Qc; ++i)
+              for (int64_t p = 0; p < P; ++p) yp[i * HP + p] += Dp[p] * xp[i * HP + p];
+          }
+          // state: S^T = exp(cs_last) S^T + (diag(w) B)^T X, w_j = exp(cs_last - cs_j) dt_j (the
+          // last row of E)
+          const float* elast = E.data() + (Qc - 1) * Q;
+          for (int64_t j = 0; j < Qc; ++j) {
+            const float w = elast[j] * dtv[j];
+            for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
+          }
+          gemm(true, false, N, P, Qc, 1.f, Bw.data(), N, xp, HP, ecs[Qc - 1], hs, P);
+          if (c == nc - 1) {
+            if (keep_states) transpose(hs, cf.states.data() + (bh * (nc + 1) + nc) * P * N, N, P);
+            if (fin) transpose(hs, fin + bh * P * N, N, P);
+          }
         }
       }
     });
