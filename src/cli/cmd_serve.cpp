@@ -1,6 +1,7 @@
 // mambacpp serve: an OpenAI-compatible HTTP server (src/serve/, docs/SERVING.md) with continuous
 // batching of recurrent states and a prefix-state cache. Built only when cpp-httplib is found
 // (MAMBA_HAVE_SERVE); otherwise the command says how to get it.
+#include <algorithm>
 #include <csignal>
 #include <cstdio>
 #include <memory>
@@ -25,7 +26,7 @@ struct ServeOpts {
                                         chat_template;
   int port = 8080, threads = 0;
   int64_t max_batch = 16, max_queue = 64, prefix_cache_mib = 256, max_body_kib = 1024,
-          max_tokens = 4096, max_prompt_tokens = 8192;
+          max_tokens = 4096, max_prompt_tokens = 8192, tensor_cache_mib = 128;
   // serve::EngineOptions' defaults (engine.h is not included without cpp-httplib)
   struct {
     int64_t cache_block = 384, prefill_chunk = MambaLM::kDefaultPrefillChunk,
@@ -88,6 +89,13 @@ Command add_serve(CLI::App& app) {
                   "many tokens per chunk over all rows")
       ->capture_default_str()
       ->check(CLI::Range(int64_t{1}, int64_t{1} << 30));
+  sub->add_option(
+         "--tensor-cache-mib", o->tensor_cache_mib,
+         "freed tensor memory kept for reuse, at most this many MiB (0 = none): the batch changes "
+         "shape with every join and leave, so a large cache fills with blocks of "
+         "sizes that rarely come back")
+      ->capture_default_str()
+      ->check(CLI::Range(int64_t{0}, int64_t{1} << 30));
   sub->add_option("--api-key", o->api_key,
                   "require 'Authorization: Bearer KEY' on every endpoint but /health");
   sub->add_option("--max-body-kib", o->max_body_kib, "largest request body (KiB); beyond: 413")
@@ -116,6 +124,10 @@ Command add_serve(CLI::App& app) {
             pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
             std::signal(SIGPIPE, SIG_IGN);  // a client gone mid-write is an error return
             set_num_threads(o->threads);
+            // Only ever lowered: sanitizer builds keep it off (a reused block would hide a use
+            // after free).
+            os::set_tensor_cache_limit(std::min(
+                os::tensor_cache_limit(), static_cast<uint64_t>(o->tensor_cache_mib) << 20));
             MambaLM lm = o->config.empty()
                              ? load_model(o->model, o->dtype)
                              : MambaLM(ModelConfig::load(o->config), 0,
