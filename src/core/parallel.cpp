@@ -25,9 +25,14 @@ namespace detail {
 
 namespace {
 
-// Pauses before a waiting thread sleeps: ~5 ms, as libgomp spins; ~20 us when the team has more
-// threads than the machine has cores (libgomp throttles its spinning there too), where a
-// spinning thread would hold the core the thread it waits for needs.
+// Pauses before a waiting thread sleeps: at most ~5 ms, as libgomp spins; ~20 us when the team
+// has more threads than the machine has cores (libgomp throttles its spinning there too), where a
+// spinning thread would hold the core the thread it waits for needs. Between the two, each thread
+// adapts its own budget (kept across teams, so across decode tokens): a wait that had to sleep
+// halves it, a wait that ended while spinning doubles it. On an idle machine hand-offs come within
+// microseconds and the budget stays at the top; on a machine loaded by other processes the thread
+// waited for is often not running, spinning for it only holds the core it needs, and the budget
+// falls to the bottom. Only timing depends on it, never a result.
 constexpr int kSpinRounds = 1 << 18, kSpinRoundsOversubscribed = 1 << 10;
 
 // with_team's state, on its master's stack. The master publishes a task (fn, n, chunks) and bumps
@@ -56,6 +61,27 @@ inline void cpu_relax() {
 #endif
 }
 
+thread_local int tl_spin_budget = kSpinRounds;
+
+// Spins (cpu_relax) while pending() and the budget lasts, then sleeps with sleep() until
+// pending() is false; adapts this thread's budget, capped at `top`.
+template <class Pending, class Sleep>
+void spin_then_sleep(int top, Pending pending, Sleep sleep) {
+  const int budget = std::min(tl_spin_budget, top);
+  int rounds = 0;
+  bool slept = false;
+  while (pending()) {
+    if (++rounds < budget) {
+      cpu_relax();
+    } else {
+      slept = true;
+      sleep();
+    }
+  }
+  tl_spin_budget = slept ? std::max(kSpinRoundsOversubscribed, budget / 2)
+                         : std::min(kSpinRounds, std::max(budget, kSpinRoundsOversubscribed) * 2);
+}
+
 void run_range(int64_t n, int64_t chunks, int64_t c, const RangeFnRef& fn) {
   const int64_t b = n * c / chunks, e = n * (c + 1) / chunks;
   if (b < e) fn(b, e);
@@ -64,14 +90,14 @@ void run_range(int64_t n, int64_t chunks, int64_t c, const RangeFnRef& fn) {
 void team_worker(Team& t, int tid) {
   uint32_t seen = 0;
   for (;;) {
-    int rounds = 0;
-    while (t.seq.load(std::memory_order_acquire) == seen) {
-      if (t.stop.load(std::memory_order_acquire)) return;
-      if (++rounds < t.spin)
-        cpu_relax();
-      else
-        t.seq.wait(seen, std::memory_order_acquire);  // woken by a new task or by stop
-    }
+    spin_then_sleep(
+        t.spin,
+        [&] {
+          return t.seq.load(std::memory_order_acquire) == seen &&
+                 !t.stop.load(std::memory_order_acquire);
+        },
+        // woken by a new task or by stop (team_stop bumps seq)
+        [&] { t.seq.wait(seen, std::memory_order_acquire); });
     if (t.stop.load(std::memory_order_acquire)) return;
     seen = t.seq.load(std::memory_order_acquire);
     if (tid < t.chunks) run_range(t.n, t.chunks, tid, t.fn);
@@ -88,13 +114,10 @@ void team_run(Team& t, int64_t n, int64_t chunks, RangeFnRef fn) {
   tl_team = nullptr;  // a parallel_for inside the range runs inline, as on the other threads
   run_range(n, chunks, 0, fn);
   tl_team = &t;
-  int rounds = 0;
-  for (int d; (d = t.done.load(std::memory_order_acquire)) < t.size - 1;) {
-    if (++rounds < t.spin)
-      cpu_relax();
-    else
-      t.done.wait(d, std::memory_order_acquire);
-  }
+  int d = 0;
+  spin_then_sleep(
+      t.spin, [&] { return (d = t.done.load(std::memory_order_acquire)) < t.size - 1; },
+      [&] { t.done.wait(d, std::memory_order_acquire); });
 }
 
 void team_stop(Team& t) {
