@@ -32,29 +32,6 @@ TEST(Elementwise, AddMulCopyAndNegExp) {
   test::expect_error([&] { ops::add_into(a, Tensor({7, 3})); }, {"add_into", "(7,3)"});
 }
 
-// split_cols = contiguous() of each cols() view, on a contiguous (B, L, W) tensor (rows enough
-// to be split over the threads) and on a strided view; widths of 0 and errors.
-TEST(Elementwise, SplitColsEqualsContiguousColumnViews) {
-  Rng rng(7);
-  Tensor x = test::randn({2, 1000, 41}, rng);  // 2000 rows: > 2 x the grain (16384 / 25)
-  const int64_t w[] = {5, 0, 17, 3};
-  std::vector<Tensor> p = ops::split_cols(x, 2, w);
-  ASSERT_EQ(p.size(), 4u);
-  int64_t c = 2;
-  for (size_t k = 0; k < 4; ++k) {
-    EXPECT_EQ(p[k].shape(), Shape({2, 1000, w[k]}));
-    EXPECT_TRUE(test::all_close(p[k], x.cols(c, w[k]).contiguous(), {0, 0}, "block"));
-    c += w[k];
-  }
-  Tensor view = x.reshape({2000, 41}).cols(3, 30);  // strided rows
-  const int64_t w2[] = {10, 20};
-  std::vector<Tensor> q = ops::split_cols(view, 0, w2);
-  EXPECT_TRUE(test::all_close(q[0], x.reshape({2000, 41}).cols(3, 10).contiguous(), {0, 0}, "v0"));
-  EXPECT_TRUE(test::all_close(q[1], x.reshape({2000, 41}).cols(13, 20).contiguous(), {0, 0}, "v1"));
-  const int64_t too_wide[] = {30, 12};
-  test::expect_error([&] { ops::split_cols(x, 0, too_wide); }, {"split_cols", "42", "41"});
-}
-
 TEST(Elementwise, BiasOpsMatchLoopsOnViews) {
   Rng rng(2);
   for (int64_t M : {1, 5, 33}) {

@@ -4,7 +4,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
 
 #include "mamba/rng.h"
 #include "mamba/trace.h"
@@ -162,15 +161,15 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
 
-  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], split into its column
-  // blocks; the ops below that read them take contiguous inputs (split_cols: one parallel pass).
+  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], split into column views;
+  // the ops below that read them take contiguous inputs (contiguous() copies).
   Tensor zxbcdt = ops::linear(hidden, in_w_->value, optional_f32(in_b_));
   if (tr) trace::op("in_proj", {hidden.shape()}, {zxbcdt.shape()});
-  const int64_t widths[] = {dmlp, dmlp, dssm, cd, H};
-  std::vector<Tensor> parts = ops::split_cols(zxbcdt, 0, widths);
   Tensor z0, x0;
-  if (dmlp > 0) z0 = parts[0], x0 = parts[1];
-  Tensor z = parts[2], xbc_raw = parts[3], dt = parts[4];
+  if (dmlp > 0) z0 = zxbcdt.cols(0, dmlp).contiguous(), x0 = zxbcdt.cols(dmlp, dmlp).contiguous();
+  Tensor z = zxbcdt.cols(2 * dmlp, dssm).contiguous();
+  Tensor xbc_raw = zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
+  Tensor dt = zxbcdt.cols(2 * dmlp + dssm + cd, H).contiguous();
   if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
   // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN), continued from init's window if given
   Tensor xbc = ops::causal_conv1d_fwd(xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
@@ -183,11 +182,9 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
     ops::causal_conv1d_advance_state(state->conv_state, xbc_raw);
   }
   if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc.shape()});
-  const int64_t xbc_widths[] = {dssm, G * N, G * N};
-  std::vector<Tensor> xbc_parts = ops::split_cols(xbc, 0, xbc_widths);
-  Tensor x = xbc_parts[0].reshape({B, L, H, P});
-  Tensor Bm = xbc_parts[1].reshape({B, L, G, N});
-  Tensor Cm = xbc_parts[2].reshape({B, L, G, N});
+  Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, L, H, P});
+  Tensor Bm = xbc.cols(dssm, G * N).contiguous().reshape({B, L, G, N});
+  Tensor Cm = xbc.cols(dssm + G * N, G * N).contiguous().reshape({B, L, G, N});
   // ssd: y (B, L, H, P)
   ops::SsdArgs args = ssd_args(x, dt, Bm, Cm, z.reshape({B, L, H, P}));
   if (init) args.initial_states = init->ssm_state;

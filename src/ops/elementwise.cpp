@@ -82,40 +82,6 @@ void copy_into(const Tensor& dst, const Tensor& src) {
   d.copy_from(src);
 }
 
-std::vector<Tensor> split_cols(const Tensor& x, int64_t c0, std::span<const int64_t> widths) {
-  check_defined(x, "split_cols");
-  MAMBA_CHECK(x.ndim() >= 1, "split_cols: x must have a last dimension, got ", x.shape_str());
-  const int64_t W = x.dim(-1);
-  int64_t total = 0;
-  for (int64_t w : widths) {
-    MAMBA_CHECK(w >= 0, "split_cols: negative width ", w);
-    total += w;
-  }
-  MAMBA_CHECK(c0 >= 0 && c0 + total <= W, "split_cols: columns [", c0, ", ", c0 + total,
-              ") out of the last dimension ", W, " of ", x.shape_str());
-  std::vector<Tensor> out;
-  out.reserve(widths.size());
-  for (int64_t w : widths) {
-    Shape s = x.shape();
-    s.back() = w;
-    out.push_back(Tensor::empty(s));
-  }
-  const int64_t rows = W ? x.numel() / W : 0, ld = x.row_stride();
-  const float* src = x.view_data();
-  parallel_for(rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(total, 1)),
-               [&](int64_t r0, int64_t r1) {
-                 for (int64_t r = r0; r < r1; ++r) {
-                   const float* sr = src + r * ld + c0;
-                   for (size_t k = 0; k < widths.size(); ++k) {
-                     const int64_t w = widths[k];
-                     std::copy_n(sr, w, out[k].data() + r * w);
-                     sr += w;
-                   }
-                 }
-               });
-  return out;
-}
-
 Tensor neg_exp(const Tensor& x) {
   check_defined(x, "neg_exp");
   Tensor a = Tensor::empty(x.shape());

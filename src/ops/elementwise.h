@@ -21,10 +21,6 @@ void add_mul_into(const Tensor& dst, const Tensor& a, const Tensor& b);
 Tensor mul(const Tensor& a, const Tensor& b);
 // dst = src (same shape; either may be a strided view: put_cols-style writes into column blocks).
 void copy_into(const Tensor& dst, const Tensor& src);
-// The column blocks [c0, c0 + w_0), [c0 + w_0, c0 + w_0 + w_1), ... of x (..., W) (contiguous or
-// a strided view) as fresh contiguous tensors (..., w_k), in one pass over x's rows, parallel
-// over the rows: what contiguous() on each cols() view gives, without one serial copy each.
-std::vector<Tensor> split_cols(const Tensor& x, int64_t c0, std::span<const int64_t> widths);
 // -exp(x): neg_exp with libm's expf; neg_exp_fast with the vectorised exp (ops::exp_inplace,
 // ~1 ulp from libm; Mamba-1's A = -exp(A_log) on every decode step).
 Tensor neg_exp(const Tensor& x);

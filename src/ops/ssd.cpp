@@ -21,6 +21,7 @@
 #include "core/gemm.h"
 #include "mamba/parallel.h"
 #include "ops/act.h"
+#include "ops/conv2d.h"  // transpose_last2
 
 // The decode kernel (compiled once per SIMD target): for each of the P rows of one head's
 // state, s = s * dA + (dt x_p) B and y_p = s . C, in one pass over the row.
@@ -244,19 +245,13 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
   // The running state of every (b, h), stored transposed, (B, H, N, P): the chunk's
   // C S^T is then a plain (Qc, N) x (N, P) product (the BLAS's NT path on these small shapes
   // was ~2x slower than its NN one).
-  Tensor hs_all = Tensor::empty({B * H * N * P});
+  Tensor hs_all = a.initial_states.defined()
+                      ? transpose_last2(a.initial_states.contiguous().reshape({B * H, P, N}))
+                      : Tensor::zeros({B * H, N, P});
   auto transpose = [&](const float* src, float* dst, int64_t rows, int64_t cols) {
     for (int64_t r = 0; r < rows; ++r)
       for (int64_t q = 0; q < cols; ++q) dst[q * rows + r] = src[r * cols + q];
   };
-  if (a.initial_states.defined()) {
-    parallel_for(B * H, grain_for(P * N), [&](int64_t begin, int64_t end) {
-      for (int64_t bh = begin; bh < end; ++bh)
-        transpose(a.initial_states.data() + bh * P * N, hs_all.data() + bh * N * P, P, N);
-    });
-  } else {
-    std::fill_n(hs_all.data(), B * H * P * N, 0.f);
-  }
   // D is folded into the diagonal of M (y += (M + D I) X) when it is one scalar per head.
   const bool d_in_m = a.D.defined() && !d.d_hdim;
 
