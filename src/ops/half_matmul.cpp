@@ -81,9 +81,20 @@ HWY_INLINE float WToF32(WElem<K> h) {
     return K == kBF16K ? bf16_to_f32(h) : f16_to_f32(h);
 }
 
+// The weight prefetch of one tile. pf == nullptr (a single tile of inputs, e.g. M = 1): each
+// k step prefetches the next RT rows at that k, so the next tile's rows arrive while this one is
+// multiplied. Otherwise (several input tiles read the same RT rows: the first reads them from
+// memory, the others from L1) every tile streams its own share of the next RT rows: pf is that
+// share's start and each k step prefetches the adv bytes that follow, so the memory reads are
+// spread over all the tiles instead of being bunched in the first one.
+struct TilePrefetch {
+  const char* pf = nullptr;
+  int64_t adv = 0;
+};
+
 template <int K, int MT, int RT>
 HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const WElem<K>* w,
-                     float* y) {
+                     float* y, TilePrefetch tp = {}) {
   [[maybe_unused]] constexpr bool kBF16 = K == kBF16K;
   const hn::ScalableTag<float> df;
   using V = hn::Vec<decltype(df)>;
@@ -102,7 +113,12 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const W
       V we[RT], wo[RT];
       // The next tile's rows (RT rows further on) are fetched while this one is multiplied:
       // decode is bound by the weight bytes, and the rows are short (a few KB) streams.
-      for (int r = 0; r < RT; ++r) hwy::Prefetch(w + (RT + r) * cols + k);
+      if (tp.pf == nullptr) {
+        for (int r = 0; r < RT; ++r) hwy::Prefetch(w + (RT + r) * cols + k);
+      } else {
+        const char* q = tp.pf + (k / (2 * NL)) * tp.adv;
+        for (int64_t o = 0; o < tp.adv; o += 64) hwy::Prefetch(q + o);
+      }
       for (int r = 0; r < RT; ++r) {
         const auto u = hn::BitCast(du32, hn::LoadU(du16, w + r * cols + k));
         we[r] = hn::BitCast(df, hn::ShiftLeft<16>(u));
@@ -120,7 +136,12 @@ HWY_INLINE void Tile(const GemvArgs& a, const float* x, const float* xd, const W
   {
     for (; k + NL <= cols; k += NL) {
       V wv[RT];
-      for (int r = 0; r < RT; ++r) hwy::Prefetch(w + (RT + r) * cols + k);
+      if (tp.pf == nullptr) {
+        for (int r = 0; r < RT; ++r) hwy::Prefetch(w + (RT + r) * cols + k);
+      } else {
+        const char* q = tp.pf + (k / NL) * tp.adv;
+        for (int64_t o = 0; o < tp.adv; o += 64) hwy::Prefetch(q + o);
+      }
       for (int r = 0; r < RT; ++r) wv[r] = LoadW<K>(df, w + r * cols + k);
       for (int m = 0; m < MT; ++m) {
         const V xv = hn::LoadU(df, x + m * a.ldx + k);
@@ -161,8 +182,26 @@ HWY_INLINE void ForEachRowTile(int64_t M, F&& tile) {
 
 template <int K, int RT>
 HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float* y) {
+  const int64_t tiles = (M + 3) / 4;
+  if (tiles <= 1) {
+    ForEachRowTile(M, [&](int64_t m, auto mt) {
+      Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
+    });
+    return;
+  }
+  // Several input tiles: the next RT rows (contiguous) split in `tiles` shares, one per tile,
+  // each streamed over the tile's k steps (TilePrefetch).
+  const hn::ScalableTag<float> df;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t kstep = (K == kBF16K && kPairedBF16) ? 2 * NL : NL;
+  const int64_t steps = std::max<int64_t>(1, a.cols / kstep);
+  const int64_t next = RT * a.cols * static_cast<int64_t>(sizeof(WElem<K>));
+  const int64_t share = (next + tiles - 1) / tiles;
+  const int64_t adv = std::max<int64_t>(1, (share + steps - 1) / steps);
+  const char* nb = reinterpret_cast<const char*>(w + RT * a.cols);
   ForEachRowTile(M, [&](int64_t m, auto mt) {
-    Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy);
+    const TilePrefetch tp{nb + (m / 4) * share, adv};
+    Tile<K, decltype(mt)::value, RT>(a, a.x + m * a.ldx, a.xd + m * a.ldxd, w, y + m * a.ldy, tp);
   });
 }
 

@@ -655,7 +655,7 @@ void StateUpdateKernel(const StepPlan& p) {
                  // The per-channel scalars first, vectorised over channels: delta (bias +
                  // softplus, NaN kept as in the scan) and the gate silu(z); then one state row
                  // (N) per channel.
-                 constexpr int64_t kBlk = 512;
+                 constexpr int64_t kBlk = 512, kAhead = 32;
                  alignas(64) float dtb[kBlk], gb[kBlk];
                  for (int64_t c0 = i0; c0 < i1; c0 += kBlk) {
                    const int64_t c1 = std::min(i1, c0 + kBlk);
@@ -689,6 +689,9 @@ void StateUpdateKernel(const StepPlan& p) {
                      const float* Cp = p.C + (b * GC + (GC == 1 ? 0 : dd / per_gc)) * N;
                      const float* Ap = p.A + dd * N;
                      float* h = p.state + i * N;
+                     // The state streams from memory (a batch of sequences' states is tens of
+                     // MB): fetch the row kAhead channels on, or each miss waits its latency.
+                     hwy::Prefetch(h + kAhead * N);
                      const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
                      VF acc = hn::Zero(d);
                      int64_t n = 0;
