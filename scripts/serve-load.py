@@ -4,8 +4,9 @@
 Starts `mambacpp serve --config <mamba-130m shapes, random weights> --port 0`, then:
   1. streams (after one untimed warm-up request): for C in 1, 4, 16, 64 concurrent streaming
      clients, each sends one greedy request (a 32-token prompt of distinct random ids, --gen
-     tokens); reports aggregate decode tok/s
-     (generated tokens / wall time of the round), p50/p99 time to first token and p50/p99
+     tokens); reports aggregate tok/s (generated tokens / wall time of the round, prompts'
+     prefill included), decode tok/s (each stream's tokens after its first / the time from its
+     first token to its last, summed over the streams), p50/p99 time to first token and p50/p99
      inter-token latency (the gap between streamed chunks, divided by the tokens they carry),
      and the server's own prefill seconds / prefill calls and decode seconds / steps in the
      round (from /metrics; prefill chunks and decode steps take turns on the cores, so the two
@@ -253,13 +254,13 @@ def streams_part(a, port, rng, pid=None):
     print("\n## 1. concurrent streams (" + (f"the server at {a.url}" if EXTERNAL else
                                            f"mamba-130m shapes, random weights, {a.dtype}") +
           f", prompt 32 tokens, {a.gen} generated, greedy)")
-    print("| streams | aggregate decode tok/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
-          "server: prefill s / calls, decode s / steps | server CPU s |")
-    print("|---|---|---|---|---|---|")
+    print("| streams | aggregate tok/s (vs 1) | decode tok/s (vs 1) | TTFT p50 / p99 (s) | "
+          "ITL p50 / p99 (ms) | server: prefill s / calls, decode s / steps | server CPU s |")
+    print("|---|---|---|---|---|---|---|")
     # Warm-up, untimed: the server's first request pays its first-touch page faults (its
     # prefill took 0.35 s instead of 0.13 s), which would slow the 1-stream round alone.
     stream_one(port, [rng.randrange(50277) for _ in range(32)], 4)
-    base = None
+    base = dbase = None
     for C in [int(x) for x in a.streams.split(",")]:
         prompts = [[rng.randrange(50277) for _ in range(32)] for _ in range(C)]
         m0 = server_metrics(port)
@@ -278,11 +279,18 @@ def streams_part(a, port, rng, pid=None):
         gaps = [g for r in res for g in r[1]]
         tps = toks / wall
         base = base or tps
+        # Decode: each stream's tokens after its first over the time from its first token to
+        # its last, summed over the streams (the rate at which the running streams get tokens;
+        # the prompts' prefill, which the aggregate column includes, is outside every stream's
+        # window except where it delays the streams already running).
+        dps = sum(len(r[1]) / sum(r[1]) for r in res if r[1] and sum(r[1]) > 0)
+        dbase = dbase or dps
         srv = "-" if EXTERNAL else (f"{d('mambacpp_prefill_seconds_total'):.2f} / "
                                     f"{d('mambacpp_prefill_calls_total'):.0f}, "
                                     f"{d('mambacpp_decode_seconds_total'):.2f} / "
                                     f"{d('mambacpp_decode_steps_total'):.0f}")
-        print(f"| {C} | {tps:.1f} ({tps / base:.2f}x) | {pct(ttft, .5):.2f} / "
+        print(f"| {C} | {tps:.1f} ({tps / base:.2f}x) | {dps:.1f} ({dps / dbase:.2f}x) | "
+              f"{pct(ttft, .5):.2f} / "
               f"{pct(ttft, .99):.2f} | {1e3 * pct(gaps, .5):.0f} / {1e3 * pct(gaps, .99):.0f} | "
               f"{srv} | {cpu:.2f} |", flush=True)
 
@@ -298,6 +306,9 @@ def main():
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="measure only a stream's gaps while a prompt of this many tokens arrives")
     ap.add_argument("--server-args", default="", help="extra options for mambacpp serve")
+    ap.add_argument("--fault-kinds", default="",
+                    help="part 2 sends only these kinds (comma-separated: good, good_stream, zero, "
+                         "malformed, oversize, badtype, huge, disconnect)")
     ap.add_argument("--url", default="",
                     help="drive this already-running OpenAI-compatible server instead (e.g. "
                          "llama.cpp's llama-server, http://127.0.0.1:PORT): part 1 only")
@@ -317,11 +328,12 @@ def main():
         json.dump(MAMBA_130M, f)
     log = open(os.path.join(tmp, "server.log"), "w+")
     body_kib = max(64, a.long_prompt * 8 // 1024)
+    extra = a.server_args.split()
+    cache = [] if "--prefix-cache-mib" in extra else ["--prefix-cache-mib", "512"]
     srv = subprocess.Popen([a.bin, "serve", "--config", cfg, "--port", "0", "--dtype", a.dtype,
-                            "--max-batch", "64", "--max-queue", "512", "--prefix-cache-mib", "512",
-                            "--max-body-kib", str(body_kib), "--max-tokens-limit", "2000000",
-                            "--max-prompt-tokens", str(max(8192, a.long_prompt))] +
-                           a.server_args.split(),
+                            "--max-batch", "64", "--max-queue", "512"] + cache +
+                           ["--max-body-kib", str(body_kib), "--max-tokens-limit", "2000000",
+                            "--max-prompt-tokens", str(max(8192, a.long_prompt))] + extra,
                            stdout=subprocess.PIPE, stderr=log, text=True)
     line = srv.stdout.readline()
     m = re.search(r"listening on http://127.0.0.1:(\d+)", line)
@@ -345,6 +357,8 @@ def main():
         prompts = [[rng.randrange(50277) for _ in range(8)] for _ in range(32)]
         kinds = (["good"] * 30 + ["good_stream"] * 10 + ["zero"] * 10 + ["malformed"] * 15 +
                  ["oversize"] * 10 + ["badtype"] * 10 + ["huge"] * 10 + ["disconnect"] * 5)
+        if a.fault_kinds:  # only these (to find which kind of request a memory growth follows)
+            kinds = [k for k in kinds if k in a.fault_kinds.split(",")]
         counts = {}
         bad = {}
         lock = threading.Lock()
@@ -360,8 +374,8 @@ def main():
                         return
                     done[0] += 1
                     i = done[0]
-                if i == 1000:
-                    rss["warm"] = rss_of(srv.pid)
+                if i % 1000 == 0:  # the trajectory: flat after warm-up, or growing?
+                    rss[i] = rss_of(srv.pid)
                 k = r.choice(kinds)
                 wf, good = fault_request(port, k, prompts, body_kib * 1024)
                 with lock:
@@ -382,9 +396,10 @@ def main():
               ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
         print(f"well-formed: {wf_n}, failed: {wf_bad}; unexpected answers to faulty ones: " +
               str({k: v for k, v in bad.items() if k not in ("good", "good_stream", "zero")}))
-        if "warm" in rss:
-            print(f"server RSS after 1000 requests {rss['warm'] / 2**20:.0f} MiB, at the end "
-                  f"{rss['end'] / 2**20:.0f} MiB")
+        if 1000 in rss:
+            print(f"server RSS after 1000 requests {rss[1000] / 2**20:.0f} MiB, at the end "
+                  f"{rss['end'] / 2**20:.0f} MiB; every 1000 requests: " +
+                  " ".join(f"{rss[k] / 2**20:.0f}" for k in sorted(k for k in rss if k != "end")))
         ok = wf_bad == 0
     finally:
         srv.terminate()

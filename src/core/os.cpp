@@ -175,6 +175,10 @@ void keep_freed_memory() {
 
 void release_freed_memory() {
   clear_tensor_cache();
+  trim_freed_memory();
+}
+
+void trim_freed_memory() {
 #if defined(__GLIBC__)
   malloc_trim(0);
 #endif

@@ -51,6 +51,11 @@ void keep_freed_memory();
 // converted to 16 bits and released, which keep_freed_memory would otherwise keep resident).
 // Also empties the tensor cache below.
 void release_freed_memory();
+// The same without touching the tensor cache: only the allocator's free memory goes back (glibc
+// malloc_trim, a walk over the free lists, about a millisecond; a no-op elsewhere). For a
+// long-running process (the server) after a peak, so its resident memory follows what it holds
+// now rather than the most it ever held.
+void trim_freed_memory();
 
 // The tensor cache: the storage of freed tensors of 128 KiB and more is kept, up to a limit, and
 // reused by the next tensor it fits (at most 1/8 larger), so the activations of repeated calls

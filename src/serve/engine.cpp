@@ -5,6 +5,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "core/os.h"
 #include "mamba/error.h"
 #include "mamba/parallel.h"
 
@@ -506,6 +507,7 @@ void Engine::decode_loop() {
   std::vector<std::unique_ptr<Job>> running;
   std::vector<char> done;  // per row: finished at the last step
   LMState batch;
+  int64_t peak_batch = 0;  // the largest batch since the memory was last trimmed
   const int64_t Vp = lm_.vocab();
   for (;;) {
     std::vector<std::unique_ptr<Job>> joining;
@@ -548,6 +550,15 @@ void Engine::decode_loop() {
         }
         batch = std::move(nb);
         done.assign(keep.size(), 0);
+        // The process keeps freed memory (os::keep_freed_memory, set for every command): after a
+        // peak (the batch down to half its largest size since the last trim, or empty) the
+        // allocator's free memory goes back, so the resident memory follows the load instead of
+        // its high-water mark (docs/SERVING.md).
+        if (left > 0 && B <= peak_batch / 2) {
+          os::trim_freed_memory();
+          peak_batch = B;
+        }
+        peak_batch = std::max(peak_batch, B);
         if (left > 0) {
           std::lock_guard<std::mutex> lk(mu_);
           in_flight_ -= left;
