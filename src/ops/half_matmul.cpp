@@ -209,6 +209,8 @@ HWY_INLINE void RowBlock(const GemvArgs& a, int64_t M, const WElem<K>* w, float*
 template <int K>
 void GemvRowsT(const GemvArgs& a, int64_t M, const WElem<K>* W, int64_t rb, int64_t re) {
   int64_t r = rb;
+  if (K == kF32 && M > 4)
+    for (; r + 6 <= re; r += 6) RowBlock<K, 6>(a, M, W + r * a.cols, a.y + r);
   for (; r + 4 <= re; r += 4) RowBlock<K, 4>(a, M, W + r * a.cols, a.y + r);
   for (; r < re; ++r) RowBlock<K, 1>(a, M, W + r * a.cols, a.y + r);
 }
