@@ -170,11 +170,17 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
                    : Tensor();
     return ops::linear(hidden, in_w_->value.rows(c0, n), b);
   };
-  Tensor z0, x0;
-  if (dmlp > 0) z0 = in_proj(0, dmlp), x0 = in_proj(dmlp, dmlp);
-  Tensor z = in_proj(2 * dmlp, dssm);
-  Tensor xbc_raw = in_proj(2 * dmlp + dssm, cd);
-  Tensor dt = in_proj(2 * dmlp + dssm + cd, H);
+  Tensor z0, x0, z, xbc_raw, dt;
+  if (!in_b_) {  // one product (ops::linear_split), x packed once
+    std::vector<Tensor> p = ops::linear_split(hidden, in_w_->value, {dmlp, dmlp, dssm, cd, H});
+    if (dmlp > 0) z0 = p[0], x0 = p[1];
+    z = p[2], xbc_raw = p[3], dt = p[4];
+  } else {
+    if (dmlp > 0) z0 = in_proj(0, dmlp), x0 = in_proj(dmlp, dmlp);
+    z = in_proj(2 * dmlp, dssm);
+    xbc_raw = in_proj(2 * dmlp + dssm, cd);
+    dt = in_proj(2 * dmlp + dssm + cd, H);
+  }
   if (tr) trace::op("in_proj", {hidden.shape()}, {{B, L, cfg_.d_in_proj()}});  // in column blocks
   // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN), continued from init's window if given
   // (written straight to its x, B and C blocks)

@@ -100,8 +100,10 @@ struct Aligned {  // a grow-only aligned buffer kept per thread across calls
   }
 };
 
+// outs (nouts > 0): y's columns in blocks, columns [n_0 + ... + n_{i-1}, + n_i) to outs[i] (y and
+// ldy unused); else y (M, N) [ldy].
 void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
-                  float* y, int64_t ldy, bool accumulate) {
+                  float* y, int64_t ldy, bool accumulate, const GemmNtOut* outs, int64_t nouts) {
   const hn::ScalableTag<float> df;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
   const int64_t np = (M + MP - 1) / MP;                  // panels of x rows
@@ -162,15 +164,33 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
       for (int64_t g0 = 0; g0 < np; g0 += G)
         for (int64_t b = c0; b < c1; ++b) {
           const int64_t n0 = b * kNB, nr = std::min(kNB, N - n0);
+          // column n0 + j of y: yc[j][m * yld[j]]
+          float* yc[kNB];
+          int64_t yld[kNB];
+          for (int64_t j = 0, o = 0, ob = 0; j < nr; ++j) {
+            if (!outs) {
+              yc[j] = y + n0 + j, yld[j] = ldy;
+              continue;
+            }
+            while (o + 1 < nouts && n0 + j >= ob + outs[o].n) ob += outs[o++].n;
+            yc[j] = outs[o].y + (n0 + j - ob), yld[j] = outs[o].ldy;
+          }
           for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
             TileRows(xp + p * MP * K, w0 + (n0 - r0) * ldw, ldw, nr, K, tile);
             const int64_t mr = std::min(MP, M - p * MP);  // tile[j][i] -> y[p*MP + i][n0 + j]
-            for (int64_t i = 0; i < mr; ++i) {
-              float* yr = y + (p * MP + i) * ldy + n0;
-              if (accumulate)
-                for (int64_t j = 0; j < nr; ++j) yr[j] += tile[j * MP + i];
-              else
-                for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
+            if (!outs) {
+              for (int64_t i = 0; i < mr; ++i) {
+                float* yr = y + (p * MP + i) * ldy + n0;
+                if (accumulate)
+                  for (int64_t j = 0; j < nr; ++j) yr[j] += tile[j * MP + i];
+                else
+                  for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
+              }
+            } else {
+              for (int64_t j = 0; j < nr; ++j) {
+                float* yj = yc[j] + p * MP * yld[j];
+                for (int64_t i = 0; i < mr; ++i) yj[i * yld[j]] = tile[j * MP + i];
+              }
             }
           }
         }
@@ -341,7 +361,7 @@ void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_
   check_gemm_nt("gemm_nt_packed", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
-  HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+  HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate, nullptr, 0);
 }
 
 void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
@@ -350,7 +370,7 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
   if (gemm_nt_packed_active()) {
-    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate, nullptr, 0);
     return;
   }
   if (W.dtype == WeightDType::f32) {
@@ -375,6 +395,29 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
       gemm(false, true, M, nb, K, 1.f, x, ldx, s.data(), K, accumulate ? 1.f : 0.f, y + rb, ldy);
     }
   });
+}
+
+void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t K,
+                   const GemmNtOut* outs, int64_t nouts) {
+  MAMBA_CHECK(nouts >= 0 && (outs || nouts == 0), "gemm_nt_split: no outputs");
+  int64_t N = 0;
+  for (int64_t i = 0; i < nouts; ++i) {
+    MAMBA_CHECK(
+        outs[i].n >= 0 && outs[i].ldy >= outs[i].n && (outs[i].y || outs[i].n == 0 || M == 0),
+        "gemm_nt_split: output ", i, " has n ", outs[i].n, ", ldy ", outs[i].ldy);
+    N += outs[i].n;
+  }
+  float checked = 0.f;  // the outputs were checked above: x and W here
+  check_gemm_nt("gemm_nt_split", x, M, ldx, W, N, K, &checked, N);
+  if (M == 0 || N == 0) return;
+  if (K > 0 && gemm_nt_packed_active()) {
+    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, nullptr, 0, false, outs, nouts);
+    return;
+  }
+  for (int64_t i = 0, r = 0; i < nouts; r += outs[i++].n)  // one product per block
+    if (outs[i].n > 0)
+      gemm_nt(x, M, ldx, WeightRows{row_ptr(W, r), W.dtype, W.ld}, outs[i].n, K, outs[i].y,
+              outs[i].ldy, false);
 }
 
 void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,

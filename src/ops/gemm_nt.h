@@ -33,6 +33,19 @@ struct WeightRows {
 void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
              int64_t ldy, bool accumulate);
 
+// One output block of gemm_nt_split: n columns, to y (M, n) [ldy].
+struct GemmNtOut {
+  int64_t n = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+// y = x W^T with y's columns split into blocks: weight rows [n_0 + ... + n_{i-1}, + n_i) give
+// outs[i] (no accumulation). One call of the kernel (x packed once, one parallel region) instead
+// of one per block; on the packed kernel the values are gemm_nt's bit for bit (each element is
+// the same sum), on the BLAS (where gemm_nt_packed_active() is false) it is one gemm_nt per block.
+void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t K,
+                   const GemmNtOut* outs, int64_t nouts);
+
 // The packed kernel itself on the best compiled SIMD target, whatever its width (tests compare it
 // with the reference on every machine; ops::gemm_nt only takes it where it is fast).
 void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
