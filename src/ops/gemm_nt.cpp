@@ -164,16 +164,19 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
       for (int64_t g0 = 0; g0 < np; g0 += G)
         for (int64_t b = c0; b < c1; ++b) {
           const int64_t n0 = b * kNB, nr = std::min(kNB, N - n0);
-          // column n0 + j of y: yc[j][m * yld[j]]
-          float* yc[kNB];
-          int64_t yld[kNB];
-          for (int64_t j = 0, o = 0, ob = 0; j < nr; ++j) {
-            if (!outs) {
-              yc[j] = y + n0 + j, yld[j] = ldy;
-              continue;
+          // The block's columns as runs [ja, jb) within one output: column n0 + j of y at
+          // ry[r] + (j - ja) + m * rld[r] (one run unless the block straddles outputs).
+          int64_t nrun = 0, rja[kNB + 1];
+          float* ry[kNB];
+          int64_t rld[kNB];
+          if (outs) {
+            for (int64_t j = 0, o = 0, ob = 0; j < nr;) {
+              while (o + 1 < nouts && n0 + j >= ob + outs[o].n) ob += outs[o++].n;
+              const int64_t je = std::min(nr, ob + outs[o].n - n0);
+              rja[nrun] = j, ry[nrun] = outs[o].y + (n0 + j - ob), rld[nrun] = outs[o].ldy;
+              ++nrun, j = je;
             }
-            while (o + 1 < nouts && n0 + j >= ob + outs[o].n) ob += outs[o++].n;
-            yc[j] = outs[o].y + (n0 + j - ob), yld[j] = outs[o].ldy;
+            rja[nrun] = nr;
           }
           for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
             TileRows(xp + p * MP * K, w0 + (n0 - r0) * ldw, ldw, nr, K, tile);
@@ -186,11 +189,13 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
                 else
                   for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
               }
-            } else {
-              for (int64_t j = 0; j < nr; ++j) {
-                float* yj = yc[j] + p * MP * yld[j];
-                for (int64_t i = 0; i < mr; ++i) yj[i * yld[j]] = tile[j * MP + i];
-              }
+            } else {  // row by row, as above (a column at a time would revisit 32 rows'
+                      // cache lines 12 times, and rows 2^k floats apart share a few L1 sets)
+              for (int64_t r = 0; r < nrun; ++r)
+                for (int64_t i = 0; i < mr; ++i) {
+                  float* yr = ry[r] + (p * MP + i) * rld[r];
+                  for (int64_t j = rja[r]; j < rja[r + 1]; ++j) yr[j - rja[r]] = tile[j * MP + i];
+                }
             }
           }
         }
