@@ -10,6 +10,7 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -146,11 +147,19 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
   const int64_t G = std::max<int64_t>(1, ((direct ? 1024 : 384) << 10) / (K * MP * 4));
   const int64_t T = std::max(1, num_threads());
   const int64_t chunk = direct ? nb : std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
-  parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
+  //    The threads take runs of blocks from a shared counter (about 8 runs per thread) instead of
+  //    one fixed range each: on a machine shared with other processes a thread that was
+  //    descheduled no longer holds up the others at the end of the call. Which thread computes a
+  //    block never changes its values (each is the same sequential sum).
+  const int64_t run = std::max<int64_t>(1, std::min(chunk, nb / (8 * T)));
+  std::atomic<int64_t> next{0};
+  parallel_for(T, 1, [&](int64_t, int64_t) {
     static thread_local Aligned<float> wf_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
-    for (int64_t c0 = bb; c0 < be; c0 += chunk) {
-      const int64_t c1 = std::min(be, c0 + chunk), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
+    for (;;) {
+      const int64_t c0 = next.fetch_add(run, std::memory_order_relaxed);
+      if (c0 >= nb) break;
+      const int64_t c1 = std::min(nb, c0 + run), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
       // rows [r0, r1) as fp32: row n at w0 + (n - r0) * ldw
       const float* w0 = nullptr;
       int64_t ldw = W.ld;
