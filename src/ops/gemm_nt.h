@@ -6,11 +6,12 @@
 // transposed (K, 2 * lanes); W is taken 12 rows at a time where it is stored (fp32: no copy; other
 // types converted to fp32 rows a chunk at a time, row-major), each weight broadcast from its row;
 // a tile of 2 x 12 vector accumulators (2 * lanes rows of x by 12 weight rows) runs over
-// the whole K, so each y element is one sequential fp32 sum over k. Threads split the weight rows;
-// x is swept in groups of panels that stay in the L2 cache. It needs 32 vector registers:
-// ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512), where it is ~1.5x
-// faster than OpenBLAS's AVX2 sgemm on the Mamba projections (docs/PERFORMANCE.md), and calls
-// mamba::gemm (the BLAS) otherwise, or when the environment variable MAMBA_GEMM=blas is set.
+// the whole K, so each y element is one sequential fp32 sum over k. Threads take runs of weight
+// rows from a shared counter; x is swept in groups of panels that stay in the L2 cache. It needs 32
+// vector registers: ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512),
+// where it is ~1.5x faster than OpenBLAS's AVX2 sgemm on the Mamba projections
+// (docs/PERFORMANCE.md), and calls mamba::gemm (the BLAS) otherwise, or when the environment
+// variable MAMBA_GEMM=blas is set.
 #pragma once
 #include <cstdint>
 
