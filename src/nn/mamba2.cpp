@@ -161,9 +161,9 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
 
-  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], one product per column
-  // block (the weight's row blocks), so each block is its own contiguous tensor with no split
-  // copies of a (L, d_in_proj) output; every element is the same sum as in one product.
+  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], each column block its
+  // own contiguous tensor (no split copies of a (L, d_in_proj) output): one GEMM writing the
+  // blocks (ops::linear_split), or with a bias one product per block (the weight's row blocks).
   auto in_proj = [&](int64_t c0, int64_t n) {
     Tensor b = in_b_
                    ? f32(in_b_).reshape({1, cfg_.d_in_proj()}).cols(c0, n).contiguous().reshape({n})
@@ -171,7 +171,7 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
     return ops::linear(hidden, in_w_->value.rows(c0, n), b);
   };
   Tensor z0, x0, z, xbc_raw, dt;
-  if (!in_b_) {  // one product (ops::linear_split), x packed once
+  if (!in_b_) {
     std::vector<Tensor> p = ops::linear_split(hidden, in_w_->value, {dmlp, dmlp, dssm, cd, H});
     if (dmlp > 0) z0 = p[0], x0 = p[1];
     z = p[2], xbc_raw = p[3], dt = p[4];
