@@ -229,6 +229,38 @@ TEST_P(Conv1dPerTarget, InitialStateFastMatchesReference) {
         }
 }
 
+// The forward written to column blocks (Mamba-2's x | B | C): each block equals the reference's
+// columns, with and without an initial state, for blocks of awkward widths (a vector's tail in
+// each) and empty ones; widths that do not sum to D are an error.
+TEST_P(Conv1dPerTarget, SplitOutputMatchesReference) {
+  Rng rng(7);
+  for (const std::vector<int64_t>& widths :
+       {std::vector<int64_t>{33}, {17, 16}, {5, 0, 19, 9}, {16, 1, 16}})
+    for (int64_t K : {1, 4})
+      for (int64_t L : {1, 7})
+        for (bool init : {false, true}) {
+          int64_t D = 0;
+          for (int64_t w : widths) D += w;
+          const int64_t B = 2;
+          Tensor x = test::randn({B, L, D}, rng), w = test::randn({D, K}, rng, 0.5);
+          Tensor b = test::randn({D}, rng);
+          Tensor st = init ? test::randn({B, D, K}, rng) : Tensor();
+          Tensor ref = ops::causal_conv1d_ref(x, w, b, true, false, st);
+          std::vector<Tensor> out = ops::causal_conv1d_fwd_split(x, w, b, true, st, widths);
+          ASSERT_EQ(out.size(), widths.size());
+          int64_t c0 = 0;
+          for (size_t i = 0; i < widths.size(); ++i) {
+            const Tensor want = ref.reshape({B * L, D}).cols(c0, widths[i]).contiguous();
+            EXPECT_TRUE(
+                test::all_close(out[i].reshape({B * L, widths[i]}), want, tol::kFastVsRef,
+                                str("block ", i, " D=", D, " K=", K, " L=", L, " init=", init)));
+            c0 += widths[i];
+          }
+        }
+  Tensor x({2, 3, 8}), w({8, 4});
+  EXPECT_THROW(ops::causal_conv1d_fwd_split(x, w, Tensor(), true, Tensor(), {4, 3}), Error);
+}
+
 TEST(Conv1d, ContinuedFromStateEqualsWholeSequence) {
   Rng rng(6);
   for (int64_t K : {1, 2, 4})

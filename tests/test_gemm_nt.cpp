@@ -107,6 +107,51 @@ TEST(GemmNt, PackedKernelMatchesReferenceOnAwkwardSizes) {
   EXPECT_EQ(checked, 3 * 4 * 5 * 5 * 2);
 }
 
+// y's columns in blocks (Mamba-2's in_proj: z | xBC | dt): each block equals gemm_nt on its
+// weight rows, bit for bit on the packed kernel (the same sums; on the BLAS, one call per block,
+// within the summation bound), for blocks that start and end inside the kernel's
+// 12-row weight blocks, empty blocks, and every storage; the whole meets the reference's bound.
+TEST(GemmNt, SplitOutputEqualsOneProductPerBlock) {
+  Rng rng(13);
+  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
+    for (int64_t M : {3, 40, 70})
+      for (const std::vector<int64_t>& widths :
+           {std::vector<int64_t>{37}, {5, 0, 19, 13}, {0, 24, 1, 11}, {12, 12, 7}}) {
+        int64_t N = 0;
+        for (int64_t w : widths) N += w;
+        const Case c{M, N, 33, t, false};
+        Data d = make(c, rng);
+        std::vector<std::vector<float>> ys(widths.size());
+        std::vector<GemmNtOut> outs;
+        for (size_t i = 0; i < widths.size(); ++i) {
+          ys[i].assign(static_cast<size_t>(std::max<int64_t>(M * (widths[i] + 1), 1)), -7.f);
+          outs.push_back({widths[i], ys[i].data(), widths[i] + 1});  // a padding column each
+        }
+        gemm_nt_split(d.x.data(), M, d.ldx, d.W, c.K, outs.data(),
+                      static_cast<int64_t>(outs.size()));
+        std::vector<float> y = d.y0, yr = d.y0;
+        gemm_nt(d.x.data(), M, d.ldx, d.W, N, c.K, y.data(), d.ldy, false);
+        gemm_nt_ref(d.x.data(), M, d.ldx, d.W, N, c.K, yr.data(), d.ldy, false);
+        ASSERT_TRUE(within_bound(d, c, y, yr));
+        for (size_t i = 0, n0 = 0; i < widths.size(); n0 += widths[i++])
+          for (int64_t m = 0; m < M; ++m) {
+            for (int64_t j = 0; j < widths[i]; ++j) {
+              const float got = ys[i][m * (widths[i] + 1) + j], want = y[m * d.ldy + n0 + j];
+              if (gemm_nt_packed_active()) {  // the packed kernel: bit for bit
+                ASSERT_EQ(got, want) << weight_dtype_name(t) << " M=" << M << " block " << i
+                                     << " row " << m << " col " << j;
+              } else {  // one BLAS call per block: within twice the summation bound
+                double mag = 0;
+                for (int64_t k = 0; k < c.K; ++k)
+                  mag += std::fabs(d.x[m * d.ldx + k] * w_at(d, c, n0 + j, k));
+                ASSERT_LE(std::fabs(double(got) - want), 2 * (c.K + 2) * FLT_EPSILON * mag + 1e-30);
+              }
+            }
+            ASSERT_EQ(ys[i][m * (widths[i] + 1) + widths[i]], -7.f) << "padding written";
+          }
+      }
+}
+
 TEST(GemmNt, PrefillSizedProductMatchesReferenceAndIsThreadIndependent) {
   // A projection-like shape: several x panels, several weight chunks per thread.
   Rng rng(12);

@@ -54,10 +54,26 @@ void DequantT(const uint8_t* src, float* dst, int64_t nb) {
   const hn::RebindToSigned<decltype(df)> di;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df));
   constexpr int64_t kBytes = kQ4 ? 18 : 34;
+  // The f16 scales of 16 blocks at a time, widened by one vector conversion (exact, as the
+  // scalar f16_to_f32 is) instead of a call per block.
+  const hn::Rebind<hwy::float16_t, decltype(df)> dh;
+  HWY_ALIGN uint16_t sh[16];
+  HWY_ALIGN float sf[16];
   for (int64_t b = 0; b < nb; ++b) {
     const uint8_t* q = src + b * kBytes;
     float* o = dst + 32 * b;
-    const auto d = hn::Set(df, f16_to_f32(static_cast<uint16_t>(q[0] | (q[1] << 8))));
+    if (b % 16 == 0) {
+      const int64_t bn = std::min<int64_t>(16, nb - b);
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint8_t* qj = q + std::min(j, bn - 1) * kBytes;
+        sh[j] = static_cast<uint16_t>(qj[0] | (qj[1] << 8));
+      }
+      for (int64_t j = 0; j < 16; j += NL)
+        hn::StoreU(
+            hn::PromoteTo(df, hn::LoadU(dh, reinterpret_cast<const hwy::float16_t*>(sh + j))), df,
+            sf + j);
+    }
+    const auto d = hn::Set(df, sf[b % 16]);
     if constexpr (kQ4) {
       const hn::Rebind<uint8_t, decltype(df)> du8;
       const auto lo = hn::Set(di, 15), eight = hn::Set(di, 8);

@@ -161,30 +161,42 @@ Tensor Mamba2::run(const Tensor& hidden, Saved* saved, const State* init, State*
   const int64_t dmlp = cfg_.d_mlp(), dssm = cfg_.ssm_dim(), cd = cfg_.conv_dim();
   const bool tr = trace::enabled();
 
-  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], split into column views;
-  // the ops below that read them take contiguous inputs (contiguous() copies).
-  Tensor zxbcdt = ops::linear(hidden, in_w_->value, optional_f32(in_b_));
-  if (tr) trace::op("in_proj", {hidden.shape()}, {zxbcdt.shape()});
-  Tensor z0, x0;
-  if (dmlp > 0) z0 = zxbcdt.cols(0, dmlp).contiguous(), x0 = zxbcdt.cols(dmlp, dmlp).contiguous();
-  Tensor z = zxbcdt.cols(2 * dmlp, dssm).contiguous();
-  Tensor xbc_raw = zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
-  Tensor dt = zxbcdt.cols(2 * dmlp + dssm + cd, H).contiguous();
-  if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
+  // in_proj: (B, L, d_model) -> (B, L, d_in_proj) = [z0, x0, z, xBC, dt], each column block its
+  // own contiguous tensor (no split copies of a (L, d_in_proj) output): one GEMM writing the
+  // blocks (ops::linear_split), or with a bias one product per block (the weight's row blocks).
+  auto in_proj = [&](int64_t c0, int64_t n) {
+    Tensor b = in_b_
+                   ? f32(in_b_).reshape({1, cfg_.d_in_proj()}).cols(c0, n).contiguous().reshape({n})
+                   : Tensor();
+    return ops::linear(hidden, in_w_->value.rows(c0, n), b);
+  };
+  Tensor z0, x0, z, xbc_raw, dt;
+  if (!in_b_) {
+    std::vector<Tensor> p = ops::linear_split(hidden, in_w_->value, {dmlp, dmlp, dssm, cd, H});
+    if (dmlp > 0) z0 = p[0], x0 = p[1];
+    z = p[2], xbc_raw = p[3], dt = p[4];
+  } else {
+    if (dmlp > 0) z0 = in_proj(0, dmlp), x0 = in_proj(dmlp, dmlp);
+    z = in_proj(2 * dmlp, dssm);
+    xbc_raw = in_proj(2 * dmlp + dssm, cd);
+    dt = in_proj(2 * dmlp + dssm + cd, H);
+  }
+  if (tr) trace::op("in_proj", {hidden.shape()}, {{B, L, cfg_.d_in_proj()}});  // in column blocks
   // conv1d + SiLU over x || B || C: (B, L, d_ssm + 2GN), continued from init's window if given
-  Tensor xbc = ops::causal_conv1d_fwd(xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
-                                      optional_f32(conv_b_), true, false,
-                                      init ? init->conv_state : Tensor());
+  // (written straight to its x, B and C blocks)
+  std::vector<Tensor> xbc = ops::causal_conv1d_fwd_split(
+      xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}), optional_f32(conv_b_), true,
+      init ? init->conv_state : Tensor(), {dssm, G * N, G * N});
   if (state) {
     // The window advanced past xbc_raw: from init's (state may be init itself) or from zeros.
     if (state != init)
       state->conv_state = init ? init->conv_state.clone() : Tensor::zeros({B, cd, cfg_.d_conv});
     ops::causal_conv1d_advance_state(state->conv_state, xbc_raw);
   }
-  if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc.shape()});
-  Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, L, H, P});
-  Tensor Bm = xbc.cols(dssm, G * N).contiguous().reshape({B, L, G, N});
-  Tensor Cm = xbc.cols(dssm + G * N, G * N).contiguous().reshape({B, L, G, N});
+  if (tr) trace::op("conv1d_silu", {xbc_raw.shape()}, {xbc_raw.shape()});  // in column blocks
+  Tensor x = xbc[0].reshape({B, L, H, P});
+  Tensor Bm = xbc[1].reshape({B, L, G, N});
+  Tensor Cm = xbc[2].reshape({B, L, G, N});
   // ssd: y (B, L, H, P)
   ops::SsdArgs args = ssd_args(x, dt, Bm, Cm, z.reshape({B, L, H, P}));
   if (init) args.initial_states = init->ssm_state;

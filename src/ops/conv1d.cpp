@@ -127,14 +127,21 @@ std::vector<float> transpose_weight(const Tensor& weight, int64_t D, int64_t K) 
   return wT;
 }
 
+// One output column block: channels [c0, c0 + n) to y (B, L, n).
+struct OutBlock {
+  float* y;
+  int64_t c0, n;
+};
+
 // pre-activation forward (no SiLU): y (B, L, D). hist: history_rows of an initial state, or null
-// (zeros before t = 0).
+// (zeros before t = 0). With `blocks`, the output goes to those column blocks instead of y.
 void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* bias, float* y,
-              const float* hist = nullptr, bool silu = false) {
+              const float* hist = nullptr, bool silu = false,
+              const std::vector<OutBlock>* blocks = nullptr) {
   const int64_t rows = c.B * c.L;
   parallel_for(rows, std::max<int64_t>(1, 4096 / std::max<int64_t>(c.D * c.K, 1)),
                [&](int64_t r0, int64_t r1) {
-                 std::vector<const float*> src(static_cast<size_t>(c.K));
+                 std::vector<const float*> src(static_cast<size_t>(c.K)), sb(src);
                  for (int64_t r = r0; r < r1; ++r) {
                    const int64_t t = r % c.L;
                    for (int64_t k = 0; k < c.K; ++k) {
@@ -143,6 +150,16 @@ void conv_pre(const ConvDims& c, const float* x, const float* wT, const float* b
                               : (hist && s < 0)
                                   ? hist + ((r / c.L) * (c.K - 1) + (c.K - 1 + s)) * c.D
                                   : nullptr;
+                   }
+                   if (blocks) {
+                     for (const OutBlock& o : *blocks) {
+                       for (int64_t k = 0; k < c.K; ++k) sb[k] = src[k] ? src[k] + o.c0 : nullptr;
+                       float* yr = o.y + r * o.n;
+                       HWY_DYNAMIC_DISPATCH(TapsKernel)
+                       (sb.data(), wT + o.c0, c.D, c.K, bias ? bias + o.c0 : nullptr, yr, o.n);
+                       if (silu) ops::silu(yr, yr, o.n);
+                     }
+                     continue;
                    }
                    HWY_DYNAMIC_DISPATCH(TapsKernel)
                    (src.data(), wT, c.D, c.K, bias, y + r * c.D, c.D);
@@ -164,6 +181,34 @@ Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bi
   conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, y.data(),
            c.has_init ? hist.data() : nullptr, silu);
   return y;
+}
+
+std::vector<Tensor> causal_conv1d_fwd_split(const Tensor& x, const Tensor& weight,
+                                            const Tensor& bias, bool silu,
+                                            const Tensor& initial_state,
+                                            const std::vector<int64_t>& widths) {
+  const ConvDims c = check_conv("causal_conv1d_fwd_split", x, weight, bias, false, initial_state);
+  int64_t total = 0;
+  for (int64_t w : widths) {
+    MAMBA_CHECK(w >= 0, "causal_conv1d_fwd_split: negative width ", w);
+    total += w;
+  }
+  MAMBA_CHECK(total == c.D, "causal_conv1d_fwd_split: the widths sum to ", total,
+              ", not D = ", c.D);
+  std::vector<Tensor> out;
+  std::vector<OutBlock> blocks;
+  int64_t c0 = 0;
+  for (int64_t w : widths) {
+    out.push_back(Tensor::empty({c.B, c.L, w}));
+    if (w > 0) blocks.push_back({out.back().data(), c0, w});
+    c0 += w;
+  }
+  const std::vector<float> wT = transpose_weight(weight, c.D, c.K);
+  const std::vector<float> hist =
+      c.has_init ? history_rows(initial_state, c.B, c.D, c.K) : std::vector<float>();
+  conv_pre(c, x.data(), wT.data(), bias.defined() ? bias.data() : nullptr, nullptr,
+           c.has_init ? hist.data() : nullptr, silu, &blocks);
+  return out;
 }
 
 Conv1dGrads causal_conv1d_bwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,

@@ -18,6 +18,14 @@ namespace mamba::ops {
 
 Tensor causal_conv1d_fwd(const Tensor& x, const Tensor& weight, const Tensor& bias, bool silu,
                          bool reverse = false, const Tensor& initial_state = Tensor());
+// causal_conv1d_fwd (causal) with its output channels in column blocks: out[i] is channels
+// [w_0 + ... + w_{i-1}, + widths[i]) as its own contiguous (B, L, widths[i]) tensor (the widths
+// sum to D): the split of the output without copying it (Mamba-2's x | B | C). Each block's
+// values are those of causal_conv1d_fwd's columns up to the rounding of a vector's tail.
+std::vector<Tensor> causal_conv1d_fwd_split(const Tensor& x, const Tensor& weight,
+                                            const Tensor& bias, bool silu,
+                                            const Tensor& initial_state,
+                                            const std::vector<int64_t>& widths);
 struct Conv1dGrads {
   Tensor dx, dweight, dbias;  // dbias undefined when bias is
 };

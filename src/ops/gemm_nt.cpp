@@ -10,6 +10,7 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -100,8 +101,10 @@ struct Aligned {  // a grow-only aligned buffer kept per thread across calls
   }
 };
 
+// outs (nouts > 0): y's columns in blocks, columns [n_0 + ... + n_{i-1}, + n_i) to outs[i] (y and
+// ldy unused); else y (M, N) [ldy].
 void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
-                  float* y, int64_t ldy, bool accumulate) {
+                  float* y, int64_t ldy, bool accumulate, const GemmNtOut* outs, int64_t nouts) {
   const hn::ScalableTag<float> df;
   const int64_t NL = static_cast<int64_t>(hn::Lanes(df)), MP = 2 * NL;
   const int64_t np = (M + MP - 1) / MP;                  // panels of x rows
@@ -129,21 +132,34 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
     }
   });
 
-  // 2. Threads split the blocks of kNB weight rows; x is swept in groups of panels (~384 KB, L2)
+  // 2. Threads split the blocks of kNB weight rows; x is swept in groups of panels (~384 KB or
+  //    ~1 MB, L2)
   //    against every block of the thread's rows, a block (kNB rows) staying in L1 / L2 across the
   //    group. fp32 weights are read where they are stored; other types are converted to fp32 a
   //    chunk of blocks at a time (~2 MB, rows kept row-major: a vectorised conversion, no
   //    transposition), then swept the same way. Both on TileRows.
+  //    fp32 weights read in place come from memory once per group, so their groups are larger
+  //    (~1 MB of x; a 192-row prefill chunk is then one group at d_model 768): with ~384 KB the
+  //    in_proj of a 192-row chunk (two groups) ran at ~115-125 GFLOP/s on one thread, with 1 MB
+  //    at ~140-150, as the converted types do.
   const int64_t nb = (N + kNB - 1) / kNB;
-  const int64_t G = std::max<int64_t>(1, (384 << 10) / (K * MP * 4));
-  const int64_t T = std::max(1, num_threads());
   const bool direct = W.dtype == WeightDType::f32;
+  const int64_t G = std::max<int64_t>(1, ((direct ? 1024 : 384) << 10) / (K * MP * 4));
+  const int64_t T = std::max(1, num_threads());
   const int64_t chunk = direct ? nb : std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
-  parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
+  //    The threads take runs of blocks from a shared counter (about 8 runs per thread) instead of
+  //    one fixed range each: on a machine shared with other processes a thread that was
+  //    descheduled no longer holds up the others at the end of the call. Which thread computes a
+  //    block never changes its values (each is the same sequential sum).
+  const int64_t run = std::max<int64_t>(1, std::min(chunk, nb / (8 * T)));
+  std::atomic<int64_t> next{0};
+  parallel_for(T, 1, [&](int64_t, int64_t) {
     static thread_local Aligned<float> wf_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
-    for (int64_t c0 = bb; c0 < be; c0 += chunk) {
-      const int64_t c1 = std::min(be, c0 + chunk), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
+    for (;;) {
+      const int64_t c0 = next.fetch_add(run, std::memory_order_relaxed);
+      if (c0 >= nb) break;
+      const int64_t c1 = std::min(nb, c0 + run), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
       // rows [r0, r1) as fp32: row n at w0 + (n - r0) * ldw
       const float* w0 = nullptr;
       int64_t ldw = W.ld;
@@ -157,15 +173,38 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
       for (int64_t g0 = 0; g0 < np; g0 += G)
         for (int64_t b = c0; b < c1; ++b) {
           const int64_t n0 = b * kNB, nr = std::min(kNB, N - n0);
+          // The block's columns as runs [ja, jb) within one output: column n0 + j of y at
+          // ry[r] + (j - ja) + m * rld[r] (one run unless the block straddles outputs).
+          int64_t nrun = 0, rja[kNB + 1];
+          float* ry[kNB];
+          int64_t rld[kNB];
+          if (outs) {
+            for (int64_t j = 0, o = 0, ob = 0; j < nr;) {
+              while (o + 1 < nouts && n0 + j >= ob + outs[o].n) ob += outs[o++].n;
+              const int64_t je = std::min(nr, ob + outs[o].n - n0);
+              rja[nrun] = j, ry[nrun] = outs[o].y + (n0 + j - ob), rld[nrun] = outs[o].ldy;
+              ++nrun, j = je;
+            }
+            rja[nrun] = nr;
+          }
           for (int64_t p = g0; p < std::min(np, g0 + G); ++p) {
             TileRows(xp + p * MP * K, w0 + (n0 - r0) * ldw, ldw, nr, K, tile);
             const int64_t mr = std::min(MP, M - p * MP);  // tile[j][i] -> y[p*MP + i][n0 + j]
-            for (int64_t i = 0; i < mr; ++i) {
-              float* yr = y + (p * MP + i) * ldy + n0;
-              if (accumulate)
-                for (int64_t j = 0; j < nr; ++j) yr[j] += tile[j * MP + i];
-              else
-                for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
+            if (!outs) {
+              for (int64_t i = 0; i < mr; ++i) {
+                float* yr = y + (p * MP + i) * ldy + n0;
+                if (accumulate)
+                  for (int64_t j = 0; j < nr; ++j) yr[j] += tile[j * MP + i];
+                else
+                  for (int64_t j = 0; j < nr; ++j) yr[j] = tile[j * MP + i];
+              }
+            } else {  // row by row, as above (a column at a time would revisit 32 rows'
+                      // cache lines 12 times, and rows 2^k floats apart share a few L1 sets)
+              for (int64_t r = 0; r < nrun; ++r)
+                for (int64_t i = 0; i < mr; ++i) {
+                  float* yr = ry[r] + (p * MP + i) * rld[r];
+                  for (int64_t j = rja[r]; j < rja[r + 1]; ++j) yr[j - rja[r]] = tile[j * MP + i];
+                }
             }
           }
         }
@@ -336,7 +375,7 @@ void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_
   check_gemm_nt("gemm_nt_packed", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
-  HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+  HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate, nullptr, 0);
 }
 
 void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
@@ -345,7 +384,7 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
   if (gemm_nt_packed_active()) {
-    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate);
+    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate, nullptr, 0);
     return;
   }
   if (W.dtype == WeightDType::f32) {
@@ -370,6 +409,29 @@ void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, in
       gemm(false, true, M, nb, K, 1.f, x, ldx, s.data(), K, accumulate ? 1.f : 0.f, y + rb, ldy);
     }
   });
+}
+
+void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t K,
+                   const GemmNtOut* outs, int64_t nouts) {
+  MAMBA_CHECK(nouts >= 0 && (outs || nouts == 0), "gemm_nt_split: no outputs");
+  int64_t N = 0;
+  for (int64_t i = 0; i < nouts; ++i) {
+    MAMBA_CHECK(
+        outs[i].n >= 0 && outs[i].ldy >= outs[i].n && (outs[i].y || outs[i].n == 0 || M == 0),
+        "gemm_nt_split: output ", i, " has n ", outs[i].n, ", ldy ", outs[i].ldy);
+    N += outs[i].n;
+  }
+  float checked = 0.f;  // the outputs were checked above: x and W here
+  check_gemm_nt("gemm_nt_split", x, M, ldx, W, N, K, &checked, N);
+  if (M == 0 || N == 0) return;
+  if (K > 0 && gemm_nt_packed_active()) {
+    HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, nullptr, 0, false, outs, nouts);
+    return;
+  }
+  for (int64_t i = 0, r = 0; i < nouts; r += outs[i++].n)  // one product per block
+    if (outs[i].n > 0)
+      gemm_nt(x, M, ldx, WeightRows{row_ptr(W, r), W.dtype, W.ld}, outs[i].n, K, outs[i].y,
+              outs[i].ldy, false);
 }
 
 void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,

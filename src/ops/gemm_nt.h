@@ -6,11 +6,12 @@
 // transposed (K, 2 * lanes); W is taken 12 rows at a time where it is stored (fp32: no copy; other
 // types converted to fp32 rows a chunk at a time, row-major), each weight broadcast from its row;
 // a tile of 2 x 12 vector accumulators (2 * lanes rows of x by 12 weight rows) runs over
-// the whole K, so each y element is one sequential fp32 sum over k. Threads split the weight rows;
-// x is swept in groups of panels that stay in the L2 cache. It needs 32 vector registers:
-// ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512), where it is ~1.5x
-// faster than OpenBLAS's AVX2 sgemm on the Mamba projections (docs/PERFORMANCE.md), and calls
-// mamba::gemm (the BLAS) otherwise, or when the environment variable MAMBA_GEMM=blas is set.
+// the whole K, so each y element is one sequential fp32 sum over k. Threads take runs of weight
+// rows from a shared counter; x is swept in groups of panels that stay in the L2 cache. It needs 32
+// vector registers: ops::gemm_nt uses it when Highway's dispatch picks a 512-bit target (AVX-512),
+// where it is ~1.5x faster than OpenBLAS's AVX2 sgemm on the Mamba projections
+// (docs/PERFORMANCE.md), and calls mamba::gemm (the BLAS) otherwise, or when the environment
+// variable MAMBA_GEMM=blas is set.
 #pragma once
 #include <cstdint>
 
@@ -32,6 +33,19 @@ struct WeightRows {
 // y beforehand). Throws on negative sizes or leading dimensions smaller than the rows.
 void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
              int64_t ldy, bool accumulate);
+
+// One output block of gemm_nt_split: n columns, to y (M, n) [ldy].
+struct GemmNtOut {
+  int64_t n = 0;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+// y = x W^T with y's columns split into blocks: weight rows [n_0 + ... + n_{i-1}, + n_i) give
+// outs[i] (no accumulation). One call of the kernel (x packed once, one parallel region) instead
+// of one per block; on the packed kernel the values are gemm_nt's bit for bit (each element is
+// the same sum), on the BLAS (where gemm_nt_packed_active() is false) it is one gemm_nt per block.
+void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t K,
+                   const GemmNtOut* outs, int64_t nouts);
 
 // The packed kernel itself on the best compiled SIMD target, whatever its width (tests compare it
 // with the reference on every machine; ops::gemm_nt only takes it where it is fast).

@@ -97,6 +97,32 @@ Tensor linear(const Tensor& x, const Weight& W, const Tensor& b) {
   return y;
 }
 
+std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
+                                 const std::vector<int64_t>& widths) {
+  const LinDims d = check_linear("linear_split", x, W);
+  int64_t total = 0;
+  for (int64_t w : widths) {
+    MAMBA_CHECK(w >= 0, "linear_split: negative width ", w);
+    total += w;
+  }
+  MAMBA_CHECK(total == d.out, "linear_split: the widths sum to ", total, ", W has ", d.out,
+              " rows");
+  std::vector<Tensor> ys;
+  for (int64_t w : widths) ys.push_back(Tensor::empty(out_shape(x, w)));
+  if (d.M == 0) return ys;
+  if (d.M <= kHalfGemvMaxM || d.in == 0 || !gemm_nt_packed_active()) {
+    for (int64_t i = 0, r = 0; i < static_cast<int64_t>(widths.size()); r += widths[i++])
+      if (widths[i] > 0) linear_into(x, W.rows(r, widths[i]), Tensor(), ys[i]);
+    return ys;
+  }
+  std::vector<GemmNtOut> outs;
+  for (size_t i = 0; i < widths.size(); ++i) outs.push_back({widths[i], ys[i].data(), widths[i]});
+  gemm_nt_split(x.view_data(), d.M, x.row_stride(),
+                WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.in, outs.data(),
+                static_cast<int64_t>(outs.size()));
+  return ys;
+}
+
 void linear_bwd_into(const Tensor& x, const Weight& W, const Tensor& dy, const Tensor& dx,
                      bool accumulate_dx, Tensor* dW, Tensor* db) {
   const LinDims d = check_linear("linear_bwd", x, W);

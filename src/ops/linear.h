@@ -24,6 +24,13 @@ Tensor linear(const Tensor& x, const Weight& W, const Tensor& b = Tensor());
 void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y,
                  bool accumulate = false);
 
+// y = x W^T (no bias) with y's columns in blocks of the given widths (summing to out): block i,
+// weight rows [w_0 + ... + w_{i-1}, + w_i), as its own contiguous (..., w_i) tensor: linear() on
+// W.rows() of each block, except that for M > 16 on the packed GEMM it is one call
+// (ops::gemm_nt_split: x packed once; the same values bit for bit).
+std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
+                                 const std::vector<int64_t>& widths);
+
 // Returns dx (..., in) = dy W. Accumulates dW += dy^T x (out, in) and db += sum(dy) (out) when
 // the pointers are not null (parameter gradients accumulate, see ARCHITECTURE.md). Throws the
 // "inference only" error when W is not fp32. W may be a rows() view, dW then the matching
