@@ -21,7 +21,7 @@ const char* kUsage =
     "bench_stream_matmul: the decode matmuls of one mamba-130m step (24 layers + LM head) through\n"
     "ops::stream_matmul for M = 1..16 input rows; JSON lines\n"
     "  --layers 24  --vocab 50280  --threads 0 (0 = all cores)  --reps 7\n"
-    "  --dtype all|f32|bf16|f16  --m 0 (0 = 1, 2, 4, 8, 12, 16; else that M only)\n"
+    "  --dtype all|f32|bf16|f16|q8_0|q4_0  --m 0 (0 = 1, 2, 4, 8, 12, 16; else that M only)\n"
     "  --rows 0 --cols 0: instead of the model, --copies weights of rows x cols each\n"
     "  ms_per_step is the median of --reps steps, min_ms the fastest\n"
     "  --copies 64\n";
@@ -46,7 +46,8 @@ int main(int argc, char** argv) {
     vocab_rows = 0;
   }
   std::vector<WeightDType> types;
-  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16})
+  for (WeightDType t : {WeightDType::f32, WeightDType::bf16, WeightDType::f16, WeightDType::q8_0,
+                        WeightDType::q4_0})
     if (dt == "all" || dt == weight_dtype_name(t)) types.push_back(t);
   std::vector<int64_t> ms = {1, 2, 4, 8, 12, 16};
   if (only_m > 0) ms = {only_m};

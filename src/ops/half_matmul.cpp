@@ -329,13 +329,18 @@ HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64
       alignas(64) static constexpr float kCodes[16] = {-8, -7, -6, -5, -4, -3, -2, -1,
                                                        0,  1,  2,  3,  4,  5,  6,  7};
       const V codes = hn::Load(df, kCodes);
-      const auto lo = hn::Set(di, 15);
       V wl[RT], wh[RT];
       for (int r = 0; r < RT; ++r) {
         const V table = hn::Mul(codes, d[r]);
         const auto u = hn::PromoteTo(di, hn::LoadU(du8, wb + r * rowb + 2));
-        wl[r] = hn::TableLookupLanes(table, hn::IndicesFromVec(df, hn::And(u, lo)));
+#if HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+        // vpermps reads only the low 4 bits of each index: the low nibbles need no mask.
+        wl[r] = V{_mm512_permutexvar_ps(u.raw, table.raw)};
+        wh[r] = V{_mm512_permutexvar_ps(hn::ShiftRight<4>(u).raw, table.raw)};
+#else
+        wl[r] = hn::TableLookupLanes(table, hn::IndicesFromVec(df, hn::And(u, hn::Set(di, 15))));
         wh[r] = hn::TableLookupLanes(table, hn::IndicesFromVec(df, hn::ShiftRight<4>(u)));
+#endif
       }
       for (int m = 0; m < MT; ++m) {
         const V xl = hn::LoadU(df, xb + m * a.ldx), xh = hn::LoadU(df, xb + m * a.ldx + 16);
@@ -360,19 +365,27 @@ HWY_INLINE void QTile(const GemvArgs& a, const float* x, const uint8_t* w, int64
         }
       }
     } else {
+      // The block's codes (exact in fp32) times the inputs, summed in the block, then times the
+      // block's scale into the accumulator: d * sum(x * q) instead of sum(x * (q * d)), one
+      // multiply per block and row instead of one per 16 weights.
       const hn::Rebind<int8_t, decltype(df)> d8;
+      V bs[MT][RT];
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < RT; ++r) bs[m][r] = hn::Zero(df);
       for (int64_t j = 0; j < 32; j += NL) {
         V wv[RT];
         for (int r = 0; r < RT; ++r)
-          wv[r] = hn::Mul(
-              hn::ConvertTo(df, hn::PromoteTo(di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(
-                                                                    wb + r * rowb + 2 + j)))),
-              d[r]);
+          wv[r] = hn::ConvertTo(
+              df, hn::PromoteTo(
+                      di, hn::LoadU(d8, reinterpret_cast<const int8_t*>(wb + r * rowb + 2 + j))));
         for (int m = 0; m < MT; ++m) {
           const V xv = hn::LoadU(df, xb + m * a.ldx + j);
-          for (int r = 0; r < RT; ++r) acc[m][r] = hn::MulAdd(xv, wv[r], acc[m][r]);
+          for (int r = 0; r < RT; ++r)
+            bs[m][r] = j == 0 ? hn::Mul(xv, wv[r]) : hn::MulAdd(xv, wv[r], bs[m][r]);
         }
       }
+      for (int m = 0; m < MT; ++m)
+        for (int r = 0; r < RT; ++r) acc[m][r] = hn::MulAdd(bs[m][r], d[r], acc[m][r]);
     }
   }
   for (int m = 0; m < MT; ++m)
