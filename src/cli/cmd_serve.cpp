@@ -30,7 +30,7 @@ struct ServeOpts {
   // serve::EngineOptions' defaults (engine.h is not included without cpp-httplib)
   struct {
     int64_t cache_block = 384, prefill_chunk = MambaLM::kDefaultPrefillChunk,
-            prefill_batch_tokens = 256;
+            prefill_batch_tokens = 512;
   } engine;
 };
 }  // namespace

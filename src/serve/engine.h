@@ -141,7 +141,7 @@ struct EngineOptions {
   int64_t prefill_chunk = MambaLM::kDefaultPrefillChunk;
   // Prompts prefilled together: at most this many tokens per chunk over all rows (>= 1; a prompt
   // longer than it is prefilled alone, prefill_chunk at a time).
-  int64_t prefill_batch_tokens = 256;
+  int64_t prefill_batch_tokens = 512;
 };
 
 struct EngineMetrics {
