@@ -195,7 +195,10 @@ Reply post(const ServerProc& s, const std::string& path, const std::string& body
   auto c = s.client();
   auto r = c.Post(path, h, body, "application/json");
   Reply out;
-  if (!r) return out;
+  if (!r) {  // no answer: say why (connection, read, ...) where the test prints raw
+    out.raw = "no HTTP answer: " + httplib::to_string(r.error());
+    return out;
+  }
   out.status = r->status;
   out.raw = r->body;
   out.body = json::parse(r->body, nullptr, false);
@@ -547,7 +550,8 @@ TEST_F(Serve, ConcurrentClientsGetTheirOwnAnswers) {
   for (auto& p : prompts) ps.push_back(p.get<std::vector<int32_t> >());
   const auto expected = generate_batch_ids(ps, 12);
   for (int i = 0; i < kClients; ++i) {
-    ASSERT_EQ(got[i].status, 200) << i << ": " << got[i].raw;
+    ASSERT_EQ(got[i].status, 200) << i << ": " << got[i].raw
+                                  << "\nserver log: " << main_->read_log();
     std::vector<int32_t> ids;
     if (i % 2) {
       bool done = false;

@@ -1,6 +1,9 @@
 #include "serve/server.h"
 
 #include <httplib.h>
+#if !defined(_WIN32)
+#include <sys/socket.h>
+#endif
 
 #include <atomic>
 #include <chrono>
@@ -1004,14 +1007,29 @@ Server::~Server() {
 
 int Server::bind() {
   auto& o = impl_->opt;
+  // The listening socket, seen as httplib sets its options before binding it.
+  socket_t lsock = INVALID_SOCKET;
+  impl_->http.set_socket_options([&lsock](socket_t sock) {
+    httplib::default_socket_options(sock);
+    if (lsock == INVALID_SOCKET) lsock = sock;
+  });
   int port = 0;
   if (o.port == 0) {
     port = impl_->http.bind_to_any_port(o.host);
   } else {
     port = impl_->http.bind_to_port(o.host, o.port) ? o.port : -1;
   }
+  impl_->http.set_socket_options(httplib::default_socket_options);
   MAMBA_CHECK(port > 0, "serve: cannot listen on ", o.host, ":", o.port,
               " (address in use, or not an address of this machine)");
+#if !defined(_WIN32)
+  // Debian's httplib is compiled with a listen backlog of 5: 32 clients connecting at once
+  // overflowed the accept queue on a busy machine and some connections ended without an answer
+  // (the kernel's ListenOverflows counter; tests/test_serve.cpp's 32 concurrent clients, about
+  // one run in five under ctest -j2). listen() again on the bound socket raises it (the kernel
+  // caps it at net.core.somaxconn).
+  if (lsock != INVALID_SOCKET) ::listen(lsock, SOMAXCONN);
+#endif
   return port;
 }
 
