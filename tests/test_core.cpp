@@ -82,6 +82,28 @@ TEST(Parallel, CoversRangeExactlyOnce) {
   }
 }
 
+// parallel_for_dynamic: every item in exactly one range, each range a run [k * run, ...) (the last
+// cut at n), whatever the run, grain and thread count; inside with_team too.
+TEST(Parallel, DynamicCoversRangeExactlyOnceInRuns) {
+  for (int64_t n : {0, 1, 7, 1000})
+    for (int64_t run : {0, 1, 3, 64, 5000})
+      for (int64_t grain : {1, 100}) {
+        std::vector<std::atomic<int>> hits(static_cast<size_t>(n));
+        std::atomic<int> bad{0};
+        auto body = [&] {
+          parallel_for_dynamic(n, run, grain, [&](int64_t b, int64_t e) {
+            const int64_t r = std::max<int64_t>(run, 1);
+            if (b % r != 0 || e != std::min(n, b + r)) ++bad;
+            for (int64_t i = b; i < e; ++i) hits[static_cast<size_t>(i)]++;
+          });
+        };
+        body();
+        with_team(body);
+        EXPECT_EQ(bad.load(), 0) << "n " << n << " run " << run;
+        for (int64_t i = 0; i < n; ++i) EXPECT_EQ(hits[static_cast<size_t>(i)].load(), 2) << i;
+      }
+}
+
 // with_team (a decode step's threads): parallel_for inside it cuts the same ranges and runs range
 // c on thread c, as an OpenMP region does; many calls in a row, nested calls, calls from inside a
 // range, one thread, and an exception from the body (rethrown after the team stopped, the team

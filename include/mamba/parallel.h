@@ -6,6 +6,7 @@
 // oversubscribe.
 #pragma once
 #include <algorithm>  // kept: code that includes this header has relied on it
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <type_traits>
@@ -87,6 +88,29 @@ void parallel_for(int64_t n, int64_t grain, F&& fn) {
     return;
   }
   detail::parallel_run(n, chunks, detail::RangeFnRef(fn));
+}
+
+// Dynamic schedule: fn(begin, end) on runs of `run` items of [0, n) (the last may be shorter),
+// taken in order from a shared counter by min(ceil(n / grain), threads) threads (inline when
+// that is 1), so a thread descheduled by another process does not hold the others up at the
+// region's end. Which thread runs a range depends on timing: use it only where each range's
+// result does not depend on the thread that computes it (no per-thread partial sums), so the
+// values stay deterministic.
+template <class F>
+void parallel_for_dynamic(int64_t n, int64_t run, int64_t grain, F&& fn) {
+  if (n <= 0) return;
+  run = run < 1 ? 1 : run;
+  const int64_t teams = detail::parallel_chunks(n, grain);
+  std::atomic<int64_t> next{0};
+  auto claim = [&](int64_t, int64_t) {
+    for (int64_t b; (b = next.fetch_add(run, std::memory_order_relaxed)) < n;)
+      fn(b, b + run < n ? b + run : n);
+  };
+  if (teams <= 1) {
+    claim(0, 0);
+    return;
+  }
+  detail::parallel_run(teams, teams, detail::RangeFnRef(claim));
 }
 
 }  // namespace mamba

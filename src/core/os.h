@@ -52,7 +52,7 @@ void keep_freed_memory();
 // Also empties the tensor cache below.
 void release_freed_memory();
 // The same without touching the tensor cache: only the allocator's free memory goes back (glibc
-// malloc_trim, a walk over the free lists, about a millisecond; a no-op elsewhere). For a
+// malloc_trim, a walk over the free lists; a no-op elsewhere). For a
 // long-running process (the server) after a peak, so its resident memory follows what it holds
 // now rather than the most it ever held.
 void trim_freed_memory();

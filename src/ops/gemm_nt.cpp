@@ -10,7 +10,6 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <string>
@@ -152,14 +151,11 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
   //    descheduled no longer holds up the others at the end of the call. Which thread computes a
   //    block never changes its values (each is the same sequential sum).
   const int64_t run = std::max<int64_t>(1, std::min(chunk, nb / (8 * T)));
-  std::atomic<int64_t> next{0};
-  parallel_for(T, 1, [&](int64_t, int64_t) {
+  parallel_for_dynamic(nb, run, 1, [&](int64_t c0, int64_t c1) {
     static thread_local Aligned<float> wf_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
-    for (;;) {
-      const int64_t c0 = next.fetch_add(run, std::memory_order_relaxed);
-      if (c0 >= nb) break;
-      const int64_t c1 = std::min(nb, c0 + run), r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
+    {
+      const int64_t r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
       // rows [r0, r1) as fp32: row n at w0 + (n - r0) * ldw
       const float* w0 = nullptr;
       int64_t ldw = W.ld;

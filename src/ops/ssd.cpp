@@ -15,7 +15,6 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <vector>
 
@@ -279,16 +278,13 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
     // The (b, h) pairs are taken one at a time from a shared counter (not one fixed range per
     // thread): a thread descheduled by another process no longer holds the others up at the
     // region's end. Each pair's outputs and state are computed the same way by any thread.
-    const int64_t BH = B * H, grain = grain_for(nr * Q * P * N);
-    const int64_t teams = std::clamp<int64_t>((BH + grain - 1) / grain, 1, num_threads());
-    std::atomic<int64_t> next_bh{0};
-    parallel_for(teams, 1, [&](int64_t, int64_t) {
+    parallel_for_dynamic(B * H, 1, grain_for(nr * Q * P * N), [&](int64_t bh0, int64_t bh1) {
       // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
       thread_local std::vector<double> cs;
       thread_local std::vector<float> E, M, Bw, dtv, ecs;
       cs.resize(Q), E.resize(Q * Q), M.resize(Q * Q), Bw.resize(Q * N), dtv.resize(Q),
           ecs.resize(Q);
-      for (int64_t bh; (bh = next_bh.fetch_add(1, std::memory_order_relaxed)) < BH;) {
+      for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
         const float A = a.A[hd];
         const float* Dp = a.D.defined() ? a.D.data() + (d.d_hdim ? hd * P : hd) : nullptr;

@@ -1007,11 +1007,12 @@ Server::~Server() {
 
 int Server::bind() {
   auto& o = impl_->opt;
-  // The listening socket, seen as httplib sets its options before binding it.
+  // The listening socket, seen as httplib sets its options before binding it (the last one: a
+  // socket of an address that failed to bind was closed and the next address tried).
   socket_t lsock = INVALID_SOCKET;
   impl_->http.set_socket_options([&lsock](socket_t sock) {
     httplib::default_socket_options(sock);
-    if (lsock == INVALID_SOCKET) lsock = sock;
+    lsock = sock;
   });
   int port = 0;
   if (o.port == 0) {
