@@ -4,10 +4,13 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <filesystem>
+#include <sstream>
 
 #include "mamba/generate.h"
 #include "mamba/lm.h"
+#include "mamba/trace.h"
 #include "mamba/train.h"
 #include "test_util.h"
 
@@ -398,5 +401,65 @@ TEST(LM, InferenceHoldsNoGradientsTrainingAllocatesThem) {
     MambaLM half(cfg, 1, WeightDType::bf16);
     test::expect_error([&] { half.named_parameters().front().second->grad(); },
                        {"backbone.embedding.weight", "bf16", "inference only"});
+  }
+}
+
+// bench --profile's op timing (trace.h): every traced op of the prefill and of a decode step is
+// charged once per call under its name with the layer index as "*", nothing is printed, the
+// charged time is within the wall time, and a taken table is cleared; off, nothing is recorded.
+TEST(LM, OpProfileChargesEveryTracedOpOnce) {
+  for (const char* layer : {"Mamba1", "Mamba2"}) {
+    SCOPED_TRACE(layer);
+    ModelConfig cfg = ModelConfig::parse(
+        std::string(R"({"d_model":16,"n_layer":3,"vocab_size":11,"ssm_cfg":{"layer":")") + layer +
+        R"(","d_state":4,"d_conv":3,"expand":2)" +
+        (std::string(layer) == "Mamba2" ? R"(,"headdim":8,"chunk_size":4)" : "") + "}}");
+    MambaLM lm(cfg, 1);
+    const std::vector<int32_t> ids = {1, 2, 3, 4, 5, 6, 7};
+    std::ostringstream printed;
+    trace::set_stream(&printed);
+    trace::set_profile(true);
+    LMState st = lm.new_state(1);
+    const auto t0 = std::chrono::steady_clock::now();
+    trace::profile_mark();
+    lm.prefill(ids, 1, 7, st, 0);
+    const double wall =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    std::vector<trace::ProfileEntry> pre = trace::profile_take();
+    EXPECT_TRUE(trace::profile_take().empty());  // taken: cleared
+    trace::profile_mark();
+    const int32_t tok = 3;
+    lm.step(std::span<const int32_t>(&tok, 1), st);
+    lm.step(std::span<const int32_t>(&tok, 1), st);
+    std::vector<trace::ProfileEntry> dec = trace::profile_take();
+    trace::set_profile(false);
+    lm.step(std::span<const int32_t>(&tok, 1), st);
+    EXPECT_TRUE(trace::profile_take().empty());  // off: nothing recorded
+    trace::set_stream(nullptr);
+    EXPECT_EQ(printed.str(), "");  // profiling prints nothing
+
+    auto find = [](const std::vector<trace::ProfileEntry>& rows, const std::string& op) {
+      for (const auto& r : rows)
+        if (r.op == op) return r;
+      ADD_FAILURE() << "no profile row " << op;
+      return trace::ProfileEntry{};
+    };
+    double sum = 0;
+    for (const auto& r : pre) {
+      EXPECT_GE(r.seconds, 0.0) << r.op;
+      EXPECT_EQ(r.op.find("layers.0"), std::string::npos) << r.op;  // indices folded to "*"
+      sum += r.seconds;
+    }
+    EXPECT_LE(sum, wall);
+    EXPECT_EQ(find(pre, "embedding").calls, 1);
+    EXPECT_EQ(find(pre, "layers.*.add+norm").calls, 3);
+    EXPECT_EQ(find(pre, "layers.*.mixer.in_proj").calls, 3);
+    EXPECT_EQ(find(pre, "layers.*.mixer.out_proj").calls, 3);
+    EXPECT_EQ(find(pre, "lm_head").calls, 1);
+    EXPECT_EQ(find(dec, "embedding").calls, 2);
+    EXPECT_EQ(find(dec, "layers.*.mixer.in_proj").calls, 6);
+    EXPECT_EQ(find(dec, "layers.*.mixer.out_proj").calls, 6);
+    EXPECT_EQ(find(dec, "add+norm_f").calls, 2);
+    EXPECT_EQ(find(dec, "lm_head").calls, 2);
   }
 }

@@ -11,6 +11,7 @@
 #include "mamba/lm.h"
 #include "mamba/parallel.h"
 #include "mamba/rng.h"
+#include "mamba/trace.h"
 #include "ops/gemm_nt.h"
 
 namespace mamba::cli {
@@ -67,6 +68,51 @@ Stats stats(std::vector<double> v) {
 double seconds(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+// --profile: one phase's op times summed over the measured repetitions (trace.h).
+struct PhaseProfile {
+  double wall = 0;  // the phase's measured seconds, all repetitions
+  std::vector<trace::ProfileEntry> ops;
+  void add(std::vector<trace::ProfileEntry> rows, double phase_seconds) {
+    wall += phase_seconds;
+    for (auto& r : rows) {
+      auto it = std::find_if(ops.begin(), ops.end(),
+                             [&](const trace::ProfileEntry& e) { return e.op == r.op; });
+      if (it == ops.end()) {
+        ops.push_back(std::move(r));
+      } else {
+        it->seconds += r.seconds, it->calls += r.calls;
+      }
+    }
+  }
+  double traced() const {
+    double t = 0;
+    for (const auto& e : ops) t += e.seconds;
+    return t;
+  }
+  // Markdown table: per `unit` (a prefill, a token), time in ms or us, share of the phase's wall
+  // time, calls; the rest of the wall time as "(not in a traced op)".
+  void print(const char* title, double units, const char* unit, double scale,
+             const char* time_unit) const {
+    std::printf("\nprofile, %s (wall time charged to the traced op that ended it; %s):\n", title,
+                unit);
+    std::printf("| op | %s per %s | share | calls per %s |\n|---|---|---|---|\n", time_unit, unit,
+                unit);
+    for (const auto& e : ops)
+      std::printf("| %s | %.3f | %.1f%% | %.2f |\n", e.op.c_str(), e.seconds / units * scale,
+                  100.0 * e.seconds / wall, static_cast<double>(e.calls) / units);
+    const double rest = wall - traced();
+    std::printf("| (not in a traced op) | %.3f | %.1f%% | |\n", rest / units * scale,
+                100.0 * rest / wall);
+  }
+  std::string json() const {
+    std::string j = str("{\"wall_s\":", wall, ",\"ops\":[");
+    for (size_t i = 0; i < ops.size(); ++i)
+      j += str(i ? "," : "", "{\"op\":\"", ops[i].op, "\",\"s\":", ops[i].seconds,
+               ",\"calls\":", ops[i].calls, "}");
+    return j + "]}";
+  }
+};
 }  // namespace
 
 Command add_bench(CLI::App& app) {
@@ -74,7 +120,7 @@ Command add_bench(CLI::App& app) {
     std::string model, config, preset, dtype = "f32";
     int64_t prompt = 512, gen = 128, batch = 1, prefill_chunk = MambaLM::kDefaultPrefillChunk;
     int threads = 0, reps = 3;
-    bool json = false;
+    bool json = false, profile = false;
   };
   auto o = std::make_shared<Opts>();
   auto* sub = app.add_subcommand("bench", "Prefill and decode tokens/s and peak memory of a model");
@@ -104,6 +150,10 @@ Command add_bench(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::PositiveNumber);
   sub->add_flag("--json", o->json, "one JSON object instead of the table");
+  sub->add_flag("--profile", o->profile,
+                "also time every op of the measured repetitions (the layers' traced ops: wall "
+                "time from the end of the previous op, per op name over all layers) and print "
+                "each op's share of the prefill and of a decode step (JSON: \"profile\")");
   add_dtype_option(sub, o->dtype);
   return {
       sub, [o] {
@@ -130,16 +180,22 @@ Command add_bench(CLI::App& app) {
         std::vector<int32_t> ids(static_cast<size_t>(B * o->prompt));
         for (auto& v : ids) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
         std::vector<double> pre, dec;
+        PhaseProfile prof_pre, prof_dec;
         for (int r = 0; r < o->reps + 1; ++r) {  // the first repetition is a warm-up
+          const bool prof = o->profile && r > 0;
+          trace::set_profile(prof);
           LMState st = lm->new_state(B);
           auto t0 = std::chrono::steady_clock::now();
+          if (prof) trace::profile_mark();
           // prefill (chunked): logits of the last position only
           lm->prefill(ids, B, o->prompt, st, o->prefill_chunk);
           double tp = seconds(t0);
+          if (prof) prof_pre.add(trace::profile_take(), tp);
           std::vector<int32_t> tok(static_cast<size_t>(B));
           for (auto& v : tok) v = static_cast<int32_t>(rng.below(static_cast<uint64_t>(V)));
           t0 = std::chrono::steady_clock::now();
           for (int64_t i = 0; i < o->gen; ++i) {
+            if (prof) trace::profile_mark();  // the previous token's argmax is not an op
             Tensor logits = lm->step(tok, st);
             for (int64_t b = 0; b < B; ++b) {  // greedy feedback, as a real decode loop
               const float* l = logits.data() + b * lm->vocab();
@@ -147,6 +203,8 @@ Command add_bench(CLI::App& app) {
             }
           }
           double td = seconds(t0);
+          if (prof) prof_dec.add(trace::profile_take(), td);
+          trace::set_profile(false);
           if (r > 0) pre.push_back(B * o->prompt / tp), dec.push_back(B * o->gen / td);
           if (!o->json)
             std::fprintf(stderr, "rep %d/%d: prefill %.1f tok/s, decode %.1f tok/s%s\n", r, o->reps,
@@ -167,13 +225,17 @@ Command add_bench(CLI::App& app) {
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
               "\"rss_after_load_mib\":%.1f,\"rss_end_mib\":%.1f,\"weight_mib\":%.1f,"
               "\"decode_weight_bytes\":%lld,\"state_bytes\":%lld,\"prefill_flops_per_token\":%lld,"
-              "\"decode_flops_per_token\":%lld}\n",
+              "\"decode_flops_per_token\":%lld%s}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
               (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
               p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end, wmib,
               (long long)cost.decode_weight_bytes, (long long)cost.state_bytes,
-              (long long)cost.prefill_flops, (long long)cost.decode_flops);
+              (long long)cost.prefill_flops, (long long)cost.decode_flops,
+              o->profile ? str(",\"profile\":{\"prefill\":", prof_pre.json(),
+                               ",\"decode\":", prof_dec.json(), "}")
+                               .c_str()
+                         : "");
         } else {
           std::printf(
               "model: %s, %lld parameters, %s weights, %d threads, batch %lld, prefill chunk %s\n",
@@ -194,6 +256,17 @@ Command add_bench(CLI::App& app) {
               "head in decode\n",
               wmib, cost.decode_weight_bytes / 1e6, cost.state_bytes / 1e3,
               cost.prefill_flops / 1e6, cost.decode_flops / 1e6);
+          if (o->profile) {
+            prof_pre.print(
+                str("prefill of ", B, " x ", o->prompt, " tokens, ", o->reps, " repetitions")
+                    .c_str(),
+                o->reps, "prefill", 1e3, "ms");
+            prof_dec.print(str("decode, ", o->reps, " x ", o->gen, " steps of ", B,
+                               B > 1 ? " sequences" : " sequence")
+                               .c_str(),
+                           static_cast<double>(o->reps) * static_cast<double>(o->gen), "step", 1e6,
+                           "us");
+          }
         }
         return 0;
       }};

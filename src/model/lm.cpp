@@ -546,7 +546,9 @@ Tensor MambaLM::step(std::span<const int32_t> ids, LMState& state) const {
     }
     Tensor out = ops::add_rms_norm_fwd(hidden, residual, norm_f_->value.f32(),
                                        static_cast<float>(cfg_.norm_epsilon));
+    if (tr) trace::op("add+norm_f", {hidden.shape()}, {out.shape()});
     logits = head(out);
+    if (tr) trace::op("lm_head", {out.shape()}, {logits.shape()});
   });
   return logits;
 }
