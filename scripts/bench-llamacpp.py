@@ -15,12 +15,17 @@ For every --models preset and --types storage type:
      tok/s against peak / (projection FLOPs per token), both from `bench --json`.
 llama.cpp is never built or kept in the repository: pass the path of a llama-bench you built
 from its public source elsewhere. Without --llama-bench only mamba.cpp's columns are filled.
+With --profile, one more `mambacpp bench --profile` run per row says where mamba.cpp's time goes:
+the projections' share of the prefill and their GFLOP/s (% of the peak), the scan's / SSD's
+share, and per decode step the matmuls' share, the weight GB/s they stream (% of the read
+bandwidth) and the microseconds of everything else.
 Prints a markdown table and, with --jsonl FILE, one JSON object per (model, type).
 Bounded: run it under `flock /tmp/bench.lock` at normal priority. Rough cost per (model, type)
 and round: the prefill plus the decode (130m f32: ~2 s; 1.4b f32: ~40 s), plus writing each file
 once (1.4b f32: 5.5 GB on disk).
 Usage: scripts/bench-llamacpp.py [--mambacpp build/mambacpp] [--llama-bench PATH]
            [--models mamba-130m,mamba2-130m] [--types f32,bf16] [--rounds 3] [--threads 2]
+           [--profile]
 """
 import argparse
 import json
@@ -61,6 +66,34 @@ def ours_round(exe, path, dtype, pp, tg, threads):
     return j
 
 
+PROJ = ("in_proj", "x_proj", "dt_proj", "out_proj")
+SCAN = ("selective_scan", "ssd", "selective_state_update", "ssd_update")
+
+
+def op_kind(name):
+    base = name.rsplit(".", 1)[-1].split("[")[0]
+    if base in PROJ or base == "lm_head":
+        return base if base == "lm_head" else "proj"
+    return "scan" if base in SCAN else "other"
+
+
+def profile_row(exe, path, dtype, pp, tg, threads):
+    """One `bench --profile` run: the time split of the prefill and of a decode step."""
+    j = run_json([exe, "bench", "--model", path, "--dtype", dtype, "--prompt", str(pp), "--gen",
+                  str(tg), "--threads", str(threads), "--reps", "1", "--json", "--profile"])
+    out = {}
+    for phase, extra in (("prefill", ()), ("decode", ("lm_head",))):
+        ph = j["profile"][phase]
+        t = {"proj": 0.0, "scan": 0.0, "other": 0.0, "lm_head": 0.0}
+        for o in ph["ops"]:
+            t[op_kind(o["op"])] += o["s"]
+        proj = t["proj"] + sum(t[k] for k in extra)
+        out[phase] = {"wall": ph["wall_s"], "proj": proj, "scan": t["scan"],
+                      "rest": ph["wall_s"] - proj - t["scan"]}
+    out["cost"] = {k: j[k] for k in ("decode_weight_bytes", "prefill_flops_per_token")}
+    return out
+
+
 def spread(v):
     return f"{statistics.median(v):.1f} ({min(v):.1f}-{max(v):.1f})" if v else "-"
 
@@ -80,6 +113,8 @@ def main():
     ap.add_argument("--workdir", default="/tmp/mambacpp-bench-gguf",
                     help="where the GGUF files are written (kept for the next run)")
     ap.add_argument("--jsonl", default="", help="also write one JSON object per row here")
+    ap.add_argument("--profile", action="store_true",
+                    help="one more profiled mamba.cpp run per row: where its time goes")
     a = ap.parse_args()
     if a.rounds < 1 or a.threads < 1 or a.pp < 1 or a.tg < 1:
         ap.error("--rounds, --threads, --pp and --tg must be >= 1")
@@ -118,6 +153,8 @@ def main():
                           f"{row['ours_tg'][-1]:.1f}" +
                           (f", llama.cpp pp {row['llama_pp'][-1]:.1f} tg {row['llama_tg'][-1]:.1f}"
                            if a.llama_bench else ""), file=sys.stderr)
+                if a.profile:
+                    row["profile"] = profile_row(a.mambacpp, path, typ, a.pp, a.tg, a.threads)
             except RuntimeError as e:
                 row["error"] = str(e)
                 print(f"{model} {typ}: {e}", file=sys.stderr)
@@ -150,6 +187,25 @@ def main():
               f"{spread(row['ours_tg'])} | {spread(row['llama_tg'])} | {fmt_r(rt)} | "
               f"{100 * statistics.median(row['ours_tg']) / tg_bound:.0f}% | "
               f"pp {pp_bound:.0f}, tg {tg_bound:.1f} |")
+    if a.profile:
+        print(f"\nWhere mamba.cpp's time goes (one `bench --profile` run per row; shares of the "
+              f"pp{a.pp} prefill and of a decode step):\n")
+        print("| model | type | pp: projections share | projections GFLOP/s (% of peak) | "
+              "pp: scan / SSD share | pp: rest | tg: matmuls share | matmuls weight GB/s "
+              "(% of bandwidth) | tg: scan / state update | tg: rest (us per token) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for row in rows:
+            pr = row.get("profile")
+            if not pr:
+                continue
+            pre, dec, c = pr["prefill"], pr["decode"], pr["cost"]
+            gfl = c["prefill_flops_per_token"] * a.pp / pre["proj"] / 1e9
+            gbs = c["decode_weight_bytes"] * a.tg / dec["proj"] / 1e9
+            print(f"| {row['model']} | {row['type']} | {100 * pre['proj'] / pre['wall']:.0f}% | "
+                  f"{gfl:.0f} ({100 * gfl / peak:.0f}%) | {100 * pre['scan'] / pre['wall']:.0f}% | "
+                  f"{100 * pre['rest'] / pre['wall']:.0f}% | {100 * dec['proj'] / dec['wall']:.0f}% | "
+                  f"{gbs:.1f} ({100 * gbs / bw:.0f}%) | {100 * dec['scan'] / dec['wall']:.0f}% | "
+                  f"{100 * dec['rest'] / dec['wall']:.0f}% ({dec['rest'] / a.tg * 1e6:.0f}) |")
     if a.jsonl:
         with open(a.jsonl, "w") as f:
             for row in rows:
