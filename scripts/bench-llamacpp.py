@@ -25,7 +25,7 @@ and round: the prefill plus the decode (130m f32: ~2 s; 1.4b f32: ~40 s), plus w
 once (1.4b f32: 5.5 GB on disk).
 Usage: scripts/bench-llamacpp.py [--mambacpp build/mambacpp] [--llama-bench PATH]
            [--models mamba-130m,mamba2-130m] [--types f32,bf16] [--rounds 3] [--threads 2]
-           [--profile]
+           [--profile] [--ours-args "--activations q8"]
 """
 import argparse
 import json
@@ -60,9 +60,9 @@ def llama_round(exe, path, pp, tg, threads):
     return pre[0], dec[0]
 
 
-def ours_round(exe, path, dtype, pp, tg, threads):
+def ours_round(exe, path, dtype, pp, tg, threads, extra=()):
     j = run_json([exe, "bench", "--model", path, "--dtype", dtype, "--prompt", str(pp), "--gen",
-                  str(tg), "--threads", str(threads), "--reps", "1", "--json"])
+                  str(tg), "--threads", str(threads), "--reps", "1", "--json", *extra])
     return j
 
 
@@ -77,17 +77,18 @@ def op_kind(name):
     return "scan" if base in SCAN else "other"
 
 
-def profile_row(exe, path, dtype, pp, tg, threads):
+def profile_row(exe, path, dtype, pp, tg, threads, extra=()):
     """One `bench --profile` run: the time split of the prefill and of a decode step."""
     j = run_json([exe, "bench", "--model", path, "--dtype", dtype, "--prompt", str(pp), "--gen",
-                  str(tg), "--threads", str(threads), "--reps", "1", "--json", "--profile"])
+                  str(tg), "--threads", str(threads), "--reps", "1", "--json", "--profile",
+                  *extra])
     out = {}
-    for phase, extra in (("prefill", ()), ("decode", ("lm_head",))):
+    for phase, head in (("prefill", ()), ("decode", ("lm_head",))):
         ph = j["profile"][phase]
         t = {"proj": 0.0, "scan": 0.0, "other": 0.0, "lm_head": 0.0}
         for o in ph["ops"]:
             t[op_kind(o["op"])] += o["s"]
-        proj = t["proj"] + sum(t[k] for k in extra)
+        proj = t["proj"] + sum(t[k] for k in head)
         out[phase] = {"wall": ph["wall_s"], "proj": proj, "scan": t["scan"],
                       "rest": ph["wall_s"] - proj - t["scan"]}
     out["cost"] = {k: j[k] for k in ("decode_weight_bytes", "prefill_flops_per_token")}
@@ -113,6 +114,8 @@ def main():
     ap.add_argument("--workdir", default="/tmp/mambacpp-bench-gguf",
                     help="where the GGUF files are written (kept for the next run)")
     ap.add_argument("--jsonl", default="", help="also write one JSON object per row here")
+    ap.add_argument("--ours-args", default="",
+                    help="more `mambacpp bench` options, e.g. \"--activations q8\"")
     ap.add_argument("--profile", action="store_true",
                     help="one more profiled mamba.cpp run per row: where its time goes")
     a = ap.parse_args()
@@ -122,6 +125,7 @@ def main():
         if not os.access(exe, os.X_OK):
             ap.error(f"not an executable: {exe}")
     os.makedirs(a.workdir, exist_ok=True)
+    extra = a.ours_args.split()
 
     peak0, bw0 = measure_bounds(a.mambacpp, a.threads)
     print(f"bounds at the start: fp32 FMA peak {peak0:.1f} GFLOP/s, read bandwidth {bw0:.2f} GB/s "
@@ -140,7 +144,7 @@ def main():
                    "llama_tg": [], "error": ""}
             try:
                 for r in range(a.rounds):
-                    j = ours_round(a.mambacpp, path, typ, a.pp, a.tg, a.threads)
+                    j = ours_round(a.mambacpp, path, typ, a.pp, a.tg, a.threads, extra)
                     row["ours_pp"].append(j["prefill_tok_s"]["median"])
                     row["ours_tg"].append(j["decode_tok_s"]["median"])
                     row["cost"] = {k: j[k] for k in ("decode_weight_bytes", "state_bytes",
@@ -154,7 +158,8 @@ def main():
                           (f", llama.cpp pp {row['llama_pp'][-1]:.1f} tg {row['llama_tg'][-1]:.1f}"
                            if a.llama_bench else ""), file=sys.stderr)
                 if a.profile:
-                    row["profile"] = profile_row(a.mambacpp, path, typ, a.pp, a.tg, a.threads)
+                    row["profile"] = profile_row(a.mambacpp, path, typ, a.pp, a.tg, a.threads,
+                                                 extra)
             except RuntimeError as e:
                 row["error"] = str(e)
                 print(f"{model} {typ}: {e}", file=sys.stderr)
