@@ -22,7 +22,10 @@ namespace mamba::trace {
 
 // Whether ops are traced at all: printing (set_enabled) or profiling (set_profile).
 bool enabled();
-void set_enabled(bool on);          // print shapes
+void set_enabled(bool on);  // print shapes
+// Whether shapes are printed (set_enabled(true)); a path that fuses several ops and traces them
+// coarsely may run while only the profile is on.
+bool printing();
 void set_stream(std::ostream* os);  // default std::cerr
 // Prints "<prefix><name> in0, in1 -> out0, out1" (shapes only) when enabled.
 void op(std::string_view name, std::initializer_list<Shape> in, std::initializer_list<Shape> out);

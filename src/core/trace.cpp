@@ -59,6 +59,7 @@ void profile_add(std::string_view name) {
 
 bool enabled() { return g_enabled || g_profile; }
 void set_enabled(bool on) { g_enabled = on; }
+bool printing() { return g_enabled; }
 void set_stream(std::ostream* os) { g_stream = os; }
 
 void set_profile(bool on) {
