@@ -325,3 +325,74 @@ TEST(ActQ8Gemm, LinearRoutesOnlyWhenAsked) {
   EXPECT_EQ(std::string(activation_type_name(ActivationType::q8)), "q8");
   test::expect_error([] { parse_activation_type("q4"); }, {"q4", "f32 or q8"});
 }
+
+// ---- whole models -------------------------------------------------------------------------------
+
+namespace {
+
+// As test_quant_weights.cpp: widths that are whole blocks (d_model 64, d_inner 128).
+ModelConfig tiny_config(const std::string& layer) {
+  return ModelConfig::parse(
+      std::string(
+          R"({"d_model":64,"n_layer":2,"vocab_size":203,"pad_vocab_size_multiple":8,"ssm_cfg":{"layer":")") +
+      layer + R"(","d_state":8,"d_conv":4,"expand":2)" +
+      (layer == "Mamba2" ? R"(,"headdim":16,"chunk_size":8)" : "") + "}}");
+}
+
+MambaLM make_lm(const std::string& layer, WeightDType t) {
+  MambaLM lm(tiny_config(layer), 3);
+  Rng rng(9);
+  for (auto& [n, p] : lm.named_parameters())
+    for (int64_t i = 0; i < p->value.numel(); ++i) p->value.f32()[i] += 0.05f * (float)rng.normal();
+  lm.set_weight_dtype(t);
+  return lm;
+}
+
+}  // namespace
+
+class ActQ8LM : public ::testing::TestWithParam<const char*> {};
+
+// The same q8_0 / q4_0 model with 8-bit and with fp32 activations: forward over B * L = 24 rows
+// (the prefill GEMM) within tol::kQ8ActVsF32Act, and not within the fp32 kernels' tolerance (the
+// option does change the numbers); the 8-bit logits are the same bits with 1 and 2 threads and
+// on a repeated run; decode steps (2 rows) are unchanged by the option.
+TEST_P(ActQ8LM, LogitsNearFp32ActivationsAndDeterministic) {
+  const std::string layer = GetParam();
+  const int64_t B = 2, L = 12;
+  for (WeightDType t : kQuant) {
+    const MambaLM lm = make_lm(layer, t);
+    Rng rng(4);
+    std::vector<int32_t> ids(B * L);
+    for (auto& v : ids) v = static_cast<int32_t>(rng.below(203));
+    const std::string what = str(layer, " ", weight_dtype_name(t));
+    LMState s32, s8;
+    Tensor l32 = lm.forward(ids, B, L, nullptr, &s32);
+    const std::vector<int32_t> tok = {7, 11};
+    Tensor step32 = lm.step(tok, s32);
+    ActivationScope q8(ActivationType::q8);
+    Tensor l8 = lm.forward(ids, B, L, nullptr, &s8);
+    double lmax = 0;
+    for (int64_t i = 0; i < l32.numel(); ++i) lmax = std::max(lmax, (double)std::fabs(l32[i]));
+    std::printf("%s: max |logit| %.3g, max |q8 act - f32 act| %.3g\n", what.c_str(), lmax,
+                test::max_abs_diff(l8, l32));
+    EXPECT_TRUE(test::all_close(l8, l32, tol::kQ8ActVsF32Act, what + " q8 vs f32 activations"));
+    EXPECT_FALSE(test::all_close(l8, l32, tol::kFastVsRef))
+        << what << ": the option changed nothing";
+    for (int threads : {1, 2}) {
+      ThreadScope ts(threads);
+      Tensor again = lm.forward(ids, B, L);
+      ASSERT_EQ(std::memcmp(again.data(), l8.data(), l8.numel() * 4), 0)
+          << what << " threads " << threads;
+    }
+    // a decode step (2 rows: fp32 activations) from the fp32-activation state is unchanged
+    LMState s32b;
+    {
+      ActivationScope f32(ActivationType::f32);
+      (void)lm.forward(ids, B, L, nullptr, &s32b);
+    }
+    Tensor step8 = lm.step(tok, s32b);
+    EXPECT_EQ(std::memcmp(step8.data(), step32.data(), step32.numel() * 4), 0) << what << " step";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Layers, ActQ8LM, ::testing::Values("Mamba1", "Mamba2"));
