@@ -4,14 +4,18 @@
 // kernel (the same operations: the same bits) and against the double reference with a bound
 // derived from the fp32 rounding of the per-block sums, awkward shapes, split outputs, thread
 // counts, the routing in ops::linear, and whole tiny LMs against their fp32-activation logits.
+#include <unistd.h>
+
 #include <cmath>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 #include <vector>
 
 #include "mamba/lm.h"
 #include "mamba/parallel.h"
+#include "model/npy.h"
 #include "ops/gemm_nt.h"
 #include "ops/gemm_q8.h"
 #include "ops/linear.h"
@@ -396,3 +400,49 @@ TEST_P(ActQ8LM, LogitsNearFp32ActivationsAndDeterministic) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Layers, ActQ8LM, ::testing::Values("Mamba1", "Mamba2"));
+
+// The CLI: `score --dtype q8_0|q4_0 --activations q8` on the golden Mamba-1 checkpoint writes the
+// logits the library computes with 8-bit activations (24 tokens: the prefill GEMM), bit for bit;
+// --activations q8 with another --dtype is refused with a message naming the fix; bench prints the
+// activations it ran with.
+TEST(ActQ8Cli, ScoreBenchAndErrors) {
+  namespace fs = std::filesystem;
+  const std::string dir = test::golden_path("lm_mamba1_ckpt");
+  const fs::path tmp =
+      fs::temp_directory_path() / ("mamba_test_act_q8_" + std::to_string(getpid()));
+  fs::create_directories(tmp);
+  const std::string ids = (tmp / "ids.npy").string(), out = (tmp / "logits.npy").string();
+  std::vector<int64_t> v;
+  for (int i = 0; i < 24; ++i) v.push_back((i * 37 + 5) % 50);
+  write_npy_i64(ids, {1, 24}, v);
+  const std::vector<int32_t> v32(v.begin(), v.end());
+  for (WeightDType t : kQuant) {
+    auto r = test::run_cli(str("score --model ", dir, " --ids ", ids, " --out ", out,
+                               " --threads 1 --activations q8 --dtype ", weight_dtype_name(t)));
+    ASSERT_EQ(r.status, 0) << r.out;
+    MambaLM lm = MambaLM::load(dir, t);
+    Tensor f32act = lm.forward(v32, 1, 24);
+    ActivationScope q8(ActivationType::q8);
+    const Tensor expect = lm.forward(v32, 1, 24);
+    NpyArray a = read_npy(out);
+    ASSERT_EQ(a.shape, expect.shape());
+    EXPECT_EQ(std::memcmp(a.data.data(), expect.data(), expect.numel() * 4), 0)
+        << weight_dtype_name(t);
+    EXPECT_NE(std::memcmp(f32act.data(), expect.data(), expect.numel() * 4), 0)
+        << weight_dtype_name(t);
+  }
+  auto r = test::run_cli(
+      str("score --model ", dir, " --ids ", ids, " --out ", out, " --activations q8"));
+  EXPECT_NE(r.status, 0);
+  EXPECT_NE(r.out.find("--dtype q8_0"), std::string::npos) << r.out;
+  r = test::run_cli(
+      str("score --model ", dir, " --ids ", ids, " --out ", out, " --dtype q8_0 --activations q4"));
+  EXPECT_NE(r.status, 0);
+  r = test::run_cli(
+      "bench --preset tiny --prompt 20 --gen 2 --reps 1 --threads 1 --dtype q4_0 --activations q8");
+  EXPECT_EQ(r.status, 0) << r.out;
+  EXPECT_NE(r.out.find("q4_0 weights, q8 activations"), std::string::npos) << r.out;
+  r = test::run_cli("bench --help");
+  EXPECT_NE(r.out.find("--activations"), std::string::npos) << r.out;
+  fs::remove_all(tmp);
+}
