@@ -39,8 +39,9 @@ std::vector<std::vector<uint8_t>> quant_both(const std::vector<float>& x) {
 
 // Sets the process-wide activation type for a scope.
 struct ActivationScope {
+  ActivationType saved = activation_type();
   explicit ActivationScope(ActivationType t) { set_activation_type(t); }
-  ~ActivationScope() { set_activation_type(ActivationType::f32); }
+  ~ActivationScope() { set_activation_type(saved); }
 };
 
 struct ThreadScope {
@@ -174,19 +175,20 @@ double bound(int64_t nbk, double mag, double y0) {
 
 }  // namespace
 
-// The VNNI kernel (where this CPU has it) against the portable kernel (bits) and the double
-// reference (the bound above), and the reference against the exact sum of the dequantised
-// products; awkward M (around the 32-row panel), N (around the 6-row tile), K, padded leading
-// dimensions, accumulate; the padding of y stays untouched. The bound must be tight enough to
-// fail: fp32 activations (gemm_nt_ref) break it.
+// The VNNI kernels (where this CPU has it: the streaming one for M <= 16, the tile above) against
+// the portable kernel (bits) and the double reference (the bound above), and the reference against
+// the exact sum of the dequantised products; awkward M (decode sizes, around the 32-row panel), N
+// (around the 6-row tile and the 16-row streaming step), K (odd and even block counts), padded
+// leading dimensions, accumulate; the padding of y stays untouched. The bound must be tight enough
+// to fail: fp32 activations (gemm_nt_ref) break it.
 TEST(ActQ8Gemm, KernelsMatchReferenceOnAwkwardShapes) {
   Rng rng(21);
   std::printf("VNNI kernel: %s\n", ops::gemm_q8_vnni_available() ? "yes" : "no (portable only)");
   int64_t fp32_breaks = 0, checked = 0;
   for (WeightDType t : kQuant)
-    for (int64_t K : {32, 96, 160, 800})
-      for (int64_t M : {17, 31, 32, 33, 70})
-        for (int64_t N : {1, 5, 6, 7, 13}) {
+    for (int64_t K : {32, 64, 96, 160, 256, 800})
+      for (int64_t M : {1, 2, 5, 16, 17, 31, 32, 33, 70})
+        for (int64_t N : {1, 5, 6, 7, 13, 37}) {
           const int64_t ldx = K + 5, ldw = K + 32, ldy = N + 3;
           Weight Wq(test::randn({N, ldw}, rng), t);
           const ops::WeightRows W{Wq.row_ptr(0), t, ldw};
@@ -290,9 +292,8 @@ TEST(ActQ8Gemm, SplitOutputsAndThreadCountsGiveTheSameBits) {
       {"q8_0 or q4_0", "f32"});
 }
 
-// ops::linear / linear_split take the 8-bit kernel only when asked, only for q8_0 / q4_0 weights
-// and more than 16 rows: the default, decode-sized M and other dtypes are bit for bit the fp32
-// path.
+// ops::linear / linear_split take the 8-bit kernels only when asked and only for q8_0 / q4_0
+// weights (any M): the default and other dtypes are bit for bit the fp32 path.
 TEST(ActQ8Gemm, LinearRoutesOnlyWhenAsked) {
   Rng rng(24);
   const int64_t K = 96, N = 40;
@@ -305,7 +306,7 @@ TEST(ActQ8Gemm, LinearRoutesOnlyWhenAsked) {
       ActivationScope q8(ActivationType::q8);
       Tensor y_q8 = ops::linear(x, Wq, b);
       std::vector<Tensor> s_q8 = ops::linear_split(x, Wq, {10, 30});
-      const bool routed = is_quantised(t) && M > 16;
+      const bool routed = is_quantised(t);
       const std::string what = str(weight_dtype_name(t), " M ", M);
       if (!routed) {
         EXPECT_EQ(std::memcmp(y_f32.data(), y_q8.data(), y_q8.numel() * 4), 0) << what;
@@ -328,6 +329,26 @@ TEST(ActQ8Gemm, LinearRoutesOnlyWhenAsked) {
   EXPECT_EQ(parse_activation_type("f32"), ActivationType::f32);
   EXPECT_EQ(std::string(activation_type_name(ActivationType::q8)), "q8");
   test::expect_error([] { parse_activation_type("q4"); }, {"q4", "f32 or q8"});
+}
+
+// Decode and prefill agree: a row of x gives the same bits through ops::linear with M = 1, 5 or 16
+// (the streaming kernel) as inside an M = 40 product (the tile).
+TEST(ActQ8Gemm, DecodeRowsEqualPrefillRowsBitForBit) {
+  Rng rng(25);
+  ActivationScope q8(ActivationType::q8);
+  for (WeightDType t : kQuant)
+    for (int64_t K : {96, 768}) {
+      const int64_t N = 53;
+      Weight Wq(test::randn({N, K}, rng), t);
+      Tensor x = test::randn({40, K}, rng), b = test::randn({N}, rng);
+      const Tensor full = ops::linear(x, Wq, b);
+      for (int64_t M : {1, 5, 16})
+        for (int64_t r0 : {int64_t{0}, 40 - M}) {
+          const Tensor part = ops::linear(x.narrow(r0, M).contiguous(), Wq, b);
+          ASSERT_EQ(std::memcmp(part.data(), full.data() + r0 * N, M * N * 4), 0)
+              << weight_dtype_name(t) << " K " << K << " M " << M << " rows from " << r0;
+        }
+    }
 }
 
 // ---- whole models -------------------------------------------------------------------------------
@@ -358,23 +379,24 @@ class ActQ8LM : public ::testing::TestWithParam<const char*> {};
 
 // The same q8_0 / q4_0 model with 8-bit and with fp32 activations: forward over B * L = 24 rows
 // (the prefill GEMM) within tol::kQ8ActVsF32Act, and not within the fp32 kernels' tolerance (the
-// option does change the numbers); the 8-bit logits are the same bits with 1 and 2 threads and
-// on a repeated run; decode steps (2 rows) are unchanged by the option.
+// option does change the numbers); the 8-bit logits are the same bits with 1 and 2 threads and on
+// a repeated run. Decode with 8-bit activations (2 rows: the streaming kernel) after an 8-bit
+// forward_last of the first 13 tokens (26 rows) against the 8-bit forward at the same positions:
+// within kStepVsFull (measured: 0, the same bits), which fp32-activation decode (off by ~0.03)
+// would fail. (Were the step's and the full sequence's scans to differ in the last bits, an
+// activation next to a rounding boundary of its q8 grid could take the neighbouring code.)
 TEST_P(ActQ8LM, LogitsNearFp32ActivationsAndDeterministic) {
   const std::string layer = GetParam();
-  const int64_t B = 2, L = 12;
+  const int64_t B = 2, L = 20, L0 = 13;
   for (WeightDType t : kQuant) {
     const MambaLM lm = make_lm(layer, t);
     Rng rng(4);
     std::vector<int32_t> ids(B * L);
     for (auto& v : ids) v = static_cast<int32_t>(rng.below(203));
     const std::string what = str(layer, " ", weight_dtype_name(t));
-    LMState s32, s8;
-    Tensor l32 = lm.forward(ids, B, L, nullptr, &s32);
-    const std::vector<int32_t> tok = {7, 11};
-    Tensor step32 = lm.step(tok, s32);
+    Tensor l32 = lm.forward(ids, B, L);
     ActivationScope q8(ActivationType::q8);
-    Tensor l8 = lm.forward(ids, B, L, nullptr, &s8);
+    Tensor l8 = lm.forward(ids, B, L);
     double lmax = 0;
     for (int64_t i = 0; i < l32.numel(); ++i) lmax = std::max(lmax, (double)std::fabs(l32[i]));
     std::printf("%s: max |logit| %.3g, max |q8 act - f32 act| %.3g\n", what.c_str(), lmax,
@@ -388,14 +410,23 @@ TEST_P(ActQ8LM, LogitsNearFp32ActivationsAndDeterministic) {
       ASSERT_EQ(std::memcmp(again.data(), l8.data(), l8.numel() * 4), 0)
           << what << " threads " << threads;
     }
-    // a decode step (2 rows: fp32 activations) from the fp32-activation state is unchanged
-    LMState s32b;
-    {
-      ActivationScope f32(ActivationType::f32);
-      (void)lm.forward(ids, B, L, nullptr, &s32b);
+    std::vector<int32_t> pre;
+    for (int64_t b = 0; b < B; ++b)
+      pre.insert(pre.end(), ids.begin() + b * L, ids.begin() + b * L + L0);
+    LMState st;
+    (void)lm.forward_last(pre, B, L0, &st);
+    double worst = 0;
+    for (int64_t s = L0; s < L; ++s) {
+      std::vector<int32_t> tok;
+      for (int64_t b = 0; b < B; ++b) tok.push_back(ids[b * L + s]);
+      const Tensor a = lm.step(tok, st);
+      Tensor full = Tensor::empty({B, a.dim(1)});
+      for (int64_t b = 0; b < B; ++b)
+        std::copy_n(l8.data() + (b * L + s) * a.dim(1), a.dim(1), full.data() + b * a.dim(1));
+      worst = std::max(worst, test::max_abs_diff(a, full));
+      EXPECT_TRUE(test::all_close(a, full, tol::kStepVsFull, str(what, " step ", s)));
     }
-    Tensor step8 = lm.step(tok, s32b);
-    EXPECT_EQ(std::memcmp(step8.data(), step32.data(), step32.numel() * 4), 0) << what << " step";
+    std::printf("%s: 8-bit step vs 8-bit forward, max |diff| %.3g\n", what.c_str(), worst);
   }
 }
 

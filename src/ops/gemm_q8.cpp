@@ -426,6 +426,261 @@ void gemm_q8_vnni_impl(const float* x, int64_t M, int64_t ldx, const WeightRows&
   parallel_for_dynamic(nb, run, 1, [&](int64_t c0, int64_t c1) { vnni_run(J, c0, c1); });
 }
 
+// ---- the VNNI streaming kernel for M <= 16 rows (decode)
+// ------------------------------------------- Each weight row is read where it is stored, two
+// blocks at a time (64 bytes: q8_0 w + 128, q4_0 the nibbles), against one row of x: one vpdpbusd
+// leaves 8 int32 partial sums per block; 16 weight rows' partials are added by a transposition tree
+// (exact: integers) into one vector of the 16 rows' block sums, and the fp32 step is the tile's: f
+// = fma(float(isum), d_w * d_x, f) per block in order. So every output has the same bits as in
+// gemm_nt_q8's tile (and the portable kernel) for the same row of x, whatever M: decode agrees with
+// prefill exactly. x per row: q8_0 weights: blocks in k order; q4_0: each pair of blocks (b, b+1)
+// as [b k0-15, b+1 k0-15, b k16-31, b+1 k16-31], the order in which a pair's nibbles widen.
+constexpr int64_t kSR = 16;  // weight rows per step (the lanes of the result)
+
+template <bool kQ4>
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c"))) inline __m512i load_pair(
+    const uint8_t* row, int64_t b, bool two) {
+  if constexpr (kQ4) {
+    const uint8_t* s = row + b * 18 + 2;
+    const __m128i v0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s));
+    const __m128i v1 =
+        two ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + 18)) : _mm_setzero_si128();
+    const __m256i v = _mm256_inserti128_si256(_mm256_castsi128_si256(v0), v1, 1);
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    const __m256i lo = _mm256_and_si256(v, lo4),
+                  hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), lo4);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+  } else {
+    const uint8_t* s = row + b * 34 + 2;
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80));
+    const __m256i v0 =
+        _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)), flip);
+    const __m256i v1 =
+        two ? _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + 34)), flip)
+            : _mm256_setzero_si256();
+    return _mm512_inserti64x4(_mm512_castsi256_si512(v0), v1, 1);
+  }
+}
+
+template <bool kQ4>
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c"))) void stream_rows_vnni(
+    const int8_t* __restrict xs, const float* __restrict dx, const int32_t* __restrict cr,
+    int64_t M, int64_t K, const uint8_t* wbase, int64_t wrow, int64_t r0, int64_t r1, float* y,
+    int64_t ldy) {
+  const int64_t nbk = K / 32, bb = kQ4 ? 18 : 34, xpitch = (nbk + 1) / 2 * 64;
+  for (int64_t n0 = r0; n0 < r1; n0 += kSR) {
+    const int64_t nr = std::min<int64_t>(kSR, r1 - n0);
+    const uint8_t* w[kSR];
+    alignas(64) int32_t idx[kSR];
+    for (int j = 0; j < kSR; ++j) {
+      const int64_t r = std::min<int64_t>(j, nr - 1);
+      w[j] = wbase + (n0 + r) * wrow;
+      idx[j] = static_cast<int32_t>(r * wrow);
+    }
+    const __m512i vidx = _mm512_load_si512(idx);
+    const __mmask16 store = static_cast<__mmask16>((1u << nr) - 1);
+    const uint8_t* wb0 = wbase + n0 * wrow;
+    for (int64_t m = 0; m < M; ++m) {
+      const int8_t* xm = xs + m * xpitch;
+      __m512 f = _mm512_setzero_ps();
+      for (int64_t b = 0; b < nbk; b += 2) {
+        const bool two = b + 1 < nbk;
+        const __m512i xv = _mm512_load_si512(xm + b * 32);
+        __m512i q[8];
+#pragma GCC unroll 8
+        for (int j = 0; j < 8; ++j) {  // level 1: row pairs (2j, 2j + 1)
+          const __m512i p0 =
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_pair<kQ4>(w[2 * j], b, two), xv);
+          const __m512i p1 =
+              _mm512_dpbusd_epi32(_mm512_setzero_si512(), load_pair<kQ4>(w[2 * j + 1], b, two), xv);
+          q[j] = _mm512_add_epi32(_mm512_unpacklo_epi32(p0, p1), _mm512_unpackhi_epi32(p0, p1));
+        }
+        __m512i s4[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j)  // level 2: rows 4j..4j+3 in each 128-bit lane
+          s4[j] = _mm512_add_epi32(_mm512_unpacklo_epi64(q[2 * j], q[2 * j + 1]),
+                                   _mm512_unpackhi_epi64(q[2 * j], q[2 * j + 1]));
+        // level 3: the 128-bit lanes of block b and of block b + 1 added; u = [rows 0-3 of b,
+        // of b + 1, rows 4-7 of b, of b + 1] (and rows 8-15)
+        __m512i u01, u23;
+        if constexpr (kQ4) {  // lanes 0, 2: block b; 1, 3: block b + 1
+          u01 = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[0], s4[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_i32x4(s4[0], s4[1], _MM_SHUFFLE(3, 2, 3, 2)));
+          u23 = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2], s4[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm512_shuffle_i32x4(s4[2], s4[3], _MM_SHUFFLE(3, 2, 3, 2)));
+        } else {  // lanes 0, 1: block b; 2, 3: block b + 1
+          u01 = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[0], s4[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_i32x4(s4[0], s4[1], _MM_SHUFFLE(3, 1, 3, 1)));
+          u23 = _mm512_add_epi32(_mm512_shuffle_i32x4(s4[2], s4[3], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_i32x4(s4[2], s4[3], _MM_SHUFFLE(3, 1, 3, 1)));
+        }
+        const __m512i sum[2] = {_mm512_shuffle_i32x4(u01, u23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                _mm512_shuffle_i32x4(u01, u23, _MM_SHUFFLE(3, 1, 3, 1))};
+        for (int h = 0; h < (two ? 2 : 1); ++h) {
+          const int64_t bh = b + h;
+          const __m512i isum = _mm512_add_epi32(sum[h], _mm512_set1_epi32(cr[m * nbk + bh]));
+          const __m512i d16 = _mm512_and_si512(
+              _mm512_i32gather_epi32(vidx, static_cast<const void*>(wb0 + bh * bb), 1),
+              _mm512_set1_epi32(0xFFFF));
+          const __m512 dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(d16));
+          f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum),
+                              _mm512_mul_ps(dw, _mm512_set1_ps(dx[m * nbk + bh])), f);
+        }
+      }
+      _mm512_mask_storeu_ps(y + m * ldy + n0, store, f);
+    }
+  }
+}
+
+// For M >= kMLanesMinM rows the lanes hold the rows of x instead (one vector of 16 x rows per
+// 4 k; 4 bytes of each weight row broadcast and widened in registers, as the tile but with
+// weights read in place), so a weight row costs the same for 3 or 16 rows of x; the per-element
+// operations are the same again.
+constexpr int64_t kMLanesMinM = 3;
+constexpr int kSB = 4;  // weight rows per step
+
+__attribute__((target("avx512f,avx512bw,avx512vnni,f16c"))) void stream_mlanes_vnni(
+    const int8_t* __restrict xq, const float* __restrict dx, const int32_t* __restrict cr,
+    int64_t M, int64_t nbk, const uint8_t* wbase, int64_t wrow, bool q4, int64_t r0, int64_t r1,
+    float* y, int64_t ldy) {
+  const __m512i lo4 = _mm512_set1_epi8(0x0F), flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  const int64_t bb = q4 ? 18 : 34;
+  alignas(64) float t[kSB][kSR];
+  for (int64_t n0 = r0; n0 < r1; n0 += kSB) {
+    const int64_t nr = std::min<int64_t>(kSB, r1 - n0);
+    const uint8_t* w[kSB];
+    for (int j = 0; j < kSB; ++j) w[j] = wbase + (n0 + std::min<int64_t>(j, nr - 1)) * wrow;
+    __m512 f[kSB];
+#pragma GCC unroll 4
+    for (int j = 0; j < kSB; ++j) f[j] = _mm512_setzero_ps();
+    for (int64_t b = 0; b < nbk; ++b) {
+      const __m512i c = _mm512_load_si512(cr + b * kSR);
+      __m512i acc[kSB];
+#pragma GCC unroll 4
+      for (int j = 0; j < kSB; ++j) acc[j] = c;
+      const int8_t* xb = xq + b * 8 * 64;
+      if (q4) {
+#pragma GCC unroll 4
+        for (int g = 0; g < 4; ++g) {
+          const __m512i xl = _mm512_load_si512(xb + g * 64),
+                        xh = _mm512_load_si512(xb + (g + 4) * 64);
+#pragma GCC unroll 4
+          for (int j = 0; j < kSB; ++j) {
+            int32_t r;
+            std::memcpy(&r, w[j] + b * bb + 2 + 4 * g, 4);
+            const __m512i raw = _mm512_set1_epi32(r);  // elements 4g..4g+3 and 16+4g..
+            acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(raw, lo4), xl);
+            acc[j] =
+                _mm512_dpbusd_epi32(acc[j], _mm512_and_si512(_mm512_srli_epi32(raw, 4), lo4), xh);
+          }
+        }
+      } else {
+#pragma GCC unroll 8
+        for (int g = 0; g < 8; ++g) {
+          const __m512i xg = _mm512_load_si512(xb + g * 64);
+#pragma GCC unroll 4
+          for (int j = 0; j < kSB; ++j) {
+            int32_t r;
+            std::memcpy(&r, w[j] + b * bb + 2 + 4 * g, 4);
+            acc[j] = _mm512_dpbusd_epi32(acc[j], _mm512_xor_si512(_mm512_set1_epi32(r), flip), xg);
+          }
+        }
+      }
+      const __m512 d = _mm512_load_ps(dx + b * kSR);
+#pragma GCC unroll 4
+      for (int j = 0; j < kSB; ++j) {
+        const __m512 s = _mm512_set1_ps(_cvtsh_ss(rd16(w[j] + b * bb)));
+        f[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j]), _mm512_mul_ps(d, s), f[j]);
+      }
+    }
+    for (int j = 0; j < kSB; ++j) _mm512_store_ps(t[j], f[j]);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < nr; ++j) y[m * ldy + n0 + j] = t[j][m];
+  }
+}
+
+void stream_mlanes_impl(const float* x, int64_t M, int64_t ldx, const WeightRows& W, int64_t N,
+                        int64_t K, float* y, int64_t ldy) {
+  const int64_t nbk = K / 32;
+  const int32_t off = W.dtype == WeightDType::q8_0 ? 128 : 8;
+  static thread_local Aligned<int8_t> xq_buf;
+  static thread_local Aligned<float> dx_buf;
+  static thread_local Aligned<int32_t> cr_buf;
+  static thread_local std::vector<uint8_t> row;
+  int8_t* xq = xq_buf.get(static_cast<size_t>(kSR * K));
+  float* dx = dx_buf.get(static_cast<size_t>(nbk * kSR));
+  int32_t* cr = cr_buf.get(static_cast<size_t>(nbk * kSR));
+  row.resize(static_cast<size_t>(nbk * kQB));
+  for (int64_t i = 0; i < kSR; ++i) {
+    if (i < M)
+      quantise_activations(x + i * ldx, K, row.data());
+    else
+      std::memset(row.data(), 0, row.size());  // rows past M: d_x = 0, q = 0
+    for (int64_t b = 0; b < nbk; ++b) {
+      const uint8_t* blk = row.data() + b * kQB;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += static_cast<int8_t>(blk[2 + j]);
+      dx[b * kSR + i] = f16_to_f32(rd16(blk));
+      cr[b * kSR + i] = -off * sum;
+      for (int g = 0; g < 8; ++g) std::memcpy(xq + ((b * 8 + g) * kSR + i) * 4, blk + 2 + 4 * g, 4);
+    }
+  }
+  const uint8_t* wbase = static_cast<const uint8_t*>(W.data);
+  const int64_t wrow = weight_row_bytes(W.dtype, W.ld);
+  const bool q4 = W.dtype == WeightDType::q4_0;
+  const int64_t steps = (N + kSB - 1) / kSB;
+  const int64_t grain = std::max<int64_t>(1, (16384 + kSB * K - 1) / (kSB * K));
+  parallel_for(steps, grain, [&](int64_t b, int64_t e) {
+    stream_mlanes_vnni(xq, dx, cr, M, nbk, wbase, wrow, q4, b * kSB, std::min(N, e * kSB), y, ldy);
+  });
+}
+
+// y (M, N) [ldy] = q8(x) W^T for M <= 16 rows (no accumulate, no split outputs).
+void stream_q8_vnni_impl(const float* x, int64_t M, int64_t ldx, const WeightRows& W, int64_t N,
+                         int64_t K, float* y, int64_t ldy) {
+  if (M >= kMLanesMinM) return stream_mlanes_impl(x, M, ldx, W, N, K, y, ldy);
+  const int64_t nbk = K / 32, xpitch = (nbk + 1) / 2 * 64;
+  const int32_t off = W.dtype == WeightDType::q8_0 ? 128 : 8;
+  const bool q4 = W.dtype == WeightDType::q4_0;
+  static thread_local Aligned<int8_t> xs_buf;
+  static thread_local Aligned<float> dx_buf;
+  static thread_local Aligned<int32_t> cr_buf;
+  static thread_local std::vector<uint8_t> row;
+  int8_t* xs = xs_buf.get(static_cast<size_t>(M * xpitch));
+  float* dx = dx_buf.get(static_cast<size_t>(M * nbk));
+  int32_t* cr = cr_buf.get(static_cast<size_t>(M * nbk));
+  row.resize(static_cast<size_t>(nbk * kQB));
+  for (int64_t m = 0; m < M; ++m) {
+    quantise_activations(x + m * ldx, K, row.data());
+    int8_t* xm = xs + m * xpitch;
+    std::memset(xm, 0, static_cast<size_t>(xpitch));  // an odd last block's partner: zeros
+    for (int64_t b = 0; b < nbk; ++b) {
+      const uint8_t* blk = row.data() + b * kQB;
+      int32_t sum = 0;
+      for (int j = 0; j < 32; ++j) sum += static_cast<int8_t>(blk[2 + j]);
+      dx[m * nbk + b] = f16_to_f32(rd16(blk));
+      cr[m * nbk + b] = -off * sum;
+      int8_t* pair = xm + (b / 2) * 64;
+      if (q4) {  // [b lo | b+1 lo | b hi | b+1 hi]
+        std::memcpy(pair + (b % 2) * 16, blk + 2, 16);
+        std::memcpy(pair + 32 + (b % 2) * 16, blk + 18, 16);
+      } else {
+        std::memcpy(pair + (b % 2) * 32, blk + 2, 32);
+      }
+    }
+  }
+  const uint8_t* wbase = static_cast<const uint8_t*>(W.data);
+  const int64_t wrow = weight_row_bytes(W.dtype, W.ld);
+  const int64_t tiles = (N + kSR - 1) / kSR;
+  const int64_t grain = std::max<int64_t>(1, (16384 + kSR * K - 1) / (kSR * K));
+  parallel_for(tiles, grain, [&](int64_t b, int64_t e) {
+    if (q4)
+      stream_rows_vnni<true>(xs, dx, cr, M, K, wbase, wrow, b * kSR, std::min(N, e * kSR), y, ldy);
+    else
+      stream_rows_vnni<false>(xs, dx, cr, M, K, wbase, wrow, b * kSR, std::min(N, e * kSR), y, ldy);
+  });
+}
+
 bool trivial(int64_t M, int64_t N, int64_t K, float* y, int64_t ldy, bool accumulate,
              const GemmNtOut* outs, int64_t nouts) {
   if (M == 0 || N == 0) return true;
@@ -468,10 +723,18 @@ void gemm_nt_q8(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N,
                 float* y, int64_t ldy, bool accumulate, const GemmNtOut* outs, int64_t nouts) {
   check_q8("gemm_nt_q8", x, M, ldx, W, N, K, y, ldy, outs, nouts);
   if (trivial(M, N, K, y, ldy, accumulate, outs, nouts)) return;
-  if (gemm_q8_vnni_available())
-    gemm_q8_vnni_impl(x, M, ldx, W, N, K, y, ldy, accumulate, outs, nouts);
-  else
+  if (!gemm_q8_vnni_available()) {
     gemm_q8_portable_impl(x, M, ldx, W, N, K, y, ldy, accumulate, outs, nouts);
+  } else if (M <= kSR && !outs && !accumulate) {
+    stream_q8_vnni_impl(x, M, ldx, W, N, K, y, ldy);
+  } else if (M <= kSR && !outs) {  // y += the product, added after (as the tile does)
+    std::vector<float> t(static_cast<size_t>(M * N));
+    stream_q8_vnni_impl(x, M, ldx, W, N, K, t.data(), N);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) y[m * ldy + n] += t[m * N + n];
+  } else {
+    gemm_q8_vnni_impl(x, M, ldx, W, N, K, y, ldy, accumulate, outs, nouts);
+  }
 }
 
 void gemm_nt_q8_portable(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,

@@ -48,7 +48,7 @@ bool q8_activations(const Weight& W) {
 // y (M, out) [ldy] (+)= x (M, in) [ldx] W^T: the kernel for this M and storage, no bias.
 void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, float* y, int64_t ldy,
             bool accumulate) {
-  if (d.M > kHalfGemvMaxM && q8_activations(W)) {  // opt-in: llama.cpp's 8-bit activations
+  if (q8_activations(W)) {  // opt-in: llama.cpp's 8-bit activations (prefill and decode)
     gemm_nt_q8(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
                accumulate);
     return;
