@@ -102,8 +102,9 @@ TEST(LlamaCppFixture, FilesHoldTheExpectedTensorTypes) {
 
 // With 8-bit activations (--activations q8, ops/gemm_q8.h) our Mamba-2 Q8_0 / Q4_0 logits are
 // llama.cpp's up to fp32 sum order: one forward over the prompt and the greedy continuation (every
-// product through the 8-bit prefill GEMM: 40 rows) against the 16 logits llama.cpp chose its ids
-// from (its prompt's last position and 15 decode steps, all with q8_0 activations). With fp32
+// product through the 8-bit prefill GEMM: 40 rows), and generate() (prefill, then 1-row decode
+// steps on the 8-bit streaming kernel), against the 16 logits llama.cpp chose its ids from (its
+// prompt's last position and 15 decode steps, all with q8_0 activations). With fp32
 // activations the same comparison fails (kLlamaCppQuant is what covers those). Mamba-1's files are
 // left out: their F16 dt_proj, for which llama.cpp rounds the activations to f16 and we do not.
 TEST(LlamaCppFixture, EightBitActivationsGiveLlamaCppsQuantisedLogits) {
@@ -134,6 +135,20 @@ TEST(LlamaCppFixture, EightBitActivationsGiveLlamaCppsQuantisedLogits) {
     const std::string what = "m2." + type + " --activations q8";
     EXPECT_TRUE(test::close_report(q8act, theirs, tol::kLlamaCppQ8Act, what));
     EXPECT_FALSE(test::all_close(f32act, theirs, tol::kLlamaCppQ8Act)) << what;
+    // The same through generate(): the prompt's prefill (25 rows) and 15 decode steps (1 row: the
+    // streaming kernel), greedy, as llama.cpp ran it.
+    set_activation_type(ActivationType::q8);
+    GenerateOptions opt;
+    opt.sampling.greedy = true;
+    opt.max_new_tokens = n;
+    opt.keep_scores = true;
+    const GenerateResult r = generate(lm, {prompt}, opt);
+    set_activation_type(ActivationType::f32);
+    EXPECT_EQ(r.tokens[0], want) << what;
+    ASSERT_EQ(static_cast<int64_t>(r.scores[0].size()), n) << what;
+    Tensor gen({n, V});
+    for (int64_t s = 0; s < n; ++s) std::copy_n(r.scores[0][s].begin(), V, gen.data() + s * V);
+    EXPECT_TRUE(test::close_report(gen, theirs, tol::kLlamaCppQ8Act, what + " generate"));
   }
 }
 
