@@ -72,12 +72,12 @@ void from_half(const uint16_t* src, float* dst, int64_t n, WeightDType kind);
 
 // The activations of the products with q8_0 / q4_0 weights, process-wide (like set_num_threads;
 // set it before running models, not while they run). f32 (the default): x stays fp32 and the
-// weights are dequantised, every product in fp32. q8 (opt-in, llama.cpp's numerics): in the
-// prefill GEMM (ops::linear with more than 16 rows of x) x is quantised per block of 32 values
+// weights are dequantised, every product in fp32. q8 (opt-in, llama.cpp's numerics): in every
+// ops::linear with q8_0 / q4_0 weights (prefill and decode) x is quantised per block of 32 values
 // along K to q8_0 (d = max|x| / 127 as f16, q = round(x / d)) and each block's dot product with
 // the weight block is an exact integer (AVX-512 VNNI where the CPU has it), scaled by d_w * d_x
-// and summed in fp32 (src/ops/gemm_q8.h). It changes nothing for f32 / bf16 / f16 weights nor
-// for decode steps (16 rows or fewer: the streaming kernel keeps fp32 activations).
+// and summed in fp32 (src/ops/gemm_q8.h); a row of x gives the same bits in a decode step as in a
+// prefill. It changes nothing for f32 / bf16 / f16 weights.
 enum class ActivationType { f32, q8 };
 void set_activation_type(ActivationType t);
 ActivationType activation_type();

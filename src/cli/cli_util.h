@@ -68,13 +68,13 @@ inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
 inline CLI::Option* add_activations_option(CLI::App* sub, std::string& act) {
   return sub
       ->add_option("--activations", act,
-                   "f32, or q8 (opt-in, only with --dtype q8_0 / q4_0): in the prefill (more than "
-                   "16 rows per product) the activations are quantised per block of 32 values to "
-                   "q8_0 as llama.cpp does (d = max|x| / 127, q = round(x / d)) and each block's "
-                   "dot product with the weights is computed exactly in integers (AVX-512 VNNI; a "
-                   "slow scalar kernel with the same results elsewhere), scaled and summed in "
-                   "fp32; decode steps keep fp32 activations. Faster prefill, logits move by "
-                   "about the weights' own q8_0 rounding (docs/PERFORMANCE.md, stop 28)")
+                   "f32, or q8 (opt-in, only with --dtype q8_0 / q4_0): the activations of every "
+                   "product with the quantised weights (prefill and decode) are quantised per "
+                   "block of 32 values to q8_0 as llama.cpp does (d = max|x| / 127, q = round(x / "
+                   "d)) and each block's dot product with the weights is computed exactly in "
+                   "integers (AVX-512 VNNI; a slow scalar kernel with the same results elsewhere), "
+                   "scaled and summed in fp32. Faster prefill and decode, logits move by about the "
+                   "weights' own q8_0 rounding (docs/PERFORMANCE.md, stop 28)")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "q8"}));
 }

@@ -1,5 +1,6 @@
 // Opt-in 8-bit activations for q8_0 / q4_0 weights (mamba::set_activation_type(ActivationType::q8),
-// the CLI's --activations q8): llama.cpp's numerics for the projections' prefill GEMM.
+// the CLI's --activations q8): llama.cpp's numerics for the projections' products, prefill and
+// decode.
 //   x (M, K) is quantised once per call into q8_0 blocks along K, exactly as ggml's reference
 //   quantize_row_q8_0 (and mamba::quantise_blocks): per block of 32 values d_x = max|x| / 127
 //   (stored as f16, round to nearest even), q = round(x / d_x) with 1 / d_x taken from the fp32
@@ -11,9 +12,12 @@
 //   and y[m][n] = sum over the K / 32 blocks b, in order, of isum_b * (d_w,b * d_x,b) in fp32: one
 //   fused multiply-add per block (d_w * d_x is exact in fp32: two f16 values), so each output is
 //   one sequential fp32 sum over the blocks whatever the thread count.
-// Kernels: gemm_nt_q8 runs the AVX-512 VNNI tile (vpdpbusd: the weights as u8, w + 128 or the
-// nibble, times x as s8, the offset 128 * sum(q) or 8 * sum(q) subtracted exactly in int32) where
-// the CPU has it (gemm_q8_vnni_available), and otherwise the portable scalar kernel
+// Kernels: gemm_nt_q8 runs, where the CPU has AVX-512 VNNI (gemm_q8_vnni_available), the prefill
+// tile for M > 16 (vpdpbusd: the weights as u8, w + 128 or the nibble, times x as s8, the offset
+// 128 * sum(q) or 8 * sum(q) subtracted exactly in int32) or for M <= 16 (decode) a streaming
+// kernel that reads the weight rows in place (1-2 rows of x: k in the lanes and the 16 weight
+// rows' block sums added by a transposition tree; 3-16 rows: the rows of x in the lanes), every
+// element by the same operations; otherwise the portable scalar kernel
 // gemm_nt_q8_portable, which does the same fp32 operations in the same order (std::fma): both
 // give the same bits. gemm_nt_q8_ref is the reference: the same quantisation, the integer dot per
 // block, the sum in double.

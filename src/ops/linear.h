@@ -8,7 +8,7 @@
 //   fp32 W:   M > 16: the packed prefill GEMM ops::gemm_nt, bias put in y first and accumulated;
 //             M <= 16: the streaming kernel (decode: M = 1 too), then the bias added;
 //   16-bit W: M <= 16: the streaming kernel; M > 16: ops::gemm_nt; then the bias added.
-//   q8_0 / q4_0 W with mamba::activation_type() == q8 (opt-in) and M > 16: ops::gemm_nt_q8 (x
+//   q8_0 / q4_0 W with mamba::activation_type() == q8 (opt-in), any M: ops::gemm_nt_q8 (x
 //             quantised to q8_0 blocks, integer block dots; ops/gemm_q8.h), then the bias added.
 // Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
 // ops::gemm_nn / ops::gemm_tn (the packed tile, or the BLAS where gemm_nt is on the BLAS),
