@@ -59,7 +59,8 @@ inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
           "or q8_0 / q4_0 (ggml's 8-bit / 4-bit blocks of 32 with an f16 scale, 8.5 / 4.5 "
           "bits per weight, quantised on load; a GGUF tensor already in that format is "
           "kept as it is; matrices whose rows are not whole blocks, e.g. Mamba-1's "
-          "dt_proj, stay f32; fp32 activations and accumulation). Inference only")
+          "dt_proj, stay f32; fp32 activations unless --activations q8, fp32 accumulation). "
+          "Inference only")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16", "f16", "q8_0", "q4_0"}));
 }
