@@ -99,4 +99,57 @@ TEST(LlamaCppFixture, FilesHoldTheExpectedTensorTypes) {
 }
 
 }  // namespace
+
+// With 8-bit activations (--activations q8, ops/gemm_q8.h) our Mamba-2 Q8_0 / Q4_0 logits are
+// llama.cpp's up to fp32 sum order: one forward over the prompt and the greedy continuation (every
+// product through the 8-bit prefill GEMM: 40 rows), and generate() (prefill, then 1-row decode
+// steps on the 8-bit streaming kernel), against the 16 logits llama.cpp chose its ids from (its
+// prompt's last position and 15 decode steps, all with q8_0 activations). With fp32
+// activations the same comparison fails (kLlamaCppQuant is what covers those). Mamba-1's files are
+// left out: their F16 dt_proj, for which llama.cpp rounds the activations to f16 and we do not.
+TEST(LlamaCppFixture, EightBitActivationsGiveLlamaCppsQuantisedLogits) {
+  const nlohmann::json ref = reference();
+  const std::vector<int32_t> prompt = ref["prompt_ids"].get<std::vector<int32_t>>();
+  const int64_t P = static_cast<int64_t>(prompt.size());
+  for (const auto& [type, dtype] : {std::pair{std::string("Q8_0"), WeightDType::q8_0},
+                                    {std::string("Q4_0"), WeightDType::q4_0}}) {
+    const std::string stem = test::data_path("llamacpp/m2." + type);
+    const std::vector<int32_t> want = ref["models"]["m2"][type]["ids"].get<std::vector<int32_t>>();
+    const Tensor theirs = npy_to_tensor(read_npy(stem + ".logits.npy"), stem + ".logits.npy");
+    std::vector<int32_t> ids = prompt;
+    ids.insert(ids.end(), want.begin(), want.end() - 1);
+    const int64_t L = static_cast<int64_t>(ids.size()), n = theirs.dim(0), V = theirs.dim(1);
+    ASSERT_EQ(L, P + n - 1);
+    MambaLM lm = MambaLM::load_gguf(stem + ".gguf", dtype);
+    auto logits_at_new = [&] {
+      const Tensor all = lm.forward(ids, 1, L);  // (1, L, V_pad)
+      Tensor o({n, V});
+      for (int64_t s = 0; s < n; ++s)
+        std::copy_n(all.data() + (P - 1 + s) * all.dim(2), V, o.data() + s * V);
+      return o;
+    };
+    const Tensor f32act = logits_at_new();
+    set_activation_type(ActivationType::q8);
+    const Tensor q8act = logits_at_new();
+    set_activation_type(ActivationType::f32);
+    const std::string what = "m2." + type + " --activations q8";
+    EXPECT_TRUE(test::close_report(q8act, theirs, tol::kLlamaCppQ8Act, what));
+    EXPECT_FALSE(test::all_close(f32act, theirs, tol::kLlamaCppQ8Act)) << what;
+    // The same through generate(): the prompt's prefill (25 rows) and 15 decode steps (1 row: the
+    // streaming kernel), greedy, as llama.cpp ran it.
+    set_activation_type(ActivationType::q8);
+    GenerateOptions opt;
+    opt.sampling.greedy = true;
+    opt.max_new_tokens = n;
+    opt.keep_scores = true;
+    const GenerateResult r = generate(lm, {prompt}, opt);
+    set_activation_type(ActivationType::f32);
+    EXPECT_EQ(r.tokens[0], want) << what;
+    ASSERT_EQ(static_cast<int64_t>(r.scores[0].size()), n) << what;
+    Tensor gen({n, V});
+    for (int64_t s = 0; s < n; ++s) std::copy_n(r.scores[0][s].begin(), V, gen.data() + s * V);
+    EXPECT_TRUE(test::close_report(gen, theirs, tol::kLlamaCppQ8Act, what + " generate"));
+  }
+}
+
 }  // namespace mamba

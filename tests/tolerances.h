@@ -107,6 +107,13 @@ constexpr Tol kQuantVsDequantF32{1e-5, 1e-4};
 // perplexity in docs/PERFORMANCE.md.
 constexpr Tol kQ8_0VsF32Logits{1e-1, 2e-2};
 constexpr Tol kQ4_0VsF32Logits{1.5, 1e-1};
+// The same q8_0 / q4_0 model with 8-bit activations (--activations q8: x rounded to q8_0 blocks,
+// half a step of max|x| / 127 per value, the same relative size as q8_0 weights' own rounding)
+// against fp32 activations. Measured in the tiny test models (test_act_q8.cpp, logits up to 2.3):
+// max |err| 0.024 / 0.026 (Mamba1 q8_0 / q4_0), 0.030 / 0.031 (Mamba2), so kQ8_0VsF32Logits'
+// 0.1 abs + 2e-2 rel, a ~3x margin. The kernel's own correctness is checked exactly (bits
+// against the portable kernel, a derived bound against the double reference).
+constexpr Tol kQ8ActVsF32Act{1e-1, 2e-2};
 }  // namespace mamba::tol
 
 namespace mamba::tol {
@@ -126,4 +133,9 @@ constexpr Tol kLlamaCppBF16{1e-1, 5e-3};
 // 8-bit activations (issue 19, decode) rounds them independently of llama.cpp's, so the bound
 // leaves room for both roundings: about 3x the largest measured difference.
 constexpr Tol kLlamaCppQuant{6e-1, 2e-2};
+// Q8_0 / Q4_0 Mamba-2 files with our 8-bit activations (--activations q8): both sides quantise
+// the activations by ggml's rule and take exact integer block dots; only the fp32 order of the
+// scaled block sums differs (llama.cpp keeps per-lane partial sums and reduces them at the end),
+// as for F32 files. Measured: 1.9e-6 on logits up to ~17.
+constexpr Tol kLlamaCppQ8Act{1e-4, 1e-4};
 }  // namespace mamba::tol

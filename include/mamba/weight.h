@@ -70,6 +70,21 @@ float half_to_f32(uint16_t h, WeightDType kind);
 void to_half(const float* src, uint16_t* dst, int64_t n, WeightDType kind);
 void from_half(const uint16_t* src, float* dst, int64_t n, WeightDType kind);
 
+// The activations of the products with q8_0 / q4_0 weights, process-wide (like set_num_threads;
+// set it before running models, not while they run). f32 (the default): x stays fp32 and the
+// weights are dequantised, every product in fp32. q8 (opt-in, llama.cpp's numerics): in every
+// ops::linear with q8_0 / q4_0 weights (prefill and decode) x is quantised per block of 32 values
+// along K to q8_0 (d = max|x| / 127 as f16, q = round(x / d)) and each block's dot product with
+// the weight block is an exact integer (AVX-512 VNNI where the CPU has it), scaled by d_w * d_x
+// and summed in fp32 (src/ops/gemm_q8.h); a row of x gives the same bits in a decode step as in a
+// prefill. It changes nothing for f32 / bf16 / f16 weights.
+enum class ActivationType { f32, q8 };
+void set_activation_type(ActivationType t);
+ActivationType activation_type();
+const char* activation_type_name(ActivationType t);  // "f32", "q8"
+// Parses "f32" | "q8" (also "fp32", "q8_0"); throws mamba::Error naming the value otherwise.
+ActivationType parse_activation_type(const std::string& s);
+
 class Weight {
  public:
   Weight() = default;              // undefined

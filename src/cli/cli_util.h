@@ -59,9 +59,35 @@ inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
           "or q8_0 / q4_0 (ggml's 8-bit / 4-bit blocks of 32 with an f16 scale, 8.5 / 4.5 "
           "bits per weight, quantised on load; a GGUF tensor already in that format is "
           "kept as it is; matrices whose rows are not whole blocks, e.g. Mamba-1's "
-          "dt_proj, stay f32; fp32 activations and accumulation). Inference only")
+          "dt_proj, stay f32; fp32 activations unless --activations q8, fp32 accumulation). "
+          "Inference only")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16", "f16", "q8_0", "q4_0"}));
+}
+
+// --activations: the activations of the products with q8_0 / q4_0 weights (opt-in q8).
+inline CLI::Option* add_activations_option(CLI::App* sub, std::string& act) {
+  return sub
+      ->add_option("--activations", act,
+                   "f32, or q8 (opt-in, only with --dtype q8_0 / q4_0): the activations of every "
+                   "product with the quantised weights (prefill and decode) are quantised per "
+                   "block of 32 values to q8_0 as llama.cpp does (d = max|x| / 127, q = round(x / "
+                   "d)) and each block's dot product with the weights is computed exactly in "
+                   "integers (AVX-512 VNNI; a slow scalar kernel with the same results elsewhere), "
+                   "scaled and summed in fp32. Faster prefill and decode, logits move by about the "
+                   "weights' own q8_0 rounding (docs/PERFORMANCE.md, stop 28)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"f32", "q8"}));
+}
+
+// Sets the process-wide activation type from --activations; q8 needs --dtype q8_0 or q4_0.
+inline void apply_activations(const std::string& act, const std::string& dtype) {
+  const ActivationType a = parse_activation_type(act);
+  MAMBA_CHECK(a == ActivationType::f32 || is_quantised(parse_weight_dtype(dtype)),
+              "--activations q8 applies to block-quantised weights only: give --dtype q8_0 or "
+              "q4_0 (got --dtype ",
+              dtype, ")");
+  set_activation_type(a);
 }
 
 // Loads a model folder with the given --dtype and releases the fp32 copies' memory.

@@ -117,7 +117,7 @@ struct PhaseProfile {
 
 Command add_bench(CLI::App& app) {
   struct Opts {
-    std::string model, config, preset, dtype = "f32";
+    std::string model, config, preset, dtype = "f32", activations = "f32";
     int64_t prompt = 512, gen = 128, batch = 1, prefill_chunk = MambaLM::kDefaultPrefillChunk;
     int threads = 0, reps = 3;
     bool json = false, profile = false;
@@ -155,9 +155,11 @@ Command add_bench(CLI::App& app) {
                 "time from the end of the previous op, per op name over all layers) and print "
                 "each op's share of the prefill and of a decode step (JSON: \"profile\")");
   add_dtype_option(sub, o->dtype);
+  add_activations_option(sub, o->activations);
   return {
       sub, [o] {
         set_num_threads(o->threads);
+        apply_activations(o->activations, o->dtype);
         const WeightDType wdt = parse_weight_dtype(o->dtype);
         std::unique_ptr<MambaLM> lm;
         std::string what;
@@ -219,7 +221,8 @@ Command add_bench(CLI::App& app) {
         const double wmib = static_cast<double>(wbytes) / 1048576.0;
         if (o->json) {
           std::printf(
-              "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"prefill_gemm\":\"%s\","
+              "{\"model\":\"%s\",\"params\":%lld,\"dtype\":\"%s\",\"activations\":\"%s\","
+              "\"prefill_gemm\":\"%s\","
               "\"threads\":%d,\"batch\":%lld,\"prompt\":%lld,\"prefill_chunk\":%lld,\"gen\":%lld,"
               "\"reps\":%d,\"prefill_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},"
               "\"decode_tok_s\":{\"median\":%.1f,\"min\":%.1f,\"max\":%.1f},\"peak_rss_mib\":%.1f,"
@@ -227,6 +230,7 @@ Command add_bench(CLI::App& app) {
               "\"decode_weight_bytes\":%lld,\"state_bytes\":%lld,\"prefill_flops_per_token\":%lld,"
               "\"decode_flops_per_token\":%lld%s}\n",
               what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
+              activation_type_name(activation_type()),
               ops::gemm_nt_packed_active() ? "packed" : "blas", num_threads(), (long long)B,
               (long long)o->prompt, (long long)o->prefill_chunk, (long long)o->gen, o->reps,
               p.median, p.min, p.max, d.median, d.min, d.max, rss, rss_loaded, rss_end, wmib,
@@ -238,9 +242,10 @@ Command add_bench(CLI::App& app) {
                          : "");
         } else {
           std::printf(
-              "model: %s, %lld parameters, %s weights, %d threads, batch %lld, prefill chunk %s\n",
-              what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt), num_threads(),
-              (long long)B,
+              "model: %s, %lld parameters, %s weights, %s activations, %d threads, batch %lld, "
+              "prefill chunk %s\n",
+              what.c_str(), (long long)lm->num_parameters(), weight_dtype_name(wdt),
+              activation_type_name(activation_type()), num_threads(), (long long)B,
               o->prefill_chunk > 0 ? std::to_string(o->prefill_chunk).c_str() : "off (one piece)");
           std::printf("| test | tokens/s (median) | min | max |\n|---|---|---|---|\n");
           std::printf("| prefill %lld | %.1f | %.1f | %.1f |\n", (long long)o->prompt, p.median,

@@ -17,7 +17,7 @@ namespace mamba::cli {
 
 namespace {
 struct GenOpts {
-  std::string model, tokenizer, ids_file, out_ids, dtype = "f32";
+  std::string model, tokenizer, ids_file, out_ids, dtype = "f32", activations = "f32";
   std::vector<std::string> prompts;
   int64_t max_new_tokens = 64;
   float temperature = 1.0f, top_p = 1.0f, min_p = 0.0f, repetition_penalty = 1.0f;
@@ -64,8 +64,10 @@ Command add_generate(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::NonNegativeNumber);
   add_dtype_option(sub, o->dtype);
+  add_activations_option(sub, o->activations);
   return {sub, [o] {
             set_num_threads(o->threads);
+            apply_activations(o->activations, o->dtype);
             MAMBA_CHECK(o->prompts.empty() != o->ids_file.empty(),
                         "give either --prompt or --ids (one of them)");
             MambaLM lm = load_model(o->model, o->dtype);

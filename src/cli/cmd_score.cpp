@@ -19,7 +19,7 @@ namespace mamba::cli {
 
 Command add_score(CLI::App& app) {
   struct Opts {
-    std::string model, ids, out, dtype = "f32";
+    std::string model, ids, out, dtype = "f32", activations = "f32";
     int threads = 0;
   };
   auto o = std::make_shared<Opts>();
@@ -32,8 +32,10 @@ Command add_score(CLI::App& app) {
   sub->add_option("--out", o->out, "output .npy, float32 (B, L, V_pad)")->required();
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   add_dtype_option(sub, o->dtype);
+  add_activations_option(sub, o->activations);
   return {sub, [o] {
             set_num_threads(o->threads);
+            apply_activations(o->activations, o->dtype);
             MambaLM lm = load_model(o->model, o->dtype);
             auto rows = read_npy_ids(o->ids);
             const int64_t B = static_cast<int64_t>(rows.size()),
@@ -49,7 +51,7 @@ Command add_score(CLI::App& app) {
 
 Command add_perplexity(CLI::App& app) {
   struct Opts {
-    std::string model, text, tokenizer, dtype = "f32";
+    std::string model, text, tokenizer, dtype = "f32", activations = "f32";
     int64_t context = 1024, stride = 512;
     int threads = 0;
   };
@@ -66,8 +68,10 @@ Command add_perplexity(CLI::App& app) {
       ->check(CLI::PositiveNumber);
   sub->add_option("--threads", o->threads, "threads (0 = all cores)")->capture_default_str();
   add_dtype_option(sub, o->dtype);
+  add_activations_option(sub, o->activations);
   return {sub, [o] {
             set_num_threads(o->threads);
+            apply_activations(o->activations, o->dtype);
             MAMBA_CHECK(o->stride <= o->context, "--stride (", o->stride,
                         ") must be <= --context (", o->context, ")");
             MambaLM lm = load_model(o->model, o->dtype);

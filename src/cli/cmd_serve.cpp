@@ -22,8 +22,8 @@ namespace mamba::cli {
 
 namespace {
 struct ServeOpts {
-  std::string model, config, tokenizer, host = "127.0.0.1", dtype = "f32", api_key, name,
-                                        chat_template;
+  std::string model, config, tokenizer, host = "127.0.0.1", dtype = "f32", activations = "f32",
+                                        api_key, name, chat_template;
   int port = 8080, threads = 0;
   int64_t max_batch = 16, max_queue = 64, prefix_cache_mib = 256, max_body_kib = 1024,
           max_tokens = 4096, max_prompt_tokens = 8192, tensor_cache_mib = 128;
@@ -60,6 +60,7 @@ Command add_serve(CLI::App& app) {
       ->capture_default_str()
       ->check(CLI::Range(0, 65535));
   add_dtype_option(sub, o->dtype);
+  add_activations_option(sub, o->activations);
   sub->add_option("--threads", o->threads, "compute threads (0 = all cores)")
       ->capture_default_str();
   sub->add_option("--max-batch", o->max_batch, "sequences decoded together")
@@ -124,6 +125,7 @@ Command add_serve(CLI::App& app) {
             pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
             std::signal(SIGPIPE, SIG_IGN);  // a client gone mid-write is an error return
             set_num_threads(o->threads);
+            apply_activations(o->activations, o->dtype);
             // Only ever lowered: sanitizer builds keep it off (a reused block would hide a use
             // after free).
             os::set_tensor_cache_limit(std::min(

@@ -8,6 +8,7 @@
 #include <hwy/highway.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -135,6 +136,25 @@ WeightDType parse_weight_dtype(const std::string& s) {
   if (s == "q8_0" || s == "q8") return WeightDType::q8_0;
   if (s == "q4_0" || s == "q4") return WeightDType::q4_0;
   throw Error(str("weight dtype: expected f32, bf16, f16, q8_0 or q4_0, got '", s, "'"));
+}
+
+namespace {
+std::atomic<int> g_activation_type{static_cast<int>(ActivationType::f32)};
+}  // namespace
+
+void set_activation_type(ActivationType t) {
+  g_activation_type.store(static_cast<int>(t), std::memory_order_relaxed);
+}
+ActivationType activation_type() {
+  return static_cast<ActivationType>(g_activation_type.load(std::memory_order_relaxed));
+}
+const char* activation_type_name(ActivationType t) {
+  return t == ActivationType::q8 ? "q8" : "f32";
+}
+ActivationType parse_activation_type(const std::string& s) {
+  if (s == "f32" || s == "fp32") return ActivationType::f32;
+  if (s == "q8" || s == "q8_0") return ActivationType::q8;
+  throw Error(str("activations: expected f32 or q8, got '", s, "'"));
 }
 
 int64_t weight_dtype_size(WeightDType t) {

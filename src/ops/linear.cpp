@@ -6,6 +6,7 @@
 #include "core/gemm.h"
 #include "ops/elementwise.h"
 #include "ops/gemm_nt.h"
+#include "ops/gemm_q8.h"
 #include "ops/half_matmul.h"
 
 namespace mamba::ops {
@@ -39,9 +40,19 @@ Shape out_shape(const Tensor& x, int64_t out) {
   return s;
 }
 
+// Whether products with W take 8-bit activations (mamba::set_activation_type; q8_0 / q4_0 only).
+bool q8_activations(const Weight& W) {
+  return is_quantised(W.dtype()) && activation_type() == ActivationType::q8;
+}
+
 // y (M, out) [ldy] (+)= x (M, in) [ldx] W^T: the kernel for this M and storage, no bias.
 void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, float* y, int64_t ldy,
             bool accumulate) {
+  if (q8_activations(W)) {  // opt-in: llama.cpp's 8-bit activations (prefill and decode)
+    gemm_nt_q8(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
+               accumulate);
+    return;
+  }
   if (d.M >
       kHalfGemvMaxM) {  // prefill, training: the packed kernel (the BLAS where it is not faster)
     gemm_nt(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
@@ -110,13 +121,19 @@ std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
   std::vector<Tensor> ys;
   for (int64_t w : widths) ys.push_back(Tensor::empty(out_shape(x, w)));
   if (d.M == 0) return ys;
-  if (d.M <= kHalfGemvMaxM || d.in == 0 || !gemm_nt_packed_active()) {
+  if (d.M <= kHalfGemvMaxM || d.in == 0 || (!gemm_nt_packed_active() && !q8_activations(W))) {
     for (int64_t i = 0, r = 0; i < static_cast<int64_t>(widths.size()); r += widths[i++])
       if (widths[i] > 0) linear_into(x, W.rows(r, widths[i]), Tensor(), ys[i]);
     return ys;
   }
   std::vector<GemmNtOut> outs;
   for (size_t i = 0; i < widths.size(); ++i) outs.push_back({widths[i], ys[i].data(), widths[i]});
+  if (q8_activations(W)) {  // one call of the 8-bit kernel, x quantised once
+    gemm_nt_q8(x.view_data(), d.M, x.row_stride(),
+               WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, nullptr, 0, false,
+               outs.data(), static_cast<int64_t>(outs.size()));
+    return ys;
+  }
   gemm_nt_split(x.view_data(), d.M, x.row_stride(),
                 WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.in, outs.data(),
                 static_cast<int64_t>(outs.size()));

@@ -8,6 +8,8 @@
 //   fp32 W:   M > 16: the packed prefill GEMM ops::gemm_nt, bias put in y first and accumulated;
 //             M <= 16: the streaming kernel (decode: M = 1 too), then the bias added;
 //   16-bit W: M <= 16: the streaming kernel; M > 16: ops::gemm_nt; then the bias added.
+//   q8_0 / q4_0 W with mamba::activation_type() == q8 (opt-in), any M: ops::gemm_nt_q8 (x
+//             quantised to q8_0 blocks, integer block dots; ops/gemm_q8.h), then the bias added.
 // Backward (fp32 W only: 16-bit weights are inference only): dx = dy W and dW += dy^T x through
 // ops::gemm_nn / ops::gemm_tn (the packed tile, or the BLAS where gemm_nt is on the BLAS),
 // db += the row sums of dy (bias_grad).
@@ -26,7 +28,7 @@ void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor
 
 // y = x W^T (no bias) with y's columns in blocks of the given widths (summing to out): block i,
 // weight rows [w_0 + ... + w_{i-1}, + w_i), as its own contiguous (..., w_i) tensor: linear() on
-// W.rows() of each block, except that for M > 16 on the packed GEMM it is one call
+// W.rows() of each block, except that for M > 16 on the packed GEMM (or gemm_nt_q8) it is one call
 // (ops::gemm_nt_split: x packed once; the same values bit for bit).
 std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
                                  const std::vector<int64_t>& widths);
