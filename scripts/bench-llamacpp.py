@@ -71,10 +71,14 @@ SCAN = ("selective_scan", "ssd", "selective_state_update", "ssd_update")
 
 
 def op_kind(name):
-    base = name.rsplit(".", 1)[-1].split("[")[0]
-    if base in PROJ or base == "lm_head":
-        return base if base == "lm_head" else "proj"
-    return "scan" if base in SCAN else "other"
+    """proj, lm_head, scan or other; a fused op ("dt_proj+selective_state_update") is a scan if
+    one of its parts is, else a projection if one of its parts is."""
+    parts = [p.split("[")[0] for p in name.rsplit(".", 1)[-1].split("+")]
+    if any(p in SCAN for p in parts):
+        return "scan"
+    if "lm_head" in parts:
+        return "lm_head"
+    return "proj" if any(p in PROJ for p in parts) else "other"
 
 
 def profile_row(exe, path, dtype, pp, tg, threads, extra=()):
