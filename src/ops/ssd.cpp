@@ -14,6 +14,10 @@
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
@@ -464,6 +468,33 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
   });
 }
 
+// dst (cols, rows) = src (rows, cols)^T: 4 x 4 blocks through SSE registers (x86-64 has SSE2
+// everywhere) within 16 x 16 tiles, the edges in plain loops; a copy, exact.
+void transpose_f32(const float* src, float* dst, int64_t rows, int64_t cols) {
+  constexpr int64_t T = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += T)
+    for (int64_t q0 = 0; q0 < cols; q0 += T) {
+      const int64_t r1 = std::min(rows, r0 + T), q1 = std::min(cols, q0 + T);
+      int64_t rv = r0, qv = q0;  // [r0, rv) x [q0, qv) done with 4 x 4 blocks
+#if defined(__SSE2__)
+      rv = r0 + (r1 - r0) / 4 * 4, qv = q0 + (q1 - q0) / 4 * 4;
+      for (int64_t r = r0; r < rv; r += 4)
+        for (int64_t q = q0; q < qv; q += 4) {
+          __m128 a = _mm_loadu_ps(src + r * cols + q), b = _mm_loadu_ps(src + (r + 1) * cols + q);
+          __m128 c = _mm_loadu_ps(src + (r + 2) * cols + q),
+                 e = _mm_loadu_ps(src + (r + 3) * cols + q);
+          _MM_TRANSPOSE4_PS(a, b, c, e);
+          _mm_storeu_ps(dst + q * rows + r, a);
+          _mm_storeu_ps(dst + (q + 1) * rows + r, b);
+          _mm_storeu_ps(dst + (q + 2) * rows + r, c);
+          _mm_storeu_ps(dst + (q + 3) * rows + r, e);
+        }
+#endif
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t q = (r < rv ? qv : q0); q < q1; ++q) dst[q * rows + r] = src[r * cols + q];
+    }
+}
+
 // Chunks at a time: the chunks are taken in runs of kRunChunks; for each run, C B^T of its
 // chunks (every (b, g)) in one parallel region, then every (b, h) in parallel over the run's
 // chunks in order. One run's C B^T, B, C and X stay in cache for all heads, so the cost per token
@@ -492,19 +523,15 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
   // read and write whole rows of P. Set from the entering state inside the heads' region (each
   // (b, h) by the thread that runs it), in a buffer of the calling thread kept across calls (a
   // fresh one per call was a separate parallel region and page faults on every prefill chunk).
+  // When one run covers every chunk (a prefill chunk of up to kRunChunks * Q tokens), each
+  // (b, h)'s state lives in its thread's scratch instead, which stays in cache.
+  const bool one_run = nc <= kRunChunks;
   thread_local std::vector<float> hs_buf;
-  if (hs_buf.size() < static_cast<size_t>(B * H * N * P)) hs_buf.resize(B * H * N * P);
-  float* const hs_all = hs_buf.data();
+  if (!one_run && hs_buf.size() < static_cast<size_t>(B * H * N * P)) hs_buf.resize(B * H * N * P);
+  float* const hs_all = one_run ? nullptr : hs_buf.data();
   const Tensor init = a.initial_states.defined() ? a.initial_states.contiguous() : Tensor();
-  // dst (cols, rows) = src (rows, cols)^T, in 16 x 16 blocks
-  auto transpose = [&](const float* src, float* dst, int64_t rows, int64_t cols) {
-    constexpr int64_t T = 16;
-    for (int64_t r0 = 0; r0 < rows; r0 += T)
-      for (int64_t q0 = 0; q0 < cols; q0 += T) {
-        const int64_t r1 = std::min(rows, r0 + T), q1 = std::min(cols, q0 + T);
-        for (int64_t q = q0; q < q1; ++q)
-          for (int64_t r = r0; r < r1; ++r) dst[q * rows + r] = src[r * cols + q];
-      }
+  auto transpose = [](const float* src, float* dst, int64_t rows, int64_t cols) {
+    transpose_f32(src, dst, rows, cols);
   };
   // D is folded into the diagonal of M (y += (M + D I) X) when it is one scalar per head.
   const bool d_in_m = a.D.defined() && !d.d_hdim;
@@ -536,14 +563,15 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
       // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
       // (padded: ssd_chunk_decay reads and writes up to kSsdPad past their ends)
       thread_local std::vector<double> cs;
-      thread_local std::vector<float> M, Xw, dtv, ecs, w;
+      thread_local std::vector<float> M, Xw, dtv, ecs, w, hs1;
+      if (one_run) hs1.resize(N * P);
       cs.resize(Q + kSsdPad), M.resize(Q * Q + kSsdPad), Xw.resize(Q * P), dtv.resize(Q + kSsdPad),
           ecs.resize(Q + kSsdPad), w.resize(Q + kSsdPad);
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
         const float A = a.A[hd];
         const float* Dp = a.D.defined() ? a.D.data() + (d.d_hdim ? hd * P : hd) : nullptr;
-        float* hs = hs_all + bh * N * P;  // S^T: (N, P)
+        float* hs = one_run ? hs1.data() : hs_all + bh * N * P;  // S^T: (N, P)
         if (r0 == 0) {
           if (init.defined())
             transpose(init.data() + bh * P * N, hs, P, N);
