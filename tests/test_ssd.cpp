@@ -13,6 +13,7 @@
 
 #include "mamba/ops/ssd.h"
 #include "mamba/parallel.h"
+#include "ops/ssd_kernels.h"
 #include "test_util.h"
 
 using namespace mamba;
@@ -121,6 +122,93 @@ TEST_P(SsdPerTarget, ChunkedForwardMatchesSequentialReference) {
     EXPECT_TRUE(test::all_close(ys, yr, tol::kFastVsRef, name_of(c) + " y (seq f32)"));
     EXPECT_TRUE(test::all_close(fs, fr, tol::kFastVsRef, name_of(c) + " final (seq f32)"));
   }
+}
+
+// The prefill's chunk kernels (ops::ssd_chunk_y / ssd_chunk_state, register tiles with row and
+// column tails) against their plain-loop references: every row count up to past two tiles, column
+// counts with and without whole vectors and tails, strided operands, with and without the
+// entering state; nothing written outside the output's rows and columns.
+TEST_P(SsdPerTarget, ChunkKernelsMatchReference) {
+  Rng rng(23);
+  struct Shape3 {
+    int64_t Q, P, N;
+  };
+  const Shape3 shapes[] = {{64, 64, 128}, {1, 1, 1},  {7, 17, 5},  {13, 33, 16}, {6, 16, 6},
+                           {12, 48, 20},  {5, 80, 3}, {64, 8, 64}, {25, 100, 7}, {3, 128, 13}};
+  for (const Shape3& sh : shapes) {
+    const int64_t Q = sh.Q, P = sh.P, N = sh.N;
+    const int64_t ldc = N + 3, ldm = Q + 2, ldx = 3 * P + 1, ldy = P + 5, ldb = N + 1;
+    Tensor C = test::randn({Q, ldc}, rng, 0.5), ST = test::randn({N, P}, rng, 0.5);
+    Tensor ecs = test::rand_uniform({Q}, rng, 0.0, 1.0), X = test::randn({Q, ldx}, rng);
+    Tensor M = test::randn({Q, ldm}, rng, 0.3);
+    for (int64_t i = 0; i < Q; ++i)
+      for (int64_t j = i + 1; j < Q; ++j) M[i * ldm + j] = 0.f;  // the contract: zero above
+    for (bool with_state : {true, false}) {
+      const std::string name = str("Q", Q, " P", P, " N", N, " state ", with_state);
+      Tensor Y = Tensor::full({Q, ldy}, 7.f), Yr = Tensor::full({Q, ldy}, 7.f);
+      const float* st = with_state ? ST.data() : nullptr;
+      ops::ssd_chunk_y(Q, P, N, C.data(), ldc, st, ecs.data(), M.data(), ldm, X.data(), ldx,
+                       Y.data(), ldy);
+      ops::ssd_chunk_y_ref(Q, P, N, C.data(), ldc, st, ecs.data(), M.data(), ldm, X.data(), ldx,
+                           Yr.data(), ldy);
+      EXPECT_TRUE(test::all_close(Y, Yr, tol::kFastVsRef, name + " y"));
+      for (int64_t i = 0; i < Q; ++i)
+        for (int64_t p = P; p < ldy; ++p) ASSERT_EQ(Y[i * ldy + p], 7.f) << name << " y pad";
+    }
+    Tensor Bm = test::randn({Q, ldb}, rng, 0.5), Xw = test::randn({Q, ldx}, rng);
+    Tensor S = ST.clone(), Sr = ST.clone();
+    ops::ssd_chunk_state(Q, P, N, Bm.data(), ldb, Xw.data(), ldx, 0.75f, S.data());
+    ops::ssd_chunk_state_ref(Q, P, N, Bm.data(), ldb, Xw.data(), ldx, 0.75f, Sr.data());
+    EXPECT_TRUE(test::all_close(S, Sr, tol::kFastVsRef, str("Q", Q, " P", P, " N", N, " state")));
+
+    // decay factors: cs from dt A (A in -3..-0.3 as make_args; one head with large |cs|)
+    std::vector<double> cs(Q + ops::kSsdPad, 0.0);
+    std::vector<float> dt(Q + ops::kSsdPad, 0.f);
+    const double A = Q == 64 ? -8.0 : -1.3;
+    double acc = 0;
+    for (int64_t j = 0; j < Q; ++j) {
+      dt[j] = static_cast<float>(0.01 + 0.2 * std::fabs(std::sin(0.7 * double(j + P))));
+      acc += double(dt[j]) * A, cs[j] = acc;
+    }
+    Tensor cb = test::randn({Q * ldm + ops::kSsdPad}, rng);
+    for (float dself : {0.f, 1.5f}) {
+      const std::string name = str("Q", Q, " dself ", dself, " decay");
+      Tensor Md = Tensor::full({Q * ldm + ops::kSsdPad}, 7.f), Mr = Md.clone();
+      Tensor w = Tensor::zeros({Q + ops::kSsdPad}), wr = w.clone();
+      Tensor e = Tensor::zeros({Q + ops::kSsdPad}), er = e.clone();
+      ops::ssd_chunk_decay(Q, cs.data(), dt.data(), cb.data(), ldm, dself, Md.data(), ldm, w.data(),
+                           e.data());
+      ops::ssd_chunk_decay_ref(Q, cs.data(), dt.data(), cb.data(), ldm, dself, Mr.data(), ldm,
+                               wr.data(), er.data());
+      for (int64_t i = 0; i < Q; ++i)
+        for (int64_t j = i + 1; j < Q; ++j) ASSERT_EQ(Md[i * ldm + j], 0.f) << name << " above";
+      auto head = [&](const Tensor& t, int64_t rows, int64_t cols, int64_t ld) {
+        Tensor o = Tensor::empty({rows, cols});
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t j = 0; j < cols; ++j) o[i * cols + j] = t[i * ld + j];
+        return o;
+      };
+      EXPECT_TRUE(
+          test::all_close(head(Md, Q, Q, ldm), head(Mr, Q, Q, ldm), tol::kFastVsRef, name + " M"));
+      EXPECT_TRUE(
+          test::all_close(head(w, 1, Q, Q), head(wr, 1, Q, Q), tol::kFastVsRef, name + " w"));
+      EXPECT_TRUE(
+          test::all_close(head(e, 1, Q, Q), head(er, 1, Q, Q), tol::kFastVsRef, name + " ecs"));
+    }
+  }
+}
+
+// The prefill's shapes (P = 64, N = 128, 64-token chunks) over several chunks, with an entering
+// state and D per head: the chunked forward against the double reference.
+TEST_P(SsdPerTarget, ChunkedForwardAtMamba2Shapes) {
+  Rng rng(29);
+  const Case c{1, 200, 4, 64, 1, 128, 64, 1, false, true, true, false};
+  SsdArgs a = make_args(c, rng);
+  Tensor fr, fc;
+  Tensor yr = ops::ssd_ref(a, &fr);
+  Tensor yc = ops::ssd_chunked(a, &fc);
+  EXPECT_TRUE(test::all_close(yc, yr, tol::kFastVsRef, name_of(c) + " y"));
+  EXPECT_TRUE(test::all_close(fc, fr, tol::kFastVsRef, name_of(c) + " final_states"));
 }
 
 TEST(Ssd, ChunkSizeDoesNotChangeTheResult) {

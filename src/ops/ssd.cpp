@@ -14,14 +14,20 @@
 #include <hwy/foreach_target.h>  // must come before highway.h
 #include <hwy/highway.h>
 
+#if defined(__SSE2__)
+#include <xmmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "core/gemm.h"
 #include "mamba/parallel.h"
 #include "ops/act.h"
-#include "ops/conv2d.h"  // transpose_last2
+#include "ops/simd_math-inl.h"
+#include "ops/ssd_kernels.h"
 
 // The decode kernel (compiled once per SIMD target): for each of the P rows of one head's
 // state, s = s * dA + (dt x_p) B and y_p = s . C, in one pass over the row.
@@ -56,6 +62,194 @@ void StateRowsKernel(float* state, const float* x, const float* Bv, const float*
   }
 }
 
+// ---- The chunk products of the prefill (src/ops/ssd_kernels.h) ------------------------------
+// A register tile of kSsdRows output rows x NV vectors of columns, over the whole inner
+// dimension. Rows past `rows` (the last tile of a block) repeat row rows - 1 and are not stored.
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX3
+constexpr int kSsdRows = 6, kSsdVecs = 4;  // 24 of the 32 vector registers accumulate
+#else
+constexpr int kSsdRows = 4, kSsdVecs = 2;
+#endif
+
+// Y rows [0, rows) of one row tile, NV vectors of columns from column 0 of ST / X / Y (the
+// caller offsets them): ecs[r] * (C ST)[r] + (M X)[r] over j < J (M zero above its diagonal).
+template <int NV>
+HWY_INLINE void SsdYTile(int64_t rows, int64_t N, const float* HWY_RESTRICT C, int64_t ldc,
+                         const float* HWY_RESTRICT ST, int64_t P, const float* HWY_RESTRICT ecs,
+                         const float* HWY_RESTRICT M, int64_t ldm, int64_t J,
+                         const float* HWY_RESTRICT X, int64_t ldx, float* HWY_RESTRICT Y,
+                         int64_t ldy) {
+  const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr int R = kSsdRows;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(d));
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = hn::Zero(d);
+  if (ST) {
+    const float* c[R];
+    for (int r = 0; r < R; ++r) c[r] = C + std::min<int64_t>(r, rows - 1) * ldc;
+    for (int64_t n = 0; n < N; ++n) {
+      V b[NV];
+      for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, ST + n * P + v * NL);
+      for (int r = 0; r < R; ++r) {
+        const V a = hn::Set(d, c[r][n]);
+        for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(a, b[v], acc[r][v]);
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const V e = hn::Set(d, ecs[std::min<int64_t>(r, rows - 1)]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::Mul(acc[r][v], e);
+    }
+  }
+  const float* m[R];
+  for (int r = 0; r < R; ++r) m[r] = M + std::min<int64_t>(r, rows - 1) * ldm;
+  for (int64_t j = 0; j < J; ++j) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, X + j * ldx + v * NL);
+    for (int r = 0; r < R; ++r) {
+      const V a = hn::Set(d, m[r][j]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(a, b[v], acc[r][v]);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, Y + r * ldy + v * NL);
+  }
+}
+
+// ST rows [0, rows) of one row tile (the caller offsets B by the first row's n and ST by its row
+// and column): decay * ST + sum_j B[j][r] Xw[j].
+template <int NV>
+HWY_INLINE void SsdStateTile(int64_t rows, int64_t Qc, const float* HWY_RESTRICT B, int64_t ldb,
+                             const float* HWY_RESTRICT Xw, int64_t ldxw, float decay,
+                             float* HWY_RESTRICT ST, int64_t P) {
+  const hn::ScalableTag<float> d;
+  using V = hn::Vec<decltype(d)>;
+  constexpr int R = kSsdRows;
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(d));
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = hn::Zero(d);
+  int64_t off[R];
+  for (int r = 0; r < R; ++r) off[r] = std::min<int64_t>(r, rows - 1);
+  for (int64_t j = 0; j < Qc; ++j) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, Xw + j * ldxw + v * NL);
+    const float* bj = B + j * ldb;
+    for (int r = 0; r < R; ++r) {
+      const V a = hn::Set(d, bj[off[r]]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(a, b[v], acc[r][v]);
+    }
+  }
+  const V dec = hn::Set(d, decay);
+  for (int r = 0; r < R; ++r) {
+    if (r >= rows) break;
+    for (int v = 0; v < NV; ++v) {
+      float* s = ST + r * P + v * NL;
+      hn::StoreU(hn::MulAdd(hn::LoadU(d, s), dec, acc[r][v]), d, s);
+    }
+  }
+}
+
+// Picks the widest tile <= nv vectors (NV = kSsdVecs first).
+template <int NV, class F>
+HWY_INLINE int64_t SsdColBlock(int64_t nv, const F& f) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return SsdColBlock<NV - 1>(nv, f);
+  }
+  f(std::integral_constant<int, NV>());
+  return NV;
+}
+
+// One head's chunk of decay factors, from its cumulative log-decay cs (double, Qc values, read up
+// to Lanes - 1 past the end) and dt (idem), the chunk's C B^T rows cb [ldcb] (idem):
+//   M[i][j] = cb[i][j] * e_ij * dt[j] for j <= i, 0 for i < j < Qc, plus dself on the diagonal
+//   w[j] = e_{Qc-1,j} * dt[j],   ecs[i] = exp(min(cs_i, 88)),   e_ij = exp(float(min(cs_i - cs_j,
+//   88)))
+// (the differences in double, the exponentials in float); M rows are written up to a whole
+// number of half vectors past j = i, so M needs that many floats past its last row.
+void SsdChunkDecayKernel(int64_t Qc, const double* cs, const float* dt, const float* cb,
+                         int64_t ldcb, float dself, float* M, int64_t ldm, float* w, float* ecs) {
+  namespace sm = simd_math;
+  const hn::ScalableTag<double> dd;
+  const hn::Rebind<float, decltype(dd)> df;  // as many float lanes as double lanes
+  const int64_t K = static_cast<int64_t>(hn::Lanes(dd));
+  const auto v88 = hn::Set(dd, 88.0);
+  for (int64_t i = 0; i < Qc; ++i) {
+    const auto ci = hn::Set(dd, cs[i]);
+    float* Mi = M + i * ldm;
+    const float* cbi = cb + i * ldcb;
+    int64_t j0 = 0;
+    for (; j0 <= i; j0 += K) {
+      const auto e =
+          sm::Exp(df, hn::DemoteTo(df, hn::Min(hn::Sub(ci, hn::LoadU(dd, cs + j0)), v88)));
+      const auto dtv = hn::LoadU(df, dt + j0);
+      auto m = hn::Mul(hn::Mul(hn::LoadU(df, cbi + j0), e), dtv);
+      if (i == Qc - 1) hn::StoreU(hn::Mul(e, dtv), df, w + j0);
+      if (j0 + K > i + 1)
+        m = hn::IfThenElseZero(hn::FirstN(df, static_cast<size_t>(i + 1 - j0)), m);
+      hn::StoreU(m, df, Mi + j0);
+    }
+    for (int64_t j = j0; j < Qc; ++j) Mi[j] = 0.f;
+    Mi[i] += dself;
+  }
+  int64_t i0 = 0;
+  for (; i0 < Qc; i0 += K)
+    hn::StoreU(sm::Exp(df, hn::DemoteTo(df, hn::Min(hn::LoadU(dd, cs + i0), v88))), df, ecs + i0);
+}
+
+void SsdChunkYKernel(int64_t Qc, int64_t P, int64_t N, const float* C, int64_t ldc, const float* ST,
+                     const float* ecs, const float* M, int64_t ldm, const float* X, int64_t ldx,
+                     float* Y, int64_t ldy) {
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()));
+  const int64_t nvec = P / NL, P0 = nvec * NL;
+  for (int64_t i0 = 0; i0 < Qc; i0 += kSsdRows) {
+    const int64_t rows = std::min<int64_t>(kSsdRows, Qc - i0), J = i0 + rows;
+    for (int64_t v0 = 0; v0 < nvec;) {
+      const int64_t p0 = v0 * NL;
+      v0 += SsdColBlock<kSsdVecs>(nvec - v0, [&](auto tag) {
+        SsdYTile<decltype(tag)::value>(rows, N, C + i0 * ldc, ldc, ST ? ST + p0 : nullptr, P,
+                                       ecs + i0, M + i0 * ldm, ldm, J, X + p0, ldx,
+                                       Y + i0 * ldy + p0, ldy);
+      });
+    }
+  }
+  // columns past the last whole vector: the same sums, plain loops
+  for (int64_t i = 0; i < Qc; ++i)
+    for (int64_t p = P0; p < P; ++p) {
+      float acc = 0.f;
+      if (ST) {
+        for (int64_t n = 0; n < N; ++n) acc += C[i * ldc + n] * ST[n * P + p];
+        acc *= ecs[i];
+      }
+      for (int64_t j = 0; j <= i; ++j) acc += M[i * ldm + j] * X[j * ldx + p];
+      Y[i * ldy + p] = acc;
+    }
+}
+
+void SsdChunkStateKernel(int64_t Qc, int64_t P, int64_t N, const float* B, int64_t ldb,
+                         const float* Xw, int64_t ldxw, float decay, float* ST) {
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(hn::ScalableTag<float>()));
+  const int64_t nvec = P / NL, P0 = nvec * NL;
+  for (int64_t n0 = 0; n0 < N; n0 += kSsdRows) {
+    const int64_t rows = std::min<int64_t>(kSsdRows, N - n0);
+    for (int64_t v0 = 0; v0 < nvec;) {
+      const int64_t p0 = v0 * NL;
+      v0 += SsdColBlock<kSsdVecs>(nvec - v0, [&](auto tag) {
+        SsdStateTile<decltype(tag)::value>(rows, Qc, B + n0, ldb, Xw + p0, ldxw, decay,
+                                           ST + n0 * P + p0, P);
+      });
+    }
+  }
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = P0; p < P; ++p) {
+      float acc = 0.f;
+      for (int64_t j = 0; j < Qc; ++j) acc += B[j * ldb + n] * Xw[j * ldxw + p];
+      ST[n * P + p] = ST[n * P + p] * decay + acc;
+    }
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
 HWY_AFTER_NAMESPACE();
@@ -63,6 +257,62 @@ HWY_AFTER_NAMESPACE();
 #if HWY_ONCE
 namespace mamba::ops {
 HWY_EXPORT(StateRowsKernel);
+HWY_EXPORT(SsdChunkYKernel);
+HWY_EXPORT(SsdChunkStateKernel);
+HWY_EXPORT(SsdChunkDecayKernel);
+
+void ssd_chunk_decay(int64_t Qc, const double* cs, const float* dt, const float* cb, int64_t ldcb,
+                     float dself, float* M, int64_t ldm, float* w, float* ecs) {
+  HWY_DYNAMIC_DISPATCH(SsdChunkDecayKernel)(Qc, cs, dt, cb, ldcb, dself, M, ldm, w, ecs);
+}
+
+void ssd_chunk_decay_ref(int64_t Qc, const double* cs, const float* dt, const float* cb,
+                         int64_t ldcb, float dself, float* M, int64_t ldm, float* w, float* ecs) {
+  for (int64_t i = 0; i < Qc; ++i) {
+    for (int64_t j = 0; j < Qc; ++j) {
+      const float e = std::exp(static_cast<float>(std::min(cs[i] - cs[j], 88.0)));
+      M[i * ldm + j] = j <= i ? cb[i * ldcb + j] * e * dt[j] : 0.f;
+      if (i == Qc - 1) w[j] = e * dt[j];
+    }
+    M[i * ldm + i] += dself;
+    ecs[i] = std::exp(static_cast<float>(std::min(cs[i], 88.0)));
+  }
+}
+
+void ssd_chunk_y(int64_t Qc, int64_t P, int64_t N, const float* C, int64_t ldc, const float* ST,
+                 const float* ecs, const float* M, int64_t ldm, const float* X, int64_t ldx,
+                 float* Y, int64_t ldy) {
+  HWY_DYNAMIC_DISPATCH(SsdChunkYKernel)(Qc, P, N, C, ldc, ST, ecs, M, ldm, X, ldx, Y, ldy);
+}
+
+void ssd_chunk_state(int64_t Qc, int64_t P, int64_t N, const float* B, int64_t ldb, const float* Xw,
+                     int64_t ldxw, float decay, float* ST) {
+  HWY_DYNAMIC_DISPATCH(SsdChunkStateKernel)(Qc, P, N, B, ldb, Xw, ldxw, decay, ST);
+}
+
+void ssd_chunk_y_ref(int64_t Qc, int64_t P, int64_t N, const float* C, int64_t ldc, const float* ST,
+                     const float* ecs, const float* M, int64_t ldm, const float* X, int64_t ldx,
+                     float* Y, int64_t ldy) {
+  for (int64_t i = 0; i < Qc; ++i)
+    for (int64_t p = 0; p < P; ++p) {
+      double inter = 0, intra = 0;
+      if (ST)
+        for (int64_t n = 0; n < N; ++n) inter += double(C[i * ldc + n]) * ST[n * P + p];
+      for (int64_t j = 0; j <= i; ++j) intra += double(M[i * ldm + j]) * X[j * ldx + p];
+      Y[i * ldy + p] = static_cast<float>(double(ecs ? ecs[i] : 0.f) * inter + intra);
+    }
+}
+
+void ssd_chunk_state_ref(int64_t Qc, int64_t P, int64_t N, const float* B, int64_t ldb,
+                         const float* Xw, int64_t ldxw, float decay, float* ST) {
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t p = 0; p < P; ++p) {
+      double acc = double(decay) * ST[n * P + p];
+      for (int64_t j = 0; j < Qc; ++j) acc += double(B[j * ldb + n]) * Xw[j * ldxw + p];
+      ST[n * P + p] = static_cast<float>(acc);
+    }
+}
+
 namespace {
 
 struct Dims {
@@ -206,7 +456,7 @@ void chunk_decay(const float* dtp, int64_t stride, int64_t Qc, float A, std::vec
 
 void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& cb) {
   const int64_t G = d.G, N = d.N, L = d.L;
-  cb = Tensor::empty({d.B * G * nc * Q * Q});
+  cb = Tensor::zeros({d.B * G * nc * Q * Q + kSsdPad});  // padded for ssd_chunk_decay
   parallel_for(d.B * G * nc, grain_for(Q * Q * N), [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const int64_t c = i % nc, g = (i / nc) % G, b = i / (nc * G);
@@ -216,6 +466,33 @@ void compute_cb(const SsdArgs& a, const Dims& d, int64_t Q, int64_t nc, Tensor& 
       gemm(false, true, Qc, Qc, N, 1.f, Cp, G * N, Bp, G * N, 0.f, cb.data() + i * Q * Q, Q);
     }
   });
+}
+
+// dst (cols, rows) = src (rows, cols)^T: 4 x 4 blocks through SSE registers (x86-64 has SSE2
+// everywhere) within 16 x 16 tiles, the edges in plain loops; a copy, exact.
+void transpose_f32(const float* src, float* dst, int64_t rows, int64_t cols) {
+  constexpr int64_t T = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += T)
+    for (int64_t q0 = 0; q0 < cols; q0 += T) {
+      const int64_t r1 = std::min(rows, r0 + T), q1 = std::min(cols, q0 + T);
+      int64_t rv = r0, qv = q0;  // [r0, rv) x [q0, qv) done with 4 x 4 blocks
+#if defined(__SSE2__)
+      rv = r0 + (r1 - r0) / 4 * 4, qv = q0 + (q1 - q0) / 4 * 4;
+      for (int64_t r = r0; r < rv; r += 4)
+        for (int64_t q = q0; q < qv; q += 4) {
+          __m128 a = _mm_loadu_ps(src + r * cols + q), b = _mm_loadu_ps(src + (r + 1) * cols + q);
+          __m128 c = _mm_loadu_ps(src + (r + 2) * cols + q),
+                 e = _mm_loadu_ps(src + (r + 3) * cols + q);
+          _MM_TRANSPOSE4_PS(a, b, c, e);
+          _mm_storeu_ps(dst + q * rows + r, a);
+          _mm_storeu_ps(dst + (q + 1) * rows + r, b);
+          _mm_storeu_ps(dst + (q + 2) * rows + r, c);
+          _mm_storeu_ps(dst + (q + 3) * rows + r, e);
+        }
+#endif
+      for (int64_t r = r0; r < r1; ++r)
+        for (int64_t q = (r < rv ? qv : q0); q < q1; ++q) dst[q * rows + r] = src[r * cols + q];
+    }
 }
 
 // Chunks at a time: the chunks are taken in runs of kRunChunks; for each run, C B^T of its
@@ -240,17 +517,21 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
     compute_cb(a, d, Q, nc, cf.cb);
     cf.states = Tensor::empty({B * H * (nc + 1) * P * N});
   } else {
-    cb_run = Tensor::empty({B * G * kRunChunks * Q * Q});
+    cb_run = Tensor::zeros({B * G * kRunChunks * Q * Q + kSsdPad});  // padded for ssd_chunk_decay
   }
-  // The running state of every (b, h), stored transposed, (B, H, N, P): the chunk's
-  // C S^T is then a plain (Qc, N) x (N, P) product (the BLAS's NT path on these small shapes
-  // was ~2x slower than its NN one).
-  Tensor hs_all = a.initial_states.defined()
-                      ? transpose_last2(a.initial_states.contiguous().reshape({B * H, P, N}))
-                      : Tensor::zeros({B * H, N, P});
-  auto transpose = [&](const float* src, float* dst, int64_t rows, int64_t cols) {
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t q = 0; q < cols; ++q) dst[q * rows + r] = src[r * cols + q];
+  // The running state of every (b, h), stored transposed, (B, H, N, P): the chunk kernels then
+  // read and write whole rows of P. Set from the entering state inside the heads' region (each
+  // (b, h) by the thread that runs it), in a buffer of the calling thread kept across calls (a
+  // fresh one per call was a separate parallel region and page faults on every prefill chunk).
+  // When one run covers every chunk (a prefill chunk of up to kRunChunks * Q tokens), each
+  // (b, h)'s state lives in its thread's scratch instead, which stays in cache.
+  const bool one_run = nc <= kRunChunks;
+  thread_local std::vector<float> hs_buf;
+  if (!one_run && hs_buf.size() < static_cast<size_t>(B * H * N * P)) hs_buf.resize(B * H * N * P);
+  float* const hs_all = one_run ? nullptr : hs_buf.data();
+  const Tensor init = a.initial_states.defined() ? a.initial_states.contiguous() : Tensor();
+  auto transpose = [](const float* src, float* dst, int64_t rows, int64_t cols) {
+    transpose_f32(src, dst, rows, cols);
   };
   // D is folded into the diagonal of M (y += (M + D I) X) when it is one scalar per head.
   const bool d_in_m = a.D.defined() && !d.d_hdim;
@@ -280,64 +561,60 @@ void chunked_forward(const SsdArgs& a, const Dims& d, const std::vector<float>& 
     // region's end. Each pair's outputs and state are computed the same way by any thread.
     parallel_for_dynamic(B * H, 1, grain_for(nr * Q * P * N), [&](int64_t bh0, int64_t bh1) {
       // per-thread scratch, kept across chunks and calls (no allocation in the chunk loop)
+      // (padded: ssd_chunk_decay reads and writes up to kSsdPad past their ends)
       thread_local std::vector<double> cs;
-      thread_local std::vector<float> E, M, Bw, dtv, ecs;
-      cs.resize(Q), E.resize(Q * Q), M.resize(Q * Q), Bw.resize(Q * N), dtv.resize(Q),
-          ecs.resize(Q);
+      thread_local std::vector<float> M, Xw, dtv, ecs, w, hs1;
+      if (one_run) hs1.resize(N * P);
+      cs.resize(Q + kSsdPad), M.resize(Q * Q + kSsdPad), Xw.resize(Q * P), dtv.resize(Q + kSsdPad),
+          ecs.resize(Q + kSsdPad), w.resize(Q + kSsdPad);
       for (int64_t bh = bh0; bh < bh1; ++bh) {
         const int64_t b = bh / H, hd = bh % H, g = hd / d.hpg;
         const float A = a.A[hd];
         const float* Dp = a.D.defined() ? a.D.data() + (d.d_hdim ? hd * P : hd) : nullptr;
-        float* hs = hs_all.data() + bh * N * P;  // S^T: (N, P)
+        float* hs = one_run ? hs1.data() : hs_all + bh * N * P;  // S^T: (N, P)
+        if (r0 == 0) {
+          if (init.defined())
+            transpose(init.data() + bh * P * N, hs, P, N);
+          else
+            std::fill(hs, hs + N * P, 0.f);
+        }
         for (int64_t c = r0; c < r1; ++c) {
           const int64_t t0 = c * Q, Qc = std::min(Q, L - t0);
           if (keep_states) transpose(hs, cf.states.data() + (bh * (nc + 1) + c) * P * N, N, P);
           const float* dtc = dtp.data() + (b * L + t0) * H + hd;
           for (int64_t j = 0; j < Qc; ++j) dtv[j] = dtc[j * H];
-          chunk_decay(dtc, H, Qc, A, cs, E.data(), Q);
+          {
+            double acc = 0;  // the cumulative log-decay, in double
+            for (int64_t j = 0; j < Qc; ++j) acc += double(dtv[j]) * A, cs[j] = acc;
+          }
           const float* cbp = keep_states
                                  ? cf.cb.data() + ((b * G + g) * nc + c) * Q * Q
                                  : cb_run.data() + ((b * G + g) * kRunChunks + (c - r0)) * Q * Q;
-          for (int64_t i = 0; i < Qc; ++i) {
-            float* Mi = M.data() + i * Q;
-            const float* ci = cbp + i * Q;
-            const float* ei = E.data() + i * Q;
-            for (int64_t j = 0; j <= i; ++j) Mi[j] = ci[j] * ei[j] * dtv[j];
-            for (int64_t j = i + 1; j < Qc; ++j) Mi[j] = 0.f;
-            if (d_in_m) Mi[i] += Dp[0];
-          }
+          // M = (C B^T) o E o dt^T (+ D on the diagonal when D is in M), w_j = exp(cs_last -
+          // cs_j) dt_j (the last row of E times dt), exp(cs_i) (the last one is the chunk's decay
+          // of the entering state): one vectorised pass over the lower triangle
+          ssd_chunk_decay(Qc, cs.data(), dtv.data(), cbp, Q, d_in_m ? Dp[0] : 0.f, M.data(), Q,
+                          w.data(), ecs.data());
           const float* xp = a.x.data() + ((b * L + t0) * H + hd) * P;
           const float* Bp = a.B.data() + ((b * L + t0) * G + g) * N;
           const float* Cp = a.C.data() + ((b * L + t0) * G + g) * N;
           float* yp = ypre + ((b * L + t0) * H + hd) * P;
-          // exp(cs_i) (the last one is the chunk's decay of the entering state)
-          for (int64_t i = 0; i < Qc; ++i) ecs[i] = static_cast<float>(std::min(cs[i], 88.0));
-          exp_inplace(ecs.data(), Qc);
-          // inter-chunk: y = diag(exp(cs)) C S^T (skipped while the state is still zero)
+          // y = diag(exp(cs)) C S^T (inter-chunk; skipped while the state is still zero) + M X
+          // (intra-chunk, and the skip connection when D is in M), one pass per row tile
           const bool zero_state = c == 0 && !a.initial_states.defined();
-          if (!zero_state) {
-            gemm(false, false, Qc, P, N, 1.f, Cp, GN, hs, P, 0.f, yp, HP);
-            for (int64_t i = 0; i < Qc; ++i) {
-              const float e = ecs[i];
-              float* yi = yp + i * HP;
-              for (int64_t p = 0; p < P; ++p) yi[p] *= e;
-            }
-          }
-          // intra-chunk (and the skip connection when D is in M): y += M X
-          gemm(false, false, Qc, P, Qc, 1.f, M.data(), Q, xp, HP, zero_state ? 0.f : 1.f, yp, HP);
+          ssd_chunk_y(Qc, P, N, Cp, GN, zero_state ? nullptr : hs, ecs.data(), M.data(), Q, xp, HP,
+                      yp, HP);
           // skip connection with D (H, P): y += D x
           if (Dp && !d_in_m) {
             for (int64_t i = 0; i < Qc; ++i)
               for (int64_t p = 0; p < P; ++p) yp[i * HP + p] += Dp[p] * xp[i * HP + p];
           }
-          // state: S^T = exp(cs_last) S^T + (diag(w) B)^T X, w_j = exp(cs_last - cs_j) dt_j (the
-          // last row of E)
-          const float* elast = E.data() + (Qc - 1) * Q;
+          // state: S^T = exp(cs_last) S^T + B^T diag(w) X
           for (int64_t j = 0; j < Qc; ++j) {
-            const float w = elast[j] * dtv[j];
-            for (int64_t n = 0; n < N; ++n) Bw[j * N + n] = Bp[j * GN + n] * w;
+            const float wj = w[j];
+            for (int64_t p = 0; p < P; ++p) Xw[j * P + p] = xp[j * HP + p] * wj;
           }
-          gemm(true, false, N, P, Qc, 1.f, Bw.data(), N, xp, HP, ecs[Qc - 1], hs, P);
+          ssd_chunk_state(Qc, P, N, Bp, GN, Xw.data(), P, ecs[Qc - 1], hs);
           if (c == nc - 1) {
             if (keep_states) transpose(hs, cf.states.data() + (bh * (nc + 1) + nc) * P * N, N, P);
             if (fin) transpose(hs, fin + bh * P * N, N, P);

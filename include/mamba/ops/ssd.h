@@ -43,10 +43,11 @@ struct SsdGrads {  // each defined iff the matching input is defined
 // exposed so a layer can check its arguments before it computes anything.
 void ssd_check(const SsdArgs& a);
 
-// Chunked CPU algorithm (fp32, GEMMs through mamba::gemm, parallel over batch x heads; the
-// backward's sums over the heads of a group are added in a fixed order: bitwise reproducible
-// for a given thread count).
-// Returns out (B, L, H, P); final_states (optional out) receives (B, H, P, N).
+// Chunked CPU algorithm (fp32, parallel over batch x heads; the forward's per-head chunk
+// products on register-tile kernels (src/ops/ssd_kernels.h), C B^T and the backward's products
+// through mamba::gemm; the backward's sums over the heads of a group are added in a fixed order:
+// bitwise reproducible for a given thread count). Returns out (B, L, H, P); final_states (optional
+// out) receives (B, H, P, N).
 Tensor ssd_chunked(const SsdArgs& a, Tensor* final_states = nullptr);
 // Gradients of sum(out * dout) + sum(final_states * dfinal_states) (dfinal_states optional,
 // (B, H, P, N)); fresh tensors, nothing accumulated.
