@@ -362,17 +362,23 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   // (batch, channel) rows are independent: pieces of >= 1024 rows (a few us; a decode step runs
   // in a team, mamba/parallel.h, where a hand-off costs well under that).
   parallel_for(B * D, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0, d = i0 % D; i < i1; ++i, d = d + 1 == D ? 0 : d + 1) {
-      float* s = st + i * K;
-      for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
-      s[K - 1] = xp[i];
-      float acc = bp ? bp[d] : 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += wp[d * K + k] * s[k];
-      yp[i] = acc;
-    }
-    if (silu) ops::silu(yp + i0, yp + i0, i1 - i0);
+    causal_conv1d_update_rows(st, xp, wp, bp, yp, D, K, i0, i1, silu);
   });
   return y;
+}
+
+void causal_conv1d_update_rows(float* conv_state, const float* x, const float* weight,
+                               const float* bias, float* y, int64_t D, int64_t K, int64_t i0,
+                               int64_t i1, bool silu) {
+  for (int64_t i = i0, d = i0 % D; i < i1; ++i, d = d + 1 == D ? 0 : d + 1) {
+    float* s = conv_state + i * K;
+    for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
+    s[K - 1] = x[i];
+    float acc = bias ? bias[d] : 0.f;
+    for (int64_t k = 0; k < K; ++k) acc += weight[d * K + k] * s[k];
+    y[i] = acc;
+  }
+  if (silu && i1 > i0) ops::silu(y + i0, y + i0, i1 - i0);
 }
 
 // The state after x from a zero (left-padded) window: the window advanced past x.
