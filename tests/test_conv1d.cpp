@@ -108,6 +108,64 @@ TEST_P(Conv1dPerTarget, UpdateMatchesFullForwardAndFinalState) {
         }
 }
 
+// The decode update's vectorised K = 4 path (Update4Kernel, every compiled target) and its
+// scalar rest against a naive double reference: y = bias + sum_k w[d, k] s'[k] over the rolled
+// state s' = [s1, s2, s3, x]; the state itself exactly. Several steps, B = 2 (segments that start
+// mid-vector in the second batch row), D of a vector plus a tail, and the row-range entry
+// (causal_conv1d_update_rows) on ranges that start and end inside a batch row.
+TEST_P(Conv1dPerTarget, UpdateK4MatchesNaiveReference) {
+  Rng rng(5);
+  const int64_t K = 4;
+  for (int64_t D : {3, 16, 37})
+    for (bool with_bias : {false, true}) {
+      const int64_t B = 2;
+      Tensor w = test::randn({D, K}, rng, 0.5), b = with_bias ? test::randn({D}, rng) : Tensor();
+      Tensor st = test::randn({B, D, K}, rng), st2 = st.clone();
+      for (int t = 0; t < 3; ++t) {
+        Tensor xt = test::randn({B, D}, rng);
+        std::vector<double> yref(static_cast<size_t>(B * D));
+        std::vector<float> sref(static_cast<size_t>(B * D * K));
+        for (int64_t i = 0; i < B * D; ++i) {
+          const int64_t d = i % D;
+          for (int64_t k = 0; k < K; ++k) sref[i * K + k] = k + 1 < K ? st[i * K + k + 1] : xt[i];
+          double acc = with_bias ? b[d] : 0.0;
+          for (int64_t k = 0; k < K; ++k)
+            acc += static_cast<double>(w[d * K + k]) * sref[i * K + k];
+          yref[i] = acc;
+        }
+        const Tensor y = ops::causal_conv1d_update(st, xt, w, b, false);
+        // The same through the row-range entry, in three ranges cut inside the batch rows.
+        Tensor y2({B, D});
+        const int64_t cuts[] = {0, D / 2 + 1, D + D / 3 + 1, B * D};
+        for (int c = 0; c < 3; ++c)
+          ops::causal_conv1d_update_rows(st2.data(), xt.data(), w.data(),
+                                         with_bias ? b.data() : nullptr, y2.data(), D, K, cuts[c],
+                                         cuts[c + 1], false);
+        const std::string what = str("D=", D, " bias=", with_bias, " t=", t);
+        for (int64_t i = 0; i < B * D * K; ++i) {
+          ASSERT_EQ(st[i], sref[i]) << what << " state " << i;
+          ASSERT_EQ(st2[i], sref[i]) << what << " state (rows) " << i;
+        }
+#ifndef __FMA__
+        // Built without FMA contraction (the default): the scalar loop's float arithmetic, the
+        // same bits (products and sums rounded one by one, in tap order).
+        for (int64_t i = 0; i < B * D; ++i) {
+          const int64_t d = i % D;
+          float acc = with_bias ? b[d] : 0.f;
+          for (int64_t k = 0; k < K; ++k) acc += w[d * K + k] * sref[i * K + k];
+          ASSERT_EQ(y[i], acc) << what << " y bits " << i;
+          ASSERT_EQ(y2[i], acc) << what << " y bits (rows) " << i;
+        }
+#endif
+        for (int64_t i = 0; i < B * D; ++i) {
+          const double tolv = tol::kFastVsRef.atol + tol::kFastVsRef.rtol * std::abs(yref[i]);
+          EXPECT_NEAR(y[i], yref[i], tolv) << what << " y " << i;
+          EXPECT_NEAR(y2[i], yref[i], tolv) << what << " y (rows) " << i;
+        }
+      }
+    }
+}
+
 TEST(Conv1d, FinalStateZeroPadsShortInput) {
   Tensor x = Tensor::from({1, 2, 1}, {5, 6});
   Tensor st = Tensor::full({1, 1, 4}, 9.f);

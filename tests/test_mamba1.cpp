@@ -3,10 +3,12 @@
 // the mamba_ssm init and parameter count, config and shape errors, the shape trace.
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <nlohmann/json.hpp>
 #include <sstream>
 
 #include "mamba/nn/mamba1.h"
+#include "mamba/parallel.h"
 #include "mamba/trace.h"
 #include "test_util.h"
 
@@ -308,4 +310,53 @@ TEST(Mamba1, ShapeTrace) {
     ASSERT_NE(at, std::string::npos) << "missing or out of order: " << e << "\n" << s;
     pos = at + 1;
   }
+}
+
+// A single sequence's step (B = 1) runs its own passes (Mamba1::step_one: the per-channel work of
+// in_proj + conv and of dt_proj + A + state update split by channels in one hand-off each); the
+// general step (what B > 1 runs, and B = 1 while the shape trace is on) is the reference: outputs
+// and both states must be the same bits, for every weight storage, d_inner not a multiple of the
+// 64-channel pieces, d_state with a vector tail, biases, at 1, 2 and 3 threads.
+TEST(Mamba1, SingleSequenceStepEqualsGeneralStepBitForBit) {
+  auto same_bits = [](const Tensor& a, const Tensor& b) {
+    return a.numel() == b.numel() &&
+           std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<size_t>(a.numel())) == 0;
+  };
+  const int saved_threads = num_threads();
+  struct Case {
+    int64_t d_model, d_state, dt_rank;
+    bool bias;
+    WeightDType dt;
+  };
+  const Case cases[] = {{50, 17, -1, true, WeightDType::f32},    // D = 100: pieces 64 + 36
+                        {50, 16, -1, false, WeightDType::bf16},  // N = 16: no tail
+                        {48, 16, -1, true, WeightDType::f16},
+                        {96, 16, 32, false, WeightDType::q8_0},  // D = 192: three pieces
+                        {96, 16, 32, true, WeightDType::q4_0}};
+  for (const Case& k : cases) {
+    Mamba1Config c;
+    c.d_model = k.d_model, c.d_state = k.d_state, c.dt_rank = k.dt_rank, c.bias = k.bias;
+    Mamba1 m(c, 5);
+    m.params().set_weight_dtype(k.dt);
+    for (int threads : {1, 2, 3}) {
+      set_num_threads(threads);
+      Rng rng(21);
+      Mamba1State fast = m.new_state(1), ref = m.new_state(1);
+      for (int t = 0; t < 5; ++t) {
+        const Tensor x = test::randn({1, k.d_model}, rng);
+        const Tensor yf = m.step(x, fast);
+        std::ostringstream sink;
+        trace::set_stream(&sink);
+        trace::set_enabled(true);  // the general path
+        const Tensor yr = m.step(x, ref);
+        trace::set_enabled(false);
+        trace::set_stream(nullptr);
+        const std::string what = str(weight_dtype_name(k.dt), " threads=", threads, " t=", t);
+        EXPECT_TRUE(same_bits(yf, yr)) << what << " y";
+        EXPECT_TRUE(same_bits(fast.conv_state, ref.conv_state)) << what << " conv_state";
+        EXPECT_TRUE(same_bits(fast.ssm_state, ref.ssm_state)) << what << " ssm_state";
+      }
+    }
+  }
+  set_num_threads(saved_threads);
 }

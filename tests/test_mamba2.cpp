@@ -3,10 +3,12 @@
 // configurations (d_mlp > 0, D_has_hdim, no rmsnorm, biases, dt_limit), directional finite
 // differences of the backward on the paths the golden files do not cover, config errors, trace.
 #include <cmath>
+#include <cstring>
 #include <sstream>
 #include <string>
 
 #include "mamba/nn/mamba2.h"
+#include "mamba/parallel.h"
 #include "mamba/trace.h"
 #include "test_util.h"
 
@@ -304,4 +306,55 @@ TEST(Mamba2, TraceListsEveryOpInOrder) {
     EXPECT_NE(p, std::string::npos) << "missing or out of order: " << o << "\n" << s;
     if (p != std::string::npos) pos = p;
   }
+}
+
+// A single sequence's step (B = 1) runs in_proj and the conv update in one pass over the threads
+// (Mamba2::in_proj_conv_one: the conv channels split in 64-channel pieces, the other in_proj rows
+// shared in proportion); the general step (what B > 1 runs, and B = 1 while the shape trace is
+// on) is the reference: outputs and both states must be the same bits, for every weight storage,
+// a conv width not a multiple of 64, an MLP part (d_ssm < d_inner), two groups, biases, at 1, 2
+// and 3 threads.
+TEST(Mamba2, SingleSequenceStepEqualsGeneralStepBitForBit) {
+  auto same_bits = [](const Tensor& a, const Tensor& b) {
+    return a.numel() == b.numel() &&
+           std::memcmp(a.data(), b.data(), sizeof(float) * static_cast<size_t>(a.numel())) == 0;
+  };
+  const int saved_threads = num_threads();
+  struct Case {
+    int64_t d_model, d_state, headdim, d_ssm, ngroups;
+    bool bias;
+    WeightDType dt;
+  };
+  const Case cases[] = {{40, 12, 16, 0, 1, true, WeightDType::f32},     // conv 80 + 24 = 104
+                        {48, 16, 16, 64, 2, false, WeightDType::bf16},  // d_mlp 32, G = 2
+                        {48, 16, 16, 0, 1, true, WeightDType::f16},
+                        {64, 16, 32, 64, 1, false, WeightDType::q8_0},
+                        {64, 16, 32, 0, 2, true, WeightDType::q4_0}};
+  for (const Case& k : cases) {
+    Mamba2Config c;
+    c.d_model = k.d_model, c.d_state = k.d_state, c.headdim = k.headdim, c.d_ssm = k.d_ssm;
+    c.ngroups = k.ngroups, c.bias = k.bias;
+    Mamba2 m(c, 5);
+    m.params().set_weight_dtype(k.dt);
+    for (int threads : {1, 2, 3}) {
+      set_num_threads(threads);
+      Rng rng(21);
+      Mamba2State fast = m.new_state(1), ref = m.new_state(1);
+      for (int t = 0; t < 5; ++t) {
+        const Tensor x = test::randn({1, k.d_model}, rng);
+        const Tensor yf = m.step(x, fast);
+        std::ostringstream sink;
+        trace::set_stream(&sink);
+        trace::set_enabled(true);  // the general path
+        const Tensor yr = m.step(x, ref);
+        trace::set_enabled(false);
+        trace::set_stream(nullptr);
+        const std::string what = str(weight_dtype_name(k.dt), " threads=", threads, " t=", t);
+        EXPECT_TRUE(same_bits(yf, yr)) << what << " y";
+        EXPECT_TRUE(same_bits(fast.conv_state, ref.conv_state)) << what << " conv_state";
+        EXPECT_TRUE(same_bits(fast.ssm_state, ref.ssm_state)) << what << " ssm_state";
+      }
+    }
+  }
+  set_num_threads(saved_threads);
 }

@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "mamba/parallel.h"
 #include "mamba/rng.h"
 #include "mamba/trace.h"
 #include "nn/ssm_init.h"
 #include "ops/conv1d.h"
 #include "ops/elementwise.h"
+#include "ops/half_matmul.h"
 #include "ops/linear.h"
 #include "ops/selective_scan.h"
 
@@ -300,6 +302,7 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
   MAMBA_CHECK(B >= 1, "Mamba1::step: x needs B >= 1, got ", hidden.shape_str());
   check_state(state, B);
   const bool tr = trace::enabled();
+  if (B == 1 && cfg_.selective && !tr) return step_one(hidden, state);
   const Tensor& in_b = optional_f32(in_b_);
 
   // One product for x and z (one pass over the threads instead of two; every row is computed as
@@ -344,6 +347,64 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
   Tensor out = ops::linear(y, out_w_->value, optional_f32(out_b_));  // (B, d_model)
   if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
   return out;
+}
+
+// A single sequence's step (B = 1) in four passes over the threads instead of seven: the
+// per-channel work is split by channels once, in pieces of 64 (so every vectorised op starts its
+// lanes where the unsplit op does: the same bits as `step` for any split), and each thread runs
+// its channels' whole chain inside one hand-off:
+//   1. in_proj's x and z rows of the thread's channels, then their conv update;
+//   2. x_proj (its 80-odd rows need every channel of the conv output: its own pass);
+//   3. dt_proj's rows of the thread's channels, A = -exp(A_log) of them, their state update;
+//   4. out_proj (every channel of y: its own pass).
+// Every row of a product is the streaming kernel's row (formed the same whatever the split), so
+// logits and states are the bits of the general path (test_determinism, test_mamba1).
+Tensor Mamba1::step_one(const Tensor& hidden, State& state) const {
+  const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
+  const Tensor h = hidden.contiguous();
+  const float* hp = h.data();
+  const Weight& in_w = in_w_->value;
+  const float* in_b = in_b_ ? f32(in_b_).data() : nullptr;
+  const float* conv_w = f32(conv_w_).data();
+  const float* conv_b = conv_b_ ? f32(conv_b_).data() : nullptr;
+  Tensor xz = Tensor::empty({1, 2 * D}), xc = Tensor::empty({1, D});
+  float* xzp = xz.data();
+  float* xcp = xc.data();
+  float* conv_st = state.conv_state.data();
+  constexpr int64_t kPiece = 64;
+  const int64_t pieces = (D + kPiece - 1) / kPiece;
+  // Pieces per thread task: >= ~16K weights of in_proj (2 x 64 rows of d_model per piece).
+  const int64_t grain1 = std::max<int64_t>(1, 16384 / (2 * kPiece * std::max<int64_t>(dm, 1)));
+  parallel_for(pieces, grain1, [&](int64_t pb, int64_t pe) {
+    const int64_t b = pb * kPiece, e = std::min(D, pe * kPiece), n = e - b;
+    ops::stream_matmul(hp, 1, dm, in_w.rows(b, n), xzp + b, n);
+    ops::stream_matmul(hp, 1, dm, in_w.rows(D + b, n), xzp + D + b, n);
+    if (in_b)
+      for (int64_t i = b; i < e; ++i) xzp[i] += in_b[i], xzp[D + i] += in_b[D + i];
+    ops::causal_conv1d_update_rows(conv_st, xzp, conv_w, conv_b, xcp, D, K, b, e, true);
+  });
+
+  const Tensor x_db = ops::linear(xc, xproj_w_->value);  // (1, R + 2N)
+  const float* xdbp = x_db.data();
+  const Weight& dt_w = dt_w_->value;
+  const float* A_log = f32(A_log_).data();
+  const float* Dp = f32(Dp_).data();
+  const float* dt_b = f32(dt_b_).data();
+  Tensor dt = Tensor::empty({1, D}), A = Tensor::empty({D, N}), y = Tensor::empty({1, D});
+  float* dtp = dt.data();
+  float* Ap = A.data();
+  float* yp = y.data();
+  float* ssm_st = state.ssm_state.data();
+  // Pieces per task: >= 8192 state updates (selective_state_update's grain).
+  const int64_t grain3 = std::max<int64_t>(1, 8192 / (kPiece * N));
+  parallel_for(pieces, grain3, [&](int64_t pb, int64_t pe) {
+    const int64_t b = pb * kPiece, e = std::min(D, pe * kPiece), n = e - b;
+    ops::stream_matmul(xdbp, 1, R, dt_w.rows(b, n), dtp + b, n);
+    ops::neg_exp_fast_into(A_log + b * N, Ap + b * N, n * N);
+    ops::selective_state_update_channels(ssm_st, xcp, dtp, Ap, xdbp + R, xdbp + R + N, Dp, xzp + D,
+                                         dt_b, true, D, N, b, e, yp);
+  });
+  return ops::linear(y, out_w_->value, optional_f32(out_b_));  // (1, d_model)
 }
 
 }  // namespace mamba

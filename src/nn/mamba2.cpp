@@ -5,11 +5,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "mamba/parallel.h"
 #include "mamba/rng.h"
 #include "mamba/trace.h"
 #include "ops/act.h"
 #include "ops/conv1d.h"
 #include "ops/elementwise.h"
+#include "ops/half_matmul.h"
 #include "ops/linear.h"
 #include "ops/norm.h"
 
@@ -289,17 +291,23 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   check_state(state, B, "Mamba2::step");
   const bool tr = trace::enabled();
 
-  Tensor zxbcdt = ops::linear(xin, in_w_->value, optional_f32(in_b_));
-  if (tr) trace::op("in_proj", {xin.shape()}, {zxbcdt.shape()});
+  Tensor zxbcdt, xbc;
+  if (B == 1 && !tr) {
+    in_proj_conv_one(xin, state, zxbcdt, xbc);
+  } else {
+    zxbcdt = ops::linear(xin, in_w_->value, optional_f32(in_b_));
+    if (tr) trace::op("in_proj", {xin.shape()}, {zxbcdt.shape()});
+  }
   Tensor z0, x0;
   if (dmlp > 0) z0 = zxbcdt.cols(0, dmlp).contiguous(), x0 = zxbcdt.cols(dmlp, dmlp).contiguous();
   Tensor z = zxbcdt.cols(2 * dmlp, dssm).contiguous();
-  Tensor xbc_raw = zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
+  Tensor xbc_raw = xbc.defined() ? Tensor() : zxbcdt.cols(2 * dmlp + dssm, cd).contiguous();
   Tensor dt = zxbcdt.cols(2 * dmlp + dssm + cd, H).contiguous();
   if (tr) trace::op("split", {zxbcdt.shape()}, {z.shape(), xbc_raw.shape(), dt.shape()});
-  Tensor xbc =
-      ops::causal_conv1d_update(state.conv_state, xbc_raw, f32(conv_w_).reshape({cd, cfg_.d_conv}),
-                                optional_f32(conv_b_), true);
+  if (!xbc.defined())
+    xbc = ops::causal_conv1d_update(state.conv_state, xbc_raw,
+                                    f32(conv_w_).reshape({cd, cfg_.d_conv}), optional_f32(conv_b_),
+                                    true);
   if (tr)
     trace::op("conv1d_update_silu", {xbc_raw.shape(), state.conv_state.shape()}, {xbc.shape()});
   Tensor x = xbc.cols(0, dssm).contiguous().reshape({B, H, P});
@@ -323,6 +331,49 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   Tensor out = ops::linear(y_out, out_w_->value, optional_f32(out_b_));
   if (tr) trace::op("out_proj", {y_out.shape()}, {out.shape()});
   return out;
+}
+
+// A single sequence's in_proj and conv update (B = 1) in one pass over the threads instead of
+// two: the conv channels are split in pieces of 64 (so the conv's vectorised SiLU starts its
+// lanes where the unsplit op does), each thread computes in_proj's xBC rows of its channels and
+// their conv update, and a proportional share of in_proj's other rows (z, dt; z0, x0). Every
+// row is the streaming kernel's row (formed the same whatever the split), so zxbcdt, xbc and the
+// conv state are the bits of the general path (test_mamba2).
+void Mamba2::in_proj_conv_one(const Tensor& xin, State& state, Tensor& zxbcdt, Tensor& xbc) const {
+  const int64_t dm = cfg_.d_model, cd = cfg_.conv_dim(), K = cfg_.d_conv;
+  const Weight& in_w = in_w_->value;
+  const int64_t total = in_w.rows(), before = 2 * cfg_.d_mlp() + cfg_.ssm_dim();
+  const int64_t other = total - cd;  // rows outside xBC: [0, before) and [before + cd, total)
+  const Tensor h = xin.contiguous();
+  const float* hp = h.data();
+  const float* in_b = in_b_ ? f32(in_b_).data() : nullptr;
+  const float* conv_w = f32(conv_w_).data();
+  const float* conv_b = conv_b_ ? f32(conv_b_).data() : nullptr;
+  zxbcdt = Tensor::empty({1, total});
+  xbc = Tensor::empty({1, cd});
+  float* zp = zxbcdt.data();
+  float* xcp = xbc.data();
+  float* conv_st = state.conv_state.data();
+  constexpr int64_t kPiece = 64;
+  const int64_t pieces = (cd + kPiece - 1) / kPiece;
+  // Pieces per thread task: >= ~16K weights of in_proj (64 xBC rows of d_model, plus the share).
+  const int64_t per_piece = (kPiece + other / pieces) * std::max<int64_t>(dm, 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / per_piece);
+  auto rows = [&](int64_t r0, int64_t r1) {  // in_proj rows [r0, r1) into zxbcdt, bias added
+    if (r1 <= r0) return;
+    ops::stream_matmul(hp, 1, dm, in_w.rows(r0, r1 - r0), zp + r0, r1 - r0);
+    if (in_b)
+      for (int64_t r = r0; r < r1; ++r) zp[r] += in_b[r];
+  };
+  parallel_for(pieces, grain, [&](int64_t pb, int64_t pe) {
+    const int64_t b = pb * kPiece, e = std::min(cd, pe * kPiece);
+    rows(before + b, before + e);
+    ops::causal_conv1d_update_rows(conv_st, zp + before, conv_w, conv_b, xcp, cd, K, b, e, true);
+    // The share of the other rows: [o0, o1) of them, in the order z0, x0, z, then dt.
+    const int64_t o0 = other * pb / pieces, o1 = other * pe / pieces;
+    rows(std::min(o0, before), std::min(o1, before));
+    rows(std::max(o0, before) + cd, std::max(o1, before) + cd);
+  });
 }
 
 }  // namespace mamba

@@ -56,6 +56,44 @@ void AddKernel(float* acc, const float* a, int64_t n) {
   for (; i < n; ++i) acc[i] += a[i];
 }
 
+// The decode update of n channels with K = 4 taps (state rows of 4 values, channel-major):
+// state <- [s1, s2, s3, x], y = (bias or 0) + w0 s1 + w1 s2 + w2 s3 + w3 x, summed in that order
+// with each product and sum rounded (no fused multiply-add, Rounded): per lane the scalar loop's
+// arithmetic (causal_conv1d_update_rows), 4 state rows de-interleaved per lane group. Handles
+// the whole vectors of [0, n) and returns how many channels it did; the caller does the rest.
+// v unchanged, but opaque to the compiler: a product passed through it is not contracted with
+// the following add into a fused multiply-add (GCC contracts vector mul + add too on targets
+// with FMA).
+template <class V>
+HWY_INLINE V Rounded(V v) {
+#if HWY_TARGET != HWY_SCALAR && HWY_ARCH_X86 && (defined(__GNUC__) || defined(__clang__))
+  asm("" : "+v"(v.raw));
+#endif
+  return v;
+}
+
+int64_t Update4Kernel(float* st, const float* x, const float* w, const float* bias, float* y,
+                      int64_t n) {
+  const hn::ScalableTag<float> d;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(d));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    hn::Vec<decltype(d)> s0, s1, s2, s3, w0, w1, w2, w3;
+    hn::LoadInterleaved4(d, st + 4 * i, s0, s1, s2, s3);
+    hn::LoadInterleaved4(d, w + 4 * i, w0, w1, w2, w3);
+    (void)s0;  // rolled out
+    const auto xv = hn::LoadU(d, x + i);
+    auto acc = bias ? hn::LoadU(d, bias + i) : hn::Zero(d);
+    acc = hn::Add(acc, Rounded(hn::Mul(w0, s1)));
+    acc = hn::Add(acc, Rounded(hn::Mul(w1, s2)));
+    acc = hn::Add(acc, Rounded(hn::Mul(w2, s3)));
+    acc = hn::Add(acc, Rounded(hn::Mul(w3, xv)));
+    hn::StoreInterleaved4(s1, s2, s3, xv, d, st + 4 * i);
+    hn::StoreU(acc, d, y + i);
+  }
+  return i;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
 HWY_AFTER_NAMESPACE();
@@ -72,6 +110,7 @@ namespace mamba::ops {
 HWY_EXPORT(TapsKernel);
 HWY_EXPORT(MulAccKernel);
 HWY_EXPORT(AddKernel);
+HWY_EXPORT(Update4Kernel);
 
 namespace {
 
@@ -362,17 +401,31 @@ Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& w
   // (batch, channel) rows are independent: pieces of >= 1024 rows (a few us; a decode step runs
   // in a team, mamba/parallel.h, where a hand-off costs well under that).
   parallel_for(B * D, 1024, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0, d = i0 % D; i < i1; ++i, d = d + 1 == D ? 0 : d + 1) {
-      float* s = st + i * K;
-      for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
-      s[K - 1] = xp[i];
-      float acc = bp ? bp[d] : 0.f;
-      for (int64_t k = 0; k < K; ++k) acc += wp[d * K + k] * s[k];
-      yp[i] = acc;
-    }
-    if (silu) ops::silu(yp + i0, yp + i0, i1 - i0);
+    causal_conv1d_update_rows(st, xp, wp, bp, yp, D, K, i0, i1, silu);
   });
   return y;
+}
+
+void causal_conv1d_update_rows(float* conv_state, const float* x, const float* weight,
+                               const float* bias, float* y, int64_t D, int64_t K, int64_t i0,
+                               int64_t i1, bool silu) {
+  // Segments of [i0, i1) within one batch row: K = 4 (the usual d_conv) by vectors over the
+  // channels first, then (and for other K) one channel at a time; the same arithmetic.
+  for (int64_t i = i0; i < i1;) {
+    const int64_t d0 = i % D, e = std::min(i1, i - d0 + D);
+    if (K == 4)
+      i += HWY_DYNAMIC_DISPATCH(Update4Kernel)(conv_state + 4 * i, x + i, weight + 4 * d0,
+                                               bias ? bias + d0 : nullptr, y + i, e - i);
+    for (int64_t d = i % D; i < e; ++i, ++d) {
+      float* s = conv_state + i * K;
+      for (int64_t k = 0; k + 1 < K; ++k) s[k] = s[k + 1];  // roll left by one
+      s[K - 1] = x[i];
+      float acc = bias ? bias[d] : 0.f;
+      for (int64_t k = 0; k < K; ++k) acc += weight[d * K + k] * s[k];
+      y[i] = acc;
+    }
+  }
+  if (silu && i1 > i0) ops::silu(y + i0, y + i0, i1 - i0);
 }
 
 // The state after x from a zero (left-padded) window: the window advanced past x.

@@ -46,6 +46,12 @@ Conv1dGrads causal_conv1d_bwd_ref(const Tensor& x, const Tensor& weight, const T
 // One decode step: shifts conv_state (B, D, K) left, appends x (B, D), returns y (B, D).
 Tensor causal_conv1d_update(Tensor& conv_state, const Tensor& x, const Tensor& weight,
                             const Tensor& bias, bool silu);
+// Its rows [i0, i1) of the (B, D) (batch, channel) rows on the calling thread, raw arrays
+// (conv_state (B, D, K), x, y (B, D), weight (D, K), bias (D) or null): what
+// causal_conv1d_update runs per thread range, for a caller that splits the channels itself.
+void causal_conv1d_update_rows(float* conv_state, const float* x, const float* weight,
+                               const float* bias, float* y, int64_t D, int64_t K, int64_t i0,
+                               int64_t i1, bool silu);
 // The conv_state a prefill over x (B, L, D) leaves: the last K inputs, zero-padded on the left
 // when L < K. Writes conv_state (B, D, K).
 void causal_conv1d_final_state(const Tensor& x, Tensor& conv_state);

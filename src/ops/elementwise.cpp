@@ -114,11 +114,15 @@ Tensor neg_exp_fast(const Tensor& x) {
   const int64_t n = a.numel(), pieces = (n + 63) / 64;
   parallel_for(pieces, 128, [&](int64_t pb, int64_t pe) {
     const int64_t b = pb * 64, e = std::min(n, pe * 64);
-    std::copy(src + b, src + e, p + b);
-    exp_inplace(p + b, e - b);
-    for (int64_t i = b; i < e; ++i) p[i] = -p[i];
+    neg_exp_fast_into(src + b, p + b, e - b);
   });
   return a;
+}
+
+void neg_exp_fast_into(const float* x, float* y, int64_t n) {
+  std::copy(x, x + n, y);
+  exp_inplace(y, n);
+  for (int64_t i = 0; i < n; ++i) y[i] = -y[i];
 }
 
 void bias_add(const Tensor& y, const Tensor& b) {

@@ -25,6 +25,9 @@ void copy_into(const Tensor& dst, const Tensor& src);
 // ~1 ulp from libm; Mamba-1's A = -exp(A_log) on every decode step).
 Tensor neg_exp(const Tensor& x);
 Tensor neg_exp_fast(const Tensor& x);
+// y[0, n) = -exp(x[0, n)) on the calling thread: neg_exp_fast's arithmetic (the same bits when x
+// starts at a multiple of 16 values from the tensor's start, as its own thread ranges do).
+void neg_exp_fast_into(const float* x, float* y, int64_t n);
 // log(-x), neg_exp's inverse (A_log from A = -exp(A_log), computed in double); throws naming
 // `what` and the index when an element is not finite and negative.
 Tensor log_neg(const Tensor& x, const std::string& what);

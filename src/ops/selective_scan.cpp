@@ -644,76 +644,81 @@ void ScanBwdKernel(const Plan& p) {
 // One token: the state row of a channel, (N), is contiguous, so this one is vectorised across
 // N (lanes of the state row), channels in parallel.
 
-void StateUpdateKernel(const StepPlan& p) {
+// Channels [i0, i1) of the (batch, channel) rows of one step, on the calling thread.
+HWY_INLINE void StateRows(const StepPlan& p, int64_t i0, int64_t i1) {
   const DF d;
   const int64_t N = p.s.N, Dd = p.s.D, GB = p.s.b_groups, GC = p.s.c_groups;
   const int64_t lanes = static_cast<int64_t>(hn::Lanes(d));
+  // The per-channel scalars first, vectorised over channels: delta (bias +
+  // softplus, NaN kept as in the scan) and the gate silu(z); then one state row
+  // (N) per channel.
+  constexpr int64_t kBlk = 512, kAhead = 32;
+  alignas(64) float dtb[kBlk], gb[kBlk];
+  for (int64_t c0 = i0; c0 < i1; c0 += kBlk) {
+    const int64_t c1 = std::min(i1, c0 + kBlk);
+    for (int64_t i = c0; i < c1;) {  // segments that do not cross a batch row
+      const int64_t b = i / Dd, e = std::min(c1, (b + 1) * Dd);
+      int64_t j = i;
+      for (; j + lanes <= e; j += lanes) {
+        VF v = hn::LoadU(d, p.dt + j);
+        if (p.bias) v = hn::Add(v, hn::LoadU(d, p.bias + (j - b * Dd)));
+        if (p.softplus) v = sm::Softplus(d, v);
+        hn::StoreU(v, d, dtb + (j - c0));
+      }
+      for (; j < e; ++j) {
+        float v = p.dt[j];
+        if (p.bias) v += p.bias[j - b * Dd];
+        if (p.softplus) v = softplus_ref(v);
+        dtb[j - c0] = v;
+      }
+      i = e;
+    }
+    if (p.z) ops::silu(p.z + c0, gb, c1 - c0);  // the gate (act.h)
+    // (batch, channel) of i advanced without divisions (they cost as much as
+    // a channel's N = 16 state update)
+    const int64_t per_gb = Dd / GB, per_gc = Dd / GC;
+    int64_t b = c0 / Dd, dd = c0 % Dd;
+    for (int64_t i = c0; i < c1; ++i, ++dd) {
+      if (dd == Dd) dd = 0, ++b;
+      const float v = dtb[i - c0];
+      const float xv = p.x[i];
+      const float* Bp = p.B + (b * GB + (GB == 1 ? 0 : dd / per_gb)) * N;
+      const float* Cp = p.C + (b * GC + (GC == 1 ? 0 : dd / per_gc)) * N;
+      const float* Ap = p.A + dd * N;
+      float* h = p.state + i * N;
+      // The state streams from memory (a batch of sequences' states is tens of
+      // MB): fetch the row kAhead channels on, or each miss waits its latency.
+      hwy::Prefetch(h + kAhead * N);
+      const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
+      VF acc = hn::Zero(d);
+      int64_t n = 0;
+      for (; n + lanes <= N; n += lanes) {
+        const VF e = sm::Exp(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
+        const VF hv = hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
+        hn::StoreU(hv, d, h + n);
+        acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
+      }
+      float yv = hn::GetLane(hn::SumOfLanes(d, acc));
+      for (; n < N; ++n) {
+        h[n] = std::exp(v * Ap[n]) * h[n] + v * xv * Bp[n];
+        yv += h[n] * Cp[n];
+      }
+      if (p.Dskip) yv += xv * p.Dskip[dd];
+      if (p.z) yv *= gb[i - c0];
+      p.y[i] = yv;
+    }
+  }
+}
+
+void StateUpdateKernel(const StepPlan& p) {
   // A step is small (B*D*N state updates, an exp each): tasks of >= 8192 of them (~5 us), so a
   // single sequence's 1536 x 16 (mamba-130m) is split over 2 threads and its serial part shrinks.
-  parallel_for(p.s.batch * Dd, std::max<int64_t>(1, 8192 / std::max<int64_t>(N, 1)),
-               [&](int64_t i0, int64_t i1) {
-                 // The per-channel scalars first, vectorised over channels: delta (bias +
-                 // softplus, NaN kept as in the scan) and the gate silu(z); then one state row
-                 // (N) per channel.
-                 constexpr int64_t kBlk = 512, kAhead = 32;
-                 alignas(64) float dtb[kBlk], gb[kBlk];
-                 for (int64_t c0 = i0; c0 < i1; c0 += kBlk) {
-                   const int64_t c1 = std::min(i1, c0 + kBlk);
-                   for (int64_t i = c0; i < c1;) {  // segments that do not cross a batch row
-                     const int64_t b = i / Dd, e = std::min(c1, (b + 1) * Dd);
-                     int64_t j = i;
-                     for (; j + lanes <= e; j += lanes) {
-                       VF v = hn::LoadU(d, p.dt + j);
-                       if (p.bias) v = hn::Add(v, hn::LoadU(d, p.bias + (j - b * Dd)));
-                       if (p.softplus) v = sm::Softplus(d, v);
-                       hn::StoreU(v, d, dtb + (j - c0));
-                     }
-                     for (; j < e; ++j) {
-                       float v = p.dt[j];
-                       if (p.bias) v += p.bias[j - b * Dd];
-                       if (p.softplus) v = softplus_ref(v);
-                       dtb[j - c0] = v;
-                     }
-                     i = e;
-                   }
-                   if (p.z) ops::silu(p.z + c0, gb, c1 - c0);  // the gate (act.h)
-                   // (batch, channel) of i advanced without divisions (they cost as much as
-                   // a channel's N = 16 state update)
-                   const int64_t per_gb = Dd / GB, per_gc = Dd / GC;
-                   int64_t b = c0 / Dd, dd = c0 % Dd;
-                   for (int64_t i = c0; i < c1; ++i, ++dd) {
-                     if (dd == Dd) dd = 0, ++b;
-                     const float v = dtb[i - c0];
-                     const float xv = p.x[i];
-                     const float* Bp = p.B + (b * GB + (GB == 1 ? 0 : dd / per_gb)) * N;
-                     const float* Cp = p.C + (b * GC + (GC == 1 ? 0 : dd / per_gc)) * N;
-                     const float* Ap = p.A + dd * N;
-                     float* h = p.state + i * N;
-                     // The state streams from memory (a batch of sequences' states is tens of
-                     // MB): fetch the row kAhead channels on, or each miss waits its latency.
-                     hwy::Prefetch(h + kAhead * N);
-                     const VF dtv = hn::Set(d, v), dtx = hn::Set(d, v * xv);
-                     VF acc = hn::Zero(d);
-                     int64_t n = 0;
-                     for (; n + lanes <= N; n += lanes) {
-                       const VF e = sm::Exp(d, hn::Mul(dtv, hn::LoadU(d, Ap + n)));
-                       const VF hv =
-                           hn::MulAdd(e, hn::LoadU(d, h + n), hn::Mul(dtx, hn::LoadU(d, Bp + n)));
-                       hn::StoreU(hv, d, h + n);
-                       acc = hn::MulAdd(hv, hn::LoadU(d, Cp + n), acc);
-                     }
-                     float yv = hn::GetLane(hn::SumOfLanes(d, acc));
-                     for (; n < N; ++n) {
-                       h[n] = std::exp(v * Ap[n]) * h[n] + v * xv * Bp[n];
-                       yv += h[n] * Cp[n];
-                     }
-                     if (p.Dskip) yv += xv * p.Dskip[dd];
-                     if (p.z) yv *= gb[i - c0];
-                     p.y[i] = yv;
-                   }
-                 }
-               });
+  parallel_for(p.s.batch * p.s.D, std::max<int64_t>(1, 8192 / std::max<int64_t>(p.s.N, 1)),
+               [&](int64_t i0, int64_t i1) { StateRows(p, i0, i1); });
 }
+
+// The same rows [i0, i1) on the calling thread (selective_state_update_channels).
+void StateUpdateRowsKernel(const StepPlan& p, int64_t i0, int64_t i1) { StateRows(p, i0, i1); }
 
 }  // namespace HWY_NAMESPACE
 }  // namespace mamba::ops
@@ -724,6 +729,7 @@ namespace mamba::ops {
 HWY_EXPORT(ScanFwdKernel);
 HWY_EXPORT(ScanBwdKernel);
 HWY_EXPORT(StateUpdateKernel);
+HWY_EXPORT(StateUpdateRowsKernel);
 
 namespace {
 scan_detail::Plan make_plan(const ScanArgs& a, const ScanDims& s) {
@@ -814,6 +820,22 @@ Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, 
   p.y = y.data();
   if (y.numel() > 0) HWY_DYNAMIC_DISPATCH(StateUpdateKernel)(p);
   return y;
+}
+
+void selective_state_update_channels(float* state, const float* x, const float* dt, const float* A,
+                                     const float* B, const float* C, const float* Dskip,
+                                     const float* z, const float* dt_bias, bool dt_softplus,
+                                     int64_t D, int64_t N, int64_t c0, int64_t c1, float* y) {
+  MAMBA_CHECK(D >= 1 && N >= 1 && 0 <= c0 && c0 <= c1 && c1 <= D,
+              "selective_state_update_channels: channels [", c0, ", ", c1, ") of D = ", D,
+              ", N = ", N);
+  scan_detail::StepPlan p;
+  p.s.batch = 1, p.s.D = D, p.s.N = N;
+  p.softplus = dt_softplus;
+  p.state = state;
+  p.x = x, p.dt = dt, p.A = A, p.B = B, p.C = C, p.Dskip = Dskip, p.z = z, p.bias = dt_bias;
+  p.y = y;
+  if (c0 < c1) HWY_DYNAMIC_DISPATCH(StateUpdateRowsKernel)(p, c0, c1);
 }
 
 }  // namespace mamba::ops

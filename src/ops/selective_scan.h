@@ -53,6 +53,15 @@ ScanGrads selective_scan_bwd_ref(const ScanArgs& a, const Tensor& dout);
 Tensor selective_state_update(Tensor& state, const Tensor& x, const Tensor& dt, const Tensor& A,
                               const Tensor& B, const Tensor& C, const Tensor& D, const Tensor& z,
                               const Tensor& dt_bias, bool dt_softplus);
+// Channels [c0, c1) of one single-sequence step (batch 1) on the calling thread, with the same
+// arithmetic per channel as selective_state_update (the same bits whatever the split, when c0 is
+// a multiple of 16), for a caller that runs other per-channel work in the same thread range
+// (Mamba1::step). Raw arrays: state, A (D, N); x, dt, z, y (D); B, C (N); Dskip, dt_bias (D);
+// Dskip, z, dt_bias may be null. Indices are of the whole arrays: only [c0, c1) is read or written.
+void selective_state_update_channels(float* state, const float* x, const float* dt, const float* A,
+                                     const float* B, const float* C, const float* Dskip,
+                                     const float* z, const float* dt_bias, bool dt_softplus,
+                                     int64_t D, int64_t N, int64_t c0, int64_t c1, float* y);
 
 // ---- argument checks, the double reference and the step reference -------------------------
 

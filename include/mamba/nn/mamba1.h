@@ -112,7 +112,8 @@ class Mamba1 {
   Tensor step(const Tensor& x, State& state) const;
 
  private:
-  Tensor A() const;  // (D, N) = -exp(A_log)
+  Tensor step_one(const Tensor& x, State& state) const;  // step at B = 1 (same bits, fewer passes)
+  Tensor A() const;                                      // (D, N) = -exp(A_log)
   void check_state(const State& s, int64_t batch) const;
   void check_input(const Tensor& hidden, const char* what) const;  // (B >= 1, L >= 1, d_model)
   // The shared sequence path: init (optional) the state the sequence continues from, state

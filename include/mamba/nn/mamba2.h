@@ -127,6 +127,9 @@ class Mamba2 {
   Tensor step(const Tensor& x, State& state) const;
 
  private:
+  // step's in_proj and conv update at B = 1 in one pass (the same bits): zxbcdt (1, in_proj
+  // rows), xbc (1, conv_dim) the conv's output; conv_state advanced.
+  void in_proj_conv_one(const Tensor& xin, State& state, Tensor& zxbcdt, Tensor& xbc) const;
   Tensor A() const;  // -exp(A_log): (H)
   void check_input(const Tensor& hidden, const char* what) const;
   void check_state(const State& s, int64_t batch, const char* what) const;
