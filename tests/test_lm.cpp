@@ -457,7 +457,11 @@ TEST(LM, OpProfileChargesEveryTracedOpOnce) {
     EXPECT_EQ(find(pre, "layers.*.mixer.out_proj").calls, 3);
     EXPECT_EQ(find(pre, "lm_head").calls, 1);
     EXPECT_EQ(find(dec, "embedding").calls, 2);
-    EXPECT_EQ(find(dec, "layers.*.mixer.in_proj").calls, 6);
+    // a single sequence's step fuses in_proj with the conv update ("in_proj+conv1d_update...")
+    int64_t in_proj_calls = 0;
+    for (const auto& r : dec)
+      if (r.op.rfind("layers.*.mixer.in_proj", 0) == 0) in_proj_calls += r.calls;
+    EXPECT_EQ(in_proj_calls, 6);
     EXPECT_EQ(find(dec, "layers.*.mixer.out_proj").calls, 6);
     EXPECT_EQ(find(dec, "add+norm_f").calls, 2);
     EXPECT_EQ(find(dec, "lm_head").calls, 2);

@@ -302,7 +302,7 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
   MAMBA_CHECK(B >= 1, "Mamba1::step: x needs B >= 1, got ", hidden.shape_str());
   check_state(state, B);
   const bool tr = trace::enabled();
-  if (B == 1 && cfg_.selective && !tr) return step_one(hidden, state);
+  if (B == 1 && cfg_.selective && !trace::printing()) return step_one(hidden, state);
   const Tensor& in_b = optional_f32(in_b_);
 
   // One product for x and z (one pass over the threads instead of two; every row is computed as
@@ -357,8 +357,9 @@ Tensor Mamba1::step(const Tensor& hidden, State& state) const {
 //   2. x_proj (its 80-odd rows need every channel of the conv output: its own pass);
 //   3. dt_proj's rows of the thread's channels, A = -exp(A_log) of them, their state update;
 //   4. out_proj (every channel of y: its own pass).
-// Every row of a product is the streaming kernel's row (formed the same whatever the split), so
-// logits and states are the bits of the general path (test_determinism, test_mamba1).
+// Every row of a product is the row ops::linear computes (ops::matmul_rows: the same whatever the
+// split), so logits and states are the bits of the general path (test_determinism, test_mamba1).
+// Not taken while shapes are printed; under the op profile the passes are traced as fused ops.
 Tensor Mamba1::step_one(const Tensor& hidden, State& state) const {
   const int64_t dm = cfg_.d_model, D = d_inner_, N = d_state_, K = d_conv_, R = dt_rank_;
   const Tensor h = hidden.contiguous();
@@ -377,14 +378,17 @@ Tensor Mamba1::step_one(const Tensor& hidden, State& state) const {
   const int64_t grain1 = std::max<int64_t>(1, 16384 / (2 * kPiece * std::max<int64_t>(dm, 1)));
   parallel_for(pieces, grain1, [&](int64_t pb, int64_t pe) {
     const int64_t b = pb * kPiece, e = std::min(D, pe * kPiece), n = e - b;
-    ops::stream_matmul(hp, 1, dm, in_w.rows(b, n), xzp + b, n);
-    ops::stream_matmul(hp, 1, dm, in_w.rows(D + b, n), xzp + D + b, n);
+    ops::matmul_rows(hp, 1, dm, in_w.rows(b, n), xzp + b, n);
+    ops::matmul_rows(hp, 1, dm, in_w.rows(D + b, n), xzp + D + b, n);
     if (in_b)
       for (int64_t i = b; i < e; ++i) xzp[i] += in_b[i], xzp[D + i] += in_b[D + i];
     ops::causal_conv1d_update_rows(conv_st, xzp, conv_w, conv_b, xcp, D, K, b, e, true);
   });
+  const bool tr = trace::enabled();  // the op profile (step() does not come here when printing)
+  if (tr) trace::op("in_proj+conv1d_update", {hidden.shape()}, {xz.shape(), xc.shape()});
 
   const Tensor x_db = ops::linear(xc, xproj_w_->value);  // (1, R + 2N)
+  if (tr) trace::op("x_proj", {xc.shape()}, {x_db.shape()});
   const float* xdbp = x_db.data();
   const Weight& dt_w = dt_w_->value;
   const float* A_log = f32(A_log_).data();
@@ -399,12 +403,15 @@ Tensor Mamba1::step_one(const Tensor& hidden, State& state) const {
   const int64_t grain3 = std::max<int64_t>(1, 8192 / (kPiece * N));
   parallel_for(pieces, grain3, [&](int64_t pb, int64_t pe) {
     const int64_t b = pb * kPiece, e = std::min(D, pe * kPiece), n = e - b;
-    ops::stream_matmul(xdbp, 1, R, dt_w.rows(b, n), dtp + b, n);
+    ops::matmul_rows(xdbp, 1, R, dt_w.rows(b, n), dtp + b, n);
     ops::neg_exp_fast_into(A_log + b * N, Ap + b * N, n * N);
     ops::selective_state_update_channels(ssm_st, xcp, dtp, Ap, xdbp + R, xdbp + R + N, Dp, xzp + D,
                                          dt_b, true, D, N, b, e, yp);
   });
-  return ops::linear(y, out_w_->value, optional_f32(out_b_));  // (1, d_model)
+  if (tr) trace::op("dt_proj+selective_state_update", {x_db.shape()}, {y.shape()});
+  Tensor out = ops::linear(y, out_w_->value, optional_f32(out_b_));  // (1, d_model)
+  if (tr) trace::op("out_proj", {y.shape()}, {out.shape()});
+  return out;
 }
 
 }  // namespace mamba

@@ -292,8 +292,9 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
   const bool tr = trace::enabled();
 
   Tensor zxbcdt, xbc;
-  if (B == 1 && !tr) {
+  if (B == 1 && !trace::printing()) {
     in_proj_conv_one(xin, state, zxbcdt, xbc);
+    if (tr) trace::op("in_proj+conv1d_update_silu", {xin.shape()}, {zxbcdt.shape(), xbc.shape()});
   } else {
     zxbcdt = ops::linear(xin, in_w_->value, optional_f32(in_b_));
     if (tr) trace::op("in_proj", {xin.shape()}, {zxbcdt.shape()});
@@ -337,8 +338,8 @@ Tensor Mamba2::step(const Tensor& xin, State& state) const {
 // two: the conv channels are split in pieces of 64 (so the conv's vectorised SiLU starts its
 // lanes where the unsplit op does), each thread computes in_proj's xBC rows of its channels and
 // their conv update, and a proportional share of in_proj's other rows (z, dt; z0, x0). Every
-// row is the streaming kernel's row (formed the same whatever the split), so zxbcdt, xbc and the
-// conv state are the bits of the general path (test_mamba2).
+// row is the row ops::linear computes (ops::matmul_rows: the same whatever the split), so zxbcdt,
+// xbc and the conv state are the bits of the general path (test_mamba2).
 void Mamba2::in_proj_conv_one(const Tensor& xin, State& state, Tensor& zxbcdt, Tensor& xbc) const {
   const int64_t dm = cfg_.d_model, cd = cfg_.conv_dim(), K = cfg_.d_conv;
   const Weight& in_w = in_w_->value;
@@ -361,7 +362,7 @@ void Mamba2::in_proj_conv_one(const Tensor& xin, State& state, Tensor& zxbcdt, T
   const int64_t grain = std::max<int64_t>(1, 16384 / per_piece);
   auto rows = [&](int64_t r0, int64_t r1) {  // in_proj rows [r0, r1) into zxbcdt, bias added
     if (r1 <= r0) return;
-    ops::stream_matmul(hp, 1, dm, in_w.rows(r0, r1 - r0), zp + r0, r1 - r0);
+    ops::matmul_rows(hp, 1, dm, in_w.rows(r0, r1 - r0), zp + r0, r1 - r0);
     if (in_b)
       for (int64_t r = r0; r < r1; ++r) zp[r] += in_b[r];
   };
