@@ -63,10 +63,10 @@ void AddKernel(float* acc, const float* a, int64_t n) {
 // the whole vectors of [0, n) and returns how many channels it did; the caller does the rest.
 // v unchanged, but opaque to the compiler: a product passed through it is not contracted with
 // the following add into a fused multiply-add (GCC contracts vector mul + add too on targets
-// with FMA).
+// with FMA; clang contracts only within one source expression, and does not need it).
 template <class V>
 HWY_INLINE V Rounded(V v) {
-#if HWY_TARGET != HWY_SCALAR && HWY_ARCH_X86 && (defined(__GNUC__) || defined(__clang__))
+#if HWY_TARGET != HWY_SCALAR && HWY_ARCH_X86 && defined(__GNUC__) && !defined(__clang__)
   asm("" : "+v"(v.raw));
 #endif
   return v;
