@@ -235,15 +235,15 @@ void gemm_bf16_dp_impl(const float* x, int64_t M, int64_t ldx, const WeightRows&
       uint32_t* dst = xp + p * pp;
       const int64_t mr = std::min(kMP, M - p * kMP);
       for (int64_t i = 0; i < kMP; ++i) {
+        if (i >= mr) {  // rows past M: zeros
+          for (int64_t g = 0; g < npair; ++g) dst[g * kMP + i] = 0;
+          continue;
+        }
         const float* xr = x + (p * kMP + i) * ldx;
         for (int64_t g = 0; g < npair; ++g) {
-          uint32_t v = 0;
-          if (i < mr) {
-            const uint32_t lo = f32_to_bf16(xr[2 * g]);
-            const uint32_t hi = 2 * g + 1 < K ? f32_to_bf16(xr[2 * g + 1]) : 0u;
-            v = lo | (hi << 16);
-          }
-          dst[g * kMP + i] = v;
+          const uint32_t lo = f32_to_bf16(xr[2 * g]);
+          const uint32_t hi = 2 * g + 1 < K ? f32_to_bf16(xr[2 * g + 1]) : 0u;
+          dst[g * kMP + i] = lo | (hi << 16);
         }
       }
     }
