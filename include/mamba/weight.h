@@ -78,11 +78,17 @@ void from_half(const uint16_t* src, float* dst, int64_t n, WeightDType kind);
 // the weight block is an exact integer (AVX-512 VNNI where the CPU has it), scaled by d_w * d_x
 // and summed in fp32 (src/ops/gemm_q8.h); a row of x gives the same bits in a decode step as in a
 // prefill. It changes nothing for f32 / bf16 / f16 weights.
-enum class ActivationType { f32, q8 };
+// bf16 (opt-in, bf16 weights only): in the prefill products (ops::linear with M > 16 rows) x is
+// rounded to bf16 (nearest even) and multiplied with the bf16 weight rows by AVX-512 BF16's
+// vdpbf16ps, pairs of k at a time, in fp32 (a portable kernel with the same bits elsewhere;
+// src/ops/gemm_bf16.h). Decode (M <= 16) keeps fp32 activations. It changes nothing for other
+// weight types.
+enum class ActivationType { f32, q8, bf16 };
 void set_activation_type(ActivationType t);
 ActivationType activation_type();
-const char* activation_type_name(ActivationType t);  // "f32", "q8"
-// Parses "f32" | "q8" (also "fp32", "q8_0"); throws mamba::Error naming the value otherwise.
+const char* activation_type_name(ActivationType t);  // "f32", "q8", "bf16"
+// Parses "f32" | "q8" | "bf16" (also "fp32", "q8_0"); throws mamba::Error naming the value
+// otherwise.
 ActivationType parse_activation_type(const std::string& s);
 
 class Weight {

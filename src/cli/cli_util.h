@@ -59,7 +59,7 @@ inline CLI::Option* add_dtype_option(CLI::App* sub, std::string& dtype) {
           "or q8_0 / q4_0 (ggml's 8-bit / 4-bit blocks of 32 with an f16 scale, 8.5 / 4.5 "
           "bits per weight, quantised on load; a GGUF tensor already in that format is "
           "kept as it is; matrices whose rows are not whole blocks, e.g. Mamba-1's "
-          "dt_proj, stay f32; fp32 activations unless --activations q8, fp32 accumulation). "
+          "dt_proj, stay f32; fp32 activations unless --activations q8 / bf16, fp32 accumulation). "
           "Inference only")
       ->capture_default_str()
       ->check(CLI::IsMember({"f32", "bf16", "f16", "q8_0", "q4_0"}));
@@ -75,15 +75,23 @@ inline CLI::Option* add_activations_option(CLI::App* sub, std::string& act) {
                    "d)) and each block's dot product with the weights is computed exactly in "
                    "integers (AVX-512 VNNI; a slow scalar kernel with the same results elsewhere), "
                    "scaled and summed in fp32. Faster prefill and decode, logits move by about the "
-                   "weights' own q8_0 rounding (docs/PERFORMANCE.md, stop 28)")
+                   "weights' own q8_0 rounding (docs/PERFORMANCE.md, stop 28). bf16 (opt-in, only "
+                   "with --dtype bf16): in the prefill (more than 16 rows) the activations are "
+                   "rounded to bf16 and multiplied with the bf16 weights by AVX-512 BF16's "
+                   "vdpbf16ps in fp32 (a slow scalar kernel with the same results elsewhere); "
+                   "decode keeps fp32 activations")
       ->capture_default_str()
-      ->check(CLI::IsMember({"f32", "q8"}));
+      ->check(CLI::IsMember({"f32", "q8", "bf16"}));
 }
 
-// Sets the process-wide activation type from --activations; q8 needs --dtype q8_0 or q4_0.
+// Sets the process-wide activation type from --activations; q8 needs --dtype q8_0 or q4_0, bf16
+// needs --dtype bf16.
 inline void apply_activations(const std::string& act, const std::string& dtype) {
   const ActivationType a = parse_activation_type(act);
-  MAMBA_CHECK(a == ActivationType::f32 || is_quantised(parse_weight_dtype(dtype)),
+  MAMBA_CHECK(a != ActivationType::bf16 || parse_weight_dtype(dtype) == WeightDType::bf16,
+              "--activations bf16 applies to bf16 weights only: give --dtype bf16 (got --dtype ",
+              dtype, ")");
+  MAMBA_CHECK(a != ActivationType::q8 || is_quantised(parse_weight_dtype(dtype)),
               "--activations q8 applies to block-quantised weights only: give --dtype q8_0 or "
               "q4_0 (got --dtype ",
               dtype, ")");

@@ -149,12 +149,13 @@ ActivationType activation_type() {
   return static_cast<ActivationType>(g_activation_type.load(std::memory_order_relaxed));
 }
 const char* activation_type_name(ActivationType t) {
-  return t == ActivationType::q8 ? "q8" : "f32";
+  return t == ActivationType::q8 ? "q8" : t == ActivationType::bf16 ? "bf16" : "f32";
 }
 ActivationType parse_activation_type(const std::string& s) {
   if (s == "f32" || s == "fp32") return ActivationType::f32;
   if (s == "q8" || s == "q8_0") return ActivationType::q8;
-  throw Error(str("activations: expected f32 or q8, got '", s, "'"));
+  if (s == "bf16") return ActivationType::bf16;
+  throw Error(str("activations: expected f32 or q8 or bf16, got '", s, "'"));
 }
 
 int64_t weight_dtype_size(WeightDType t) {

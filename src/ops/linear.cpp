@@ -5,6 +5,7 @@
 
 #include "core/gemm.h"
 #include "ops/elementwise.h"
+#include "ops/gemm_bf16.h"
 #include "ops/gemm_nt.h"
 #include "ops/gemm_q8.h"
 #include "ops/half_matmul.h"
@@ -45,12 +46,24 @@ bool q8_activations(const Weight& W) {
   return is_quantised(W.dtype()) && activation_type() == ActivationType::q8;
 }
 
+// Whether the prefill products with W take bf16 activations (ActivationType::bf16; bf16 weights,
+// M > kHalfGemvMaxM only).
+bool bf16_activations(const Weight& W, int64_t M) {
+  return W.dtype() == WeightDType::bf16 && M > kHalfGemvMaxM &&
+         activation_type() == ActivationType::bf16;
+}
+
 // y (M, out) [ldy] (+)= x (M, in) [ldx] W^T: the kernel for this M and storage, no bias.
 void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, float* y, int64_t ldy,
             bool accumulate) {
   if (q8_activations(W)) {  // opt-in: llama.cpp's 8-bit activations (prefill and decode)
     gemm_nt_q8(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y, ldy,
                accumulate);
+    return;
+  }
+  if (bf16_activations(W, d.M)) {  // opt-in: bf16 activations, vdpbf16ps (prefill only)
+    gemm_nt_bf16(x, d.M, ldx, WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, y,
+                 ldy, accumulate);
     return;
   }
   if (d.M >
@@ -128,7 +141,8 @@ std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
   std::vector<Tensor> ys;
   for (int64_t w : widths) ys.push_back(Tensor::empty(out_shape(x, w)));
   if (d.M == 0) return ys;
-  if (d.M <= kHalfGemvMaxM || d.in == 0 || (!gemm_nt_packed_active() && !q8_activations(W))) {
+  if (d.M <= kHalfGemvMaxM || d.in == 0 ||
+      (!gemm_nt_packed_active() && !q8_activations(W) && !bf16_activations(W, d.M))) {
     for (int64_t i = 0, r = 0; i < static_cast<int64_t>(widths.size()); r += widths[i++])
       if (widths[i] > 0) linear_into(x, W.rows(r, widths[i]), Tensor(), ys[i]);
     return ys;
@@ -139,6 +153,12 @@ std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
     gemm_nt_q8(x.view_data(), d.M, x.row_stride(),
                WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, nullptr, 0, false,
                outs.data(), static_cast<int64_t>(outs.size()));
+    return ys;
+  }
+  if (bf16_activations(W, d.M)) {  // one call of the bf16 kernel, x rounded once
+    gemm_nt_bf16(x.view_data(), d.M, x.row_stride(),
+                 WeightRows{W.row_ptr(0), W.dtype(), W.row_pitch()}, d.out, d.in, nullptr, 0, false,
+                 outs.data(), static_cast<int64_t>(outs.size()));
     return ys;
   }
   gemm_nt_split(x.view_data(), d.M, x.row_stride(),
