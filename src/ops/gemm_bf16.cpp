@@ -4,6 +4,8 @@
 // BF16), called only after a run-time CPU check.
 #include "ops/gemm_bf16.h"
 
+#include "ops/aligned_buffer.h"
+
 // GCC 12's AVX-512 headers build _mm512_undefined_*() from a self-initialised variable, which
 // -Wmaybe-uninitialized reports inside every intrinsic that uses one (a false positive).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -29,19 +31,6 @@ namespace {
 
 constexpr int64_t kMP = 32;  // x rows per panel (2 vectors of 16 fp32 lanes)
 constexpr int kNB = 12;      // weight rows per tile: 2 x 12 fp32 accumulators
-
-template <class T>
-struct Aligned {  // a grow-only aligned buffer kept per thread across calls
-  hwy::AlignedFreeUniquePtr<T[]> p;
-  size_t n = 0;
-  T* get(size_t want) {
-    if (want > n) {
-      p = hwy::AllocateAligned<T>(want);
-      n = want;
-    }
-    return p.get();
-  }
-};
 
 void check_bf16(const char* what, const float* x, int64_t M, int64_t ldx, const WeightRows& W,
                 int64_t N, int64_t K, const float* y, int64_t ldy, const GemmNtOut* outs,
@@ -181,7 +170,7 @@ struct DpJob {
 // Tiles [c0, c1) (kNB weight rows each) against every panel, panels in groups of G (L2-resident).
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void dp_run(const DpJob& J, int64_t c0,
                                                                    int64_t c1) {
-  static thread_local Aligned<float> tile_buf;
+  static thread_local AlignedBuffer<float> tile_buf;
   float* tile = tile_buf.get(static_cast<size_t>(kNB * kMP));
   const int64_t pp = (J.K + 1) / 2 * kMP;  // words per panel
   for (int64_t g0 = 0; g0 < J.np; g0 += J.G)
@@ -228,7 +217,7 @@ void gemm_bf16_dp_impl(const float* x, int64_t M, int64_t ldx, const WeightRows&
                        int64_t K, float* y, int64_t ldy, bool accumulate, const GemmNtOut* outs,
                        int64_t nouts) {
   const int64_t np = (M + kMP - 1) / kMP, npair = (K + 1) / 2, pp = npair * kMP;
-  static thread_local Aligned<uint32_t> xp_buf;
+  static thread_local AlignedBuffer<uint32_t> xp_buf;
   uint32_t* xp = xp_buf.get(static_cast<size_t>(np * pp));
   parallel_for(np, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {

@@ -18,6 +18,7 @@
 #include "core/gemm.h"
 #include "mamba/error.h"
 #include "mamba/parallel.h"
+#include "ops/aligned_buffer.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mamba::ops {
@@ -87,19 +88,6 @@ HWY_INLINE void RowToF32(const void* row, WeightDType t, int64_t n, float* dst) 
   weight_row_to_f32(row, t, n, dst);
 }
 
-template <class T>
-struct Aligned {  // a grow-only aligned buffer kept per thread across calls
-  hwy::AlignedFreeUniquePtr<T[]> p;
-  size_t n = 0;
-  T* get(size_t want) {
-    if (want > n) {
-      p = hwy::AllocateAligned<T>(want);
-      n = want;
-    }
-    return p.get();
-  }
-};
-
 // outs (nouts > 0): y's columns in blocks, columns [n_0 + ... + n_{i-1}, + n_i) to outs[i] (y and
 // ldy unused); else y (M, N) [ldy].
 void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
@@ -112,7 +100,7 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
 
   // 1. x^T in panels: xp[p][k][i] = x[p*MP + i][k], rows past M zero. Blocks of 8 rows x 16 k
   //    keep both sides in L1 (32 rows at once would alias in the cache when ldx is 4K-ish).
-  static thread_local Aligned<float> xp_buf;
+  static thread_local AlignedBuffer<float> xp_buf;
   float* xp = xp_buf.get(static_cast<size_t>(np * MP * K));
   parallel_for(np, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p) {
@@ -152,7 +140,7 @@ void GemmNtKernel(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t 
   //    block never changes its values (each is the same sequential sum).
   const int64_t run = std::max<int64_t>(1, std::min(chunk, nb / (8 * T)));
   parallel_for_dynamic(nb, run, 1, [&](int64_t c0, int64_t c1) {
-    static thread_local Aligned<float> wf_buf, tile_buf;
+    static thread_local AlignedBuffer<float> wf_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
     {
       const int64_t r0 = c0 * kNB, r1 = std::min(N, c1 * kNB);
@@ -265,7 +253,7 @@ void GemmF32Kernel(Operand A, int64_t R, Operand B, int64_t S, int64_t K, float*
   const int64_t P = swap ? S : R, Q = swap ? R : S;
 
   const int64_t np = (P + MP - 1) / MP;
-  static thread_local Aligned<float> pp_buf;
+  static thread_local AlignedBuffer<float> pp_buf;
   float* pp = pp_buf.get(static_cast<size_t>(np * MP * K));
   parallel_for(np, 1, [&](int64_t pb, int64_t pe) {
     for (int64_t p = pb; p < pe; ++p)
@@ -276,7 +264,7 @@ void GemmF32Kernel(Operand A, int64_t R, Operand B, int64_t S, int64_t K, float*
   const int64_t G = std::max<int64_t>(1, (384 << 10) / (K * MP * 4));
   const int64_t chunk = std::max<int64_t>(1, (2 << 20) / (kNB * K * 4));
   parallel_for(nb, (nb + T - 1) / T, [&](int64_t bb, int64_t be) {
-    static thread_local Aligned<float> qk_buf, tile_buf;
+    static thread_local AlignedBuffer<float> qk_buf, tile_buf;
     float* tile = tile_buf.get(static_cast<size_t>(kNB * MP));
     for (int64_t c0 = bb; c0 < be; c0 += chunk) {
       const int64_t c1 = std::min(be, c0 + chunk);

@@ -4,6 +4,8 @@
 // has no target with VNNI), called only after a run-time CPU check.
 #include "ops/gemm_q8.h"
 
+#include "ops/aligned_buffer.h"
+
 // GCC 12's AVX-512 headers build _mm512_undefined_*() from a self-initialised variable, which
 // -Wmaybe-uninitialized reports inside every intrinsic that uses one (a false positive).
 #if defined(__GNUC__) && !defined(__clang__)
@@ -35,19 +37,6 @@ void wr16(uint8_t* p, uint16_t v) {
   p[0] = static_cast<uint8_t>(v), p[1] = static_cast<uint8_t>(v >> 8);
 }
 constexpr uint16_t kF16NaN = 0x7E00;
-
-template <class T>
-struct Aligned {  // a grow-only aligned buffer kept per thread across calls
-  hwy::AlignedFreeUniquePtr<T[]> p;
-  size_t n = 0;
-  T* get(size_t want) {
-    if (want > n) {
-      p = hwy::AllocateAligned<T>(want);
-      n = want;
-    }
-    return p.get();
-  }
-};
 
 // ---- the activation quantiser -------------------------------------------------------------------
 
@@ -316,8 +305,8 @@ struct VnniJob {
 // Tiles [c0, c1) (kNB weight rows each) against every panel; as GemmNtKernel's sweep.
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void vnni_run(const VnniJob& J, int64_t c0,
                                                                      int64_t c1) {
-  static thread_local Aligned<uint8_t> wu_buf;
-  static thread_local Aligned<float> ws_buf, tile_buf;
+  static thread_local AlignedBuffer<uint8_t> wu_buf;
+  static thread_local AlignedBuffer<float> ws_buf, tile_buf;
   const int64_t K = J.P.K, nbk = J.P.nbk;
   const int64_t r0 = c0 * kNB, r1 = std::min(J.N, c1 * kNB);
   uint8_t* wu = wu_buf.get(static_cast<size_t>((r1 - r0) * K));
@@ -374,9 +363,9 @@ void gemm_q8_vnni_impl(const float* x, int64_t M, int64_t ldx, const WeightRows&
                        int64_t nouts) {
   const int64_t nbk = K / 32, np = (M + kMP - 1) / kMP, rb = nbk * kQB;
   const int32_t off = W.dtype == WeightDType::q8_0 ? 128 : 8;
-  static thread_local Aligned<int8_t> xq_buf;
-  static thread_local Aligned<float> dx_buf;
-  static thread_local Aligned<int32_t> cr_buf;
+  static thread_local AlignedBuffer<int8_t> xq_buf;
+  static thread_local AlignedBuffer<float> dx_buf;
+  static thread_local AlignedBuffer<int32_t> cr_buf;
   int8_t* xq = xq_buf.get(static_cast<size_t>(np * kMP * K));
   float* dx = dx_buf.get(static_cast<size_t>(np * nbk * kMP));
   int32_t* cr = cr_buf.get(static_cast<size_t>(np * nbk * kMP));
@@ -603,9 +592,9 @@ void stream_mlanes_impl(const float* x, int64_t M, int64_t ldx, const WeightRows
                         int64_t K, float* y, int64_t ldy) {
   const int64_t nbk = K / 32;
   const int32_t off = W.dtype == WeightDType::q8_0 ? 128 : 8;
-  static thread_local Aligned<int8_t> xq_buf;
-  static thread_local Aligned<float> dx_buf;
-  static thread_local Aligned<int32_t> cr_buf;
+  static thread_local AlignedBuffer<int8_t> xq_buf;
+  static thread_local AlignedBuffer<float> dx_buf;
+  static thread_local AlignedBuffer<int32_t> cr_buf;
   static thread_local std::vector<uint8_t> row;
   int8_t* xq = xq_buf.get(static_cast<size_t>(kSR * K));
   float* dx = dx_buf.get(static_cast<size_t>(nbk * kSR));
@@ -642,9 +631,9 @@ void stream_q8_vnni_impl(const float* x, int64_t M, int64_t ldx, const WeightRow
   const int64_t nbk = K / 32, xpitch = (nbk + 1) / 2 * 64;
   const int32_t off = W.dtype == WeightDType::q8_0 ? 128 : 8;
   const bool q4 = W.dtype == WeightDType::q4_0;
-  static thread_local Aligned<int8_t> xs_buf;
-  static thread_local Aligned<float> dx_buf;
-  static thread_local Aligned<int32_t> cr_buf;
+  static thread_local AlignedBuffer<int8_t> xs_buf;
+  static thread_local AlignedBuffer<float> dx_buf;
+  static thread_local AlignedBuffer<int32_t> cr_buf;
   static thread_local std::vector<uint8_t> row;
   int8_t* xs = xs_buf.get(static_cast<size_t>(M * xpitch));
   float* dx = dx_buf.get(static_cast<size_t>(M * nbk));
