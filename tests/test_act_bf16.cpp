@@ -25,18 +25,8 @@
 using namespace mamba;
 
 namespace {
-
-struct ActivationScope {
-  ActivationType saved = activation_type();
-  explicit ActivationScope(ActivationType t) { set_activation_type(t); }
-  ~ActivationScope() { set_activation_type(saved); }
-};
-
-struct ThreadScope {
-  int saved = num_threads();
-  explicit ThreadScope(int n) { set_num_threads(n); }
-  ~ThreadScope() { set_num_threads(saved); }
-};
+using test::ActivationScope;
+using test::ThreadScope;
 
 // The exact sum (double: each product of two bf16 values is exact, the sum of at most 800 of them
 // within ~2^-50 relative) and the sum of the products' magnitudes.

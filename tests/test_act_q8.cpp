@@ -24,6 +24,8 @@
 using namespace mamba;
 
 namespace {
+using test::ActivationScope;
+using test::ThreadScope;
 
 constexpr WeightDType kQuant[] = {WeightDType::q8_0, WeightDType::q4_0};
 
@@ -36,19 +38,6 @@ std::vector<std::vector<uint8_t>> quant_both(const std::vector<float>& x) {
   ops::quantise_activations_ref(x.data(), static_cast<int64_t>(x.size()), b.data());
   return {a, b};
 }
-
-// Sets the process-wide activation type for a scope.
-struct ActivationScope {
-  ActivationType saved = activation_type();
-  explicit ActivationScope(ActivationType t) { set_activation_type(t); }
-  ~ActivationScope() { set_activation_type(saved); }
-};
-
-struct ThreadScope {
-  int saved = num_threads();
-  explicit ThreadScope(int n) { set_num_threads(n); }
-  ~ThreadScope() { set_num_threads(saved); }
-};
 
 }  // namespace
 

@@ -10,9 +10,11 @@
 #include <string>
 
 #include "core/os.h"
+#include "mamba/parallel.h"
 #include "mamba/rng.h"
 #include "mamba/safetensors.h"
 #include "mamba/tensor.h"
+#include "mamba/weight.h"
 #include "tolerances.h"
 
 namespace mamba::test {
@@ -230,5 +232,17 @@ void expect_config_error(const Config& cfg, const std::string& field) {
   }
   EXPECT_THROW(Layer{cfg}, Error);
 }
+
+// The process-wide activation type (mamba::set_activation_type) / thread count for a scope.
+struct ActivationScope {
+  ActivationType saved = activation_type();
+  explicit ActivationScope(ActivationType t) { set_activation_type(t); }
+  ~ActivationScope() { set_activation_type(saved); }
+};
+struct ThreadScope {
+  int saved = num_threads();
+  explicit ThreadScope(int n) { set_num_threads(n); }
+  ~ThreadScope() { set_num_threads(saved); }
+};
 
 }  // namespace mamba::test

@@ -378,10 +378,8 @@ Tensor Mamba1::step_one(const Tensor& hidden, State& state) const {
   const int64_t grain1 = std::max<int64_t>(1, 16384 / (2 * kPiece * std::max<int64_t>(dm, 1)));
   parallel_for(pieces, grain1, [&](int64_t pb, int64_t pe) {
     const int64_t b = pb * kPiece, e = std::min(D, pe * kPiece), n = e - b;
-    ops::matmul_rows(hp, 1, dm, in_w.rows(b, n), xzp + b, n);
-    ops::matmul_rows(hp, 1, dm, in_w.rows(D + b, n), xzp + D + b, n);
-    if (in_b)
-      for (int64_t i = b; i < e; ++i) xzp[i] += in_b[i], xzp[D + i] += in_b[D + i];
+    ops::matmul_rows(hp, 1, dm, in_w.rows(b, n), xzp + b, n, in_b ? in_b + b : nullptr);
+    ops::matmul_rows(hp, 1, dm, in_w.rows(D + b, n), xzp + D + b, n, in_b ? in_b + D + b : nullptr);
     ops::causal_conv1d_update_rows(conv_st, xzp, conv_w, conv_b, xcp, D, K, b, e, true);
   });
   const bool tr = trace::enabled();  // the op profile (step() does not come here when printing)

@@ -362,9 +362,8 @@ void Mamba2::in_proj_conv_one(const Tensor& xin, State& state, Tensor& zxbcdt, T
   const int64_t grain = std::max<int64_t>(1, 16384 / per_piece);
   auto rows = [&](int64_t r0, int64_t r1) {  // in_proj rows [r0, r1) into zxbcdt, bias added
     if (r1 <= r0) return;
-    ops::matmul_rows(hp, 1, dm, in_w.rows(r0, r1 - r0), zp + r0, r1 - r0);
-    if (in_b)
-      for (int64_t r = r0; r < r1; ++r) zp[r] += in_b[r];
+    ops::matmul_rows(hp, 1, dm, in_w.rows(r0, r1 - r0), zp + r0, r1 - r0,
+                     in_b ? in_b + r0 : nullptr);
   };
   parallel_for(pieces, grain, [&](int64_t pb, int64_t pe) {
     const int64_t b = pb * kPiece, e = std::min(cd, pe * kPiece);

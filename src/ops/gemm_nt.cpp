@@ -322,17 +322,41 @@ namespace mamba::ops {
 HWY_EXPORT(GemmNtKernel);
 HWY_EXPORT(VectorBytes);
 
-namespace {
-void check_gemm_nt(const char* what, const float* x, int64_t M, int64_t ldx, const WeightRows& W,
-                   int64_t N, int64_t K, const float* y, int64_t ldy) {
+void check_gemm_nt_args(const char* what, const float* x, int64_t M, int64_t ldx,
+                        const WeightRows& W, int64_t N, int64_t K, const float* y, int64_t ldy,
+                        const GemmNtOut* outs, int64_t nouts) {
   MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, what, ": negative size M=", M, " N=", N, " K=", K);
-  MAMBA_CHECK(ldx >= K && W.ld >= K && ldy >= N, what, ": leading dimensions ldx ", ldx, ", ldw ",
-              W.ld, ", ldy ", ldy, " must be >= K ", K, ", K, N ", N);
-  MAMBA_CHECK((x && y && W.data) || M == 0 || N == 0, what, ": null pointer");
+  MAMBA_CHECK(ldx >= K && W.ld >= K, what, ": leading dimensions ldx ", ldx, ", ldw ", W.ld,
+              " must be >= K ", K);
+  MAMBA_CHECK(x || M == 0 || K == 0, what, ": null x");
+  MAMBA_CHECK(W.data || N == 0 || K == 0, what, ": null W");
   MAMBA_CHECK(K % weight_block_size(W.dtype) == 0 && W.ld % weight_block_size(W.dtype) == 0, what,
               ": ", weight_dtype_name(W.dtype), " weights need K ", K, " and ldw ", W.ld,
               " to be whole blocks of ", weight_block_size(W.dtype));
+  if (outs) {
+    MAMBA_CHECK(nouts >= 0, what, ": ", nouts, " outputs");
+    int64_t total = 0;
+    for (int64_t i = 0; i < nouts; ++i) {
+      MAMBA_CHECK(
+          outs[i].n >= 0 && outs[i].ldy >= outs[i].n && (outs[i].y || outs[i].n == 0 || M == 0),
+          what, ": output ", i, " has n ", outs[i].n, ", ldy ", outs[i].ldy);
+      total += outs[i].n;
+    }
+    MAMBA_CHECK(total == N, what, ": the outputs have ", total, " columns, W has ", N, " rows");
+  } else {
+    MAMBA_CHECK(ldy >= N, what, ": ldy ", ldy, " < N ", N);
+    MAMBA_CHECK(y || M == 0 || N == 0, what, ": null y");
+  }
 }
+
+GemmNtCol gemm_nt_out_col(int64_t n, float* y, int64_t ldy, const GemmNtOut* outs, int64_t nouts) {
+  if (!outs) return {y + n, ldy};
+  for (int64_t i = 0, ob = 0; i < nouts; ob += outs[i++].n)
+    if (n < ob + outs[i].n) return {outs[i].y + (n - ob), outs[i].ldy};
+  return {nullptr, 0};  // not reached (checked)
+}
+
+namespace {
 
 const void* row_ptr(const WeightRows& W, int64_t r) {
   return static_cast<const char*>(W.data) + r * weight_row_bytes(W.dtype, W.ld);
@@ -356,7 +380,7 @@ bool gemm_nt_packed_active() {
 
 void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
                     float* y, int64_t ldy, bool accumulate) {
-  check_gemm_nt("gemm_nt_packed", x, M, ldx, W, N, K, y, ldy);
+  check_gemm_nt_args("gemm_nt_packed", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
   HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, y, ldy, accumulate, nullptr, 0);
@@ -364,7 +388,7 @@ void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_
 
 void gemm_nt(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K, float* y,
              int64_t ldy, bool accumulate) {
-  check_gemm_nt("gemm_nt", x, M, ldx, W, N, K, y, ldy);
+  check_gemm_nt_args("gemm_nt", x, M, ldx, W, N, K, y, ldy);
   if (M == 0 || N == 0) return;
   if (K == 0) return zero_or_keep(y, M, N, ldy, accumulate);
   if (gemm_nt_packed_active()) {
@@ -399,14 +423,8 @@ void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t
                    const GemmNtOut* outs, int64_t nouts) {
   MAMBA_CHECK(nouts >= 0 && (outs || nouts == 0), "gemm_nt_split: no outputs");
   int64_t N = 0;
-  for (int64_t i = 0; i < nouts; ++i) {
-    MAMBA_CHECK(
-        outs[i].n >= 0 && outs[i].ldy >= outs[i].n && (outs[i].y || outs[i].n == 0 || M == 0),
-        "gemm_nt_split: output ", i, " has n ", outs[i].n, ", ldy ", outs[i].ldy);
-    N += outs[i].n;
-  }
-  float checked = 0.f;  // the outputs were checked above: x and W here
-  check_gemm_nt("gemm_nt_split", x, M, ldx, W, N, K, &checked, N);
+  for (int64_t i = 0; i < nouts; ++i) N += outs[i].n;
+  check_gemm_nt_args("gemm_nt_split", x, M, ldx, W, N, K, nullptr, 0, outs, nouts);
   if (M == 0 || N == 0) return;
   if (K > 0 && gemm_nt_packed_active()) {
     HWY_DYNAMIC_DISPATCH(GemmNtKernel)(x, M, ldx, W, N, K, nullptr, 0, false, outs, nouts);
@@ -420,7 +438,7 @@ void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t
 
 void gemm_nt_ref(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,
                  float* y, int64_t ldy, bool accumulate) {
-  check_gemm_nt("gemm_nt_ref", x, M, ldx, W, N, K, y, ldy);
+  check_gemm_nt_args("gemm_nt_ref", x, M, ldx, W, N, K, y, ldy);
   std::vector<float> w(static_cast<size_t>(std::max<int64_t>(K, 1)));
   for (int64_t n = 0; n < N; ++n) {
     if (is_quantised(W.dtype))

@@ -47,6 +47,21 @@ struct GemmNtOut {
 void gemm_nt_split(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t K,
                    const GemmNtOut* outs, int64_t nouts);
 
+// The argument checks of every y = x W^T kernel (gemm_nt, gemm_nt_split, gemm_nt_q8,
+// gemm_nt_bf16): non-negative sizes, leading dimensions, null pointers, K and ldw whole blocks for
+// block-quantised W, and either y (ldy >= N) or, when outs is given, output blocks whose columns
+// sum to N. Throws mamba::Error naming `what`.
+void check_gemm_nt_args(const char* what, const float* x, int64_t M, int64_t ldx,
+                        const WeightRows& W, int64_t N, int64_t K, const float* y, int64_t ldy,
+                        const GemmNtOut* outs = nullptr, int64_t nouts = 0);
+// Where column n of such a product goes: y + n with row stride ldy, or (outs given) the output
+// block holding column n.
+struct GemmNtCol {
+  float* p;
+  int64_t ld;
+};
+GemmNtCol gemm_nt_out_col(int64_t n, float* y, int64_t ldy, const GemmNtOut* outs, int64_t nouts);
+
 // The packed kernel itself on the best compiled SIMD target, whatever its width (tests compare it
 // with the reference on every machine; ops::gemm_nt only takes it where it is fast).
 void gemm_nt_packed(const float* x, int64_t M, int64_t ldx, WeightRows W, int64_t N, int64_t K,

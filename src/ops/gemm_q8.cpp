@@ -108,38 +108,7 @@ void check_q8(const char* what, const float* x, int64_t M, int64_t ldx, const We
               int64_t nouts) {
   MAMBA_CHECK(is_quantised(W.dtype), what, ": 8-bit activations need q8_0 or q4_0 weights, got ",
               weight_dtype_name(W.dtype));
-  MAMBA_CHECK(M >= 0 && N >= 0 && K >= 0, what, ": negative size M=", M, " N=", N, " K=", K);
-  MAMBA_CHECK(K % 32 == 0 && W.ld % 32 == 0, what, ": ", weight_dtype_name(W.dtype),
-              " weights need K ", K, " and ldw ", W.ld, " to be whole blocks of 32");
-  MAMBA_CHECK(ldx >= K && W.ld >= K, what, ": leading dimensions ldx ", ldx, ", ldw ", W.ld,
-              " must be >= K ", K);
-  MAMBA_CHECK(x || M == 0 || K == 0, what, ": null x");
-  MAMBA_CHECK(W.data || N == 0 || K == 0, what, ": null W");
-  if (outs) {
-    int64_t total = 0;
-    for (int64_t i = 0; i < nouts; ++i) {
-      MAMBA_CHECK(
-          outs[i].n >= 0 && outs[i].ldy >= outs[i].n && (outs[i].y || outs[i].n == 0 || M == 0),
-          what, ": output ", i, " has n ", outs[i].n, ", ldy ", outs[i].ldy);
-      total += outs[i].n;
-    }
-    MAMBA_CHECK(total == N, what, ": the outputs have ", total, " columns, W has ", N, " rows");
-  } else {
-    MAMBA_CHECK(ldy >= N, what, ": ldy ", ldy, " < N ", N);
-    MAMBA_CHECK(y || M == 0 || N == 0, what, ": null y");
-  }
-}
-
-// Where column n of the output goes: y + n (row stride ldy), or the output block holding it.
-struct OutCol {
-  float* p;
-  int64_t ld;
-};
-OutCol out_col(int64_t n, float* y, int64_t ldy, const GemmNtOut* outs, int64_t nouts) {
-  if (!outs) return {y + n, ldy};
-  for (int64_t i = 0, ob = 0; i < nouts; ob += outs[i++].n)
-    if (n < ob + outs[i].n) return {outs[i].y + (n - ob), outs[i].ldy};
-  return {nullptr, 0};  // not reached (checked)
+  check_gemm_nt_args(what, x, M, ldx, W, N, K, y, ldy, outs, nouts);
 }
 
 // Weight row n's blocks as signed int8 values (q8_0: q; q4_0: nibble - 8) and fp32 scales.
@@ -186,7 +155,7 @@ void gemm_q8_portable_impl(const float* x, int64_t M, int64_t ldx, const WeightR
     std::vector<float> dw(static_cast<size_t>(nbk));
     for (int64_t n = nb; n < ne; ++n) {
       weight_row_s8(wbase + n * wrow, W.dtype, nbk, wq.data(), dw.data());
-      const OutCol oc = out_col(n, y, ldy, outs, nouts);
+      const GemmNtCol oc = gemm_nt_out_col(n, y, ldy, outs, nouts);
       for (int64_t m = 0; m < M; ++m) {
         float f = 0.f;
         for (int64_t b = 0; b < nbk; ++b) {

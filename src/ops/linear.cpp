@@ -86,11 +86,15 @@ void matmul(const float* x, const LinDims& d, int64_t ldx, const Weight& W, floa
 
 }  // namespace
 
-void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y, int64_t ldy) {
+void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y, int64_t ldy,
+                 const float* b) {
   MAMBA_CHECK(W.defined() && W.shape().size() == 2, "matmul_rows: W must be (out, in)");
   MAMBA_CHECK(M >= 0 && ldx >= W.cols() && ldy >= W.rows(), "matmul_rows: M ", M, ", ldx ", ldx,
               ", ldy ", ldy, " for W ", W.shape_str());
   matmul(x, LinDims{M, W.cols(), W.rows()}, ldx, W, y, ldy, false);
+  if (b)  // after the product, as linear() adds its bias for M <= 16
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < W.rows(); ++n) y[m * ldy + n] += b[n];
 }
 
 void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor& y,

@@ -33,12 +33,14 @@ void linear_into(const Tensor& x, const Weight& W, const Tensor& b, const Tensor
 std::vector<Tensor> linear_split(const Tensor& x, const Weight& W,
                                  const std::vector<int64_t>& widths);
 
-// y (M, out) [ldy] = x (M, in) [ldx] W^T, no bias, on the kernel linear() picks for this M and
+// y (M, out) [ldy] = x (M, in) [ldx] W^T (+ b: out values when not null, added after the product
+// as linear() adds its bias for M <= 16), on the kernel linear() picks for this M and
 // storage (for M <= 16 the streaming kernel, or gemm_nt_q8 under 8-bit activations). For callers
 // that split a product's weight rows over their own threads (a decode step's fused passes): an
 // element's value does not depend on which other rows are computed in the same call, so the
 // pieces give linear()'s bits. Inside a parallel region the call runs on the calling thread.
-void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y, int64_t ldy);
+void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& W, float* y, int64_t ldy,
+                 const float* b = nullptr);
 
 // Returns dx (..., in) = dy W. Accumulates dW += dy^T x (out, in) and db += sum(dy) (out) when
 // the pointers are not null (parameter gradients accumulate, see ARCHITECTURE.md). Throws the

@@ -71,6 +71,22 @@ constexpr int kSsdRows = 6, kSsdVecs = 4;  // 24 of the 32 vector registers accu
 constexpr int kSsdRows = 4, kSsdVecs = 2;
 #endif
 
+// acc[r][v] += sum over k < K of a[r][k] * Bm[k * ldb + v * lanes]: a row tile's rank-K update
+// (row r's multipliers from its own row a[r], the K rows of Bm broadcast against them).
+template <int R, int NV, class D, class V>
+HWY_INLINE void TileRankK(D d, V (&acc)[R][NV], const float* const (&a)[R],
+                          const float* HWY_RESTRICT Bm, int64_t ldb, int64_t K) {
+  const int64_t NL = static_cast<int64_t>(hn::Lanes(d));
+  for (int64_t k = 0; k < K; ++k) {
+    V b[NV];
+    for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, Bm + k * ldb + v * NL);
+    for (int r = 0; r < R; ++r) {
+      const V ar = hn::Set(d, a[r][k]);
+      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(ar, b[v], acc[r][v]);
+    }
+  }
+}
+
 // Y rows [0, rows) of one row tile, NV vectors of columns from column 0 of ST / X / Y (the
 // caller offsets them): ecs[r] * (C ST)[r] + (M X)[r] over j < J (M zero above its diagonal).
 template <int NV>
@@ -89,14 +105,7 @@ HWY_INLINE void SsdYTile(int64_t rows, int64_t N, const float* HWY_RESTRICT C, i
   if (ST) {
     const float* c[R];
     for (int r = 0; r < R; ++r) c[r] = C + std::min<int64_t>(r, rows - 1) * ldc;
-    for (int64_t n = 0; n < N; ++n) {
-      V b[NV];
-      for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, ST + n * P + v * NL);
-      for (int r = 0; r < R; ++r) {
-        const V a = hn::Set(d, c[r][n]);
-        for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(a, b[v], acc[r][v]);
-      }
-    }
+    TileRankK<R, NV>(d, acc, c, ST, P, N);
     for (int r = 0; r < R; ++r) {
       const V e = hn::Set(d, ecs[std::min<int64_t>(r, rows - 1)]);
       for (int v = 0; v < NV; ++v) acc[r][v] = hn::Mul(acc[r][v], e);
@@ -104,14 +113,7 @@ HWY_INLINE void SsdYTile(int64_t rows, int64_t N, const float* HWY_RESTRICT C, i
   }
   const float* m[R];
   for (int r = 0; r < R; ++r) m[r] = M + std::min<int64_t>(r, rows - 1) * ldm;
-  for (int64_t j = 0; j < J; ++j) {
-    V b[NV];
-    for (int v = 0; v < NV; ++v) b[v] = hn::LoadU(d, X + j * ldx + v * NL);
-    for (int r = 0; r < R; ++r) {
-      const V a = hn::Set(d, m[r][j]);
-      for (int v = 0; v < NV; ++v) acc[r][v] = hn::MulAdd(a, b[v], acc[r][v]);
-    }
-  }
+  TileRankK<R, NV>(d, acc, m, X, ldx, J);
   for (int r = 0; r < R; ++r) {
     if (r >= rows) break;
     for (int v = 0; v < NV; ++v) hn::StoreU(acc[r][v], d, Y + r * ldy + v * NL);
